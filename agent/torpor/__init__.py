@@ -1,0 +1,1 @@
+"""torpor: the client library, CLI and engine agent for the Torpor daemon."""

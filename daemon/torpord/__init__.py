@@ -1,0 +1,10 @@
+"""torpord: the Torpor node daemon (server, core, backends, storage)."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("torpor")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__"]
