@@ -108,3 +108,11 @@ class Unavailable(TorporError):
 class DataLoss(TorporError):
     code = Code.DATA_LOSS
     default_reason = "DATA_LOSS"
+
+
+class Unimplemented(TorporError):
+    code = Code.UNIMPLEMENTED
+    default_reason = "UNIMPLEMENTED"
+
+
+__all__ += ["Unimplemented"]

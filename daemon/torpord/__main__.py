@@ -1,0 +1,5 @@
+import sys
+
+from torpord.main import main
+
+sys.exit(main())

@@ -1,0 +1,147 @@
+"""The backend seam: slabs, pools with exact byte budgets, and copies.
+
+A backend owns one pool per device (TIER_DEVICE) and one host pool
+(TIER_HOST). Allocation is all-or-nothing: `allocate` either returns every
+slab asked for or raises ResourceExhausted (asked, free, budget) having taken
+nothing. Copies are blocking calls meant to run on worker threads; accounting
+and allocation happen on the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torpord.core.types import Tier
+from torpord.errors import InvalidArgument, ResourceExhausted
+
+__all__ = ["Backend", "Budget", "DeviceInfo", "PoolInfo", "Slab", "SlabOwner"]
+
+_slab_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class SlabOwner:
+    """Who an allocation belongs to (every allocation knows its owner and tag)."""
+
+    model_id: str
+    layer: str
+    tag: str = "weights"
+
+
+@dataclass(eq=False)
+class Slab:
+    """One contiguous allocation holding one layer. Identity is the object."""
+
+    tier: Tier
+    device: str | None  # device uuid for TIER_DEVICE, None for TIER_HOST
+    size: int
+    owner: SlabOwner
+    id: int = field(default_factory=lambda: next(_slab_ids))
+    freed: bool = False
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    capacity: int
+    used: int
+    slab_count: int
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.used
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    uuid: str
+    index: int
+    name: str
+    pool: PoolInfo
+
+
+class Budget:
+    """Exact byte accounting for one pool; reservations are all-or-nothing."""
+
+    def __init__(self, name: str, capacity: int) -> None:
+        self.name = name
+        self.capacity = capacity
+        self.used = 0
+        self.slab_count = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, sizes: Sequence[int]) -> None:
+        asked = sum(sizes)
+        with self._lock:
+            free = self.capacity - self.used
+            if asked > free:
+                raise ResourceExhausted(
+                    f"{self.name}: asked for {asked} bytes, {free} of {self.capacity} free",
+                    reason="OUT_OF_MEMORY",
+                    metadata={"pool": self.name, "asked": asked, "free": free, "budget": self.capacity},
+                )
+            self.used += asked
+            self.slab_count += len(sizes)
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            assert self.used >= size and self.slab_count > 0, "release without reserve"
+            self.used -= size
+            self.slab_count -= 1
+
+    def info(self) -> PoolInfo:
+        with self._lock:
+            return PoolInfo(self.capacity, self.used, self.slab_count)
+
+
+class Backend(abc.ABC):
+    """What the core needs from the memory it manages."""
+
+    kind: str
+
+    @abc.abstractmethod
+    def devices(self) -> Sequence[DeviceInfo]: ...
+
+    @abc.abstractmethod
+    def host_pool(self) -> PoolInfo: ...
+
+    @abc.abstractmethod
+    def allocate(
+        self, tier: Tier, device: str | None, requests: Sequence[tuple[int, SlabOwner]]
+    ) -> list[Slab]:
+        """Every slab asked for, or ResourceExhausted having taken nothing."""
+
+    @abc.abstractmethod
+    def free(self, slab: Slab) -> None:
+        """Return the slab's memory; freeing twice is a bug and raises."""
+
+    @abc.abstractmethod
+    def view(self, slab: Slab) -> memoryview:
+        """A writable view of a host-addressable slab. The caller releases it."""
+
+    @abc.abstractmethod
+    def copy(self, src: Slab, dst: Slab) -> None:
+        """Copy src's bytes into dst (blocking; run on a worker thread)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Free every slab still held."""
+
+    def resolve_device(self, device: str) -> str:
+        """`devices/{uuid}` or a bare UUID, to a known device's UUID."""
+        uuid = device.removeprefix("devices/")
+        known = [d.uuid for d in self.devices()]
+        if uuid not in known:
+            raise InvalidArgument(
+                f"unknown device {device!r}; this node has {', '.join(known)}",
+                reason="UNKNOWN_DEVICE",
+                metadata={"device": device},
+            )
+        return uuid
+
+    def pick_device(self) -> str:
+        """The device with the most free memory (ties: the lowest index)."""
+        return max(self.devices(), key=lambda d: (d.pool.free, -d.index)).uuid

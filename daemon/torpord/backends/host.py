@@ -1,0 +1,168 @@
+"""The host backend: emulated devices whose slabs are memfd files.
+
+Each slab, DEVICE or HOST, is its own memfd (so the agent can later receive it
+with SCM_RIGHTS and map it at a fixed address) mapped once into the daemon.
+Its name, `torpor:{model}:{layer}:{tier}`, shows in /proc/<pid>/fd and maps,
+which is how operators (and the end-to-end tests) can see what the daemon
+holds. Freeing closes the mapping and the fd, so the kernel returns the pages
+once no other process maps them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import socket
+import threading
+import uuid as uuidlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torpord.backends.base import Backend, Budget, DeviceInfo, PoolInfo, Slab, SlabOwner
+from torpord.core.types import Tier
+from torpord.errors import InvalidArgument, ResourceExhausted
+
+__all__ = ["HostBackend"]
+
+# Copies run in pieces so a big slab does not hold one thread for long and
+# ctypes.memmove releases the GIL for each piece.
+_COPY_PIECE = 64 * 2**20
+_NAMESPACE = uuidlib.UUID("6f1d3c1e-6a0b-4f7e-9a53-0c2a8f6b7d10")
+
+
+def _machine_id() -> str:
+    try:
+        with open("/etc/machine-id") as f:
+            return f.read().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()
+
+
+@dataclass(eq=False)
+class _Mapping:
+    fd: int
+    mm: mmap.mmap
+    anchor: ctypes.Array[ctypes.c_char]  # keeps the mapping's address for memmove
+
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(self.anchor)
+
+
+class HostBackend(Backend):
+    kind = "host"
+
+    def __init__(self, *, devices: int, device_capacity: int, host_capacity: int) -> None:
+        if devices < 1:
+            raise InvalidArgument("the host backend needs at least one device")
+        machine = _machine_id()
+        self._devices: list[tuple[str, Budget]] = []
+        for index in range(devices):
+            uid = "HOST-" + str(uuidlib.uuid5(_NAMESPACE, f"{machine}/{index}"))
+            self._devices.append((uid, Budget(f"device {uid}", device_capacity)))
+        self._host = Budget("host pool", host_capacity)
+        self._live: dict[Slab, _Mapping] = {}
+        self._lock = threading.Lock()
+
+    # -- information -------------------------------------------------------
+
+    def devices(self) -> Sequence[DeviceInfo]:
+        return [
+            DeviceInfo(uid, index, f"Torpor emulated device {index}", budget.info())
+            for index, (uid, budget) in enumerate(self._devices)
+        ]
+
+    def host_pool(self) -> PoolInfo:
+        return self._host.info()
+
+    def _budget(self, tier: Tier, device: str | None) -> Budget:
+        if tier is Tier.HOST:
+            return self._host
+        if tier is Tier.DEVICE:
+            for uid, budget in self._devices:
+                if uid == device:
+                    return budget
+            raise InvalidArgument(f"unknown device {device!r}", reason="UNKNOWN_DEVICE")
+        raise InvalidArgument(f"the host backend holds no {tier.value} slabs", reason="BAD_TIER")
+
+    # -- allocation --------------------------------------------------------
+
+    def allocate(
+        self, tier: Tier, device: str | None, requests: Sequence[tuple[int, SlabOwner]]
+    ) -> list[Slab]:
+        budget = self._budget(tier, device)
+        budget.reserve([size for size, _ in requests])
+        slabs: list[Slab] = []
+        try:
+            for size, owner in requests:
+                slab = Slab(tier, device if tier is Tier.DEVICE else None, size, owner)
+                mapping = self._map(slab)
+                with self._lock:
+                    self._live[slab] = mapping
+                slabs.append(slab)
+        except BaseException:
+            for slab in slabs:
+                self.free(slab)
+            for size, _ in requests[len(slabs) :]:
+                budget.release(size)
+            raise
+        return slabs
+
+    def _map(self, slab: Slab) -> _Mapping:
+        name = f"torpor:{slab.owner.model_id}:{slab.owner.layer}:{slab.tier.value.lower()}"
+        fd = os.memfd_create(name[:240], os.MFD_CLOEXEC)
+        try:
+            # A mapping cannot be empty; a slab of zero bytes still gets a page.
+            length = max(slab.size, 1)
+            os.ftruncate(fd, length)
+            mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as err:
+            os.close(fd)
+            raise ResourceExhausted(
+                f"could not create a {slab.size}-byte slab: {err.strerror}",
+                reason="OUT_OF_MEMORY",
+                metadata={"asked": slab.size},
+            ) from err
+        anchor = (ctypes.c_char * length).from_buffer(mm)
+        return _Mapping(fd, mm, anchor)
+
+    def free(self, slab: Slab) -> None:
+        with self._lock:
+            mapping = self._live.pop(slab, None)
+        if mapping is None or slab.freed:
+            raise RuntimeError(f"slab {slab.id} ({slab.owner}) freed twice")
+        slab.freed = True
+        del mapping.anchor
+        mapping.mm.close()
+        os.close(mapping.fd)
+        self._budget(slab.tier, slab.device).release(slab.size)
+
+    def close(self) -> None:
+        with self._lock:
+            slabs = list(self._live)
+        for slab in slabs:
+            self.free(slab)
+
+    # -- bytes -------------------------------------------------------------
+
+    def _mapping(self, slab: Slab) -> _Mapping:
+        with self._lock:
+            mapping = self._live.get(slab)
+        if mapping is None:
+            raise RuntimeError(f"slab {slab.id} ({slab.owner}) is not live")
+        return mapping
+
+    def view(self, slab: Slab) -> memoryview:
+        return memoryview(self._mapping(slab).mm)[: slab.size]
+
+    def copy(self, src: Slab, dst: Slab) -> None:
+        if src.size != dst.size:
+            raise ValueError(f"copy between slabs of {src.size} and {dst.size} bytes")
+        a, b = self._mapping(src).address, self._mapping(dst).address
+        for offset in range(0, src.size, _COPY_PIECE):
+            ctypes.memmove(b + offset, a + offset, min(_COPY_PIECE, src.size - offset))
+
+    def fd(self, slab: Slab) -> int:
+        """The slab's memfd (for exporting to agents)."""
+        return self._mapping(slab).fd

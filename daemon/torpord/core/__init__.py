@@ -1,0 +1,1 @@
+"""The core: model registry, states and transitions. Imports neither gRPC nor CuPy."""

@@ -1,0 +1,543 @@
+"""The model manager: the registry and every lifecycle transition.
+
+Public methods are what the gRPC servicer (and tests) call. Each mutation
+checks its arguments and the model's state, allocates everything it will need
+(so RESOURCE_EXHAUSTED is answered before anything changes), then runs the
+transition as a task that keeps going if its caller goes away. One transition
+per model at a time: a mutation of a busy model is refused with ABORTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from torpord.backends.base import Backend, Slab
+from torpord.core.events import EventBus, EventType
+from torpord.core.model import LayerState, Model, ModelSnapshot, Progress, TransitionRecord
+from torpord.core.mover import Mover
+from torpord.core.requests import RequestLog
+from torpord.core.types import ModelState, Outcome, Tier, TransitionKind
+from torpord.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    TorporError,
+    Unimplemented,
+)
+from torpord.storage.layers import DEFAULT_LAYER_PATTERNS, LayerPatterns, plan_layers
+from torpord.storage.safetensors import check_unchanged, open_checkpoint
+
+__all__ = ["ManagerSettings", "ModelManager"]
+
+log = structlog.get_logger("torpord.core")
+
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class ManagerSettings:
+    allowed_roots: tuple[Path, ...]
+    patterns: LayerPatterns = DEFAULT_LAYER_PATTERNS
+    alignment: int = 256
+    worker_threads: int = 4
+
+
+Body = Callable[[], Awaitable[int]]
+Restore = Callable[[TorporError], None]
+
+
+class ModelManager:
+    def __init__(
+        self,
+        backend: Backend,
+        settings: ManagerSettings,
+        *,
+        bus: EventBus | None = None,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.bus = bus or EventBus()
+        self.requests = RequestLog()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            settings.worker_threads, thread_name_prefix="torpord-io"
+        )
+        self.mover = Mover(backend, self._executor, self._on_progress)
+        self._models: dict[str, Model] = {}
+        self._reserved: set[str] = set()  # ids whose Load is still validating
+
+    # -- reading -------------------------------------------------------------
+
+    def get(self, model_id: str) -> ModelSnapshot:
+        return self._model(model_id).snapshot()
+
+    def list(self) -> list[ModelSnapshot]:
+        return [self._models[k].snapshot() for k in sorted(self._models)]
+
+    def _model(self, model_id: str) -> Model:
+        model = self._models.get(model_id)
+        if model is None:
+            _check_model_id(model_id)
+            raise NotFound(
+                f"model {model_id!r} not found",
+                reason="MODEL_NOT_FOUND",
+                metadata={"model_id": model_id},
+            )
+        return model
+
+    # -- mutations -----------------------------------------------------------
+
+    async def load(
+        self,
+        model_id: str,
+        source: str,
+        *,
+        device: str = "",
+        target: Tier = Tier.DEVICE,
+        wait: bool = True,
+        request_id: str = "",
+    ) -> ModelSnapshot:
+        _check_model_id(model_id)
+        if target not in (Tier.DEVICE, Tier.HOST):
+            raise InvalidArgument(
+                f"a model can be loaded to DEVICE or HOST, not {target.value}",
+                reason="INVALID_TIER",
+                metadata={"tier": target.value},
+            )
+        path = self._resolve_source(source)
+        fingerprint = ("load", model_id, path, device, target)
+        if (task := self.requests.lookup(request_id, fingerprint)) is not None:
+            return await self._replay(task, wait, model_id)
+        existing = self._models.get(model_id)
+        if existing is not None:
+            if existing.checkpoint.path == path:
+                return existing.snapshot()
+            raise AlreadyExists(
+                f"model {model_id!r} already exists with source {existing.checkpoint.path}",
+                reason="MODEL_EXISTS",
+                metadata={"model_id": model_id, "source": existing.checkpoint.path},
+            )
+        if model_id in self._reserved:
+            raise _busy(model_id, "LOADING")
+        uuid = self.backend.resolve_device(device) if device else ""
+        self._reserved.add(model_id)
+        try:
+            checkpoint = await self.mover.blocking(open_checkpoint, path)
+            plans = plan_layers(checkpoint, self.settings.patterns, self.settings.alignment)
+        finally:
+            self._reserved.discard(model_id)
+        model = Model(
+            model_id,
+            checkpoint,
+            uuid or self.backend.pick_device(),
+            [LayerState(plan) for plan in plans],
+        )
+        new = self.mover.allocate(model, model.layers, target)
+        self._models[model_id] = model
+        self.bus.publish(EventType.ADDED, model.snapshot())
+
+        async def body() -> int:
+            moved = await self.mover.move(model, model.layers, new)
+            if target is Tier.HOST:
+                model.sleep_level = 1
+                model.set_state(ModelState.ASLEEP)
+            else:
+                model.settle()
+            return moved
+
+        def restore(err: TorporError) -> None:
+            model.set_state(ModelState.FAILED, err.reason, err.message)
+
+        return await self._start(
+            model, TransitionKind.LOAD, ModelState.LOADING, model.layers, body, restore,
+            request_id=request_id, fingerprint=fingerprint, wait=wait, new=new,
+        )  # fmt: skip
+
+    async def sleep(
+        self, model_id: str, level: int = 1, *, wait: bool = True, request_id: str = ""
+    ) -> ModelSnapshot:
+        level = level or 1
+        if level not in (1, 2):
+            raise InvalidArgument(
+                f"sleep level must be 1 or 2, not {level}",
+                reason="INVALID_SLEEP_LEVEL",
+                metadata={"level": level},
+            )
+        model = self._model(model_id)
+        fingerprint = ("sleep", model_id, level)
+        if (task := self.requests.lookup(request_id, fingerprint)) is not None:
+            return await self._replay(task, wait, model_id)
+        self._check_idle(model)
+        previous = (model.state, model.sleep_level)
+        if model.state is ModelState.ASLEEP:
+            if model.sleep_level == level:
+                return model.snapshot()
+            if model.sleep_level > level:
+                raise FailedPrecondition(
+                    f"model {model_id!r} is asleep at level 2 and holds no weights;"
+                    " wake it instead of sleeping it at level 1",
+                    reason="INVALID_STATE",
+                    metadata={"model_id": model_id, "state": model.state.value, "sleep_level": 2},
+                )
+            held = [layer for layer in model.layers if layer.slab is not None]
+        elif model.state in (ModelState.ACTIVE, ModelState.OFFLOADED):
+            held = [layer for layer in model.layers if layer.tier is Tier.DEVICE]
+            if level == 2:
+                held = [layer for layer in model.layers if layer.slab is not None]
+        else:
+            raise _wrong_state(model, "sleep")
+        new = self.mover.allocate(model, held, Tier.HOST) if level == 1 else []
+
+        async def body() -> int:
+            if level == 1:
+                moved = await self.mover.move(model, held, new)
+            else:
+                moved = self.mover.drop(model, held)
+            model.sleep_level = level
+            model.set_state(ModelState.ASLEEP)
+            return moved
+
+        def restore(err: TorporError) -> None:
+            model.sleep_level = previous[1]
+            model.set_state(previous[0], err.reason, err.message)
+
+        return await self._start(
+            model, TransitionKind.SLEEP, ModelState.SLEEPING, held, body, restore,
+            request_id=request_id, fingerprint=fingerprint, wait=wait, sleep_level=level, new=new,
+        )  # fmt: skip
+
+    async def wake(self, model_id: str, *, wait: bool = True, request_id: str = "") -> ModelSnapshot:
+        model = self._model(model_id)
+        fingerprint = ("wake", model_id)
+        if (task := self.requests.lookup(request_id, fingerprint)) is not None:
+            return await self._replay(task, wait, model_id)
+        self._check_idle(model)
+        if model.state is ModelState.ACTIVE:
+            return model.snapshot()
+        if model.state not in (ModelState.ASLEEP, ModelState.OFFLOADED):
+            raise _wrong_state(model, "wake")
+        return await self._bring_to_device(
+            model, [layer for layer in model.layers if layer.tier is not Tier.DEVICE],
+            TransitionKind.WAKE, ModelState.WAKING, request_id, fingerprint, wait,
+        )  # fmt: skip
+
+    async def offload(
+        self,
+        model_id: str,
+        layers: Sequence[str] = (),
+        tier: Tier = Tier.HOST,
+        *,
+        wait: bool = True,
+        request_id: str = "",
+    ) -> ModelSnapshot:
+        if tier is Tier.DISK:
+            raise Unimplemented(
+                "offloading to DISK is not available yet; use HOST or DEVICE",
+                reason="TIER_NOT_SUPPORTED",
+                metadata={"tier": tier.value},
+            )
+        if tier not in (Tier.HOST, Tier.DEVICE):
+            raise InvalidArgument(
+                f"layers can be offloaded to HOST or DEVICE, not {tier.value}",
+                reason="INVALID_TIER",
+                metadata={"tier": tier.value},
+            )
+        model = self._model(model_id)
+        names = tuple(dict.fromkeys(layers))
+        unknown = [name for name in names if model.layer(name) is None]
+        if unknown:
+            known = [layer.plan.name for layer in model.layers]
+            raise InvalidArgument(
+                f"model {model_id!r} has no layer {', '.join(map(repr, unknown))};"
+                f" its layers are {known[0]} … {known[-1]}",
+                reason="UNKNOWN_LAYER",
+                metadata={"model_id": model_id, "layers": ",".join(unknown)},
+            )
+        fingerprint = ("offload", model_id, names, tier)
+        if (task := self.requests.lookup(request_id, fingerprint)) is not None:
+            return await self._replay(task, wait, model_id)
+        self._check_idle(model)
+        if model.state not in (ModelState.ACTIVE, ModelState.OFFLOADED):
+            raise _wrong_state(model, "offload")
+        chosen = [layer for layer in model.layers if not names or layer.plan.name in names]
+        moving = [layer for layer in chosen if layer.tier is not tier]
+        if not moving:
+            return model.snapshot()
+        if tier is Tier.DEVICE:
+            return await self._bring_to_device(
+                model, moving, TransitionKind.OFFLOAD, ModelState.OFFLOADING,
+                request_id, fingerprint, wait,
+            )  # fmt: skip
+        previous = model.state
+        new = self.mover.allocate(model, moving, tier)
+
+        async def body() -> int:
+            moved = await self.mover.move(model, moving, new)
+            model.settle()
+            return moved
+
+        def restore(err: TorporError) -> None:
+            model.set_state(previous, err.reason, err.message)
+
+        return await self._start(
+            model, TransitionKind.OFFLOAD, ModelState.OFFLOADING, moving, body, restore,
+            request_id=request_id, fingerprint=fingerprint, wait=wait, new=new,
+        )  # fmt: skip
+
+    async def _bring_to_device(
+        self,
+        model: Model,
+        moving: list[LayerState],
+        kind: TransitionKind,
+        state: ModelState,
+        request_id: str,
+        fingerprint: Hashable,
+        wait: bool,
+    ) -> ModelSnapshot:
+        previous = (model.state, model.sleep_level)
+        new = self.mover.allocate(model, moving, Tier.DEVICE)
+
+        async def body() -> int:
+            if any(layer.slab is None for layer in moving):
+                change = await self.mover.blocking(check_unchanged, model.checkpoint)
+                if change is not None:
+                    raise FailedPrecondition(
+                        f"the source of model {model.model_id!r} changed since it was loaded:"
+                        f" {change}",
+                        reason="SOURCE_CHANGED",
+                        metadata={"model_id": model.model_id, "source": model.checkpoint.path},
+                    )
+            moved = await self.mover.move(model, moving, new)
+            model.settle()
+            return moved
+
+        def restore(err: TorporError) -> None:
+            model.sleep_level = previous[1]
+            model.set_state(previous[0], err.reason, err.message)
+
+        return await self._start(
+            model, kind, state, moving, body, restore,
+            request_id=request_id, fingerprint=fingerprint, wait=wait, new=new,
+        )  # fmt: skip
+
+    async def unload(
+        self, model_id: str, *, wait: bool = True, request_id: str = ""
+    ) -> ModelSnapshot:
+        model = self._model(model_id)
+        fingerprint = ("unload", model_id)
+        if (task := self.requests.lookup(request_id, fingerprint)) is not None:
+            return await self._replay(task, wait, model_id)
+        self._check_idle(model)
+
+        async def body() -> int:
+            freed = self.mover.drop(model, model.layers)
+            del self._models[model_id]
+            self.mover.forget(model)
+            return freed
+
+        def restore(err: TorporError) -> None:  # dropping slabs does not fail
+            model.set_state(ModelState.FAILED, err.reason, err.message)
+
+        held = [layer for layer in model.layers if layer.slab is not None]
+        return await self._start(
+            model, TransitionKind.UNLOAD, ModelState.UNLOADING, held, body, restore,
+            request_id=request_id, fingerprint=fingerprint, wait=wait, removes=True,
+        )  # fmt: skip
+
+    # -- running transitions ---------------------------------------------------
+
+    async def _start(
+        self,
+        model: Model,
+        kind: TransitionKind,
+        state: ModelState,
+        layers: Sequence[LayerState],
+        body: Body,
+        restore: Restore,
+        *,
+        request_id: str,
+        fingerprint: Hashable,
+        wait: bool,
+        sleep_level: int | None = None,
+        new: list[Slab] | None = None,
+        removes: bool = False,
+    ) -> ModelSnapshot:
+        """Enter `state` and run body as a task. Nothing here may await before
+        the task exists: the model must never be seen idle while it changes."""
+        model.progress = Progress(kind, sum(layer.plan.size for layer in layers), len(layers))
+        if sleep_level is not None:
+            model.sleep_level = sleep_level
+        model.set_state(state)
+        self.bus.publish(EventType.CHANGED, model.snapshot())
+        task = asyncio.create_task(
+            self._run(model, kind, body, restore, request_id, removes, new or []),
+            name=f"{kind.value} {model.model_id}",
+        )
+        task.add_done_callback(_retrieve)
+        model.task = task
+        self.requests.remember(request_id, fingerprint, task)
+        if wait:
+            return await asyncio.shield(task)
+        return model.snapshot()
+
+    async def _run(
+        self,
+        model: Model,
+        kind: TransitionKind,
+        body: Body,
+        restore: Restore,
+        request_id: str,
+        removes: bool,
+        new: list[Slab],
+    ) -> ModelSnapshot:
+        assert model.progress is not None
+        started, clock = time.time(), time.monotonic()
+        bound = log.bind(model_id=model.model_id, transition=kind.value, request_id=request_id)
+        bound.info("transition started", bytes=model.progress.bytes_total)
+        try:
+            moved = await body()
+        except BaseException as exc:
+            err = _as_domain_error(exc)
+            if isinstance(exc, TorporError):
+                bound.warning("transition failed", reason=err.reason, error=err.message)
+            else:
+                bound.exception("transition failed unexpectedly")
+            for slab in new:  # allocated for a move that never began
+                if not slab.freed:
+                    self.backend.free(slab)
+            restore(err)
+            outcome = Outcome.FAILED if model.state is ModelState.FAILED else Outcome.ROLLED_BACK
+            self._finish(model, TransitionRecord(
+                kind, outcome, started, time.monotonic() - clock, model.progress.bytes_done,
+                request_id, err.reason, err.message,
+            ))  # fmt: skip
+            raise err from exc if err is not exc else None
+        record = TransitionRecord(
+            kind, Outcome.SUCCEEDED, started, time.monotonic() - clock, moved, request_id
+        )
+        bound.info(
+            "transition done", seconds=round(record.duration, 4), bytes=moved,
+            gb_per_s=round(record.bytes_per_second / 1e9, 3),
+        )  # fmt: skip
+        if removes:
+            model.progress = None
+            model.last_transition = record
+            snapshot = model.snapshot()
+            self.bus.publish(EventType.REMOVED, snapshot)
+            return snapshot
+        return self._finish(model, record)
+
+    def _finish(self, model: Model, record: TransitionRecord) -> ModelSnapshot:
+        model.progress = None
+        model.last_transition = record
+        model.update_time = time.time()
+        snapshot = model.snapshot()
+        self.bus.publish(EventType.CHANGED, snapshot)
+        return snapshot
+
+    async def _replay(
+        self, task: asyncio.Task[ModelSnapshot], wait: bool, model_id: str
+    ) -> ModelSnapshot:
+        if wait or task.done():
+            return await asyncio.shield(task)
+        return self.get(model_id)
+
+    def _on_progress(self, model: Model) -> None:
+        if model.progress is not None:
+            self.bus.publish(EventType.PROGRESS, model.snapshot())
+
+    def _check_idle(self, model: Model) -> None:
+        if model.busy or model.state.transitional:
+            raise _busy(model.model_id, model.state.value)
+
+    def _resolve_source(self, source: str) -> str:
+        if not source:
+            raise InvalidArgument("source is required", reason="SOURCE_REQUIRED")
+        if not os.path.isabs(source):
+            raise InvalidArgument(
+                f"source must be an absolute path, got {source!r}",
+                reason="SOURCE_NOT_ABSOLUTE",
+                metadata={"source": source},
+            )
+        # realpath first, so that a symlink cannot lead outside the allowed roots.
+        real = Path(os.path.realpath(source))
+        roots = self.settings.allowed_roots
+        if not any(real == root or real.is_relative_to(root) for root in roots):
+            raise PermissionDenied(
+                f"source {source} is outside the allowed roots ({', '.join(map(str, roots))})",
+                reason="SOURCE_NOT_ALLOWED",
+                metadata={"source": source, "allowed_roots": ",".join(map(str, roots))},
+            )
+        return str(real)
+
+    # -- shutdown --------------------------------------------------------------
+
+    async def close(self, grace: float) -> None:
+        """Let running transitions finish within `grace` seconds, cancel (and so
+        roll back) the rest, then free every slab."""
+        running = [m.task for m in self._models.values() if m.task is not None and not m.task.done()]
+        if running:
+            log.info("waiting for transitions", count=len(running), grace=grace)
+            _, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for model in list(self._models.values()):
+            self.mover.drop(model, model.layers)
+        self._models.clear()
+        self.bus.close()
+        self._executor.shutdown(wait=True)
+
+
+def _check_model_id(model_id: str) -> None:
+    if not MODEL_ID.fullmatch(model_id):
+        raise InvalidArgument(
+            f"invalid model_id {model_id!r}: use 1 to 128 characters of [A-Za-z0-9._-],"
+            " starting with a letter or digit",
+            reason="INVALID_MODEL_ID",
+            metadata={"model_id": model_id},
+        )
+
+
+def _busy(model_id: str, state: str) -> Aborted:
+    return Aborted(
+        f"model {model_id!r} is {state.lower()}; wait for that to finish",
+        reason="TRANSITION_IN_PROGRESS",
+        metadata={"model_id": model_id, "state": state},
+    )
+
+
+def _wrong_state(model: Model, verb: str) -> FailedPrecondition:
+    hint = " (unload it)" if model.state is ModelState.FAILED else ""
+    return FailedPrecondition(
+        f"cannot {verb} model {model.model_id!r} while it is {model.state.value.lower()}{hint}",
+        reason="INVALID_STATE",
+        metadata={"model_id": model.model_id, "state": model.state.value},
+    )
+
+
+def _as_domain_error(exc: BaseException) -> TorporError:
+    if isinstance(exc, TorporError):
+        return exc
+    if isinstance(exc, asyncio.CancelledError):
+        return Aborted("the transition was cancelled (daemon shutting down)", reason="CANCELLED")
+    return TorporError(f"internal error: {type(exc).__name__}: {exc}", reason="INTERNAL")
+
+
+def _retrieve(task: asyncio.Task[ModelSnapshot]) -> None:
+    # A wait=false transition's failure is reported in the model; mark the
+    # exception retrieved so asyncio does not log it a second time.
+    if not task.cancelled():
+        task.exception()

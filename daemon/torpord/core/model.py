@@ -1,0 +1,195 @@
+"""A model held by the daemon, its layers, and immutable snapshots of both.
+
+The manager mutates `Model` on the event loop's thread only; everything that
+leaves the core (RPC answers, Watch events) is a frozen `ModelSnapshot` taken
+at that moment, so a later change can never alter what was already sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from torpord.backends.base import Slab
+from torpord.core.types import ModelState, Outcome, Stage, Tier, TransitionKind
+from torpord.storage.layers import LayerPlan
+from torpord.storage.safetensors import Checkpoint
+
+__all__ = [
+    "LayerSnapshot",
+    "LayerState",
+    "Model",
+    "ModelSnapshot",
+    "Progress",
+    "ProgressSnapshot",
+    "TransitionRecord",
+]
+
+
+@dataclass
+class LayerState:
+    plan: LayerPlan
+    slab: Slab | None = None  # None: only in the source
+    checksum: str = ""
+
+    @property
+    def tier(self) -> Tier:
+        return self.slab.tier if self.slab is not None else Tier.SOURCE
+
+
+@dataclass(frozen=True)
+class ProgressSnapshot:
+    kind: TransitionKind
+    stage: Stage
+    bytes_done: int
+    bytes_total: int
+    layers_done: int
+    layers_total: int
+    bytes_per_second: float
+    start_time: float
+    note: str
+
+
+@dataclass
+class Progress:
+    kind: TransitionKind
+    bytes_total: int
+    layers_total: int
+    stage: Stage = Stage.PREPARE
+    bytes_done: int = 0
+    layers_done: int = 0
+    note: str = ""
+    start_time: float = field(default_factory=time.time)
+    start_clock: float = field(default_factory=time.monotonic)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start_clock
+
+    def rate(self) -> float:
+        elapsed = self.elapsed()
+        return self.bytes_done / elapsed if elapsed > 0 else 0.0
+
+    def snapshot(self) -> ProgressSnapshot:
+        return ProgressSnapshot(
+            self.kind,
+            self.stage,
+            self.bytes_done,
+            self.bytes_total,
+            self.layers_done,
+            self.layers_total,
+            self.rate(),
+            self.start_time,
+            self.note,
+        )
+
+
+@dataclass(frozen=True)
+class TransitionRecord:
+    kind: TransitionKind
+    outcome: Outcome
+    start_time: float
+    duration: float
+    bytes: int
+    request_id: str = ""
+    reason: str = ""
+    message: str = ""
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.bytes / self.duration if self.duration > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class LayerSnapshot:
+    plan: LayerPlan
+    tier: Tier
+    device: str | None
+    checksum: str
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    model_id: str
+    state: ModelState
+    state_reason: str
+    state_message: str
+    sleep_level: int
+    checkpoint: Checkpoint
+    device: str
+    layers: tuple[LayerSnapshot, ...]
+    progress: ProgressSnapshot | None
+    last_transition: TransitionRecord | None
+    create_time: float
+    update_time: float
+
+    def bytes_in(self, tier: Tier) -> int:
+        return sum(layer.plan.size for layer in self.layers if layer.tier is tier)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(layer.plan.size for layer in self.layers)
+
+
+@dataclass(eq=False)
+class Model:
+    model_id: str
+    checkpoint: Checkpoint
+    device: str
+    layers: list[LayerState]
+    state: ModelState = ModelState.LOADING
+    state_reason: str = ""
+    state_message: str = ""
+    sleep_level: int = 0
+    progress: Progress | None = None
+    last_transition: TransitionRecord | None = None
+    task: asyncio.Task[ModelSnapshot] | None = None
+    create_time: float = field(default_factory=time.time)
+    update_time: float = field(default_factory=time.time)
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def set_state(self, state: ModelState, reason: str = "", message: str = "") -> None:
+        self.state, self.state_reason, self.state_message = state, reason, message
+        self.update_time = time.time()
+
+    def settle(self) -> None:
+        """The resting state that the layers' residency implies for an awake model."""
+        on_device = all(layer.tier is Tier.DEVICE for layer in self.layers)
+        self.sleep_level = 0
+        self.set_state(ModelState.ACTIVE if on_device else ModelState.OFFLOADED)
+
+    def layer(self, name: str) -> LayerState | None:
+        for layer in self.layers:
+            if layer.plan.name == name:
+                return layer
+        return None
+
+    def slabs(self) -> list[Slab]:
+        return [layer.slab for layer in self.layers if layer.slab is not None]
+
+    def snapshot(self) -> ModelSnapshot:
+        return ModelSnapshot(
+            model_id=self.model_id,
+            state=self.state,
+            state_reason=self.state_reason,
+            state_message=self.state_message,
+            sleep_level=self.sleep_level,
+            checkpoint=self.checkpoint,
+            device=self.device,
+            layers=tuple(
+                LayerSnapshot(
+                    layer.plan,
+                    layer.tier,
+                    layer.slab.device if layer.slab is not None else None,
+                    layer.checksum,
+                )
+                for layer in self.layers
+            ),
+            progress=self.progress.snapshot() if self.progress is not None else None,
+            last_transition=self.last_transition,
+            create_time=self.create_time,
+            update_time=self.update_time,
+        )

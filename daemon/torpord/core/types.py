@@ -1,0 +1,64 @@
+"""Small enums shared by the core, the backends and the server."""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["ModelState", "Outcome", "Stage", "Tier", "TransitionKind"]
+
+
+class Tier(enum.Enum):
+    DEVICE = "DEVICE"
+    HOST = "HOST"
+    DISK = "DISK"
+    SOURCE = "SOURCE"
+
+
+class ModelState(enum.Enum):
+    LOADING = "LOADING"
+    ACTIVE = "ACTIVE"
+    OFFLOADING = "OFFLOADING"
+    OFFLOADED = "OFFLOADED"
+    SLEEPING = "SLEEPING"
+    ASLEEP = "ASLEEP"
+    WAKING = "WAKING"
+    UNLOADING = "UNLOADING"
+    FAILED = "FAILED"
+
+    @property
+    def transitional(self) -> bool:
+        return self in _TRANSITIONAL
+
+
+_TRANSITIONAL = frozenset(
+    {
+        ModelState.LOADING,
+        ModelState.OFFLOADING,
+        ModelState.SLEEPING,
+        ModelState.WAKING,
+        ModelState.UNLOADING,
+    }
+)
+
+
+class TransitionKind(enum.Enum):
+    LOAD = "LOAD"
+    SLEEP = "SLEEP"
+    WAKE = "WAKE"
+    OFFLOAD = "OFFLOAD"
+    UNLOAD = "UNLOAD"
+
+
+class Stage(enum.Enum):
+    PREPARE = "PREPARE"
+    READ = "READ"
+    TRANSFER = "TRANSFER"
+    VERIFY = "VERIFY"
+    RELEASE = "RELEASE"
+    DONE = "DONE"
+
+
+class Outcome(enum.Enum):
+    SUCCEEDED = "SUCCEEDED"
+    ROLLED_BACK = "ROLLED_BACK"
+    FAILED = "FAILED"

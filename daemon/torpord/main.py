@@ -1,0 +1,182 @@
+"""torpord: configure → start (listen, then READY) → serve → drain → exit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+import uvloop
+
+from torpord import __version__, systemd
+from torpord.backends.factory import BackendUnavailable, build_backend
+from torpord.config import Config, ConfigError, Overrides, default_config_toml, load_config
+from torpord.core.manager import ManagerSettings, ModelManager
+from torpord.logs import configure_logging
+from torpord.server.app import DaemonAlreadyRunning, build_server, set_serving
+from torpord.storage.layers import LayerPatterns
+
+__all__ = ["main"]
+
+log = structlog.get_logger("torpord")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="torpord",
+        description="Torpor node daemon: owns device and pinned host memory and manages model"
+        " weights (Load, Sleep, Wake, Offload, Unload) over gRPC.",
+    )
+    p.add_argument("--config", type=Path, help="TOML config file (default: embedded defaults)")
+    p.add_argument("--socket", type=Path, help="Unix socket to listen on (overrides server.socket)")
+    p.add_argument("--tcp", help='also listen on HOST:PORT (overrides server.tcp; "" turns it off)')
+    p.add_argument("--backend", choices=("auto", "host", "cuda"), help="overrides backend.kind")
+    p.add_argument(
+        "--allowed-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory model sources may come from; repeatable (replaces sources.allowed_roots)",
+    )
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--print-default-config", action="store_true", help="print the default config and exit")
+    p.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    p.add_argument("--version", action="version", version=f"torpord {__version__}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.print_default_config:
+        sys.stdout.write(default_config_toml())
+        return 0
+    try:
+        config = load_config(
+            args.config,
+            Overrides(
+                socket=args.socket,
+                tcp=args.tcp,
+                backend=args.backend,
+                allowed_roots=tuple(args.allowed_root),
+                log_level=args.log_level,
+            ),
+        )
+    except ConfigError as err:
+        print(f"torpord: {err}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"torpord: {args.config or 'embedded defaults'}: ok")
+        return 0
+    configure_logging(config.log.level, config.log.format)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(Daemon(config).run())
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._stop = asyncio.Event()
+        self._signals = 0
+
+    async def run(self) -> int:
+        cfg = self.config
+        try:
+            backend, why = build_backend(cfg)
+        except BackendUnavailable as err:
+            log.error("cannot start", error=str(err))
+            return 1
+        manager = ModelManager(
+            backend,
+            ManagerSettings(
+                allowed_roots=cfg.sources.allowed_roots,
+                patterns=LayerPatterns(cfg.layers.block_patterns, cfg.layers.post_patterns),
+                alignment=cfg.layers.alignment,
+            ),
+        )
+        socket_path = cfg.server.socket
+        try:
+            server, health = build_server(
+                manager,
+                socket_path=socket_path,
+                tcp=cfg.server.tcp,
+                disk_path=str(cfg.disk_cache.path or ""),
+                disk_capacity=cfg.disk_cache.capacity,
+            )
+        except (DaemonAlreadyRunning, OSError, RuntimeError) as err:
+            log.error("cannot listen", socket=str(socket_path), tcp=cfg.server.tcp, error=str(err))
+            backend.close()
+            return 1
+        await server.start()
+        os.chmod(socket_path, cfg.server.socket_mode)
+        await set_serving(health, True)
+        self._install_signals()
+        log.info(
+            "torpord ready",
+            version=__version__,
+            socket=str(socket_path),
+            tcp=cfg.server.tcp,
+            backend=backend.kind,
+            backend_reason=why,
+            devices=[d.uuid for d in backend.devices()],
+            host_pool_bytes=backend.host_pool().capacity,
+            config=str(cfg.file) if cfg.file else "embedded defaults",
+            pid=os.getpid(),
+        )
+        systemd.ready(f"listening on {socket_path}")
+        await self._stop.wait()
+
+        grace = cfg.server.grace_period
+        deadline = time.monotonic() + grace
+        log.info("stopping: draining in-flight calls", grace_seconds=grace)
+        systemd.stopping("draining")
+        await set_serving(health, False)
+        manager.bus.close()  # end Watch streams, so they do not hold the grace period
+        await server.stop(grace)
+        await manager.close(max(0.0, deadline - time.monotonic()))
+        backend.close()
+        socket_path.unlink(missing_ok=True)
+        log.info("stopped")
+        return 0
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGUSR1, dump_stacks)
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal: exiting now", signal=sig.name)
+            os._exit(1)
+        log.info("signal received", signal=sig.name)
+        self._stop.set()
+
+
+def dump_stacks() -> None:
+    """Log the stack of every asyncio task and every thread (SIGUSR1)."""
+    tasks = []
+    for task in asyncio.all_tasks():
+        out = io.StringIO()
+        task.print_stack(file=out)
+        tasks.append(out.getvalue())
+    frames = sys._current_frames()
+    threads = {
+        f"{t.name} ({t.ident})": "".join(traceback.format_stack(frames[t.ident]))
+        for t in threading.enumerate()
+        if t.ident in frames
+    }
+    log.info("stacks", task_count=len(tasks), tasks=tasks, threads=threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

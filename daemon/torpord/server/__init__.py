@@ -1,0 +1,1 @@
+"""The gRPC boundary: thin servicers over the core, errors translated once."""

@@ -1,0 +1,88 @@
+"""The gRPC server: services, health, reflection, and its listeners."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from torpor.v1 import agent_pb2, agent_pb2_grpc, models_pb2, models_pb2_grpc, node_pb2, node_pb2_grpc
+from torpord.core.manager import ModelManager
+from torpord.server.services import AgentService, ModelService, NodeService
+
+__all__ = ["DaemonAlreadyRunning", "build_server", "prepare_socket"]
+
+SERVICE_NAMES = (
+    models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
+    agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+)
+
+
+class DaemonAlreadyRunning(Exception):
+    pass
+
+
+def prepare_socket(path: Path) -> None:
+    """Make the socket's directory and clear a stale socket file; refuse to
+    take over the socket of a daemon that still answers on it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_socket():
+        raise DaemonAlreadyRunning(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as err:
+        if err.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            path.unlink(missing_ok=True)
+            return
+        raise
+    finally:
+        probe.close()
+    raise DaemonAlreadyRunning(f"another torpord is listening on {path}")
+
+
+def build_server(
+    manager: ModelManager,
+    *,
+    socket_path: Path,
+    tcp: str | None,
+    disk_path: str = "",
+    disk_capacity: int = 0,
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    models_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
+    node_pb2_grpc.add_NodeServiceServicer_to_server(
+        NodeService(manager, disk_path=disk_path, disk_capacity=disk_capacity), server
+    )
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    prepare_socket(socket_path)
+    server.add_insecure_port(f"unix:{socket_path}")
+    if tcp:
+        if server.add_insecure_port(tcp) == 0:
+            raise OSError(f"could not listen on {tcp}")
+    return server, health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, status)
+
+
+def chmod_socket(path: Path, mode: int) -> None:
+    os.chmod(path, mode)

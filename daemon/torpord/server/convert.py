@@ -1,0 +1,195 @@
+"""Core snapshots to torpor.v1 messages, and request enums to core enums."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from torpor.v1 import common_pb2, models_pb2, node_pb2
+from torpord.backends.base import Backend
+from torpord.core.model import ModelSnapshot, ProgressSnapshot, TransitionRecord
+from torpord.core.types import ModelState, Outcome, Stage, Tier, TransitionKind
+from torpord.errors import InvalidArgument
+
+__all__ = ["model_to_proto", "node_to_proto", "tier_from_proto"]
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromTimedelta(timedelta(seconds=seconds))
+    return d
+
+
+def _enum(enum_type: object, prefix: str, value: str) -> int:
+    return int(enum_type.Value(f"{prefix}_{value}"))  # type: ignore[attr-defined]
+
+
+def tier_to_proto(tier: Tier) -> common_pb2.Tier.ValueType:
+    return common_pb2.Tier.Value(f"TIER_{tier.value}")
+
+
+def tier_from_proto(value: int, *, default: Tier, field: str) -> Tier:
+    if value == common_pb2.TIER_UNSPECIFIED:
+        return default
+    try:
+        return Tier(common_pb2.Tier.Name(value).removeprefix("TIER_"))  # type: ignore[arg-type]
+    except ValueError:
+        raise InvalidArgument(
+            f"{field}: unknown tier {value}", reason="INVALID_TIER", metadata={"field": field}
+        ) from None
+
+
+def _progress(p: ProgressSnapshot) -> common_pb2.Progress:
+    return common_pb2.Progress(
+        kind=_enum(common_pb2.TransitionKind, "TRANSITION_KIND", p.kind.value),
+        stage=_enum(common_pb2.Stage, "STAGE", p.stage.value),
+        bytes_done=p.bytes_done,
+        bytes_total=p.bytes_total,
+        layers_done=p.layers_done,
+        layers_total=p.layers_total,
+        bytes_per_second=p.bytes_per_second,
+        start_time=_timestamp(p.start_time),
+        note=p.note,
+    )
+
+
+def _transition(t: TransitionRecord) -> common_pb2.Transition:
+    return common_pb2.Transition(
+        kind=_enum(common_pb2.TransitionKind, "TRANSITION_KIND", t.kind.value),
+        outcome=_enum(common_pb2.Outcome, "OUTCOME", t.outcome.value),
+        start_time=_timestamp(t.start_time),
+        duration=_duration(t.duration),
+        bytes=t.bytes,
+        bytes_per_second=t.bytes_per_second,
+        request_id=t.request_id,
+        reason=t.reason,
+        message=t.message,
+    )
+
+
+def model_to_proto(m: ModelSnapshot, *, full: bool = False) -> common_pb2.Model:
+    source = common_pb2.Source(
+        path=m.checkpoint.path,
+        files=[
+            common_pb2.SourceFile(
+                path=f.path, size_bytes=f.size, modify_time=_timestamp(f.mtime_ns / 1e9)
+            )
+            for f in m.checkpoint.files
+        ],
+        tensor_count=len(m.checkpoint.tensors),
+        data_bytes=m.checkpoint.data_bytes,
+    )
+    layers = []
+    for layer in m.layers:
+        msg = common_pb2.Layer(
+            name=layer.plan.name,
+            index=layer.plan.index,
+            size_bytes=layer.plan.size,
+            tier=tier_to_proto(layer.tier),
+            device=f"devices/{layer.device}" if layer.device else "",
+            tensor_count=len(layer.plan.tensors),
+            checksum=layer.checksum,
+        )
+        if full:
+            msg.tensors.extend(
+                common_pb2.Tensor(
+                    name=p.tensor.name,
+                    dtype=p.tensor.dtype,
+                    shape=p.tensor.shape,
+                    slab_offset=p.slab_offset,
+                    size_bytes=p.tensor.nbytes,
+                    file_index=p.tensor.file_index,
+                    file_offset=p.tensor.file_offset,
+                )
+                for p in layer.plan.tensors
+            )
+        layers.append(msg)
+    out = common_pb2.Model(
+        name=f"models/{m.model_id}",
+        model_id=m.model_id,
+        state=_enum(common_pb2.ModelState, "MODEL_STATE", m.state.value),
+        state_reason=m.state_reason,
+        state_message=m.state_message,
+        sleep_level=m.sleep_level,
+        source=source,
+        device=f"devices/{m.device}",
+        bytes=common_pb2.TierBytes(
+            device_bytes=m.bytes_in(Tier.DEVICE),
+            host_bytes=m.bytes_in(Tier.HOST),
+            disk_bytes=m.bytes_in(Tier.DISK),
+            total_bytes=m.total_bytes,
+        ),
+        layers=layers,
+        create_time=_timestamp(m.create_time),
+        update_time=_timestamp(m.update_time),
+    )
+    if m.progress is not None:
+        out.progress.CopyFrom(_progress(m.progress))
+    if m.last_transition is not None:
+        out.last_transition.CopyFrom(_transition(m.last_transition))
+    return out
+
+
+def is_full(view: int) -> bool:
+    return view == models_pb2.MODEL_VIEW_FULL
+
+
+def node_to_proto(
+    backend: Backend,
+    *,
+    hostname: str,
+    version: str,
+    model_count: int,
+    allowed_roots: list[str],
+    disk_path: str,
+    disk_capacity: int,
+) -> node_pb2.Node:
+    pool = backend.host_pool()
+    return node_pb2.Node(
+        hostname=hostname,
+        version=version,
+        backend=node_pb2.Backend.Value(f"BACKEND_{backend.kind.upper()}"),
+        devices=[
+            node_pb2.Device(
+                name=f"devices/{d.uuid}",
+                uuid=d.uuid,
+                index=d.index,
+                display_name=d.name,
+                capacity_bytes=d.pool.capacity,
+                used_bytes=d.pool.used,
+                free_bytes=d.pool.free,
+                slab_count=d.pool.slab_count,
+            )
+            for d in backend.devices()
+        ],
+        host_pool=node_pb2.HostPool(
+            capacity_bytes=pool.capacity,
+            used_bytes=pool.used,
+            free_bytes=pool.free,
+            slab_count=pool.slab_count,
+        ),
+        disk_cache=node_pb2.DiskCache(
+            enabled=bool(disk_path), path=disk_path, capacity_bytes=disk_capacity, used_bytes=0
+        ),
+        model_count=model_count,
+        allowed_roots=allowed_roots,
+    )
+
+
+# Keep the enum mirrors honest: every core value must have a proto value.
+for _enum_cls, _proto, _prefix in (
+    (ModelState, common_pb2.ModelState, "MODEL_STATE"),
+    (Stage, common_pb2.Stage, "STAGE"),
+    (Outcome, common_pb2.Outcome, "OUTCOME"),
+    (TransitionKind, common_pb2.TransitionKind, "TRANSITION_KIND"),
+    (Tier, common_pb2.Tier, "TIER"),
+):
+    for _member in _enum_cls:  # type: ignore[attr-defined]
+        _proto.Value(f"{_prefix}_{_member.value}")

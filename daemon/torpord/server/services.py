@@ -1,0 +1,162 @@
+"""torpor.v1 servicers: thin adapters over the model manager."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+
+import grpc
+
+from torpor.v1 import (
+    agent_pb2_grpc,
+
+    models_pb2,
+    models_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+)
+from torpord import __version__
+from torpord.core.events import EventType
+from torpord.core.manager import ModelManager
+from torpord.core.types import Tier
+from torpord.server.convert import is_full, model_to_proto, node_to_proto, tier_from_proto
+from torpord.server.errors import translate_errors, translate_stream_errors
+
+__all__ = ["AgentService", "ModelService", "NodeService"]
+
+_EVENT_TYPES = {
+    EventType.ADDED: models_pb2.MODEL_EVENT_TYPE_ADDED,
+    EventType.CHANGED: models_pb2.MODEL_EVENT_TYPE_CHANGED,
+    EventType.REMOVED: models_pb2.MODEL_EVENT_TYPE_REMOVED,
+    EventType.PROGRESS: models_pb2.MODEL_EVENT_TYPE_PROGRESS,
+}
+
+
+class ModelService(models_pb2_grpc.ModelServiceServicer):
+    def __init__(self, manager: ModelManager) -> None:
+        self._m = manager
+
+    @translate_errors
+    async def LoadModel(
+        self, request: models_pb2.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> models_pb2.LoadModelResponse:
+        model = await self._m.load(
+            request.model_id,
+            request.source,
+            device=request.device,
+            target=tier_from_proto(request.target_tier, default=Tier.DEVICE, field="target_tier"),
+            wait=request.wait,
+            request_id=request.request_id,
+        )
+        return models_pb2.LoadModelResponse(model=model_to_proto(model))
+
+    @translate_errors
+    async def SleepModel(
+        self, request: models_pb2.SleepModelRequest, context: grpc.aio.ServicerContext
+    ) -> models_pb2.SleepModelResponse:
+        model = await self._m.sleep(
+            request.model_id, request.level, wait=request.wait, request_id=request.request_id
+        )
+        return models_pb2.SleepModelResponse(model=model_to_proto(model))
+
+    @translate_errors
+    async def WakeModel(
+        self, request: models_pb2.WakeModelRequest, context: grpc.aio.ServicerContext
+    ) -> models_pb2.WakeModelResponse:
+        model = await self._m.wake(
+            request.model_id, wait=request.wait, request_id=request.request_id
+        )
+        return models_pb2.WakeModelResponse(model=model_to_proto(model))
+
+    @translate_errors
+    async def OffloadModel(
+        self, request: models_pb2.OffloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> models_pb2.OffloadModelResponse:
+        model = await self._m.offload(
+            request.model_id,
+            list(request.layers),
+            tier_from_proto(request.tier, default=Tier.HOST, field="tier"),
+            wait=request.wait,
+            request_id=request.request_id,
+        )
+        return models_pb2.OffloadModelResponse(model=model_to_proto(model))
+
+    @translate_errors
+    async def UnloadModel(
+        self, request: models_pb2.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> models_pb2.UnloadModelResponse:
+        model = await self._m.unload(
+            request.model_id, wait=request.wait, request_id=request.request_id
+        )
+        return models_pb2.UnloadModelResponse(model=model_to_proto(model))
+
+    @translate_errors
+    async def GetModel(
+        self, request: models_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> models_pb2.GetModelResponse:
+        model = self._m.get(request.model_id)
+        return models_pb2.GetModelResponse(model=model_to_proto(model, full=is_full(request.view)))
+
+    @translate_errors
+    async def ListModels(
+        self, request: models_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> models_pb2.ListModelsResponse:
+        full = is_full(request.view)
+        return models_pb2.ListModelsResponse(
+            models=[model_to_proto(m, full=full) for m in self._m.list()]
+        )
+
+    @translate_stream_errors
+    async def WatchModels(
+        self, request: models_pb2.WatchModelsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[models_pb2.WatchModelsResponse]:
+        # Subscribe before taking the snapshot, so no change falls between them.
+        subscription = self._m.bus.subscribe(request.model_id)
+        try:
+            models = [
+                m for m in self._m.list() if not request.model_id or m.model_id == request.model_id
+            ]
+            yield models_pb2.WatchModelsResponse(
+                snapshot=models_pb2.Snapshot(models=[model_to_proto(m) for m in models])
+            )
+            async for event in subscription:
+                yield models_pb2.WatchModelsResponse(
+                    model_event=models_pb2.ModelEvent(
+                        type=_EVENT_TYPES[event.type], model=model_to_proto(event.model)
+                    )
+                )
+        finally:
+            subscription.close()
+
+
+class NodeService(node_pb2_grpc.NodeServiceServicer):
+    def __init__(self, manager: ModelManager, *, disk_path: str = "", disk_capacity: int = 0) -> None:
+        self._m = manager
+        self._disk = (disk_path, disk_capacity)
+
+    @translate_errors
+    async def GetNode(
+        self, request: node_pb2.GetNodeRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.GetNodeResponse:
+        node = node_to_proto(
+            self._m.backend,
+            hostname=socket.gethostname(),
+            version=__version__,
+            model_count=len(self._m.list()),
+            allowed_roots=[str(r) for r in self._m.settings.allowed_roots],
+            disk_path=self._disk[0],
+            disk_capacity=self._disk[1],
+        )
+        return node_pb2.GetNodeResponse(node=node)
+
+
+class AgentService(agent_pb2_grpc.AgentServiceServicer):
+    """Declared now; engines attach in a later release."""
+
+    async def Attach(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "engines cannot attach yet: AgentService.Attach arrives with the agent",
+        )
+
+

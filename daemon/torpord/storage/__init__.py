@@ -1,0 +1,39 @@
+"""Storage: strict safetensors parsing, source reads, and layer/slab planning."""
+
+from torpord.storage.layers import (
+    DEFAULT_LAYER_PATTERNS,
+    CompiledLayerPatterns,
+    LayerPatterns,
+    LayerPlan,
+    PackedTensor,
+    compile_patterns,
+    layout_hash,
+    plan_layers,
+)
+from torpord.storage.safetensors import (
+    DTYPES,
+    Checkpoint,
+    SourceFile,
+    TensorInfo,
+    check_unchanged,
+    open_checkpoint,
+    read_tensors,
+)
+
+__all__ = [
+    "DEFAULT_LAYER_PATTERNS",
+    "DTYPES",
+    "Checkpoint",
+    "CompiledLayerPatterns",
+    "LayerPatterns",
+    "LayerPlan",
+    "PackedTensor",
+    "SourceFile",
+    "TensorInfo",
+    "check_unchanged",
+    "compile_patterns",
+    "layout_hash",
+    "open_checkpoint",
+    "plan_layers",
+    "read_tensors",
+]

@@ -1,0 +1,336 @@
+"""The model manager with the real host backend: states, bytes, rollback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from torpor.testing import make_checkpoint
+from torpord.backends.host import HostBackend
+from torpord.core.events import EventType
+from torpord.core.manager import ManagerSettings, ModelManager
+from torpord.core.model import ModelSnapshot
+from torpord.core.types import ModelState, Outcome, Tier
+from torpord.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from torpord.storage.layers import LayerPlan
+
+MiB = 2**20
+
+
+def expected_slab(plan: LayerPlan, files: list[str]) -> bytes:
+    """A layer's slab as it must be: each tensor's bytes read straight from
+    its file at its aligned offset, zeros elsewhere."""
+    out = bytearray(plan.size)
+    for packed in plan.tensors:
+        t = packed.tensor
+        with open(files[t.file_index], "rb") as f:
+            f.seek(t.file_offset)
+            out[packed.slab_offset : packed.slab_offset + t.nbytes] = f.read(t.nbytes)
+    return bytes(out)
+
+
+class Harness:
+    def __init__(self, tmp: Path, *, device_capacity: int = 64 * MiB, host_capacity: int = 64 * MiB):
+        self.backend = HostBackend(devices=2, device_capacity=device_capacity, host_capacity=host_capacity)
+        self.manager = ModelManager(self.backend, ManagerSettings(allowed_roots=(tmp.resolve(),)))
+
+    def check_bytes(self, model_id: str) -> None:
+        """Every slab the model holds has exactly the checkpoint's bytes, and
+        sits in the tier its layer reports."""
+        model = self.manager._models[model_id]
+        files = [f.path for f in model.checkpoint.files]
+        for layer in model.layers:
+            if layer.slab is None:
+                assert layer.tier is Tier.SOURCE
+                continue
+            assert layer.slab.tier is layer.tier
+            with self.backend.view(layer.slab) as view:
+                assert bytes(view) == expected_slab(layer.plan, files), layer.plan.name
+
+    def device_used(self) -> int:
+        return sum(d.pool.used for d in self.backend.devices())
+
+    async def close(self) -> None:
+        await self.manager.close(1.0)
+        self.backend.close()
+
+
+@pytest.fixture
+async def h(tmp_path: Path):  # type: ignore[no-untyped-def]
+    harness = Harness(tmp_path)
+    yield harness
+    await harness.close()
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    return make_checkpoint(tmp_path / "m", layers=6, hidden=64, shards=2)
+
+
+def tiers(m: ModelSnapshot) -> list[Tier]:
+    return [layer.tier for layer in m.layers]
+
+
+async def test_full_lifecycle_moves_real_bytes(h: Harness, ckpt: Path) -> None:
+    m = await h.manager.load("m", str(ckpt))
+    assert m.state is ModelState.ACTIVE
+    assert [layer.plan.name for layer in m.layers] == ["pre", *(f"layers.{i}" for i in range(6)), "post"]
+    assert set(tiers(m)) == {Tier.DEVICE}
+    assert h.device_used() == m.total_bytes
+    h.check_bytes("m")
+
+    m = await h.manager.sleep("m", 1)
+    assert (m.state, m.sleep_level) == (ModelState.ASLEEP, 1)
+    assert set(tiers(m)) == {Tier.HOST} and h.device_used() == 0
+    assert h.backend.host_pool().used == m.total_bytes
+    h.check_bytes("m")
+
+    m = await h.manager.wake("m")
+    assert m.state is ModelState.ACTIVE and h.backend.host_pool().used == 0
+    h.check_bytes("m")
+
+    m = await h.manager.sleep("m", 2)
+    assert (m.state, m.sleep_level) == (ModelState.ASLEEP, 2)
+    assert set(tiers(m)) == {Tier.SOURCE}
+    assert h.device_used() == 0 and h.backend.host_pool().used == 0
+
+    m = await h.manager.wake("m")
+    assert m.state is ModelState.ACTIVE
+    h.check_bytes("m")
+
+    m = await h.manager.offload("m", ["layers.1", "layers.4"], Tier.HOST)
+    assert m.state is ModelState.OFFLOADED
+    assert [layer.plan.name for layer in m.layers if layer.tier is Tier.HOST] == ["layers.1", "layers.4"]
+    h.check_bytes("m")
+
+    m = await h.manager.offload("m", [], Tier.DEVICE)
+    assert m.state is ModelState.ACTIVE and set(tiers(m)) == {Tier.DEVICE}
+    h.check_bytes("m")
+
+    m = await h.manager.unload("m")
+    assert h.manager.list() == []
+    assert h.device_used() == 0 and h.backend.host_pool().used == 0
+
+
+async def test_repeated_calls_are_no_ops(h: Harness, ckpt: Path) -> None:
+    await h.manager.load("m", str(ckpt))
+    again = await h.manager.load("m", str(ckpt))
+    assert again.last_transition is not None and again.last_transition.outcome is Outcome.SUCCEEDED
+    woken = await h.manager.wake("m")
+    assert woken.state is ModelState.ACTIVE
+    await h.manager.sleep("m", 1)
+    m = await h.manager.sleep("m", 1)
+    assert (m.state, m.sleep_level) == (ModelState.ASLEEP, 1)
+    m = await h.manager.sleep("m", 2)  # deepens: frees the HOST slabs
+    assert m.sleep_level == 2 and h.backend.host_pool().used == 0
+    with pytest.raises(FailedPrecondition) as err:
+        await h.manager.sleep("m", 1)
+    assert err.value.reason == "INVALID_STATE"
+    m = await h.manager.sleep("m", 2)
+    assert m.sleep_level == 2
+
+
+async def test_load_to_host_is_a_warm_preload(h: Harness, ckpt: Path) -> None:
+    m = await h.manager.load("m", str(ckpt), target=Tier.HOST)
+    assert (m.state, m.sleep_level) == (ModelState.ASLEEP, 1)
+    assert set(tiers(m)) == {Tier.HOST} and h.device_used() == 0
+    m = await h.manager.wake("m")
+    assert m.state is ModelState.ACTIVE
+    h.check_bytes("m")
+
+
+async def test_wake_of_offloaded_model_brings_every_layer_back(h: Harness, ckpt: Path) -> None:
+    await h.manager.load("m", str(ckpt))
+    await h.manager.offload("m", ["pre"], Tier.HOST)
+    m = await h.manager.wake("m")
+    assert m.state is ModelState.ACTIVE and set(tiers(m)) == {Tier.DEVICE}
+
+
+async def test_level2_wake_refuses_a_changed_source(h: Harness, tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "one.safetensors", layers=2)
+    await h.manager.load("m", str(path))
+    await h.manager.sleep("m", 2)
+    st = os.stat(path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size; modify time put back: only the content differs
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(FailedPrecondition) as err:
+        await h.manager.wake("m")
+    assert err.value.reason == "SOURCE_CHANGED"
+    m = h.manager.get("m")
+    assert (m.state, m.sleep_level, m.state_reason) == (ModelState.ASLEEP, 2, "SOURCE_CHANGED")
+    assert m.last_transition is not None and m.last_transition.outcome is Outcome.ROLLED_BACK
+    assert h.device_used() == 0 and h.backend.host_pool().used == 0
+
+
+async def test_level2_wake_refuses_a_grown_source(h: Harness, tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "one.safetensors", layers=2)
+    await h.manager.load("m", str(path))
+    await h.manager.sleep("m", 2)
+    with open(path, "ab") as f:
+        f.write(b"\0" * 16)
+    with pytest.raises(FailedPrecondition, match="changed"):
+        await h.manager.wake("m")
+    assert h.device_used() == 0
+
+
+async def test_out_of_memory_changes_nothing(tmp_path: Path, ckpt: Path) -> None:
+    small = Harness(tmp_path, device_capacity=64 * 1024, host_capacity=64 * MiB)
+    try:
+        with pytest.raises(ResourceExhausted) as err:
+            await small.manager.load("m", str(ckpt))
+        assert {"asked", "free", "budget"} <= set(err.value.metadata)
+        assert small.manager.list() == [] and small.device_used() == 0
+    finally:
+        await small.close()
+    tight = Harness(tmp_path, host_capacity=4096)
+    try:
+        await tight.manager.load("m", str(ckpt))
+        with pytest.raises(ResourceExhausted):
+            await tight.manager.sleep("m", 1)
+        m = tight.manager.get("m")
+        assert m.state is ModelState.ACTIVE and set(tiers(m)) == {Tier.DEVICE}
+        assert tight.backend.host_pool().used == 0
+        tight.check_bytes("m")
+    finally:
+        await tight.close()
+
+
+async def test_failed_read_frees_everything_and_names_a_reason(h: Harness, tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "one.safetensors", layers=4)
+
+    real = h.manager.mover._read_layer
+    calls = 0
+
+    def flaky(model, layer, slab):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            os.truncate(path, 100)  # the file shrinks under the reader
+        return real(model, layer, slab)
+
+    h.manager.mover._read_layer = flaky  # type: ignore[method-assign]
+    with pytest.raises(FailedPrecondition) as err:
+        await h.manager.load("m", str(path))
+    assert err.value.reason == "SOURCE_CHANGED"
+    m = h.manager.get("m")
+    assert m.state is ModelState.FAILED and m.state_reason == "SOURCE_CHANGED"
+    assert set(tiers(m)) == {Tier.SOURCE}
+    assert h.device_used() == 0
+    with pytest.raises(FailedPrecondition):
+        await h.manager.wake("m")
+    await h.manager.unload("m")
+    assert h.manager.list() == []
+
+
+async def test_bad_requests(h: Harness, ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(NotFound):
+        h.manager.get("nope")
+    with pytest.raises(NotFound):
+        await h.manager.sleep("nope")
+    with pytest.raises(InvalidArgument) as err:
+        await h.manager.load("bad id!", str(ckpt))
+    assert err.value.reason == "INVALID_MODEL_ID"
+    with pytest.raises(InvalidArgument):
+        await h.manager.load("m", "relative/path")
+    with pytest.raises(PermissionDenied):
+        await h.manager.load("m", "/etc/hostname")
+    link = tmp_path / "escape"
+    link.symlink_to("/etc")
+    with pytest.raises(PermissionDenied):
+        await h.manager.load("m", str(link / "hostname"))
+    with pytest.raises(NotFound) as err:
+        await h.manager.load("m", str(tmp_path / "missing.safetensors"))
+    with pytest.raises(InvalidArgument) as err:
+        await h.manager.load("m", str(ckpt), device="devices/GPU-nope")
+    assert err.value.reason == "UNKNOWN_DEVICE"
+    await h.manager.load("m", str(ckpt))
+    other = make_checkpoint(tmp_path / "other.safetensors", layers=1)
+    with pytest.raises(AlreadyExists):
+        await h.manager.load("m", str(other))
+    with pytest.raises(InvalidArgument) as err:
+        await h.manager.offload("m", ["layers.99"], Tier.HOST)
+    assert "layers.99" in err.value.message
+    with pytest.raises(InvalidArgument):
+        await h.manager.sleep("m", 3)
+    assert h.manager.list()[0].state is ModelState.ACTIVE
+
+
+async def test_concurrent_mutations_are_refused_not_interleaved(h: Harness, ckpt: Path) -> None:
+    m = await h.manager.load("m", str(ckpt), wait=False)
+    assert m.state is ModelState.LOADING
+    with pytest.raises(Aborted) as err:
+        await h.manager.sleep("m", 1)
+    assert err.value.reason == "TRANSITION_IN_PROGRESS"
+    results = await asyncio.gather(
+        *(h.manager.unload("m") for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, Aborted) for r in results)
+    task = h.manager._models["m"].task
+    assert task is not None
+    await task
+    assert h.manager.get("m").state is ModelState.ACTIVE
+    h.check_bytes("m")
+
+
+async def test_request_id_replays_the_first_result(h: Harness, ckpt: Path) -> None:
+    first = await h.manager.load("m", str(ckpt), request_id="r1")
+    await h.manager.sleep("m", 1, request_id="s1")
+    await h.manager.wake("m")
+    # A retry of the sleep returns the first sleep's result; it does not sleep again.
+    replay = await h.manager.sleep("m", 1, request_id="s1")
+    assert replay.state is ModelState.ASLEEP
+    assert h.manager.get("m").state is ModelState.ACTIVE
+    again = await h.manager.load("m", str(ckpt), request_id="r1")
+    assert again.create_time == first.create_time
+    with pytest.raises(InvalidArgument) as err:
+        await h.manager.sleep("m", 2, request_id="s1")
+    assert err.value.reason == "REQUEST_ID_REUSED"
+
+
+async def test_watch_sees_every_state_and_progress(h: Harness, ckpt: Path) -> None:
+    sub = h.manager.bus.subscribe("m")
+    events: list[tuple[EventType, ModelState]] = []
+
+    async def collect() -> None:
+        async for event in sub:
+            events.append((event.type, event.model.state))
+
+    collector = asyncio.create_task(collect())
+    await h.manager.load("m", str(ckpt))
+    await h.manager.sleep("m", 1)
+    await h.manager.wake("m")
+    await h.manager.unload("m")
+    await asyncio.sleep(0)
+    sub.close()
+    await collector
+    kinds = [e for e in events if e[0] is not EventType.PROGRESS]
+    assert kinds[0] == (EventType.ADDED, ModelState.LOADING)
+    states = [s for t, s in kinds if t is EventType.CHANGED]
+    assert states == [
+        ModelState.LOADING, ModelState.ACTIVE, ModelState.SLEEPING, ModelState.ASLEEP,
+        ModelState.WAKING, ModelState.ACTIVE, ModelState.UNLOADING,
+    ]  # fmt: skip
+    assert kinds[-1][0] is EventType.REMOVED
+    assert any(t is EventType.PROGRESS for t, _ in events)
+
+
+async def test_close_frees_every_slab(tmp_path: Path, ckpt: Path) -> None:
+    harness = Harness(tmp_path)
+    await harness.manager.load("a", str(ckpt))
+    await harness.manager.load("b", str(ckpt), target=Tier.HOST)
+    await harness.manager.close(1.0)
+    assert harness.device_used() == 0 and harness.backend.host_pool().used == 0
+    harness.backend.close()

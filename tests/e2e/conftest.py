@@ -1,0 +1,124 @@
+"""Real torpord processes on Unix sockets in temporary directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+GRPCURL = str(BIN / "grpcurl")
+
+
+class Daemon:
+    """One torpord process, started with its own config, socket and notify socket."""
+
+    def __init__(self, root: Path, config: str = "", args: tuple[str, ...] = ()) -> None:
+        self.root = root
+        self.socket = root / "run" / "torpor.sock"
+        self.models = root / "models"
+        self.models.mkdir(parents=True, exist_ok=True)
+        self.log_path = root / "torpord.log"
+        self.config_path = root / "torpord.toml"
+        self.config_path.write_text(
+            "version = 1\n"
+            f'[server]\nsocket = "{self.socket}"\ngrace_period = "5s"\n'
+            f'[sources]\nallowed_roots = ["{self.models}"]\n'
+            '[backend]\nkind = "host"\n[backend.host]\ndevices = 2\ndevice_capacity = "256MiB"\n'
+            '[host_pool]\ncapacity = "256MiB"\n' + config
+        )
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify_path = root / "notify.sock"
+        self.notify.bind(str(self.notify_path))
+        self.notify.settimeout(30)
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1"}
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "torpord", "--config", str(self.config_path), *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self.notifications: list[str] = []
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while "READY=1" not in self.notifications:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"torpord exited {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"torpord not ready in 30 s:\n{self.log()}")
+            self.notifications += self.notify.recv(4096).decode().split("\n")
+
+    def read_notifications(self, timeout: float = 10) -> list[str]:
+        self.notify.settimeout(timeout)
+        got: list[str] = []
+        try:
+            while True:
+                got += self.notify.recv(4096).decode().split("\n")
+        except TimeoutError:
+            pass
+        self.notifications += got
+        return got
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def grpcurl(self, *args: str, data: dict[str, Any] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [GRPCURL, "-plaintext", "-unix"]
+        if data is not None:
+            cmd += ["-d", json.dumps(data)]
+        cmd += [str(self.socket), *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if check and out.returncode != 0:
+            raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stderr}\n{out.stdout}")
+        return out
+
+    def call(self, method: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A grpcurl call; its JSON answer."""
+        out = self.grpcurl(method, data=data or {})
+        result: dict[str, Any] = json.loads(out.stdout)
+        return result
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "torpor.cli", "--socket", str(self.socket), *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if check and out.returncode != 0:
+            raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stderr}\n{out.stdout}")
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+            self.notify.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+            self.notify.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path)
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.kill()

@@ -1,0 +1,147 @@
+"""A newcomer's path, for real: torpord + grpcurl, bytes checked in the daemon's memfds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torpor.testing import make_checkpoint
+
+from .conftest import Daemon
+
+
+def daemon_slabs(pid: int) -> dict[str, bytes]:
+    """Every slab the daemon holds, read through /proc/<pid>/fd: name → bytes.
+    The host backend names its memfds torpor:{model}:{layer}:{tier}; one memfd
+    may be open twice (Python's mmap keeps a dup), so slabs are told apart by inode."""
+    slabs: dict[str, bytes] = {}
+    inodes: dict[str, int] = {}
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("/memfd:torpor:"):
+            name = target.removeprefix("/memfd:").removesuffix(" (deleted)")
+            inode = os.stat(f"{fd_dir}/{fd}").st_ino
+            assert inodes.setdefault(name, inode) == inode, f"two slabs named {name}"
+            with open(f"{fd_dir}/{fd}", "rb") as f:
+                slabs[name] = f.read()
+    return slabs
+
+
+def expected_layers(model: dict[str, Any]) -> dict[str, bytes]:
+    """Each layer's slab as the checkpoint files say it must be."""
+    files = [f["path"] for f in model["source"]["files"]]
+    out = {}
+    for layer in model["layers"]:
+        slab = bytearray(int(layer["size_bytes"]))
+        for t in layer["tensors"]:
+            with open(files[t.get("file_index", 0)], "rb") as f:
+                f.seek(int(t["file_offset"]))
+                data = f.read(int(t.get("size_bytes", 0)))
+            start = int(t.get("slab_offset", 0))
+            slab[start : start + len(data)] = data
+        out[layer["name"]] = bytes(slab)
+    return out
+
+
+def check_residency(d: Daemon, model_id: str) -> dict[str, Any]:
+    """The daemon holds exactly the slabs GetModel reports, with the right bytes."""
+    model = d.call("torpor.v1.ModelService/GetModel", {"model_id": model_id, "view": "MODEL_VIEW_FULL"})["model"]
+    expected = expected_layers(model)
+    slabs = daemon_slabs(d.proc.pid)
+    want = {}
+    for layer in model["layers"]:
+        tier = layer["tier"].removeprefix("TIER_").lower()
+        if tier != "source":
+            want[f"torpor:{model_id}:{layer['name']}:{tier}"] = expected[layer["name"]]
+    assert sorted(slabs) == sorted(want)
+    for name, data in want.items():
+        assert slabs[name][: len(data)] == data, name
+    return model
+
+
+def test_grpcurl_lists_and_describes_without_protos(daemon: Daemon) -> None:
+    services = daemon.grpcurl("list").stdout.split()
+    for name in ("torpor.v1.ModelService", "torpor.v1.NodeService", "torpor.v1.AgentService",
+                 "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"):  # fmt: skip
+        assert name in services
+    described = daemon.grpcurl("describe", "torpor.v1.ModelService").stdout
+    assert "rpc WakeModel ( .torpor.v1.WakeModelRequest )" in described
+    assert "MODEL_STATE_ASLEEP" in daemon.grpcurl("describe", "torpor.v1.ModelState").stdout
+    for service in ("", "torpor.v1.ModelService", "torpor.v1.NodeService"):
+        status = daemon.call("grpc.health.v1.Health/Check", {"service": service})
+        assert status == {"status": "SERVING"}
+
+
+def test_get_node(daemon: Daemon) -> None:
+    node = daemon.call("torpor.v1.NodeService/GetNode")["node"]
+    assert node["backend"] == "BACKEND_HOST"
+    assert len(node["devices"]) == 2
+    assert node["devices"][0]["uuid"].startswith("HOST-")
+    assert node["devices"][0]["capacity_bytes"] == str(256 * 2**20)
+    assert node["host_pool"]["capacity_bytes"] == str(256 * 2**20)
+    assert node["allowed_roots"] == [str(daemon.models)]
+    assert node["version"]
+
+
+def test_whole_lifecycle_over_grpcurl_with_bytes_checked(daemon: Daemon) -> None:
+    ckpt = make_checkpoint(daemon.models / "llama", layers=6, hidden=128, shards=3)
+    call = daemon.call
+    m = call("torpor.v1.ModelService/LoadModel", {"model_id": "llama", "source": str(ckpt), "wait": True})["model"]
+    assert m["state"] == "MODEL_STATE_ACTIVE"
+    assert m["last_transition"]["outcome"] == "OUTCOME_SUCCEEDED"
+    m = check_residency(daemon, "llama")
+    assert {layer["tier"] for layer in m["layers"]} == {"TIER_DEVICE"}
+    total = int(m["bytes"]["total_bytes"])
+    node = call("torpor.v1.NodeService/GetNode")["node"]
+    assert sum(int(dev.get("used_bytes", 0)) for dev in node["devices"]) == total
+
+    m = call("torpor.v1.ModelService/SleepModel", {"model_id": "llama", "level": 1, "wait": True})["model"]
+    assert (m["state"], m["sleep_level"]) == ("MODEL_STATE_ASLEEP", 1)
+    m = check_residency(daemon, "llama")
+    assert {layer["tier"] for layer in m["layers"]} == {"TIER_HOST"}
+    node = call("torpor.v1.NodeService/GetNode")["node"]
+    assert node["host_pool"]["used_bytes"] == str(total)
+    assert all("used_bytes" not in dev for dev in node["devices"])
+
+    m = call("torpor.v1.ModelService/WakeModel", {"model_id": "llama", "wait": True})["model"]
+    assert m["state"] == "MODEL_STATE_ACTIVE"
+    check_residency(daemon, "llama")
+
+    m = call("torpor.v1.ModelService/SleepModel", {"model_id": "llama", "level": 2, "wait": True})["model"]
+    assert (m["state"], m["sleep_level"]) == ("MODEL_STATE_ASLEEP", 2)
+    assert daemon_slabs(daemon.proc.pid) == {}
+
+    call("torpor.v1.ModelService/WakeModel", {"model_id": "llama", "wait": True})
+    check_residency(daemon, "llama")
+
+    m = call("torpor.v1.ModelService/OffloadModel",
+             {"model_id": "llama", "layers": ["pre", "layers.2", "post"], "tier": "TIER_HOST", "wait": True})["model"]  # fmt: skip
+    assert m["state"] == "MODEL_STATE_OFFLOADED"
+    m = check_residency(daemon, "llama")
+    assert [layer["name"] for layer in m["layers"] if layer["tier"] == "TIER_HOST"] == ["pre", "layers.2", "post"]
+
+    m = call("torpor.v1.ModelService/OffloadModel", {"model_id": "llama", "tier": "TIER_DEVICE", "wait": True})["model"]
+    assert m["state"] == "MODEL_STATE_ACTIVE"
+    check_residency(daemon, "llama")
+
+    call("torpor.v1.ModelService/UnloadModel", {"model_id": "llama", "wait": True})
+    assert call("torpor.v1.ModelService/ListModels") == {}
+    assert daemon_slabs(daemon.proc.pid) == {}
+    node = call("torpor.v1.NodeService/GetNode")["node"]
+    assert "used_bytes" not in node["host_pool"]
+
+
+def test_load_without_wait_then_poll(daemon: Daemon, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(daemon.models / "m.safetensors", layers=2)
+    m = daemon.call("torpor.v1.ModelService/LoadModel", {"model_id": "m", "source": str(ckpt)})["model"]
+    assert m["state"] in ("MODEL_STATE_LOADING", "MODEL_STATE_ACTIVE")
+    for _ in range(100):
+        m = daemon.call("torpor.v1.ModelService/GetModel", {"model_id": "m"})["model"]
+        if m["state"] == "MODEL_STATE_ACTIVE":
+            break
+    assert m["state"] == "MODEL_STATE_ACTIVE"
