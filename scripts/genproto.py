@@ -34,7 +34,9 @@ def _plugin(name: str) -> str:
 
 def generate(out: pathlib.Path) -> list[pathlib.Path]:
     """Generate into out/torpor/v1 and return the files written."""
-    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "torpor" / "v1").glob("*.proto"))
+    protos = sorted(
+        str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "torpor" / "v1").glob("*.proto")
+    )
     well_known = str(importlib.resources.files("grpc_tools") / "_proto")
     with tempfile.TemporaryDirectory() as tmp:
         args = [
@@ -62,12 +64,16 @@ def generate(out: pathlib.Path) -> list[pathlib.Path]:
             written.append(dst)
         init = target / "__init__.py"
         if not init.exists():
-            init.write_text('"""Generated gRPC and protobuf code for torpor.v1 (scripts/genproto.py)."""\n')
+            init.write_text(
+                '"""Generated gRPC and protobuf code for torpor.v1 (scripts/genproto.py)."""\n'
+            )
         return written
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     for path in generate(args.out):

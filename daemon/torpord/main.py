@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import signal
 import sys
@@ -48,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         help="a directory model sources may come from; repeatable (replaces sources.allowed_roots)",
     )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    p.add_argument("--print-default-config", action="store_true", help="print the default config and exit")
+    p.add_argument(
+        "--print-default-config", action="store_true", help="print the default config and exit"
+    )
     p.add_argument("--check-config", action="store_true", help="validate the config and exit")
     p.add_argument("--version", action="version", version=f"torpord {__version__}")
     return p
@@ -166,14 +167,18 @@ def dump_stacks() -> None:
     """Log the stack of every asyncio task and every thread (SIGUSR1)."""
     tasks = []
     for task in asyncio.all_tasks():
-        out = io.StringIO()
-        task.print_stack(file=out)
-        tasks.append(out.getvalue())
-    frames = sys._current_frames()
+        # Not Task.print_stack: it fails on frames without a line number
+        # (grpc's Cython coroutines have those).
+        frames = [
+            f"  {f.f_code.co_filename}:{f.f_lineno or '?'} in {f.f_code.co_name}"
+            for f in task.get_stack()
+        ]
+        tasks.append("\n".join([f"{task.get_name()}: {task.get_coro()!r}", *frames]))
+    current = sys._current_frames()
     threads = {
-        f"{t.name} ({t.ident})": "".join(traceback.format_stack(frames[t.ident]))
+        f"{t.name} ({t.ident})": "".join(traceback.format_stack(current[t.ident]))
         for t in threading.enumerate()
-        if t.ident in frames
+        if t.ident is not None and t.ident in current
     }
     log.info("stacks", task_count=len(tasks), tasks=tasks, threads=threads)
 

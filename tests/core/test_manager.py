@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from torpor.testing import make_checkpoint
 from torpord.backends.host import HostBackend
 from torpord.core.events import EventType
@@ -41,8 +40,12 @@ def expected_slab(plan: LayerPlan, files: list[str]) -> bytes:
 
 
 class Harness:
-    def __init__(self, tmp: Path, *, device_capacity: int = 64 * MiB, host_capacity: int = 64 * MiB):
-        self.backend = HostBackend(devices=2, device_capacity=device_capacity, host_capacity=host_capacity)
+    def __init__(
+        self, tmp: Path, *, device_capacity: int = 64 * MiB, host_capacity: int = 64 * MiB
+    ):
+        self.backend = HostBackend(
+            devices=2, device_capacity=device_capacity, host_capacity=host_capacity
+        )
         self.manager = ModelManager(self.backend, ManagerSettings(allowed_roots=(tmp.resolve(),)))
 
     def check_bytes(self, model_id: str) -> None:
@@ -85,7 +88,11 @@ def tiers(m: ModelSnapshot) -> list[Tier]:
 async def test_full_lifecycle_moves_real_bytes(h: Harness, ckpt: Path) -> None:
     m = await h.manager.load("m", str(ckpt))
     assert m.state is ModelState.ACTIVE
-    assert [layer.plan.name for layer in m.layers] == ["pre", *(f"layers.{i}" for i in range(6)), "post"]
+    assert [layer.plan.name for layer in m.layers] == [
+        "pre",
+        *(f"layers.{i}" for i in range(6)),
+        "post",
+    ]
     assert set(tiers(m)) == {Tier.DEVICE}
     assert h.device_used() == m.total_bytes
     h.check_bytes("m")
@@ -111,7 +118,10 @@ async def test_full_lifecycle_moves_real_bytes(h: Harness, ckpt: Path) -> None:
 
     m = await h.manager.offload("m", ["layers.1", "layers.4"], Tier.HOST)
     assert m.state is ModelState.OFFLOADED
-    assert [layer.plan.name for layer in m.layers if layer.tier is Tier.HOST] == ["layers.1", "layers.4"]
+    assert [layer.plan.name for layer in m.layers if layer.tier is Tier.HOST] == [
+        "layers.1",
+        "layers.4",
+    ]
     h.check_bytes("m")
 
     m = await h.manager.offload("m", [], Tier.DEVICE)
@@ -119,7 +129,7 @@ async def test_full_lifecycle_moves_real_bytes(h: Harness, ckpt: Path) -> None:
     h.check_bytes("m")
 
     m = await h.manager.unload("m")
-    assert h.manager.list() == []
+    assert h.manager.list_models() == []
     assert h.device_used() == 0 and h.backend.host_pool().used == 0
 
 
@@ -192,7 +202,7 @@ async def test_out_of_memory_changes_nothing(tmp_path: Path, ckpt: Path) -> None
         with pytest.raises(ResourceExhausted) as err:
             await small.manager.load("m", str(ckpt))
         assert {"asked", "free", "budget"} <= set(err.value.metadata)
-        assert small.manager.list() == [] and small.device_used() == 0
+        assert small.manager.list_models() == [] and small.device_used() == 0
     finally:
         await small.close()
     tight = Harness(tmp_path, host_capacity=4096)
@@ -232,7 +242,7 @@ async def test_failed_read_frees_everything_and_names_a_reason(h: Harness, tmp_p
     with pytest.raises(FailedPrecondition):
         await h.manager.wake("m")
     await h.manager.unload("m")
-    assert h.manager.list() == []
+    assert h.manager.list_models() == []
 
 
 async def test_bad_requests(h: Harness, ckpt: Path, tmp_path: Path) -> None:
@@ -265,7 +275,7 @@ async def test_bad_requests(h: Harness, ckpt: Path, tmp_path: Path) -> None:
     assert "layers.99" in err.value.message
     with pytest.raises(InvalidArgument):
         await h.manager.sleep("m", 3)
-    assert h.manager.list()[0].state is ModelState.ACTIVE
+    assert h.manager.list_models()[0].state is ModelState.ACTIVE
 
 
 async def test_concurrent_mutations_are_refused_not_interleaved(h: Harness, ckpt: Path) -> None:
@@ -320,9 +330,14 @@ async def test_watch_sees_every_state_and_progress(h: Harness, ckpt: Path) -> No
     assert kinds[0] == (EventType.ADDED, ModelState.LOADING)
     states = [s for t, s in kinds if t is EventType.CHANGED]
     assert states == [
-        ModelState.LOADING, ModelState.ACTIVE, ModelState.SLEEPING, ModelState.ASLEEP,
-        ModelState.WAKING, ModelState.ACTIVE, ModelState.UNLOADING,
-    ]  # fmt: skip
+        ModelState.LOADING,
+        ModelState.ACTIVE,
+        ModelState.SLEEPING,
+        ModelState.ASLEEP,
+        ModelState.WAKING,
+        ModelState.ACTIVE,
+        ModelState.UNLOADING,
+    ]
     assert kinds[-1][0] is EventType.REMOVED
     assert any(t is EventType.PROGRESS for t, _ in events)
 

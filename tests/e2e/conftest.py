@@ -38,6 +38,7 @@ class Daemon:
         )
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify_path = root / "notify.sock"
+        self.notify_path.unlink(missing_ok=True)
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(30)
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1"}
@@ -73,7 +74,9 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def grpcurl(self, *args: str, data: dict[str, Any] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def grpcurl(
+        self, *args: str, data: dict[str, Any] | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [GRPCURL, "-plaintext", "-unix"]
         if data is not None:
             cmd += ["-d", json.dumps(data)]
@@ -102,6 +105,7 @@ class Daemon:
         try:
             return self.proc.wait(timeout)
         finally:
+            self.read_notifications(timeout=0.2)
             self._log.close()
             self.notify.close()
 

@@ -50,7 +50,9 @@ def expected_layers(model: dict[str, Any]) -> dict[str, bytes]:
 
 def check_residency(d: Daemon, model_id: str) -> dict[str, Any]:
     """The daemon holds exactly the slabs GetModel reports, with the right bytes."""
-    model = d.call("torpor.v1.ModelService/GetModel", {"model_id": model_id, "view": "MODEL_VIEW_FULL"})["model"]
+    model = d.call(
+        "torpor.v1.ModelService/GetModel", {"model_id": model_id, "view": "MODEL_VIEW_FULL"}
+    )["model"]
     expected = expected_layers(model)
     slabs = daemon_slabs(d.proc.pid)
     want = {}
@@ -66,8 +68,13 @@ def check_residency(d: Daemon, model_id: str) -> dict[str, Any]:
 
 def test_grpcurl_lists_and_describes_without_protos(daemon: Daemon) -> None:
     services = daemon.grpcurl("list").stdout.split()
-    for name in ("torpor.v1.ModelService", "torpor.v1.NodeService", "torpor.v1.AgentService",
-                 "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"):  # fmt: skip
+    for name in (
+        "torpor.v1.ModelService",
+        "torpor.v1.NodeService",
+        "torpor.v1.AgentService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ):
         assert name in services
     described = daemon.grpcurl("describe", "torpor.v1.ModelService").stdout
     assert "rpc WakeModel ( .torpor.v1.WakeModelRequest )" in described
@@ -91,7 +98,9 @@ def test_get_node(daemon: Daemon) -> None:
 def test_whole_lifecycle_over_grpcurl_with_bytes_checked(daemon: Daemon) -> None:
     ckpt = make_checkpoint(daemon.models / "llama", layers=6, hidden=128, shards=3)
     call = daemon.call
-    m = call("torpor.v1.ModelService/LoadModel", {"model_id": "llama", "source": str(ckpt), "wait": True})["model"]
+    m = call(
+        "torpor.v1.ModelService/LoadModel", {"model_id": "llama", "source": str(ckpt), "wait": True}
+    )["model"]
     assert m["state"] == "MODEL_STATE_ACTIVE"
     assert m["last_transition"]["outcome"] == "OUTCOME_SUCCEEDED"
     m = check_residency(daemon, "llama")
@@ -100,7 +109,9 @@ def test_whole_lifecycle_over_grpcurl_with_bytes_checked(daemon: Daemon) -> None
     node = call("torpor.v1.NodeService/GetNode")["node"]
     assert sum(int(dev.get("used_bytes", 0)) for dev in node["devices"]) == total
 
-    m = call("torpor.v1.ModelService/SleepModel", {"model_id": "llama", "level": 1, "wait": True})["model"]
+    m = call("torpor.v1.ModelService/SleepModel", {"model_id": "llama", "level": 1, "wait": True})[
+        "model"
+    ]
     assert (m["state"], m["sleep_level"]) == ("MODEL_STATE_ASLEEP", 1)
     m = check_residency(daemon, "llama")
     assert {layer["tier"] for layer in m["layers"]} == {"TIER_HOST"}
@@ -112,20 +123,36 @@ def test_whole_lifecycle_over_grpcurl_with_bytes_checked(daemon: Daemon) -> None
     assert m["state"] == "MODEL_STATE_ACTIVE"
     check_residency(daemon, "llama")
 
-    m = call("torpor.v1.ModelService/SleepModel", {"model_id": "llama", "level": 2, "wait": True})["model"]
+    m = call("torpor.v1.ModelService/SleepModel", {"model_id": "llama", "level": 2, "wait": True})[
+        "model"
+    ]
     assert (m["state"], m["sleep_level"]) == ("MODEL_STATE_ASLEEP", 2)
     assert daemon_slabs(daemon.proc.pid) == {}
 
     call("torpor.v1.ModelService/WakeModel", {"model_id": "llama", "wait": True})
     check_residency(daemon, "llama")
 
-    m = call("torpor.v1.ModelService/OffloadModel",
-             {"model_id": "llama", "layers": ["pre", "layers.2", "post"], "tier": "TIER_HOST", "wait": True})["model"]  # fmt: skip
+    m = call(
+        "torpor.v1.ModelService/OffloadModel",
+        {
+            "model_id": "llama",
+            "layers": ["pre", "layers.2", "post"],
+            "tier": "TIER_HOST",
+            "wait": True,
+        },
+    )["model"]
     assert m["state"] == "MODEL_STATE_OFFLOADED"
     m = check_residency(daemon, "llama")
-    assert [layer["name"] for layer in m["layers"] if layer["tier"] == "TIER_HOST"] == ["pre", "layers.2", "post"]
+    assert [layer["name"] for layer in m["layers"] if layer["tier"] == "TIER_HOST"] == [
+        "pre",
+        "layers.2",
+        "post",
+    ]
 
-    m = call("torpor.v1.ModelService/OffloadModel", {"model_id": "llama", "tier": "TIER_DEVICE", "wait": True})["model"]
+    m = call(
+        "torpor.v1.ModelService/OffloadModel",
+        {"model_id": "llama", "tier": "TIER_DEVICE", "wait": True},
+    )["model"]
     assert m["state"] == "MODEL_STATE_ACTIVE"
     check_residency(daemon, "llama")
 
@@ -138,7 +165,9 @@ def test_whole_lifecycle_over_grpcurl_with_bytes_checked(daemon: Daemon) -> None
 
 def test_load_without_wait_then_poll(daemon: Daemon, tmp_path: Path) -> None:
     ckpt = make_checkpoint(daemon.models / "m.safetensors", layers=2)
-    m = daemon.call("torpor.v1.ModelService/LoadModel", {"model_id": "m", "source": str(ckpt)})["model"]
+    m = daemon.call("torpor.v1.ModelService/LoadModel", {"model_id": "m", "source": str(ckpt)})[
+        "model"
+    ]
     assert m["state"] in ("MODEL_STATE_LOADING", "MODEL_STATE_ACTIVE")
     for _ in range(100):
         m = daemon.call("torpor.v1.ModelService/GetModel", {"model_id": "m"})["model"]

@@ -81,7 +81,12 @@ class Budget:
                 raise ResourceExhausted(
                     f"{self.name}: asked for {asked} bytes, {free} of {self.capacity} free",
                     reason="OUT_OF_MEMORY",
-                    metadata={"pool": self.name, "asked": asked, "free": free, "budget": self.capacity},
+                    metadata={
+                        "pool": self.name,
+                        "asked": asked,
+                        "free": free,
+                        "budget": self.capacity,
+                    },
                 )
             self.used += asked
             self.slab_count += len(sizes)

@@ -25,8 +25,8 @@ def build_backend(config: Config) -> tuple[Backend, str]:
     if kind == "cuda" or (kind == "auto" and gpu_visible()):
         if kind == "cuda":
             raise BackendUnavailable(
-                "backend.kind = \"cuda\": the CUDA backend is not part of this release yet;"
-                " use backend.kind = \"host\" (or \"auto\")"
+                'backend.kind = "cuda": the CUDA backend is not part of this release yet;'
+                ' use backend.kind = "host" (or "auto")'
             )
         why = "a GPU is visible but the CUDA backend is not in this release: using host"
     else:

@@ -82,7 +82,7 @@ class ModelManager:
     def get(self, model_id: str) -> ModelSnapshot:
         return self._model(model_id).snapshot()
 
-    def list(self) -> list[ModelSnapshot]:
+    def list_models(self) -> list[ModelSnapshot]:
         return [self._models[k].snapshot() for k in sorted(self._models)]
 
     def _model(self, model_id: str) -> Model:
@@ -160,9 +160,17 @@ class ModelManager:
             model.set_state(ModelState.FAILED, err.reason, err.message)
 
         return await self._start(
-            model, TransitionKind.LOAD, ModelState.LOADING, model.layers, body, restore,
-            request_id=request_id, fingerprint=fingerprint, wait=wait, new=new,
-        )  # fmt: skip
+            model,
+            TransitionKind.LOAD,
+            ModelState.LOADING,
+            model.layers,
+            body,
+            restore,
+            request_id=request_id,
+            fingerprint=fingerprint,
+            wait=wait,
+            new=new,
+        )
 
     async def sleep(
         self, model_id: str, level: int = 1, *, wait: bool = True, request_id: str = ""
@@ -213,11 +221,22 @@ class ModelManager:
             model.set_state(previous[0], err.reason, err.message)
 
         return await self._start(
-            model, TransitionKind.SLEEP, ModelState.SLEEPING, held, body, restore,
-            request_id=request_id, fingerprint=fingerprint, wait=wait, sleep_level=level, new=new,
-        )  # fmt: skip
+            model,
+            TransitionKind.SLEEP,
+            ModelState.SLEEPING,
+            held,
+            body,
+            restore,
+            request_id=request_id,
+            fingerprint=fingerprint,
+            wait=wait,
+            sleep_level=level,
+            new=new,
+        )
 
-    async def wake(self, model_id: str, *, wait: bool = True, request_id: str = "") -> ModelSnapshot:
+    async def wake(
+        self, model_id: str, *, wait: bool = True, request_id: str = ""
+    ) -> ModelSnapshot:
         model = self._model(model_id)
         fingerprint = ("wake", model_id)
         if (task := self.requests.lookup(request_id, fingerprint)) is not None:
@@ -228,9 +247,14 @@ class ModelManager:
         if model.state not in (ModelState.ASLEEP, ModelState.OFFLOADED):
             raise _wrong_state(model, "wake")
         return await self._bring_to_device(
-            model, [layer for layer in model.layers if layer.tier is not Tier.DEVICE],
-            TransitionKind.WAKE, ModelState.WAKING, request_id, fingerprint, wait,
-        )  # fmt: skip
+            model,
+            [layer for layer in model.layers if layer.tier is not Tier.DEVICE],
+            TransitionKind.WAKE,
+            ModelState.WAKING,
+            request_id,
+            fingerprint,
+            wait,
+        )
 
     async def offload(
         self,
@@ -276,9 +300,14 @@ class ModelManager:
             return model.snapshot()
         if tier is Tier.DEVICE:
             return await self._bring_to_device(
-                model, moving, TransitionKind.OFFLOAD, ModelState.OFFLOADING,
-                request_id, fingerprint, wait,
-            )  # fmt: skip
+                model,
+                moving,
+                TransitionKind.OFFLOAD,
+                ModelState.OFFLOADING,
+                request_id,
+                fingerprint,
+                wait,
+            )
         previous = model.state
         new = self.mover.allocate(model, moving, tier)
 
@@ -291,9 +320,17 @@ class ModelManager:
             model.set_state(previous, err.reason, err.message)
 
         return await self._start(
-            model, TransitionKind.OFFLOAD, ModelState.OFFLOADING, moving, body, restore,
-            request_id=request_id, fingerprint=fingerprint, wait=wait, new=new,
-        )  # fmt: skip
+            model,
+            TransitionKind.OFFLOAD,
+            ModelState.OFFLOADING,
+            moving,
+            body,
+            restore,
+            request_id=request_id,
+            fingerprint=fingerprint,
+            wait=wait,
+            new=new,
+        )
 
     async def _bring_to_device(
         self,
@@ -327,9 +364,17 @@ class ModelManager:
             model.set_state(previous[0], err.reason, err.message)
 
         return await self._start(
-            model, kind, state, moving, body, restore,
-            request_id=request_id, fingerprint=fingerprint, wait=wait, new=new,
-        )  # fmt: skip
+            model,
+            kind,
+            state,
+            moving,
+            body,
+            restore,
+            request_id=request_id,
+            fingerprint=fingerprint,
+            wait=wait,
+            new=new,
+        )
 
     async def unload(
         self, model_id: str, *, wait: bool = True, request_id: str = ""
@@ -351,9 +396,17 @@ class ModelManager:
 
         held = [layer for layer in model.layers if layer.slab is not None]
         return await self._start(
-            model, TransitionKind.UNLOAD, ModelState.UNLOADING, held, body, restore,
-            request_id=request_id, fingerprint=fingerprint, wait=wait, removes=True,
-        )  # fmt: skip
+            model,
+            TransitionKind.UNLOAD,
+            ModelState.UNLOADING,
+            held,
+            body,
+            restore,
+            request_id=request_id,
+            fingerprint=fingerprint,
+            wait=wait,
+            removes=True,
+        )
 
     # -- running transitions ---------------------------------------------------
 
@@ -418,18 +471,29 @@ class ModelManager:
                     self.backend.free(slab)
             restore(err)
             outcome = Outcome.FAILED if model.state is ModelState.FAILED else Outcome.ROLLED_BACK
-            self._finish(model, TransitionRecord(
-                kind, outcome, started, time.monotonic() - clock, model.progress.bytes_done,
-                request_id, err.reason, err.message,
-            ))  # fmt: skip
+            self._finish(
+                model,
+                TransitionRecord(
+                    kind,
+                    outcome,
+                    started,
+                    time.monotonic() - clock,
+                    model.progress.bytes_done,
+                    request_id,
+                    err.reason,
+                    err.message,
+                ),
+            )
             raise err from exc if err is not exc else None
         record = TransitionRecord(
             kind, Outcome.SUCCEEDED, started, time.monotonic() - clock, moved, request_id
         )
         bound.info(
-            "transition done", seconds=round(record.duration, 4), bytes=moved,
+            "transition done",
+            seconds=round(record.duration, 4),
+            bytes=moved,
             gb_per_s=round(record.bytes_per_second / 1e9, 3),
-        )  # fmt: skip
+        )
         if removes:
             model.progress = None
             model.last_transition = record
@@ -486,7 +550,9 @@ class ModelManager:
     async def close(self, grace: float) -> None:
         """Let running transitions finish within `grace` seconds, cancel (and so
         roll back) the rest, then free every slab."""
-        running = [m.task for m in self._models.values() if m.task is not None and not m.task.done()]
+        running = [
+            m.task for m in self._models.values() if m.task is not None and not m.task.done()
+        ]
         if running:
             log.info("waiting for transitions", count=len(running), grace=grace)
             _, pending = await asyncio.wait(running, timeout=grace)

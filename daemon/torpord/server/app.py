@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import errno
-import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from torpor.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+)
 
-from torpor.v1 import agent_pb2, agent_pb2_grpc, models_pb2, models_pb2_grpc, node_pb2, node_pb2_grpc
 from torpord.core.manager import ModelManager
 from torpord.server.services import AgentService, ModelService, NodeService
 
-__all__ = ["DaemonAlreadyRunning", "build_server", "prepare_socket"]
+__all__ = ["DaemonAlreadyRunning", "build_server", "prepare_socket", "set_serving"]
+
+# grpc-stubs does not describe grpc_health's asyncio servicer.
+HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
 
 SERVICE_NAMES = (
     models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
@@ -56,33 +66,31 @@ def build_server(
     tcp: str | None,
     disk_path: str = "",
     disk_capacity: int = 0,
-) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+) -> tuple[grpc.aio.Server, Any]:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
     node_pb2_grpc.add_NodeServiceServicer_to_server(
         NodeService(manager, disk_path=disk_path, disk_capacity=disk_capacity), server
     )
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     prepare_socket(socket_path)
     server.add_insecure_port(f"unix:{socket_path}")
-    if tcp:
-        if server.add_insecure_port(tcp) == 0:
-            raise OSError(f"could not listen on {tcp}")
+    if tcp and server.add_insecure_port(tcp) == 0:
+        raise OSError(f"could not listen on {tcp}")
     return server, health_servicer
 
 
-async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+async def set_serving(health_servicer: Any, serving: bool) -> None:
     status = (
-        health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
     )
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, status)
 
-
-def chmod_socket(path: Path, mode: int) -> None:
-    os.chmod(path, mode)

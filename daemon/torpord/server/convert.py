@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
-
 from torpor.v1 import common_pb2, models_pb2, node_pb2
+
 from torpord.backends.base import Backend
 from torpord.core.model import ModelSnapshot, ProgressSnapshot, TransitionRecord
 from torpord.core.types import ModelState, Outcome, Stage, Tier, TransitionKind
@@ -27,8 +28,8 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return d
 
 
-def _enum(enum_type: object, prefix: str, value: str) -> int:
-    return int(enum_type.Value(f"{prefix}_{value}"))  # type: ignore[attr-defined]
+def _enum(enum_type: Any, prefix: str, value: str) -> Any:
+    return enum_type.Value(f"{prefix}_{value}")
 
 
 def tier_to_proto(tier: Tier) -> common_pb2.Tier.ValueType:
@@ -191,5 +192,5 @@ for _enum_cls, _proto, _prefix in (
     (TransitionKind, common_pb2.TransitionKind, "TRANSITION_KIND"),
     (Tier, common_pb2.Tier, "TIER"),
 ):
-    for _member in _enum_cls:  # type: ignore[attr-defined]
+    for _member in _enum_cls:
         _proto.Value(f"{_prefix}_{_member.value}")

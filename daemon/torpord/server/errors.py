@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 import structlog
@@ -21,6 +21,7 @@ log = structlog.get_logger("torpord.server")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 G = TypeVar("G", bound=Callable[..., AsyncIterator[Any]])
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def status_for(err: TorporError) -> grpc.Status:
@@ -36,18 +37,24 @@ def _internal(method: str, exc: Exception) -> TorporError:
     return TorporError(f"internal error in {method}: {type(exc).__name__}", reason="INTERNAL")
 
 
+async def _abort(context: Context, err: TorporError) -> NoReturn:
+    # What aio's abort_with_status does, through the typed abort().
+    status = status_for(err)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
 def translate_errors(fn: F) -> F:
     """Wrap a unary servicer method: TorporError → its status; any other
     exception is a bug, logged with its traceback and answered INTERNAL."""
 
     @functools.wraps(fn)
-    async def wrapper(self: object, request: object, context: grpc.aio.ServicerContext) -> object:
+    async def wrapper(self: object, request: object, context: Context) -> object:
         try:
             return await fn(self, request, context)
         except TorporError as err:
-            await context.abort_with_status(status_for(err))
+            await _abort(context, err)
         except Exception as exc:
-            await context.abort_with_status(status_for(_internal(fn.__name__, exc)))
+            await _abort(context, _internal(fn.__name__, exc))
 
     return cast(F, wrapper)
 
@@ -57,14 +64,14 @@ def translate_stream_errors(fn: G) -> G:
 
     @functools.wraps(fn)
     async def wrapper(
-        self: object, request: object, context: grpc.aio.ServicerContext
+        self: object, request: object, context: Context
     ) -> AsyncIterator[object]:
         try:
             async for item in fn(self, request, context):
                 yield item
         except TorporError as err:
-            await context.abort_with_status(status_for(err))
+            await _abort(context, err)
         except Exception as exc:
-            await context.abort_with_status(status_for(_internal(fn.__name__, exc)))
+            await _abort(context, _internal(fn.__name__, exc))
 
     return cast(G, wrapper)

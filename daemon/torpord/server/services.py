@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
-
 from torpor.v1 import (
     agent_pb2_grpc,
-
     models_pb2,
     models_pb2_grpc,
     node_pb2,
     node_pb2_grpc,
 )
+
 from torpord import __version__
 from torpord.core.events import EventType
 from torpord.core.manager import ModelManager
@@ -23,6 +23,8 @@ from torpord.server.convert import is_full, model_to_proto, node_to_proto, tier_
 from torpord.server.errors import translate_errors, translate_stream_errors
 
 __all__ = ["AgentService", "ModelService", "NodeService"]
+
+Context = grpc.aio.ServicerContext[Any, Any]
 
 _EVENT_TYPES = {
     EventType.ADDED: models_pb2.MODEL_EVENT_TYPE_ADDED,
@@ -38,7 +40,7 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
 
     @translate_errors
     async def LoadModel(
-        self, request: models_pb2.LoadModelRequest, context: grpc.aio.ServicerContext
+        self, request: models_pb2.LoadModelRequest, context: Context
     ) -> models_pb2.LoadModelResponse:
         model = await self._m.load(
             request.model_id,
@@ -52,7 +54,7 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
 
     @translate_errors
     async def SleepModel(
-        self, request: models_pb2.SleepModelRequest, context: grpc.aio.ServicerContext
+        self, request: models_pb2.SleepModelRequest, context: Context
     ) -> models_pb2.SleepModelResponse:
         model = await self._m.sleep(
             request.model_id, request.level, wait=request.wait, request_id=request.request_id
@@ -61,7 +63,7 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
 
     @translate_errors
     async def WakeModel(
-        self, request: models_pb2.WakeModelRequest, context: grpc.aio.ServicerContext
+        self, request: models_pb2.WakeModelRequest, context: Context
     ) -> models_pb2.WakeModelResponse:
         model = await self._m.wake(
             request.model_id, wait=request.wait, request_id=request.request_id
@@ -70,7 +72,7 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
 
     @translate_errors
     async def OffloadModel(
-        self, request: models_pb2.OffloadModelRequest, context: grpc.aio.ServicerContext
+        self, request: models_pb2.OffloadModelRequest, context: Context
     ) -> models_pb2.OffloadModelResponse:
         model = await self._m.offload(
             request.model_id,
@@ -83,7 +85,7 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
 
     @translate_errors
     async def UnloadModel(
-        self, request: models_pb2.UnloadModelRequest, context: grpc.aio.ServicerContext
+        self, request: models_pb2.UnloadModelRequest, context: Context
     ) -> models_pb2.UnloadModelResponse:
         model = await self._m.unload(
             request.model_id, wait=request.wait, request_id=request.request_id
@@ -92,29 +94,29 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
 
     @translate_errors
     async def GetModel(
-        self, request: models_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+        self, request: models_pb2.GetModelRequest, context: Context
     ) -> models_pb2.GetModelResponse:
         model = self._m.get(request.model_id)
         return models_pb2.GetModelResponse(model=model_to_proto(model, full=is_full(request.view)))
 
     @translate_errors
     async def ListModels(
-        self, request: models_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: models_pb2.ListModelsRequest, context: Context
     ) -> models_pb2.ListModelsResponse:
         full = is_full(request.view)
         return models_pb2.ListModelsResponse(
-            models=[model_to_proto(m, full=full) for m in self._m.list()]
+            models=[model_to_proto(m, full=full) for m in self._m.list_models()]
         )
 
     @translate_stream_errors
     async def WatchModels(
-        self, request: models_pb2.WatchModelsRequest, context: grpc.aio.ServicerContext
+        self, request: models_pb2.WatchModelsRequest, context: Context
     ) -> AsyncIterator[models_pb2.WatchModelsResponse]:
         # Subscribe before taking the snapshot, so no change falls between them.
         subscription = self._m.bus.subscribe(request.model_id)
         try:
             models = [
-                m for m in self._m.list() if not request.model_id or m.model_id == request.model_id
+                m for m in self._m.list_models() if not request.model_id or m.model_id == request.model_id
             ]
             yield models_pb2.WatchModelsResponse(
                 snapshot=models_pb2.Snapshot(models=[model_to_proto(m) for m in models])
@@ -130,19 +132,21 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
 
 
 class NodeService(node_pb2_grpc.NodeServiceServicer):
-    def __init__(self, manager: ModelManager, *, disk_path: str = "", disk_capacity: int = 0) -> None:
+    def __init__(
+        self, manager: ModelManager, *, disk_path: str = "", disk_capacity: int = 0
+    ) -> None:
         self._m = manager
         self._disk = (disk_path, disk_capacity)
 
     @translate_errors
     async def GetNode(
-        self, request: node_pb2.GetNodeRequest, context: grpc.aio.ServicerContext
+        self, request: node_pb2.GetNodeRequest, context: Context
     ) -> node_pb2.GetNodeResponse:
         node = node_to_proto(
             self._m.backend,
             hostname=socket.gethostname(),
             version=__version__,
-            model_count=len(self._m.list()),
+            model_count=len(self._m.list_models()),
             allowed_roots=[str(r) for r in self._m.settings.allowed_roots],
             disk_path=self._disk[0],
             disk_capacity=self._disk[1],
@@ -153,10 +157,8 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
     """Declared now; engines attach in a later release."""
 
-    async def Attach(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
+    async def Attach(self, request_iterator: object, context: Context) -> None:  # type: ignore[override]
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED,
             "engines cannot attach yet: AgentService.Attach arrives with the agent",
         )
-
-

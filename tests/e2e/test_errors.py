@@ -1,0 +1,185 @@
+"""Every bad input gets a clear status with an ErrorInfo reason, and changes nothing."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from torpor.testing import make_checkpoint
+
+from .conftest import GRPCURL, Daemon
+
+
+def raw_safetensors(
+    path: Path, header: dict[str, Any] | bytes, data: bytes, *, length: int | None = None
+) -> Path:
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob) if length is None else length) + blob + data)
+    return path
+
+
+def fail(d: Daemon, method: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Call through grpcurl expecting an error; its status as JSON."""
+    out = subprocess.run(
+        [
+            GRPCURL,
+            "-plaintext",
+            "-unix",
+            "-format-error",
+            "-d",
+            json.dumps(data),
+            str(d.socket),
+            f"torpor.v1.ModelService/{method}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0, out.stdout
+    status: dict[str, Any] = json.loads(out.stderr)  # grpcurl writes the error there
+    info = status["details"][0]
+    assert info["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+    assert info["domain"] == "torpor.dev"
+    status["reason"] = info["reason"]
+    status["metadata"] = info.get("metadata", {})
+    return status
+
+
+NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, INVALID_ARGUMENT = 5, 6, 7, 3
+FAILED_PRECONDITION, ABORTED, RESOURCE_EXHAUSTED = 9, 10, 8
+
+F16 = {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 8]}
+
+MALFORMED: dict[str, tuple[Any, bytes, int | None, str]] = {
+    # name: (header, data, header length to claim, what the message must name)
+    "truncated": (
+        {"a.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+        b"\0" * 9,
+        None,
+        "a.weight",
+    ),
+    "header_past_end": ({"a": F16}, b"\0" * 8, 10_000, "header"),
+    "huge_header": ({"a": F16}, b"\0" * 8, 2**40, "header"),
+    "not_utf8": (b'{"\xff\xfe": 1}', b"", None, "UTF-8"),
+    "not_json": (b"{not json", b"", None, "JSON"),
+    "unknown_dtype": (
+        {"w": {"dtype": "F12", "shape": [2], "data_offsets": [0, 3]}},
+        b"\0" * 3,
+        None,
+        "F12",
+    ),
+    "shape_span_mismatch": (
+        {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+        b"\0" * 8,
+        None,
+        "w",
+    ),
+    "overlapping": (
+        {"a": F16, "b": {"dtype": "F16", "shape": [2, 2], "data_offsets": [4, 12]}},
+        b"\0" * 12,
+        None,
+        "b",
+    ),
+    "out_of_bounds": (
+        {"a": {"dtype": "U8", "shape": [64], "data_offsets": [0, 64]}},
+        b"\0" * 8,
+        None,
+        "a",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_checkpoint_is_invalid_argument(daemon: Daemon, case: str) -> None:
+    header, data, length, named = MALFORMED[case]
+    path = raw_safetensors(daemon.models / f"{case}.safetensors", header, data, length=length)
+    status = fail(daemon, "LoadModel", {"model_id": "bad", "source": str(path), "wait": True})
+    assert status["code"] == INVALID_ARGUMENT, status
+    assert status["reason"] == "INVALID_CHECKPOINT"
+    assert named in status["message"], status["message"]
+    assert status["metadata"]["file"] == str(path)
+    assert_nothing_held(daemon)
+
+
+def assert_nothing_held(d: Daemon) -> None:
+    assert d.call("torpor.v1.ModelService/ListModels") == {}
+    node = d.call("torpor.v1.NodeService/GetNode")["node"]
+    assert "used_bytes" not in node["host_pool"]
+    assert all("used_bytes" not in dev for dev in node["devices"])
+
+
+def test_user_errors_have_their_codes_and_change_nothing(daemon: Daemon, tmp_path: Path) -> None:
+    status = fail(daemon, "GetModel", {"model_id": "ghost"})
+    assert (status["code"], status["reason"]) == (NOT_FOUND, "MODEL_NOT_FOUND")
+    for method in ("SleepModel", "WakeModel", "OffloadModel", "UnloadModel"):
+        assert fail(daemon, method, {"model_id": "ghost"})["code"] == NOT_FOUND
+
+    outside = make_checkpoint(tmp_path / "outside.safetensors", layers=1)
+    status = fail(daemon, "LoadModel", {"model_id": "m", "source": str(outside)})
+    assert (status["code"], status["reason"]) == (PERMISSION_DENIED, "SOURCE_NOT_ALLOWED")
+    escape = daemon.models / "escape.safetensors"
+    escape.symlink_to(outside)
+    assert (
+        fail(daemon, "LoadModel", {"model_id": "m", "source": str(escape)})["code"]
+        == PERMISSION_DENIED
+    )
+
+    status = fail(
+        daemon, "LoadModel", {"model_id": "m", "source": str(daemon.models / "none.safetensors")}
+    )
+    assert (status["code"], status["reason"]) == (NOT_FOUND, "SOURCE_NOT_FOUND")
+    status = fail(daemon, "LoadModel", {"model_id": "no/slash", "source": str(outside)})
+    assert (status["code"], status["reason"]) == (INVALID_ARGUMENT, "INVALID_MODEL_ID")
+    status = fail(daemon, "LoadModel", {"model_id": "m", "source": "models/relative"})
+    assert status["code"] == INVALID_ARGUMENT
+    assert_nothing_held(daemon)
+
+    ckpt = make_checkpoint(daemon.models / "a.safetensors", layers=2)
+    other = make_checkpoint(daemon.models / "b.safetensors", layers=2, seed=1)
+    daemon.call(
+        "torpor.v1.ModelService/LoadModel", {"model_id": "m", "source": str(ckpt), "wait": True}
+    )
+    status = fail(daemon, "LoadModel", {"model_id": "m", "source": str(other)})
+    assert (status["code"], status["reason"]) == (ALREADY_EXISTS, "MODEL_EXISTS")
+    status = fail(
+        daemon, "OffloadModel", {"model_id": "m", "layers": ["layers.7"], "tier": "TIER_HOST"}
+    )
+    assert (status["code"], status["reason"]) == (INVALID_ARGUMENT, "UNKNOWN_LAYER")
+    assert "layers.7" in status["message"]
+    status = fail(daemon, "SleepModel", {"model_id": "m", "level": 5})
+    assert (status["code"], status["reason"]) == (INVALID_ARGUMENT, "INVALID_SLEEP_LEVEL")
+
+    daemon.call("torpor.v1.ModelService/SleepModel", {"model_id": "m", "level": 2, "wait": True})
+    status = fail(daemon, "OffloadModel", {"model_id": "m", "tier": "TIER_DEVICE"})
+    assert (status["code"], status["reason"]) == (FAILED_PRECONDITION, "INVALID_STATE")
+    status = fail(daemon, "SleepModel", {"model_id": "m", "level": 1})
+    assert status["code"] == FAILED_PRECONDITION
+
+    # A source changed since Load: a level-2 wake refuses it.
+    data = bytearray(ckpt.read_bytes())
+    data[-1] ^= 0x55
+    ckpt.write_bytes(bytes(data))
+    status = fail(daemon, "WakeModel", {"model_id": "m", "wait": True})
+    assert (status["code"], status["reason"]) == (FAILED_PRECONDITION, "SOURCE_CHANGED")
+    m = daemon.call("torpor.v1.ModelService/GetModel", {"model_id": "m"})["model"]
+    assert (m["state"], m["sleep_level"], m["state_reason"]) == (
+        "MODEL_STATE_ASLEEP",
+        2,
+        "SOURCE_CHANGED",
+    )
+
+    daemon.call("torpor.v1.ModelService/UnloadModel", {"model_id": "m", "wait": True})
+    assert_nothing_held(daemon)
+
+
+def test_out_of_memory_is_resource_exhausted_with_numbers(daemon: Daemon) -> None:
+    ckpt = make_checkpoint(daemon.models / "big", layers=2, hidden=1024, vocab=40_000, dtype="F32")
+    status = fail(daemon, "LoadModel", {"model_id": "big", "source": str(ckpt), "wait": True})
+    assert (status["code"], status["reason"]) == (RESOURCE_EXHAUSTED, "OUT_OF_MEMORY")
+    assert {"asked", "free", "budget"} <= set(status["metadata"])
+    assert int(status["metadata"]["asked"]) > int(status["metadata"]["free"])
+    assert_nothing_held(daemon)
