@@ -56,7 +56,9 @@ class _ModelEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelE
     MODEL_EVENT_TYPE_CHANGED: _ModelEventType.ValueType  # 2
     """A model's state, residency or reason changed."""
     MODEL_EVENT_TYPE_REMOVED: _ModelEventType.ValueType  # 3
-    """A model was removed (after Unload, or a failed Load that held nothing)."""
+    """A model was removed (its Unload finished). A failed Load leaves the model
+    FAILED, holding nothing, until it is unloaded.
+    """
     MODEL_EVENT_TYPE_PROGRESS: _ModelEventType.ValueType  # 4
     """A running transition's progress; `model.progress` holds it."""
 
@@ -69,7 +71,9 @@ MODEL_EVENT_TYPE_ADDED: ModelEventType.ValueType  # 1
 MODEL_EVENT_TYPE_CHANGED: ModelEventType.ValueType  # 2
 """A model's state, residency or reason changed."""
 MODEL_EVENT_TYPE_REMOVED: ModelEventType.ValueType  # 3
-"""A model was removed (after Unload, or a failed Load that held nothing)."""
+"""A model was removed (its Unload finished). A failed Load leaves the model
+FAILED, holding nothing, until it is unloaded.
+"""
 MODEL_EVENT_TYPE_PROGRESS: ModelEventType.ValueType  # 4
 """A running transition's progress; `model.progress` holds it."""
 Global___ModelEventType: _TypeAlias = ModelEventType  # noqa: Y015
