@@ -116,7 +116,9 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
         subscription = self._m.bus.subscribe(request.model_id)
         try:
             models = [
-                m for m in self._m.list_models() if not request.model_id or m.model_id == request.model_id
+                m
+                for m in self._m.list_models()
+                if not request.model_id or m.model_id == request.model_id
             ]
             yield models_pb2.WatchModelsResponse(
                 snapshot=models_pb2.Snapshot(models=[model_to_proto(m) for m in models])

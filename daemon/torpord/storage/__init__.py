@@ -10,14 +10,13 @@ from torpord.storage.layers import (
     layout_hash,
     plan_layers,
 )
+from torpord.storage.reader import check_unchanged, read_tensors
 from torpord.storage.safetensors import (
     DTYPES,
     Checkpoint,
     SourceFile,
     TensorInfo,
-    check_unchanged,
     open_checkpoint,
-    read_tensors,
 )
 
 __all__ = [

@@ -1,11 +1,10 @@
-"""Strict safetensors parsing and reading.
+"""Strict safetensors parsing.
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of
 UTF-8 JSON (tensor name -> {dtype, shape, data_offsets}, plus an optional
 `__metadata__` string map), then the data area. Only headers are parsed here;
-tensor bytes are read on demand with `pread`, straight into the caller's
-buffer, so a 100 GB checkpoint never passes through page-cache mappings that
-we own.
+tensor bytes are read on demand by `torpord.storage.reader` (re-exported here
+as `read_tensors` and `check_unchanged`).
 
 Validation matches the reference Rust crate (`Metadata::validate` in
 safetensors/src/tensor.rs) and is stricter in a few places, because a daemon
@@ -31,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NoReturn
@@ -520,110 +519,6 @@ def open_checkpoint(
     return ckpt
 
 
-def _changes(src: SourceFile, max_header_bytes: int) -> str | None:
-    try:
-        st = os.stat(src.path)
-    except FileNotFoundError:
-        return f"{src.path}: file is missing"
-    except OSError as err:
-        return f"{src.path}: cannot stat: {err.strerror}"
-    what: list[str] = []
-    if st.st_size != src.size:
-        what.append(f"size changed from {src.size} to {st.st_size} bytes")
-    if st.st_mtime_ns != src.mtime_ns:
-        what.append(f"mtime changed from {src.mtime_ns} to {st.st_mtime_ns} ns")
-    if (st.st_ino, st.st_dev) != (src.inode, src.device):
-        what.append("file was replaced (inode changed)")
-    if not what:
-        try:
-            _, raw = _read_header(src.path, max_header_bytes)
-        except TorporError as err:
-            return f"{src.path}: header no longer readable: {err.message}"
-        if xxhash.xxh3_64_hexdigest(raw) != src.header_hash:
-            what.append("header contents changed")
-    return f"{src.path}: {', '.join(what)}" if what else None
-
-
-def check_unchanged(checkpoint: Checkpoint, *, max_header_bytes: int = 100 * 2**20) -> str | None:
-    """Return None if every file still matches what was opened, else what changed."""
-    found = [m for m in (_changes(f, max_header_bytes) for f in checkpoint.files) if m]
-    return "; ".join(found) if found else None
-
-
-def _open_for_read(src: SourceFile, offset: int) -> int:
-    try:
-        fd = os.open(src.path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        if isinstance(err, FileNotFoundError):
-            raise FailedPrecondition(
-                f"{src.path}: file is missing (needed at offset {offset})",
-                reason="SOURCE_CHANGED",
-                metadata={"file": src.path, "offset": offset},
-            ) from err
-        raise Unavailable(
-            f"{src.path}: open failed: {err.strerror}",
-            reason="SOURCE_READ_FAILED",
-            metadata={"file": src.path, "offset": offset},
-        ) from err
-    st = os.fstat(fd)
-    # A replaced or resized file would hand us someone else's bytes at these
-    # offsets; refuse rather than copy garbage into a slab.
-    if (st.st_ino, st.st_dev, st.st_size) != (src.inode, src.device, src.size):
-        os.close(fd)
-        raise FailedPrecondition(
-            f"{src.path}: file changed since it was opened (size {src.size} -> {st.st_size}, "
-            f"inode {src.inode} -> {st.st_ino}); needed at offset {offset}",
-            reason="SOURCE_CHANGED",
-            metadata={"file": src.path, "offset": offset},
-        )
-    return fd
-
-
-def read_tensors(
-    checkpoint: Checkpoint, items: Sequence[tuple[TensorInfo, int]], dest: memoryview
-) -> int:
-    """Read each tensor's bytes into `dest[dest_offset:dest_offset + nbytes]`.
-
-    Reads go straight into `dest` (no intermediate copy) and release the GIL,
-    so callers may run several of these on threads. Returns the bytes read.
-    """
-    out = dest if dest.format == "B" else dest.cast("B")
-    for tensor, at in items:
-        if at < 0 or at + tensor.nbytes > out.nbytes:
-            raise ValueError(
-                f"tensor {tensor.name!r} ({tensor.nbytes} bytes at {at}) does not "
-                f"fit a {out.nbytes}-byte destination"
-            )
-    fds: dict[int, int] = {}
-    total = 0
-    try:
-        for tensor, at in items:
-            src = checkpoint.files[tensor.file_index]
-            fd = fds.get(tensor.file_index)
-            if fd is None:
-                fd = fds[tensor.file_index] = _open_for_read(src, tensor.file_offset)
-            done = 0
-            while done < tensor.nbytes:
-                offset = tensor.file_offset + done
-                try:
-                    n = os.preadv(fd, [out[at + done : at + tensor.nbytes]], offset)
-                except OSError as err:
-                    raise Unavailable(
-                        f"{src.path}: read of tensor {tensor.name!r} failed at offset {offset}: "
-                        f"{err.strerror}",
-                        reason="SOURCE_READ_FAILED",
-                        metadata={"file": src.path, "tensor": tensor.name, "offset": offset},
-                    ) from err
-                if n == 0:
-                    raise FailedPrecondition(
-                        f"{src.path}: file ends at offset {offset}, inside tensor "
-                        f"{tensor.name!r} (truncated since it was opened)",
-                        reason="SOURCE_CHANGED",
-                        metadata={"file": src.path, "tensor": tensor.name, "offset": offset},
-                    )
-                done += n
-            total += done
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return total
+# Re-exported for the modules that import them from here. Imported last: the
+# reader needs this module's dataclasses and `_read_header`, all defined above.
+from torpord.storage.reader import check_unchanged, read_tensors  # noqa: E402

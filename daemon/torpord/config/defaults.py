@@ -1,0 +1,39 @@
+"""Defaults that depend on who runs the daemon (root or not) and on the storage layer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from torpord.config.values import _unique
+
+
+def _default_socket() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/torpor/torpor.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and Path(runtime).is_absolute():
+        return Path(runtime) / "torpor" / "torpor.sock"
+    # Not tempfile.gettempdir(): $TMPDIR can be long, and socket paths must fit in 107 bytes.
+    return Path(f"/tmp/torpor-{os.geteuid()}/torpor.sock")
+
+
+def _default_allowed_roots() -> tuple[Path, ...]:
+    if os.geteuid() == 0:
+        return (Path("/var/lib/torpor/models"),)
+    roots: list[Path] = []
+    # No $HOME and no passwd entry (some containers): the temp dir alone then.
+    with contextlib.suppress(RuntimeError):
+        roots.append(Path.home())
+    roots.append(Path(tempfile.gettempdir()))
+    return _unique(root.resolve() for root in roots)
+
+
+def _default_layer_patterns() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    # Imported here rather than at the top so that loading a config never
+    # drags in the storage package's own imports before they are needed.
+    from torpord.storage.layers import DEFAULT_LAYER_PATTERNS
+
+    return tuple(DEFAULT_LAYER_PATTERNS.blocks), tuple(DEFAULT_LAYER_PATTERNS.post)

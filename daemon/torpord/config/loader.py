@@ -1,0 +1,328 @@
+"""Reading the file, validating every key, and applying command-line overrides."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from torpord.config.defaults import (
+    _default_allowed_roots,
+    _default_layer_patterns,
+    _default_socket,
+)
+from torpord.config.model import (
+    BACKEND_KINDS,
+    CONFIG_VERSION,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    MIN_ALIGNMENT,
+    BackendConfig,
+    Config,
+    ConfigError,
+    DiskCacheConfig,
+    HostBackendConfig,
+    HostPoolConfig,
+    LayersConfig,
+    LogConfig,
+    Overrides,
+    ServerConfig,
+    SourcesConfig,
+)
+from torpord.config.values import (
+    _alignment,
+    _bool,
+    _choice,
+    _duration,
+    _host_devices,
+    _Invalid,
+    _path,
+    _positive_size,
+    _show,
+    _size,
+    _socket_mode,
+    _socket_path,
+    _string,
+    _tcp,
+    _unique,
+)
+
+_DEFAULTS_WHERE: Final = "<defaults>"
+
+_T = TypeVar("_T")
+
+
+# Flag names as torpord spells them, for error messages about overrides.
+_FLAGS: Final = {
+    "socket": "--socket",
+    "tcp": "--tcp",
+    "backend": "--backend",
+    "allowed_roots": "--allowed-root",
+    "log_level": "--log-level",
+}
+
+# Known keys per table, in the order the default file shows them.
+_SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
+    "": ("version", "server", "log", "backend", "host_pool", "sources", "layers", "disk_cache"),
+    "server": ("socket", "socket_mode", "tcp", "allow_remote", "grace_period"),
+    "log": ("level", "format"),
+    "backend": ("kind", "host"),
+    "backend.host": ("devices", "device_capacity"),
+    "host_pool": ("capacity",),
+    "sources": ("allowed_roots",),
+    "layers": ("block_patterns", "post_patterns", "alignment"),
+    "disk_cache": ("path", "capacity"),
+}
+
+# --------------------------------------------------------------------------- reading the file
+
+
+class _Reader:
+    """Typed access to one parsed file, raising ConfigErrors that name `where` and the key."""
+
+    def __init__(self, where: str, data: Mapping[str, Any]) -> None:
+        self.where = where
+        self.tables: dict[str, Mapping[str, Any]] = {"": data}
+        self._check_keys("", data)
+
+    def error(self, key: str, expected: str, got: object) -> ConfigError:
+        return ConfigError(self.where, key, f"expected {expected}, got {_show(got)}")
+
+    def table(self, name: str) -> Mapping[str, Any]:
+        """The sub-table `name` (dotted), {} when absent; unknown keys in it are errors."""
+        if name in self.tables:
+            return self.tables[name]
+        parent, _, leaf = name.rpartition(".")
+        value = self.table(parent).get(leaf, {})
+        if not isinstance(value, dict):
+            raise self.error(name, "a table", value)
+        self._check_keys(name, value)
+        self.tables[name] = value
+        return value
+
+    def get(self, key: str, check: Callable[[Any], _T], default: _T) -> _T:
+        table, _, leaf = key.rpartition(".")
+        values = self.table(table)
+        if leaf not in values:
+            return default
+        try:
+            return check(values[leaf])
+        except _Invalid as exc:
+            raise self.error(key, exc.expected, values[leaf]) from None
+
+    def get_list(self, key: str, check: Callable[[Any], _T]) -> tuple[_T, ...] | None:
+        """Each element checked, errors naming `key[i]`; None when the key is absent."""
+        table, _, leaf = key.rpartition(".")
+        values = self.table(table)
+        if leaf not in values:
+            return None
+        items = values[leaf]
+        if not isinstance(items, list):
+            raise self.error(key, "an array", items)
+        checked: list[_T] = []
+        for index, item in enumerate(items):
+            try:
+                checked.append(check(item))
+            except _Invalid as exc:
+                raise self.error(f"{key}[{index}]", exc.expected, item) from None
+        return tuple(checked)
+
+    def _check_keys(self, table: str, values: Mapping[str, Any]) -> None:
+        known = _SCHEMA[table]
+        for key in values:
+            if key in known:
+                continue
+            dotted = f"{table}.{key}" if table else key
+            raise ConfigError(self.where, dotted, f"unknown key; {_suggest(key, table)}")
+
+
+def _suggest(key: str, table: str) -> str:
+    known = _SCHEMA[table]
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f'did you mean "{close[0]}"?'
+    # The right name in the wrong table ([server] level = ...) is a common slip.
+    elsewhere = [
+        f"{name}.{key}" if name else key
+        for name, keys in _SCHEMA.items()
+        if name != table and key in keys
+    ]
+    if elsewhere:
+        return f'did you mean "{elsewhere[0]}"?'
+    where = f"[{table}]" if table else "the top level"
+    return f"known keys in {where}: " + ", ".join(known)
+
+
+def _read_file(path: Path) -> Mapping[str, Any]:
+    where = str(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(where, None, f"cannot read the config file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(where, None, f"expected UTF-8 text: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(where, None, f"invalid TOML: {exc}") from None
+    if "version" not in data:
+        raise ConfigError(
+            where,
+            "version",
+            f'expected {CONFIG_VERSION} (add "version = {CONFIG_VERSION}" at '
+            "the top of the file), got nothing",
+        )
+    version = data["version"]
+    if isinstance(version, bool) or version != CONFIG_VERSION:
+        expected = f"{CONFIG_VERSION} (the only version this torpord reads)"
+        raise ConfigError(where, "version", f"expected {expected}, got {_show(version)}")
+    return data
+
+
+def _check_patterns(blocks: tuple[str, ...], post: tuple[str, ...], reader: _Reader) -> None:
+    """Every pattern compiles; every block pattern captures the block index, once.
+
+    Checked here first so the error names the exact key (`layers.block_patterns[2]`)
+    in the config's own words; then the storage layer's compile_patterns, which
+    the loader will use on these same patterns, has the last word.
+    """
+    from torpord.errors import InvalidArgument
+    from torpord.storage.layers import LayerPatterns, compile_patterns
+
+    keys = {"blocks": "layers.block_patterns", "post": "layers.post_patterns"}
+    for kind, patterns, groups in (("blocks", blocks, 1), ("post", post, None)):
+        for index, pattern in enumerate(patterns):
+            key = f"{keys[kind]}[{index}]"
+            try:
+                compiled = re.compile(pattern)
+            except re.error as exc:
+                raise reader.error(key, f"a valid regular expression ({exc})", pattern) from None
+            if groups is not None and compiled.groups != groups:
+                expected = "a regular expression with exactly one capture group (the block index)"
+                raise reader.error(key, expected, pattern)
+    try:
+        compile_patterns(LayerPatterns(blocks=blocks, post=post))
+    except InvalidArgument as exc:
+        bad_kind, bad_index = exc.metadata.get("kind", ""), exc.metadata.get("index", "")
+        key = f"{keys[bad_kind]}[{bad_index}]" if bad_kind in keys else "layers"
+        raise ConfigError(reader.where, key, exc.message) from None
+
+
+# --------------------------------------------------------------------------- load_config
+
+
+def load_config(
+    path: Path | None,
+    overrides: Overrides = Overrides(),  # noqa: B008 - frozen, so sharing one is safe
+) -> Config:
+    """Read, validate and freeze the configuration; raises ConfigError.
+
+    `path` None means the embedded defaults (a working single-user setup).
+    Overrides from flags are validated like the file's values, errors naming the flag.
+    """
+    where = _DEFAULTS_WHERE if path is None else str(path)
+    r = _Reader(where, {} if path is None else _read_file(path))
+
+    allow_remote = r.get("server.allow_remote", _bool, False)
+    server = ServerConfig(
+        socket=r.get(
+            "server.socket", lambda v: _socket_path(v, relative_to_cwd=False), _default_socket()
+        ),
+        socket_mode=r.get("server.socket_mode", _socket_mode, 0o660),
+        tcp=r.get("server.tcp", lambda v: _tcp(v, allow_remote=allow_remote), None),
+        allow_remote=allow_remote,
+        grace_period=r.get("server.grace_period", _duration, 10.0),
+    )
+    log = LogConfig(
+        level=r.get("log.level", _choice(LOG_LEVELS), "info"),
+        format=r.get("log.format", _choice(LOG_FORMATS), "auto"),
+    )
+    backend = BackendConfig(
+        kind=r.get("backend.kind", _choice(BACKEND_KINDS), "auto"),
+        host=HostBackendConfig(
+            devices=r.get("backend.host.devices", _host_devices, 1),
+            device_capacity=r.get("backend.host.device_capacity", _positive_size, 4 * 2**30),
+        ),
+    )
+    host_pool = HostPoolConfig(capacity=r.get("host_pool.capacity", _positive_size, 4 * 2**30))
+
+    roots = r.get_list("sources.allowed_roots", lambda v: _path(v, relative_to_cwd=False))
+    if roots == ():
+        raise r.error("sources.allowed_roots", "at least one absolute path", [])
+    sources = SourcesConfig(
+        allowed_roots=_default_allowed_roots()
+        if roots is None
+        else _unique(root.resolve() for root in roots)
+    )
+
+    blocks = r.get_list("layers.block_patterns", _string)
+    post = r.get_list("layers.post_patterns", _string)
+    if blocks is None or post is None:
+        default_blocks, default_post = _default_layer_patterns()
+        blocks = default_blocks if blocks is None else blocks
+        post = default_post if post is None else post
+    if not blocks:
+        raise r.error("layers.block_patterns", "at least one regular expression", [])
+    _check_patterns(blocks, post, r)
+    layers = LayersConfig(
+        block_patterns=blocks,
+        post_patterns=post,
+        alignment=r.get("layers.alignment", _alignment, MIN_ALIGNMENT),
+    )
+
+    cache_path = r.get(
+        "disk_cache.path", lambda v: None if v == "" else _path(v, relative_to_cwd=False), None
+    )
+    cache_capacity = r.get("disk_cache.capacity", _size, 0)
+    if cache_path is not None and cache_capacity == 0:
+        raise r.error(
+            "disk_cache.capacity",
+            'a positive byte size like "100GiB" when disk_cache.path is set',
+            r.table("disk_cache").get("capacity", "0"),
+        )
+    disk_cache = DiskCacheConfig(path=cache_path, capacity=cache_capacity)
+
+    config = Config(
+        file=path,
+        server=server,
+        log=log,
+        backend=backend,
+        host_pool=host_pool,
+        sources=sources,
+        layers=layers,
+        disk_cache=disk_cache,
+    )
+    return _apply(config, overrides)
+
+
+def _flag(name: str, check: Callable[[Any], _T], value: Any) -> _T:
+    try:
+        return check(value)
+    except _Invalid as exc:
+        detail = f"expected {exc.expected}, got {_show(value)}"
+        raise ConfigError(_FLAGS[name], None, detail) from None
+
+
+def _apply(config: Config, o: Overrides) -> Config:
+    server, log, backend, sources = config.server, config.log, config.backend, config.sources
+    if o.socket is not None:
+        socket = _flag("socket", lambda v: _socket_path(v, relative_to_cwd=True), o.socket)
+        server = replace(server, socket=socket)
+    if o.tcp is not None:
+        tcp = _flag("tcp", lambda v: _tcp(v, allow_remote=server.allow_remote), o.tcp)
+        server = replace(server, tcp=tcp)
+    if o.backend is not None:
+        backend = replace(backend, kind=_flag("backend", _choice(BACKEND_KINDS), o.backend))
+    if o.log_level is not None:
+        log = replace(log, level=_flag("log_level", _choice(LOG_LEVELS), o.log_level))
+    if o.allowed_roots:
+        roots = [
+            _flag("allowed_roots", lambda v: _path(v, relative_to_cwd=True), root)
+            for root in o.allowed_roots
+        ]
+        sources = SourcesConfig(allowed_roots=_unique(root.resolve() for root in roots))
+    return replace(config, server=server, log=log, backend=backend, sources=sources)

@@ -1,0 +1,97 @@
+"""The typed, frozen result of loading a configuration, and the error it raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+CONFIG_VERSION: Final = 1
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("auto", "json", "console")
+BACKEND_KINDS: Final = ("auto", "host", "cuda")
+MAX_HOST_DEVICES: Final = 64
+MIN_ALIGNMENT: Final = 256
+
+
+class ConfigError(Exception):
+    """An invalid configuration; the message is meant for the operator as is."""
+
+    def __init__(self, where: str, key: str | None, detail: str) -> None:
+        self.where = where  # the file, "<defaults>", or a flag such as "--tcp"
+        self.key = key  # dotted key ("server.tcp"), None for whole-file problems and flags
+        self.detail = detail
+        super().__init__(f"{where}: {key}: {detail}" if key else f"{where}: {detail}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: Path
+    socket_mode: int
+    tcp: str | None  # normalised "host:port" / "[v6]:port", None when off
+    allow_remote: bool
+    grace_period: float  # seconds
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str  # one of LOG_LEVELS
+    format: str  # one of LOG_FORMATS
+
+
+@dataclass(frozen=True)
+class HostBackendConfig:
+    devices: int
+    device_capacity: int  # bytes per emulated device
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    kind: str  # one of BACKEND_KINDS; "auto" is resolved by whoever builds the backend
+    host: HostBackendConfig
+
+
+@dataclass(frozen=True)
+class HostPoolConfig:
+    capacity: int  # bytes of pinned host memory
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    allowed_roots: tuple[Path, ...]  # absolute and resolved
+
+
+@dataclass(frozen=True)
+class LayersConfig:
+    block_patterns: tuple[str, ...]
+    post_patterns: tuple[str, ...]
+    alignment: int
+
+
+@dataclass(frozen=True)
+class DiskCacheConfig:
+    path: Path | None  # None: disabled
+    capacity: int
+
+
+@dataclass(frozen=True)
+class Config:
+    file: Path | None  # None: the embedded defaults
+    server: ServerConfig
+    log: LogConfig
+    backend: BackendConfig
+    host_pool: HostPoolConfig
+    sources: SourcesConfig
+    layers: LayersConfig
+    disk_cache: DiskCacheConfig
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """The fields command-line flags may override; None / () leaves the file's value."""
+
+    socket: Path | None = None
+    tcp: str | None = None  # "" turns a configured TCP listener off
+    backend: str | None = None
+    allowed_roots: tuple[str, ...] = ()  # non-empty replaces the file's list
+    log_level: str | None = None

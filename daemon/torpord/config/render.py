@@ -1,0 +1,103 @@
+"""`default_config_toml`: the defaults written out as a commented config file."""
+
+from __future__ import annotations
+
+from torpord.config.loader import load_config
+from torpord.config.model import CONFIG_VERSION, MAX_HOST_DEVICES, MIN_ALIGNMENT
+from torpord.config.values import _BINARY
+
+
+def _toml_str(text: str) -> str:
+    # A backslash (every regex) reads better in a literal string than doubled in
+    # a basic one; everything else, and text a literal string cannot hold, is an
+    # escaped basic string.
+    controls = any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+    if "\\" in text and "'" not in text and not controls:
+        return f"'{text}'"
+    escaped = "".join(
+        f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c
+        for c in text.replace("\\", "\\\\").replace('"', '\\"')
+    )
+    return f'"{escaped}"'
+
+
+def _toml_size(n: int) -> str:
+    for name, unit in sorted(_BINARY.items(), key=lambda item: -item[1]):
+        if n and n % unit == 0:
+            return f'"{n // unit}{name[0].upper()}iB"'
+    return f'"{n}"'
+
+
+def _toml_duration(seconds: float) -> str:
+    if seconds == int(seconds):
+        return f'"{int(seconds)}s"'
+    millis = seconds * 1000
+    return f'"{int(millis)}ms"' if millis == int(millis) else repr(seconds)
+
+
+def _toml_list(items: tuple[str, ...]) -> str:
+    if not items:
+        return "[]"
+    return "[\n" + "".join(f"  {_toml_str(item)},\n" for item in items) + "]"
+
+
+def default_config_toml() -> str:
+    """A commented config file holding the defaults for whoever runs this (root or not)."""
+    c = load_config(None)
+    s, lg, b, lay, dc = c.server, c.log, c.backend, c.layers, c.disk_cache
+    return f"""\
+# torpord configuration. Every key is optional; the values shown are the
+# defaults for the user who printed this file (root and other users differ in
+# socket and sources.allowed_roots).
+version = {CONFIG_VERSION}
+
+[server]
+# Unix socket of the gRPC API. Default: /run/torpor/torpor.sock for root, else
+# $XDG_RUNTIME_DIR/torpor/torpor.sock, else /tmp/torpor-$UID/torpor.sock.
+socket = {_toml_str(str(s.socket))}
+# Permissions of the socket (octal): group members may connect.
+socket_mode = "{s.socket_mode:04o}"
+# Optional TCP listener: "" (off), "127.0.0.1:50051" or "[::1]:50051".
+# A non-loopback address also needs allow_remote = true.
+tcp = {_toml_str(s.tcp or "")}
+allow_remote = {"true" if s.allow_remote else "false"}
+# How long shutdown waits for running transitions: "500ms", "10s", "2m" or seconds.
+grace_period = {_toml_duration(s.grace_period)}
+
+[log]
+# debug | info | warning | error
+level = "{lg.level}"
+# auto (console on a TTY, JSON lines otherwise) | json | console
+format = "{lg.format}"
+
+[backend]
+# auto (cuda if a GPU is visible, else host) | host | cuda
+kind = "{b.kind}"
+
+[backend.host]
+# Emulated devices (memfd-backed) used by the host backend, 1..{MAX_HOST_DEVICES}.
+devices = {b.host.devices}
+# Byte sizes take binary (KiB, MiB, GiB, TiB) or decimal (KB, MB, GB, TB) units.
+device_capacity = {_toml_size(b.host.device_capacity)}
+
+[host_pool]
+# Pinned host memory, allocated at start and accounted exactly.
+capacity = {_toml_size(c.host_pool.capacity)}
+
+[sources]
+# Directories that models may be loaded from (absolute paths).
+allowed_roots = {_toml_list(tuple(str(root) for root in c.sources.allowed_roots))}
+
+[layers]
+# Regexes over tensor names. A block pattern's one capture group is the block index.
+block_patterns = {_toml_list(lay.block_patterns)}
+# Tensors after the last block (final norm, lm_head); the rest before it are "pre".
+post_patterns = {_toml_list(lay.post_patterns)}
+# Alignment of each tensor inside a slab, in bytes: a power of two >= {MIN_ALIGNMENT}.
+alignment = {lay.alignment}
+
+[disk_cache]
+# Local cache directory for the DISK tier; "" disables it.
+path = {_toml_str(str(dc.path) if dc.path else "")}
+capacity = {_toml_size(dc.capacity)}
+"""

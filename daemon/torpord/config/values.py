@@ -1,0 +1,243 @@
+"""Sizes, durations and the checkers that turn raw TOML (or flag) values into typed ones."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Callable
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Final
+
+from torpord.config.model import MAX_HOST_DEVICES, MIN_ALIGNMENT
+
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_SOCKET_PATH: Final = 107
+
+# --------------------------------------------------------------------------- sizes and durations
+
+_BINARY = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
+_DECIMAL = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15}
+# Bare "G" or "K" are refused: tools disagree on whether they mean 2**30 or 10**9.
+_SIZE_UNITS: Final = {"": 1, "b": 1, **_BINARY, **_DECIMAL}
+_SIZE_RE: Final = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+_SIZE_EXPECTED: Final = 'a byte size like "8GiB"'
+
+_DURATION_UNITS: Final = {
+    "ms": Decimal("0.001"),
+    "s": Decimal(1),
+    "m": Decimal(60),
+    "h": Decimal(3600),
+}
+_DURATION_RE: Final = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*")
+_DURATION_EXPECTED: Final = 'a duration like "10s", "500ms" or "2m", or a number of seconds'
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from an int or a string such as "8GiB", "512MiB", "1.5GB" or "4096".
+
+    Binary (KiB…PiB) and decimal (KB…PB) units are both accepted, in any case;
+    fractions are rounded down to a whole byte. Raises ValueError.
+    """
+    if isinstance(text, bool) or not isinstance(text, int | str):
+        raise ValueError(f"expected {_SIZE_EXPECTED}, got {_show(text)}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"expected {_SIZE_EXPECTED}, got {text}")
+        return text
+    match = _SIZE_RE.fullmatch(text)
+    unit = _SIZE_UNITS.get(match.group(2).lower()) if match else None
+    if match is None or unit is None:
+        raise ValueError(f"expected {_SIZE_EXPECTED}, got {_show(text)}")
+    return int((Decimal(match.group(1)) * unit).to_integral_value(ROUND_FLOOR))
+
+
+def format_size(n: int) -> str:
+    """A human-readable binary size: 1610612736 -> "1.5 GiB", 100 -> "100 B"."""
+    sign, n = ("-", -n) if n < 0 else ("", n)
+    if n < 1024:
+        return f"{sign}{n} B"
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value, unit = value / 1024, bigger
+        if value < 1024:
+            break
+    text = f"{value:.2f}".rstrip("0").rstrip(".")
+    return f"{sign}{text} {unit}"
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from "500ms", "10s", "2m", "1h", or a number of seconds. Raises ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected {_DURATION_EXPECTED}, got {_show(value)}")
+    if isinstance(value, int | float):
+        if not value >= 0 or value == float("inf"):  # also refuses NaN
+            raise ValueError(f"expected {_DURATION_EXPECTED}, got {_show(value)}")
+        return float(value)
+    match = _DURATION_RE.fullmatch(value)
+    if match is None:
+        raise ValueError(f"expected {_DURATION_EXPECTED}, got {_show(value)}")
+    try:
+        seconds = Decimal(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    except InvalidOperation as exc:  # pragma: no cover - the regex admits only decimals
+        raise ValueError(f"expected {_DURATION_EXPECTED}, got {_show(value)}") from exc
+    return float(seconds)
+
+
+# --------------------------------------------------------------------------- value validators
+# Each takes the raw TOML (or flag) value and returns the typed value, or raises
+# _Invalid saying what was expected; the caller adds where, key and what was got.
+
+
+class _Invalid(Exception):
+    def __init__(self, expected: str) -> None:
+        super().__init__(expected)
+        self.expected = expected
+
+
+def _show(value: object) -> str:
+    """A value as the operator wrote it, for "got ..." (TOML-ish, strings quoted)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | Path):
+        return json.dumps(str(value), ensure_ascii=False)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        text = json.dumps(value, ensure_ascii=False, default=str)
+        return text if len(text) <= 60 else "an array"
+    return str(value)
+
+
+def _size(value: Any) -> int:
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise _Invalid(_SIZE_EXPECTED) from None
+
+
+def _positive_size(value: Any) -> int:
+    size = _size(value)
+    if size <= 0:
+        raise _Invalid('a positive byte size like "8GiB"')
+    return size
+
+
+def _duration(value: Any) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise _Invalid(_DURATION_EXPECTED) from None
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("true or false")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        # Case-insensitive because "INFO" and "Info" mean the same to anyone typing them.
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise _Invalid("one of " + ", ".join(choices))
+        return value.lower()
+
+    return check
+
+
+def _host_devices(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_HOST_DEVICES:
+        raise _Invalid(f"an integer from 1 to {MAX_HOST_DEVICES}")
+    return value
+
+
+def _alignment(value: Any) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < MIN_ALIGNMENT
+        or value & (value - 1)
+    ):
+        raise _Invalid(f"a power of two of at least {MIN_ALIGNMENT}")
+    return value
+
+
+def _socket_mode(value: Any) -> int:
+    # TOML has no leading-zero integers, so modes are strings ("0660"); an
+    # integer is accepted only as TOML's own octal literal would produce it.
+    expected = 'an octal mode string like "0660"'
+    if isinstance(value, bool):
+        raise _Invalid(expected)
+    if isinstance(value, str):
+        digits = value[2:] if value[:2].lower() == "0o" else value
+        if not re.fullmatch(r"[0-7]{3,4}", digits):
+            raise _Invalid(expected)
+        value = int(digits, 8)
+    if not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise _Invalid(expected)
+    return value
+
+
+def _path(value: Any, *, relative_to_cwd: bool, what: str = "an absolute path") -> Path:
+    # A relative path in a file has no obvious base (the file's directory? the
+    # daemon's cwd, which systemd sets to /?), so the file must be explicit; a
+    # flag's relative path means what the shell user meant: relative to cwd.
+    if not isinstance(value, str | Path) or not str(value) or "\0" in str(value):
+        raise _Invalid(what)
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        if not relative_to_cwd:
+            raise _Invalid(what)
+        path = path.absolute()
+    return path
+
+
+def _socket_path(value: Any, *, relative_to_cwd: bool) -> Path:
+    what = f"an absolute socket path of at most {_MAX_SOCKET_PATH} bytes"
+    path = _path(value, relative_to_cwd=relative_to_cwd, what=what)
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        raise _Invalid(what)
+    return path
+
+
+def _tcp(value: Any, *, allow_remote: bool) -> str | None:
+    """A normalised "host:port" / "[v6]:port", or None for ""."""
+    expected = 'host:port such as "127.0.0.1:50051" or "[::1]:50051", or "" for off'
+    if not isinstance(value, str):
+        raise _Invalid(expected)
+    if value == "":
+        return None
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9.-]+):(\d{1,5})", value)
+    if match is None:
+        raise _Invalid(expected)
+    host = (match.group(1) or match.group(3)).lower()
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise _Invalid(expected)
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if match.group(1):  # brackets hold only IPv6 literals
+            raise _Invalid(expected) from None
+        address = None
+    loopback = host == "localhost" if address is None else address.is_loopback
+    if not loopback and not allow_remote:
+        raise _Invalid(
+            'a loopback host:port such as "127.0.0.1:50051" '
+            "(set server.allow_remote = true to listen on other addresses)"
+        )
+    return f"[{host}]:{port}" if match.group(1) else f"{host}:{port}"
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid("a string")
+    return value
+
+
+def _unique(paths: Any) -> tuple[Path, ...]:
+    return tuple(dict.fromkeys(paths))

@@ -1,0 +1,128 @@
+"""Reading tensor bytes from a parsed checkpoint, and noticing when its files change.
+
+Tensor bytes are read on demand with `preadv`, straight into the caller's
+buffer, so a 100 GB checkpoint never passes through page-cache mappings that
+we own. Every read first checks that the file is still the one that was
+opened, so a replaced or truncated shard never lands garbage in a slab.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import xxhash
+
+from torpord.errors import FailedPrecondition, TorporError, Unavailable
+from torpord.storage.safetensors import Checkpoint, SourceFile, TensorInfo, _read_header
+
+__all__ = ["check_unchanged", "read_tensors"]
+
+
+def _changes(src: SourceFile, max_header_bytes: int) -> str | None:
+    try:
+        st = os.stat(src.path)
+    except FileNotFoundError:
+        return f"{src.path}: file is missing"
+    except OSError as err:
+        return f"{src.path}: cannot stat: {err.strerror}"
+    what: list[str] = []
+    if st.st_size != src.size:
+        what.append(f"size changed from {src.size} to {st.st_size} bytes")
+    if st.st_mtime_ns != src.mtime_ns:
+        what.append(f"mtime changed from {src.mtime_ns} to {st.st_mtime_ns} ns")
+    if (st.st_ino, st.st_dev) != (src.inode, src.device):
+        what.append("file was replaced (inode changed)")
+    if not what:
+        try:
+            _, raw = _read_header(src.path, max_header_bytes)
+        except TorporError as err:
+            return f"{src.path}: header no longer readable: {err.message}"
+        if xxhash.xxh3_64_hexdigest(raw) != src.header_hash:
+            what.append("header contents changed")
+    return f"{src.path}: {', '.join(what)}" if what else None
+
+
+def check_unchanged(checkpoint: Checkpoint, *, max_header_bytes: int = 100 * 2**20) -> str | None:
+    """Return None if every file still matches what was opened, else what changed."""
+    found = [m for m in (_changes(f, max_header_bytes) for f in checkpoint.files) if m]
+    return "; ".join(found) if found else None
+
+
+def _open_for_read(src: SourceFile, offset: int) -> int:
+    try:
+        fd = os.open(src.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        if isinstance(err, FileNotFoundError):
+            raise FailedPrecondition(
+                f"{src.path}: file is missing (needed at offset {offset})",
+                reason="SOURCE_CHANGED",
+                metadata={"file": src.path, "offset": offset},
+            ) from err
+        raise Unavailable(
+            f"{src.path}: open failed: {err.strerror}",
+            reason="SOURCE_READ_FAILED",
+            metadata={"file": src.path, "offset": offset},
+        ) from err
+    st = os.fstat(fd)
+    # A replaced or resized file would hand us someone else's bytes at these
+    # offsets; refuse rather than copy garbage into a slab.
+    if (st.st_ino, st.st_dev, st.st_size) != (src.inode, src.device, src.size):
+        os.close(fd)
+        raise FailedPrecondition(
+            f"{src.path}: file changed since it was opened (size {src.size} -> {st.st_size}, "
+            f"inode {src.inode} -> {st.st_ino}); needed at offset {offset}",
+            reason="SOURCE_CHANGED",
+            metadata={"file": src.path, "offset": offset},
+        )
+    return fd
+
+
+def read_tensors(
+    checkpoint: Checkpoint, items: Sequence[tuple[TensorInfo, int]], dest: memoryview
+) -> int:
+    """Read each tensor's bytes into `dest[dest_offset:dest_offset + nbytes]`.
+
+    Reads go straight into `dest` (no intermediate copy) and release the GIL,
+    so callers may run several of these on threads. Returns the bytes read.
+    """
+    out = dest if dest.format == "B" else dest.cast("B")
+    for tensor, at in items:
+        if at < 0 or at + tensor.nbytes > out.nbytes:
+            raise ValueError(
+                f"tensor {tensor.name!r} ({tensor.nbytes} bytes at {at}) does not "
+                f"fit a {out.nbytes}-byte destination"
+            )
+    fds: dict[int, int] = {}
+    total = 0
+    try:
+        for tensor, at in items:
+            src = checkpoint.files[tensor.file_index]
+            fd = fds.get(tensor.file_index)
+            if fd is None:
+                fd = fds[tensor.file_index] = _open_for_read(src, tensor.file_offset)
+            done = 0
+            while done < tensor.nbytes:
+                offset = tensor.file_offset + done
+                try:
+                    n = os.preadv(fd, [out[at + done : at + tensor.nbytes]], offset)
+                except OSError as err:
+                    raise Unavailable(
+                        f"{src.path}: read of tensor {tensor.name!r} failed at offset {offset}: "
+                        f"{err.strerror}",
+                        reason="SOURCE_READ_FAILED",
+                        metadata={"file": src.path, "tensor": tensor.name, "offset": offset},
+                    ) from err
+                if n == 0:
+                    raise FailedPrecondition(
+                        f"{src.path}: file ends at offset {offset}, inside tensor "
+                        f"{tensor.name!r} (truncated since it was opened)",
+                        reason="SOURCE_CHANGED",
+                        metadata={"file": src.path, "tensor": tensor.name, "offset": offset},
+                    )
+                done += n
+            total += done
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return total
