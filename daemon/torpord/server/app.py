@@ -93,4 +93,3 @@ async def set_serving(health_servicer: Any, serving: bool) -> None:
     )
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, status)
-

@@ -63,9 +63,7 @@ def translate_stream_errors(fn: G) -> G:
     """The same for server-streaming methods."""
 
     @functools.wraps(fn)
-    async def wrapper(
-        self: object, request: object, context: Context
-    ) -> AsyncIterator[object]:
+    async def wrapper(self: object, request: object, context: Context) -> AsyncIterator[object]:
         try:
             async for item in fn(self, request, context):
                 yield item

@@ -1,0 +1,1 @@
+"""torporctl, the command-line client of torpord (`python -m torpor.cli`)."""

@@ -1,0 +1,211 @@
+"""torporctl: drive torpord from a shell.
+
+Exit codes: 0 success, 1 the daemon refused or failed the request, 2 usage
+error, 3 the daemon could not be reached, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+
+from torpor.cli.commands import EXIT_INTERRUPTED, HANDLERS
+from torpor.client import Client
+from torpor.errors import TorporError
+
+__all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+PROG = "torporctl"
+
+_EPILOG = """\
+The socket defaults to $TORPOR_SOCKET, else /run/torpor/torpor.sock for root,
+else $XDG_RUNTIME_DIR/torpor/torpor.sock, else /tmp/torpor-$UID/torpor.sock.
+
+exit codes: 0 ok, 1 request failed in torpord, 2 usage error,
+3 torpord unreachable, 130 interrupted.
+"""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
+    """The global flags, accepted before or after the command.
+
+    In a subcommand their defaults are SUPPRESS, so an absent flag there does
+    not overwrite one given before the command.
+    """
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if in_subcommand else value
+
+    group = parser.add_argument_group("connection and output")
+    target = group.add_mutually_exclusive_group()
+    target.add_argument(
+        "--socket", metavar="PATH", default=default(None), help="torpord's Unix socket"
+    )
+    target.add_argument(
+        "--address", metavar="HOST:PORT", default=default(None), help="torpord's TCP address"
+    )
+    group.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print the response as JSON (as grpcurl does); watch: one object per line",
+    )
+    group.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=default(None),
+        help="deadline of each call, waits included (default: none; not applied to watch)",
+    )
+
+
+def _add_mutation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="return at once with the model in its transitional state",
+    )
+    parser.add_argument(
+        "--request-id",
+        metavar="ID",
+        default="",
+        help="idempotency key: a retry with the same id returns the first call's result",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Drive torpord: load, sleep, wake, offload and unload model weights.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_global_options(parser, in_subcommand=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, in_subcommand=True)
+
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, parents=[common])
+
+    command("node", "show the node: devices, host pool, disk cache")
+    command("list", "list every model")
+
+    get = command("get", "show one model and where each of its layers is")
+    get.add_argument("model_id", metavar="MODEL_ID")
+    get.add_argument("--full", action="store_true", help="also list every tensor")
+
+    load = command("load", "load a checkpoint (a .safetensors file or a directory)")
+    load.add_argument("model_id", metavar="MODEL_ID")
+    load.add_argument("source", metavar="SOURCE", help="path; relative paths are made absolute")
+    load.add_argument("--device", metavar="UUID", default="", help="default: the freest device")
+    load.add_argument(
+        "--host",
+        action="store_true",
+        help="preload into the host pool only (the model is asleep at level 1)",
+    )
+    _add_mutation_options(load)
+
+    sleep = command("sleep", "free a model's device memory")
+    sleep.add_argument("model_id", metavar="MODEL_ID")
+    sleep.add_argument(
+        "--level",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="1: keep the weights in host memory (default); 2: discard them",
+    )
+    _add_mutation_options(sleep)
+
+    wake = command("wake", "bring a model's layers back to its device")
+    wake.add_argument("model_id", metavar="MODEL_ID")
+    _add_mutation_options(wake)
+
+    offload = command("offload", "move layers of an awake model between host and device")
+    offload.add_argument("model_id", metavar="MODEL_ID")
+    offload.add_argument(
+        "layers", metavar="LAYER", nargs="*", help="pre, layers.N, post (default: every layer)"
+    )
+    offload.add_argument(
+        "--tier", choices=("host", "device"), default="host", help="where to (default: host)"
+    )
+    _add_mutation_options(offload)
+
+    unload = command("unload", "free every slab of a model and forget it")
+    unload.add_argument("model_id", metavar="MODEL_ID")
+    _add_mutation_options(unload)
+
+    watch = command("watch", "print a snapshot, then every event, until Ctrl-C")
+    watch.add_argument("model_id", metavar="MODEL_ID", nargs="?", default="")
+    return parser
+
+
+def _report(err: TorporError) -> None:
+    label = err.code.name if err.reason == err.code.name else f"{err.code.name} {err.reason}"
+    lines = [f"{PROG}: error: {err.message} ({label})"]
+    lines.extend(f"  {key}: {value}" for key, value in sorted(err.metadata.items()))
+    if err.unavailable:
+        lines.append("  hint: is torpord running? Pick its socket with --socket or $TORPOR_SOCKET")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def _exit_status(code: str | int | None) -> int:
+    if code is None:
+        return EXIT_OK
+    return code if isinstance(code, int) else EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run torporctl with `argv` (default: sys.argv[1:]); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.socket is not None and args.address is not None:
+            parser.error("argument --address: not allowed with argument --socket")
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return _exit_status(exc.code)
+
+    try:
+        client = Client(socket=args.socket, address=args.address, timeout=args.timeout)
+    except ValueError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return HANDLERS[args.command](client, args)
+    except TorporError as err:
+        _report(err)
+        return EXIT_UNAVAILABLE if err.unavailable else EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `torporctl list | head`: the reader left; that is not an error. Point
+        # stdout at /dev/null so the flush at exit does not complain again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

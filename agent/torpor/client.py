@@ -1,0 +1,347 @@
+"""A synchronous client for torpord's gRPC API.
+
+    with Client() as client:                      # the default socket
+        model = client.load_model("llama", "/models/llama-3-8b")
+        client.sleep_model("llama", level=1)
+        for event in client.watch_models("llama"):
+            ...
+
+Every method returns the proto message it is about (`Model`, `Node`, a list
+of `Model`) and raises `TorporError` for every failure.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import Self, TypeVar
+
+import grpc
+
+from torpor.errors import DAEMON_UNAVAILABLE, TorporError, from_rpc_error
+from torpor.v1 import common_pb2, models_pb2, models_pb2_grpc, node_pb2, node_pb2_grpc
+
+__all__ = ["DEFAULT_ROOT_SOCKET", "Client", "ModelWatch", "default_socket_path"]
+
+DEFAULT_ROOT_SOCKET = "/run/torpor/torpor.sock"
+
+# Messages can be large: a MODEL_VIEW_FULL model lists every tensor, and a
+# big MoE checkpoint has tens of thousands of them.
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+_CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    # torpord is node-local: never route it through $http_proxy/$grpc_proxy.
+    ("grpc.enable_http_proxy", 0),
+]
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
+def default_socket_path(environ: Mapping[str, str] | None = None, euid: int | None = None) -> str:
+    """The Unix socket torpord listens on by default (the daemon uses the same rule).
+
+    `$TORPOR_SOCKET` if set; else `/run/torpor/torpor.sock` for root; else
+    `$XDG_RUNTIME_DIR/torpor/torpor.sock` if `$XDG_RUNTIME_DIR` is set; else
+    `/tmp/torpor-{uid}/torpor.sock`. `environ` and `euid` default to the
+    process's own (they are parameters so the rule can be tested).
+    """
+    env = os.environ if environ is None else environ
+    uid = os.geteuid() if euid is None else euid
+    explicit = env.get("TORPOR_SOCKET")
+    if explicit:
+        return explicit
+    if uid == 0:
+        return DEFAULT_ROOT_SOCKET
+    runtime_dir = env.get("XDG_RUNTIME_DIR")
+    if runtime_dir:
+        return os.path.join(runtime_dir, "torpor", "torpor.sock")
+    return f"/tmp/torpor-{uid}/torpor.sock"
+
+
+class ModelWatch(Iterator[models_pb2.WatchModelsResponse]):
+    """A running WatchModels stream: iterate it for events, `cancel()` it to stop.
+
+    The first message is a snapshot of every (matching) model; every later one
+    is a model event. Iteration ends when the daemon ends the stream or after
+    `cancel()` (from any thread); any other failure raises `TorporError`.
+    """
+
+    def __init__(
+        self,
+        call: grpc.CallIterator[models_pb2.WatchModelsResponse],
+        target: str,
+    ) -> None:
+        self._call = call
+        self._iter = iter(call)
+        self._target = target
+        self._cancelled = threading.Event()
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> models_pb2.WatchModelsResponse:
+        try:
+            return next(self._iter)
+        except grpc.RpcError as err:
+            if self._cancelled.is_set() and _code(err) == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise from_rpc_error(err, target=self._target) from err
+
+    def cancel(self) -> None:
+        """Stop the stream; a blocked or later `next()` ends the iteration."""
+        self._cancelled.set()
+        self._call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it bare
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cancel()
+
+
+def _code(err: grpc.RpcError) -> grpc.StatusCode | None:
+    try:
+        return err.code()
+    except AttributeError:
+        return None
+
+
+class Client:
+    """A connection to torpord, over its Unix socket (the default) or TCP.
+
+    `socket` is a Unix socket path and `address` a `host:port`; give at most
+    one. With neither, the socket is `default_socket_path()`. `timeout` is the
+    default deadline, in seconds, of every unary call (None: no deadline);
+    methods that take a `timeout` override it. Mutations with `wait=True`
+    block until the transition is done, so give them a deadline that fits the
+    work or none. The client is thread-safe; close it (or use `with`).
+    """
+
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        address: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        if socket is not None and address is not None:
+            raise ValueError("give a socket or an address, not both")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        self.socket: str | None
+        self.address: str | None
+        if address is not None:
+            if not address:
+                raise ValueError("address must not be empty")
+            self.socket, self.address = None, address
+            self.target = address
+        else:
+            path = os.fspath(socket) if socket is not None else default_socket_path()
+            if not path:
+                raise ValueError("socket path must not be empty")
+            self.socket, self.address = path, None
+            self.target = "unix:" + path
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        self._models = models_pb2_grpc.ModelServiceStub(self._channel)
+        self._node = node_pb2_grpc.NodeServiceStub(self._channel)
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The underlying channel, for services this client does not wrap."""
+        return self._channel
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the channel is connected; TorporError(DAEMON_UNAVAILABLE) on timeout."""
+        future = grpc.channel_ready_future(self._channel)
+        try:
+            future.result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            future.cancel()
+            raise TorporError(
+                grpc.StatusCode.UNAVAILABLE,
+                DAEMON_UNAVAILABLE,
+                f"cannot reach torpord on {self._describe()} within {timeout:g}s"
+                if timeout is not None
+                else f"cannot reach torpord on {self._describe()}",
+                {"target": self.target},
+            ) from None
+
+    def close(self) -> None:
+        """Close the channel; running calls are cancelled. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.target!r})"
+
+    def _describe(self) -> str:
+        return f"socket {self.socket}" if self.socket is not None else f"address {self.address}"
+
+    def _unary(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[_Req, _Resp],
+        request: _Req,
+        timeout: float | None,
+    ) -> _Resp:
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, target=self.target) from err
+
+    # -- node ----------------------------------------------------------------
+
+    def get_node(self, *, timeout: float | None = None) -> node_pb2.Node:
+        """The node: devices, host pool, disk cache, allowed roots."""
+        return self._unary(self._node.GetNode, node_pb2.GetNodeRequest(), timeout).node
+
+    # -- reading models --------------------------------------------------------
+
+    def list_models(
+        self,
+        view: models_pb2.ModelView.ValueType = models_pb2.MODEL_VIEW_BASIC,
+        *,
+        timeout: float | None = None,
+    ) -> list[common_pb2.Model]:
+        """Every model, sorted by model_id."""
+        request = models_pb2.ListModelsRequest(view=view)
+        return list(self._unary(self._models.ListModels, request, timeout).models)
+
+    def get_model(
+        self,
+        model_id: str,
+        view: models_pb2.ModelView.ValueType = models_pb2.MODEL_VIEW_BASIC,
+        *,
+        timeout: float | None = None,
+    ) -> common_pb2.Model:
+        """One model; MODEL_VIEW_FULL adds every layer's tensors."""
+        request = models_pb2.GetModelRequest(model_id=model_id, view=view)
+        return self._unary(self._models.GetModel, request, timeout).model
+
+    def watch_models(self, model_id: str = "") -> ModelWatch:
+        """Stream a snapshot, then every change (of one model, or of all).
+
+        No deadline applies. Iterate the result; call its `cancel()` (or leave
+        its `with` block) to stop. A `TorporError` with reason WATCH_OVERFLOW
+        means the client fell behind: watch again.
+        """
+        call = self._models.WatchModels(models_pb2.WatchModelsRequest(model_id=model_id))
+        return ModelWatch(call, self.target)
+
+    # -- mutations -------------------------------------------------------------
+
+    def load_model(
+        self,
+        model_id: str,
+        source: str | os.PathLike[str],
+        *,
+        device: str = "",
+        target_tier: common_pb2.Tier.ValueType = common_pb2.TIER_DEVICE,
+        wait: bool = True,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> common_pb2.Model:
+        """Read a checkpoint into slabs on `device` (a UUID; empty: the freest).
+
+        `target_tier=TIER_HOST` preloads into the host pool and leaves the
+        model asleep at level 1. The source path is sent as given; it is
+        resolved by the daemon, so pass an absolute path.
+        """
+        request = models_pb2.LoadModelRequest(
+            model_id=model_id,
+            source=os.fspath(source),
+            device=device,
+            target_tier=target_tier,
+            wait=wait,
+            request_id=request_id,
+        )
+        return self._unary(self._models.LoadModel, request, timeout).model
+
+    def sleep_model(
+        self,
+        model_id: str,
+        level: int = 1,
+        *,
+        wait: bool = True,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> common_pb2.Model:
+        """Free the model's device memory: level 1 keeps weights in HOST, 2 drops them."""
+        request = models_pb2.SleepModelRequest(
+            model_id=model_id, level=level, wait=wait, request_id=request_id
+        )
+        return self._unary(self._models.SleepModel, request, timeout).model
+
+    def wake_model(
+        self,
+        model_id: str,
+        *,
+        wait: bool = True,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> common_pb2.Model:
+        """Bring every layer back to the model's device."""
+        request = models_pb2.WakeModelRequest(model_id=model_id, wait=wait, request_id=request_id)
+        return self._unary(self._models.WakeModel, request, timeout).model
+
+    def offload_model(
+        self,
+        model_id: str,
+        layers: Iterable[str] = (),
+        tier: common_pb2.Tier.ValueType = common_pb2.TIER_HOST,
+        *,
+        wait: bool = True,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> common_pb2.Model:
+        """Move layers (`pre`, `layers.N`, `post`; none: all) to TIER_HOST or TIER_DEVICE."""
+        if isinstance(layers, str):
+            raise TypeError("layers must be an iterable of layer names, not a str")
+        request = models_pb2.OffloadModelRequest(
+            model_id=model_id,
+            layers=list(layers),
+            tier=tier,
+            wait=wait,
+            request_id=request_id,
+        )
+        return self._unary(self._models.OffloadModel, request, timeout).model
+
+    def unload_model(
+        self,
+        model_id: str,
+        *,
+        wait: bool = True,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> common_pb2.Model:
+        """Free every slab and forget the model; returns it as it was last."""
+        request = models_pb2.UnloadModelRequest(model_id=model_id, wait=wait, request_id=request_id)
+        return self._unary(self._models.UnloadModel, request, timeout).model
