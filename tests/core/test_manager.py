@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
+from torpord.backends.base import SlabOwner
 from torpord.backends.host import HostBackend
+from torpord.core import mover
 from torpord.core.events import EventType
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.core.model import ModelSnapshot
@@ -224,12 +226,12 @@ async def test_failed_read_frees_everything_and_names_a_reason(h: Harness, tmp_p
     real = h.manager.mover._read_layer
     calls = 0
 
-    def flaky(model, layer, slab):  # type: ignore[no-untyped-def]
+    def flaky(*args):  # type: ignore[no-untyped-def]
         nonlocal calls
         calls += 1
         if calls == 3:
             os.truncate(path, 100)  # the file shrinks under the reader
-        return real(model, layer, slab)
+        return real(*args)
 
     h.manager.mover._read_layer = flaky  # type: ignore[method-assign]
     with pytest.raises(FailedPrecondition) as err:
@@ -349,3 +351,20 @@ async def test_close_frees_every_slab(tmp_path: Path, ckpt: Path) -> None:
     await harness.manager.close(1.0)
     assert harness.device_used() == 0 and harness.backend.host_pool().used == 0
     harness.backend.close()
+
+
+async def test_progress_moves_within_a_layer(
+    h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mover, "READ_RUN", 1)  # one run per tensor
+    m = await h.manager.load("m", str(ckpt), target=Tier.HOST)
+    model = h.manager._models["m"]
+    layer = model.layers[1]
+    (slab,) = h.backend.allocate(Tier.HOST, None, [(layer.plan.size, SlabOwner("t", "scratch"))])
+    seen: list[int] = []
+    try:
+        digest = h.manager.mover._read_layer(model, layer, slab, seen.append)
+    finally:
+        h.backend.free(slab)
+    assert seen == [p.tensor.nbytes for p in layer.plan.tensors] and len(seen) > 1
+    assert digest == m.layers[1].checksum

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torpord.core.types import Tier
@@ -128,8 +128,9 @@ class Backend(abc.ABC):
         """A writable view of a host-addressable slab. The caller releases it."""
 
     @abc.abstractmethod
-    def copy(self, src: Slab, dst: Slab) -> None:
-        """Copy src's bytes into dst (blocking; run on a worker thread)."""
+    def copy(self, src: Slab, dst: Slab, on_bytes: Callable[[int], None] | None = None) -> None:
+        """Copy src's bytes into dst (blocking; run on a worker thread),
+        calling on_bytes with each piece's size as it lands."""
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torpord.backends.base import Backend, Budget, DeviceInfo, PoolInfo, Slab, SlabOwner
@@ -156,12 +156,15 @@ class HostBackend(Backend):
     def view(self, slab: Slab) -> memoryview:
         return memoryview(self._mapping(slab).mm)[: slab.size]
 
-    def copy(self, src: Slab, dst: Slab) -> None:
+    def copy(self, src: Slab, dst: Slab, on_bytes: Callable[[int], None] | None = None) -> None:
         if src.size != dst.size:
             raise ValueError(f"copy between slabs of {src.size} and {dst.size} bytes")
         a, b = self._mapping(src).address, self._mapping(dst).address
         for offset in range(0, src.size, _COPY_PIECE):
-            ctypes.memmove(b + offset, a + offset, min(_COPY_PIECE, src.size - offset))
+            piece = min(_COPY_PIECE, src.size - offset)
+            ctypes.memmove(b + offset, a + offset, piece)
+            if on_bytes is not None:
+                on_bytes(piece)
 
     def fd(self, slab: Slab) -> int:
         """The slab's memfd (for exporting to agents)."""

@@ -15,7 +15,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -55,7 +55,33 @@ class ManagerSettings:
 
 
 Body = Callable[[], Awaitable[int]]
-Restore = Callable[[TorporError], None]
+
+# How often a running transition's progress goes out on Watch even when no
+# layer finished in between (a big layer can take seconds).
+HEARTBEAT = 0.5
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the caller asked for, as far as running a transition goes."""
+
+    request_id: str
+    fingerprint: Hashable  # the arguments, to recognise a retry
+    wait: bool
+
+
+@dataclass
+class Plan:
+    """A transition that has been decided and has its memory: ready to run."""
+
+    kind: TransitionKind
+    state: ModelState  # the transitional state it runs in
+    layers: Sequence[LayerState]  # what it moves or frees
+    body: Body  # does the work; returns the bytes moved or freed
+    new: list[Slab] = field(default_factory=list)  # slabs allocated for it
+    sleep_level: int | None = None  # shown while it runs
+    fail_to: ModelState | None = None  # the state a failure leaves (default: the one before)
+    removes: bool = False
 
 
 class ModelManager:
@@ -116,8 +142,8 @@ class ModelManager:
                 metadata={"tier": target.value},
             )
         path = self._resolve_source(source)
-        fingerprint = ("load", model_id, path, device, target)
-        if (task := self.requests.lookup(request_id, fingerprint)) is not None:
+        call = Call(request_id, ("load", model_id, path, device, target), wait)
+        if (task := self.requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._replay(task, wait, model_id)
         existing = self._models.get(model_id)
         if existing is not None:
@@ -156,21 +182,15 @@ class ModelManager:
                 model.settle()
             return moved
 
-        def restore(err: TorporError) -> None:
-            model.set_state(ModelState.FAILED, err.reason, err.message)
-
-        return await self._start(
-            model,
+        plan = Plan(
             TransitionKind.LOAD,
             ModelState.LOADING,
             model.layers,
             body,
-            restore,
-            request_id=request_id,
-            fingerprint=fingerprint,
-            wait=wait,
-            new=new,
+            new,
+            fail_to=ModelState.FAILED,
         )
+        return await self._start(model, plan, call)
 
     async def sleep(
         self, model_id: str, level: int = 1, *, wait: bool = True, request_id: str = ""
@@ -183,11 +203,9 @@ class ModelManager:
                 metadata={"level": level},
             )
         model = self._model(model_id)
-        fingerprint = ("sleep", model_id, level)
-        if (task := self.requests.lookup(request_id, fingerprint)) is not None:
+        call = Call(request_id, ("sleep", model_id, level), wait)
+        if (task := self._retry_of(model, call)) is not None:
             return await self._replay(task, wait, model_id)
-        self._check_idle(model)
-        previous = (model.state, model.sleep_level)
         if model.state is ModelState.ASLEEP:
             if model.sleep_level == level:
                 return model.snapshot()
@@ -198,13 +216,12 @@ class ModelManager:
                     reason="INVALID_STATE",
                     metadata={"model_id": model_id, "state": model.state.value, "sleep_level": 2},
                 )
-            held = [layer for layer in model.layers if layer.slab is not None]
-        elif model.state in (ModelState.ACTIVE, ModelState.OFFLOADED):
-            held = [layer for layer in model.layers if layer.tier is Tier.DEVICE]
-            if level == 2:
-                held = [layer for layer in model.layers if layer.slab is not None]
-        else:
+        elif model.state not in (ModelState.ACTIVE, ModelState.OFFLOADED):
             raise _wrong_state(model, "sleep")
+        if level == 1:  # what is on the device goes to HOST; what is in HOST stays
+            held = [layer for layer in model.layers if layer.tier is Tier.DEVICE]
+        else:
+            held = [layer for layer in model.layers if layer.slab is not None]
         new = self.mover.allocate(model, held, Tier.HOST) if level == 1 else []
 
         async def body() -> int:
@@ -216,45 +233,23 @@ class ModelManager:
             model.set_state(ModelState.ASLEEP)
             return moved
 
-        def restore(err: TorporError) -> None:
-            model.sleep_level = previous[1]
-            model.set_state(previous[0], err.reason, err.message)
-
-        return await self._start(
-            model,
-            TransitionKind.SLEEP,
-            ModelState.SLEEPING,
-            held,
-            body,
-            restore,
-            request_id=request_id,
-            fingerprint=fingerprint,
-            wait=wait,
-            sleep_level=level,
-            new=new,
-        )
+        plan = Plan(TransitionKind.SLEEP, ModelState.SLEEPING, held, body, new, sleep_level=level)
+        return await self._start(model, plan, call)
 
     async def wake(
         self, model_id: str, *, wait: bool = True, request_id: str = ""
     ) -> ModelSnapshot:
         model = self._model(model_id)
-        fingerprint = ("wake", model_id)
-        if (task := self.requests.lookup(request_id, fingerprint)) is not None:
+        call = Call(request_id, ("wake", model_id), wait)
+        if (task := self._retry_of(model, call)) is not None:
             return await self._replay(task, wait, model_id)
-        self._check_idle(model)
         if model.state is ModelState.ACTIVE:
             return model.snapshot()
         if model.state not in (ModelState.ASLEEP, ModelState.OFFLOADED):
             raise _wrong_state(model, "wake")
-        return await self._bring_to_device(
-            model,
-            [layer for layer in model.layers if layer.tier is not Tier.DEVICE],
-            TransitionKind.WAKE,
-            ModelState.WAKING,
-            request_id,
-            fingerprint,
-            wait,
-        )
+        moving = [layer for layer in model.layers if layer.tier is not Tier.DEVICE]
+        plan = self._to_device(model, moving, TransitionKind.WAKE, ModelState.WAKING)
+        return await self._start(model, plan, call)
 
     async def offload(
         self,
@@ -288,27 +283,21 @@ class ModelManager:
                 reason="UNKNOWN_LAYER",
                 metadata={"model_id": model_id, "layers": ",".join(unknown)},
             )
-        fingerprint = ("offload", model_id, names, tier)
-        if (task := self.requests.lookup(request_id, fingerprint)) is not None:
+        call = Call(request_id, ("offload", model_id, names, tier), wait)
+        if (task := self._retry_of(model, call)) is not None:
             return await self._replay(task, wait, model_id)
-        self._check_idle(model)
         if model.state not in (ModelState.ACTIVE, ModelState.OFFLOADED):
             raise _wrong_state(model, "offload")
-        chosen = [layer for layer in model.layers if not names or layer.plan.name in names]
-        moving = [layer for layer in chosen if layer.tier is not tier]
+        moving = [
+            layer
+            for layer in model.layers
+            if (not names or layer.plan.name in names) and layer.tier is not tier
+        ]
         if not moving:
             return model.snapshot()
         if tier is Tier.DEVICE:
-            return await self._bring_to_device(
-                model,
-                moving,
-                TransitionKind.OFFLOAD,
-                ModelState.OFFLOADING,
-                request_id,
-                fingerprint,
-                wait,
-            )
-        previous = model.state
+            plan = self._to_device(model, moving, TransitionKind.OFFLOAD, ModelState.OFFLOADING)
+            return await self._start(model, plan, call)
         new = self.mover.allocate(model, moving, tier)
 
         async def body() -> int:
@@ -316,33 +305,13 @@ class ModelManager:
             model.settle()
             return moved
 
-        def restore(err: TorporError) -> None:
-            model.set_state(previous, err.reason, err.message)
+        plan = Plan(TransitionKind.OFFLOAD, ModelState.OFFLOADING, moving, body, new)
+        return await self._start(model, plan, call)
 
-        return await self._start(
-            model,
-            TransitionKind.OFFLOAD,
-            ModelState.OFFLOADING,
-            moving,
-            body,
-            restore,
-            request_id=request_id,
-            fingerprint=fingerprint,
-            wait=wait,
-            new=new,
-        )
-
-    async def _bring_to_device(
-        self,
-        model: Model,
-        moving: list[LayerState],
-        kind: TransitionKind,
-        state: ModelState,
-        request_id: str,
-        fingerprint: Hashable,
-        wait: bool,
-    ) -> ModelSnapshot:
-        previous = (model.state, model.sleep_level)
+    def _to_device(
+        self, model: Model, moving: list[LayerState], kind: TransitionKind, state: ModelState
+    ) -> Plan:
+        """Wake and Offload to DEVICE: bring `moving` back, from HOST or the source."""
         new = self.mover.allocate(model, moving, Tier.DEVICE)
 
         async def body() -> int:
@@ -359,31 +328,15 @@ class ModelManager:
             model.settle()
             return moved
 
-        def restore(err: TorporError) -> None:
-            model.sleep_level = previous[1]
-            model.set_state(previous[0], err.reason, err.message)
-
-        return await self._start(
-            model,
-            kind,
-            state,
-            moving,
-            body,
-            restore,
-            request_id=request_id,
-            fingerprint=fingerprint,
-            wait=wait,
-            new=new,
-        )
+        return Plan(kind, state, moving, body, new)
 
     async def unload(
         self, model_id: str, *, wait: bool = True, request_id: str = ""
     ) -> ModelSnapshot:
         model = self._model(model_id)
-        fingerprint = ("unload", model_id)
-        if (task := self.requests.lookup(request_id, fingerprint)) is not None:
+        call = Call(request_id, ("unload", model_id), wait)
+        if (task := self._retry_of(model, call)) is not None:
             return await self._replay(task, wait, model_id)
-        self._check_idle(model)
 
         async def body() -> int:
             freed = self.mover.drop(model, model.layers)
@@ -391,102 +344,92 @@ class ModelManager:
             self.mover.forget(model)
             return freed
 
-        def restore(err: TorporError) -> None:  # dropping slabs does not fail
-            model.set_state(ModelState.FAILED, err.reason, err.message)
-
         held = [layer for layer in model.layers if layer.slab is not None]
-        return await self._start(
-            model,
+        plan = Plan(
             TransitionKind.UNLOAD,
             ModelState.UNLOADING,
             held,
             body,
-            restore,
-            request_id=request_id,
-            fingerprint=fingerprint,
-            wait=wait,
+            fail_to=ModelState.FAILED,
             removes=True,
         )
+        return await self._start(model, plan, call)
+
+    def _retry_of(self, model: Model, call: Call) -> asyncio.Task[ModelSnapshot] | None:
+        """The task of an earlier call with this request_id; else None, once
+        the model is known to be free for a new transition."""
+        task = self.requests.lookup(call.request_id, call.fingerprint)
+        if task is None and (model.busy or model.state.transitional):
+            raise _busy(model.model_id, model.state.value)
+        return task
 
     # -- running transitions ---------------------------------------------------
 
-    async def _start(
-        self,
-        model: Model,
-        kind: TransitionKind,
-        state: ModelState,
-        layers: Sequence[LayerState],
-        body: Body,
-        restore: Restore,
-        *,
-        request_id: str,
-        fingerprint: Hashable,
-        wait: bool,
-        sleep_level: int | None = None,
-        new: list[Slab] | None = None,
-        removes: bool = False,
-    ) -> ModelSnapshot:
-        """Enter `state` and run body as a task. Nothing here may await before
-        the task exists: the model must never be seen idle while it changes."""
-        model.progress = Progress(kind, sum(layer.plan.size for layer in layers), len(layers))
-        if sleep_level is not None:
-            model.sleep_level = sleep_level
-        model.set_state(state)
+    async def _start(self, model: Model, plan: Plan, call: Call) -> ModelSnapshot:
+        """Enter the plan's state and run it as a task. Nothing here may await
+        before the task exists: the model must never look idle while it changes."""
+        model.progress = Progress(
+            plan.kind, sum(layer.plan.size for layer in plan.layers), len(plan.layers)
+        )
+        before = (model.state, model.sleep_level)
+        if plan.sleep_level is not None:
+            model.sleep_level = plan.sleep_level
+        model.set_state(plan.state)
         self.bus.publish(EventType.CHANGED, model.snapshot())
         task = asyncio.create_task(
-            self._run(model, kind, body, restore, request_id, removes, new or []),
-            name=f"{kind.value} {model.model_id}",
+            self._run(model, plan, call.request_id, before),
+            name=f"{plan.kind.value} {model.model_id}",
         )
         task.add_done_callback(_retrieve)
         model.task = task
-        self.requests.remember(request_id, fingerprint, task)
-        if wait:
+        self.requests.remember(call.request_id, call.fingerprint, task)
+        if call.wait:
             return await asyncio.shield(task)
         return model.snapshot()
 
     async def _run(
         self,
         model: Model,
-        kind: TransitionKind,
-        body: Body,
-        restore: Restore,
+        plan: Plan,
         request_id: str,
-        removes: bool,
-        new: list[Slab],
+        before: tuple[ModelState, int],
     ) -> ModelSnapshot:
         assert model.progress is not None
         started, clock = time.time(), time.monotonic()
-        bound = log.bind(model_id=model.model_id, transition=kind.value, request_id=request_id)
+        bound = log.bind(model_id=model.model_id, transition=plan.kind.value, request_id=request_id)
         bound.info("transition started", bytes=model.progress.bytes_total)
+        heartbeat = asyncio.create_task(self._heartbeat(model))
         try:
-            moved = await body()
+            moved = await plan.body()
         except BaseException as exc:
             err = _as_domain_error(exc)
             if isinstance(exc, TorporError):
                 bound.warning("transition failed", reason=err.reason, error=err.message)
             else:
                 bound.exception("transition failed unexpectedly")
-            for slab in new:  # allocated for a move that never began
+            for slab in plan.new:  # allocated for a move that never began
                 if not slab.freed:
                     self.backend.free(slab)
-            restore(err)
+            if plan.fail_to is None:
+                model.sleep_level = before[1]
+            model.set_state(plan.fail_to or before[0], err.reason, err.message)
             outcome = Outcome.FAILED if model.state is ModelState.FAILED else Outcome.ROLLED_BACK
-            self._finish(
-                model,
-                TransitionRecord(
-                    kind,
-                    outcome,
-                    started,
-                    time.monotonic() - clock,
-                    model.progress.bytes_done,
-                    request_id,
-                    err.reason,
-                    err.message,
-                ),
+            record = TransitionRecord(
+                plan.kind,
+                outcome,
+                started,
+                time.monotonic() - clock,
+                model.progress.bytes_done,
+                request_id,
+                err.reason,
+                err.message,
             )
+            self._finish(model, record)
             raise err from exc if err is not exc else None
+        finally:
+            heartbeat.cancel()
         record = TransitionRecord(
-            kind, Outcome.SUCCEEDED, started, time.monotonic() - clock, moved, request_id
+            plan.kind, Outcome.SUCCEEDED, started, time.monotonic() - clock, moved, request_id
         )
         bound.info(
             "transition done",
@@ -494,13 +437,18 @@ class ModelManager:
             bytes=moved,
             gb_per_s=round(record.bytes_per_second / 1e9, 3),
         )
-        if removes:
+        if plan.removes:
             model.progress = None
             model.last_transition = record
             snapshot = model.snapshot()
             self.bus.publish(EventType.REMOVED, snapshot)
             return snapshot
         return self._finish(model, record)
+
+    async def _heartbeat(self, model: Model) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            self.mover.report(model, force=True)
 
     def _finish(self, model: Model, record: TransitionRecord) -> ModelSnapshot:
         model.progress = None
@@ -520,10 +468,6 @@ class ModelManager:
     def _on_progress(self, model: Model) -> None:
         if model.progress is not None:
             self.bus.publish(EventType.PROGRESS, model.snapshot())
-
-    def _check_idle(self, model: Model) -> None:
-        if model.busy or model.state.transitional:
-            raise _busy(model.model_id, model.state.value)
 
     def _resolve_source(self, source: str) -> str:
         if not source:

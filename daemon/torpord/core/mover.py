@@ -23,7 +23,7 @@ from torpord.backends.base import Backend, Slab, SlabOwner
 from torpord.core.model import LayerState, Model, Progress
 from torpord.core.types import Stage, Tier
 from torpord.errors import FailedPrecondition
-from torpord.storage.safetensors import read_tensors
+from torpord.storage.safetensors import TensorInfo, read_tensors
 
 __all__ = ["Mover", "checksum"]
 
@@ -31,6 +31,9 @@ T = TypeVar("T")
 
 # Progress is published at most this often (and at every stage change).
 PROGRESS_INTERVAL = 0.25
+# A layer is read in runs of tensors of about this many bytes; progress moves
+# after each run.
+READ_RUN = 32 * 2**20
 
 
 def checksum(view: memoryview) -> str:
@@ -74,7 +77,9 @@ class Mover:
 
     # -- bytes of one layer --------------------------------------------------
 
-    def _read_layer(self, model: Model, layer: LayerState, slab: Slab) -> str:
+    def _read_layer(
+        self, model: Model, layer: LayerState, slab: Slab, on_bytes: Callable[[int], None]
+    ) -> str:
         """Read a layer from the source into slab (worker thread); its checksum."""
         with self._backend.view(slab) as view:
             end = 0
@@ -84,20 +89,30 @@ class Mover:
                 view[end : packed.slab_offset] = bytes(packed.slab_offset - end)
                 end = packed.slab_offset + packed.tensor.nbytes
             view[end:] = bytes(len(view) - end)
-            read_tensors(
-                model.checkpoint,
-                [(packed.tensor, packed.slab_offset) for packed in layer.plan.tensors],
-                view,
-            )
+            # In runs of about READ_RUN bytes, so progress moves within a big layer.
+            run: list[tuple[TensorInfo, int]] = []
+            size = 0
+            for packed in layer.plan.tensors:
+                run.append((packed.tensor, packed.slab_offset))
+                size += packed.tensor.nbytes
+                if size >= READ_RUN or packed is layer.plan.tensors[-1]:
+                    read_tensors(model.checkpoint, run, view)
+                    on_bytes(size)
+                    run, size = [], 0
             return checksum(view)
 
     async def fill(self, model: Model, layer: LayerState, slab: Slab) -> None:
         """Fill slab with layer's bytes, from its current slab or the source."""
         assert model.progress is not None
+        progress = model.progress
+
+        def on_bytes(n: int) -> None:  # called on the worker thread
+            progress.bytes_done += n
+
         if layer.slab is not None:
-            await self.blocking(self._backend.copy, layer.slab, slab)
+            await self.blocking(self._backend.copy, layer.slab, slab, on_bytes)
             return
-        digest = await self.blocking(self._read_layer, model, layer, slab)
+        digest = await self.blocking(self._read_layer, model, layer, slab, on_bytes)
         if not layer.checksum:
             layer.checksum = digest
         elif digest != layer.checksum:
@@ -127,11 +142,13 @@ class Mover:
         progress: Progress = model.progress
         progress.stage = Stage.READ if any(s is None for s in old) else Stage.TRANSFER
         self.report(model, force=True)
+        done = progress.bytes_done
         try:
             for layer, slab in zip(layers, new, strict=True):
                 await self.fill(model, layer, slab)
                 layer.slab = slab
-                progress.bytes_done += layer.plan.size
+                done += layer.plan.size
+                progress.bytes_done = done  # exact, whatever the pieces added up to
                 progress.layers_done += 1
                 self.report(model)
         except BaseException:
