@@ -1,9 +1,8 @@
 """torporctl against a real in-process gRPC server on a Unix socket.
 
-The fake daemon below is deliberately small (and separate from the one in
-test_client.py, so each file stands alone): canned models, failures aborted
-with a real google.rpc.Status + ErrorInfo, and a WatchModels stream whose
-messages each test chooses.
+The server is the small fake daemon in fake_daemon.py (shared with
+test_client.py): canned models, failures aborted with a real google.rpc.Status +
+ErrorInfo, and a WatchModels stream whose messages each test chooses.
 """
 
 from __future__ import annotations
@@ -14,33 +13,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from concurrent import futures
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import pytest
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from google.protobuf import duration_pb2
 from torpor.cli import progress
 from torpor.cli.main import main
 from torpor.cli.render import human_bytes
 from torpor.client import Client
-from torpor.v1 import common_pb2, models_pb2, models_pb2_grpc, node_pb2, node_pb2_grpc
+from torpor.v1 import common_pb2, models_pb2
 
-GIB = 1024**3
-UUID = "GPU-0b1c2d3e"
-
-
-def abort(
-    context: grpc.ServicerContext, code: int, reason: str, message: str, **metadata: str
-) -> None:
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="torpor.dev", metadata=metadata))
-    status = status_pb2.Status(code=code, message=message, details=[detail])
-    context.abort_with_status(rpc_status.to_status(status))
+from .fake_daemon import GIB, UUID, Daemon
 
 
 def offloaded_model() -> common_pb2.Model:
@@ -128,153 +111,9 @@ def progress_event(done: int) -> models_pb2.ModelEvent:
     return models_pb2.ModelEvent(type=models_pb2.MODEL_EVENT_TYPE_PROGRESS, model=model)
 
 
-@dataclass
-class FakeModels(models_pb2_grpc.ModelServiceServicer):
-    models: dict[str, common_pb2.Model] = field(default_factory=dict)
-    requests: list[object] = field(default_factory=list)
-    events: list[models_pb2.ModelEvent] = field(default_factory=list)
-    hold_watch: bool = False
-
-    def _get(self, model_id: str, context: grpc.ServicerContext) -> common_pb2.Model:
-        if model_id not in self.models:
-            abort(
-                context,
-                code_pb2.NOT_FOUND,
-                "MODEL_NOT_FOUND",
-                f"model {model_id!r} not found",
-                model_id=model_id,
-            )
-        return self.models[model_id]
-
-    def GetModel(
-        self, request: models_pb2.GetModelRequest, context: grpc.ServicerContext
-    ) -> models_pb2.GetModelResponse:
-        model = common_pb2.Model()
-        model.CopyFrom(self._get(request.model_id, context))
-        if request.view != models_pb2.MODEL_VIEW_FULL:
-            for layer in model.layers:
-                del layer.tensors[:]
-        return models_pb2.GetModelResponse(model=model)
-
-    def ListModels(
-        self, request: models_pb2.ListModelsRequest, context: grpc.ServicerContext
-    ) -> models_pb2.ListModelsResponse:
-        return models_pb2.ListModelsResponse(models=[self.models[k] for k in sorted(self.models)])
-
-    def LoadModel(
-        self, request: models_pb2.LoadModelRequest, context: grpc.ServicerContext
-    ) -> models_pb2.LoadModelResponse:
-        self.requests.append(request)
-        if request.source.endswith("/huge"):
-            abort(
-                context,
-                code_pb2.RESOURCE_EXHAUSTED,
-                "INSUFFICIENT_DEVICE_MEMORY",
-                "not enough free memory on GPU-0b1c2d3e",
-                asked="85899345920",
-                free="1073741824",
-            )
-        if request.source.endswith("/slow"):
-            time.sleep(1.0)
-        model = common_pb2.Model(
-            name=f"models/{request.model_id}",
-            model_id=request.model_id,
-            state=common_pb2.MODEL_STATE_ACTIVE if request.wait else common_pb2.MODEL_STATE_LOADING,
-        )
-        self.models[request.model_id] = model
-        return models_pb2.LoadModelResponse(model=model)
-
-    def SleepModel(
-        self, request: models_pb2.SleepModelRequest, context: grpc.ServicerContext
-    ) -> models_pb2.SleepModelResponse:
-        self.requests.append(request)
-        model = self._get(request.model_id, context)
-        model.state = common_pb2.MODEL_STATE_ASLEEP
-        model.sleep_level = request.level
-        return models_pb2.SleepModelResponse(model=model)
-
-    def OffloadModel(
-        self, request: models_pb2.OffloadModelRequest, context: grpc.ServicerContext
-    ) -> models_pb2.OffloadModelResponse:
-        self.requests.append(request)
-        return models_pb2.OffloadModelResponse(model=self._get(request.model_id, context))
-
-    def WakeModel(
-        self, request: models_pb2.WakeModelRequest, context: grpc.ServicerContext
-    ) -> models_pb2.WakeModelResponse:
-        self.requests.append(request)
-        model = self._get(request.model_id, context)
-        model.state = common_pb2.MODEL_STATE_ACTIVE
-        model.sleep_level = 0
-        return models_pb2.WakeModelResponse(model=model)
-
-    def UnloadModel(
-        self, request: models_pb2.UnloadModelRequest, context: grpc.ServicerContext
-    ) -> models_pb2.UnloadModelResponse:
-        self.requests.append(request)
-        return models_pb2.UnloadModelResponse(model=self.models.pop(request.model_id))
-
-    def WatchModels(
-        self, request: models_pb2.WatchModelsRequest, context: grpc.ServicerContext
-    ) -> Iterator[models_pb2.WatchModelsResponse]:
-        snapshot = [m for k, m in sorted(self.models.items()) if request.model_id in ("", k)]
-        yield models_pb2.WatchModelsResponse(snapshot=models_pb2.Snapshot(models=snapshot))
-        for event in self.events:
-            yield models_pb2.WatchModelsResponse(model_event=event)
-        while self.hold_watch and context.is_active():
-            time.sleep(0.01)
-
-
-class FakeNode(node_pb2_grpc.NodeServiceServicer):
-    def GetNode(
-        self, request: node_pb2.GetNodeRequest, context: grpc.ServicerContext
-    ) -> node_pb2.GetNodeResponse:
-        node = node_pb2.Node(
-            hostname="gpu-1",
-            version="0.1.0",
-            backend=node_pb2.BACKEND_CUDA,
-            devices=[
-                node_pb2.Device(
-                    name=f"devices/{UUID}",
-                    uuid=UUID,
-                    display_name="NVIDIA H100",
-                    capacity_bytes=80 * GIB,
-                    used_bytes=3 * GIB,
-                    free_bytes=77 * GIB,
-                    slab_count=2,
-                )
-            ],
-            host_pool=node_pb2.HostPool(capacity_bytes=64 * GIB, used_bytes=GIB),
-            model_count=2,
-            allowed_roots=["/models"],
-        )
-        return node_pb2.GetNodeResponse(node=node)
-
-
-@dataclass
-class Daemon:
-    socket: Path
-    models: FakeModels
-
-    def run(self, *argv: str) -> int:
-        return main(["--socket", str(self.socket), *argv])
-
-
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    socket = tmp_path / "t.sock"
-    executor = futures.ThreadPoolExecutor(max_workers=8)
-    server = grpc.server(executor)
-    fake = FakeModels(models={"llama": offloaded_model(), "qwen": asleep_model()})
-    models_pb2_grpc.add_ModelServiceServicer_to_server(fake, server)
-    node_pb2_grpc.add_NodeServiceServicer_to_server(FakeNode(), server)
-    server.add_insecure_port(f"unix:{socket}")
-    server.start()
-    try:
-        yield Daemon(socket, fake)
-    finally:
-        server.stop(None).wait()
-        executor.shutdown(wait=True)
+def daemon_models() -> dict[str, common_pb2.Model]:
+    return {"llama": offloaded_model(), "qwen": asleep_model()}
 
 
 # -- rendering -------------------------------------------------------------------
