@@ -115,3 +115,14 @@ def test_bad_tier_and_device(backend: HostBackend) -> None:
     uuid = backend.devices()[1].uuid
     assert backend.resolve_device(f"devices/{uuid}") == uuid
     assert backend.pick_device() == backend.devices()[0].uuid
+
+
+def test_a_slab_still_viewed_is_not_half_freed(backend: HostBackend) -> None:
+    (slab,) = backend.allocate(Tier.HOST, None, [(100, OWNER)])
+    view = backend.view(slab)
+    with pytest.raises(BufferError):
+        backend.free(slab)
+    assert not slab.freed and backend.host_pool().used == 100
+    view.release()
+    backend.free(slab)
+    assert slab.freed and backend.host_pool().used == 0

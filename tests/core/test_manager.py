@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -368,3 +369,87 @@ async def test_progress_moves_within_a_layer(
         h.backend.free(slab)
     assert seen == [p.tensor.nbytes for p in layer.plan.tensors] and len(seen) > 1
     assert digest == m.layers[1].checksum
+
+
+async def test_a_symlink_inside_the_source_cannot_leave_the_allowed_roots(
+    h: Harness, tmp_path: Path
+) -> None:
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    target = make_checkpoint(outside / "secret.safetensors", layers=1)
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "model.safetensors").symlink_to(target)
+    with pytest.raises(PermissionDenied) as err:
+        await h.manager.load("m", str(single))
+    assert err.value.reason == "SOURCE_NOT_ALLOWED" and str(target) in err.value.message
+    sharded = make_checkpoint(tmp_path / "sharded", layers=2, shards=2)
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    os.replace(shard, outside / shard.name)
+    shard.symlink_to(outside / shard.name)
+    with pytest.raises(PermissionDenied):
+        await h.manager.load("m", str(sharded))
+    assert h.manager.list_models() == [] and h.device_used() == 0
+
+
+async def test_nul_in_a_source_is_invalid(h: Harness) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        await h.manager.load("m", "/tmp/a\0b")
+    assert err.value.reason == "INVALID_SOURCE_PATH"
+
+
+async def test_retries_get_the_first_result_even_after_the_model_is_gone(
+    h: Harness, ckpt: Path
+) -> None:
+    await h.manager.load("m", str(ckpt))
+    first = await h.manager.unload("m", request_id="u1")
+    again = await h.manager.unload("m", request_id="u1")
+    assert again == first
+    with pytest.raises(NotFound):
+        await h.manager.unload("m", request_id="u2")
+
+
+async def test_a_retry_during_validation_waits_for_the_load(h: Harness, ckpt: Path) -> None:
+    first, second = await asyncio.gather(
+        h.manager.load("m", str(ckpt), request_id="r"),
+        h.manager.load("m", str(ckpt), request_id="r"),
+    )
+    assert first.state is ModelState.ACTIVE and second == first
+
+
+async def test_load_of_a_loading_model_waits_for_it(h: Harness, ckpt: Path) -> None:
+    started = await h.manager.load("m", str(ckpt), wait=False)
+    assert started.state is ModelState.LOADING
+    waited = await h.manager.load("m", str(ckpt), wait=True)
+    assert waited.state is ModelState.ACTIVE
+    unloading = await h.manager.unload("m", wait=False)
+    assert unloading.state is ModelState.UNLOADING
+    with pytest.raises(Aborted):
+        await h.manager.load("m", str(ckpt))
+
+
+async def test_shutdown_stops_a_transition_inside_a_big_layer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness = Harness(tmp_path)
+    ckpt = make_checkpoint(tmp_path / "one.safetensors", layers=1, hidden=256)
+    monkeypatch.setattr(mover, "READ_RUN", 1)  # a run per tensor
+    reads = 0
+    real = mover.read_tensors
+
+    def slow(*args):  # type: ignore[no-untyped-def]
+        nonlocal reads
+        reads += 1
+        time.sleep(0.2)
+        return real(*args)
+
+    monkeypatch.setattr(mover, "read_tensors", slow)
+    await harness.manager.load("m", str(ckpt), wait=False)
+    task = harness.manager._models["m"].task
+    tensors = sum(len(layer.plan.tensors) for layer in harness.manager.get("m").layers)
+    await asyncio.sleep(0.05)
+    await harness.manager.close(0.0)
+    assert task is not None and task.done()
+    assert isinstance(task.exception(), Aborted)
+    assert tensors > 10 and reads < 4  # it stopped at the next piece, not after the model
+    assert harness.device_used() == 0 and harness.backend.host_pool().used == 0
+    harness.backend.close()

@@ -129,13 +129,21 @@ class HostBackend(Backend):
 
     def free(self, slab: Slab) -> None:
         with self._lock:
-            mapping = self._live.pop(slab, None)
+            mapping = self._live.get(slab)
         if mapping is None or slab.freed:
             raise RuntimeError(f"slab {slab.id} ({slab.owner}) freed twice")
-        slab.freed = True
+        # Unmap first: if a view of it is still alive, mmap refuses (BufferError)
+        # and the slab stays live and accounted, rather than half freed.
         del mapping.anchor
-        mapping.mm.close()
+        try:
+            mapping.mm.close()
+        except BufferError:
+            mapping.anchor = (ctypes.c_char * len(mapping.mm)).from_buffer(mapping.mm)
+            raise
         os.close(mapping.fd)
+        with self._lock:
+            del self._live[slab]
+        slab.freed = True
         self._budget(slab.tier, slab.device).release(slab.size)
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import re
 import time
@@ -143,33 +144,54 @@ class ModelManager:
             )
         path = self._resolve_source(source)
         call = Call(request_id, ("load", model_id, path, device, target), wait)
-        if (task := self.requests.lookup(request_id, call.fingerprint)) is not None:
-            return await self._replay(task, wait, model_id)
+        if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
+            return await self._replay(earlier, wait, model_id)
         existing = self._models.get(model_id)
         if existing is not None:
-            if existing.checkpoint.path == path:
-                return existing.snapshot()
-            raise AlreadyExists(
-                f"model {model_id!r} already exists with source {existing.checkpoint.path}",
-                reason="MODEL_EXISTS",
-                metadata={"model_id": model_id, "source": existing.checkpoint.path},
-            )
+            if existing.checkpoint.path != path:
+                raise AlreadyExists(
+                    f"model {model_id!r} already exists with source {existing.checkpoint.path}",
+                    reason="MODEL_EXISTS",
+                    metadata={"model_id": model_id, "source": existing.checkpoint.path},
+                )
+            if existing.state is ModelState.LOADING and existing.task is not None:
+                return await self._replay(existing.task, wait, model_id)
+            if existing.busy or existing.state.transitional:
+                raise _busy(model_id, existing.state.value)
+            return existing.snapshot()
         if model_id in self._reserved:
             raise _busy(model_id, "LOADING")
         uuid = self.backend.resolve_device(device) if device else ""
+        # A retry that comes while the checkpoint is being validated waits for this.
+        pending: asyncio.Future[ModelSnapshot] = asyncio.get_running_loop().create_future()
+        pending.add_done_callback(_retrieve)
+        self.requests.remember(request_id, call.fingerprint, pending)
         self._reserved.add(model_id)
         try:
-            checkpoint = await self.mover.blocking(open_checkpoint, path)
+            checkpoint = await self.mover.blocking(
+                functools.partial(
+                    open_checkpoint,
+                    path,
+                    allowed_roots=tuple(str(root) for root in self.settings.allowed_roots),
+                )
+            )
             plans = plan_layers(checkpoint, self.settings.patterns, self.settings.alignment)
+            model = Model(
+                model_id,
+                checkpoint,
+                uuid or self.backend.pick_device(),
+                [LayerState(plan) for plan in plans],
+            )
+            new = self.mover.allocate(model, model.layers, target)
+        except BaseException as exc:
+            self.requests.forget(request_id)
+            if isinstance(exc, asyncio.CancelledError):
+                pending.cancel()
+            else:
+                pending.set_exception(exc)
+            raise
         finally:
             self._reserved.discard(model_id)
-        model = Model(
-            model_id,
-            checkpoint,
-            uuid or self.backend.pick_device(),
-            [LayerState(plan) for plan in plans],
-        )
-        new = self.mover.allocate(model, model.layers, target)
         self._models[model_id] = model
         self.bus.publish(EventType.ADDED, model.snapshot())
 
@@ -190,7 +212,7 @@ class ModelManager:
             new,
             fail_to=ModelState.FAILED,
         )
-        return await self._start(model, plan, call)
+        return await self._start(model, plan, call, pending)
 
     async def sleep(
         self, model_id: str, level: int = 1, *, wait: bool = True, request_id: str = ""
@@ -202,10 +224,10 @@ class ModelManager:
                 reason="INVALID_SLEEP_LEVEL",
                 metadata={"level": level},
             )
-        model = self._model(model_id)
         call = Call(request_id, ("sleep", model_id, level), wait)
-        if (task := self._retry_of(model, call)) is not None:
-            return await self._replay(task, wait, model_id)
+        if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
+            return await self._replay(earlier, wait, model_id)
+        model = self._idle_model(model_id)
         if model.state is ModelState.ASLEEP:
             if model.sleep_level == level:
                 return model.snapshot()
@@ -228,7 +250,7 @@ class ModelManager:
             if level == 1:
                 moved = await self.mover.move(model, held, new)
             else:
-                moved = self.mover.drop(model, held)
+                moved = await self.mover.drop(model, held)
             model.sleep_level = level
             model.set_state(ModelState.ASLEEP)
             return moved
@@ -239,10 +261,10 @@ class ModelManager:
     async def wake(
         self, model_id: str, *, wait: bool = True, request_id: str = ""
     ) -> ModelSnapshot:
-        model = self._model(model_id)
         call = Call(request_id, ("wake", model_id), wait)
-        if (task := self._retry_of(model, call)) is not None:
-            return await self._replay(task, wait, model_id)
+        if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
+            return await self._replay(earlier, wait, model_id)
+        model = self._idle_model(model_id)
         if model.state is ModelState.ACTIVE:
             return model.snapshot()
         if model.state not in (ModelState.ASLEEP, ModelState.OFFLOADED):
@@ -272,8 +294,11 @@ class ModelManager:
                 reason="INVALID_TIER",
                 metadata={"tier": tier.value},
             )
-        model = self._model(model_id)
         names = tuple(dict.fromkeys(layers))
+        call = Call(request_id, ("offload", model_id, names, tier), wait)
+        if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
+            return await self._replay(earlier, wait, model_id)
+        model = self._idle_model(model_id)
         unknown = [name for name in names if model.layer(name) is None]
         if unknown:
             known = [layer.plan.name for layer in model.layers]
@@ -283,9 +308,6 @@ class ModelManager:
                 reason="UNKNOWN_LAYER",
                 metadata={"model_id": model_id, "layers": ",".join(unknown)},
             )
-        call = Call(request_id, ("offload", model_id, names, tier), wait)
-        if (task := self._retry_of(model, call)) is not None:
-            return await self._replay(task, wait, model_id)
         if model.state not in (ModelState.ACTIVE, ModelState.OFFLOADED):
             raise _wrong_state(model, "offload")
         moving = [
@@ -333,13 +355,13 @@ class ModelManager:
     async def unload(
         self, model_id: str, *, wait: bool = True, request_id: str = ""
     ) -> ModelSnapshot:
-        model = self._model(model_id)
         call = Call(request_id, ("unload", model_id), wait)
-        if (task := self._retry_of(model, call)) is not None:
-            return await self._replay(task, wait, model_id)
+        if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
+            return await self._replay(earlier, wait, model_id)
+        model = self._idle_model(model_id)
 
         async def body() -> int:
-            freed = self.mover.drop(model, model.layers)
+            freed = await self.mover.drop(model, model.layers)
             del self._models[model_id]
             self.mover.forget(model)
             return freed
@@ -355,17 +377,22 @@ class ModelManager:
         )
         return await self._start(model, plan, call)
 
-    def _retry_of(self, model: Model, call: Call) -> asyncio.Task[ModelSnapshot] | None:
-        """The task of an earlier call with this request_id; else None, once
-        the model is known to be free for a new transition."""
-        task = self.requests.lookup(call.request_id, call.fingerprint)
-        if task is None and (model.busy or model.state.transitional):
-            raise _busy(model.model_id, model.state.value)
-        return task
+    def _idle_model(self, model_id: str) -> Model:
+        """The model, if no transition of it is running (else ABORTED)."""
+        model = self._model(model_id)
+        if model.busy or model.state.transitional:
+            raise _busy(model_id, model.state.value)
+        return model
 
     # -- running transitions ---------------------------------------------------
 
-    async def _start(self, model: Model, plan: Plan, call: Call) -> ModelSnapshot:
+    async def _start(
+        self,
+        model: Model,
+        plan: Plan,
+        call: Call,
+        pending: asyncio.Future[ModelSnapshot] | None = None,
+    ) -> ModelSnapshot:
         """Enter the plan's state and run it as a task. Nothing here may await
         before the task exists: the model must never look idle while it changes."""
         model.progress = Progress(
@@ -381,6 +408,8 @@ class ModelManager:
             name=f"{plan.kind.value} {model.model_id}",
         )
         task.add_done_callback(_retrieve)
+        if pending is not None:
+            task.add_done_callback(functools.partial(_chain, pending))
         model.task = task
         self.requests.remember(call.request_id, call.fingerprint, task)
         if call.wait:
@@ -403,7 +432,7 @@ class ModelManager:
             moved = await plan.body()
         except BaseException as exc:
             err = _as_domain_error(exc)
-            if isinstance(exc, TorporError):
+            if isinstance(exc, TorporError | asyncio.CancelledError):
                 bound.warning("transition failed", reason=err.reason, error=err.message)
             else:
                 bound.exception("transition failed unexpectedly")
@@ -459,7 +488,7 @@ class ModelManager:
         return snapshot
 
     async def _replay(
-        self, task: asyncio.Task[ModelSnapshot], wait: bool, model_id: str
+        self, task: asyncio.Future[ModelSnapshot], wait: bool, model_id: str
     ) -> ModelSnapshot:
         if wait or task.done():
             return await asyncio.shield(task)
@@ -472,6 +501,10 @@ class ModelManager:
     def _resolve_source(self, source: str) -> str:
         if not source:
             raise InvalidArgument("source is required", reason="SOURCE_REQUIRED")
+        if "\0" in source:
+            raise InvalidArgument(
+                "source must not contain a NUL byte", reason="INVALID_SOURCE_PATH"
+            )
         if not os.path.isabs(source):
             raise InvalidArgument(
                 f"source must be an absolute path, got {source!r}",
@@ -500,12 +533,14 @@ class ModelManager:
         if running:
             log.info("waiting for transitions", count=len(running), grace=grace)
             _, pending = await asyncio.wait(running, timeout=grace)
+            if pending:
+                self.mover.stopping.set()  # workers stop at the next piece
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
         for model in list(self._models.values()):
-            self.mover.drop(model, model.layers)
+            await self.mover.drop(model, model.layers)
         self._models.clear()
         self.bus.close()
         self._executor.shutdown(wait=True)
@@ -546,7 +581,18 @@ def _as_domain_error(exc: BaseException) -> TorporError:
     return TorporError(f"internal error: {type(exc).__name__}: {exc}", reason="INTERNAL")
 
 
-def _retrieve(task: asyncio.Task[ModelSnapshot]) -> None:
+def _chain(dst: asyncio.Future[ModelSnapshot], src: asyncio.Future[ModelSnapshot]) -> None:
+    if dst.done():
+        return
+    if src.cancelled():
+        dst.cancel()
+    elif (exc := src.exception()) is not None:
+        dst.set_exception(exc)
+    else:
+        dst.set_result(src.result())
+
+
+def _retrieve(task: asyncio.Future[ModelSnapshot]) -> None:
     # A wait=false transition's failure is reported in the model; mark the
     # exception retrieved so asyncio does not log it a second time.
     if not task.cancelled():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -22,7 +23,7 @@ import xxhash
 from torpord.backends.base import Backend, Slab, SlabOwner
 from torpord.core.model import LayerState, Model, Progress
 from torpord.core.types import Stage, Tier
-from torpord.errors import FailedPrecondition
+from torpord.errors import Aborted, FailedPrecondition
 from torpord.storage.safetensors import TensorInfo, read_tensors
 
 __all__ = ["Mover", "checksum"]
@@ -51,6 +52,9 @@ class Mover:
         self._executor = executor
         self._on_progress = on_progress
         self._last_publish: dict[int, float] = {}
+        # Set on shutdown once the grace period is over: a worker in the middle
+        # of a big layer stops at its next piece instead of finishing the layer.
+        self.stopping = threading.Event()
 
     async def blocking(self, fn: Callable[..., T], *args: object) -> T:
         """Run fn on a worker thread. If the caller is cancelled, still wait for
@@ -60,7 +64,13 @@ class Mover:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            await asyncio.wait([future])
+            while not future.done():  # however often we are cancelled meanwhile
+                try:
+                    await asyncio.shield(future)
+                except asyncio.CancelledError:
+                    continue
+                except BaseException:
+                    break
             raise
 
     def report(self, model: Model, *, force: bool = False) -> None:
@@ -69,6 +79,10 @@ class Mover:
         if force or now - last >= PROGRESS_INTERVAL:
             self._last_publish[id(model)] = now
             self._on_progress(model)
+
+    def _check_stopping(self) -> None:
+        if self.stopping.is_set():
+            raise Aborted("the daemon is shutting down", reason="SHUTTING_DOWN")
 
     def set_stage(self, model: Model, stage: Stage) -> None:
         assert model.progress is not None
@@ -96,6 +110,7 @@ class Mover:
                 run.append((packed.tensor, packed.slab_offset))
                 size += packed.tensor.nbytes
                 if size >= READ_RUN or packed is layer.plan.tensors[-1]:
+                    self._check_stopping()
                     read_tensors(model.checkpoint, run, view)
                     on_bytes(size)
                     run, size = [], 0
@@ -108,6 +123,7 @@ class Mover:
 
         def on_bytes(n: int) -> None:  # called on the worker thread
             progress.bytes_done += n
+            self._check_stopping()
 
         if layer.slab is not None:
             await self.blocking(self._backend.copy, layer.slab, slab, on_bytes)
@@ -159,20 +175,22 @@ class Mover:
                     self._backend.free(slab)
             raise
         self.set_stage(model, Stage.RELEASE)
-        for previous in old:
-            if previous is not None:
-                self._backend.free(previous)
+        await self.blocking(self._free_all, [slab for slab in old if slab is not None])
         return sum(layer.plan.size for layer in layers)
 
-    def drop(self, model: Model, layers: Sequence[LayerState]) -> int:
+    async def drop(self, model: Model, layers: Sequence[LayerState]) -> int:
         """Free the slabs of `layers`; they are then only in the source."""
-        freed = 0
+        slabs = [layer.slab for layer in layers if layer.slab is not None]
         for layer in layers:
-            if layer.slab is not None:
-                self._backend.free(layer.slab)
-                freed += layer.slab.size
-                layer.slab = None
-        return freed
+            layer.slab = None
+        await self.blocking(self._free_all, slabs)
+        return sum(slab.size for slab in slabs)
+
+    def _free_all(self, slabs: Sequence[Slab]) -> None:
+        # On a worker thread: unmapping gigabytes of touched pages takes a
+        # while, and the event loop must keep answering meanwhile.
+        for slab in slabs:
+            self._backend.free(slab)
 
     def forget(self, model: Model) -> None:
         self._last_publish.pop(id(model), None)

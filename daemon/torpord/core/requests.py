@@ -22,7 +22,7 @@ __all__ = ["RequestLog"]
 @dataclass
 class _Entry:
     fingerprint: Hashable
-    task: asyncio.Task[ModelSnapshot]
+    task: asyncio.Future[ModelSnapshot]
     expires: float
 
 
@@ -40,8 +40,11 @@ class RequestLog:
                 break
             del self._entries[key]
 
-    def lookup(self, request_id: str, fingerprint: Hashable) -> asyncio.Task[ModelSnapshot] | None:
-        """The task a previous call with this id started, if any."""
+    def lookup(
+        self, request_id: str, fingerprint: Hashable
+    ) -> asyncio.Future[ModelSnapshot] | None:
+        """The outcome (a task, or a future while a Load validates) of an earlier
+        call with this id, if any."""
         if not request_id:
             return None
         self._expire()
@@ -57,8 +60,12 @@ class RequestLog:
         return entry.task
 
     def remember(
-        self, request_id: str, fingerprint: Hashable, task: asyncio.Task[ModelSnapshot]
+        self, request_id: str, fingerprint: Hashable, task: asyncio.Future[ModelSnapshot]
     ) -> None:
         if request_id:
             self._entries[request_id] = _Entry(fingerprint, task, time.monotonic() + self._ttl)
             self._expire()
+
+    def forget(self, request_id: str) -> None:
+        """For a call refused before it changed anything: a retry runs anew."""
+        self._entries.pop(request_id, None)

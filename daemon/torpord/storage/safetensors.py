@@ -27,10 +27,11 @@ checked:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NoReturn
@@ -152,6 +153,9 @@ def _os_error(path: str, err: OSError, offset: int | None = None) -> TorporError
         return NotFound(f"{path}: no such file", reason="SOURCE_NOT_FOUND", metadata=meta)
     if isinstance(err, PermissionError):
         return PermissionDenied(f"{path}: {text}", reason="SOURCE_PERMISSION_DENIED", metadata=meta)
+    if err.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EISDIR, errno.EINVAL):
+        # A path that can't name a file: the caller's mistake, not a flaky disk.
+        return InvalidArgument(f"{path}: {text}", reason="INVALID_SOURCE_PATH", metadata=meta)
     return Unavailable(
         f"{path}: read failed{where}: {text}", reason="SOURCE_READ_FAILED", metadata=meta
     )
@@ -176,14 +180,31 @@ def _pread_exact(fd: int, path: str, size: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
-def _read_header(path: str, max_header_bytes: int) -> tuple[os.stat_result, bytes]:
-    """Stat `path` and return its first 8 + N bytes, checking N."""
+def _check_inside(fd: int, path: str, roots: Sequence[str]) -> None:
+    """Refuse a file whose real path (that of the open fd, so no later symlink
+    swap can change the answer) lies outside every allowed root."""
+    real = os.readlink(f"/proc/self/fd/{fd}")
+    if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots):
+        raise PermissionDenied(
+            f"{path} leads to {real}, outside the allowed roots ({', '.join(roots)})",
+            reason="SOURCE_NOT_ALLOWED",
+            metadata={"file": path, "real_path": real},
+        )
+
+
+def _read_header(
+    path: str, max_header_bytes: int, roots: Sequence[str] = ()
+) -> tuple[os.stat_result, bytes]:
+    """Stat `path` and return its first 8 + N bytes, checking N (and, given
+    roots, that the file really lies under one of them)."""
     try:
         # O_NONBLOCK so that a FIFO posing as a shard can't hang us; no effect on files.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as err:
         raise _os_error(path, err) from err
     try:
+        if roots:
+            _check_inside(fd, path, roots)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise InvalidArgument(
@@ -368,9 +389,9 @@ def _parse_header(
 
 
 def _open_file(
-    path: str, file_index: int, max_header_bytes: int
+    path: str, file_index: int, max_header_bytes: int, roots: Sequence[str]
 ) -> tuple[SourceFile, list[TensorInfo], dict[str, str]]:
-    st, raw = _read_header(path, max_header_bytes)
+    st, raw = _read_header(path, max_header_bytes, roots)
     tensors, metadata = _parse_header(path, file_index, raw, st.st_size)
     src = SourceFile(
         path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, xxhash.xxh3_64_hexdigest(raw)
@@ -413,7 +434,7 @@ def _read_index(index_path: str, max_bytes: int) -> dict[str, str]:
     return weight_map
 
 
-def _open_sharded(root: str, max_header_bytes: int) -> Checkpoint:
+def _open_sharded(root: str, max_header_bytes: int, roots: Sequence[str]) -> Checkpoint:
     index_path = os.path.join(root, INDEX_FILE)
     weight_map = _read_index(index_path, max_header_bytes)
     shards = sorted(set(weight_map.values()))
@@ -430,7 +451,7 @@ def _open_sharded(root: str, max_header_bytes: int) -> Checkpoint:
                 tensor=listed,
                 shard=shard,
             )
-        src, found, metadata = _open_file(shard_path, i, max_header_bytes)
+        src, found, metadata = _open_file(shard_path, i, max_header_bytes, roots)
         if i == 0:
             first_metadata = metadata
         files.append(src)
@@ -469,14 +490,20 @@ def _open_sharded(root: str, max_header_bytes: int) -> Checkpoint:
 
 
 def open_checkpoint(
-    path: str | os.PathLike[str], *, max_header_bytes: int = 100 * 2**20
+    path: str | os.PathLike[str],
+    *,
+    max_header_bytes: int = 100 * 2**20,
+    allowed_roots: Sequence[str] = (),
 ) -> Checkpoint:
     """Parse a `.safetensors` file or a checkpoint directory (sharded or not).
 
     A directory holding `model.safetensors.index.json` is sharded; otherwise it
     must hold `model.safetensors`. Raises NotFound (SOURCE_NOT_FOUND),
     InvalidArgument (UNSUPPORTED_SOURCE, INVALID_CHECKPOINT), PermissionDenied
-    or Unavailable (SOURCE_READ_FAILED).
+    or Unavailable (SOURCE_READ_FAILED). With `allowed_roots`, every file
+    opened (shards and symlinked files included) must really lie under one of
+    them, else PermissionDenied (SOURCE_NOT_ALLOWED). Later reads check each
+    file's inode, so a file swapped after this check is refused too.
     """
     given = os.fspath(path)
     try:
@@ -492,10 +519,10 @@ def open_checkpoint(
         raise _os_error(given, err) from err
     if stat.S_ISDIR(st.st_mode):
         if os.path.exists(os.path.join(resolved, INDEX_FILE)):
-            ckpt = _open_sharded(resolved, max_header_bytes)
+            ckpt = _open_sharded(resolved, max_header_bytes, allowed_roots)
         elif os.path.isfile(os.path.join(resolved, SINGLE_FILE)):
             src, tensors, metadata = _open_file(
-                os.path.join(resolved, SINGLE_FILE), 0, max_header_bytes
+                os.path.join(resolved, SINGLE_FILE), 0, max_header_bytes, allowed_roots
             )
             ckpt = Checkpoint(resolved, (src,), tuple(tensors), MappingProxyType(metadata))
         else:
@@ -507,7 +534,7 @@ def open_checkpoint(
     elif stat.S_ISREG(st.st_mode) and (
         given.endswith(".safetensors") or resolved.endswith(".safetensors")
     ):
-        src, tensors, metadata = _open_file(resolved, 0, max_header_bytes)
+        src, tensors, metadata = _open_file(resolved, 0, max_header_bytes, allowed_roots)
         ckpt = Checkpoint(resolved, (src,), tuple(tensors), MappingProxyType(metadata))
     else:
         hint = " (pass its directory)" if given.endswith(INDEX_FILE) else ""
