@@ -307,9 +307,13 @@ class Client:
         wait: bool = True,
         request_id: str = "",
         timeout: float | None = None,
+        verify: bool = False,
     ) -> common_pb2.Model:
-        """Bring every layer back to the model's device."""
-        request = models_pb2.WakeModelRequest(model_id=model_id, wait=wait, request_id=request_id)
+        """Bring every layer back to the model's device (`verify`: check each
+        slab against its checksum as it lands)."""
+        request = models_pb2.WakeModelRequest(
+            model_id=model_id, wait=wait, request_id=request_id, verify=verify
+        )
         return self._unary(self._models.WakeModel, request, timeout).model
 
     def offload_model(
@@ -321,8 +325,10 @@ class Client:
         wait: bool = True,
         request_id: str = "",
         timeout: float | None = None,
+        verify: bool = False,
     ) -> common_pb2.Model:
-        """Move layers (`pre`, `layers.N`, `post`; none: all) to TIER_HOST or TIER_DEVICE."""
+        """Move layers (`pre`, `layers.N`, `post`; none: all) to TIER_HOST or TIER_DEVICE
+        (`verify`: check each slab that lands on the device)."""
         if isinstance(layers, str):
             raise TypeError("layers must be an iterable of layer names, not a str")
         request = models_pb2.OffloadModelRequest(
@@ -331,6 +337,7 @@ class Client:
             tier=tier,
             wait=wait,
             request_id=request_id,
+            verify=verify,
         )
         return self._unary(self._models.OffloadModel, request, timeout).model
 

@@ -15,10 +15,11 @@ from torpord.core import mover
 from torpord.core.events import EventType
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.core.model import ModelSnapshot
-from torpord.core.types import ModelState, Outcome, Tier
+from torpord.core.types import ModelState, Outcome, Stage, Tier
 from torpord.errors import (
     Aborted,
     AlreadyExists,
+    DataLoss,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -453,3 +454,50 @@ async def test_shutdown_stops_a_transition_inside_a_big_layer(
     assert tensors > 10 and reads < 4  # it stopped at the next piece, not after the model
     assert harness.device_used() == 0 and harness.backend.host_pool().used == 0
     harness.backend.close()
+
+
+async def test_verified_wake_refuses_a_corrupt_host_copy(h: Harness, ckpt: Path) -> None:
+    await h.manager.load("m", str(ckpt))
+    await h.manager.sleep("m", 1)
+    layer = h.manager._models["m"].layers[3]
+    assert layer.slab is not None
+    with h.backend.view(layer.slab) as view:
+        view[100] ^= 0x01  # one flipped bit in the pinned copy
+    with pytest.raises(DataLoss) as err:
+        await h.manager.wake("m", verify=True)
+    assert err.value.reason == "CHECKSUM_MISMATCH"
+    assert err.value.metadata["layer"] == "layers.2"
+    m = h.manager.get("m")
+    assert (m.state, m.sleep_level, m.state_reason) == (ModelState.ASLEEP, 1, "CHECKSUM_MISMATCH")
+    assert h.device_used() == 0  # nothing corrupt (or anything else) went to the device
+    assert m.last_transition is not None
+    assert [p.stage for p in m.last_transition.phases] == [Stage.TRANSFER, Stage.VERIFY]
+    # Level 2 drops the bad copy; the wake reads (and checks) the source again.
+    await h.manager.sleep("m", 2)
+    m = await h.manager.wake("m", verify=True)
+    assert m.state is ModelState.ACTIVE
+    h.check_bytes("m")
+
+
+async def test_offload_back_to_device_can_verify(h: Harness, ckpt: Path) -> None:
+    await h.manager.load("m", str(ckpt))
+    await h.manager.offload("m", ["post"], Tier.HOST)
+    post = h.manager._models["m"].layers[-1]
+    assert post.slab is not None
+    with h.backend.view(post.slab) as view:
+        view[0] ^= 0xFF
+    with pytest.raises(DataLoss):
+        await h.manager.offload("m", [], Tier.DEVICE, verify=True)
+    assert h.manager.get("m").state is ModelState.OFFLOADED
+
+
+async def test_transitions_report_their_phases(h: Harness, ckpt: Path) -> None:
+    m = await h.manager.load("m", str(ckpt))
+    assert m.last_transition is not None
+    (read,) = m.last_transition.phases
+    assert read.stage is Stage.READ and read.bytes == m.total_bytes and read.seconds > 0
+    await h.manager.sleep("m", 1)
+    m = await h.manager.wake("m", verify=True)
+    assert m.last_transition is not None
+    stages = [(p.stage, p.bytes) for p in m.last_transition.phases]
+    assert stages == [(Stage.TRANSFER, m.total_bytes), (Stage.VERIFY, m.total_bytes)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 from pathlib import Path
@@ -50,7 +51,7 @@ def fail(d: Daemon, method: str, data: dict[str, Any]) -> dict[str, Any]:
 
 
 NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, INVALID_ARGUMENT = 5, 6, 7, 3
-FAILED_PRECONDITION, ABORTED, RESOURCE_EXHAUSTED = 9, 10, 8
+FAILED_PRECONDITION, ABORTED, RESOURCE_EXHAUSTED, DATA_LOSS = 9, 10, 8, 15
 
 F16 = {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 8]}
 
@@ -183,3 +184,28 @@ def test_out_of_memory_is_resource_exhausted_with_numbers(daemon: Daemon) -> Non
     assert {"asked", "free", "budget"} <= set(status["metadata"])
     assert int(status["metadata"]["asked"]) > int(status["metadata"]["free"])
     assert_nothing_held(daemon)
+
+
+def test_verified_wake_of_a_corrupted_host_slab_is_data_loss(daemon: Daemon) -> None:
+    ckpt = make_checkpoint(daemon.models / "v", layers=3)
+    call = daemon.call
+    call("torpor.v1.ModelService/LoadModel", {"model_id": "v", "source": str(ckpt), "wait": True})
+    call("torpor.v1.ModelService/SleepModel", {"model_id": "v", "level": 1, "wait": True})
+    # Flip a byte of the pinned copy of layers.1, in the daemon's own memfd.
+    fd_dir = f"/proc/{daemon.proc.pid}/fd"
+    for fd in os.listdir(fd_dir):
+        if os.readlink(f"{fd_dir}/{fd}").startswith("/memfd:torpor:v:layers.1:host"):
+            with open(f"{fd_dir}/{fd}", "r+b") as f:
+                first = f.read(1)
+                f.seek(0)
+                f.write(bytes([first[0] ^ 0x40]))
+            break
+    else:
+        raise AssertionError("no host slab for layers.1")
+    status = fail(daemon, "WakeModel", {"model_id": "v", "wait": True, "verify": True})
+    assert (status["code"], status["reason"]) == (DATA_LOSS, "CHECKSUM_MISMATCH")
+    assert status["metadata"]["layer"] == "layers.1" and "layers.1" in status["message"]
+    m = call("torpor.v1.ModelService/GetModel", {"model_id": "v"})["model"]
+    assert (m["state"], m["state_reason"]) == ("MODEL_STATE_ASLEEP", "CHECKSUM_MISMATCH")
+    node = call("torpor.v1.NodeService/GetNode")["node"]
+    assert all("used_bytes" not in dev for dev in node["devices"])

@@ -452,3 +452,12 @@ def test_wake_and_unload(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> 
         models_pb2.UnloadModelRequest(model_id="qwen", wait=False),
     ]
     assert daemon.run("get", "qwen") == 1
+
+
+def test_verify_is_sent_with_wake_and_offload(daemon: Daemon) -> None:
+    assert daemon.run("wake", "qwen", "--verify") == 0
+    wake = [r for r in daemon.models.requests if isinstance(r, models_pb2.WakeModelRequest)]
+    assert wake[-1].verify
+    assert daemon.run("offload", "llama", "--tier", "device", "--verify") == 0
+    offload = [r for r in daemon.models.requests if isinstance(r, models_pb2.OffloadModelRequest)]
+    assert offload[-1].verify and offload[-1].tier == common_pb2.TIER_DEVICE

@@ -139,7 +139,9 @@ def cmd_wake(client: Client, args: argparse.Namespace) -> int:
     return _mutate(
         client,
         args,
-        lambda: client.wake_model(args.model_id, wait=args.wait, request_id=args.request_id),
+        lambda: client.wake_model(
+            args.model_id, wait=args.wait, request_id=args.request_id, verify=args.verify
+        ),
         lambda model: models_pb2.WakeModelResponse(model=model),
     )
 
@@ -157,6 +159,7 @@ def cmd_offload(client: Client, args: argparse.Namespace) -> int:
             _TIERS[args.tier],
             wait=args.wait,
             request_id=args.request_id,
+            verify=args.verify,
         ),
         lambda model: models_pb2.OffloadModelResponse(model=model),
     )

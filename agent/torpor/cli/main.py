@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     wake = command("wake", "bring a model's layers back to its device")
     wake.add_argument("model_id", metavar="MODEL_ID")
+    wake.add_argument(
+        "--verify", action="store_true", help="check each slab against its checksum on arrival"
+    )
     _add_mutation_options(wake)
 
     offload = command("offload", "move layers of an awake model between host and device")
@@ -148,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     offload.add_argument(
         "--tier", choices=("host", "device"), default="host", help="where to (default: host)"
+    )
+    offload.add_argument(
+        "--verify", action="store_true", help="--tier device: check each slab on arrival"
     )
     _add_mutation_options(offload)
 

@@ -262,6 +262,8 @@ def model_details(model: common_pb2.Model, *, tensors: bool = False) -> str:
             pairs.append(("Note", model.progress.note))
     if model.HasField("last_transition"):
         pairs.append(("Last", _last_details(model.last_transition)))
+        if model.last_transition.phases:
+            pairs.append(("Phases", _phases(model.last_transition)))
     if model.HasField("create_time"):
         pairs.append(("Created", timestamp(model.create_time)))
     if model.HasField("update_time"):
@@ -287,6 +289,13 @@ def _last_details(transition: common_pb2.Transition) -> str:
     if transition.reason or transition.message:
         text += f": {transition.reason} {transition.message}".rstrip()
     return text
+
+
+def _phases(transition: common_pb2.Transition) -> str:
+    return ", ".join(
+        f"{common_pb2.Stage.Name(p.stage).removeprefix('STAGE_').lower()} {seconds(p.duration)}"
+        for p in transition.phases
+    )
 
 
 def node_details(node: node_pb2.Node) -> str:

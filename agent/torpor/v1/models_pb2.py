@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from torpor.v1 import common_pb2 as torpor_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16torpor/v1/models.proto\x12\ttorpor.v1\x1a\x16torpor/v1/common.proto\"\x8c\x01\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12$\n\x0btarget_tier\x18\x04 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"4\n\x11LoadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"V\n\x11SleepModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x05\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"5\n\x12SleepModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"F\n\x10WakeModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"4\n\x11WakeModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"x\n\x13OffloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12\x1d\n\x04tier\x18\x03 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"7\n\x14OffloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"H\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"6\n\x13UnloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"G\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\"\n\x04view\x18\x02 \x01(\x0e\x32\x14.torpor.v1.ModelView\"3\n\x10GetModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"7\n\x11ListModelsRequest\x12\"\n\x04view\x18\x01 \x01(\x0e\x32\x14.torpor.v1.ModelView\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"&\n\x12WatchModelsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"V\n\nModelEvent\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.torpor.v1.ModelEventType\x12\x1f\n\x05model\x18\x02 \x01(\x0b\x32\x10.torpor.v1.Model\",\n\x08Snapshot\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"u\n\x13WatchModelsResponse\x12\'\n\x08snapshot\x18\x01 \x01(\x0b\x32\x13.torpor.v1.SnapshotH\x00\x12,\n\x0bmodel_event\x18\x02 \x01(\x0b\x32\x15.torpor.v1.ModelEventH\x00\x42\x07\n\x05\x65vent*R\n\tModelView\x12\x1a\n\x16MODEL_VIEW_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_VIEW_BASIC\x10\x01\x12\x13\n\x0fMODEL_VIEW_FULL\x10\x02*\xa9\x01\n\x0eModelEventType\x12 \n\x1cMODEL_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_EVENT_TYPE_ADDED\x10\x01\x12\x1c\n\x18MODEL_EVENT_TYPE_CHANGED\x10\x02\x12\x1c\n\x18MODEL_EVENT_TYPE_REMOVED\x10\x03\x12\x1d\n\x19MODEL_EVENT_TYPE_PROGRESS\x10\x04\x32\xe8\x04\n\x0cModelService\x12\x46\n\tLoadModel\x12\x1b.torpor.v1.LoadModelRequest\x1a\x1c.torpor.v1.LoadModelResponse\x12I\n\nSleepModel\x12\x1c.torpor.v1.SleepModelRequest\x1a\x1d.torpor.v1.SleepModelResponse\x12\x46\n\tWakeModel\x12\x1b.torpor.v1.WakeModelRequest\x1a\x1c.torpor.v1.WakeModelResponse\x12O\n\x0cOffloadModel\x12\x1e.torpor.v1.OffloadModelRequest\x1a\x1f.torpor.v1.OffloadModelResponse\x12L\n\x0bUnloadModel\x12\x1d.torpor.v1.UnloadModelRequest\x1a\x1e.torpor.v1.UnloadModelResponse\x12\x43\n\x08GetModel\x12\x1a.torpor.v1.GetModelRequest\x1a\x1b.torpor.v1.GetModelResponse\x12I\n\nListModels\x12\x1c.torpor.v1.ListModelsRequest\x1a\x1d.torpor.v1.ListModelsResponse\x12N\n\x0bWatchModels\x12\x1d.torpor.v1.WatchModelsRequest\x1a\x1e.torpor.v1.WatchModelsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16torpor/v1/models.proto\x12\ttorpor.v1\x1a\x16torpor/v1/common.proto\"\x8c\x01\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12$\n\x0btarget_tier\x18\x04 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"4\n\x11LoadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"V\n\x11SleepModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x05\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"5\n\x12SleepModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"V\n\x10WakeModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06verify\x18\x04 \x01(\x08\"4\n\x11WakeModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"\x88\x01\n\x13OffloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12\x1d\n\x04tier\x18\x03 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0e\n\x06verify\x18\x06 \x01(\x08\"7\n\x14OffloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"H\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"6\n\x13UnloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"G\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\"\n\x04view\x18\x02 \x01(\x0e\x32\x14.torpor.v1.ModelView\"3\n\x10GetModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"7\n\x11ListModelsRequest\x12\"\n\x04view\x18\x01 \x01(\x0e\x32\x14.torpor.v1.ModelView\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"&\n\x12WatchModelsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"V\n\nModelEvent\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.torpor.v1.ModelEventType\x12\x1f\n\x05model\x18\x02 \x01(\x0b\x32\x10.torpor.v1.Model\",\n\x08Snapshot\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"u\n\x13WatchModelsResponse\x12\'\n\x08snapshot\x18\x01 \x01(\x0b\x32\x13.torpor.v1.SnapshotH\x00\x12,\n\x0bmodel_event\x18\x02 \x01(\x0b\x32\x15.torpor.v1.ModelEventH\x00\x42\x07\n\x05\x65vent*R\n\tModelView\x12\x1a\n\x16MODEL_VIEW_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_VIEW_BASIC\x10\x01\x12\x13\n\x0fMODEL_VIEW_FULL\x10\x02*\xa9\x01\n\x0eModelEventType\x12 \n\x1cMODEL_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_EVENT_TYPE_ADDED\x10\x01\x12\x1c\n\x18MODEL_EVENT_TYPE_CHANGED\x10\x02\x12\x1c\n\x18MODEL_EVENT_TYPE_REMOVED\x10\x03\x12\x1d\n\x19MODEL_EVENT_TYPE_PROGRESS\x10\x04\x32\xe8\x04\n\x0cModelService\x12\x46\n\tLoadModel\x12\x1b.torpor.v1.LoadModelRequest\x1a\x1c.torpor.v1.LoadModelResponse\x12I\n\nSleepModel\x12\x1c.torpor.v1.SleepModelRequest\x1a\x1d.torpor.v1.SleepModelResponse\x12\x46\n\tWakeModel\x12\x1b.torpor.v1.WakeModelRequest\x1a\x1c.torpor.v1.WakeModelResponse\x12O\n\x0cOffloadModel\x12\x1e.torpor.v1.OffloadModelRequest\x1a\x1f.torpor.v1.OffloadModelResponse\x12L\n\x0bUnloadModel\x12\x1d.torpor.v1.UnloadModelRequest\x1a\x1e.torpor.v1.UnloadModelResponse\x12\x43\n\x08GetModel\x12\x1a.torpor.v1.GetModelRequest\x1a\x1b.torpor.v1.GetModelResponse\x12I\n\nListModels\x12\x1c.torpor.v1.ListModelsRequest\x1a\x1d.torpor.v1.ListModelsResponse\x12N\n\x0bWatchModels\x12\x1d.torpor.v1.WatchModelsRequest\x1a\x1e.torpor.v1.WatchModelsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'torpor.v1.models_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELVIEW']._serialized_start=1368
-  _globals['_MODELVIEW']._serialized_end=1450
-  _globals['_MODELEVENTTYPE']._serialized_start=1453
-  _globals['_MODELEVENTTYPE']._serialized_end=1622
+  _globals['_MODELVIEW']._serialized_start=1401
+  _globals['_MODELVIEW']._serialized_end=1483
+  _globals['_MODELEVENTTYPE']._serialized_start=1486
+  _globals['_MODELEVENTTYPE']._serialized_end=1655
   _globals['_LOADMODELREQUEST']._serialized_start=62
   _globals['_LOADMODELREQUEST']._serialized_end=202
   _globals['_LOADMODELRESPONSE']._serialized_start=204
@@ -45,33 +45,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SLEEPMODELRESPONSE']._serialized_start=346
   _globals['_SLEEPMODELRESPONSE']._serialized_end=399
   _globals['_WAKEMODELREQUEST']._serialized_start=401
-  _globals['_WAKEMODELREQUEST']._serialized_end=471
-  _globals['_WAKEMODELRESPONSE']._serialized_start=473
-  _globals['_WAKEMODELRESPONSE']._serialized_end=525
-  _globals['_OFFLOADMODELREQUEST']._serialized_start=527
-  _globals['_OFFLOADMODELREQUEST']._serialized_end=647
-  _globals['_OFFLOADMODELRESPONSE']._serialized_start=649
-  _globals['_OFFLOADMODELRESPONSE']._serialized_end=704
-  _globals['_UNLOADMODELREQUEST']._serialized_start=706
-  _globals['_UNLOADMODELREQUEST']._serialized_end=778
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=780
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=834
-  _globals['_GETMODELREQUEST']._serialized_start=836
-  _globals['_GETMODELREQUEST']._serialized_end=907
-  _globals['_GETMODELRESPONSE']._serialized_start=909
-  _globals['_GETMODELRESPONSE']._serialized_end=960
-  _globals['_LISTMODELSREQUEST']._serialized_start=962
-  _globals['_LISTMODELSREQUEST']._serialized_end=1017
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1019
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1073
-  _globals['_WATCHMODELSREQUEST']._serialized_start=1075
-  _globals['_WATCHMODELSREQUEST']._serialized_end=1113
-  _globals['_MODELEVENT']._serialized_start=1115
-  _globals['_MODELEVENT']._serialized_end=1201
-  _globals['_SNAPSHOT']._serialized_start=1203
-  _globals['_SNAPSHOT']._serialized_end=1247
-  _globals['_WATCHMODELSRESPONSE']._serialized_start=1249
-  _globals['_WATCHMODELSRESPONSE']._serialized_end=1366
-  _globals['_MODELSERVICE']._serialized_start=1625
-  _globals['_MODELSERVICE']._serialized_end=2241
+  _globals['_WAKEMODELREQUEST']._serialized_end=487
+  _globals['_WAKEMODELRESPONSE']._serialized_start=489
+  _globals['_WAKEMODELRESPONSE']._serialized_end=541
+  _globals['_OFFLOADMODELREQUEST']._serialized_start=544
+  _globals['_OFFLOADMODELREQUEST']._serialized_end=680
+  _globals['_OFFLOADMODELRESPONSE']._serialized_start=682
+  _globals['_OFFLOADMODELRESPONSE']._serialized_end=737
+  _globals['_UNLOADMODELREQUEST']._serialized_start=739
+  _globals['_UNLOADMODELREQUEST']._serialized_end=811
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=813
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=867
+  _globals['_GETMODELREQUEST']._serialized_start=869
+  _globals['_GETMODELREQUEST']._serialized_end=940
+  _globals['_GETMODELRESPONSE']._serialized_start=942
+  _globals['_GETMODELRESPONSE']._serialized_end=993
+  _globals['_LISTMODELSREQUEST']._serialized_start=995
+  _globals['_LISTMODELSREQUEST']._serialized_end=1050
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1052
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1106
+  _globals['_WATCHMODELSREQUEST']._serialized_start=1108
+  _globals['_WATCHMODELSREQUEST']._serialized_end=1146
+  _globals['_MODELEVENT']._serialized_start=1148
+  _globals['_MODELEVENT']._serialized_end=1234
+  _globals['_SNAPSHOT']._serialized_start=1236
+  _globals['_SNAPSHOT']._serialized_end=1280
+  _globals['_WATCHMODELSRESPONSE']._serialized_start=1282
+  _globals['_WATCHMODELSRESPONSE']._serialized_end=1399
+  _globals['_MODELSERVICE']._serialized_start=1658
+  _globals['_MODELSERVICE']._serialized_end=2274
 # @@protoc_insertion_point(module_scope)

@@ -205,19 +205,27 @@ class WakeModelRequest(_message.Message):
     MODEL_ID_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VERIFY_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     wait: _builtins.bool
     request_id: _builtins.str
+    verify: _builtins.bool
+    """Check every slab that lands on the device against the checksum taken at
+    load. A mismatch fails the wake with DATA_LOSS (reason CHECKSUM_MISMATCH,
+    naming the layer); the model stays as it was, with that reason. Slabs read
+    again from the source (level 2) are always checked.
+    """
     def __init__(
         self,
         *,
         model_id: _builtins.str = ...,
         wait: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        verify: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "request_id", b"request_id", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "request_id", b"request_id", "verify", b"verify", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -252,11 +260,16 @@ class OffloadModelRequest(_message.Message):
     TIER_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VERIFY_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     tier: _common_pb2.Tier.ValueType
     """TIER_HOST or TIER_DEVICE."""
     wait: _builtins.bool
     request_id: _builtins.str
+    verify: _builtins.bool
+    """With tier TIER_DEVICE: check each slab that lands on the device against its
+    checksum, as WakeModelRequest.verify does.
+    """
     @_builtins.property
     def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Layer names (`pre`, `layers.3`, `post`). Empty means every layer."""
@@ -269,10 +282,11 @@ class OffloadModelRequest(_message.Message):
         tier: _common_pb2.Tier.ValueType = ...,
         wait: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        verify: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["layers", b"layers", "model_id", b"model_id", "request_id", b"request_id", "tier", b"tier", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layers", b"layers", "model_id", b"model_id", "request_id", b"request_id", "tier", b"tier", "verify", b"verify", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import xxhash
+
 from torpord.core.types import Tier
 from torpord.errors import InvalidArgument, ResourceExhausted
 
@@ -131,6 +133,12 @@ class Backend(abc.ABC):
     def copy(self, src: Slab, dst: Slab, on_bytes: Callable[[int], None] | None = None) -> None:
         """Copy src's bytes into dst (blocking; run on a worker thread),
         calling on_bytes with each piece's size as it lands."""
+
+    def checksum(self, slab: Slab) -> str:
+        """xxh3-64 of the slab's bytes, hex (blocking; run on a worker thread).
+        A GPU backend computes it where the slab is, with a kernel."""
+        with self.view(slab) as view:
+            return xxhash.xxh3_64_hexdigest(view)
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -259,9 +259,9 @@ class ModelManager:
         return await self._start(model, plan, call)
 
     async def wake(
-        self, model_id: str, *, wait: bool = True, request_id: str = ""
+        self, model_id: str, *, wait: bool = True, request_id: str = "", verify: bool = False
     ) -> ModelSnapshot:
-        call = Call(request_id, ("wake", model_id), wait)
+        call = Call(request_id, ("wake", model_id, verify), wait)
         if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._replay(earlier, wait, model_id)
         model = self._idle_model(model_id)
@@ -270,7 +270,7 @@ class ModelManager:
         if model.state not in (ModelState.ASLEEP, ModelState.OFFLOADED):
             raise _wrong_state(model, "wake")
         moving = [layer for layer in model.layers if layer.tier is not Tier.DEVICE]
-        plan = self._to_device(model, moving, TransitionKind.WAKE, ModelState.WAKING)
+        plan = self._to_device(model, moving, TransitionKind.WAKE, ModelState.WAKING, verify)
         return await self._start(model, plan, call)
 
     async def offload(
@@ -281,6 +281,7 @@ class ModelManager:
         *,
         wait: bool = True,
         request_id: str = "",
+        verify: bool = False,
     ) -> ModelSnapshot:
         if tier is Tier.DISK:
             raise Unimplemented(
@@ -295,7 +296,7 @@ class ModelManager:
                 metadata={"tier": tier.value},
             )
         names = tuple(dict.fromkeys(layers))
-        call = Call(request_id, ("offload", model_id, names, tier), wait)
+        call = Call(request_id, ("offload", model_id, names, tier, verify), wait)
         if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._replay(earlier, wait, model_id)
         model = self._idle_model(model_id)
@@ -318,7 +319,9 @@ class ModelManager:
         if not moving:
             return model.snapshot()
         if tier is Tier.DEVICE:
-            plan = self._to_device(model, moving, TransitionKind.OFFLOAD, ModelState.OFFLOADING)
+            plan = self._to_device(
+                model, moving, TransitionKind.OFFLOAD, ModelState.OFFLOADING, verify
+            )
             return await self._start(model, plan, call)
         new = self.mover.allocate(model, moving, tier)
 
@@ -331,7 +334,12 @@ class ModelManager:
         return await self._start(model, plan, call)
 
     def _to_device(
-        self, model: Model, moving: list[LayerState], kind: TransitionKind, state: ModelState
+        self,
+        model: Model,
+        moving: list[LayerState],
+        kind: TransitionKind,
+        state: ModelState,
+        verify: bool,
     ) -> Plan:
         """Wake and Offload to DEVICE: bring `moving` back, from HOST or the source."""
         new = self.mover.allocate(model, moving, Tier.DEVICE)
@@ -346,7 +354,7 @@ class ModelManager:
                         reason="SOURCE_CHANGED",
                         metadata={"model_id": model.model_id, "source": model.checkpoint.path},
                     )
-            moved = await self.mover.move(model, moving, new)
+            moved = await self.mover.move(model, moving, new, verify=verify)
             model.settle()
             return moved
 
@@ -452,13 +460,20 @@ class ModelManager:
                 request_id,
                 err.reason,
                 err.message,
+                model.progress.phases(),
             )
             self._finish(model, record)
             raise err from exc if err is not exc else None
         finally:
             heartbeat.cancel()
         record = TransitionRecord(
-            plan.kind, Outcome.SUCCEEDED, started, time.monotonic() - clock, moved, request_id
+            plan.kind,
+            Outcome.SUCCEEDED,
+            started,
+            time.monotonic() - clock,
+            moved,
+            request_id,
+            phases=model.progress.phases(),
         )
         bound.info(
             "transition done",

@@ -8,7 +8,9 @@ at that moment, so a later change can never alter what was already sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from torpord.backends.base import Slab
@@ -51,6 +53,17 @@ class ProgressSnapshot:
     note: str
 
 
+@dataclass(frozen=True)
+class PhaseRecord:
+    stage: Stage
+    seconds: float
+    bytes: int
+
+
+# The order phases are reported in.
+PHASE_ORDER = (Stage.READ, Stage.TRANSFER, Stage.VERIFY)
+
+
 @dataclass
 class Progress:
     kind: TransitionKind
@@ -62,6 +75,26 @@ class Progress:
     note: str = ""
     start_time: float = field(default_factory=time.time)
     start_clock: float = field(default_factory=time.monotonic)
+    # Stage -> [seconds, bytes] spent in it so far.
+    phase_totals: dict[Stage, list[float]] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, stage: Stage, nbytes: int) -> Iterator[None]:
+        """Count the time of the `with` block, and nbytes, towards stage."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            total = self.phase_totals.setdefault(stage, [0.0, 0])
+            total[0] += time.monotonic() - start
+            total[1] += nbytes
+
+    def phases(self) -> tuple[PhaseRecord, ...]:
+        return tuple(
+            PhaseRecord(stage, self.phase_totals[stage][0], int(self.phase_totals[stage][1]))
+            for stage in PHASE_ORDER
+            if stage in self.phase_totals
+        )
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start_clock
@@ -94,6 +127,7 @@ class TransitionRecord:
     request_id: str = ""
     reason: str = ""
     message: str = ""
+    phases: tuple[PhaseRecord, ...] = ()
 
     @property
     def bytes_per_second(self) -> float:

@@ -23,7 +23,7 @@ import xxhash
 from torpord.backends.base import Backend, Slab, SlabOwner
 from torpord.core.model import LayerState, Model, Progress
 from torpord.core.types import Stage, Tier
-from torpord.errors import Aborted, FailedPrecondition
+from torpord.errors import Aborted, DataLoss, FailedPrecondition
 from torpord.storage.safetensors import TensorInfo, read_tensors
 
 __all__ = ["Mover", "checksum"]
@@ -116,19 +116,42 @@ class Mover:
                     run, size = [], 0
             return checksum(view)
 
-    async def fill(self, model: Model, layer: LayerState, slab: Slab) -> None:
-        """Fill slab with layer's bytes, from its current slab or the source."""
+    async def fill(
+        self, model: Model, layer: LayerState, slab: Slab, *, verify: bool = False
+    ) -> None:
+        """Fill slab with layer's bytes, from its current slab or the source.
+        Bytes read from the source are always checked against the layer's
+        checksum (once it has one); copied bytes when `verify` is asked."""
         assert model.progress is not None
         progress = model.progress
+        size = layer.plan.size
 
         def on_bytes(n: int) -> None:  # called on the worker thread
             progress.bytes_done += n
             self._check_stopping()
 
         if layer.slab is not None:
-            await self.blocking(self._backend.copy, layer.slab, slab, on_bytes)
+            with progress.phase(Stage.TRANSFER, size):
+                await self.blocking(self._backend.copy, layer.slab, slab, on_bytes)
+            if verify:
+                with progress.phase(Stage.VERIFY, size):
+                    digest = await self.blocking(self._backend.checksum, slab)
+                if digest != layer.checksum:
+                    raise DataLoss(
+                        f"layer {layer.plan.name} of model {model.model_id!r} arrived with"
+                        f" checksum {digest}, expected {layer.checksum}: its {layer.tier.value}"
+                        " copy is corrupt; nothing corrupt was made active",
+                        reason="CHECKSUM_MISMATCH",
+                        metadata={
+                            "model_id": model.model_id,
+                            "layer": layer.plan.name,
+                            "expected": layer.checksum,
+                            "actual": digest,
+                        },
+                    )
             return
-        digest = await self.blocking(self._read_layer, model, layer, slab, on_bytes)
+        with progress.phase(Stage.READ, size):
+            digest = await self.blocking(self._read_layer, model, layer, slab, on_bytes)
         if not layer.checksum:
             layer.checksum = digest
         elif digest != layer.checksum:
@@ -149,7 +172,14 @@ class Mover:
             [(layer.plan.size, SlabOwner(model.model_id, layer.plan.name)) for layer in layers],
         )
 
-    async def move(self, model: Model, layers: Sequence[LayerState], new: Sequence[Slab]) -> int:
+    async def move(
+        self,
+        model: Model,
+        layers: Sequence[LayerState],
+        new: Sequence[Slab],
+        *,
+        verify: bool = False,
+    ) -> int:
         """Fill `new` (allocated by `allocate` for `layers`, in forward order)
         and make the layers use it; returns the bytes moved. On failure the
         layers keep their old slabs and every slab of `new` is freed."""
@@ -161,7 +191,7 @@ class Mover:
         done = progress.bytes_done
         try:
             for layer, slab in zip(layers, new, strict=True):
-                await self.fill(model, layer, slab)
+                await self.fill(model, layer, slab, verify=verify)
                 layer.slab = slab
                 done += layer.plan.size
                 progress.bytes_done = done  # exact, whatever the pieces added up to

@@ -72,6 +72,14 @@ def _transition(t: TransitionRecord) -> common_pb2.Transition:
         request_id=t.request_id,
         reason=t.reason,
         message=t.message,
+        phases=[
+            common_pb2.Phase(
+                stage=_enum(common_pb2.Stage, "STAGE", p.stage.value),
+                duration=_duration(p.seconds),
+                bytes=p.bytes,
+            )
+            for p in t.phases
+        ],
     )
 
 

@@ -66,7 +66,10 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
         self, request: models_pb2.WakeModelRequest, context: Context
     ) -> models_pb2.WakeModelResponse:
         model = await self._m.wake(
-            request.model_id, wait=request.wait, request_id=request.request_id
+            request.model_id,
+            wait=request.wait,
+            request_id=request.request_id,
+            verify=request.verify,
         )
         return models_pb2.WakeModelResponse(model=model_to_proto(model))
 
@@ -80,6 +83,7 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
             tier_from_proto(request.tier, default=Tier.HOST, field="tier"),
             wait=request.wait,
             request_id=request.request_id,
+            verify=request.verify,
         )
         return models_pb2.OffloadModelResponse(model=model_to_proto(model))
 
