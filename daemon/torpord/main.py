@@ -23,6 +23,7 @@ from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.logs import configure_logging
 from torpord.server.app import DaemonAlreadyRunning, build_server, set_serving
 from torpord.storage.layers import LayerPatterns
+from torpord.storage.pipeline import ReadOptions
 
 __all__ = ["main"]
 
@@ -101,6 +102,7 @@ class Daemon:
                 allowed_roots=cfg.sources.allowed_roots,
                 patterns=LayerPatterns(cfg.layers.block_patterns, cfg.layers.post_patterns),
                 alignment=cfg.layers.alignment,
+                read=ReadOptions(cfg.io.chunk_size, cfg.io.threads, cfg.io.direct),
             ),
         )
         socket_path = cfg.server.socket

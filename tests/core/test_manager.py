@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
-from torpord.backends.base import SlabOwner
 from torpord.backends.host import HostBackend
-from torpord.core import mover
 from torpord.core.events import EventType
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.core.model import ModelSnapshot
@@ -26,7 +24,10 @@ from torpord.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from torpord.storage.layers import LayerPlan
+from torpord.storage import pipeline
+from torpord.storage.layers import LayerPlan, plan_layers
+from torpord.storage.pipeline import ReadOptions
+from torpord.storage.safetensors import open_checkpoint
 
 MiB = 2**20
 
@@ -222,20 +223,22 @@ async def test_out_of_memory_changes_nothing(tmp_path: Path, ckpt: Path) -> None
         await tight.close()
 
 
-async def test_failed_read_frees_everything_and_names_a_reason(h: Harness, tmp_path: Path) -> None:
+async def test_failed_read_frees_everything_and_names_a_reason(
+    h: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = make_checkpoint(tmp_path / "one.safetensors", layers=4)
+    h.manager.mover.read_options = ReadOptions(chunk_bytes=4096, threads=1, direct="off")
+    real = pipeline._Run.finish_piece
+    pieces = 0
 
-    real = h.manager.mover._read_layer
-    calls = 0
-
-    def flaky(*args):  # type: ignore[no-untyped-def]
-        nonlocal calls
-        calls += 1
-        if calls == 3:
+    def shrink_midway(run, piece):  # type: ignore[no-untyped-def]
+        nonlocal pieces
+        pieces += 1
+        if pieces == 20:
             os.truncate(path, 100)  # the file shrinks under the reader
-        return real(*args)
+        real(run, piece)
 
-    h.manager.mover._read_layer = flaky  # type: ignore[method-assign]
+    monkeypatch.setattr(pipeline._Run, "finish_piece", shrink_midway)
     with pytest.raises(FailedPrecondition) as err:
         await h.manager.load("m", str(path))
     assert err.value.reason == "SOURCE_CHANGED"
@@ -355,23 +358,6 @@ async def test_close_frees_every_slab(tmp_path: Path, ckpt: Path) -> None:
     harness.backend.close()
 
 
-async def test_progress_moves_within_a_layer(
-    h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(mover, "READ_RUN", 1)  # one run per tensor
-    m = await h.manager.load("m", str(ckpt), target=Tier.HOST)
-    model = h.manager._models["m"]
-    layer = model.layers[1]
-    (slab,) = h.backend.allocate(Tier.HOST, None, [(layer.plan.size, SlabOwner("t", "scratch"))])
-    seen: list[int] = []
-    try:
-        digest = h.manager.mover._read_layer(model, layer, slab, seen.append)
-    finally:
-        h.backend.free(slab)
-    assert seen == [p.tensor.nbytes for p in layer.plan.tensors] and len(seen) > 1
-    assert digest == m.layers[1].checksum
-
-
 async def test_a_symlink_inside_the_source_cannot_leave_the_allowed_roots(
     h: Harness, tmp_path: Path
 ) -> None:
@@ -433,9 +419,9 @@ async def test_shutdown_stops_a_transition_inside_a_big_layer(
 ) -> None:
     harness = Harness(tmp_path)
     ckpt = make_checkpoint(tmp_path / "one.safetensors", layers=1, hidden=256)
-    monkeypatch.setattr(mover, "READ_RUN", 1)  # a run per tensor
+    harness.manager.mover.read_options = ReadOptions(chunk_bytes=4096, threads=1, direct="off")
     reads = 0
-    real = mover.read_tensors
+    real = pipeline._Run.read_chunk
 
     def slow(*args):  # type: ignore[no-untyped-def]
         nonlocal reads
@@ -443,17 +429,25 @@ async def test_shutdown_stops_a_transition_inside_a_big_layer(
         time.sleep(0.2)
         return real(*args)
 
-    monkeypatch.setattr(mover, "read_tensors", slow)
+    monkeypatch.setattr(pipeline._Run, "read_chunk", slow)
     await harness.manager.load("m", str(ckpt), wait=False)
     task = harness.manager._models["m"].task
-    tensors = sum(len(layer.plan.tensors) for layer in harness.manager.get("m").layers)
     await asyncio.sleep(0.05)
     await harness.manager.close(0.0)
     assert task is not None and task.done()
     assert isinstance(task.exception(), Aborted)
-    assert tensors > 10 and reads < 4  # it stopped at the next piece, not after the model
+    chunks = len(pipeline._chunks(harness_checkpoint(ckpt), harness_plans(ckpt), 4096))
+    assert chunks > 50 and reads < 4  # it stopped at the next chunk, not after the model
     assert harness.device_used() == 0 and harness.backend.host_pool().used == 0
     harness.backend.close()
+
+
+def harness_checkpoint(path: Path):  # type: ignore[no-untyped-def]
+    return open_checkpoint(path)
+
+
+def harness_plans(path: Path):  # type: ignore[no-untyped-def]
+    return plan_layers(open_checkpoint(path))
 
 
 async def test_verified_wake_refuses_a_corrupt_host_copy(h: Harness, ckpt: Path) -> None:

@@ -445,3 +445,21 @@ def test_default_config_toml_parses_back_to_the_defaults(
     path.write_text(text)
     defaults: Config = load_config(None)
     assert load_config(path) == dataclasses.replace(defaults, file=path)
+
+
+def test_io_defaults_and_errors(tmp_path: Path) -> None:
+    config = load_config(None)
+    assert (config.io.chunk_size, config.io.threads, config.io.direct) == (32 * 2**20, 8, "auto")
+    good = tmp_path / "io.toml"
+    good.write_text('version = 1\n[io]\nchunk_size = "64MiB"\nthreads = 4\ndirect = "OFF"\n')
+    config = load_config(good)
+    assert (config.io.chunk_size, config.io.threads, config.io.direct) == (64 * 2**20, 4, "off")
+    for body, key in (
+        ('chunk_size = "1000"', "io.chunk_size"),
+        ('chunk_size = "1MiB"\nthreads = 0', "io.threads"),
+        ('direct = "sometimes"', "io.direct"),
+    ):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(f"version = 1\n[io]\n{body}\n")
+        with pytest.raises(ConfigError, match=key):
+            load_config(bad)

@@ -19,6 +19,7 @@ import xxhash
 
 from torpord.core.types import Tier
 from torpord.errors import InvalidArgument, ResourceExhausted
+from torpord.storage.pipeline import SlabSink
 
 __all__ = ["Backend", "Budget", "DeviceInfo", "PoolInfo", "Slab", "SlabOwner"]
 
@@ -133,6 +134,10 @@ class Backend(abc.ABC):
     def copy(self, src: Slab, dst: Slab, on_bytes: Callable[[int], None] | None = None) -> None:
         """Copy src's bytes into dst (blocking; run on a worker thread),
         calling on_bytes with each piece's size as it lands."""
+
+    @abc.abstractmethod
+    def sink(self, slab: Slab) -> SlabSink:
+        """Where the read pipeline writes a layer's bytes for this slab."""
 
     def checksum(self, slab: Slab) -> str:
         """xxh3-64 of the slab's bytes, hex (blocking; run on a worker thread).

@@ -50,6 +50,31 @@ class _Mapping:
         return ctypes.addressof(self.anchor)
 
 
+class _HostSink:
+    """The read pipeline's way into a host backend slab: every slab here is
+    host memory, so the pipeline can read straight into it."""
+
+    def __init__(self, backend: HostBackend, slab: Slab) -> None:
+        self._backend = backend
+        self._slab = slab
+
+    def view(self) -> memoryview:
+        return self._backend.view(self._slab)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        if offset < 0 or offset + data.nbytes > self._slab.size:
+            raise ValueError(f"write of {data.nbytes} bytes at {offset} past the slab's end")
+        # ctypes.memmove releases the GIL, so the pipeline's workers copy in parallel.
+        source = (ctypes.c_char * data.nbytes).from_buffer(data)
+        try:
+            ctypes.memmove(self._backend._mapping(self._slab).address + offset, source, data.nbytes)
+        finally:
+            del source
+
+    def checksum(self) -> str:
+        return self._backend.checksum(self._slab)
+
+
 class HostBackend(Backend):
     kind = "host"
 
@@ -173,6 +198,9 @@ class HostBackend(Backend):
             ctypes.memmove(b + offset, a + offset, piece)
             if on_bytes is not None:
                 on_bytes(piece)
+
+    def sink(self, slab: Slab) -> _HostSink:
+        return _HostSink(self, slab)
 
     def fd(self, slab: Slab) -> int:
         """The slab's memfd (for exporting to agents)."""

@@ -27,6 +27,7 @@ from torpord.config.model import (
     DiskCacheConfig,
     HostBackendConfig,
     HostPoolConfig,
+    IoConfig,
     LayersConfig,
     LogConfig,
     Overrides,
@@ -50,6 +51,7 @@ from torpord.config.values import (
     _tcp,
     _unique,
 )
+from torpord.storage.pipeline import DIRECT_MODES
 
 _DEFAULTS_WHERE: Final = "<defaults>"
 
@@ -67,7 +69,17 @@ _FLAGS: Final = {
 
 # Known keys per table, in the order the default file shows them.
 _SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
-    "": ("version", "server", "log", "backend", "host_pool", "sources", "layers", "disk_cache"),
+    "": (
+        "version",
+        "server",
+        "log",
+        "backend",
+        "host_pool",
+        "sources",
+        "layers",
+        "disk_cache",
+        "io",
+    ),
     "server": ("socket", "socket_mode", "tcp", "allow_remote", "grace_period"),
     "log": ("level", "format"),
     "backend": ("kind", "host"),
@@ -76,7 +88,23 @@ _SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "sources": ("allowed_roots",),
     "layers": ("block_patterns", "post_patterns", "alignment"),
     "disk_cache": ("path", "capacity"),
+    "io": ("chunk_size", "threads", "direct"),
 }
+
+
+def _chunk_size(value: Any) -> int:
+    size = _size(value)
+    # O_DIRECT reads whole 4 KiB blocks; below 1 MiB a chunk costs more than it moves.
+    if size < 2**20 or size % 4096:
+        raise _Invalid('a multiple of 4KiB, at least "1MiB" (like "32MiB")')
+    return size
+
+
+def _io_threads(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise _Invalid("an integer from 1 to 256")
+    return value
+
 
 # --------------------------------------------------------------------------- reading the file
 
@@ -286,6 +314,12 @@ def load_config(
         )
     disk_cache = DiskCacheConfig(path=cache_path, capacity=cache_capacity)
 
+    io = IoConfig(
+        chunk_size=r.get("io.chunk_size", _chunk_size, 32 * 2**20),
+        threads=r.get("io.threads", _io_threads, 8),
+        direct=r.get("io.direct", _choice(DIRECT_MODES), "auto"),
+    )
+
     config = Config(
         file=path,
         server=server,
@@ -295,6 +329,7 @@ def load_config(
         sources=sources,
         layers=layers,
         disk_cache=disk_cache,
+        io=io,
     )
     return _apply(config, overrides)
 

@@ -69,6 +69,13 @@ class LayersConfig:
 
 
 @dataclass(frozen=True)
+class IoConfig:
+    chunk_size: int  # bytes per read
+    threads: int  # read workers per load
+    direct: str  # one of DIRECT_MODES
+
+
+@dataclass(frozen=True)
 class DiskCacheConfig:
     path: Path | None  # None: disabled
     capacity: int
@@ -84,6 +91,7 @@ class Config:
     sources: SourcesConfig
     layers: LayersConfig
     disk_cache: DiskCacheConfig
+    io: IoConfig
 
 
 @dataclass(frozen=True)

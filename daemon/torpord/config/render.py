@@ -100,4 +100,14 @@ alignment = {lay.alignment}
 # Local cache directory for the DISK tier; "" disables it.
 path = {_toml_str(str(dc.path) if dc.path else "")}
 capacity = {_toml_size(dc.capacity)}
+
+[io]
+# Each source file is read in chunks of this size (a multiple of 4KiB, >= 1MiB)
+chunk_size = {_toml_size(c.io.chunk_size)}
+# by this many threads, across every file of a checkpoint at once.
+threads = {c.io.threads}
+# O_DIRECT: auto (bytes already in the page cache are copied straight from it,
+# the rest read with O_DIRECT) | on (always O_DIRECT) | off (buffered reads).
+# A filesystem that refuses O_DIRECT gets buffered reads, and the Load says so.
+direct = "{c.io.direct}"
 """

@@ -38,6 +38,7 @@ from torpord.errors import (
     Unimplemented,
 )
 from torpord.storage.layers import DEFAULT_LAYER_PATTERNS, LayerPatterns, plan_layers
+from torpord.storage.pipeline import ReadOptions
 from torpord.storage.safetensors import check_unchanged, open_checkpoint
 
 __all__ = ["ManagerSettings", "ModelManager"]
@@ -53,6 +54,7 @@ class ManagerSettings:
     patterns: LayerPatterns = DEFAULT_LAYER_PATTERNS
     alignment: int = 256
     worker_threads: int = 4
+    read: ReadOptions = field(default_factory=ReadOptions)
 
 
 Body = Callable[[], Awaitable[int]]
@@ -100,7 +102,7 @@ class ModelManager:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             settings.worker_threads, thread_name_prefix="torpord-io"
         )
-        self.mover = Mover(backend, self._executor, self._on_progress)
+        self.mover = Mover(backend, self._executor, self._on_progress, settings.read)
         self._models: dict[str, Model] = {}
         self._reserved: set[str] = set()  # ids whose Load is still validating
 

@@ -1,10 +1,11 @@
 """Moving a model's layers between tiers: all-or-nothing, in forward order.
 
 Every move allocates all its destination slabs first (so running out of memory
-is found before anything changes), fills them one layer at a time in forward
-layer order (each layer points at its new slab as soon as it is filled, the
-basis of progressive wake), and only then frees the old slabs. If anything
-fails part-way the layers point back at their old slabs and every new slab is
+is found before anything changes), fills them (from the source through the
+parallel read pipeline, from other slabs one layer at a time in forward
+order; each layer points at its new slab as soon as it is filled, the basis
+of progressive wake), and only then frees the old slabs. If anything fails
+part-way the layers point back at their old slabs and every new slab is
 freed, so the model is exactly as it was.
 """
 
@@ -18,27 +19,22 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-import xxhash
+import structlog
 
 from torpord.backends.base import Backend, Slab, SlabOwner
 from torpord.core.model import LayerState, Model, Progress
 from torpord.core.types import Stage, Tier
 from torpord.errors import Aborted, DataLoss, FailedPrecondition
-from torpord.storage.safetensors import TensorInfo, read_tensors
+from torpord.storage.pipeline import ReadOptions, StopRequested, read_layers
 
-__all__ = ["Mover", "checksum"]
+__all__ = ["Mover"]
+
+log = structlog.get_logger("torpord.core")
 
 T = TypeVar("T")
 
 # Progress is published at most this often (and at every stage change).
 PROGRESS_INTERVAL = 0.25
-# A layer is read in runs of tensors of about this many bytes; progress moves
-# after each run.
-READ_RUN = 32 * 2**20
-
-
-def checksum(view: memoryview) -> str:
-    return xxhash.xxh3_64_hexdigest(view)
 
 
 class Mover:
@@ -47,8 +43,10 @@ class Mover:
         backend: Backend,
         executor: concurrent.futures.Executor,
         on_progress: Callable[[Model], None],
+        read_options: ReadOptions | None = None,
     ) -> None:
         self._backend = backend
+        self.read_options = read_options or ReadOptions()
         self._executor = executor
         self._on_progress = on_progress
         self._last_publish: dict[int, float] = {}
@@ -91,38 +89,75 @@ class Mover:
 
     # -- bytes of one layer --------------------------------------------------
 
-    def _read_layer(
-        self, model: Model, layer: LayerState, slab: Slab, on_bytes: Callable[[int], None]
-    ) -> str:
-        """Read a layer from the source into slab (worker thread); its checksum."""
-        with self._backend.view(slab) as view:
-            end = 0
-            for packed in layer.plan.tensors:
-                # Alignment padding is zeroed so that a slab's checksum depends
-                # only on its tensors, whatever the allocator handed out.
-                view[end : packed.slab_offset] = bytes(packed.slab_offset - end)
-                end = packed.slab_offset + packed.tensor.nbytes
-            view[end:] = bytes(len(view) - end)
-            # In runs of about READ_RUN bytes, so progress moves within a big layer.
-            run: list[tuple[TensorInfo, int]] = []
-            size = 0
-            for packed in layer.plan.tensors:
-                run.append((packed.tensor, packed.slab_offset))
-                size += packed.tensor.nbytes
-                if size >= READ_RUN or packed is layer.plan.tensors[-1]:
-                    self._check_stopping()
-                    read_tensors(model.checkpoint, run, view)
-                    on_bytes(size)
-                    run, size = [], 0
-            return checksum(view)
-
-    async def fill(
-        self, model: Model, layer: LayerState, slab: Slab, *, verify: bool = False
+    async def _read_source(
+        self, model: Model, layers: Sequence[LayerState], slabs: Sequence[Slab]
     ) -> None:
-        """Fill slab with layer's bytes, from its current slab or the source.
-        Bytes read from the source are always checked against the layer's
-        checksum (once it has one); copied bytes when `verify` is asked."""
+        """Read `layers` from the source into `slabs` through the pipeline; each
+        layer points at its slab as soon as it has landed and checked out."""
         assert model.progress is not None
+        progress = model.progress
+        loop = asyncio.get_running_loop()
+        mismatch: list[FailedPrecondition] = []
+        abort = threading.Event()
+
+        def landed(index: int, digest: str) -> None:  # on the event loop
+            layer = layers[index]
+            if not layer.checksum:
+                layer.checksum = digest
+            elif digest != layer.checksum:
+                mismatch.append(
+                    FailedPrecondition(
+                        f"layer {layer.plan.name} of the source {model.checkpoint.path} no"
+                        f" longer has the bytes it had at load (checksum {digest},"
+                        f" expected {layer.checksum})",
+                        reason="SOURCE_CHANGED",
+                        metadata={"model_id": model.model_id, "layer": layer.plan.name},
+                    )
+                )
+                abort.set()
+                return
+            layer.slab = slabs[index]
+            progress.layers_done += 1
+            self.report(model)
+
+        def on_layer(index: int, digest: str) -> None:  # on a read worker
+            loop.call_soon_threadsafe(landed, index, digest)
+
+        def on_bytes(n: int) -> None:
+            progress.bytes_done += n
+
+        sinks = [self._backend.sink(slab) for slab in slabs]
+        size = sum(layer.plan.size for layer in layers)
+        try:
+            with progress.phase(Stage.READ, size):
+                notes = await self.blocking(
+                    functools.partial(
+                        read_layers,
+                        model.checkpoint,
+                        [layer.plan for layer in layers],
+                        sinks,
+                        self.read_options,
+                        on_bytes=on_bytes,
+                        on_layer=on_layer,
+                        should_stop=lambda: self.stopping.is_set() or abort.is_set(),
+                    )
+                )
+        except StopRequested:
+            if mismatch:
+                raise mismatch[0] from None
+            raise Aborted("the daemon is shutting down", reason="SHUTTING_DOWN") from None
+        if mismatch:  # the last layer, after which nothing was left to stop
+            raise mismatch[0]
+        for note in notes:
+            log.warning("read path", model_id=model.model_id, note=note)
+        if notes:
+            progress.note = "; ".join(notes)
+            self.report(model, force=True)
+
+    async def copy(self, model: Model, layer: LayerState, slab: Slab, *, verify: bool) -> None:
+        """Copy layer's current slab into slab; with `verify`, check the bytes
+        that arrived against the layer's checksum."""
+        assert model.progress is not None and layer.slab is not None
         progress = model.progress
         size = layer.plan.size
 
@@ -130,36 +165,24 @@ class Mover:
             progress.bytes_done += n
             self._check_stopping()
 
-        if layer.slab is not None:
-            with progress.phase(Stage.TRANSFER, size):
-                await self.blocking(self._backend.copy, layer.slab, slab, on_bytes)
-            if verify:
-                with progress.phase(Stage.VERIFY, size):
-                    digest = await self.blocking(self._backend.checksum, slab)
-                if digest != layer.checksum:
-                    raise DataLoss(
-                        f"layer {layer.plan.name} of model {model.model_id!r} arrived with"
-                        f" checksum {digest}, expected {layer.checksum}: its {layer.tier.value}"
-                        " copy is corrupt; nothing corrupt was made active",
-                        reason="CHECKSUM_MISMATCH",
-                        metadata={
-                            "model_id": model.model_id,
-                            "layer": layer.plan.name,
-                            "expected": layer.checksum,
-                            "actual": digest,
-                        },
-                    )
+        with progress.phase(Stage.TRANSFER, size):
+            await self.blocking(self._backend.copy, layer.slab, slab, on_bytes)
+        if not verify:
             return
-        with progress.phase(Stage.READ, size):
-            digest = await self.blocking(self._read_layer, model, layer, slab, on_bytes)
-        if not layer.checksum:
-            layer.checksum = digest
-        elif digest != layer.checksum:
-            raise FailedPrecondition(
-                f"layer {layer.plan.name} of the source {model.checkpoint.path} no longer has"
-                f" the bytes it had at load (checksum {digest}, expected {layer.checksum})",
-                reason="SOURCE_CHANGED",
-                metadata={"model_id": model.model_id, "layer": layer.plan.name},
+        with progress.phase(Stage.VERIFY, size):
+            digest = await self.blocking(self._backend.checksum, slab)
+        if digest != layer.checksum:
+            raise DataLoss(
+                f"layer {layer.plan.name} of model {model.model_id!r} arrived with"
+                f" checksum {digest}, expected {layer.checksum}: its {layer.tier.value}"
+                " copy is corrupt; nothing corrupt was made active",
+                reason="CHECKSUM_MISMATCH",
+                metadata={
+                    "model_id": model.model_id,
+                    "layer": layer.plan.name,
+                    "expected": layer.checksum,
+                    "actual": digest,
+                },
             )
 
     # -- moves ---------------------------------------------------------------
@@ -188,15 +211,23 @@ class Mover:
         progress: Progress = model.progress
         progress.stage = Stage.READ if any(s is None for s in old) else Stage.TRANSFER
         self.report(model, force=True)
-        done = progress.bytes_done
         try:
+            from_source = [i for i, layer in enumerate(layers) if layer.slab is None]
+            if from_source:
+                await self._read_source(
+                    model, [layers[i] for i in from_source], [new[i] for i in from_source]
+                )
+            done = progress.bytes_done
             for layer, slab in zip(layers, new, strict=True):
-                await self.fill(model, layer, slab, verify=verify)
+                if layer.slab is slab:  # read from the source above
+                    continue
+                await self.copy(model, layer, slab, verify=verify)
                 layer.slab = slab
                 done += layer.plan.size
                 progress.bytes_done = done  # exact, whatever the pieces added up to
                 progress.layers_done += 1
                 self.report(model)
+            progress.bytes_done = progress.bytes_total
         except BaseException:
             for layer, previous in zip(layers, old, strict=True):
                 layer.slab = previous

@@ -1,0 +1,360 @@
+"""The read pipeline: a checkpoint's bytes into many slabs, in large parallel chunks.
+
+The byte ranges the layers need are cut into aligned chunks (`chunk_bytes`,
+default 32 MiB), queued in forward layer order (so early layers complete
+first, and a slab can move on while later chunks are still being read), and
+read by `threads` workers across every file of the checkpoint at once.
+
+How a chunk is read depends on `direct`:
+- "off": buffered `preadv` straight into the slabs (no intermediate copy).
+- "on": `O_DIRECT` into the worker's page-aligned staging buffer, then each
+  piece is written to its slab (on a GPU host that write is the copy to the
+  device, so the pinned staging buffer is the only stop on the way).
+- "auto" (the default): first a buffered `preadv2(RWF_NOWAIT)` straight into
+  the slabs, which succeeds only for bytes already in the page cache (a warm
+  load is then a single copy); whatever is not cached is read with O_DIRECT.
+Where a filesystem refuses O_DIRECT the file falls back to buffered reads,
+and the returned notes say so (they go to the Load's progress and the log).
+
+Each layer's checksum (xxh3-64 of its whole slab, padding zeroed) is taken
+by the worker that completes the layer, and `on_layer` is told.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torpord.errors import FailedPrecondition, Unavailable
+from torpord.storage.layers import LayerPlan
+from torpord.storage.reader import _open_for_read
+from torpord.storage.safetensors import Checkpoint
+
+__all__ = ["DIRECT_MODES", "ReadOptions", "SlabSink", "read_layers"]
+
+DIRECT_MODES = ("auto", "on", "off")
+# O_DIRECT wants the file offset, the length and the buffer address aligned to
+# the device's logical block; 4 KiB covers every device in use.
+BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    chunk_bytes: int = 32 * 2**20
+    threads: int = 8
+    direct: str = "auto"
+
+
+class SlabSink(Protocol):
+    """Where one layer's bytes go."""
+
+    def view(self) -> memoryview | None:
+        """A writable view of the whole slab if it is host memory, else None."""
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """Copy data into the slab at offset (a host-to-device copy on a GPU)."""
+
+    def checksum(self) -> str:
+        """xxh3-64 hex of the whole slab."""
+
+
+@dataclass(frozen=True)
+class _Piece:
+    layer: int  # index into the targets
+    file_offset: int
+    slab_offset: int
+    length: int
+
+
+@dataclass
+class _Chunk:
+    file_index: int
+    start: int  # aligned file offset
+    end: int  # aligned end; may pass the end of the file
+    pieces: list[_Piece] = field(default_factory=list)
+
+
+def _chunks(checkpoint: Checkpoint, plans: Sequence[LayerPlan], chunk_bytes: int) -> list[_Chunk]:
+    """Cut the tensors' file ranges into aligned chunks, in forward layer order."""
+    out: list[_Chunk] = []
+    for li, plan in enumerate(plans):
+        current: _Chunk | None = None
+        for packed in sorted(
+            plan.tensors, key=lambda p: (p.tensor.file_index, p.tensor.file_offset)
+        ):
+            t = packed.tensor
+            done = 0
+            while done < t.nbytes:
+                offset = t.file_offset + done
+                if (
+                    current is None
+                    or current.file_index != t.file_index
+                    or offset >= current.end
+                    or offset < current.start
+                ):
+                    start = offset - offset % BLOCK
+                    current = _Chunk(t.file_index, start, start + chunk_bytes)
+                    out.append(current)
+                length = min(t.nbytes - done, current.end - offset)
+                current.pieces.append(_Piece(li, offset, packed.slab_offset + done, length))
+                done += length
+    for chunk in out:
+        last = max(p.file_offset + p.length for p in chunk.pieces)
+        chunk.end = -(-last // BLOCK) * BLOCK  # read no further than needed
+    return out
+
+
+class _File:
+    """One source file's descriptors: buffered always, O_DIRECT where allowed."""
+
+    def __init__(self, checkpoint: Checkpoint, index: int, direct: str, notes: list[str]) -> None:
+        self.src = checkpoint.files[index]
+        self.fd = _open_for_read(self.src, 0)
+        self.direct_fd: int | None = None
+        if direct != "off":
+            try:
+                self.direct_fd = os.open(self.src.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            except OSError as err:
+                self.no_direct(notes, err)
+
+    def no_direct(self, notes: list[str], err: OSError) -> None:
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+            self.direct_fd = None
+        notes.append(
+            f"O_DIRECT refused for {self.src.path} ({err.strerror}): buffered reads instead"
+        )
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+
+
+class _Run:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        plans: Sequence[LayerPlan],
+        sinks: Sequence[SlabSink],
+        options: ReadOptions,
+        on_bytes: Callable[[int], None],
+        on_layer: Callable[[int, str], None],
+        should_stop: Callable[[], bool],
+    ) -> None:
+        self.checkpoint, self.plans, self.sinks, self.options = checkpoint, plans, sinks, options
+        self.on_bytes, self.on_layer, self.should_stop = on_bytes, on_layer, should_stop
+        self.notes: list[str] = []
+        self.lock = threading.Lock()
+        self.remaining = [sum(p.tensor.nbytes for p in plan.tensors) for plan in plans]
+        self.views = [sink.view() for sink in sinks]
+        self.files: dict[int, _File] = {}
+        self.error: BaseException | None = None
+
+    def file(self, index: int) -> _File:
+        with self.lock:
+            f = self.files.get(index)
+            if f is None:
+                f = self.files[index] = _File(
+                    self.checkpoint, index, self.options.direct, self.notes
+                )
+            return f
+
+    def finish_piece(self, piece: _Piece) -> None:
+        with self.lock:
+            self.remaining[piece.layer] -= piece.length
+            done = self.remaining[piece.layer] == 0
+        self.on_bytes(piece.length)
+        if done:
+            self.on_layer(piece.layer, self.sinks[piece.layer].checksum())
+
+    # -- one chunk -------------------------------------------------------------
+
+    def read_chunk(self, chunk: _Chunk, staging: mmap.mmap | None) -> None:
+        f = self.file(chunk.file_index)
+        direct = self.options.direct
+        if direct != "on" and all(self.views[p.layer] is not None for p in chunk.pieces):
+            flags = os.RWF_NOWAIT if direct == "auto" and f.direct_fd is not None else 0
+            if self._straight_into_slabs(f, chunk, flags):
+                return
+        if f.direct_fd is not None and staging is not None:
+            try:
+                self._staged(f, f.direct_fd, chunk, staging)
+                return
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                with self.lock:
+                    f.no_direct(self.notes, err)
+        if all(self.views[p.layer] is not None for p in chunk.pieces):
+            self._straight_into_slabs(f, chunk, 0)
+        else:
+            assert staging is not None
+            self._staged(f, f.fd, chunk, staging)
+
+    def _straight_into_slabs(self, f: _File, chunk: _Chunk, flags: int) -> bool:
+        """preadv each piece into its slab; False if RWF_NOWAIT found a piece uncached."""
+        for piece in chunk.pieces:
+            view = self.views[piece.layer]
+            assert view is not None
+            done = 0
+            while done < piece.length:
+                # Every slice is released at once: one kept alive (by a traceback,
+                # say) would stop the slab from ever being unmapped.
+                with view[piece.slab_offset + done : piece.slab_offset + piece.length] as target:
+                    try:
+                        n = os.preadv(f.fd, [target], piece.file_offset + done, flags)
+                    except BlockingIOError:
+                        return False
+                    except OSError as err:
+                        raise self._read_failed(f, piece.file_offset + done, err) from None
+                if n == 0:
+                    raise self._truncated(f, piece.file_offset + done)
+                if flags and n < piece.length - done:
+                    return False  # partly cached: read the chunk the slow way
+                done += n
+        for piece in chunk.pieces:
+            self.finish_piece(piece)
+        return True
+
+    def _staged(self, f: _File, fd: int, chunk: _Chunk, staging: mmap.mmap) -> None:
+        size = chunk.end - chunk.start
+        got = 0
+        while got < size:
+            with memoryview(staging)[got:size] as target:
+                try:
+                    n = os.preadv(fd, [target], chunk.start + got)
+                except OSError as err:
+                    if err.errno == errno.EINVAL:
+                        raise
+                    raise self._read_failed(f, chunk.start + got, err) from None
+            if n == 0:
+                break
+            got += n
+        for piece in chunk.pieces:
+            begin = piece.file_offset - chunk.start
+            if begin + piece.length > got:
+                raise self._truncated(f, chunk.start + got)
+            with memoryview(staging)[begin : begin + piece.length] as data:
+                self.sinks[piece.layer].write(piece.slab_offset, data)
+            self.finish_piece(piece)
+
+    @staticmethod
+    def _read_failed(f: _File, offset: int, err: OSError) -> Unavailable:
+        return Unavailable(
+            f"{f.src.path}: read failed at offset {offset}: {err.strerror}",
+            reason="SOURCE_READ_FAILED",
+            metadata={"file": f.src.path, "offset": offset},
+        )
+
+    @staticmethod
+    def _truncated(f: _File, offset: int) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"{f.src.path}: file ends at offset {offset}, before the tensor data it had when"
+            " it was opened (truncated?)",
+            reason="SOURCE_CHANGED",
+            metadata={"file": f.src.path, "offset": offset},
+        )
+
+    # -- workers ---------------------------------------------------------------
+
+    def worker(self, work: queue.SimpleQueue[_Chunk | None]) -> None:
+        staging = None
+        try:
+            if self.options.direct != "off" or not all(v is not None for v in self.views):
+                staging = mmap.mmap(-1, self.options.chunk_bytes + BLOCK)
+            while (chunk := work.get()) is not None:
+                if self.error is not None:
+                    continue
+                if self.should_stop():
+                    raise _Stopped
+                self.read_chunk(chunk, staging)
+        except BaseException as exc:  # the first error wins; the others drain the queue
+            with self.lock:
+                if self.error is None:
+                    self.error = exc
+            while work.get() is not None:
+                pass
+        finally:
+            if staging is not None:
+                staging.close()
+
+
+class _Stopped(Exception):
+    pass
+
+
+def read_layers(
+    checkpoint: Checkpoint,
+    plans: Sequence[LayerPlan],
+    sinks: Sequence[SlabSink],
+    options: ReadOptions,
+    *,
+    on_bytes: Callable[[int], None] = lambda n: None,
+    on_layer: Callable[[int, str], None] = lambda i, digest: None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> list[str]:
+    """Read every layer of `plans` into its sink; returns notes for the operator
+    (O_DIRECT fallbacks). Blocking: call it from a worker thread. `on_layer`
+    gets each layer's index and checksum as it completes (from a worker).
+    `should_stop` is polled between chunks; once true, raises StopRequested."""
+    for plan, sink in zip(plans, sinks, strict=True):
+        view = sink.view()
+        end = 0
+        for packed in sorted(plan.tensors, key=lambda p: p.slab_offset):
+            _zero(sink, view, end, packed.slab_offset)
+            end = packed.slab_offset + packed.tensor.nbytes
+        _zero(sink, view, end, plan.size)
+        if view is not None:
+            view.release()
+    run = _Run(checkpoint, plans, sinks, options, on_bytes, on_layer, should_stop)
+    for li, left in enumerate(run.remaining):
+        if left == 0:
+            on_layer(li, sinks[li].checksum())
+    work: queue.SimpleQueue[_Chunk | None] = queue.SimpleQueue()
+    for chunk in _chunks(checkpoint, plans, options.chunk_bytes):
+        work.put(chunk)
+    workers = [
+        threading.Thread(target=run.worker, args=(work,), name=f"torpord-read-{i}", daemon=True)
+        for i in range(max(1, options.threads))
+    ]
+    for _ in workers:
+        work.put(None)
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        for f in run.files.values():
+            f.close()
+        for view in run.views:
+            if view is not None:
+                view.release()
+    if isinstance(run.error, _Stopped):
+        raise StopRequested
+    if run.error is not None:
+        raise run.error
+    return run.notes
+
+
+class StopRequested(Exception):
+    """read_layers stopped because should_stop() said so."""
+
+
+def _zero(sink: SlabSink, view: memoryview | None, start: int, end: int) -> None:
+    if end <= start:
+        return
+    if view is not None:
+        view[start:end] = bytes(end - start)
+    else:
+        sink.write(start, memoryview(bytes(end - start)))
+
+
+__all__ += ["StopRequested"]

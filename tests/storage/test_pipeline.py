@@ -1,0 +1,191 @@
+"""The read pipeline: every mode lands exactly the checkpoint's bytes, in forward order."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+import xxhash
+from torpor.testing import make_checkpoint
+from torpord.errors import FailedPrecondition, Unavailable
+from torpord.storage import pipeline
+from torpord.storage.layers import LayerPlan, plan_layers
+from torpord.storage.pipeline import ReadOptions, StopRequested, read_layers
+from torpord.storage.safetensors import Checkpoint, open_checkpoint
+
+
+class Sink:
+    """A slab in a bytearray; `addressable=False` plays a GPU slab (no view)."""
+
+    def __init__(self, size: int, addressable: bool = True) -> None:
+        self.data = bytearray(os.urandom(size))  # garbage, as a reused allocation holds
+        self.addressable = addressable
+        self.writes = 0
+
+    def view(self) -> memoryview | None:
+        return memoryview(self.data) if self.addressable else None
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self.writes += 1
+        self.data[offset : offset + data.nbytes] = data
+
+    def checksum(self) -> str:
+        return xxhash.xxh3_64_hexdigest(self.data)
+
+
+def expected(ckpt: Checkpoint, plan: LayerPlan) -> bytes:
+    out = bytearray(plan.size)
+    for packed in plan.tensors:
+        t = packed.tensor
+        with open(ckpt.files[t.file_index].path, "rb") as f:
+            f.seek(t.file_offset)
+            out[packed.slab_offset : packed.slab_offset + t.nbytes] = f.read(t.nbytes)
+    return bytes(out)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
+    root = tmp_path_factory.mktemp("pipeline")
+    return open_checkpoint(make_checkpoint(root / "m", layers=5, hidden=96, shards=3))
+
+
+CASES = list(
+    itertools.product(("auto", "on", "off"), (1, 4), (4096, 65536, 32 * 2**20), (True, False))
+)
+
+
+@pytest.mark.parametrize(("direct", "threads", "chunk", "addressable"), CASES)
+def test_every_mode_lands_exact_bytes(
+    ckpt: Checkpoint, direct: str, threads: int, chunk: int, addressable: bool
+) -> None:
+    plans = plan_layers(ckpt)
+    sinks = [Sink(plan.size, addressable) for plan in plans]
+    landed: dict[int, str] = {}
+    counted: list[int] = []
+    notes = read_layers(
+        ckpt,
+        plans,
+        sinks,
+        ReadOptions(chunk_bytes=chunk, threads=threads, direct=direct),
+        on_bytes=counted.append,
+        on_layer=lambda i, digest: landed.setdefault(i, digest),
+    )
+    assert notes == []  # this filesystem takes O_DIRECT
+    for i, (plan, sink) in enumerate(zip(plans, sinks, strict=True)):
+        assert bytes(sink.data) == expected(ckpt, plan), plan.name
+        assert landed[i] == xxhash.xxh3_64_hexdigest(expected(ckpt, plan))
+    assert sorted(landed) == list(range(len(plans)))
+    assert sum(counted) == ckpt.data_bytes
+    if chunk == 4096:
+        assert len(counted) > len(plans)  # progress moves inside a layer
+
+
+def test_one_thread_completes_layers_in_forward_order(ckpt: Checkpoint) -> None:
+    plans = plan_layers(ckpt)
+    order: list[int] = []
+    read_layers(
+        ckpt,
+        plans,
+        [Sink(p.size) for p in plans],
+        ReadOptions(chunk_bytes=8192, threads=1),
+        on_layer=lambda i, _: order.append(i),
+    )
+    assert order == list(range(len(plans)))
+
+
+def test_a_filesystem_without_o_direct_falls_back_and_says_so(
+    ckpt: Checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def no_direct(path, flags, *args):  # type: ignore[no-untyped-def]
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(pipeline.os, "open", no_direct)
+    plans = plan_layers(ckpt)
+    sinks = [Sink(p.size) for p in plans]
+    notes = read_layers(ckpt, plans, sinks, ReadOptions(direct="on"))
+    assert len(notes) == len(ckpt.files)
+    assert all("O_DIRECT refused" in note and "buffered" in note for note in notes)
+    for plan, sink in zip(plans, sinks, strict=True):
+        assert bytes(sink.data) == expected(ckpt, plan)
+
+
+def test_a_truncated_file_is_source_changed(tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "t.safetensors", layers=2)
+    ckpt = open_checkpoint(path)
+    plans = plan_layers(ckpt)
+    os.truncate(path, ckpt.files[0].size)  # same size: opening passes ...
+    with open(path, "r+b") as f:
+        f.truncate(ckpt.files[0].size - 1000)  # ... then it shrinks
+    with pytest.raises(FailedPrecondition) as err:
+        read_layers(ckpt, plans, [Sink(p.size) for p in plans], ReadOptions(direct="off"))
+    assert err.value.reason == "SOURCE_CHANGED"
+
+
+def test_a_read_error_is_unavailable_and_names_the_offset(
+    ckpt: Checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def eio(*args):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(pipeline.os, "preadv", eio)
+    plans = plan_layers(ckpt)
+    with pytest.raises(Unavailable) as err:
+        read_layers(ckpt, plans, [Sink(p.size) for p in plans], ReadOptions(threads=3))
+    assert err.value.reason == "SOURCE_READ_FAILED"
+    assert "offset" in err.value.metadata and "Input/output error" in err.value.message
+
+
+def test_should_stop_stops_between_chunks(ckpt: Checkpoint) -> None:
+    plans = plan_layers(ckpt)
+    landed: list[int] = []
+    with pytest.raises(StopRequested):
+        read_layers(
+            ckpt,
+            plans,
+            [Sink(p.size) for p in plans],
+            ReadOptions(chunk_bytes=4096, threads=1),
+            on_layer=lambda i, _: landed.append(i),
+            should_stop=lambda: len(landed) >= 1,
+        )
+    assert 1 <= len(landed) < len(plans)
+
+
+def evict(ckpt: Checkpoint) -> None:
+    for f in ckpt.files:
+        fd = os.open(f.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def test_auto_reads_cached_bytes_straight_and_the_rest_direct(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = open_checkpoint(make_checkpoint(tmp_path / "m", layers=3, hidden=128, shards=2))
+    plans = plan_layers(ckpt)
+    staged: list[int] = []
+    real = pipeline._Run._staged
+
+    def spy(run, f, fd, chunk, staging):  # type: ignore[no-untyped-def]
+        staged.append(fd)
+        return real(run, f, fd, chunk, staging)
+
+    monkeypatch.setattr(pipeline._Run, "_staged", spy)
+    sinks = [Sink(p.size) for p in plans]
+    read_layers(ckpt, plans, sinks, ReadOptions(chunk_bytes=65536))
+    assert staged == []  # just written: all in the page cache, read straight into the slabs
+    evict(ckpt)
+    sinks = [Sink(p.size) for p in plans]
+    read_layers(ckpt, plans, sinks, ReadOptions(chunk_bytes=65536))
+    assert staged  # not cached: O_DIRECT through the staging buffer
+    for plan, sink in zip(plans, sinks, strict=True):
+        assert bytes(sink.data) == expected(ckpt, plan)
