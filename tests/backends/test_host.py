@@ -99,7 +99,7 @@ def test_copy_moves_bytes_in_pieces(backend: HostBackend, monkeypatch: pytest.Mo
         view[:] = payload
     pieces: list[int] = []
     backend.copy(src, dst, pieces.append)
-    assert pieces == [1000, 1000, 1000, 1000, 500]
+    assert sorted(pieces) == [500, 1000, 1000, 1000, 1000]
     with backend.view(dst) as view:
         assert bytes(view) == payload
 

@@ -10,6 +10,7 @@ once no other process maps them.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import mmap
 import os
@@ -25,9 +26,9 @@ from torpord.errors import InvalidArgument, ResourceExhausted
 
 __all__ = ["HostBackend"]
 
-# Copies run in pieces so a big slab does not hold one thread for long and
-# ctypes.memmove releases the GIL for each piece.
-_COPY_PIECE = 64 * 2**20
+# Copies run in pieces, spread over the copy threads (ctypes.memmove releases
+# the GIL), as a GPU spreads a copy over its copy engines.
+_COPY_PIECE = 16 * 2**20
 _NAMESPACE = uuidlib.UUID("6f1d3c1e-6a0b-4f7e-9a53-0c2a8f6b7d10")
 
 
@@ -78,7 +79,9 @@ class _HostSink:
 class HostBackend(Backend):
     kind = "host"
 
-    def __init__(self, *, devices: int, device_capacity: int, host_capacity: int) -> None:
+    def __init__(
+        self, *, devices: int, device_capacity: int, host_capacity: int, copy_threads: int = 4
+    ) -> None:
         if devices < 1:
             raise InvalidArgument("the host backend needs at least one device")
         machine = _machine_id()
@@ -89,6 +92,9 @@ class HostBackend(Backend):
         self._host = Budget("host pool", host_capacity)
         self._live: dict[Slab, _Mapping] = {}
         self._lock = threading.Lock()
+        self._copiers = concurrent.futures.ThreadPoolExecutor(
+            max(1, copy_threads), thread_name_prefix="torpord-copy"
+        )
 
     # -- information -------------------------------------------------------
 
@@ -176,6 +182,7 @@ class HostBackend(Backend):
             slabs = list(self._live)
         for slab in slabs:
             self.free(slab)
+        self._copiers.shutdown(wait=True)
 
     # -- bytes -------------------------------------------------------------
 
@@ -193,11 +200,19 @@ class HostBackend(Backend):
         if src.size != dst.size:
             raise ValueError(f"copy between slabs of {src.size} and {dst.size} bytes")
         a, b = self._mapping(src).address, self._mapping(dst).address
-        for offset in range(0, src.size, _COPY_PIECE):
-            piece = min(_COPY_PIECE, src.size - offset)
-            ctypes.memmove(b + offset, a + offset, piece)
+
+        def piece(offset: int) -> None:
+            n = min(_COPY_PIECE, src.size - offset)
+            ctypes.memmove(b + offset, a + offset, n)
             if on_bytes is not None:
-                on_bytes(piece)
+                on_bytes(n)
+
+        futures = [self._copiers.submit(piece, o) for o in range(0, src.size, _COPY_PIECE)]
+        # Wait for every piece, even after one failed: none may still be
+        # writing when the caller frees the slabs.
+        concurrent.futures.wait(futures)
+        for future in futures:
+            future.result()
 
     def sink(self, slab: Slab) -> _HostSink:
         return _HostSink(self, slab)
