@@ -22,7 +22,14 @@ GRPCURL = str(BIN / "grpcurl")
 class Daemon:
     """One torpord process, started with its own config, socket and notify socket."""
 
-    def __init__(self, root: Path, config: str = "", args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        config: str = "",
+        args: tuple[str, ...] = (),
+        roots: tuple[Path, ...] = (),
+        capacity: str = "256MiB",
+    ) -> None:
         self.root = root
         self.socket = root / "run" / "torpor.sock"
         self.models = root / "models"
@@ -32,9 +39,9 @@ class Daemon:
         self.config_path.write_text(
             "version = 1\n"
             f'[server]\nsocket = "{self.socket}"\ngrace_period = "5s"\n'
-            f'[sources]\nallowed_roots = ["{self.models}"]\n'
-            '[backend]\nkind = "host"\n[backend.host]\ndevices = 2\ndevice_capacity = "256MiB"\n'
-            '[host_pool]\ncapacity = "256MiB"\n' + config
+            f"[sources]\nallowed_roots = {json.dumps([str(p) for p in (self.models, *roots)])}\n"
+            '[backend]\nkind = "host"\n[backend.host]\ndevices = 2\n'
+            f'device_capacity = "{capacity}"\n[host_pool]\ncapacity = "{capacity}"\n' + config
         )
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify_path = root / "notify.sock"
