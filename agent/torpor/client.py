@@ -293,10 +293,12 @@ class Client:
         wait: bool = True,
         request_id: str = "",
         timeout: float | None = None,
+        disk_copy: bool = False,
     ) -> common_pb2.Model:
-        """Free the model's device memory: level 1 keeps weights in HOST, 2 drops them."""
+        """Free the model's device memory: level 1 keeps weights in HOST, 2 drops them
+        (`disk_copy`: keeping a copy in the disk cache)."""
         request = models_pb2.SleepModelRequest(
-            model_id=model_id, level=level, wait=wait, request_id=request_id
+            model_id=model_id, level=level, wait=wait, request_id=request_id, disk_copy=disk_copy
         )
         return self._unary(self._models.SleepModel, request, timeout).model
 

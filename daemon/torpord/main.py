@@ -22,6 +22,7 @@ from torpord.config import Config, ConfigError, Overrides, default_config_toml, 
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.logs import configure_logging
 from torpord.server.app import DaemonAlreadyRunning, build_server, set_serving
+from torpord.storage.diskcache import DiskCache
 from torpord.storage.layers import LayerPatterns
 from torpord.storage.pipeline import ReadOptions
 
@@ -104,6 +105,9 @@ class Daemon:
                 alignment=cfg.layers.alignment,
                 read=ReadOptions(cfg.io.chunk_size, cfg.io.threads, cfg.io.direct),
             ),
+            disk=DiskCache(cfg.disk_cache.path, cfg.disk_cache.capacity)
+            if cfg.disk_cache.path
+            else None,
         )
         socket_path = cfg.server.socket
         try:
@@ -111,8 +115,6 @@ class Daemon:
                 manager,
                 socket_path=socket_path,
                 tcp=cfg.server.tcp,
-                disk_path=str(cfg.disk_cache.path or ""),
-                disk_capacity=cfg.disk_cache.capacity,
             )
         except (DaemonAlreadyRunning, OSError, RuntimeError) as err:
             log.error("cannot listen", socket=str(socket_path), tcp=cfg.server.tcp, error=str(err))

@@ -129,7 +129,11 @@ def cmd_sleep(client: Client, args: argparse.Namespace) -> int:
         client,
         args,
         lambda: client.sleep_model(
-            args.model_id, args.level, wait=args.wait, request_id=args.request_id
+            args.model_id,
+            args.level,
+            wait=args.wait,
+            request_id=args.request_id,
+            disk_copy=args.disk_copy,
         ),
         lambda model: models_pb2.SleepModelResponse(model=model),
     )
@@ -146,7 +150,11 @@ def cmd_wake(client: Client, args: argparse.Namespace) -> int:
     )
 
 
-_TIERS = {"host": common_pb2.TIER_HOST, "device": common_pb2.TIER_DEVICE}
+_TIERS = {
+    "host": common_pb2.TIER_HOST,
+    "device": common_pb2.TIER_DEVICE,
+    "disk": common_pb2.TIER_DISK,
+}
 
 
 def cmd_offload(client: Client, args: argparse.Namespace) -> int:

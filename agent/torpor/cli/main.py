@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="1: keep the weights in host memory (default); 2: discard them",
     )
+    sleep.add_argument(
+        "--disk-copy",
+        action="store_true",
+        help="level 2: keep a copy in the disk cache, so wake needs no source",
+    )
     _add_mutation_options(sleep)
 
     wake = command("wake", "bring a model's layers back to its device")
@@ -150,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         "layers", metavar="LAYER", nargs="*", help="pre, layers.N, post (default: every layer)"
     )
     offload.add_argument(
-        "--tier", choices=("host", "device"), default="host", help="where to (default: host)"
+        "--tier",
+        choices=("host", "device", "disk"),
+        default="host",
+        help="where to (default: host)",
     )
     offload.add_argument(
         "--verify", action="store_true", help="--tier device: check each slab on arrival"

@@ -157,11 +157,17 @@ class SleepModelRequest(_message.Message):
     LEVEL_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DISK_COPY_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     level: _builtins.int
     """1 or 2. 0 means 1."""
     wait: _builtins.bool
     request_id: _builtins.str
+    disk_copy: _builtins.bool
+    """Level 2: first write every layer to the disk cache (if it has no copy
+    there yet), so that WakeModel reads it from there, even if the source is
+    slow or gone by then. Needs a configured disk cache.
+    """
     def __init__(
         self,
         *,
@@ -169,10 +175,11 @@ class SleepModelRequest(_message.Message):
         level: _builtins.int = ...,
         wait: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        disk_copy: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "model_id", b"model_id", "request_id", b"request_id", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_copy", b"disk_copy", "level", b"level", "model_id", b"model_id", "request_id", b"request_id", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -263,7 +270,7 @@ class OffloadModelRequest(_message.Message):
     VERIFY_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     tier: _common_pb2.Tier.ValueType
-    """TIER_HOST or TIER_DEVICE."""
+    """TIER_HOST, TIER_DEVICE or TIER_DISK."""
     wait: _builtins.bool
     request_id: _builtins.str
     verify: _builtins.bool

@@ -165,6 +165,14 @@ class ModelServiceServicer:
         """Moves chosen layers of an awake model to a tier. Layers already there are
         left alone, so repeating an Offload does nothing. The model is OFFLOADED
         while any layer is off its device and ACTIVE once all are back.
+
+        TIER_DISK writes each layer to the daemon's disk cache (atomically, with
+        its checksum) and frees its memory; not enough room there (after evicting
+        copies no model uses) is RESOURCE_EXHAUSTED (reason DISK_FULL) and leaves
+        the layers where they were. Without a configured cache it is
+        FAILED_PRECONDITION (DISK_CACHE_DISABLED). A disk copy is checked against
+        its checksum whenever it is read back; a corrupt one is deleted and refused
+        with DATA_LOSS (CACHE_CORRUPT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

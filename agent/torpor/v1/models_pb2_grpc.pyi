@@ -87,6 +87,14 @@ class ModelServiceStub:
     """Moves chosen layers of an awake model to a tier. Layers already there are
     left alone, so repeating an Offload does nothing. The model is OFFLOADED
     while any layer is off its device and ACTIVE once all are back.
+
+    TIER_DISK writes each layer to the daemon's disk cache (atomically, with
+    its checksum) and frees its memory; not enough room there (after evicting
+    copies no model uses) is RESOURCE_EXHAUSTED (reason DISK_FULL) and leaves
+    the layers where they were. Without a configured cache it is
+    FAILED_PRECONDITION (DISK_CACHE_DISABLED). A disk copy is checked against
+    its checksum whenever it is read back; a corrupt one is deleted and refused
+    with DATA_LOSS (CACHE_CORRUPT).
     """
     UnloadModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.UnloadModelRequest, _models_pb2.UnloadModelResponse]
     """Frees every slab of the model and forgets it. Allowed in every state that
@@ -162,6 +170,14 @@ class ModelServiceAsyncStub(ModelServiceStub):
     """Moves chosen layers of an awake model to a tier. Layers already there are
     left alone, so repeating an Offload does nothing. The model is OFFLOADED
     while any layer is off its device and ACTIVE once all are back.
+
+    TIER_DISK writes each layer to the daemon's disk cache (atomically, with
+    its checksum) and frees its memory; not enough room there (after evicting
+    copies no model uses) is RESOURCE_EXHAUSTED (reason DISK_FULL) and leaves
+    the layers where they were. Without a configured cache it is
+    FAILED_PRECONDITION (DISK_CACHE_DISABLED). A disk copy is checked against
+    its checksum whenever it is read back; a corrupt one is deleted and refused
+    with DATA_LOSS (CACHE_CORRUPT).
     """
     UnloadModel: _aio.UnaryUnaryMultiCallable[_models_pb2.UnloadModelRequest, _models_pb2.UnloadModelResponse]  # type: ignore[assignment]
     """Frees every slab of the model and forgets it. Allowed in every state that
@@ -258,6 +274,14 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         """Moves chosen layers of an awake model to a tier. Layers already there are
         left alone, so repeating an Offload does nothing. The model is OFFLOADED
         while any layer is off its device and ACTIVE once all are back.
+
+        TIER_DISK writes each layer to the daemon's disk cache (atomically, with
+        its checksum) and frees its memory; not enough room there (after evicting
+        copies no model uses) is RESOURCE_EXHAUSTED (reason DISK_FULL) and leaves
+        the layers where they were. Without a configured cache it is
+        FAILED_PRECONDITION (DISK_CACHE_DISABLED). A disk copy is checked against
+        its checksum whenever it is read back; a corrupt one is deleted and refused
+        with DATA_LOSS (CACHE_CORRUPT).
         """
 
     @_abc_1.abstractmethod

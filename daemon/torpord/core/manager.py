@@ -35,8 +35,8 @@ from torpord.errors import (
     NotFound,
     PermissionDenied,
     TorporError,
-    Unimplemented,
 )
+from torpord.storage.diskcache import DiskCache
 from torpord.storage.layers import DEFAULT_LAYER_PATTERNS, LayerPatterns, plan_layers
 from torpord.storage.pipeline import ReadOptions
 from torpord.storage.safetensors import check_unchanged, open_checkpoint
@@ -94,6 +94,7 @@ class ModelManager:
         settings: ManagerSettings,
         *,
         bus: EventBus | None = None,
+        disk: DiskCache | None = None,
     ) -> None:
         self.backend = backend
         self.settings = settings
@@ -102,7 +103,8 @@ class ModelManager:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             settings.worker_threads, thread_name_prefix="torpord-io"
         )
-        self.mover = Mover(backend, self._executor, self._on_progress, settings.read)
+        self.disk = disk
+        self.mover = Mover(backend, self._executor, self._on_progress, settings.read, disk)
         self._models: dict[str, Model] = {}
         self._reserved: set[str] = set()  # ids whose Load is still validating
 
@@ -217,7 +219,13 @@ class ModelManager:
         return await self._start(model, plan, call, pending)
 
     async def sleep(
-        self, model_id: str, level: int = 1, *, wait: bool = True, request_id: str = ""
+        self,
+        model_id: str,
+        level: int = 1,
+        *,
+        wait: bool = True,
+        request_id: str = "",
+        disk_copy: bool = False,
     ) -> ModelSnapshot:
         level = level or 1
         if level not in (1, 2):
@@ -226,7 +234,11 @@ class ModelManager:
                 reason="INVALID_SLEEP_LEVEL",
                 metadata={"level": level},
             )
-        call = Call(request_id, ("sleep", model_id, level), wait)
+        if disk_copy and level != 2:
+            raise InvalidArgument("disk_copy goes with sleep level 2", reason="INVALID_ARGUMENT")
+        if disk_copy:
+            self._need_disk()
+        call = Call(request_id, ("sleep", model_id, level, disk_copy), wait)
         if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._replay(earlier, wait, model_id)
         model = self._idle_model(model_id)
@@ -247,11 +259,14 @@ class ModelManager:
         else:
             held = [layer for layer in model.layers if layer.slab is not None]
         new = self.mover.allocate(model, held, Tier.HOST) if level == 1 else []
+        reserved = self.mover.reserve_disk(model, held, self._disk_keys()) if disk_copy else 0
 
         async def body() -> int:
             if level == 1:
                 moved = await self.mover.move(model, held, new)
             else:
+                if disk_copy:
+                    await self.mover.to_disk(model, held, reserved)
                 moved = await self.mover.drop(model, held)
             model.sleep_level = level
             model.set_state(ModelState.ASLEEP)
@@ -286,12 +301,8 @@ class ModelManager:
         verify: bool = False,
     ) -> ModelSnapshot:
         if tier is Tier.DISK:
-            raise Unimplemented(
-                "offloading to DISK is not available yet; use HOST or DEVICE",
-                reason="TIER_NOT_SUPPORTED",
-                metadata={"tier": tier.value},
-            )
-        if tier not in (Tier.HOST, Tier.DEVICE):
+            self._need_disk()
+        if tier not in (Tier.HOST, Tier.DEVICE, Tier.DISK):
             raise InvalidArgument(
                 f"layers can be offloaded to HOST or DEVICE, not {tier.value}",
                 reason="INVALID_TIER",
@@ -325,6 +336,17 @@ class ModelManager:
                 model, moving, TransitionKind.OFFLOAD, ModelState.OFFLOADING, verify
             )
             return await self._start(model, plan, call)
+        if tier is Tier.DISK:
+            reserved = self.mover.reserve_disk(model, moving, self._disk_keys())
+
+            async def to_disk() -> int:
+                await self.mover.to_disk(model, moving, reserved)
+                freed = await self.mover.drop(model, moving)
+                model.settle()
+                return freed
+
+            plan = Plan(TransitionKind.OFFLOAD, ModelState.OFFLOADING, moving, to_disk)
+            return await self._start(model, plan, call)
         new = self.mover.allocate(model, moving, tier)
 
         async def body() -> int:
@@ -347,7 +369,7 @@ class ModelManager:
         new = self.mover.allocate(model, moving, Tier.DEVICE)
 
         async def body() -> int:
-            if any(layer.slab is None for layer in moving):
+            if any(layer.tier is Tier.SOURCE for layer in moving):
                 change = await self.mover.blocking(check_unchanged, model.checkpoint)
                 if change is not None:
                     raise FailedPrecondition(
@@ -386,6 +408,22 @@ class ModelManager:
             removes=True,
         )
         return await self._start(model, plan, call)
+
+    def _need_disk(self) -> None:
+        if self.disk is None:
+            raise FailedPrecondition(
+                "no disk cache is configured (disk_cache.path in torpord's config)",
+                reason="DISK_CACHE_DISABLED",
+            )
+
+    def _disk_keys(self) -> set[str]:
+        """Disk copies some model uses: never evicted to make room."""
+        return {
+            layer.disk.key
+            for model in self._models.values()
+            for layer in model.layers
+            if layer.disk is not None
+        }
 
     def _idle_model(self, model_id: str) -> Model:
         """The model, if no transition of it is running (else ABORTED)."""

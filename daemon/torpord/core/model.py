@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from torpord.backends.base import Slab
 from torpord.core.types import ModelState, Outcome, Stage, Tier, TransitionKind
+from torpord.storage.diskcache import DiskEntry
 from torpord.storage.layers import LayerPlan
 from torpord.storage.safetensors import Checkpoint
 
@@ -32,12 +33,16 @@ __all__ = [
 @dataclass
 class LayerState:
     plan: LayerPlan
-    slab: Slab | None = None  # None: only in the source
+    slab: Slab | None = None  # in memory (DEVICE or HOST)
     checksum: str = ""
+    disk: DiskEntry | None = None  # a copy in the disk cache, if one was written
 
     @property
     def tier(self) -> Tier:
-        return self.slab.tier if self.slab is not None else Tier.SOURCE
+        """Where the layer is served from: its slab, else its disk copy, else the source."""
+        if self.slab is not None:
+            return self.slab.tier
+        return Tier.DISK if self.disk is not None else Tier.SOURCE
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from torpord.backends.base import Backend, Slab, SlabOwner
 from torpord.core.model import LayerState, Model, Progress
 from torpord.core.types import Stage, Tier
 from torpord.errors import Aborted, DataLoss, FailedPrecondition
+from torpord.storage.diskcache import DiskCache, DiskEntry, cache_key
 from torpord.storage.pipeline import ReadOptions, StopRequested, read_layers
 
 __all__ = ["Mover"]
@@ -44,8 +45,10 @@ class Mover:
         executor: concurrent.futures.Executor,
         on_progress: Callable[[Model], None],
         read_options: ReadOptions | None = None,
+        disk: DiskCache | None = None,
     ) -> None:
         self._backend = backend
+        self.disk = disk
         self.read_options = read_options or ReadOptions()
         self._executor = executor
         self._on_progress = on_progress
@@ -212,6 +215,11 @@ class Mover:
         progress.stage = Stage.READ if any(s is None for s in old) else Stage.TRANSFER
         self.report(model, force=True)
         try:
+            from_disk = [i for i, layer in enumerate(layers) if self._disk_copy(model, layer)]
+            if from_disk:
+                await self._read_disk(
+                    model, [layers[i] for i in from_disk], [new[i] for i in from_disk]
+                )
             from_source = [i for i, layer in enumerate(layers) if layer.slab is None]
             if from_source:
                 await self._read_source(
@@ -219,7 +227,7 @@ class Mover:
                 )
             done = progress.bytes_done
             for layer, slab in zip(layers, new, strict=True):
-                if layer.slab is slab:  # read from the source above
+                if layer.slab is slab:  # read from the disk or the source above
                     continue
                 await self.copy(model, layer, slab, verify=verify)
                 layer.slab = slab
@@ -238,6 +246,86 @@ class Mover:
         self.set_stage(model, Stage.RELEASE)
         await self.blocking(self._free_all, [slab for slab in old if slab is not None])
         return sum(layer.plan.size for layer in layers)
+
+    # -- the disk tier -------------------------------------------------------------
+
+    def _disk_copy(self, model: Model, layer: LayerState) -> bool:
+        """Whether a layer not in memory can come from the disk cache (its own
+        copy, or one a previous load of the same source left there)."""
+        if layer.slab is not None or self.disk is None:
+            return False
+        if layer.disk is None or self.disk.get(layer.disk.key) is not layer.disk:
+            layer.disk = self.disk.get(cache_key(model.checkpoint, layer.plan))
+        return layer.disk is not None
+
+    async def _read_disk(
+        self, model: Model, layers: Sequence[LayerState], slabs: Sequence[Slab]
+    ) -> None:
+        assert model.progress is not None and self.disk is not None
+        progress = model.progress
+        for layer, slab in zip(layers, slabs, strict=True):
+            entry = layer.disk
+            assert entry is not None
+            self._check_stopping()
+            if layer.checksum and entry.checksum != layer.checksum:
+                self.disk.remove(entry)
+                layer.disk = None
+                raise DataLoss(
+                    f"the disk copy of layer {layer.plan.name} holds other bytes than the"
+                    " model's (checksum {entry.checksum}, expected {layer.checksum})",
+                    reason="CACHE_CORRUPT",
+                    metadata={"model_id": model.model_id, "layer": layer.plan.name},
+                )
+            with progress.phase(Stage.READ, layer.plan.size):
+                try:
+                    await self.blocking(
+                        self.disk.read_into, entry, self._backend.sink(slab), layer.plan.name
+                    )
+                except DataLoss:
+                    layer.disk = None
+                    raise
+            layer.checksum = entry.checksum
+            layer.slab = slab
+            progress.bytes_done += layer.plan.size
+            progress.layers_done += 1
+            self.report(model)
+
+    def reserve_disk(self, model: Model, layers: Sequence[LayerState], protect: set[str]) -> int:
+        """Room in the disk cache for the layers that have no disk copy yet."""
+        assert self.disk is not None
+        missing = [layer.plan.size for layer in layers if layer.disk is None]
+        return self.disk.reserve(missing, protect) if missing else 0
+
+    async def to_disk(self, model: Model, layers: Sequence[LayerState], reserved: int) -> int:
+        """Write each layer that has no disk copy to the cache (atomically);
+        returns the bytes written. The layers keep their slabs."""
+        assert model.progress is not None and self.disk is not None
+        progress = model.progress
+        written = 0
+        pending = [layer for layer in layers if layer.disk is None]
+        left = reserved
+        try:
+            for layer in pending:
+                assert layer.slab is not None
+                self._check_stopping()
+                share = 4096 + layer.plan.size
+                key = cache_key(model.checkpoint, layer.plan)
+                with progress.phase(Stage.TRANSFER, layer.plan.size):
+                    layer.disk = await self.blocking(self._write_disk, key, layer, share)
+                left -= share
+                written += layer.plan.size
+                progress.bytes_done += layer.plan.size
+                progress.layers_done += 1
+                self.report(model)
+        finally:
+            if left:
+                self.disk.unreserve(left)
+        return written
+
+    def _write_disk(self, key: str, layer: LayerState, share: int) -> DiskEntry:
+        assert self.disk is not None and layer.slab is not None
+        with self._backend.view(layer.slab) as view:
+            return self.disk.write(key, view, layer.checksum, share)
 
     async def drop(self, model: Model, layers: Sequence[LayerState]) -> int:
         """Free the slabs of `layers`; they are then only in the source."""

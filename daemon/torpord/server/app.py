@@ -64,14 +64,10 @@ def build_server(
     *,
     socket_path: Path,
     tcp: str | None,
-    disk_path: str = "",
-    disk_capacity: int = 0,
 ) -> tuple[grpc.aio.Server, Any]:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
-    node_pb2_grpc.add_NodeServiceServicer_to_server(
-        NodeService(manager, disk_path=disk_path, disk_capacity=disk_capacity), server
-    )
+    node_pb2_grpc.add_NodeServiceServicer_to_server(NodeService(manager), server)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -12,6 +12,7 @@ from torpord.backends.base import Backend
 from torpord.core.model import ModelSnapshot, ProgressSnapshot, TransitionRecord
 from torpord.core.types import ModelState, Outcome, Stage, Tier, TransitionKind
 from torpord.errors import InvalidArgument
+from torpord.storage.diskcache import DiskCache
 
 __all__ = ["model_to_proto", "node_to_proto", "tier_from_proto"]
 
@@ -157,8 +158,7 @@ def node_to_proto(
     version: str,
     model_count: int,
     allowed_roots: list[str],
-    disk_path: str,
-    disk_capacity: int,
+    disk: DiskCache | None,
 ) -> node_pb2.Node:
     pool = backend.host_pool()
     return node_pb2.Node(
@@ -185,7 +185,10 @@ def node_to_proto(
             slab_count=pool.slab_count,
         ),
         disk_cache=node_pb2.DiskCache(
-            enabled=bool(disk_path), path=disk_path, capacity_bytes=disk_capacity, used_bytes=0
+            enabled=disk is not None,
+            path=str(disk.root) if disk else "",
+            capacity_bytes=disk.capacity if disk else 0,
+            used_bytes=disk.used if disk else 0,
         ),
         model_count=model_count,
         allowed_roots=allowed_roots,

@@ -57,7 +57,11 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
         self, request: models_pb2.SleepModelRequest, context: Context
     ) -> models_pb2.SleepModelResponse:
         model = await self._m.sleep(
-            request.model_id, request.level, wait=request.wait, request_id=request.request_id
+            request.model_id,
+            request.level,
+            wait=request.wait,
+            request_id=request.request_id,
+            disk_copy=request.disk_copy,
         )
         return models_pb2.SleepModelResponse(model=model_to_proto(model))
 
@@ -138,11 +142,8 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
 
 
 class NodeService(node_pb2_grpc.NodeServiceServicer):
-    def __init__(
-        self, manager: ModelManager, *, disk_path: str = "", disk_capacity: int = 0
-    ) -> None:
+    def __init__(self, manager: ModelManager) -> None:
         self._m = manager
-        self._disk = (disk_path, disk_capacity)
 
     @translate_errors
     async def GetNode(
@@ -154,8 +155,7 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
             version=__version__,
             model_count=len(self._m.list_models()),
             allowed_roots=[str(r) for r in self._m.settings.allowed_roots],
-            disk_path=self._disk[0],
-            disk_capacity=self._disk[1],
+            disk=self._m.disk,
         )
         return node_pb2.GetNodeResponse(node=node)
 

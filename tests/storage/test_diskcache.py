@@ -1,0 +1,109 @@
+"""The disk cache: atomic entries, budgets, restarts, corruption refused."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import xxhash
+from torpor.testing import make_checkpoint
+from torpord.errors import DataLoss, ResourceExhausted
+from torpord.storage import diskcache
+from torpord.storage.diskcache import DATA_OFFSET, DiskCache, cache_key
+from torpord.storage.layers import plan_layers
+from torpord.storage.safetensors import open_checkpoint
+
+
+class Sink:
+    def __init__(self, size: int, addressable: bool = True) -> None:
+        self.data = bytearray(size)
+        self.addressable = addressable
+
+    def view(self) -> memoryview | None:
+        return memoryview(self.data) if self.addressable else None
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self.data[offset : offset + data.nbytes] = data
+
+    def checksum(self) -> str:
+        return xxhash.xxh3_64_hexdigest(self.data)
+
+
+def put(cache: DiskCache, key: str, payload: bytes) -> diskcache.DiskEntry:
+    share = cache.reserve([len(payload)], set())
+    return cache.write(key, memoryview(payload), xxhash.xxh3_64_hexdigest(payload), share)
+
+
+@pytest.mark.parametrize("addressable", [True, False])
+def test_round_trip_and_restart(tmp_path: Path, addressable: bool) -> None:
+    cache = DiskCache(tmp_path / "c", 1 << 20)
+    payload = os.urandom(10_000)
+    entry = put(cache, "ab" * 16, payload)
+    assert cache.used == DATA_OFFSET + len(payload) == entry.file_bytes
+    sink = Sink(len(payload), addressable)
+    cache.read_into(entry, sink, "layers.0")
+    assert bytes(sink.data) == payload
+    again = DiskCache(tmp_path / "c", 1 << 20)  # the daemon restarted
+    assert again.get("ab" * 16) == entry and again.used == cache.used
+
+
+def test_half_written_and_junk_entries_are_dropped_at_start(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, 1 << 20)
+    good = put(cache, "cd" * 16, b"x" * 100)
+    (tmp_path / "cd" / f"{'cd' * 16}.1.2.tmp").write_bytes(b"half")
+    (tmp_path / "cd" / f"{'ef' * 16}.slab").write_bytes(b"not a slab")
+    again = DiskCache(tmp_path, 1 << 20)
+    assert again.get("cd" * 16) == good and again.get("ef" * 16) is None
+    assert sorted(p.name for p in (tmp_path / "cd").iterdir()) == [good.path.name]
+
+
+def test_a_corrupt_entry_is_refused_and_removed(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, 1 << 20)
+    entry = put(cache, "12" * 16, os.urandom(5000))
+    with open(entry.path, "r+b") as f:
+        f.seek(DATA_OFFSET + 1234)
+        f.write(b"\0\1\2")
+    with pytest.raises(DataLoss) as err:
+        cache.read_into(entry, Sink(5000), "layers.3")
+    assert err.value.reason == "CACHE_CORRUPT" and "layers.3" in err.value.message
+    assert cache.get(entry.key) is None and not entry.path.exists()
+
+
+def test_budget_evicts_unused_copies_and_never_protected_ones(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, 3 * (DATA_OFFSET + 1000))
+    a = put(cache, "a" * 32, b"a" * 1000)
+    b = put(cache, "b" * 32, b"b" * 1000)
+    with pytest.raises(ResourceExhausted) as err:
+        cache.reserve([1000, 1000], {a.key, b.key})
+    assert err.value.reason == "DISK_FULL"
+    assert {"asked", "free", "budget"} <= set(err.value.metadata)
+    assert cache.get(a.key) and cache.get(b.key)  # nothing was evicted for a failed reserve
+    share = cache.reserve([1000, 1000], {b.key})  # a may go
+    assert cache.get(a.key) is None and cache.get(b.key) is not None
+    cache.unreserve(share)
+
+
+def test_a_full_filesystem_is_disk_full_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = DiskCache(tmp_path, 1 << 20)
+
+    def enospc(*args):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(diskcache.os, "pwrite", enospc)
+    with pytest.raises(ResourceExhausted) as err:
+        put(cache, "99" * 16, b"z" * 100)
+    assert err.value.reason == "DISK_FULL"
+    assert cache.used == 0 and list(tmp_path.glob("*/*")) == []
+
+
+def test_a_changed_source_gets_a_different_key(tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "m.safetensors", layers=1)
+    ckpt = open_checkpoint(path)
+    plan = plan_layers(ckpt)[1]
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert cache_key(ckpt, plan) != cache_key(open_checkpoint(path), plan)
