@@ -394,7 +394,7 @@ def test_deadline_exceeded_exits_1_with_a_hint(
         ["frobnicate"],
         ["get"],
         ["sleep", "llama", "--level", "3"],
-        ["offload", "llama", "--tier", "disk"],
+        ["offload", "llama", "--tier", "tape"],
         ["--timeout", "-1", "list"],
         ["--socket", "/a.sock", "--address", "127.0.0.1:1", "list"],
         ["--socket", "/a.sock", "list", "--address", "127.0.0.1:1"],
