@@ -36,6 +36,8 @@ T = TypeVar("T")
 
 # Progress is published at most this often (and at every stage change).
 PROGRESS_INTERVAL = 0.25
+# Layers written to the disk cache at once.
+DISK_WRITERS = 4
 
 
 class Mover:
@@ -297,30 +299,39 @@ class Mover:
         return self.disk.reserve(missing, protect) if missing else 0
 
     async def to_disk(self, model: Model, layers: Sequence[LayerState], reserved: int) -> int:
-        """Write each layer that has no disk copy to the cache (atomically);
-        returns the bytes written. The layers keep their slabs."""
+        """Write each layer that has no disk copy to the cache (atomically, a few
+        at a time so their fsyncs overlap); returns the bytes written. The
+        layers keep their slabs."""
         assert model.progress is not None and self.disk is not None
         progress = model.progress
-        written = 0
         pending = [layer for layer in layers if layer.disk is None]
         left = reserved
-        try:
-            for layer in pending:
-                assert layer.slab is not None
+        gate = asyncio.Semaphore(DISK_WRITERS)
+
+        async def one(layer: LayerState) -> None:
+            nonlocal left
+            async with gate:
                 self._check_stopping()
                 share = 4096 + layer.plan.size
                 key = cache_key(model.checkpoint, layer.plan)
                 with progress.phase(Stage.TRANSFER, layer.plan.size):
                     layer.disk = await self.blocking(self._write_disk, key, layer, share)
                 left -= share
-                written += layer.plan.size
                 progress.bytes_done += layer.plan.size
                 progress.layers_done += 1
                 self.report(model)
+
+        try:
+            results = await asyncio.gather(
+                *(one(layer) for layer in pending), return_exceptions=True
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
         finally:
             if left:
                 self.disk.unreserve(left)
-        return written
+        return sum(layer.plan.size for layer in pending)
 
     def _write_disk(self, key: str, layer: LayerState, share: int) -> DiskEntry:
         assert self.disk is not None and layer.slab is not None
