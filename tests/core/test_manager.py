@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from torpord.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
 )
 from torpord.storage import pipeline
 from torpord.storage.diskcache import DATA_OFFSET, DiskCache
@@ -494,8 +496,9 @@ async def test_offload_back_to_device_can_verify(h: Harness, ckpt: Path) -> None
 async def test_transitions_report_their_phases(h: Harness, ckpt: Path) -> None:
     m = await h.manager.load("m", str(ckpt))
     assert m.last_transition is not None
-    (read,) = m.last_transition.phases
+    read, verify = m.last_transition.phases  # read straight into the slabs: no transfer
     assert read.stage is Stage.READ and read.bytes == m.total_bytes and read.seconds > 0
+    assert verify.stage is Stage.VERIFY and verify.bytes == m.total_bytes
     await h.manager.sleep("m", 1)
     m = await h.manager.wake("m", verify=True)
     assert m.last_transition is not None
@@ -626,3 +629,27 @@ async def test_after_a_restart_a_load_reads_the_cached_layers(
         second.check_bytes("m")
     finally:
         await second.close()
+
+
+async def test_a_read_error_fails_the_load_and_frees_everything(
+    h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h.manager.mover.read_options = ReadOptions(chunk_bytes=4096, threads=2, direct="off")
+    real = os.preadv
+    calls = 0
+
+    def eio_later(*args):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls > 30:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(*args)
+
+    monkeypatch.setattr(pipeline.os, "preadv", eio_later)
+    with pytest.raises(Unavailable) as err:
+        await h.manager.load("m", str(ckpt))
+    assert err.value.reason == "SOURCE_READ_FAILED"
+    m = h.manager.get("m")
+    assert (m.state, m.state_reason) == (ModelState.FAILED, "SOURCE_READ_FAILED")
+    assert {layer.tier for layer in m.layers} == {Tier.SOURCE}  # no half-filled slab reachable
+    assert h.device_used() == 0 and h.backend.host_pool().used == 0

@@ -65,7 +65,7 @@ def test_every_mode_lands_exact_bytes(
     sinks = [Sink(plan.size, addressable) for plan in plans]
     landed: dict[int, str] = {}
     counted: list[int] = []
-    notes = read_layers(
+    report = read_layers(
         ckpt,
         plans,
         sinks,
@@ -73,7 +73,10 @@ def test_every_mode_lands_exact_bytes(
         on_bytes=counted.append,
         on_layer=lambda i, digest: landed.setdefault(i, digest),
     )
-    assert notes == []  # this filesystem takes O_DIRECT
+    assert report.notes == []  # this filesystem takes O_DIRECT
+    assert report.read_seconds > 0 and report.checksum_seconds > 0
+    if direct == "on" or not addressable:  # staged: every byte crossed to the slab
+        assert report.transfer_bytes == ckpt.data_bytes
     for i, (plan, sink) in enumerate(zip(plans, sinks, strict=True)):
         assert bytes(sink.data) == expected(ckpt, plan), plan.name
         assert landed[i] == xxhash.xxh3_64_hexdigest(expected(ckpt, plan))
@@ -109,7 +112,7 @@ def test_a_filesystem_without_o_direct_falls_back_and_says_so(
     monkeypatch.setattr(pipeline.os, "open", no_direct)
     plans = plan_layers(ckpt)
     sinks = [Sink(p.size) for p in plans]
-    notes = read_layers(ckpt, plans, sinks, ReadOptions(direct="on"))
+    notes = read_layers(ckpt, plans, sinks, ReadOptions(direct="on")).notes
     assert len(notes) == len(ckpt.files)
     assert all("O_DIRECT refused" in note and "buffered" in note for note in notes)
     for plan, sink in zip(plans, sinks, strict=True):

@@ -90,9 +90,12 @@ class Progress:
         try:
             yield
         finally:
-            total = self.phase_totals.setdefault(stage, [0.0, 0])
-            total[0] += time.monotonic() - start
-            total[1] += nbytes
+            self.add_phase(stage, time.monotonic() - start, nbytes)
+
+    def add_phase(self, stage: Stage, seconds: float, nbytes: int) -> None:
+        total = self.phase_totals.setdefault(stage, [0.0, 0])
+        total[0] += seconds
+        total[1] += nbytes
 
     def phases(self) -> tuple[PhaseRecord, ...]:
         return tuple(

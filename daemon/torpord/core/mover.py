@@ -134,29 +134,32 @@ class Mover:
         sinks = [self._backend.sink(slab) for slab in slabs]
         size = sum(layer.plan.size for layer in layers)
         try:
-            with progress.phase(Stage.READ, size):
-                notes = await self.blocking(
-                    functools.partial(
-                        read_layers,
-                        model.checkpoint,
-                        [layer.plan for layer in layers],
-                        sinks,
-                        self.read_options,
-                        on_bytes=on_bytes,
-                        on_layer=on_layer,
-                        should_stop=lambda: self.stopping.is_set() or abort.is_set(),
-                    )
+            report = await self.blocking(
+                functools.partial(
+                    read_layers,
+                    model.checkpoint,
+                    [layer.plan for layer in layers],
+                    sinks,
+                    self.read_options,
+                    on_bytes=on_bytes,
+                    on_layer=on_layer,
+                    should_stop=lambda: self.stopping.is_set() or abort.is_set(),
                 )
+            )
         except StopRequested:
             if mismatch:
                 raise mismatch[0] from None
             raise Aborted("the daemon is shutting down", reason="SHUTTING_DOWN") from None
         if mismatch:  # the last layer, after which nothing was left to stop
             raise mismatch[0]
-        for note in notes:
+        progress.add_phase(Stage.READ, report.read_seconds, size)
+        if report.transfer_bytes:
+            progress.add_phase(Stage.TRANSFER, report.transfer_seconds, report.transfer_bytes)
+        progress.add_phase(Stage.VERIFY, report.checksum_seconds, size)
+        for note in report.notes:
             log.warning("read path", model_id=model.model_id, note=note)
-        if notes:
-            progress.note = "; ".join(notes)
+        if report.notes:
+            progress.note = "; ".join(report.notes)
             self.report(model, force=True)
 
     async def copy(self, model: Model, layer: LayerState, slab: Slab, *, verify: bool) -> None:

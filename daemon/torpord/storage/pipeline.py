@@ -27,6 +27,7 @@ import mmap
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -36,12 +37,24 @@ from torpord.storage.layers import LayerPlan
 from torpord.storage.reader import _open_for_read
 from torpord.storage.safetensors import Checkpoint
 
-__all__ = ["DIRECT_MODES", "ReadOptions", "SlabSink", "read_layers"]
+__all__ = ["DIRECT_MODES", "ReadOptions", "ReadReport", "SlabSink", "read_layers"]
 
 DIRECT_MODES = ("auto", "on", "off")
 # O_DIRECT wants the file offset, the length and the buffer address aligned to
 # the device's logical block; 4 KiB covers every device in use.
 BLOCK = 4096
+
+
+@dataclass
+class ReadReport:
+    """What a read_layers call did. Times are busy time summed over the
+    workers (they overlap, so they may add up to more than the wall time)."""
+
+    notes: list[str] = field(default_factory=list)
+    read_seconds: float = 0.0  # in preadv
+    transfer_seconds: float = 0.0  # writing staged bytes to slabs (to the device)
+    transfer_bytes: int = 0
+    checksum_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -150,7 +163,8 @@ class _Run:
     ) -> None:
         self.checkpoint, self.plans, self.sinks, self.options = checkpoint, plans, sinks, options
         self.on_bytes, self.on_layer, self.should_stop = on_bytes, on_layer, should_stop
-        self.notes: list[str] = []
+        self.report = ReadReport()
+        self.notes = self.report.notes
         self.lock = threading.Lock()
         self.remaining = [sum(p.tensor.nbytes for p in plan.tensors) for plan in plans]
         self.views = [sink.view() for sink in sinks]
@@ -172,7 +186,15 @@ class _Run:
             done = self.remaining[piece.layer] == 0
         self.on_bytes(piece.length)
         if done:
-            self.on_layer(piece.layer, self.sinks[piece.layer].checksum())
+            start = time.perf_counter()
+            digest = self.sinks[piece.layer].checksum()
+            self._count("checksum_seconds", time.perf_counter() - start)
+            self.on_layer(piece.layer, digest)
+
+    def _count(self, what: str, seconds: float, nbytes: int = 0) -> None:
+        with self.lock:
+            setattr(self.report, what, getattr(self.report, what) + seconds)
+            self.report.transfer_bytes += nbytes
 
     # -- one chunk -------------------------------------------------------------
 
@@ -208,12 +230,15 @@ class _Run:
                 # Every slice is released at once: one kept alive (by a traceback,
                 # say) would stop the slab from ever being unmapped.
                 with view[piece.slab_offset + done : piece.slab_offset + piece.length] as target:
+                    start = time.perf_counter()
                     try:
                         n = os.preadv(f.fd, [target], piece.file_offset + done, flags)
                     except BlockingIOError:
                         return False
                     except OSError as err:
                         raise self._read_failed(f, piece.file_offset + done, err) from None
+                    finally:
+                        self._count("read_seconds", time.perf_counter() - start)
                 if n == 0:
                     raise self._truncated(f, piece.file_offset + done)
                 if flags and n < piece.length - done:
@@ -228,12 +253,15 @@ class _Run:
         got = 0
         while got < size:
             with memoryview(staging)[got:size] as target:
+                start = time.perf_counter()
                 try:
                     n = os.preadv(fd, [target], chunk.start + got)
                 except OSError as err:
                     if err.errno == errno.EINVAL:
                         raise
                     raise self._read_failed(f, chunk.start + got, err) from None
+                finally:
+                    self._count("read_seconds", time.perf_counter() - start)
             if n == 0:
                 break
             got += n
@@ -242,7 +270,9 @@ class _Run:
             if begin + piece.length > got:
                 raise self._truncated(f, chunk.start + got)
             with memoryview(staging)[begin : begin + piece.length] as data:
+                start = time.perf_counter()
                 self.sinks[piece.layer].write(piece.slab_offset, data)
+                self._count("transfer_seconds", time.perf_counter() - start, piece.length)
             self.finish_piece(piece)
 
     @staticmethod
@@ -299,9 +329,9 @@ def read_layers(
     on_bytes: Callable[[int], None] = lambda n: None,
     on_layer: Callable[[int, str], None] = lambda i, digest: None,
     should_stop: Callable[[], bool] = lambda: False,
-) -> list[str]:
-    """Read every layer of `plans` into its sink; returns notes for the operator
-    (O_DIRECT fallbacks). Blocking: call it from a worker thread. `on_layer`
+) -> ReadReport:
+    """Read every layer of `plans` into its sink; returns what it did, with notes
+    for the operator (O_DIRECT fallbacks). Blocking: call it from a worker thread. `on_layer`
     gets each layer's index and checksum as it completes (from a worker).
     `should_stop` is polled between chunks; once true, raises StopRequested."""
     for plan, sink in zip(plans, sinks, strict=True):
@@ -341,7 +371,7 @@ def read_layers(
         raise StopRequested
     if run.error is not None:
         raise run.error
-    return run.notes
+    return run.report
 
 
 class StopRequested(Exception):
