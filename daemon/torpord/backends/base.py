@@ -136,6 +136,11 @@ class Backend(abc.ABC):
         calling on_bytes with each piece's size as it lands."""
 
     @abc.abstractmethod
+    def drain(self) -> None:
+        """Wait until the memory of every slab freed so far is really returned
+        (a backend may finish freeing in the background). Blocking."""
+
+    @abc.abstractmethod
     def sink(self, slab: Slab) -> SlabSink:
         """Where the read pipeline writes a layer's bytes for this slab."""
 

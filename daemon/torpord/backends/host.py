@@ -95,6 +95,10 @@ class HostBackend(Backend):
         self._copiers = concurrent.futures.ThreadPoolExecutor(
             max(1, copy_threads), thread_name_prefix="torpord-copy"
         )
+        # Closing a slab's last fd hands its pages back to the kernel, which
+        # takes a while for gigabytes; that happens here, off the caller's path.
+        self._reaper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="torpord-free")
+        self._reaping: set[concurrent.futures.Future[None]] = set()
 
     # -- information -------------------------------------------------------
 
@@ -171,17 +175,29 @@ class HostBackend(Backend):
         except BufferError:
             mapping.anchor = (ctypes.c_char * len(mapping.mm)).from_buffer(mapping.mm)
             raise
-        os.close(mapping.fd)
+        future = self._reaper.submit(os.close, mapping.fd)
         with self._lock:
             del self._live[slab]
+            self._reaping.add(future)
+        future.add_done_callback(self._reaped)
         slab.freed = True
         self._budget(slab.tier, slab.device).release(slab.size)
+
+    def _reaped(self, future: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            self._reaping.discard(future)
+
+    def drain(self) -> None:
+        with self._lock:
+            pending = list(self._reaping)
+        concurrent.futures.wait(pending)
 
     def close(self) -> None:
         with self._lock:
             slabs = list(self._live)
         for slab in slabs:
             self.free(slab)
+        self.drain()
         self._copiers.shutdown(wait=True)
 
     # -- bytes -------------------------------------------------------------

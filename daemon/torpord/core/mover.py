@@ -249,7 +249,10 @@ class Mover:
                     self._backend.free(slab)
             raise
         self.set_stage(model, Stage.RELEASE)
-        await self.blocking(self._free_all, [slab for slab in old if slab is not None])
+        freed = [slab for slab in old if slab is not None]
+        # Device memory must really be free when the transition returns (another
+        # model may be waiting for it); host pool memory may finish in the background.
+        await self.blocking(self._free_all, freed, any(slab.tier is Tier.DEVICE for slab in freed))
         return sum(layer.plan.size for layer in layers)
 
     # -- the disk tier -------------------------------------------------------------
@@ -349,11 +352,13 @@ class Mover:
         await self.blocking(self._free_all, slabs)
         return sum(slab.size for slab in slabs)
 
-    def _free_all(self, slabs: Sequence[Slab]) -> None:
+    def _free_all(self, slabs: Sequence[Slab], confirm: bool = True) -> None:
         # On a worker thread: unmapping gigabytes of touched pages takes a
         # while, and the event loop must keep answering meanwhile.
         for slab in slabs:
             self._backend.free(slab)
+        if confirm:
+            self._backend.drain()
 
     def forget(self, model: Model) -> None:
         self._last_publish.pop(id(model), None)
