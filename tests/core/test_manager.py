@@ -10,10 +10,7 @@ from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
-from torpord.backends.host import HostBackend
 from torpord.core.events import EventType
-from torpord.core.manager import ManagerSettings, ModelManager
-from torpord.core.model import ModelSnapshot
 from torpord.core.types import ModelState, Outcome, Stage, Tier
 from torpord.errors import (
     Aborted,
@@ -27,75 +24,11 @@ from torpord.errors import (
     Unavailable,
 )
 from torpord.storage import pipeline
-from torpord.storage.diskcache import DATA_OFFSET, DiskCache
-from torpord.storage.layers import LayerPlan, plan_layers
+from torpord.storage.layers import plan_layers
 from torpord.storage.pipeline import ReadOptions
 from torpord.storage.safetensors import open_checkpoint
 
-MiB = 2**20
-
-
-def expected_slab(plan: LayerPlan, files: list[str]) -> bytes:
-    """A layer's slab as it must be: each tensor's bytes read straight from
-    its file at its aligned offset, zeros elsewhere."""
-    out = bytearray(plan.size)
-    for packed in plan.tensors:
-        t = packed.tensor
-        with open(files[t.file_index], "rb") as f:
-            f.seek(t.file_offset)
-            out[packed.slab_offset : packed.slab_offset + t.nbytes] = f.read(t.nbytes)
-    return bytes(out)
-
-
-class Harness:
-    def __init__(
-        self, tmp: Path, *, device_capacity: int = 64 * MiB, host_capacity: int = 64 * MiB
-    ):
-        self.backend = HostBackend(
-            devices=2, device_capacity=device_capacity, host_capacity=host_capacity
-        )
-        self.manager = ModelManager(self.backend, ManagerSettings(allowed_roots=(tmp.resolve(),)))
-
-    def check_bytes(self, model_id: str) -> None:
-        """Every slab the model holds has exactly the checkpoint's bytes, and
-        sits in the tier its layer reports."""
-        model = self.manager._models[model_id]
-        files = [f.path for f in model.checkpoint.files]
-        for layer in model.layers:
-            if layer.slab is None:
-                if layer.disk is not None:  # its disk copy holds exactly those bytes
-                    assert layer.tier is Tier.DISK
-                    data = layer.disk.path.read_bytes()[DATA_OFFSET:]
-                    assert data == expected_slab(layer.plan, files), layer.plan.name
-                else:
-                    assert layer.tier is Tier.SOURCE
-                continue
-            assert layer.slab.tier is layer.tier
-            with self.backend.view(layer.slab) as view:
-                assert bytes(view) == expected_slab(layer.plan, files), layer.plan.name
-
-    def device_used(self) -> int:
-        return sum(d.pool.used for d in self.backend.devices())
-
-    async def close(self) -> None:
-        await self.manager.close(1.0)
-        self.backend.close()
-
-
-@pytest.fixture
-async def h(tmp_path: Path):  # type: ignore[no-untyped-def]
-    harness = Harness(tmp_path)
-    yield harness
-    await harness.close()
-
-
-@pytest.fixture
-def ckpt(tmp_path: Path) -> Path:
-    return make_checkpoint(tmp_path / "m", layers=6, hidden=64, shards=2)
-
-
-def tiers(m: ModelSnapshot) -> list[Tier]:
-    return [layer.tier for layer in m.layers]
+from .harness import Harness, MiB, tiers
 
 
 async def test_full_lifecycle_moves_real_bytes(h: Harness, ckpt: Path) -> None:
@@ -504,131 +437,6 @@ async def test_transitions_report_their_phases(h: Harness, ckpt: Path) -> None:
     assert m.last_transition is not None
     stages = [(p.stage, p.bytes) for p in m.last_transition.phases]
     assert stages == [(Stage.TRANSFER, m.total_bytes), (Stage.VERIFY, m.total_bytes)]
-
-
-def disk_harness(tmp: Path, capacity: int = 64 * MiB) -> Harness:
-    harness = Harness(tmp)
-    harness.manager.disk = harness.manager.mover.disk = DiskCache(tmp / "cache", capacity)
-    return harness
-
-
-async def test_offload_to_disk_and_back(tmp_path: Path, ckpt: Path) -> None:
-    h = disk_harness(tmp_path)
-    try:
-        m = await h.manager.load("m", str(ckpt))
-        m = await h.manager.offload("m", ["layers.1", "post"], Tier.DISK)
-        assert m.state is ModelState.OFFLOADED
-        assert [layer.plan.name for layer in m.layers if layer.tier is Tier.DISK] == [
-            "layers.1",
-            "post",
-        ]
-        on_disk = m.bytes_in(Tier.DISK)
-        assert h.device_used() == m.total_bytes - on_disk
-        assert h.manager.disk is not None and h.manager.disk.used >= on_disk
-        h.check_bytes("m")
-        m = await h.manager.offload("m", [], Tier.DEVICE)
-        assert m.state is ModelState.ACTIVE
-        h.check_bytes("m")
-        # Asleep at level 1, the disk layers stay on disk; wake brings all back.
-        await h.manager.offload("m", ["pre"], Tier.DISK)
-        m = await h.manager.sleep("m", 1)
-        assert m.layers[0].tier is Tier.DISK and m.layers[1].tier is Tier.HOST
-        m = await h.manager.wake("m", verify=True)
-        assert m.state is ModelState.ACTIVE
-        h.check_bytes("m")
-    finally:
-        await h.close()
-
-
-async def test_sleep_level_2_with_a_disk_copy_wakes_without_the_source(
-    tmp_path: Path,
-) -> None:
-    h = disk_harness(tmp_path)
-    try:
-        path = make_checkpoint(tmp_path / "gone" / "m.safetensors", layers=3)
-        await h.manager.load("m", str(path))
-        expected = {
-            layer.plan.name: expected_slab(layer.plan, [str(path)])
-            for layer in h.manager._models["m"].layers
-        }
-        m = await h.manager.sleep("m", 2, disk_copy=True)
-        assert {layer.tier for layer in m.layers} == {Tier.DISK}
-        assert h.device_used() == 0 and h.backend.host_pool().used == 0
-        path.unlink()  # the source is gone
-        m = await h.manager.wake("m")
-        assert m.state is ModelState.ACTIVE
-        for layer in h.manager._models["m"].layers:
-            assert layer.slab is not None
-            with h.backend.view(layer.slab) as view:
-                assert bytes(view) == expected[layer.plan.name]
-    finally:
-        await h.close()
-
-
-async def test_a_full_disk_leaves_the_layers_where_they_were(tmp_path: Path, ckpt: Path) -> None:
-    h = disk_harness(tmp_path, capacity=8192)
-    try:
-        await h.manager.load("m", str(ckpt))
-        with pytest.raises(ResourceExhausted) as err:
-            await h.manager.offload("m", [], Tier.DISK)
-        assert err.value.reason == "DISK_FULL"
-        m = h.manager.get("m")
-        assert m.state is ModelState.ACTIVE and {layer.tier for layer in m.layers} == {Tier.DEVICE}
-        assert h.manager.disk is not None and h.manager.disk.used == 0
-    finally:
-        await h.close()
-
-
-async def test_disk_tier_needs_a_cache(h: Harness, ckpt: Path) -> None:
-    await h.manager.load("m", str(ckpt))
-    with pytest.raises(FailedPrecondition) as err:
-        await h.manager.offload("m", [], Tier.DISK)
-    assert err.value.reason == "DISK_CACHE_DISABLED"
-
-
-async def test_a_corrupt_disk_copy_is_never_served(tmp_path: Path, ckpt: Path) -> None:
-    h = disk_harness(tmp_path)
-    try:
-        await h.manager.load("m", str(ckpt))
-        await h.manager.offload("m", ["layers.2"], Tier.DISK)
-        entry = h.manager._models["m"].layers[3].disk
-        assert entry is not None
-        with open(entry.path, "r+b") as f:
-            f.seek(-10, os.SEEK_END)
-            f.write(b"corruption")
-        with pytest.raises(DataLoss) as err:
-            await h.manager.wake("m")
-        assert err.value.reason == "CACHE_CORRUPT"
-        m = h.manager.get("m")
-        assert m.state is ModelState.OFFLOADED and m.state_reason == "CACHE_CORRUPT"
-        # The bad copy is gone; the layer falls back to the source.
-        assert m.layers[3].tier is Tier.SOURCE
-        m = await h.manager.wake("m")
-        assert m.state is ModelState.ACTIVE
-        h.check_bytes("m")
-    finally:
-        await h.close()
-
-
-async def test_after_a_restart_a_load_reads_the_cached_layers(
-    tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    first = disk_harness(tmp_path)
-    await first.manager.load("m", str(ckpt))
-    await first.manager.offload("m", [], Tier.DISK)
-    await first.close()
-    second = disk_harness(tmp_path)  # a new daemon, the same cache directory
-    try:
-
-        def no_source(*args, **kwargs):  # type: ignore[no-untyped-def]
-            raise AssertionError("read the source although every layer is cached")
-
-        monkeypatch.setattr("torpord.core.mover.read_layers", no_source)
-        m = await second.manager.load("m", str(ckpt))
-        assert m.state is ModelState.ACTIVE
-        second.check_bytes("m")
-    finally:
-        await second.close()
 
 
 async def test_a_read_error_fails_the_load_and_frees_everything(

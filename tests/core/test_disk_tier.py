@@ -1,0 +1,132 @@
+"""The DISK tier through the manager: offload, sleep with a disk copy, corruption, restarts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from torpor.testing import make_checkpoint
+from torpord.core.types import ModelState, Tier
+from torpord.errors import DataLoss, FailedPrecondition, ResourceExhausted
+
+from .harness import Harness, disk_harness, expected_slab
+
+
+async def test_offload_to_disk_and_back(tmp_path: Path, ckpt: Path) -> None:
+    h = disk_harness(tmp_path)
+    try:
+        m = await h.manager.load("m", str(ckpt))
+        m = await h.manager.offload("m", ["layers.1", "post"], Tier.DISK)
+        assert m.state is ModelState.OFFLOADED
+        assert [layer.plan.name for layer in m.layers if layer.tier is Tier.DISK] == [
+            "layers.1",
+            "post",
+        ]
+        on_disk = m.bytes_in(Tier.DISK)
+        assert h.device_used() == m.total_bytes - on_disk
+        assert h.manager.disk is not None and h.manager.disk.used >= on_disk
+        h.check_bytes("m")
+        m = await h.manager.offload("m", [], Tier.DEVICE)
+        assert m.state is ModelState.ACTIVE
+        h.check_bytes("m")
+        # Asleep at level 1, the disk layers stay on disk; wake brings all back.
+        await h.manager.offload("m", ["pre"], Tier.DISK)
+        m = await h.manager.sleep("m", 1)
+        assert m.layers[0].tier is Tier.DISK and m.layers[1].tier is Tier.HOST
+        m = await h.manager.wake("m", verify=True)
+        assert m.state is ModelState.ACTIVE
+        h.check_bytes("m")
+    finally:
+        await h.close()
+
+
+async def test_sleep_level_2_with_a_disk_copy_wakes_without_the_source(
+    tmp_path: Path,
+) -> None:
+    h = disk_harness(tmp_path)
+    try:
+        path = make_checkpoint(tmp_path / "gone" / "m.safetensors", layers=3)
+        await h.manager.load("m", str(path))
+        expected = {
+            layer.plan.name: expected_slab(layer.plan, [str(path)])
+            for layer in h.manager._models["m"].layers
+        }
+        m = await h.manager.sleep("m", 2, disk_copy=True)
+        assert {layer.tier for layer in m.layers} == {Tier.DISK}
+        assert h.device_used() == 0 and h.backend.host_pool().used == 0
+        path.unlink()  # the source is gone
+        m = await h.manager.wake("m")
+        assert m.state is ModelState.ACTIVE
+        for layer in h.manager._models["m"].layers:
+            assert layer.slab is not None
+            with h.backend.view(layer.slab) as view:
+                assert bytes(view) == expected[layer.plan.name]
+    finally:
+        await h.close()
+
+
+async def test_a_full_disk_leaves_the_layers_where_they_were(tmp_path: Path, ckpt: Path) -> None:
+    h = disk_harness(tmp_path, capacity=8192)
+    try:
+        await h.manager.load("m", str(ckpt))
+        with pytest.raises(ResourceExhausted) as err:
+            await h.manager.offload("m", [], Tier.DISK)
+        assert err.value.reason == "DISK_FULL"
+        m = h.manager.get("m")
+        assert m.state is ModelState.ACTIVE and {layer.tier for layer in m.layers} == {Tier.DEVICE}
+        assert h.manager.disk is not None and h.manager.disk.used == 0
+    finally:
+        await h.close()
+
+
+async def test_disk_tier_needs_a_cache(h: Harness, ckpt: Path) -> None:
+    await h.manager.load("m", str(ckpt))
+    with pytest.raises(FailedPrecondition) as err:
+        await h.manager.offload("m", [], Tier.DISK)
+    assert err.value.reason == "DISK_CACHE_DISABLED"
+
+
+async def test_a_corrupt_disk_copy_is_never_served(tmp_path: Path, ckpt: Path) -> None:
+    h = disk_harness(tmp_path)
+    try:
+        await h.manager.load("m", str(ckpt))
+        await h.manager.offload("m", ["layers.2"], Tier.DISK)
+        entry = h.manager._models["m"].layers[3].disk
+        assert entry is not None
+        with open(entry.path, "r+b") as f:
+            f.seek(-10, os.SEEK_END)
+            f.write(b"corruption")
+        with pytest.raises(DataLoss) as err:
+            await h.manager.wake("m")
+        assert err.value.reason == "CACHE_CORRUPT"
+        m = h.manager.get("m")
+        assert m.state is ModelState.OFFLOADED and m.state_reason == "CACHE_CORRUPT"
+        # The bad copy is gone; the layer falls back to the source.
+        assert m.layers[3].tier is Tier.SOURCE
+        m = await h.manager.wake("m")
+        assert m.state is ModelState.ACTIVE
+        h.check_bytes("m")
+    finally:
+        await h.close()
+
+
+async def test_after_a_restart_a_load_reads_the_cached_layers(
+    tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = disk_harness(tmp_path)
+    await first.manager.load("m", str(ckpt))
+    await first.manager.offload("m", [], Tier.DISK)
+    await first.close()
+    second = disk_harness(tmp_path)  # a new daemon, the same cache directory
+    try:
+
+        def no_source(*args, **kwargs):  # type: ignore[no-untyped-def]
+            raise AssertionError("read the source although every layer is cached")
+
+        monkeypatch.setattr("torpord.core.mover.read_layers", no_source)
+        m = await second.manager.load("m", str(ckpt))
+        assert m.state is ModelState.ACTIVE
+        second.check_bytes("m")
+    finally:
+        await second.close()
