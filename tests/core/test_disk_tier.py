@@ -130,3 +130,36 @@ async def test_after_a_restart_a_load_reads_the_cached_layers(
         second.check_bytes("m")
     finally:
         await second.close()
+
+
+async def test_models_sharing_a_source_share_its_disk_copies(tmp_path: Path, ckpt: Path) -> None:
+    h = disk_harness(tmp_path, capacity=600 * 1024)  # room for one copy of the model
+    try:
+        await h.manager.load("a", str(ckpt))
+        await h.manager.load("b", str(ckpt))
+        await h.manager.offload("a", [], Tier.DISK)
+        m = await h.manager.offload("b", [], Tier.DISK)  # reuses a's copies: no DISK_FULL
+        assert {layer.tier for layer in m.layers} == {Tier.DISK}
+        h.check_bytes("b")
+    finally:
+        await h.close()
+
+
+async def test_offload_to_disk_skips_layers_left_at_the_source(tmp_path: Path, ckpt: Path) -> None:
+    h = disk_harness(tmp_path)
+    try:
+        await h.manager.load("m", str(ckpt))
+        await h.manager.offload("m", ["layers.0"], Tier.DISK)
+        layer = h.manager._models["m"].layers[1]
+        assert layer.disk is not None
+        with open(layer.disk.path, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            f.write(b"!")
+        with pytest.raises(DataLoss):
+            await h.manager.wake("m")
+        assert h.manager.get("m").layers[1].tier is Tier.SOURCE
+        m = await h.manager.offload("m", [], Tier.DISK)  # no INTERNAL for the source layer
+        assert m.layers[1].tier is Tier.SOURCE
+        assert {layer.tier for layer in m.layers[2:]} == {Tier.DISK}
+    finally:
+        await h.close()

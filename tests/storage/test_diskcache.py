@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import xxhash
 from torpor.testing import make_checkpoint
-from torpord.errors import DataLoss, ResourceExhausted
+from torpord.errors import DataLoss, ResourceExhausted, Unavailable
 from torpord.storage import diskcache
 from torpord.storage.diskcache import DATA_OFFSET, DiskCache, cache_key
 from torpord.storage.layers import plan_layers
@@ -94,10 +94,38 @@ def test_a_full_filesystem_is_disk_full_and_leaves_nothing(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(diskcache.os, "pwrite", enospc)
+    share = cache.reserve([100], set())
     with pytest.raises(ResourceExhausted) as err:
-        put(cache, "99" * 16, b"z" * 100)
+        cache.write("99" * 16, memoryview(b"z" * 100), "0", share)
     assert err.value.reason == "DISK_FULL"
-    assert cache.used == 0 and list(tmp_path.glob("*/*")) == []
+    assert list(tmp_path.glob("*/*")) == []  # no entry, no temporary file
+    assert cache.used == share  # the reservation is still the caller's to give back
+    cache.unreserve(share)
+    assert cache.used == 0
+
+
+def test_a_read_that_fails_is_unavailable_and_keeps_the_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = DiskCache(tmp_path, 1 << 20)
+    entry = put(cache, "77" * 16, os.urandom(1000))
+
+    def emfile(*args):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(diskcache.os, "preadv", emfile)
+    with pytest.raises(Unavailable) as err:
+        cache.read_into(entry, Sink(1000), "layers.0")
+    assert err.value.reason == "DISK_READ_FAILED"
+    assert cache.get(entry.key) == entry and entry.path.exists()
+
+
+def test_removing_a_replaced_entry_keeps_the_new_file(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, 1 << 20)
+    old = put(cache, "55" * 16, b"a" * 100)
+    new = put(cache, "55" * 16, b"b" * 100)  # the same key written again, same path
+    cache.remove(old)
+    assert cache.get(new.key) == new and new.path.exists()
 
 
 def test_a_changed_source_gets_a_different_key(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import os
 from pathlib import Path
@@ -192,3 +193,41 @@ def test_auto_reads_cached_bytes_straight_and_the_rest_direct(
     assert staged  # not cached: O_DIRECT through the staging buffer
     for plan, sink in zip(plans, sinks, strict=True):
         assert bytes(sink.data) == expected(ckpt, plan)
+
+
+def test_o_direct_refused_at_read_time_by_many_threads_never_mixes_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem that opens O_DIRECT but refuses the reads: every worker falls
+    back, and no read ever lands another file's bytes (fds stay open all run)."""
+    ckpt = open_checkpoint(make_checkpoint(tmp_path / "m", layers=6, hidden=128, shards=4))
+    plans = plan_layers(ckpt)
+    real = os.preadv
+
+    def refuse_direct(fd, buffers, offset, *flags):  # type: ignore[no-untyped-def]
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(pipeline.os, "preadv", refuse_direct)
+    for _ in range(20):
+        sinks = [Sink(p.size) for p in plans]
+        report = read_layers(
+            ckpt, plans, sinks, ReadOptions(chunk_bytes=1 << 20, threads=8, direct="on")
+        )
+        assert len(report.notes) == len(ckpt.files)  # one note a file
+        for plan, sink in zip(plans, sinks, strict=True):
+            assert bytes(sink.data) == expected(ckpt, plan)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+def test_a_tmpfs_source_loads_with_the_default_mode() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
+        ckpt = open_checkpoint(make_checkpoint(Path(tmp) / "m", layers=2, shards=2))
+        plans = plan_layers(ckpt)
+        sinks = [Sink(p.size) for p in plans]
+        read_layers(ckpt, plans, sinks, ReadOptions())
+        for plan, sink in zip(plans, sinks, strict=True):
+            assert bytes(sink.data) == expected(ckpt, plan)

@@ -337,6 +337,10 @@ class ModelManager:
             )
             return await self._start(model, plan, call)
         if tier is Tier.DISK:
+            # Only what is in memory: a layer left at its source has nothing to write.
+            moving = [layer for layer in moving if layer.slab is not None]
+            if not moving:
+                return model.snapshot()
             reserved = self.mover.reserve_disk(model, moving, self._disk_keys())
 
             async def to_disk() -> int:

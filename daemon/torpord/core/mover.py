@@ -25,7 +25,7 @@ from torpord.backends.base import Backend, Slab, SlabOwner
 from torpord.core.model import LayerState, Model, Progress
 from torpord.core.types import Stage, Tier
 from torpord.errors import Aborted, DataLoss, FailedPrecondition
-from torpord.storage.diskcache import DiskCache, DiskEntry, cache_key
+from torpord.storage.diskcache import DATA_OFFSET, DiskCache, DiskEntry, cache_key
 from torpord.storage.pipeline import ReadOptions, StopRequested, read_layers
 
 __all__ = ["Mover"]
@@ -38,6 +38,14 @@ T = TypeVar("T")
 PROGRESS_INTERVAL = 0.25
 # Layers written to the disk cache at once.
 DISK_WRITERS = 4
+
+
+class _Reservation:
+    """What is left of a disk cache reservation, shared by concurrent writes."""
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+        self.lock = threading.Lock()
 
 
 class Mover:
@@ -299,30 +307,33 @@ class Mover:
             self.report(model)
 
     def reserve_disk(self, model: Model, layers: Sequence[LayerState], protect: set[str]) -> int:
-        """Room in the disk cache for the layers that have no disk copy yet."""
+        """Room in the disk cache for the layers with no disk copy yet. A copy the
+        cache already holds for the same source and layer (another model's,
+        or one a previous run left) is taken as it is."""
         assert self.disk is not None
+        for layer in layers:
+            if layer.disk is None:
+                layer.disk = self.disk.get(cache_key(model.checkpoint, layer.plan))
         missing = [layer.plan.size for layer in layers if layer.disk is None]
         return self.disk.reserve(missing, protect) if missing else 0
 
     async def to_disk(self, model: Model, layers: Sequence[LayerState], reserved: int) -> int:
         """Write each layer that has no disk copy to the cache (atomically, a few
         at a time so their fsyncs overlap); returns the bytes written. The
-        layers keep their slabs."""
+        layers keep their slabs. `reserved` comes from reserve_disk; what a
+        finished write did not turn into an entry is given back at the end."""
         assert model.progress is not None and self.disk is not None
         progress = model.progress
         pending = [layer for layer in layers if layer.disk is None]
-        left = reserved
+        reservation = _Reservation(reserved)
         gate = asyncio.Semaphore(DISK_WRITERS)
 
         async def one(layer: LayerState) -> None:
-            nonlocal left
             async with gate:
                 self._check_stopping()
-                share = 4096 + layer.plan.size
                 key = cache_key(model.checkpoint, layer.plan)
                 with progress.phase(Stage.TRANSFER, layer.plan.size):
-                    layer.disk = await self.blocking(self._write_disk, key, layer, share)
-                left -= share
+                    layer.disk = await self.blocking(self._write_disk, key, layer, reservation)
                 progress.bytes_done += layer.plan.size
                 progress.layers_done += 1
                 self.report(model)
@@ -335,14 +346,20 @@ class Mover:
                 if isinstance(result, BaseException):
                     raise result
         finally:
-            if left:
-                self.disk.unreserve(left)
+            if reservation.left:
+                self.disk.unreserve(reservation.left)
         return sum(layer.plan.size for layer in pending)
 
-    def _write_disk(self, key: str, layer: LayerState, share: int) -> DiskEntry:
+    def _write_disk(self, key: str, layer: LayerState, reservation: _Reservation) -> DiskEntry:
+        # On the worker: the write and the bookkeeping of its share happen
+        # together, so a cancelled caller can't count a share twice.
         assert self.disk is not None and layer.slab is not None
+        share = DATA_OFFSET + layer.plan.size
         with self._backend.view(layer.slab) as view:
-            return self.disk.write(key, view, layer.checksum, share)
+            entry = self.disk.write(key, view, layer.checksum, share)
+        with reservation.lock:
+            reservation.left -= share
+        return entry
 
     async def drop(self, model: Model, layers: Sequence[LayerState]) -> int:
         """Free the slabs of `layers`; they are then only in the source."""

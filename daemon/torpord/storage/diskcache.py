@@ -148,16 +148,22 @@ class DiskCache:
             self._reserved -= nbytes
 
     def remove(self, entry: DiskEntry) -> None:
+        """Forget an entry and delete its file, unless a newer entry for the same
+        key has taken its place (then that one's file is not touched)."""
         with self._lock:
-            if self._entries.get(entry.key) is entry:
+            current = self._entries.get(entry.key)
+            if current is entry:
                 del self._entries[entry.key]
-        entry.path.unlink(missing_ok=True)
+            if current is None or current is entry:
+                entry.path.unlink(missing_ok=True)
 
     # -- bytes (blocking: worker threads) ------------------------------------------
 
     def write(self, key: str, data: memoryview, checksum: str, reserved: int) -> DiskEntry:
-        """Store a slab under key, atomically; `reserved` is this entry's share of
-        a reserve(). ENOSPC is DISK_FULL; a failed write leaves nothing behind."""
+        """Store a slab under key, atomically; on success `reserved` (this entry's
+        share of a reserve()) becomes the entry's. On failure the reservation
+        stays the caller's to give back. ENOSPC is DISK_FULL; a failed write
+        leaves nothing behind."""
         folder = self.root / key[:2]
         final = folder / f"{key}.slab"
         tmp = folder / f"{key}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -185,7 +191,6 @@ class DiskCache:
                 os.close(dfd)
         except OSError as err:
             tmp.unlink(missing_ok=True)
-            self.unreserve(reserved)
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(
                     f"disk cache {self.root}: the filesystem is full ({err.strerror})",
@@ -229,7 +234,13 @@ class DiskCache:
             digest = sink.checksum()
             if digest != entry.checksum:
                 raise ValueError(f"checksum {digest}, expected {entry.checksum}")
-        except (OSError, ValueError) as err:
+        except OSError as err:  # the disk or the system failed, not the entry
+            raise Unavailable(
+                f"disk cache: reading the copy of layer {layer} failed: {err.strerror}",
+                reason="DISK_READ_FAILED",
+                metadata={"layer": layer, "path": str(entry.path)},
+            ) from None
+        except ValueError as err:
             self.remove(entry)
             raise DataLoss(
                 f"the disk copy of layer {layer} ({entry.path}) is corrupt or gone ({err});"

@@ -130,19 +130,24 @@ class _File:
         self.src = checkpoint.files[index]
         self.fd = _open_for_read(self.src, 0)
         self.direct_fd: int | None = None
+        # Turned off (never the fds closed) while workers may be using them:
+        # a closed number could be reused by another open and read from.
+        self.direct_ok = False
+        self.nowait_ok = direct == "auto"
         if direct != "off":
             try:
                 self.direct_fd = os.open(self.src.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+                self.direct_ok = True
             except OSError as err:
                 self.no_direct(notes, err)
 
     def no_direct(self, notes: list[str], err: OSError) -> None:
-        if self.direct_fd is not None:
-            os.close(self.direct_fd)
-            self.direct_fd = None
-        notes.append(
-            f"O_DIRECT refused for {self.src.path} ({err.strerror}): buffered reads instead"
-        )
+        """Under the run's lock."""
+        if self.direct_ok or self.direct_fd is None:
+            self.direct_ok = self.nowait_ok = False
+            notes.append(
+                f"O_DIRECT refused for {self.src.path} ({err.strerror}): buffered reads instead"
+            )
 
     def close(self) -> None:
         os.close(self.fd)
@@ -202,10 +207,10 @@ class _Run:
         f = self.file(chunk.file_index)
         direct = self.options.direct
         if direct != "on" and all(self.views[p.layer] is not None for p in chunk.pieces):
-            flags = os.RWF_NOWAIT if direct == "auto" and f.direct_fd is not None else 0
+            flags = os.RWF_NOWAIT if f.nowait_ok and f.direct_ok else 0
             if self._straight_into_slabs(f, chunk, flags):
                 return
-        if f.direct_fd is not None and staging is not None:
+        if f.direct_ok and f.direct_fd is not None and staging is not None:
             try:
                 self._staged(f, f.direct_fd, chunk, staging)
                 return
@@ -236,6 +241,9 @@ class _Run:
                     except BlockingIOError:
                         return False
                     except OSError as err:
+                        if flags and err.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                            f.nowait_ok = False  # this filesystem can't say what is cached
+                            return False
                         raise self._read_failed(f, piece.file_offset + done, err) from None
                     finally:
                         self._count("read_seconds", time.perf_counter() - start)
@@ -265,6 +273,8 @@ class _Run:
             if n == 0:
                 break
             got += n
+            if fd == f.direct_fd and got % BLOCK:
+                break  # a short O_DIRECT read ends at the end of the file
         for piece in chunk.pieces:
             begin = piece.file_offset - chunk.start
             if begin + piece.length > got:
@@ -356,12 +366,23 @@ def read_layers(
     ]
     for _ in workers:
         work.put(None)
+    started: list[threading.Thread] = []
     try:
         for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
+            try:
+                w.start()
+            except RuntimeError as err:  # can't start new thread: go on with fewer
+                if not started:
+                    raise Unavailable(
+                        f"cannot start a read thread: {err}", reason="SOURCE_READ_FAILED"
+                    ) from None
+                break
+            started.append(w)
     finally:
+        # Every started worker is joined before the fds close or the caller
+        # frees a slab: none may still be writing.
+        for w in started:
+            w.join()
         for f in run.files.values():
             f.close()
         for view in run.views:
