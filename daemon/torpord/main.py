@@ -21,6 +21,7 @@ from torpord.backends.factory import BackendUnavailable, build_backend
 from torpord.config import Config, ConfigError, Overrides, default_config_toml, load_config
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.logs import configure_logging
+from torpord.server.agents import AgentRegistry, FdServer
 from torpord.server.app import DaemonAlreadyRunning, build_server, set_serving
 from torpord.storage.diskcache import DiskCache
 from torpord.storage.layers import LayerPatterns
@@ -110,18 +111,22 @@ class Daemon:
             else None,
         )
         socket_path = cfg.server.socket
+        agents = AgentRegistry(manager, socket_path.with_name(socket_path.name + ".fds"))
         try:
             server, health = build_server(
                 manager,
                 socket_path=socket_path,
                 tcp=cfg.server.tcp,
+                agents=agents,
             )
+            fds = FdServer(agents, agents.fd_socket, asyncio.get_running_loop())
         except (DaemonAlreadyRunning, OSError, RuntimeError) as err:
             log.error("cannot listen", socket=str(socket_path), tcp=cfg.server.tcp, error=str(err))
             backend.close()
             return 1
         await server.start()
         os.chmod(socket_path, cfg.server.socket_mode)
+        fds.start(cfg.server.socket_mode)
         await set_serving(health, True)
         self._install_signals()
         log.info(
@@ -146,6 +151,7 @@ class Daemon:
         await set_serving(health, False)
         manager.bus.close()  # end Watch streams, so they do not hold the grace period
         await server.stop(grace)
+        fds.close()
         await manager.close(max(0.0, deadline - time.monotonic()))
         backend.close()
         socket_path.unlink(missing_ok=True)

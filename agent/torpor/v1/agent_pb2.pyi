@@ -133,19 +133,23 @@ class Attached(_message.Message):
 
     ATTACHMENT_ID_FIELD_NUMBER: _builtins.int
     LAYOUT_HASH_FIELD_NUMBER: _builtins.int
+    FD_SOCKET_FIELD_NUMBER: _builtins.int
     attachment_id: _builtins.str
     """Identifies this attachment on the fd socket."""
     layout_hash: _builtins.str
     """A hash of the model's layout (layers, tensors, offsets)."""
+    fd_socket: _builtins.str
+    """The Unix socket to ask for the slabs' file descriptors on."""
     def __init__(
         self,
         *,
         attachment_id: _builtins.str = ...,
         layout_hash: _builtins.str = ...,
+        fd_socket: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_id", b"attachment_id", "layout_hash", b"layout_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_id", b"attachment_id", "fd_socket", b"fd_socket", "layout_hash", b"layout_hash"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,8 +28,14 @@ if _version_not_supported:
 class AgentServiceStub:
     """AgentService is how an engine's agent attaches to a model the daemon holds
     and receives its slabs (the file descriptors themselves travel over a Unix
-    socket beside the daemon's, with SCM_RIGHTS). Declared now; the daemon
-    answers UNIMPLEMENTED until the agent lands.
+    socket beside the daemon's, with SCM_RIGHTS, to the process that attached:
+    the daemon checks the peer's pid with SO_PEERCRED).
+
+    An engine attaches to an ACTIVE model; attaching to a model in any other
+    state is FAILED_PRECONDITION (reason MODEL_NOT_ACTIVE): wake it first. The
+    attachment lasts as long as the Attach stream. Until the sleep protocol
+    (Quiesce/Resume) lands, SleepModel, OffloadModel and UnloadModel of a model
+    with attached engines are FAILED_PRECONDITION (reason ENGINES_ATTACHED).
     """
 
     def __init__(self, channel):
@@ -48,8 +54,14 @@ class AgentServiceStub:
 class AgentServiceServicer:
     """AgentService is how an engine's agent attaches to a model the daemon holds
     and receives its slabs (the file descriptors themselves travel over a Unix
-    socket beside the daemon's, with SCM_RIGHTS). Declared now; the daemon
-    answers UNIMPLEMENTED until the agent lands.
+    socket beside the daemon's, with SCM_RIGHTS, to the process that attached:
+    the daemon checks the peer's pid with SO_PEERCRED).
+
+    An engine attaches to an ACTIVE model; attaching to a model in any other
+    state is FAILED_PRECONDITION (reason MODEL_NOT_ACTIVE): wake it first. The
+    attachment lasts as long as the Attach stream. Until the sleep protocol
+    (Quiesce/Resume) lands, SleepModel, OffloadModel and UnloadModel of a model
+    with attached engines are FAILED_PRECONDITION (reason ENGINES_ATTACHED).
     """
 
     def Attach(self, request_iterator, context):
@@ -80,8 +92,14 @@ def add_AgentServiceServicer_to_server(servicer, server):
 class AgentService:
     """AgentService is how an engine's agent attaches to a model the daemon holds
     and receives its slabs (the file descriptors themselves travel over a Unix
-    socket beside the daemon's, with SCM_RIGHTS). Declared now; the daemon
-    answers UNIMPLEMENTED until the agent lands.
+    socket beside the daemon's, with SCM_RIGHTS, to the process that attached:
+    the daemon checks the peer's pid with SO_PEERCRED).
+
+    An engine attaches to an ACTIVE model; attaching to a model in any other
+    state is FAILED_PRECONDITION (reason MODEL_NOT_ACTIVE): wake it first. The
+    attachment lasts as long as the Attach stream. Until the sleep protocol
+    (Quiesce/Resume) lands, SleepModel, OffloadModel and UnloadModel of a model
+    with attached engines are FAILED_PRECONDITION (reason ENGINES_ATTACHED).
     """
 
     @staticmethod

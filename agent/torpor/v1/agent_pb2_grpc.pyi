@@ -29,8 +29,14 @@ GRPC_VERSION: str
 class AgentServiceStub:
     """AgentService is how an engine's agent attaches to a model the daemon holds
     and receives its slabs (the file descriptors themselves travel over a Unix
-    socket beside the daemon's, with SCM_RIGHTS). Declared now; the daemon
-    answers UNIMPLEMENTED until the agent lands.
+    socket beside the daemon's, with SCM_RIGHTS, to the process that attached:
+    the daemon checks the peer's pid with SO_PEERCRED).
+
+    An engine attaches to an ACTIVE model; attaching to a model in any other
+    state is FAILED_PRECONDITION (reason MODEL_NOT_ACTIVE): wake it first. The
+    attachment lasts as long as the Attach stream. Until the sleep protocol
+    (Quiesce/Resume) lands, SleepModel, OffloadModel and UnloadModel of a model
+    with attached engines are FAILED_PRECONDITION (reason ENGINES_ATTACHED).
     """
 
     @_typing.overload
@@ -47,8 +53,14 @@ class AgentServiceStub:
 class AgentServiceAsyncStub(AgentServiceStub):
     """AgentService is how an engine's agent attaches to a model the daemon holds
     and receives its slabs (the file descriptors themselves travel over a Unix
-    socket beside the daemon's, with SCM_RIGHTS). Declared now; the daemon
-    answers UNIMPLEMENTED until the agent lands.
+    socket beside the daemon's, with SCM_RIGHTS, to the process that attached:
+    the daemon checks the peer's pid with SO_PEERCRED).
+
+    An engine attaches to an ACTIVE model; attaching to a model in any other
+    state is FAILED_PRECONDITION (reason MODEL_NOT_ACTIVE): wake it first. The
+    attachment lasts as long as the Attach stream. Until the sleep protocol
+    (Quiesce/Resume) lands, SleepModel, OffloadModel and UnloadModel of a model
+    with attached engines are FAILED_PRECONDITION (reason ENGINES_ATTACHED).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -61,8 +73,14 @@ class AgentServiceAsyncStub(AgentServiceStub):
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService is how an engine's agent attaches to a model the daemon holds
     and receives its slabs (the file descriptors themselves travel over a Unix
-    socket beside the daemon's, with SCM_RIGHTS). Declared now; the daemon
-    answers UNIMPLEMENTED until the agent lands.
+    socket beside the daemon's, with SCM_RIGHTS, to the process that attached:
+    the daemon checks the peer's pid with SO_PEERCRED).
+
+    An engine attaches to an ACTIVE model; attaching to a model in any other
+    state is FAILED_PRECONDITION (reason MODEL_NOT_ACTIVE): wake it first. The
+    attachment lasts as long as the Attach stream. Until the sleep protocol
+    (Quiesce/Resume) lands, SleepModel, OffloadModel and UnloadModel of a model
+    with attached engines are FAILED_PRECONDITION (reason ENGINES_ATTACHED).
     """
 
     @_abc_1.abstractmethod

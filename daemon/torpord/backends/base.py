@@ -136,6 +136,11 @@ class Backend(abc.ABC):
         calling on_bytes with each piece's size as it lands."""
 
     @abc.abstractmethod
+    def export(self, slab: Slab) -> int:
+        """A new file descriptor of the slab for one consumer (an engine), read-only
+        where the backend allows it. The caller sends it and closes it."""
+
+    @abc.abstractmethod
     def drain(self) -> None:
         """Wait until the memory of every slab freed so far is really returned
         (a backend may finish freeing in the background). Blocking."""

@@ -233,6 +233,11 @@ class HostBackend(Backend):
     def sink(self, slab: Slab) -> _HostSink:
         return _HostSink(self, slab)
 
+    def export(self, slab: Slab) -> int:
+        # A new open of the memfd, read-only: the engine can map the weights but
+        # never write them, and each consumer holds its own open file.
+        return os.open(f"/proc/self/fd/{self._mapping(slab).fd}", os.O_RDONLY | os.O_CLOEXEC)
+
     def fd(self, slab: Slab) -> int:
         """The slab's memfd (for exporting to agents)."""
         return self._mapping(slab).fd

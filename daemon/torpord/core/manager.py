@@ -107,6 +107,8 @@ class ModelManager:
         self.mover = Mover(backend, self._executor, self._on_progress, settings.read, disk)
         self._models: dict[str, Model] = {}
         self._reserved: set[str] = set()  # ids whose Load is still validating
+        # How many engines are attached to a model (set by the agent registry).
+        self.engines_attached: Callable[[str], int] = lambda model_id: 0
 
     # -- reading -------------------------------------------------------------
 
@@ -242,6 +244,7 @@ class ModelManager:
         if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._replay(earlier, wait, model_id)
         model = self._idle_model(model_id)
+        self._check_no_engines(model, "sleep")
         if model.state is ModelState.ASLEEP:
             if model.sleep_level == level:
                 return model.snapshot()
@@ -313,6 +316,7 @@ class ModelManager:
         if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._replay(earlier, wait, model_id)
         model = self._idle_model(model_id)
+        self._check_no_engines(model, "offload")
         unknown = [name for name in names if model.layer(name) is None]
         if unknown:
             known = [layer.plan.name for layer in model.layers]
@@ -395,6 +399,7 @@ class ModelManager:
         if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._replay(earlier, wait, model_id)
         model = self._idle_model(model_id)
+        self._check_no_engines(model, "unload")
 
         async def body() -> int:
             freed = await self.mover.drop(model, model.layers)
@@ -412,6 +417,17 @@ class ModelManager:
             removes=True,
         )
         return await self._start(model, plan, call)
+
+    def _check_no_engines(self, model: Model, verb: str) -> None:
+        # Until engines can be asked to let go of their mappings (the sleep
+        # protocol), memory they map must not be moved or freed under them.
+        engines = self.engines_attached(model.model_id)
+        if engines:
+            raise FailedPrecondition(
+                f"cannot {verb} model {model.model_id!r}: {engines} engine(s) attached",
+                reason="ENGINES_ATTACHED",
+                metadata={"model_id": model.model_id, "engines": engines},
+            )
 
     def _need_disk(self) -> None:
         if self.disk is None:

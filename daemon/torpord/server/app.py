@@ -20,6 +20,7 @@ from torpor.v1 import (
 )
 
 from torpord.core.manager import ModelManager
+from torpord.server.agents import AgentRegistry
 from torpord.server.services import AgentService, ModelService, NodeService
 
 __all__ = ["DaemonAlreadyRunning", "build_server", "prepare_socket", "set_serving"]
@@ -64,11 +65,12 @@ def build_server(
     *,
     socket_path: Path,
     tcp: str | None,
+    agents: AgentRegistry,
 ) -> tuple[grpc.aio.Server, Any]:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
     node_pb2_grpc.add_NodeServiceServicer_to_server(NodeService(manager), server)
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(), server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(agents), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

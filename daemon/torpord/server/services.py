@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 from torpor.v1 import (
+    agent_pb2,
     agent_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
@@ -19,6 +20,8 @@ from torpord import __version__
 from torpord.core.events import EventType
 from torpord.core.manager import ModelManager
 from torpord.core.types import Tier
+from torpord.errors import InvalidArgument
+from torpord.server.agents import AgentRegistry
 from torpord.server.convert import is_full, model_to_proto, node_to_proto, tier_from_proto
 from torpord.server.errors import translate_errors, translate_stream_errors
 
@@ -161,10 +164,28 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
-    """Declared now; engines attach in a later release."""
+    """An engine's attachment lasts as long as its Attach stream."""
 
-    async def Attach(self, request_iterator: object, context: Context) -> None:  # type: ignore[override]
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "engines cannot attach yet: AgentService.Attach arrives with the agent",
-        )
+    def __init__(self, registry: AgentRegistry) -> None:
+        self._registry = registry
+
+    @translate_stream_errors
+    async def Attach(
+        self, request_iterator: AsyncIterator[agent_pb2.AttachRequest], context: Context
+    ) -> AsyncIterator[agent_pb2.AttachResponse]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("hello"):
+            raise InvalidArgument("an Attach stream starts with a Hello", reason="HELLO_FIRST")
+        attachment, layout = self._registry.attach(first.hello)
+        try:
+            yield agent_pb2.AttachResponse(
+                attached=agent_pb2.Attached(
+                    attachment_id=attachment.id,
+                    layout_hash=layout,
+                    fd_socket=str(self._registry.fd_socket),
+                )
+            )
+            async for _ in request_iterator:  # acknowledgements arrive with the sleep protocol
+                pass
+        finally:
+            self._registry.detach(attachment.id)
