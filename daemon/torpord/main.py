@@ -111,7 +111,11 @@ class Daemon:
             else None,
         )
         socket_path = cfg.server.socket
-        agents = AgentRegistry(manager, socket_path.with_name(socket_path.name + ".fds"))
+        agents = AgentRegistry(
+            manager,
+            socket_path.with_name(socket_path.name + ".fds"),
+            quiesce_timeout=cfg.agents.quiesce_timeout,
+        )
         try:
             server, health = build_server(
                 manager,
@@ -150,6 +154,7 @@ class Daemon:
         systemd.stopping("draining")
         await set_serving(health, False)
         manager.bus.close()  # end Watch streams, so they do not hold the grace period
+        await agents.shutdown()  # engines let go of the weights before they are freed
         await server.stop(grace)
         fds.close()
         await manager.close(max(0.0, deadline - time.monotonic()))

@@ -67,7 +67,7 @@ def test_an_engine_gets_the_weights_without_a_copy(daemon: Daemon) -> None:
     assert report["mapped_from_daemon"] >= 6  # one mapping per layer, of the daemon's memfds
 
 
-def test_engines_share_the_slabs_and_block_sleep_while_attached(daemon: Daemon) -> None:
+def test_engines_share_the_slabs_and_let_go_when_the_model_sleeps(daemon: Daemon) -> None:
     ckpt = make_checkpoint(daemon.models / "m.safetensors", layers=2)
     daemon.ctl("load", "m", str(ckpt))
     node = json.loads(daemon.ctl("--json", "node").stdout)["node"]
@@ -78,13 +78,17 @@ def test_engines_share_the_slabs_and_block_sleep_while_attached(daemon: Daemon) 
         assert all(r["same"] for r in reports)
         node = json.loads(daemon.ctl("--json", "node").stdout)["node"]
         assert sum(int(dev.get("used_bytes", 0)) for dev in node["devices"]) == used  # counted once
-        out = daemon.ctl("sleep", "m", check=False)
-        assert out.returncode == 1 and "ENGINES_ATTACHED" in out.stderr
+        assert json.loads(daemon.ctl("--json", "get", "m").stdout)["model"]["engines"] == 2
+        # Both engines quiesce (unmap and acknowledge); then the memory is freed.
+        model = json.loads(daemon.ctl("--json", "sleep", "m").stdout)["model"]
+        assert model["state"] == "MODEL_STATE_ASLEEP" and model["engines"] == 2
+        assert "note" not in model["last_transition"]
+        node = json.loads(daemon.ctl("--json", "node").stdout)["node"]
+        assert sum(int(dev.get("used_bytes", 0)) for dev in node["devices"]) == 0
     finally:
         for e in engines:
             e.communicate(timeout=60)
-    # Once the engines are gone (their streams ended), the model sleeps again.
-    daemon.ctl("sleep", "m")
+    assert json.loads(daemon.ctl("--json", "get", "m").stdout)["model"].get("engines", 0) == 0
 
 
 def test_attaching_to_a_sleeping_model_is_refused(daemon: Daemon) -> None:
@@ -133,6 +137,12 @@ MALICIOUS = textwrap.dedent(
         results["made_up"] = "granted"
     except TorporError as err:
         results["made_up"] = err.reason
+    # 4. Another model's slabs, with this attachment.
+    try:
+        request_fds(attached.fd_socket, attached.attachment_id, model_id="other")
+        results["other_model"] = "granted"
+    except TorporError as err:
+        results["other_model"] = err.reason
     print(json.dumps(results), flush=True)
     requests.put(None)
     call.cancel()
@@ -144,10 +154,17 @@ MALICIOUS = textwrap.dedent(
 def test_fds_go_only_to_the_process_that_attached(daemon: Daemon, claim: str, own: str) -> None:
     ckpt = make_checkpoint(daemon.models / "m.safetensors", layers=1)
     daemon.ctl("load", "m", str(ckpt))
+    daemon.ctl("load", "other", str(ckpt))
     out = subprocess.run(
         [sys.executable, "-c", MALICIOUS, str(daemon.socket), "m", claim],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)
-    assert results == {"own": own, "other": "PID_MISMATCH", "made_up": "UNKNOWN_ATTACHMENT"}
+    assert results == {
+        "own": own,
+        "other": "PID_MISMATCH",
+        "made_up": "UNKNOWN_ATTACHMENT",
+        # Checked after the pid: a process that claimed another pid learns nothing more.
+        "other_model": "MODEL_MISMATCH" if own == "granted" else "PID_MISMATCH",
+    }

@@ -2,26 +2,38 @@
 
     from torpor.agent import attach
 
-    with attach("llama") as model:
-        state_dict = model.state_dict()   # name -> tensor, views on the daemon's slabs
-        module.load_state_dict(state_dict, assign=True)
+    model = attach("llama")
+    module.load_state_dict(model.state_dict(), assign=True)   # no copy
+    with model.use():                                          # weights stay mapped
+        out = module(x)
 
 Nothing is copied: each layer's slab is mapped read-only at an address this
-process reserved for it, and the tensors are views on those mappings (host
-backend). The attachment lasts until close(); tensors must not be used after
-it. While an engine is attached, the daemon refuses to sleep, offload or
-unload the model (the sleep protocol that lets engines let go and come back
-at the same addresses arrives next).
+process reserved for it once, and the tensors are views on those addresses.
+
+The daemon may take the weights away (Sleep, Offload, Unload) and bring them
+back (Wake, Offload to DEVICE). Before it does, it asks the agent to quiesce:
+the agent calls the engine's `on_quiesce` callbacks, waits for every `use()`
+block to end, unmaps the layers (their ranges fault on access until they come
+back) and acknowledges. As each layer is back on the device the daemon says
+so and the agent maps it at the same address: tensors, and anything that
+holds their addresses (CUDA graphs), stay valid. `wait_layer` lets an engine
+run a layer as soon as it is back (progressive wake; see
+`torpor.agent.modules.wait_hooks`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import queue
 import socket
 import struct
 import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
@@ -37,9 +49,25 @@ if TYPE_CHECKING:
 
 __all__ = ["AttachedModel", "attach", "request_fds"]
 
+# A library: stdlib logging, silent unless the engine configures it.
+log = logging.getLogger("torpor.agent")
+
+Callback = Callable[[list[str]], None]
+
+
+@dataclass
+class _Layer:
+    name: str
+    index: int
+    range: SlabRange
+
 
 class AttachedModel:
-    """One engine's attachment to one model."""
+    """One engine process's attachment to one model.
+
+    Thread-safe: `use`, `wait_layer` and `state_dict` may be called from any
+    thread; the daemon's instructions are handled on a thread of the agent.
+    """
 
     def __init__(
         self,
@@ -51,8 +79,19 @@ class AttachedModel:
         timeout: float = 60.0,
     ) -> None:
         self.model_id = model_id
+        self.timeout = timeout
         self._own_client = client is None
         self.client = client or Client()
+        self._cond = threading.Condition()
+        self._users = 0  # use() blocks running
+        self._quiescing = False
+        self._ended: TorporError | None = None  # why the attachment is over
+        self._on_quiesce: list[Callback] = []
+        self._on_resume: list[Callback] = []
+        self._layers: dict[str, _Layer] = {}
+        self._order: list[str] = []  # layer names in forward order
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._tensor_layer: dict[str, str] = {}
         self._requests: queue.SimpleQueue[agent_pb2.AttachRequest | None] = queue.SimpleQueue()
         self._requests.put(
             agent_pb2.AttachRequest(
@@ -62,16 +101,17 @@ class AttachedModel:
         stub = agent_pb2_grpc.AgentServiceStub(self.client.channel)
         # grpc-stubs types the stream as a CallIterator without __next__; it has one.
         self._call: Any = cast(Any, stub.Attach(iter(self._requests.get, None)))
-        self.ranges: dict[str, SlabRange] = {}
-        self._tensors: dict[str, torch.Tensor] = {}
         try:
-            first = next(self._call)
-            attached = first.attached
-            self.attachment_id = attached.attachment_id
-            self.layout_hash = attached.layout_hash
-            self._listener = threading.Thread(target=self._listen, daemon=True)
+            attached = next(self._call).attached
+            self.attachment_id: str = attached.attachment_id
+            self.layout_hash: str = attached.layout_hash
+            self.fd_socket: str = attached.fd_socket
+            self._reserve()
+            self._map([])
+            self._listener = threading.Thread(
+                target=self._listen, name=f"torpor-agent-{model_id}", daemon=True
+            )
             self._listener.start()
-            self._map(attached.fd_socket, timeout)
         except grpc.RpcError as err:
             self.close()
             raise from_rpc_error(err) from None
@@ -79,52 +119,126 @@ class AttachedModel:
             self.close()
             raise
 
-    def _listen(self) -> None:
-        # Instructions from the daemon (quiesce/resume) arrive with the sleep
-        # protocol; until then the stream only tells us when the daemon goes.
-        try:
-            for _ in self._call:
-                pass
-        except grpc.RpcError:
-            pass
+    # -- what the engine uses ------------------------------------------------------
 
-    def _map(self, fd_socket: str, timeout: float) -> None:
-        model = self.client.get_model(self.model_id, view=models_pb2.MODEL_VIEW_FULL)
-        header, fds = request_fds(fd_socket, self.attachment_id, timeout=timeout)
-        try:
-            sizes = {layer["name"]: layer["size"] for layer in header["layers"]}
-            for layer, fd in zip(header["layers"], fds, strict=True):
-                r = SlabRange(int(layer["size"]))
-                self.ranges[layer["name"]] = r
-                r.map(fd)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        for layer in model.layers:
-            r = self.ranges[layer.name]
-            if sizes[layer.name] != layer.size_bytes:
-                raise TorporError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    "LAYOUT_CHANGED",
-                    f"layer {layer.name} is {sizes[layer.name]} bytes, the manifest says"
-                    f" {layer.size_bytes}",
-                )
-            for t in layer.tensors:
-                self._tensors[t.name] = r.tensor(t.slab_offset, t.dtype, list(t.shape))
+    @property
+    def layers(self) -> list[str]:
+        """The model's layer names in forward order ("pre", "layers.0", …, "post")."""
+        return list(self._order)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the model by name: views on the daemon's slabs."""
+        """Every tensor of the model by name: views on the daemon's slabs, at
+        addresses that stay the same for the life of the attachment."""
         return dict(self._tensors)
+
+    def layer_of(self, tensor_name: str) -> str:
+        """The layer a tensor belongs to."""
+        return self._tensor_layer[tensor_name]
+
+    def ranges(self) -> dict[str, tuple[int, int]]:
+        """Each layer's reserved address range: name -> (address, size)."""
+        return {name: (lay.range.address, lay.range.size) for name, lay in self._layers.items()}
+
+    def ready(self, layer: str | int | None = None) -> bool:
+        """Whether a layer (or, with none given, every layer) is mapped now."""
+        with self._cond:
+            if layer is None:
+                return all(lay.range.mapped for lay in self._layers.values())
+            return self._layer(layer).range.mapped
+
+    @property
+    def ended(self) -> TorporError | None:
+        """Why the attachment is over (revoked, model unloaded, daemon stopped),
+        or None while it lasts."""
+        return self._ended
+
+    def wait_layer(self, layer: str | int, timeout: float | None = None) -> None:
+        """Block until a layer (by name, or index in forward order) is mapped.
+
+        Raises TorporError: DEADLINE_EXCEEDED after `timeout`; ABORTED
+        (WEIGHTS_WITHDRAWN) when the daemon takes the weights away meanwhile
+        (a Sleep, or a failed Wake rolled back): the caller should end its
+        `use()` block; or why the attachment ended."""
+        lay = self._layer(layer)
+        if lay.range.mapped:  # the fast path of every forward pre-hook
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not lay.range.mapped:
+                self._check_usable()
+                if self._quiescing:
+                    raise TorporError(
+                        grpc.StatusCode.ABORTED,
+                        "WEIGHTS_WITHDRAWN",
+                        f"the daemon is taking the weights of {self.model_id!r} away",
+                    )
+                if not self._cond.wait(_left(deadline)) and _left(deadline) == 0:
+                    raise TorporError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        "LAYER_NOT_READY",
+                        f"layer {lay.name} of {self.model_id!r} did not come back within"
+                        f" {timeout:g}s",
+                    )
+
+    @contextlib.contextmanager
+    def use(self, *, wait: bool = True, timeout: float | None = None) -> Iterator[None]:
+        """Hold the weights for the length of the block: the daemon's requests to
+        let go wait until it ends. With `wait`, first wait until every layer
+        is mapped; without, layers are awaited one by one (`wait_layer`, or the
+        hooks of `torpor.agent.modules.wait_hooks`) as a progressive wake
+        brings them back."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._check_usable()
+                if not self._quiescing and (not wait or self._all_mapped()):
+                    break
+                if not self._cond.wait(_left(deadline)) and _left(deadline) == 0:
+                    raise TorporError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        "WEIGHTS_NOT_READY",
+                        f"the weights of {self.model_id!r} did not come back within {timeout:g}s",
+                    )
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._users -= 1
+                self._cond.notify_all()
+
+    def on_quiesce(self, callback: Callback) -> Callback:
+        """Call `callback(layers)` when the daemon is about to take layers away
+        (an empty list means every layer), before the agent waits for the
+        `use()` blocks to end: the engine stops starting new work. Runs on the
+        agent's thread; usable as a decorator."""
+        self._on_quiesce.append(callback)
+        return callback
+
+    def on_resume(self, callback: Callback) -> Callback:
+        """Call `callback(layers)` once layers are mapped again."""
+        self._on_resume.append(callback)
+        return callback
 
     def close(self) -> None:
         """Detach. The tensors from state_dict() must not be used after this."""
+        with self._cond:
+            if self._ended is None:
+                self._ended = TorporError(
+                    grpc.StatusCode.CANCELLED, "DETACHED", "the engine detached"
+                )
         self._requests.put(None)
         if hasattr(self, "_call"):
             self._call.cancel()
-        for r in self.ranges.values():
-            r.release()
-        self.ranges.clear()
-        self._tensors.clear()
+        listener = getattr(self, "_listener", None)
+        if listener is not None and listener is not threading.current_thread():
+            listener.join(5)
+        with self._cond:
+            for lay in self._layers.values():
+                lay.range.release()
+            self._layers.clear()
+            self._tensors.clear()
+            self._cond.notify_all()
         if self._own_client:
             self.client.close()
 
@@ -139,20 +253,176 @@ class AttachedModel:
     ) -> None:
         self.close()
 
+    # -- inside ------------------------------------------------------------------------
+
+    def _layer(self, layer: str | int) -> _Layer:
+        name = self._order[layer] if isinstance(layer, int) else layer
+        try:
+            return self._layers[name]
+        except KeyError:
+            raise KeyError(f"model {self.model_id!r} has no layer {layer!r}") from None
+
+    def _all_mapped(self) -> bool:
+        return all(lay.range.mapped for lay in self._layers.values())
+
+    def _check_usable(self) -> None:
+        if self._ended is not None:
+            raise self._ended
+
+    def _reserve(self) -> None:
+        """One address range per layer, reserved for the life of the attachment,
+        and the tensors on them (valid whenever their layer is mapped)."""
+        model = self.client.get_model(self.model_id, view=models_pb2.MODEL_VIEW_FULL)
+        for index, layer in enumerate(model.layers):
+            lay = _Layer(layer.name, index, SlabRange(int(layer.size_bytes)))
+            self._layers[layer.name] = lay
+            self._order.append(layer.name)
+            for t in layer.tensors:
+                self._tensors[t.name] = lay.range.tensor(t.slab_offset, t.dtype, list(t.shape))
+                self._tensor_layer[t.name] = layer.name
+
+    def _map(self, names: Sequence[str]) -> list[str]:
+        """Ask the daemon for the slabs of `names` (every layer on the device if
+        empty) and map each at its range; returns the layers mapped."""
+        header, fds = request_fds(
+            self.fd_socket,
+            self.attachment_id,
+            list(names),
+            model_id=self.model_id,
+            timeout=self.timeout,
+        )
+        try:
+            if header.get("layout_hash", self.layout_hash) != self.layout_hash:
+                raise _layout_changed(self.model_id)
+            got = [str(layer["name"]) for layer in header["layers"]]
+            with self._cond:
+                for layer, fd in zip(header["layers"], fds, strict=True):
+                    lay = self._layers.get(layer["name"])
+                    if lay is None or int(layer["size"]) != lay.range.size:
+                        raise _layout_changed(self.model_id, layer["name"])
+                    lay.range.map(fd)
+                self._cond.notify_all()
+            return got
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _listen(self) -> None:
+        """The daemon's instructions, in order, for the life of the stream."""
+        ended: TorporError | None = None
+        try:
+            for message in self._call:
+                if message.HasField("quiesce"):
+                    self._quiesce(message.quiesce)
+                elif message.HasField("resume"):
+                    self._resume(message.resume)
+        except grpc.RpcError as err:
+            ended = from_rpc_error(err)
+        except TorporError as err:
+            ended = err
+        except Exception as err:  # a bug of ours must not leave waiters hanging
+            log.exception("agent listener for %s failed", self.model_id)
+            ended = TorporError(grpc.StatusCode.INTERNAL, "AGENT_FAILED", str(err))
+        if ended is None:
+            ended = TorporError(grpc.StatusCode.UNAVAILABLE, "STREAM_ENDED", "the daemon went away")
+        self._end(ended)
+
+    def _end(self, err: TorporError) -> None:
+        with self._cond:
+            if self._ended is not None:  # close() got here first
+                return
+            self._ended = err
+            # A daemon that revoked the attachment or dropped the model frees
+            # the slabs: unmap, so a stray access faults at once. One that just
+            # went away (crashed) leaves them valid, and they stay mapped.
+            let_go = err.code is not grpc.StatusCode.UNAVAILABLE or err.reason == "SHUTTING_DOWN"
+            if let_go and self._users == 0:
+                for lay in self._layers.values():
+                    if lay.range.mapped:
+                        lay.range.unmap()
+            self._cond.notify_all()
+        log.info("attachment to %s ended: %s (%s)", self.model_id, err.message, err.reason)
+
+    def _quiesce(self, quiesce: agent_pb2.Quiesce) -> None:
+        names = list(quiesce.layers)
+        with self._cond:
+            self._quiescing = True
+            self._cond.notify_all()  # wait_layer() callers give up
+        try:
+            for callback in self._on_quiesce:
+                try:
+                    callback(names)
+                except Exception:
+                    log.exception("on_quiesce callback failed (model %s)", self.model_id)
+            with self._cond:
+                while self._users:
+                    self._cond.wait()
+                for lay in self._layers.values():
+                    if (not names or lay.name in names) and lay.range.mapped:
+                        lay.range.unmap()
+        finally:
+            with self._cond:
+                self._quiescing = False
+                self._cond.notify_all()
+        self._requests.put(
+            agent_pb2.AttachRequest(quiesce_ack=agent_pb2.QuiesceAck(sequence=quiesce.sequence))
+        )
+
+    def _resume(self, resume: agent_pb2.Resume) -> None:
+        if resume.layout_hash != self.layout_hash:
+            raise _layout_changed(self.model_id)
+        try:
+            mapped = self._map(list(resume.layers))
+        except TorporError as err:
+            if err.reason == "LAYOUT_CHANGED":
+                raise
+            # The layers moved again meanwhile (a failed wake rolled back);
+            # the daemon's next instruction says what holds now.
+            log.warning("resume of %s: slabs not available: %s", self.model_id, err)
+            return
+        for callback in self._on_resume:
+            try:
+                callback(mapped)
+            except Exception:
+                log.exception("on_resume callback failed (model %s)", self.model_id)
+
 
 def attach(model_id: str, **kwargs: Any) -> AttachedModel:
     """Attach this process to a model (see AttachedModel)."""
     return AttachedModel(model_id, **kwargs)
 
 
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _layout_changed(model_id: str, layer: str = "") -> TorporError:
+    what = f"layer {layer} of " if layer else ""
+    return TorporError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "LAYOUT_CHANGED",
+        f"the layout of {what}model {model_id!r} changed since this engine attached;"
+        " its tensors cannot be remapped: attach again",
+    )
+
+
 def request_fds(
-    fd_socket: str, attachment_id: str, layers: list[str] | None = None, *, timeout: float = 60.0
+    fd_socket: str,
+    attachment_id: str,
+    layers: list[str] | None = None,
+    *,
+    model_id: str = "",
+    timeout: float = 60.0,
 ) -> tuple[dict[str, Any], list[int]]:
-    """Ask the daemon's fd socket for the slabs of an attachment: (header, fds)."""
+    """Ask the daemon's fd socket for the slabs of an attachment: (header, fds).
+
+    The header lists the layers sent (name, size; one fd each, in order) and
+    those asked for but not on the device ("absent")."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
         conn.connect(fd_socket)
-        body = json.dumps({"attachment_id": attachment_id, "layers": layers or []}).encode()
+        request = {"attachment_id": attachment_id, "model_id": model_id, "layers": layers or []}
+        body = json.dumps(request).encode()
         conn.sendall(struct.pack("<I", len(body)) + body)
         header = _recv_json(conn)
         if "error" in header:

@@ -155,6 +155,8 @@ class _StageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Stage.ValueType
     STAGE_RELEASE: _Stage.ValueType  # 5
     """Freeing the slabs the transition no longer needs."""
     STAGE_DONE: _Stage.ValueType  # 6
+    STAGE_QUIESCE: _Stage.ValueType  # 7
+    """Waiting for attached engines to stop using the weights and unmap them."""
 
 class Stage(_Stage, metaclass=_StageEnumTypeWrapper):
     """The stage a running transition is in."""
@@ -171,6 +173,8 @@ STAGE_VERIFY: Stage.ValueType  # 4
 STAGE_RELEASE: Stage.ValueType  # 5
 """Freeing the slabs the transition no longer needs."""
 STAGE_DONE: Stage.ValueType  # 6
+STAGE_QUIESCE: Stage.ValueType  # 7
+"""Waiting for attached engines to stop using the weights and unmap them."""
 Global___Stage: _TypeAlias = Stage  # noqa: Y015
 
 class _Outcome:
@@ -479,6 +483,7 @@ class Transition(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     PHASES_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     kind: Global___TransitionKind.ValueType
     outcome: Global___Outcome.ValueType
     bytes: _builtins.int
@@ -489,6 +494,11 @@ class Transition(_message.Message):
     reason: _builtins.str
     """Why it failed, when it did: an UPPER_SNAKE reason and a message."""
     message: _builtins.str
+    note: _builtins.str
+    """What an operator should know about a transition that succeeded anyway:
+    for example the engines it detached because they did not let go of the
+    weights in time (agents.quiesce_timeout) or had died.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -510,10 +520,11 @@ class Transition(_message.Message):
         reason: _builtins.str = ...,
         message: _builtins.str = ...,
         phases: _abc.Iterable[Global___Phase] | None = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "bytes_per_second", b"bytes_per_second", "duration", b"duration", "kind", b"kind", "message", b"message", "outcome", b"outcome", "phases", b"phases", "reason", b"reason", "request_id", b"request_id", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "bytes_per_second", b"bytes_per_second", "duration", b"duration", "kind", b"kind", "message", b"message", "note", b"note", "outcome", b"outcome", "phases", b"phases", "reason", b"reason", "request_id", b"request_id", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -539,6 +550,7 @@ class Model(_message.Message):
     LAST_TRANSITION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`models/{model_id}`."""
     model_id: _builtins.str
@@ -552,6 +564,8 @@ class Model(_message.Message):
     """1 or 2 while ASLEEP (and while SLEEPING towards it), 0 otherwise."""
     device: _builtins.str
     """`devices/{uuid}`: the device the model's DEVICE slabs live on."""
+    engines: _builtins.int
+    """Engines attached to the model (AgentService.Attach streams)."""
     @_builtins.property
     def source(self) -> Global___Source: ...
     @_builtins.property
@@ -589,10 +603,11 @@ class Model(_message.Message):
         last_transition: Global___Transition | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        engines: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "create_time", b"create_time", "last_transition", b"last_transition", "progress", b"progress", "source", b"source", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "create_time", b"create_time", "device", b"device", "last_transition", b"last_transition", "layers", b"layers", "model_id", b"model_id", "name", b"name", "progress", b"progress", "sleep_level", b"sleep_level", "source", b"source", "state", b"state", "state_message", b"state_message", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "create_time", b"create_time", "device", b"device", "engines", b"engines", "last_transition", b"last_transition", "layers", b"layers", "model_id", b"model_id", "name", b"name", "progress", b"progress", "sleep_level", b"sleep_level", "source", b"source", "state", b"state", "state_message", b"state_message", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

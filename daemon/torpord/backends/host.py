@@ -175,7 +175,7 @@ class HostBackend(Backend):
         except BufferError:
             mapping.anchor = (ctypes.c_char * len(mapping.mm)).from_buffer(mapping.mm)
             raise
-        future = self._reaper.submit(os.close, mapping.fd)
+        future = self._reaper.submit(_release, mapping.fd)
         with self._lock:
             del self._live[slab]
             self._reaping.add(future)
@@ -241,3 +241,13 @@ class HostBackend(Backend):
     def fd(self, slab: Slab) -> int:
         """The slab's memfd (for exporting to agents)."""
         return self._mapping(slab).fd
+
+
+def _release(fd: int) -> None:
+    # Truncating first frees the pages even while an engine that never let go
+    # (revoked) still maps them: its next access faults (SIGBUS) instead of
+    # reading bytes the daemon no longer owns, and the memory is really free.
+    try:
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)

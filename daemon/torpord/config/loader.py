@@ -21,6 +21,7 @@ from torpord.config.model import (
     LOG_FORMATS,
     LOG_LEVELS,
     MIN_ALIGNMENT,
+    AgentsConfig,
     BackendConfig,
     Config,
     ConfigError,
@@ -79,6 +80,7 @@ _SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
         "layers",
         "disk_cache",
         "io",
+        "agents",
     ),
     "server": ("socket", "socket_mode", "tcp", "allow_remote", "grace_period"),
     "log": ("level", "format"),
@@ -89,6 +91,7 @@ _SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "layers": ("block_patterns", "post_patterns", "alignment"),
     "disk_cache": ("path", "capacity"),
     "io": ("chunk_size", "threads", "direct"),
+    "agents": ("quiesce_timeout",),
 }
 
 
@@ -320,6 +323,10 @@ def load_config(
         direct=r.get("io.direct", _choice(DIRECT_MODES), "auto"),
     )
 
+    agents = AgentsConfig(
+        quiesce_timeout=r.get("agents.quiesce_timeout", _duration, 10.0),
+    )
+
     config = Config(
         file=path,
         server=server,
@@ -330,6 +337,7 @@ def load_config(
         layers=layers,
         disk_cache=disk_cache,
         io=io,
+        agents=agents,
     )
     return _apply(config, overrides)
 

@@ -82,6 +82,11 @@ class DiskCacheConfig:
 
 
 @dataclass(frozen=True)
+class AgentsConfig:
+    quiesce_timeout: float  # seconds an engine has to let go of a model's weights
+
+
+@dataclass(frozen=True)
 class Config:
     file: Path | None  # None: the embedded defaults
     server: ServerConfig
@@ -92,6 +97,7 @@ class Config:
     layers: LayersConfig
     disk_cache: DiskCacheConfig
     io: IoConfig
+    agents: AgentsConfig
 
 
 @dataclass(frozen=True)

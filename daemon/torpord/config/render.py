@@ -110,4 +110,11 @@ threads = {c.io.threads}
 # the rest read with O_DIRECT) | on (always O_DIRECT) | off (buffered reads).
 # A filesystem that refuses O_DIRECT gets buffered reads, and the Load says so.
 direct = "{c.io.direct}"
+
+[agents]
+# How long an attached engine has to stop using a model's weights and unmap
+# them when the model sleeps, offloads or unloads. One that takes longer (or
+# whose process died) is detached, its exports revoked, and the transition
+# goes on.
+quiesce_timeout = {_toml_duration(c.agents.quiesce_timeout)}
 """

@@ -22,11 +22,12 @@ from pathlib import Path
 import structlog
 
 from torpord.backends.base import Backend, Slab
+from torpord.core.engines import Engines, NoEngines
 from torpord.core.events import EventBus, EventType
 from torpord.core.model import LayerState, Model, ModelSnapshot, Progress, TransitionRecord
 from torpord.core.mover import Mover
 from torpord.core.requests import RequestLog
-from torpord.core.types import ModelState, Outcome, Tier, TransitionKind
+from torpord.core.types import ModelState, Outcome, Stage, Tier, TransitionKind
 from torpord.errors import (
     Aborted,
     AlreadyExists,
@@ -104,11 +105,19 @@ class ModelManager:
             settings.worker_threads, thread_name_prefix="torpord-io"
         )
         self.disk = disk
-        self.mover = Mover(backend, self._executor, self._on_progress, settings.read, disk)
+        self.mover = Mover(
+            backend,
+            self._executor,
+            self._on_progress,
+            settings.read,
+            disk,
+            on_landed=self._on_landed,
+            retract=self._retract,
+        )
         self._models: dict[str, Model] = {}
         self._reserved: set[str] = set()  # ids whose Load is still validating
-        # How many engines are attached to a model (set by the agent registry).
-        self.engines_attached: Callable[[str], int] = lambda model_id: 0
+        # The engines attached to models (the server's agent registry sets it).
+        self.engines: Engines = NoEngines()
 
     # -- reading -------------------------------------------------------------
 
@@ -244,7 +253,6 @@ class ModelManager:
         if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._replay(earlier, wait, model_id)
         model = self._idle_model(model_id)
-        self._check_no_engines(model, "sleep")
         if model.state is ModelState.ASLEEP:
             if model.sleep_level == level:
                 return model.snapshot()
@@ -265,6 +273,7 @@ class ModelManager:
         reserved = self.mover.reserve_disk(model, held, self._disk_keys()) if disk_copy else 0
 
         async def body() -> int:
+            await self._quiesce(model, held)
             if level == 1:
                 moved = await self.mover.move(model, held, new)
             else:
@@ -316,7 +325,6 @@ class ModelManager:
         if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._replay(earlier, wait, model_id)
         model = self._idle_model(model_id)
-        self._check_no_engines(model, "offload")
         unknown = [name for name in names if model.layer(name) is None]
         if unknown:
             known = [layer.plan.name for layer in model.layers]
@@ -348,6 +356,7 @@ class ModelManager:
             reserved = self.mover.reserve_disk(model, moving, self._disk_keys())
 
             async def to_disk() -> int:
+                await self._quiesce(model, moving)
                 await self.mover.to_disk(model, moving, reserved)
                 freed = await self.mover.drop(model, moving)
                 model.settle()
@@ -358,6 +367,7 @@ class ModelManager:
         new = self.mover.allocate(model, moving, tier)
 
         async def body() -> int:
+            await self._quiesce(model, moving)
             moved = await self.mover.move(model, moving, new)
             model.settle()
             return moved
@@ -399,12 +409,13 @@ class ModelManager:
         if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._replay(earlier, wait, model_id)
         model = self._idle_model(model_id)
-        self._check_no_engines(model, "unload")
 
         async def body() -> int:
+            await self._quiesce(model, model.layers)
             freed = await self.mover.drop(model, model.layers)
             del self._models[model_id]
             self.mover.forget(model)
+            self.engines.unloaded(model_id)
             return freed
 
         held = [layer for layer in model.layers if layer.slab is not None]
@@ -418,16 +429,28 @@ class ModelManager:
         )
         return await self._start(model, plan, call)
 
-    def _check_no_engines(self, model: Model, verb: str) -> None:
-        # Until engines can be asked to let go of their mappings (the sleep
-        # protocol), memory they map must not be moved or freed under them.
-        engines = self.engines_attached(model.model_id)
-        if engines:
-            raise FailedPrecondition(
-                f"cannot {verb} model {model.model_id!r}: {engines} engine(s) attached",
-                reason="ENGINES_ATTACHED",
-                metadata={"model_id": model.model_id, "engines": engines},
-            )
+    # -- engines ---------------------------------------------------------------
+
+    async def _quiesce(self, model: Model, layers: Sequence[LayerState]) -> None:
+        """Before the device slabs of `layers` move or go: every attached engine
+        lets go of them (or is detached, which the transition's note says)."""
+        names = [layer.plan.name for layer in layers if layer.tier is Tier.DEVICE]
+        if not names or not self.engines.attached(model.model_id):
+            return
+        if model.progress is not None:
+            self.mover.set_stage(model, Stage.QUIESCE)
+        notes = await self.engines.quiesce(model.model_id, names)
+        if notes and model.progress is not None:
+            earlier = [model.progress.note] if model.progress.note else []
+            model.progress.note = "; ".join([*earlier, *notes])
+            self.mover.report(model, force=True)
+
+    def _on_landed(self, model: Model, layer: LayerState) -> None:
+        if layer.slab is not None and layer.slab.tier is Tier.DEVICE:
+            self.engines.resume(model.model_id, [layer.plan.name])
+
+    async def _retract(self, model: Model, layers: Sequence[LayerState]) -> None:
+        await self._quiesce(model, layers)
 
     def _need_disk(self) -> None:
         if self.disk is None:
@@ -534,6 +557,7 @@ class ModelManager:
             moved,
             request_id,
             phases=model.progress.phases(),
+            note=model.progress.note,
         )
         bound.info(
             "transition done",
@@ -614,8 +638,11 @@ class ModelManager:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
-        for model in list(self._models.values()):
+        models = list(self._models.values())
+        await asyncio.gather(*(self._quiesce(model, model.layers) for model in models))
+        for model in models:
             await self.mover.drop(model, model.layers)
+            self.engines.unloaded(model.model_id)
         self._models.clear()
         self.bus.close()
         self._executor.shutdown(wait=True)

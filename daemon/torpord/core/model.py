@@ -136,6 +136,7 @@ class TransitionRecord:
     reason: str = ""
     message: str = ""
     phases: tuple[PhaseRecord, ...] = ()
+    note: str = ""  # what an operator should know about one that succeeded
 
     @property
     def bytes_per_second(self) -> float:
@@ -164,6 +165,7 @@ class ModelSnapshot:
     last_transition: TransitionRecord | None
     create_time: float
     update_time: float
+    engines: int = 0
 
     def bytes_in(self, tier: Tier) -> int:
         return sum(layer.plan.size for layer in self.layers if layer.tier is tier)
@@ -188,6 +190,7 @@ class Model:
     task: asyncio.Task[ModelSnapshot] | None = None
     create_time: float = field(default_factory=time.time)
     update_time: float = field(default_factory=time.time)
+    engines: int = 0  # engines attached (kept by the agent registry)
 
     @property
     def busy(self) -> bool:
@@ -234,4 +237,5 @@ class Model:
             last_transition=self.last_transition,
             create_time=self.create_time,
             update_time=self.update_time,
+            engines=self.engines,
         )

@@ -16,7 +16,7 @@ import concurrent.futures
 import functools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import structlog
@@ -56,8 +56,16 @@ class Mover:
         on_progress: Callable[[Model], None],
         read_options: ReadOptions | None = None,
         disk: DiskCache | None = None,
+        *,
+        on_landed: Callable[[Model, LayerState], None] | None = None,
+        retract: Callable[[Model, Sequence[LayerState]], Awaitable[None]] | None = None,
     ) -> None:
         self._backend = backend
+        # A layer points at a new slab (progressive wake: engines may map it).
+        self._on_landed = on_landed or (lambda model, layer: None)
+        # A failed move is about to free the new slabs of these layers, which
+        # on_landed announced: engines must let go of them first.
+        self._retract = retract
         self.disk = disk
         self.read_options = read_options or ReadOptions()
         self._executor = executor
@@ -131,6 +139,7 @@ class Mover:
                 return
             layer.slab = slabs[index]
             progress.layers_done += 1
+            self._on_landed(model, layer)
             self.report(model)
 
         def on_layer(index: int, digest: str) -> None:  # on a read worker
@@ -247,9 +256,20 @@ class Mover:
                 done += layer.plan.size
                 progress.bytes_done = done  # exact, whatever the pieces added up to
                 progress.layers_done += 1
+                self._on_landed(model, layer)
                 self.report(model)
             progress.bytes_done = progress.bytes_total
         except BaseException:
+            landed = [
+                layer
+                for layer, slab in zip(layers, new, strict=True)
+                if layer.slab is slab and slab.tier is Tier.DEVICE
+            ]
+            if landed and self._retract is not None:
+                try:
+                    await self._retract(model, landed)
+                except Exception:
+                    log.exception("engines could not be asked to let go", model_id=model.model_id)
             for layer, previous in zip(layers, old, strict=True):
                 layer.slab = previous
             for slab in new:
@@ -304,6 +324,7 @@ class Mover:
             layer.slab = slab
             progress.bytes_done += layer.plan.size
             progress.layers_done += 1
+            self._on_landed(model, layer)
             self.report(model)
 
     def reserve_disk(self, model: Model, layers: Sequence[LayerState], protect: set[str]) -> int:

@@ -56,6 +56,7 @@ class Stage(enum.Enum):
     VERIFY = "VERIFY"
     RELEASE = "RELEASE"
     DONE = "DONE"
+    QUIESCE = "QUIESCE"
 
 
 class Outcome(enum.Enum):

@@ -12,14 +12,17 @@ length-prefixed JSON; never pickle.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import itertools
 import json
 import os
 import secrets
 import socket
 import struct
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +31,18 @@ from torpor.v1 import agent_pb2
 
 from torpord.core.manager import ModelManager
 from torpord.core.types import ModelState, Tier
-from torpord.errors import FailedPrecondition, InvalidArgument, PermissionDenied, TorporError
+from torpord.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    TorporError,
+    Unavailable,
+)
 from torpord.storage.layers import layout_hash
 
-__all__ = ["AgentRegistry", "Attachment", "FdServer"]
+__all__ = ["AgentRegistry", "Attachment", "Ended", "FdServer", "Outbox"]
 
 log = structlog.get_logger("torpord.agents")
 
@@ -41,54 +52,223 @@ MAX_REQUEST = 1 << 20
 
 
 @dataclass(frozen=True)
+class Ended:
+    """Put in an attachment's outbox: end its Attach stream with this error."""
+
+    error: TorporError
+
+
+class Outbox:
+    """What an Attach stream sends next, in order: Quiesce and Resume
+    messages, or Ended."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[agent_pb2.AttachResponse | Ended] = collections.deque()
+        self._ready = asyncio.Event()
+
+    def put(self, item: agent_pb2.AttachResponse | Ended) -> None:
+        self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> agent_pb2.AttachResponse | Ended:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
+        if isinstance(item, agent_pb2.AttachResponse) and item.HasField("resume"):
+            return self._coalesce(item)
+        return item
+
+    def _coalesce(self, first: agent_pb2.AttachResponse) -> agent_pb2.AttachResponse:
+        # One Resume for the Resumes already waiting behind it (the engine then
+        # asks for their fds at once), as long as nothing else comes between.
+        layers = list(first.resume.layers)
+        sequence = first.resume.sequence
+        while self._items:
+            nxt = self._items[0]
+            if isinstance(nxt, Ended) or not nxt.HasField("resume"):
+                break
+            self._items.popleft()
+            layers.extend(nxt.resume.layers)
+            sequence = nxt.resume.sequence
+        if sequence == first.resume.sequence:
+            return first
+        return agent_pb2.AttachResponse(
+            resume=agent_pb2.Resume(
+                sequence=sequence, layers=layers, layout_hash=first.resume.layout_hash
+            )
+        )
+
+
+@dataclass(eq=False)
 class Attachment:
     id: str
     pid: int
     model_id: str
     engine: str
     rank: int
+    layout_hash: str
+    outbox: Outbox = field(default_factory=Outbox)
+    # Quiesce sequence numbers waiting for their QuiesceAck.
+    acks: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+    sequence: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def describe(self) -> str:
+        who = f"engine {self.engine!r}" if self.engine else "engine"
+        return f"{who} (pid {self.pid}, rank {self.rank})"
 
 
 class AgentRegistry:
-    """Who is attached to what. Lives on the event loop."""
+    """Who is attached to what, and the sleep protocol with them (see
+    torpord.core.engines). Lives on the event loop."""
 
-    def __init__(self, manager: ModelManager, fd_socket: Path) -> None:
+    def __init__(
+        self, manager: ModelManager, fd_socket: Path, *, quiesce_timeout: float = 10.0
+    ) -> None:
         self.manager = manager
         self.fd_socket = fd_socket
+        self.quiesce_timeout = quiesce_timeout
         self._attachments: dict[str, Attachment] = {}
-        manager.engines_attached = self.count
+        manager.engines = self
 
-    def count(self, model_id: str) -> int:
-        return sum(1 for a in self._attachments.values() if a.model_id == model_id)
+    def _of(self, model_id: str) -> list[Attachment]:
+        return [a for a in self._attachments.values() if a.model_id == model_id]
 
-    def attach(self, hello: agent_pb2.Hello) -> tuple[Attachment, str]:
+    def _count_changed(self, model_id: str) -> None:
+        model = self.manager._models.get(model_id)
+        if model is not None:
+            model.engines = len(self._of(model_id))
+
+    # -- the Engines protocol ----------------------------------------------------
+
+    def attached(self, model_id: str) -> int:
+        return len(self._of(model_id))
+
+    async def quiesce(self, model_id: str, layers: Sequence[str]) -> list[str]:
+        loop = asyncio.get_running_loop()
+        waiting: dict[asyncio.Future[None], Attachment] = {}
+        for attachment in self._of(model_id):
+            sequence = next(attachment.sequence)
+            ack = loop.create_future()
+            attachment.acks[sequence] = ack
+            waiting[ack] = attachment
+            attachment.outbox.put(
+                agent_pb2.AttachResponse(
+                    quiesce=agent_pb2.Quiesce(sequence=sequence, layers=list(layers))
+                )
+            )
+        if not waiting:
+            return []
+        _, late = await asyncio.wait(waiting, timeout=self.quiesce_timeout)
+        notes = []
+        for ack in late:
+            attachment = waiting[ack]
+            note = (
+                f"{attachment.describe()} did not let go of the weights within"
+                f" {self.quiesce_timeout:g}s; detached"
+            )
+            log.warning("engine revoked", model_id=model_id, pid=attachment.pid, note=note)
+            self.revoke(
+                attachment.id,
+                Aborted(
+                    f"the {attachment.describe()} did not acknowledge Quiesce within"
+                    f" {self.quiesce_timeout:g}s (agents.quiesce_timeout); its attachment was"
+                    " revoked",
+                    reason="QUIESCE_TIMEOUT",
+                ),
+            )
+            notes.append(note)
+        return notes
+
+    def resume(self, model_id: str, layers: Sequence[str]) -> None:
+        for attachment in self._of(model_id):
+            attachment.outbox.put(
+                agent_pb2.AttachResponse(
+                    resume=agent_pb2.Resume(
+                        sequence=next(attachment.sequence),
+                        layers=list(layers),
+                        layout_hash=attachment.layout_hash,
+                    )
+                )
+            )
+
+    def unloaded(self, model_id: str) -> None:
+        for attachment in self._of(model_id):
+            self.revoke(
+                attachment.id,
+                NotFound(f"model {model_id!r} was unloaded", reason="MODEL_UNLOADED"),
+            )
+
+    async def shutdown(self) -> None:
+        """The daemon is stopping: every engine lets go of every layer (within
+        the quiesce timeout), then every attachment ends."""
+        models = {a.model_id for a in self._attachments.values()}
+        await asyncio.gather(*(self.quiesce(model_id, []) for model_id in models))
+        for attachment_id in list(self._attachments):
+            self.revoke(
+                attachment_id, Unavailable("the daemon is shutting down", reason="SHUTTING_DOWN")
+            )
+
+    # -- attachments ----------------------------------------------------------------
+
+    def attach(self, hello: agent_pb2.Hello) -> Attachment:
         if hello.pid <= 0:
             raise InvalidArgument("hello.pid must be the engine's process id", reason="INVALID_PID")
         snapshot = self.manager.get(hello.model_id)
-        if snapshot.state is not ModelState.ACTIVE:
+        if snapshot.state not in (ModelState.ACTIVE, ModelState.OFFLOADED):
             raise FailedPrecondition(
                 f"model {hello.model_id!r} is {snapshot.state.value.lower()}; engines attach"
-                " to an active model (wake it first)",
+                " to an active (or partly offloaded) model: wake it first",
                 reason="MODEL_NOT_ACTIVE",
                 metadata={"model_id": hello.model_id, "state": snapshot.state.value},
             )
         attachment = Attachment(
-            secrets.token_hex(16), hello.pid, hello.model_id, hello.engine, hello.rank
+            secrets.token_hex(16),
+            hello.pid,
+            hello.model_id,
+            hello.engine,
+            hello.rank,
+            layout_hash([layer.plan for layer in snapshot.layers]),
         )
         self._attachments[attachment.id] = attachment
+        self._count_changed(hello.model_id)
         log.info("engine attached", model_id=hello.model_id, pid=hello.pid, engine=hello.engine)
-        return attachment, layout_hash([layer.plan for layer in snapshot.layers])
+        return attachment
+
+    def acknowledged(self, attachment: Attachment, sequence: int) -> None:
+        ack = attachment.acks.pop(sequence, None)
+        if ack is not None and not ack.done():
+            ack.set_result(None)
 
     def detach(self, attachment_id: str) -> None:
+        """The engine is gone (its stream ended): nothing of it waits any more.
+        Its mappings went with it, or were revoked."""
         attachment = self._attachments.pop(attachment_id, None)
-        if attachment is not None:
-            log.info("engine detached", model_id=attachment.model_id, pid=attachment.pid)
+        if attachment is None:
+            return
+        for ack in attachment.acks.values():
+            if not ack.done():
+                ack.set_result(None)
+        attachment.acks.clear()
+        self._count_changed(attachment.model_id)
+        log.info("engine detached", model_id=attachment.model_id, pid=attachment.pid)
+
+    def revoke(self, attachment_id: str, error: TorporError) -> None:
+        """Detach an engine and end its stream with `error`. It gets no more
+        fds; the slabs it still maps are truncated by the backend when freed,
+        so a stray access faults rather than reading stale bytes."""
+        attachment = self._attachments.get(attachment_id)
+        if attachment is None:
+            return
+        self.detach(attachment_id)
+        attachment.outbox.put(Ended(error))
 
     async def export(
-        self, attachment_id: str, peer_pid: int, names: list[str]
+        self, attachment_id: str, peer_pid: int, names: list[str], model_id: str = ""
     ) -> tuple[dict[str, Any], list[int]]:
-        """The header and fresh fds of the asked layers (every layer if none),
-        for the process that attached and no other."""
+        """The header and fresh fds of the asked layers that are on the device
+        (every such layer if none is named), for the process that attached and
+        no other. Asked layers not on the device are listed as absent."""
         attachment = self._attachments.get(attachment_id)
         if attachment is None:
             raise PermissionDenied("unknown attachment", reason="UNKNOWN_ATTACHMENT")
@@ -98,19 +278,26 @@ class AgentRegistry:
                 reason="PID_MISMATCH",
                 metadata={"attached_pid": attachment.pid, "peer_pid": peer_pid},
             )
-        model = self.manager._models.get(attachment.model_id)
-        if model is None or model.state is not ModelState.ACTIVE:
-            raise FailedPrecondition(
-                f"model {attachment.model_id!r} is not active", reason="MODEL_NOT_ACTIVE"
+        if model_id and model_id != attachment.model_id:
+            raise PermissionDenied(
+                f"the attachment is to model {attachment.model_id!r}, not {model_id!r}",
+                reason="MODEL_MISMATCH",
+                metadata={"attached_model": attachment.model_id, "model_id": model_id},
             )
-        layers = [layer for layer in model.layers if not names or layer.plan.name in names]
-        unknown = set(names) - {layer.plan.name for layer in layers}
+        model = self.manager._models.get(attachment.model_id)
+        if model is None:
+            raise FailedPrecondition(
+                f"model {attachment.model_id!r} is gone", reason="MODEL_NOT_FOUND"
+            )
+        asked = [layer for layer in model.layers if not names or layer.plan.name in names]
+        unknown = set(names) - {layer.plan.name for layer in asked}
         if unknown:
             raise InvalidArgument(f"unknown layers {sorted(unknown)}", reason="UNKNOWN_LAYER")
+        layers = [layer for layer in asked if layer.tier is Tier.DEVICE]
         fds: list[int] = []
         try:
             for layer in layers:
-                assert layer.slab is not None and layer.slab.tier is Tier.DEVICE
+                assert layer.slab is not None
                 fds.append(self.manager.backend.export(layer.slab))
         except BaseException:
             for fd in fds:
@@ -118,7 +305,9 @@ class AgentRegistry:
             raise
         header = {
             "model_id": model.model_id,
+            "layout_hash": attachment.layout_hash,
             "layers": [{"name": layer.plan.name, "size": layer.plan.size} for layer in layers],
+            "absent": [layer.plan.name for layer in asked if layer.tier is not Tier.DEVICE],
         }
         return header, fds
 
@@ -170,7 +359,12 @@ class FdServer:
                 if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                     raise InvalidArgument("layers must be a list of names", reason="BAD_REQUEST")
                 future = asyncio.run_coroutine_threadsafe(
-                    self.registry.export(str(request.get("attachment_id", "")), pid, names),
+                    self.registry.export(
+                        str(request.get("attachment_id", "")),
+                        pid,
+                        names,
+                        str(request.get("model_id", "")),
+                    ),
                     self.loop,
                 )
                 header, fds = future.result(30)

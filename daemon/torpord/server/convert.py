@@ -81,6 +81,7 @@ def _transition(t: TransitionRecord) -> common_pb2.Transition:
             )
             for p in t.phases
         ],
+        note=t.note,
     )
 
 
@@ -139,6 +140,7 @@ def model_to_proto(m: ModelSnapshot, *, full: bool = False) -> common_pb2.Model:
         layers=layers,
         create_time=_timestamp(m.create_time),
         update_time=_timestamp(m.update_time),
+        engines=m.engines,
     )
     if m.progress is not None:
         out.progress.CopyFrom(_progress(m.progress))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,7 +22,7 @@ from torpord.core.events import EventType
 from torpord.core.manager import ModelManager
 from torpord.core.types import Tier
 from torpord.errors import InvalidArgument
-from torpord.server.agents import AgentRegistry
+from torpord.server.agents import AgentRegistry, Attachment, Ended
 from torpord.server.convert import is_full, model_to_proto, node_to_proto, tier_from_proto
 from torpord.server.errors import translate_errors, translate_stream_errors
 
@@ -176,16 +177,36 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("hello"):
             raise InvalidArgument("an Attach stream starts with a Hello", reason="HELLO_FIRST")
-        attachment, layout = self._registry.attach(first.hello)
+        attachment = self._registry.attach(first.hello)
+        reader = asyncio.create_task(self._read(request_iterator, attachment))
+        get: asyncio.Future[agent_pb2.AttachResponse | Ended] | None = None
         try:
             yield agent_pb2.AttachResponse(
                 attached=agent_pb2.Attached(
                     attachment_id=attachment.id,
-                    layout_hash=layout,
+                    layout_hash=attachment.layout_hash,
                     fd_socket=str(self._registry.fd_socket),
                 )
             )
-            async for _ in request_iterator:  # acknowledgements arrive with the sleep protocol
-                pass
+            while True:
+                get = asyncio.ensure_future(attachment.outbox.get())
+                await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():  # the engine closed its side: it is gone
+                    reader.result()
+                    return
+                item = get.result()
+                if isinstance(item, Ended):
+                    raise item.error
+                yield item
         finally:
+            if get is not None:
+                get.cancel()
+            reader.cancel()
             self._registry.detach(attachment.id)
+
+    async def _read(
+        self, requests: AsyncIterator[agent_pb2.AttachRequest], attachment: Attachment
+    ) -> None:
+        async for request in requests:
+            if request.HasField("quiesce_ack"):
+                self._registry.acknowledged(attachment, request.quiesce_ack.sequence)

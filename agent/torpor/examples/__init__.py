@@ -1,0 +1,1 @@
+"""Examples of engines built on the agent (`python -m torpor.examples.engine`)."""
