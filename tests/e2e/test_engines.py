@@ -1,0 +1,322 @@
+"""Engines running forward passes on a real torpord's slabs while other
+processes sleep, wake, offload and unload the model; engines that hang or die."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import Daemon
+
+torch = pytest.importorskip("torch")
+
+from safetensors.torch import load_file  # noqa: E402
+from torpor import Client  # noqa: E402
+from torpor.examples.tinylm import TinyConfig, TinyLM, make_checkpoint  # noqa: E402
+from torpor.v1 import common_pb2  # noqa: E402
+
+WORKER = Path(__file__).with_name("engine_worker.py")
+PROMPT = list(b"Torpor keeps weights where engines expect them")
+SMALL = TinyConfig(layers=2, hidden=64, intermediate=176)
+# Big embedding and head (128 MiB each) around small blocks: a wake takes long
+# enough between the first block and the last layer to see progressive wake.
+WIDE = TinyConfig(layers=2, hidden=64, intermediate=176, vocab=1 << 20)
+
+
+class Worker:
+    def __init__(self, d: Daemon, model_id: str, *flags: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), str(d.socket), model_id, *flags],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.hello = self.read()
+        assert self.hello.get("ready"), self.hello
+
+    def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            _, err = self.proc.communicate(timeout=30)
+            raise AssertionError(f"worker exited {self.proc.returncode}:\n{err}")
+        value: dict[str, Any] = json.loads(line)
+        return value
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        while True:  # skip event lines
+            answer = self.read()
+            if "event" not in answer:
+                return answer
+
+    def quit(self) -> None:
+        if self.proc.poll() is None:
+            self.ask_nowait("quit")
+            self.proc.communicate(timeout=60)
+
+    def ask_nowait(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=30)
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+    workers: list[Worker] = []
+
+    def make(config: str = "", capacity: str = "256MiB", roots: tuple[Path, ...] = ()) -> Daemon:
+        d = Daemon(tmp_path / f"d{len(started)}", config=config, capacity=capacity, roots=roots)
+        started.append(d)
+        d.wait_ready()
+        return d
+
+    make.workers = workers  # type: ignore[attr-defined]
+    yield make
+    for w in workers:
+        w.kill()
+    for d in started:
+        d.kill()
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("wide"), WIDE)
+
+
+def reference(path: Path) -> str:
+    """The logits' digest computed here, from the file, without Torpor."""
+    torch.set_num_threads(1)
+    state = load_file(str(path))
+    model = TinyLM(TinyConfig.from_state_dict(state))
+    model.load_state_dict(state, assign=True)
+    with torch.inference_mode():
+        logits = model(torch.tensor([PROMPT]))
+    return hashlib.sha256(logits.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def used(client: Client) -> tuple[int, int]:
+    node = client.get_node()
+    return sum(d.used_bytes for d in node.devices), node.host_pool.used_bytes
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def settle(check: Callable[[], bool], timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_forward_passes_stay_bit_identical_across_50_sleeps_and_wakes(
+    start: Callable[..., Daemon],
+) -> None:
+    d = start()
+    path = make_checkpoint(d.models / "tiny", SMALL)
+    expected = reference(path)
+    with Client(socket=str(d.socket)) as client:
+        client.load_model("tiny", str(path))
+        worker = Worker(d, "tiny")
+        start.workers.append(worker)  # type: ignore[attr-defined]
+        try:
+            for cycle in range(50):
+                level = 1 + cycle % 2
+                asleep = client.sleep_model("tiny", level=level)
+                assert asleep.state == common_pb2.MODEL_STATE_ASLEEP
+                assert asleep.engines == 1 and not asleep.last_transition.note
+                assert used(client)[0] == 0  # the device memory is really free
+                awake = client.wake_model("tiny")
+                assert awake.state == common_pb2.MODEL_STATE_ACTIVE
+                assert worker.ask("fresh")["ok"]  # a forward pass ran on the woken weights
+            report = worker.ask("report")
+        finally:
+            worker.quit()
+    assert report["ended"] is None
+    assert report["digests"] == {expected: report["forwards"]}  # every pass, bit for bit
+    assert report["forwards"] >= 50
+
+
+def test_progressive_wake_runs_the_first_block_before_the_last_layer_is_back(
+    start: Callable[..., Daemon], wide: Path
+) -> None:
+    d = start(capacity="1GiB", roots=(wide.parent,))
+    path = wide
+    with Client(socket=str(d.socket)) as client:
+        client.load_model("wide", str(path))
+        worker = Worker(d, "wide", "--short")
+        start.workers.append(worker)  # type: ignore[attr-defined]
+        try:
+            for _ in range(3):
+                client.sleep_model("wide")
+                client.wake_model("wide")
+                assert worker.ask("fresh")["ok"]
+            report = worker.ask("report")
+        finally:
+            worker.quit()
+    assert report["progressive"] >= 1, report
+    assert len(report["digests"]) == 1
+
+
+def test_offload_unmaps_just_those_layers_and_unload_ends_the_attachment(
+    start: Callable[..., Daemon],
+) -> None:
+    d = start()
+    path = make_checkpoint(d.models / "tiny", SMALL)
+    expected = reference(path)
+    with Client(socket=str(d.socket)) as client:
+        client.load_model("tiny", str(path))
+        worker = Worker(d, "tiny", "--events")
+        start.workers.append(worker)  # type: ignore[attr-defined]
+        client.offload_model("tiny", ["layers.1"], common_pb2.TIER_HOST)
+        assert worker.read() == {"event": "quiesce", "layers": ["layers.1"]}
+        client.offload_model("tiny", [], common_pb2.TIER_DEVICE)
+        assert worker.read() == {"event": "resume", "layers": ["layers.1"]}
+        assert worker.ask("fresh")["ok"]
+        client.unload_model("tiny")
+        assert worker.read()["event"] == "quiesce"
+        assert settle(lambda: worker.ask("report")["ended"] == "MODEL_UNLOADED")
+        report = worker.ask("report")
+        assert used(client) == (0, 0)
+        worker.quit()
+    assert set(report["digests"]) == {expected}
+
+
+def test_an_engine_killed_mid_sleep_leaves_the_daemon_consistent(
+    start: Callable[..., Daemon],
+) -> None:
+    d = start(config='[agents]\nquiesce_timeout = "5m"\n')
+    path = make_checkpoint(d.models / "tiny", SMALL)
+    with Client(socket=str(d.socket)) as client:
+        baseline = open_fds(d.proc.pid) if client.get_node() else 0
+        client.load_model("tiny", str(path))
+        worker = Worker(d, "tiny", "--stall")  # its quiesce callback never returns
+        start.workers.append(worker)  # type: ignore[attr-defined]
+        client.sleep_model("tiny", wait=False)
+
+        def stage() -> int:
+            progress = client.get_model("tiny").progress
+            return progress.stage
+
+        assert settle(lambda: stage() == common_pb2.STAGE_QUIESCE)
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        # The stream breaks, the daemon stops waiting (long before the 5 minutes).
+        assert settle(lambda: client.get_model("tiny").state == common_pb2.MODEL_STATE_ASLEEP)
+        model = client.get_model("tiny")
+        assert model.engines == 0 and model.sleep_level == 1
+        assert used(client)[0] == 0
+        client.unload_model("tiny")
+        assert used(client) == (0, 0)
+        assert settle(lambda: open_fds(d.proc.pid) == baseline), open_fds(d.proc.pid)
+
+
+def test_an_engine_killed_mid_wake_leaves_the_daemon_consistent(
+    start: Callable[..., Daemon], wide: Path
+) -> None:
+    d = start(capacity="1GiB", roots=(wide.parent,))
+    path = wide
+    with Client(socket=str(d.socket)) as client:
+        baseline = open_fds(d.proc.pid) if client.get_node() else 0
+        client.load_model("wide", str(path))
+        worker = Worker(d, "wide", "--events", "--short")
+        start.workers.append(worker)  # type: ignore[attr-defined]
+        client.sleep_model("wide")
+        assert worker.read()["event"] == "quiesce"
+        client.wake_model("wide", wait=False)
+        assert worker.read()["event"] == "resume"  # the first layer is back: kill it now
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        assert settle(lambda: client.get_model("wide").state == common_pb2.MODEL_STATE_ACTIVE)
+        assert settle(lambda: client.get_model("wide").engines == 0)
+        # Attachable again, and everything goes back when the model goes.
+        again = Worker(d, "wide", "--short")
+        start.workers.append(again)  # type: ignore[attr-defined]
+        again.quit()
+        client.unload_model("wide")
+        assert used(client) == (0, 0)
+        assert settle(lambda: open_fds(d.proc.pid) == baseline), open_fds(d.proc.pid)
+
+
+def test_an_engine_that_does_not_let_go_is_revoked_and_its_access_faults(
+    start: Callable[..., Daemon],
+) -> None:
+    d = start(config='[agents]\nquiesce_timeout = "1s"\n')
+    path = make_checkpoint(d.models / "tiny", SMALL)
+    with Client(socket=str(d.socket)) as client:
+        client.load_model("tiny", str(path))
+        worker = Worker(d, "tiny", "--stall")
+        start.workers.append(worker)  # type: ignore[attr-defined]
+        model = client.sleep_model("tiny")  # goes on after a second
+        assert model.state == common_pb2.MODEL_STATE_ASLEEP and model.engines == 0
+        assert "did not let go of the weights within 1s; detached" in model.last_transition.note
+        assert "pid" in model.last_transition.note
+        assert used(client)[0] == 0  # really freed, though the engine never unmapped
+        # Its mapping no longer holds any bytes: reading a weight kills it.
+        worker.ask_nowait("touch")
+        worker.proc.communicate(timeout=60)
+        assert worker.proc.returncode == -signal.SIGBUS
+
+
+def test_one_engine_attaches_to_two_models_and_each_sleeps_alone(
+    start: Callable[..., Daemon],
+) -> None:
+    d = start()
+    a = make_checkpoint(d.models / "a", SMALL, seed=1)
+    b = make_checkpoint(d.models / "b", SMALL, seed=2)
+    script = f"""
+import json, sys, torch
+from torpor import Client
+from torpor.agent import attach
+client = Client(socket={str(d.socket)!r})
+ma, mb = attach("a", client=client), attach("b", client=client)
+print(json.dumps({{"ready": True}}), flush=True)
+sys.stdin.readline()
+print(json.dumps({{"a": ma.ready(), "b": mb.ready(),
+                  "b_sum": float(sum(t.float().sum() for t in mb.state_dict().values()))}}),
+      flush=True)
+sys.stdin.readline()
+"""
+    with Client(socket=str(d.socket)) as client:
+        client.load_model("a", str(a))
+        client.load_model("b", str(b))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            assert json.loads(proc.stdout.readline()) == {"ready": True}
+            client.sleep_model("a")
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            seen = json.loads(proc.stdout.readline())
+            assert seen["a"] is False and seen["b"] is True
+            state = load_file(str(b))
+            assert seen["b_sum"] == pytest.approx(
+                float(sum(t.float().sum() for t in state.values()))
+            )
+            assert client.get_model("b").engines == 1 and client.get_model("a").engines == 1
+        finally:
+            proc.kill()
+            proc.communicate()
