@@ -106,6 +106,8 @@ class AttachedModel:
             self.attachment_id: str = attached.attachment_id
             self.layout_hash: str = attached.layout_hash
             self.fd_socket: str = attached.fd_socket
+            self.slab_kind: str = attached.slab_kind or "memfd"
+            self.device_index: int = attached.device_index
             self._reserve()
             self._map([])
             self._listener = threading.Thread(
@@ -274,12 +276,25 @@ class AttachedModel:
         and the tensors on them (valid whenever their layer is mapped)."""
         model = self.client.get_model(self.model_id, view=models_pb2.MODEL_VIEW_FULL)
         for index, layer in enumerate(model.layers):
-            lay = _Layer(layer.name, index, SlabRange(int(layer.size_bytes)))
+            lay = _Layer(layer.name, index, self._range(int(layer.size_bytes)))
             self._layers[layer.name] = lay
             self._order.append(layer.name)
             for t in layer.tensors:
                 self._tensors[t.name] = lay.range.tensor(t.slab_offset, t.dtype, list(t.shape))
                 self._tensor_layer[t.name] = layer.name
+
+    def _range(self, size: int) -> SlabRange:
+        if self.slab_kind == "cuda":
+            from torpor.agent.cuda import CudaSlabRange
+
+            return cast(SlabRange, CudaSlabRange(size, self.device_index))
+        if self.slab_kind != "memfd":
+            raise TorporError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "UNSUPPORTED_SLABS",
+                f"this agent cannot map {self.slab_kind!r} slabs: upgrade torpor",
+            )
+        return SlabRange(size)
 
     def _map(self, names: Sequence[str]) -> list[str]:
         """Ask the daemon for the slabs of `names` (every layer on the device if

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15torpor/v1/agent.proto\x12\ttorpor.v1\"k\n\rAttachRequest\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.torpor.v1.HelloH\x00\x12,\n\x0bquiesce_ack\x18\x02 \x01(\x0b\x32\x15.torpor.v1.QuiesceAckH\x00\x42\t\n\x07message\"D\n\x05Hello\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\"\x1e\n\nQuiesceAck\x12\x10\n\x08sequence\x18\x01 \x01(\x03\"\x90\x01\n\x0e\x41ttachResponse\x12\'\n\x08\x61ttached\x18\x01 \x01(\x0b\x32\x13.torpor.v1.AttachedH\x00\x12%\n\x07quiesce\x18\x02 \x01(\x0b\x32\x12.torpor.v1.QuiesceH\x00\x12#\n\x06resume\x18\x03 \x01(\x0b\x32\x11.torpor.v1.ResumeH\x00\x42\t\n\x07message\"I\n\x08\x41ttached\x12\x15\n\rattachment_id\x18\x01 \x01(\t\x12\x13\n\x0blayout_hash\x18\x02 \x01(\t\x12\x11\n\tfd_socket\x18\x03 \x01(\t\"+\n\x07Quiesce\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0e\n\x06layers\x18\x02 \x03(\t\"?\n\x06Resume\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t2Q\n\x0c\x41gentService\x12\x41\n\x06\x41ttach\x12\x18.torpor.v1.AttachRequest\x1a\x19.torpor.v1.AttachResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15torpor/v1/agent.proto\x12\ttorpor.v1\"k\n\rAttachRequest\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.torpor.v1.HelloH\x00\x12,\n\x0bquiesce_ack\x18\x02 \x01(\x0b\x32\x15.torpor.v1.QuiesceAckH\x00\x42\t\n\x07message\"D\n\x05Hello\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\"\x1e\n\nQuiesceAck\x12\x10\n\x08sequence\x18\x01 \x01(\x03\"\x90\x01\n\x0e\x41ttachResponse\x12\'\n\x08\x61ttached\x18\x01 \x01(\x0b\x32\x13.torpor.v1.AttachedH\x00\x12%\n\x07quiesce\x18\x02 \x01(\x0b\x32\x12.torpor.v1.QuiesceH\x00\x12#\n\x06resume\x18\x03 \x01(\x0b\x32\x11.torpor.v1.ResumeH\x00\x42\t\n\x07message\"r\n\x08\x41ttached\x12\x15\n\rattachment_id\x18\x01 \x01(\t\x12\x13\n\x0blayout_hash\x18\x02 \x01(\t\x12\x11\n\tfd_socket\x18\x03 \x01(\t\x12\x11\n\tslab_kind\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65vice_index\x18\x05 \x01(\x05\"+\n\x07Quiesce\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0e\n\x06layers\x18\x02 \x03(\t\"?\n\x06Resume\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t2Q\n\x0c\x41gentService\x12\x41\n\x06\x41ttach\x12\x18.torpor.v1.AttachRequest\x1a\x19.torpor.v1.AttachResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,11 +40,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTACHRESPONSE']._serialized_start=248
   _globals['_ATTACHRESPONSE']._serialized_end=392
   _globals['_ATTACHED']._serialized_start=394
-  _globals['_ATTACHED']._serialized_end=467
-  _globals['_QUIESCE']._serialized_start=469
-  _globals['_QUIESCE']._serialized_end=512
-  _globals['_RESUME']._serialized_start=514
-  _globals['_RESUME']._serialized_end=577
-  _globals['_AGENTSERVICE']._serialized_start=579
-  _globals['_AGENTSERVICE']._serialized_end=660
+  _globals['_ATTACHED']._serialized_end=508
+  _globals['_QUIESCE']._serialized_start=510
+  _globals['_QUIESCE']._serialized_end=553
+  _globals['_RESUME']._serialized_start=555
+  _globals['_RESUME']._serialized_end=618
+  _globals['_AGENTSERVICE']._serialized_start=620
+  _globals['_AGENTSERVICE']._serialized_end=701
 # @@protoc_insertion_point(module_scope)

@@ -134,22 +134,32 @@ class Attached(_message.Message):
     ATTACHMENT_ID_FIELD_NUMBER: _builtins.int
     LAYOUT_HASH_FIELD_NUMBER: _builtins.int
     FD_SOCKET_FIELD_NUMBER: _builtins.int
+    SLAB_KIND_FIELD_NUMBER: _builtins.int
+    DEVICE_INDEX_FIELD_NUMBER: _builtins.int
     attachment_id: _builtins.str
     """Identifies this attachment on the fd socket."""
     layout_hash: _builtins.str
     """A hash of the model's layout (layers, tensors, offsets)."""
     fd_socket: _builtins.str
     """The Unix socket to ask for the slabs' file descriptors on."""
+    slab_kind: _builtins.str
+    """What the fds are: "memfd" (host backend: mmap them) or "cuda" (CUDA VMM
+    allocations exported as POSIX fds: import and map them on the device).
+    """
+    device_index: _builtins.int
+    """The CUDA device ordinal the slabs live on (slab_kind "cuda")."""
     def __init__(
         self,
         *,
         attachment_id: _builtins.str = ...,
         layout_hash: _builtins.str = ...,
         fd_socket: _builtins.str = ...,
+        slab_kind: _builtins.str = ...,
+        device_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_id", b"attachment_id", "fd_socket", b"fd_socket", "layout_hash", b"layout_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_id", b"attachment_id", "device_index", b"device_index", "fd_socket", b"fd_socket", "layout_hash", b"layout_hash", "slab_kind", b"slab_kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

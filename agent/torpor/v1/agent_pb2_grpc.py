@@ -31,11 +31,21 @@ class AgentServiceStub:
     socket beside the daemon's, with SCM_RIGHTS, to the process that attached:
     the daemon checks the peer's pid with SO_PEERCRED).
 
-    An engine attaches to an ACTIVE model; attaching to a model in any other
-    state is FAILED_PRECONDITION (reason MODEL_NOT_ACTIVE): wake it first. The
-    attachment lasts as long as the Attach stream. Until the sleep protocol
-    (Quiesce/Resume) lands, SleepModel, OffloadModel and UnloadModel of a model
-    with attached engines are FAILED_PRECONDITION (reason ENGINES_ATTACHED).
+    An engine attaches to an ACTIVE (or OFFLOADED: it maps the layers on the
+    device, the others come with Resume) model; attaching to a model in any
+    other state is FAILED_PRECONDITION (reason MODEL_NOT_ACTIVE): wake it first.
+    The attachment lasts as long as the Attach stream.
+
+    Sleep protocol: before the daemon moves or frees device slabs an engine
+    maps (SleepModel, OffloadModel, UnloadModel, shutdown), it sends Quiesce;
+    the agent stops using those layers, unmaps them and answers QuiesceAck.
+    An engine that does not answer within agents.quiesce_timeout, or whose
+    stream breaks, is detached (its stream ends with ABORTED QUIESCE_TIMEOUT)
+    and the transition goes on; its note says so. As each layer lands on the
+    device again (WakeModel, OffloadModel to DEVICE), the daemon sends Resume
+    with its name, in forward order; the agent asks for its fd and maps it at
+    the same address. UnloadModel ends the stream with NOT_FOUND
+    MODEL_UNLOADED; shutdown with UNAVAILABLE SHUTTING_DOWN.
     """
 
     def __init__(self, channel):
@@ -57,11 +67,21 @@ class AgentServiceServicer:
     socket beside the daemon's, with SCM_RIGHTS, to the process that attached:
     the daemon checks the peer's pid with SO_PEERCRED).
 
-    An engine attaches to an ACTIVE model; attaching to a model in any other
-    state is FAILED_PRECONDITION (reason MODEL_NOT_ACTIVE): wake it first. The
-    attachment lasts as long as the Attach stream. Until the sleep protocol
-    (Quiesce/Resume) lands, SleepModel, OffloadModel and UnloadModel of a model
-    with attached engines are FAILED_PRECONDITION (reason ENGINES_ATTACHED).
+    An engine attaches to an ACTIVE (or OFFLOADED: it maps the layers on the
+    device, the others come with Resume) model; attaching to a model in any
+    other state is FAILED_PRECONDITION (reason MODEL_NOT_ACTIVE): wake it first.
+    The attachment lasts as long as the Attach stream.
+
+    Sleep protocol: before the daemon moves or frees device slabs an engine
+    maps (SleepModel, OffloadModel, UnloadModel, shutdown), it sends Quiesce;
+    the agent stops using those layers, unmaps them and answers QuiesceAck.
+    An engine that does not answer within agents.quiesce_timeout, or whose
+    stream breaks, is detached (its stream ends with ABORTED QUIESCE_TIMEOUT)
+    and the transition goes on; its note says so. As each layer lands on the
+    device again (WakeModel, OffloadModel to DEVICE), the daemon sends Resume
+    with its name, in forward order; the agent asks for its fd and maps it at
+    the same address. UnloadModel ends the stream with NOT_FOUND
+    MODEL_UNLOADED; shutdown with UNAVAILABLE SHUTTING_DOWN.
     """
 
     def Attach(self, request_iterator, context):
@@ -95,11 +115,21 @@ class AgentService:
     socket beside the daemon's, with SCM_RIGHTS, to the process that attached:
     the daemon checks the peer's pid with SO_PEERCRED).
 
-    An engine attaches to an ACTIVE model; attaching to a model in any other
-    state is FAILED_PRECONDITION (reason MODEL_NOT_ACTIVE): wake it first. The
-    attachment lasts as long as the Attach stream. Until the sleep protocol
-    (Quiesce/Resume) lands, SleepModel, OffloadModel and UnloadModel of a model
-    with attached engines are FAILED_PRECONDITION (reason ENGINES_ATTACHED).
+    An engine attaches to an ACTIVE (or OFFLOADED: it maps the layers on the
+    device, the others come with Resume) model; attaching to a model in any
+    other state is FAILED_PRECONDITION (reason MODEL_NOT_ACTIVE): wake it first.
+    The attachment lasts as long as the Attach stream.
+
+    Sleep protocol: before the daemon moves or frees device slabs an engine
+    maps (SleepModel, OffloadModel, UnloadModel, shutdown), it sends Quiesce;
+    the agent stops using those layers, unmaps them and answers QuiesceAck.
+    An engine that does not answer within agents.quiesce_timeout, or whose
+    stream breaks, is detached (its stream ends with ABORTED QUIESCE_TIMEOUT)
+    and the transition goes on; its note says so. As each layer lands on the
+    device again (WakeModel, OffloadModel to DEVICE), the daemon sends Resume
+    with its name, in forward order; the agent asks for its fd and maps it at
+    the same address. UnloadModel ends the stream with NOT_FOUND
+    MODEL_UNLOADED; shutdown with UNAVAILABLE SHUTTING_DOWN.
     """
 
     @staticmethod

@@ -108,6 +108,8 @@ class Attachment:
     engine: str
     rank: int
     layout_hash: str
+    slab_kind: str  # "memfd" or "cuda"
+    device_index: int
     outbox: Outbox = field(default_factory=Outbox)
     # Quiesce sequence numbers waiting for their QuiesceAck.
     acks: dict[int, asyncio.Future[None]] = field(default_factory=dict)
@@ -229,6 +231,11 @@ class AgentRegistry:
             hello.engine,
             hello.rank,
             layout_hash([layer.plan for layer in snapshot.layers]),
+            "cuda" if self.manager.backend.kind == "cuda" else "memfd",
+            next(
+                (d.index for d in self.manager.backend.devices() if d.uuid == snapshot.device),
+                0,
+            ),
         )
         self._attachments[attachment.id] = attachment
         self._count_changed(hello.model_id)

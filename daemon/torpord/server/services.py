@@ -186,6 +186,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     attachment_id=attachment.id,
                     layout_hash=attachment.layout_hash,
                     fd_socket=str(self._registry.fd_socket),
+                    slab_kind=attachment.slab_kind,
+                    device_index=attachment.device_index,
                 )
             )
             while True:

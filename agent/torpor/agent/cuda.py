@@ -1,0 +1,185 @@
+"""Slab ranges on a GPU: the CUDA side of the agent, the same interface as
+`torpor.agent.mapping.SlabRange`.
+
+The daemon's CUDA backend creates each slab with the VMM API (`cuMemCreate`,
+handle type POSIX file descriptor) and exports it as an fd; the agent imports
+the fd (`cuMemImportFromShareableHandle`) and maps it at a virtual address
+range it reserved once (`cuMemAddressReserve`), so tensors and captured CUDA
+graphs stay valid across sleep and wake. Unmapping leaves the reservation:
+a kernel touching it faults instead of reading stale memory.
+
+Needs `cuda-bindings` (the `cuda12`/`cuda13` extras) and a CUDA build of
+torch. NOT YET RUN ON A GPU: written against the driver API's documentation;
+the CUDA backend issue runs it on a device.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from torpor.agent.mapping import MappingError, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["CudaSlabRange"]
+
+_contexts: dict[int, Any] = {}
+_lock = threading.Lock()
+
+
+def _driver() -> Any:
+    try:
+        from cuda.bindings import driver
+    except ImportError as err:  # pragma: no cover - only on hosts without the extra
+        raise MappingError(
+            0, "the model's slabs are CUDA memory: install torpor[cuda12] or torpor[cuda13]"
+        ) from err
+    return driver
+
+
+def _check(result: Any, what: str) -> Any:
+    """cuda-bindings returns (CUresult, value...): raise on an error, else the value."""
+    cu = _driver()
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != cu.CUresult.CUDA_SUCCESS:
+        _, name = cu.cuGetErrorName(err)
+        raise MappingError(0, f"{what} failed: {name.decode() if name else err}")
+    if not rest:
+        return None
+    return rest[0] if len(rest) == 1 else tuple(rest)
+
+
+def _context(device: int) -> None:
+    """Make the device's primary context (the one torch uses) current on
+    this thread: the agent's listener maps and unmaps on its own thread."""
+    cu = _driver()
+    with _lock:
+        ctx = _contexts.get(device)
+        if ctx is None:
+            _check(cu.cuInit(0), "cuInit")
+            dev = _check(cu.cuDeviceGet(device), "cuDeviceGet")
+            ctx = _check(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+            _contexts[device] = ctx
+    _check(cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+
+class CudaSlabRange:
+    """One slab's reserved device address range in this process."""
+
+    def __init__(self, size: int, device: int) -> None:
+        if size <= 0:
+            raise ValueError("a slab range needs a positive size")
+        cu = _driver()
+        _context(device)
+        self.size = size
+        self.device = device
+        prop = cu.CUmemAllocationProp()
+        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = device
+        prop.requestedHandleTypes = (
+            cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+        )
+        granularity = _check(
+            cu.cuMemGetAllocationGranularity(
+                prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
+            ),
+            "cuMemGetAllocationGranularity",
+        )
+        # The daemon pads each slab to the same granularity: the mapping covers it.
+        self.length = -(-size // granularity) * granularity
+        self.address = int(
+            _check(cu.cuMemAddressReserve(self.length, 0, 0, 0), "cuMemAddressReserve")
+        )
+        self.mapped = False
+        self._released = False
+
+    def map(self, fd: int, *, writable: bool = False) -> None:
+        """Import the slab's fd and map it at this range (the fd stays the caller's)."""
+        cu = _driver()
+        self._check_live()
+        _context(self.device)
+        handle = _check(
+            cu.cuMemImportFromShareableHandle(
+                fd, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+            ),
+            "cuMemImportFromShareableHandle",
+        )
+        try:
+            _check(cu.cuMemMap(self.address, self.length, 0, handle, 0), "cuMemMap")
+        finally:
+            # The mapping keeps the memory alive; the handle is not needed after.
+            _check(cu.cuMemRelease(handle), "cuMemRelease")
+        access = cu.CUmemAccessDesc()
+        access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = self.device
+        # Device memory can only be mapped read-write; the engine must not write.
+        access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        try:
+            _check(cu.cuMemSetAccess(self.address, self.length, [access], 1), "cuMemSetAccess")
+        except MappingError:
+            _check(cu.cuMemUnmap(self.address, self.length), "cuMemUnmap")
+            raise
+        self.mapped = True
+
+    def unmap(self) -> None:
+        """Drop the slab, keep the range. Work queued on it must be finished:
+        the agent synchronises the device before it unmaps."""
+        cu = _driver()
+        self._check_live()
+        if self.mapped:
+            _context(self.device)
+            _check(cu.cuCtxSynchronize(), "cuCtxSynchronize")
+            _check(cu.cuMemUnmap(self.address, self.length), "cuMemUnmap")
+            self.mapped = False
+
+    def release(self) -> None:
+        if self._released:
+            return
+        cu = _driver()
+        _context(self.device)
+        if self.mapped:
+            self.unmap()
+        _check(cu.cuMemAddressFree(self.address, self.length), "cuMemAddressFree")
+        self._released = True
+
+    def _check_live(self) -> None:
+        if self._released:
+            raise MappingError(0, "the range was released")
+
+    def tensor(self, offset: int, dtype: str, shape: Sequence[int]) -> torch.Tensor:
+        """A CUDA tensor viewing the range at offset: no copy, valid whenever a
+        slab is mapped there."""
+        import torch
+
+        tdtype = torch_dtype(dtype)
+        itemsize = torch.empty((), dtype=tdtype).element_size()
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        nbytes = numel * itemsize
+        if offset < 0 or offset + nbytes > self.size:
+            raise ValueError(f"{nbytes} bytes at {offset} do not fit a {self.size}-byte slab")
+        device = torch.device("cuda", self.device)
+        if nbytes == 0:
+            return torch.empty(tuple(shape), dtype=tdtype, device=device)
+        # Bytes first (every dtype, bf16 and fp8 included, is a view of them).
+        raw = torch.as_tensor(_Bytes(self.address + offset, nbytes), device=device)
+        return raw.view(tdtype).reshape(tuple(shape))
+
+
+class _Bytes:
+    """A device buffer described by __cuda_array_interface__ (version 3)."""
+
+    def __init__(self, pointer: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (pointer, False),
+            "version": 3,
+            "strides": None,
+            "stream": None,  # no synchronisation needed: nothing is enqueued
+        }
