@@ -194,7 +194,7 @@ def main() -> None:
                     name = f"level {level} wake, {how}"
                     print(
                         f"  {name:<48} {t * 1e3:8.1f} ms  {base / t:5.2f}x A  {copied / t:5.2f}x B"
-                        f"  (of which the daemon's wake {daemon.total_seconds() * 1e3:.0f} ms)"
+                        f"  (the daemon's last wake: {daemon.total_seconds() * 1e3:.0f} ms)"
                     )
             mib = 2**20
             reload_private = statistics.median(r["private"] for r in copies)

@@ -118,6 +118,9 @@ class ModelManager:
         self._reserved: set[str] = set()  # ids whose Load is still validating
         # The engines attached to models (the server's agent registry sets it).
         self.engines: Engines = NoEngines()
+        # Per model being brought to the device: the layers not yet announced
+        # to engines, in forward order, and those of them that have landed.
+        self._unannounced: dict[str, tuple[list[str], set[str]]] = {}
 
     # -- reading -------------------------------------------------------------
 
@@ -396,7 +399,11 @@ class ModelManager:
                         reason="SOURCE_CHANGED",
                         metadata={"model_id": model.model_id, "source": model.checkpoint.path},
                     )
-            moved = await self.mover.move(model, moving, new, verify=verify)
+            self._unannounced[model.model_id] = ([layer.plan.name for layer in moving], set())
+            try:
+                moved = await self.mover.move(model, moving, new, verify=verify)
+            finally:
+                del self._unannounced[model.model_id]
             model.settle()
             return moved
 
@@ -446,8 +453,22 @@ class ModelManager:
             self.mover.report(model, force=True)
 
     def _on_landed(self, model: Model, layer: LayerState) -> None:
-        if layer.slab is not None and layer.slab.tier is Tier.DEVICE:
+        """A layer is on the device: engines may map it. Layers of one file land
+        out of order (several are read at once); they are announced in forward
+        order, each as soon as it and every layer before it have landed."""
+        if layer.slab is None or layer.slab.tier is not Tier.DEVICE:
+            return
+        pending = self._unannounced.get(model.model_id)
+        if pending is None:
             self.engines.resume(model.model_id, [layer.plan.name])
+            return
+        order, landed = pending
+        landed.add(layer.plan.name)
+        ready = []
+        while order and order[0] in landed:
+            ready.append(order.pop(0))
+        if ready:
+            self.engines.resume(model.model_id, ready)
 
     async def _retract(self, model: Model, layers: Sequence[LayerState]) -> None:
         await self._quiesce(model, layers)

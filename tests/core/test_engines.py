@@ -1,0 +1,130 @@
+"""The core's side of the sleep protocol: when it asks engines to let go, what
+it announces as layers land, and what a failed wake takes back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from torpord.core.types import ModelState, Stage, Tier
+from torpord.errors import DataLoss
+
+from .harness import Harness
+
+
+class Recorder:
+    """Engines that acknowledge at once, and remember what happened when."""
+
+    def __init__(self, h: Harness, engines: int = 1, notes: Sequence[str] = ()) -> None:
+        self.h = h
+        self.engines = engines
+        self.notes = list(notes)
+        self.log: list[tuple[str, tuple[str, ...], int]] = []  # (call, layers, device bytes then)
+        self.stages: list[Stage] = []
+
+    def attached(self, model_id: str) -> int:
+        return self.engines
+
+    async def quiesce(self, model_id: str, layers: Sequence[str]) -> list[str]:
+        model = self.h.manager._models[model_id]
+        if model.progress is not None:  # (not at shutdown)
+            self.stages.append(model.progress.stage)
+        self.log.append(("quiesce", tuple(layers), self.h.device_used()))
+        await asyncio.sleep(0)
+        return self.notes
+
+    def resume(self, model_id: str, layers: Sequence[str]) -> None:
+        model = self.h.manager._models[model_id]
+        for name in layers:  # announced only once the layer really is on the device
+            layer = model.layer(name)
+            assert layer is not None and layer.tier is Tier.DEVICE
+        self.log.append(("resume", tuple(layers), self.h.device_used()))
+
+    def unloaded(self, model_id: str) -> None:
+        self.log.append(("unloaded", (), self.h.device_used()))
+
+
+async def test_sleep_quiesces_before_freeing_and_wake_resumes_in_forward_order(
+    h: Harness, ckpt: Path
+) -> None:
+    engines = Recorder(h)
+    h.manager.engines = engines
+    m = await h.manager.load("m", str(ckpt))
+    names = tuple(layer.plan.name for layer in m.layers)
+    held = h.device_used()
+    engines.log.clear()  # a load announces its layers too (no engine can be attached yet)
+
+    await h.manager.sleep("m", 1)
+    assert engines.log == [("quiesce", names, held)]  # asked while the memory was still held
+    assert engines.stages == [Stage.QUIESCE]
+    engines.log.clear()
+
+    await h.manager.wake("m")
+    assert [call for call, _, _ in engines.log] == ["resume"] * len(names)
+    assert tuple(layers[0] for _, layers, _ in engines.log) == names  # forward order
+    engines.log.clear()
+
+    await h.manager.sleep("m", 2)
+    await h.manager.wake("m")  # from the source: announced as each layer lands too
+    resumed = [layers for call, layers, _ in engines.log if call == "resume"]
+    assert [name for layers in resumed for name in layers] == list(names)  # in forward order
+    engines.log.clear()
+
+    await h.manager.unload("m")
+    assert engines.log == [("quiesce", names, held), ("unloaded", (), 0)]
+
+
+async def test_offload_quiesces_just_the_layers_on_the_device(h: Harness, ckpt: Path) -> None:
+    engines = Recorder(h)
+    h.manager.engines = engines
+    await h.manager.load("m", str(ckpt))
+    await h.manager.offload("m", ["layers.1", "layers.2"], Tier.HOST)
+    await h.manager.offload("m", ["layers.2", "layers.3"], Tier.HOST)  # layers.2 is on HOST
+    quiesced = [layers for call, layers, _ in engines.log if call == "quiesce"]
+    assert quiesced == [("layers.1", "layers.2"), ("layers.3",)]
+    engines.log.clear()
+    await h.manager.offload("m", [], Tier.DEVICE)
+    assert [layers for call, layers, _ in engines.log] == [
+        ("layers.1",),
+        ("layers.2",),
+        ("layers.3",),
+    ]
+
+
+async def test_no_engines_no_quiesce_stage(h: Harness, ckpt: Path) -> None:
+    engines = Recorder(h, engines=0)
+    h.manager.engines = engines
+    await h.manager.load("m", str(ckpt))
+    await h.manager.sleep("m", 1)
+    assert engines.stages == []
+
+
+async def test_a_failed_wake_takes_back_what_it_announced(h: Harness, ckpt: Path) -> None:
+    engines = Recorder(h)
+    h.manager.engines = engines
+    await h.manager.load("m", str(ckpt))
+    await h.manager.sleep("m", 1)
+    layer = h.manager._models["m"].layers[3]
+    assert layer.slab is not None
+    with h.backend.view(layer.slab) as view:
+        view[7] ^= 0x10
+    engines.log.clear()
+    with pytest.raises(DataLoss):
+        await h.manager.wake("m", verify=True)
+    resumed = [layers[0] for call, layers, _ in engines.log if call == "resume"]
+    assert resumed == ["pre", "layers.0", "layers.1"]  # the three before the corrupt one
+    # Taken back before their slabs were freed.
+    assert engines.log[-1][0] == "quiesce" and engines.log[-1][1] == tuple(resumed)
+    assert engines.log[-1][2] > 0
+    assert h.manager.get("m").state is ModelState.ASLEEP and h.device_used() == 0
+
+
+async def test_engines_detached_on_the_way_are_noted(h: Harness, ckpt: Path) -> None:
+    note = "engine (pid 42, rank 0) did not let go of the weights within 1s; detached"
+    h.manager.engines = Recorder(h, notes=[note])
+    await h.manager.load("m", str(ckpt))
+    m = await h.manager.sleep("m", 1)
+    assert m.state is ModelState.ASLEEP
+    assert m.last_transition is not None and m.last_transition.note == note
