@@ -1,0 +1,109 @@
+"""The agent's API in this process, against a real torpord: waiting for
+layers, deadlines, what ends an attachment, and a changed layout refused."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import grpc
+import pytest
+from torpor import Client
+from torpor.errors import TorporError
+from torpor.testing import make_checkpoint
+from torpor.v1 import agent_pb2
+
+from .conftest import Daemon
+
+pytest.importorskip("torch")
+
+from torpor.agent import attach
+
+
+def test_waiting_for_layers_and_deadlines(daemon: Daemon) -> None:
+    ckpt = make_checkpoint(daemon.models / "m.safetensors", layers=2)
+    with Client(socket=str(daemon.socket)) as client:
+        client.load_model("m", str(ckpt))
+        with attach("m", client=client) as model:
+            assert model.layers == ["pre", "layers.0", "layers.1", "post"]
+            assert model.ready() and model.ready(0) and model.ready("post")
+            model.wait_layer("layers.1", timeout=0)  # mapped: returns at once
+            client.sleep_model("m")
+            assert not model.ready() and not model.ready("pre")
+            with pytest.raises(TorporError) as err:
+                model.wait_layer(0, timeout=0.2)
+            assert (err.value.code, err.value.reason) == (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "LAYER_NOT_READY",
+            )
+            with pytest.raises(TorporError) as err, model.use(timeout=0.2):
+                pass
+            assert err.value.reason == "WEIGHTS_NOT_READY"
+            # A waiter is released as soon as its layer is back.
+            released = threading.Event()
+
+            def waiter() -> None:
+                model.wait_layer("post", timeout=60)
+                released.set()
+
+            thread = threading.Thread(target=waiter)
+            thread.start()
+            client.wake_model("m")
+            thread.join(60)
+            assert released.is_set() and model.ready()
+            with pytest.raises(KeyError):
+                model.wait_layer("layers.9")
+
+
+def test_a_changed_layout_is_refused_never_remapped(daemon: Daemon) -> None:
+    ckpt = make_checkpoint(daemon.models / "m.safetensors", layers=1)
+    with Client(socket=str(daemon.socket)) as client:
+        client.load_model("m", str(ckpt))
+        with attach("m", client=client) as model:
+            address = model.ranges()["pre"][0]
+            with pytest.raises(TorporError) as err:
+                model._resume(agent_pb2.Resume(layers=["pre"], layout_hash="0" * 16))
+            assert err.value.reason == "LAYOUT_CHANGED"
+            assert model.ranges()["pre"][0] == address
+
+
+def test_unload_ends_the_attachment(daemon: Daemon) -> None:
+    ckpt = make_checkpoint(daemon.models / "m.safetensors", layers=1)
+    with Client(socket=str(daemon.socket)) as client:
+        client.load_model("m", str(ckpt))
+        with attach("m", client=client) as model:
+            client.unload_model("m")
+            model._listener.join(30)
+            assert model.ended is not None and model.ended.reason == "MODEL_UNLOADED"
+            assert not model.ready()
+            with pytest.raises(TorporError) as err, model.use():
+                pass
+            assert err.value.reason == "MODEL_UNLOADED"
+
+
+def test_a_stray_access_to_a_sleeping_models_weights_faults(daemon: Daemon) -> None:
+    ckpt = make_checkpoint(daemon.models / "m.safetensors", layers=1)
+    daemon.ctl("load", "m", str(ckpt))
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from torpor import Client
+        from torpor.agent import attach
+        client = Client(socket={str(daemon.socket)!r})
+        model = attach("m", client=client)
+        weight = next(iter(model.state_dict().values()))
+        float(weight.float().sum())          # fine while mapped
+        client.sleep_model("m")
+        print("asleep", flush=True)
+        float(weight.float().sum())          # PROT_NONE now: SIGSEGV, never stale bytes
+        print("read stale bytes", flush=True)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.strip() == "asleep", out.stderr
+    assert out.returncode == -signal.SIGSEGV
