@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 from torpor.v1 import agent_pb2
 
+from torpord.core.events import EventType
 from torpord.core.manager import ModelManager
 from torpord.core.types import ModelState, Tier
 from torpord.errors import (
@@ -140,6 +141,7 @@ class AgentRegistry:
         model = self.manager._models.get(model_id)
         if model is not None:
             model.engines = len(self._of(model_id))
+            self.manager.bus.publish(EventType.CHANGED, model.snapshot())
 
     # -- the Engines protocol ----------------------------------------------------
 
