@@ -86,7 +86,7 @@ def main() -> None:
                     cond.notify_all()
             except TorporError as err:
                 if err.reason != "WEIGHTS_WITHDRAWN":
-                    say({"ended": err.reason})
+                    say({"event": "ended", "reason": err.reason})
                     return
                 withdrawn += 1
 

@@ -170,11 +170,13 @@ def test_progressive_wake_runs_the_first_block_before_the_last_layer_is_back(
         worker = Worker(d, "wide", "--short")
         start.workers.append(worker)  # type: ignore[attr-defined]
         try:
-            for _ in range(3):
+            for _ in range(10):  # a loaded machine can miss the window now and then
                 client.sleep_model("wide")
                 client.wake_model("wide")
                 assert worker.ask("fresh")["ok"]
-            report = worker.ask("report")
+                report = worker.ask("report")
+                if report["progressive"]:
+                    break
         finally:
             worker.quit()
     assert report["progressive"] >= 1, report
