@@ -127,6 +127,11 @@ class ModelManager:
     def get(self, model_id: str) -> ModelSnapshot:
         return self._model(model_id).snapshot()
 
+    def find(self, model_id: str) -> Model | None:
+        """The live model (not a snapshot), for the agent registry: read it on
+        the event loop, never keep it."""
+        return self._models.get(model_id)
+
     def list_models(self) -> list[ModelSnapshot]:
         return [self._models[k].snapshot() for k in sorted(self._models)]
 

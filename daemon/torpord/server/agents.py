@@ -7,6 +7,12 @@ attachment id; it then asks the fd socket for the slabs with that id. The
 daemon reads the asking process's pid from the socket itself (SO_PEERCRED)
 and hands fds only to the process that attached. Requests and answers are
 length-prefixed JSON; never pickle.
+
+The registry is also the core's `Engines`: before the manager moves or frees
+device slabs it asks each attached engine to quiesce (a Quiesce on its
+stream, answered by QuiesceAck once it has unmapped), detaching the ones that
+don't answer in time; as layers land on the device it sends Resume, and the
+engine asks the fd socket for them.
 """
 
 from __future__ import annotations
@@ -138,7 +144,7 @@ class AgentRegistry:
         return [a for a in self._attachments.values() if a.model_id == model_id]
 
     def _count_changed(self, model_id: str) -> None:
-        model = self.manager._models.get(model_id)
+        model = self.manager.find(model_id)
         if model is not None:
             model.engines = len(self._of(model_id))
             self.manager.bus.publish(EventType.CHANGED, model.snapshot())
@@ -293,7 +299,7 @@ class AgentRegistry:
                 reason="MODEL_MISMATCH",
                 metadata={"attached_model": attachment.model_id, "model_id": model_id},
             )
-        model = self.manager._models.get(attachment.model_id)
+        model = self.manager.find(attachment.model_id)
         if model is None:
             raise FailedPrecondition(
                 f"model {attachment.model_id!r} is gone", reason="MODEL_NOT_FOUND"
