@@ -107,3 +107,20 @@ def test_a_stray_access_to_a_sleeping_models_weights_faults(daemon: Daemon) -> N
     )
     assert out.stdout.strip() == "asleep", out.stderr
     assert out.returncode == -signal.SIGSEGV
+
+
+def test_a_daemon_that_dies_ends_the_attachment_and_its_mappings(daemon: Daemon) -> None:
+    ckpt = make_checkpoint(daemon.models / "m.safetensors", layers=1)
+    with Client(socket=str(daemon.socket)) as client:
+        client.load_model("m", str(ckpt))
+        model = attach("m", client=client)
+        try:
+            daemon.proc.kill()  # no quiesce, no goodbye
+            model._listener.join(30)
+            assert model.ended is not None and model.ended.code is grpc.StatusCode.UNAVAILABLE
+            assert not model.ready()  # unmapped: the orphaned slabs are not kept alive here
+            with pytest.raises(TorporError) as err, model.use():
+                pass
+            assert err.value.code is grpc.StatusCode.UNAVAILABLE
+        finally:
+            model.close()

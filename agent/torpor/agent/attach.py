@@ -207,6 +207,8 @@ class AttachedModel:
         finally:
             with self._cond:
                 self._users -= 1
+                if self._ended is not None:
+                    self._unmap_if_idle()
                 self._cond.notify_all()
 
     def on_quiesce(self, callback: Callback) -> Callback:
@@ -347,16 +349,19 @@ class AttachedModel:
             if self._ended is not None:  # close() got here first
                 return
             self._ended = err
-            # A daemon that revoked the attachment or dropped the model frees
-            # the slabs: unmap, so a stray access faults at once. One that just
-            # went away (crashed) leaves them valid, and they stay mapped.
-            let_go = err.code is not grpc.StatusCode.UNAVAILABLE or err.reason == "SHUTTING_DOWN"
-            if let_go and self._users == 0:
-                for lay in self._layers.values():
-                    if lay.range.mapped:
-                        lay.range.unmap()
+            # Whatever ended it (revoked, model unloaded, daemon stopped or
+            # crashed), the weights are no longer the daemon's to give: unmap,
+            # now or when the last use() block ends, so a stray access faults
+            # and no orphaned memory stays alive through this process.
+            self._unmap_if_idle()
             self._cond.notify_all()
         log.info("attachment to %s ended: %s (%s)", self.model_id, err.message, err.reason)
+
+    def _unmap_if_idle(self) -> None:
+        if self._users == 0:
+            for lay in self._layers.values():
+                if lay.range.mapped:
+                    lay.range.unmap()
 
     def _quiesce(self, quiesce: agent_pb2.Quiesce) -> None:
         names = list(quiesce.layers)
