@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,9 +19,9 @@ from torpor.v1 import agent_pb2
 
 from .conftest import Daemon
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
-from torpor.agent import attach
+from torpor.agent import attach  # noqa: E402
 
 
 def test_waiting_for_layers_and_deadlines(daemon: Daemon) -> None:
@@ -124,3 +125,45 @@ def test_a_daemon_that_dies_ends_the_attachment_and_its_mappings(daemon: Daemon)
             assert err.value.code is grpc.StatusCode.UNAVAILABLE
         finally:
             model.close()
+
+
+def test_reattach_after_a_restart_maps_the_same_addresses(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    first = Daemon(tmp_path)
+    first.wait_ready()
+    ckpt = make_checkpoint(first.models / "m.safetensors", layers=2, dtype="BF16")
+    other = make_checkpoint(first.models / "other.safetensors", layers=3)
+    second: Daemon | None = None
+    try:
+        with Client(socket=str(first.socket)) as client:
+            client.load_model("m", str(ckpt))
+            with attach("m", client=client) as model:
+                ranges = model.ranges()
+                state = model.state_dict()
+                first.kill()
+                model._listener.join(30)
+                assert model.ended is not None
+                second = Daemon(tmp_path)  # systemd's Restart=on-failure, the same socket
+                second.wait_ready()
+                client.load_model("m", str(ckpt))  # the scheduler loads it again
+                model.reattach()
+                assert model.ended is None and model.ready()
+                assert model.ranges() == ranges
+                reference = load_file(str(ckpt))
+                with model.use():
+                    for name, tensor in reference.items():  # the old tensors, valid again
+                        got = state[name].contiguous().view(-1).view(torch.uint8)
+                        assert torch.equal(got, tensor.view(-1).view(torch.uint8)), name
+                # Unloaded and loaded with other weights: refused, never remapped.
+                client.unload_model("m")
+                model._listener.join(30)
+                client.load_model("m", str(other))
+                with pytest.raises(TorporError) as err:
+                    model.reattach()
+                assert err.value.reason == "LAYOUT_CHANGED"
+                assert not model.ready()
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()

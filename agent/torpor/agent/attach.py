@@ -92,33 +92,79 @@ class AttachedModel:
         self._order: list[str] = []  # layer names in forward order
         self._tensors: dict[str, torch.Tensor] = {}
         self._tensor_layer: dict[str, str] = {}
-        self._requests: queue.SimpleQueue[agent_pb2.AttachRequest | None] = queue.SimpleQueue()
-        self._requests.put(
-            agent_pb2.AttachRequest(
-                hello=agent_pb2.Hello(model_id=model_id, pid=os.getpid(), engine=engine, rank=rank)
-            )
-        )
-        stub = agent_pb2_grpc.AgentServiceStub(self.client.channel)
-        # grpc-stubs types the stream as a CallIterator without __next__; it has one.
-        self._call: Any = cast(Any, stub.Attach(iter(self._requests.get, None)))
+        self._engine, self._rank = engine, rank
+        self._closed = False
         try:
-            attached = next(self._call).attached
-            self.attachment_id: str = attached.attachment_id
+            attached = self._open()
             self.layout_hash: str = attached.layout_hash
-            self.fd_socket: str = attached.fd_socket
             self.slab_kind: str = attached.slab_kind or "memfd"
             self.device_index: int = attached.device_index
             self._reserve()
-            self._map([])
-            self._listener = threading.Thread(
-                target=self._listen, name=f"torpor-agent-{model_id}", daemon=True
-            )
-            self._listener.start()
+            self._start()
         except grpc.RpcError as err:
             self.close()
             raise from_rpc_error(err) from None
         except BaseException:
             self.close()
+            raise
+
+    def _open(self) -> agent_pb2.Attached:
+        """A new Attach stream; its first answer."""
+        self._requests: queue.SimpleQueue[agent_pb2.AttachRequest | None] = queue.SimpleQueue()
+        self._requests.put(
+            agent_pb2.AttachRequest(
+                hello=agent_pb2.Hello(
+                    model_id=self.model_id, pid=os.getpid(), engine=self._engine, rank=self._rank
+                )
+            )
+        )
+        stub = agent_pb2_grpc.AgentServiceStub(self.client.channel)
+        # grpc-stubs types the stream as a CallIterator without __next__; it has one.
+        self._call: Any = cast(Any, stub.Attach(iter(self._requests.get, None)))
+        attached: agent_pb2.Attached = next(self._call).attached
+        self.attachment_id: str = attached.attachment_id
+        self.fd_socket: str = attached.fd_socket
+        return attached
+
+    def _start(self) -> None:
+        """Map what is on the device, then follow the daemon's instructions."""
+        self._map([])
+        self._listener = threading.Thread(
+            target=self._listen, name=f"torpor-agent-{self.model_id}", daemon=True
+        )
+        self._listener.start()
+
+    def reattach(self) -> None:
+        """Attach again after the attachment ended (the daemon restarted and the
+        model was loaded again, or it was unloaded and loaded again): the same
+        layout is mapped at the same addresses, so the tensors, and anything
+        holding their addresses, are valid again. A model whose layout differs
+        is FAILED_PRECONDITION LAYOUT_CHANGED (attach anew instead)."""
+        with self._cond:
+            if self._closed:
+                raise TorporError(grpc.StatusCode.FAILED_PRECONDITION, "DETACHED", "closed")
+            if self._ended is None:
+                return
+        self._listener.join(self.timeout)
+        try:
+            attached = self._open()
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        if attached.layout_hash != self.layout_hash:
+            self._requests.put(None)
+            self._call.cancel()
+            raise _layout_changed(self.model_id)
+        with self._cond:
+            self._ended = None
+        try:
+            self._start()
+        except BaseException:
+            with self._cond:
+                self._ended = TorporError(
+                    grpc.StatusCode.UNAVAILABLE, "REATTACH_FAILED", "reattach failed"
+                )
+            self._requests.put(None)
+            self._call.cancel()
             raise
 
     # -- what the engine uses ------------------------------------------------------
@@ -227,12 +273,13 @@ class AttachedModel:
     def close(self) -> None:
         """Detach. The tensors from state_dict() must not be used after this."""
         with self._cond:
+            self._closed = True
             if self._ended is None:
                 self._ended = TorporError(
                     grpc.StatusCode.CANCELLED, "DETACHED", "the engine detached"
                 )
-        self._requests.put(None)
         if hasattr(self, "_call"):
+            self._requests.put(None)
             self._call.cancel()
         listener = getattr(self, "_listener", None)
         if listener is not None and listener is not threading.current_thread():
