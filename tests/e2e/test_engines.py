@@ -193,6 +193,7 @@ def test_offload_unmaps_just_those_layers_and_unload_ends_the_attachment(
         client.load_model("tiny", str(path))
         worker = Worker(d, "tiny", "--events")
         start.workers.append(worker)  # type: ignore[attr-defined]
+        assert "Engines:  1 attached" in d.ctl("get", "tiny").stdout
         client.offload_model("tiny", ["layers.1"], common_pb2.TIER_HOST)
         assert worker.read() == {"event": "quiesce", "layers": ["layers.1"]}
         client.offload_model("tiny", [], common_pb2.TIER_DEVICE)
@@ -275,6 +276,8 @@ def test_an_engine_that_does_not_let_go_is_revoked_and_its_access_faults(
         assert "did not let go of the weights within 1s; detached" in model.last_transition.note
         assert "pid" in model.last_transition.note
         assert used(client)[0] == 0  # really freed, though the engine never unmapped
+        shown = d.ctl("get", "tiny").stdout
+        assert "Note:" in shown and "detached" in shown and "Engines:" not in shown
         # Its mapping no longer holds any bytes: reading a weight kills it.
         worker.ask_nowait("touch")
         worker.proc.communicate(timeout=60)

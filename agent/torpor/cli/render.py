@@ -256,6 +256,8 @@ def model_details(model: common_pb2.Model, *, tensors: bool = False) -> str:
             f"disk {human_bytes(b.disk_bytes)}, total {human_bytes(b.total_bytes)}",
         )
     )
+    if model.engines:
+        pairs.append(("Engines", f"{model.engines} attached"))
     if model.HasField("progress"):
         pairs.append(("Progress", progress_text(model.progress)))
         if model.progress.note:
@@ -264,6 +266,8 @@ def model_details(model: common_pb2.Model, *, tensors: bool = False) -> str:
         pairs.append(("Last", _last_details(model.last_transition)))
         if model.last_transition.phases:
             pairs.append(("Phases", _phases(model.last_transition)))
+        if model.last_transition.note and not model.HasField("progress"):
+            pairs.append(("Note", model.last_transition.note))
     if model.HasField("create_time"):
         pairs.append(("Created", timestamp(model.create_time)))
     if model.HasField("update_time"):
