@@ -128,3 +128,24 @@ async def test_engines_detached_on_the_way_are_noted(h: Harness, ckpt: Path) -> 
     m = await h.manager.sleep("m", 1)
     assert m.state is ModelState.ASLEEP
     assert m.last_transition is not None and m.last_transition.note == note
+
+
+async def test_a_failed_offload_gives_the_layers_back_to_the_engines(
+    h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engines = Recorder(h)
+    h.manager.engines = engines
+    await h.manager.load("m", str(ckpt))
+    engines.log.clear()
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("copy failed")
+
+    monkeypatch.setattr(h.manager.mover, "copy", broken)
+    with pytest.raises(Exception):  # noqa: B017
+        await h.manager.offload("m", ["layers.1"], Tier.HOST)
+    assert [(call, layers) for call, layers, _ in engines.log] == [
+        ("quiesce", ("layers.1",)),
+        ("resume", ("layers.1",)),  # still on the device: the engines may map it again
+    ]
+    assert h.manager.get("m").state is ModelState.ACTIVE

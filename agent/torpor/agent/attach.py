@@ -146,6 +146,8 @@ class AttachedModel:
             if self._ended is None:
                 return
         self._listener.join(self.timeout)
+        self._requests.put(None)  # the old stream's request thread ends
+        self._call.cancel()
         try:
             attached = self._open()
         except grpc.RpcError as err:
@@ -389,6 +391,11 @@ class AttachedModel:
             ended = TorporError(grpc.StatusCode.INTERNAL, "AGENT_FAILED", str(err))
         if ended is None:
             ended = TorporError(grpc.StatusCode.UNAVAILABLE, "STREAM_ENDED", "the daemon went away")
+        else:
+            # Ended here (a local error): end the stream too, so the daemon
+            # detaches this engine now rather than waiting on it.
+            self._requests.put(None)
+            self._call.cancel()
         self._end(ended)
 
     def _end(self, err: TorporError) -> None:

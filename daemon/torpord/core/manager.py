@@ -121,6 +121,8 @@ class ModelManager:
         # Per model being brought to the device: the layers not yet announced
         # to engines, in forward order, and those of them that have landed.
         self._unannounced: dict[str, tuple[list[str], set[str]]] = {}
+        # Per model in a transition: the layers engines were asked to let go of.
+        self._quiesced: dict[str, list[str]] = {}
 
     # -- reading -------------------------------------------------------------
 
@@ -451,6 +453,7 @@ class ModelManager:
             return
         if model.progress is not None:
             self.mover.set_stage(model, Stage.QUIESCE)
+        self._quiesced.setdefault(model.model_id, []).extend(names)
         notes = await self.engines.quiesce(model.model_id, names)
         if notes and model.progress is not None:
             earlier = [model.progress.note] if model.progress.note else []
@@ -559,6 +562,15 @@ class ModelManager:
             if plan.fail_to is None:
                 model.sleep_level = before[1]
             model.set_state(plan.fail_to or before[0], err.reason, err.message)
+            # Layers engines let go of that are still on the device: theirs again.
+            quiesced = set(self._quiesced.pop(model.model_id, ()))
+            back = [
+                layer.plan.name
+                for layer in model.layers
+                if layer.plan.name in quiesced and layer.tier is Tier.DEVICE
+            ]
+            if back and not plan.removes:
+                self.engines.resume(model.model_id, back)
             outcome = Outcome.FAILED if model.state is ModelState.FAILED else Outcome.ROLLED_BACK
             record = TransitionRecord(
                 plan.kind,
@@ -575,6 +587,7 @@ class ModelManager:
             raise err from exc if err is not exc else None
         finally:
             heartbeat.cancel()
+            self._quiesced.pop(model.model_id, None)
         record = TransitionRecord(
             plan.kind,
             Outcome.SUCCEEDED,
