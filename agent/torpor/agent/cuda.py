@@ -19,7 +19,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from torpor.agent.mapping import MappingError, torch_dtype
+from torpor.agent.mapping import MappingError, tensor_span
 
 if TYPE_CHECKING:
     import torch
@@ -155,14 +155,7 @@ class CudaSlabRange:
         slab is mapped there."""
         import torch
 
-        tdtype = torch_dtype(dtype)
-        itemsize = torch.empty((), dtype=tdtype).element_size()
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        nbytes = numel * itemsize
-        if offset < 0 or offset + nbytes > self.size:
-            raise ValueError(f"{nbytes} bytes at {offset} do not fit a {self.size}-byte slab")
+        tdtype, nbytes = tensor_span(dtype, shape, offset, self.size)
         device = torch.device("cuda", self.device)
         if nbytes == 0:
             return torch.empty(tuple(shape), dtype=tdtype, device=device)

@@ -118,19 +118,28 @@ class SlabRange:
         valid for the life of the range, whatever slab is mapped there."""
         import torch
 
-        tdtype = torch_dtype(dtype)
-        itemsize = torch.empty((), dtype=tdtype).element_size()
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        nbytes = numel * itemsize
-        if offset < 0 or offset + nbytes > self.size:
-            raise ValueError(f"{nbytes} bytes at {offset} do not fit a {self.size}-byte slab")
+        tdtype, nbytes = tensor_span(dtype, shape, offset, self.size)
         if nbytes == 0:
             return torch.empty(tuple(shape), dtype=tdtype)
         raw = (ctypes.c_uint8 * nbytes).from_address(self.address + offset)
         flat = torch.frombuffer(raw, dtype=torch.uint8)
         return flat.view(tdtype).reshape(tuple(shape))
+
+
+def tensor_span(
+    dtype: str, shape: Sequence[int], offset: int, size: int
+) -> tuple[torch.dtype, int]:
+    """The torch dtype and byte length of a tensor at `offset` in a `size`-byte
+    slab; ValueError if it does not fit."""
+    import torch
+
+    tdtype = torch_dtype(dtype)
+    nbytes = torch.empty((), dtype=tdtype).element_size()
+    for dim in shape:
+        nbytes *= dim
+    if offset < 0 or offset + nbytes > size:
+        raise ValueError(f"{nbytes} bytes at {offset} do not fit a {size}-byte slab")
+    return tdtype, nbytes
 
 
 def torch_dtype(name: str) -> torch.dtype:
