@@ -149,3 +149,50 @@ async def test_a_failed_offload_gives_the_layers_back_to_the_engines(
         ("resume", ("layers.1",)),  # still on the device: the engines may map it again
     ]
     assert h.manager.get("m").state is ModelState.ACTIVE
+
+
+class SlowToLetGo(Recorder):
+    """Engines that take their time letting go of layers a wake announced."""
+
+    def __init__(self, h: Harness) -> None:
+        super().__init__(h)
+        self.resumed = asyncio.Event()
+        self.retracting = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    def resume(self, model_id: str, layers: Sequence[str]) -> None:
+        super().resume(model_id, layers)
+        self.resumed.set()
+
+    async def quiesce(self, model_id: str, layers: Sequence[str]) -> list[str]:
+        if self.h.manager._models[model_id].state is ModelState.WAKING:
+            self.retracting.set()
+            await self.gate.wait()
+            self.log.append(("let go", tuple(layers), self.h.device_used()))
+        return await super().quiesce(model_id, layers)
+
+
+async def test_a_wake_cancelled_twice_still_waits_for_engines_to_let_go(
+    h: Harness, ckpt: Path
+) -> None:
+    engines = SlowToLetGo(h)
+    h.manager.engines = engines
+    await h.manager.load("m", str(ckpt))
+    await h.manager.sleep("m", 1)
+    engines.resumed.clear()  # (the load announced its layers too)
+    await h.manager.wake("m", wait=False)
+    task = h.manager._models["m"].task
+    assert task is not None
+    await asyncio.wait_for(engines.resumed.wait(), 10)
+    task.cancel()  # shutdown's cancellation, say
+    await asyncio.wait_for(engines.retracting.wait(), 10)
+    task.cancel()  # and another, while engines are letting go
+    await asyncio.sleep(0.05)
+    assert not task.done() and h.device_used() > 0  # nothing freed under the engines
+    engines.gate.set()
+    await asyncio.wait([task], timeout=10)
+    let_go = [entry for entry in engines.log if entry[0] == "let go"]
+    assert len(let_go) == 1 and let_go[0][2] > 0  # before the slabs were freed
+    m = h.manager.get("m")
+    assert m.state is ModelState.ASLEEP and h.device_used() == 0
+    assert all(layer.tier is Tier.HOST for layer in m.layers)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -15,7 +17,7 @@ import pytest
 from torpor import Client
 from torpor.errors import TorporError
 from torpor.testing import make_checkpoint
-from torpor.v1 import agent_pb2
+from torpor.v1 import agent_pb2, common_pb2
 
 from .conftest import Daemon
 
@@ -167,3 +169,137 @@ def test_reattach_after_a_restart_maps_the_same_addresses(tmp_path: Path) -> Non
         first.kill()
         if second is not None:
             second.kill()
+
+
+def _mapped(address: int) -> bool | None:
+    """Whether `address` is readable in this process: True; reserved but not
+    accessible (PROT_NONE): False; not mapped at all: None."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, perms = line.split()[:2]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= address < hi:
+                return perms[0] == "r"
+    return None
+
+
+@pytest.fixture
+def patient(tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon that waits a minute for engines to let go."""
+    d = Daemon(tmp_path, config='[agents]\nquiesce_timeout = "1m"\n')
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.kill()
+
+
+def test_a_nested_use_on_one_thread_passes_a_pending_quiesce(patient: Daemon) -> None:
+    ckpt = make_checkpoint(patient.models / "m.safetensors", layers=1)
+    with Client(socket=str(patient.socket)) as client:
+        client.load_model("m", str(ckpt))
+        with attach("m", client=client) as model:
+            weight = next(iter(model.state_dict().values())).flatten().view(torch.uint8)
+            expected = weight.clone()
+            quiescing, inside = threading.Event(), threading.Event()
+            model.on_quiesce(lambda layers: quiescing.set())
+            seen: list[object] = []
+
+            def engine() -> None:
+                with model.use():
+                    inside.set()
+                    quiescing.wait(60)
+                    try:  # a helper that takes the weights again, on the same thread
+                        with model.use(timeout=10):
+                            seen.append(torch.equal(weight, expected))
+                    except TorporError as err:
+                        seen.append(err.reason)
+
+            thread = threading.Thread(target=engine)
+            thread.start()
+            assert inside.wait(60)
+            asleep = client.sleep_model("m")  # waits for the outer block, no longer
+            thread.join(60)
+            assert seen == [True]
+            assert asleep.state == common_pb2.MODEL_STATE_ASLEEP
+            assert asleep.last_transition.note == ""  # nobody was detached
+            assert model.ended is None and not model.ready()
+
+
+def test_an_agent_past_the_quiesce_deadline_ends_and_unmaps_once_let_go(
+    tmp_path: Path,
+) -> None:
+    d = Daemon(tmp_path, config='[agents]\nquiesce_timeout = "1s"\n')
+    try:
+        d.wait_ready()
+        ckpt = make_checkpoint(d.models / "m.safetensors", layers=1)
+        with Client(socket=str(d.socket)) as client:
+            client.load_model("m", str(ckpt))
+            with attach("m", client=client) as model:
+                address = model.ranges()["pre"][0]
+                inside, release = threading.Event(), threading.Event()
+
+                def engine() -> None:
+                    with model.use():  # holds on for far longer than a second
+                        inside.set()
+                        release.wait(60)
+
+                thread = threading.Thread(target=engine)
+                thread.start()
+                assert inside.wait(60)
+                asleep = client.sleep_model("m")
+                assert "did not let go of the weights within 1s" in asleep.last_transition.note
+                # The agent stops waiting too: its waiters learn why now, not
+                # when the engine finally lets go.
+                model._listener.join(30)
+                assert not model._listener.is_alive()
+                assert model.ended is not None and model.ended.reason == "QUIESCE_TIMEOUT"
+                with pytest.raises(TorporError) as err:
+                    model.wait_layer(0, timeout=5)
+                assert err.value.reason == "QUIESCE_TIMEOUT"
+                assert _mapped(address) is True  # not pulled from under the running block
+                release.set()
+                thread.join(60)
+                assert _mapped(address) is False and not model.ready()
+    finally:
+        d.kill()
+
+
+def test_close_while_another_thread_uses_the_weights_defers_the_release(
+    daemon: Daemon,
+) -> None:
+    ckpt = make_checkpoint(daemon.models / "m.safetensors", layers=1)
+    with Client(socket=str(daemon.socket)) as client:
+        client.load_model("m", str(ckpt))
+        model = attach("m", client=client)
+        weight = next(iter(model.state_dict().values())).flatten().view(torch.uint8)
+        expected = weight.clone()
+        address = model.ranges()["pre"][0]
+        inside, release = threading.Event(), threading.Event()
+        seen: list[bool] = []
+
+        def engine() -> None:
+            with model.use():
+                inside.set()
+                release.wait(60)
+                seen.append(torch.equal(weight, expected))  # after close(): still there
+
+        thread = threading.Thread(target=engine)
+        thread.start()
+        assert inside.wait(60)
+        model.close()  # returns at once; the block keeps its weights
+        assert _mapped(address) is True
+        release.set()
+        thread.join(60)
+        assert seen == [True]
+        assert _mapped(address) is None  # released with the last block
+        assert settle_engines(client, "m", 0)
+
+
+def settle_engines(client: Client, model_id: str, count: int) -> bool:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if client.get_model(model_id).engines == count:
+            return True
+        time.sleep(0.05)
+    return False

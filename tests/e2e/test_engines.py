@@ -230,6 +230,7 @@ def test_an_engine_killed_mid_sleep_leaves_the_daemon_consistent(
         assert settle(lambda: client.get_model("tiny").state == common_pb2.MODEL_STATE_ASLEEP)
         model = client.get_model("tiny")
         assert model.engines == 0 and model.sleep_level == 1
+        assert "went away before letting go of the weights" in model.last_transition.note
         assert used(client)[0] == 0
         client.unload_model("tiny")
         assert used(client) == (0, 0)

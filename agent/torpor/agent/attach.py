@@ -84,6 +84,7 @@ class AttachedModel:
         self.client = client or Client()
         self._cond = threading.Condition()
         self._users = 0  # use() blocks running
+        self._held = threading.local()  # .depth: this thread's use() blocks
         self._quiescing = False
         self._ended: TorporError | None = None  # why the attachment is over
         self._on_quiesce: list[Callback] = []
@@ -210,18 +211,16 @@ class AttachedModel:
         (a Sleep, or a failed Wake rolled back): the caller should end its
         `use()` block; or why the attachment ended."""
         lay = self._layer(layer)
-        if lay.range.mapped:  # the fast path of every forward pre-hook
+        if lay.range.mapped and self._ended is None:  # every forward pre-hook's path
             return
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not lay.range.mapped:
+            while True:
                 self._check_usable()
+                if lay.range.mapped:
+                    return
                 if self._quiescing:
-                    raise TorporError(
-                        grpc.StatusCode.ABORTED,
-                        "WEIGHTS_WITHDRAWN",
-                        f"the daemon is taking the weights of {self.model_id!r} away",
-                    )
+                    raise _withdrawn(self.model_id)
                 if not self._cond.wait(_left(deadline)) and _left(deadline) == 0:
                     raise TorporError(
                         grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -238,10 +237,19 @@ class AttachedModel:
         hooks of `torpor.agent.modules.wait_hooks`) as a progressive wake
         brings them back."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        depth: int = getattr(self._held, "depth", 0)
         with self._cond:
             while True:
                 self._check_usable()
-                if not self._quiescing and (not wait or self._all_mapped()):
+                if depth:
+                    # Nested in a block of this thread, which holds the weights
+                    # already: a pending quiesce waits for that block, so this
+                    # one must not wait for the quiesce.
+                    if not wait or self._all_mapped():
+                        break
+                    if self._quiescing:
+                        raise _withdrawn(self.model_id)
+                elif not self._quiescing and (not wait or self._all_mapped()):
                     break
                 if not self._cond.wait(_left(deadline)) and _left(deadline) == 0:
                     raise TorporError(
@@ -250,13 +258,18 @@ class AttachedModel:
                         f"the weights of {self.model_id!r} did not come back within {timeout:g}s",
                     )
             self._users += 1
+        self._held.depth = depth + 1
         try:
             yield
         finally:
+            self._held.depth = depth
             with self._cond:
                 self._users -= 1
-                if self._ended is not None:
-                    self._unmap_if_idle()
+                if self._users == 0:
+                    if self._closed:
+                        self._release()
+                    elif self._ended is not None:
+                        self._unmap_if_idle()
                 self._cond.notify_all()
 
     def on_quiesce(self, callback: Callback) -> Callback:
@@ -273,7 +286,9 @@ class AttachedModel:
         return callback
 
     def close(self) -> None:
-        """Detach. The tensors from state_dict() must not be used after this."""
+        """Detach. The tensors from state_dict() must not be used after this.
+        Use() blocks running in other threads keep the weights mapped until the
+        last of them ends; the address ranges are released then."""
         with self._cond:
             self._closed = True
             if self._ended is None:
@@ -287,13 +302,17 @@ class AttachedModel:
         if listener is not None and listener is not threading.current_thread():
             listener.join(5)
         with self._cond:
-            for lay in self._layers.values():
-                lay.range.release()
-            self._layers.clear()
-            self._tensors.clear()
+            if self._users == 0:
+                self._release()
             self._cond.notify_all()
         if self._own_client:
             self.client.close()
+
+    def _release(self) -> None:
+        for lay in self._layers.values():
+            lay.range.release()
+        self._layers.clear()
+        self._tensors.clear()
 
     def __enter__(self) -> AttachedModel:
         return self
@@ -400,8 +419,8 @@ class AttachedModel:
 
     def _end(self, err: TorporError) -> None:
         with self._cond:
-            if self._ended is not None:  # close() got here first
-                return
+            if self._ended is not None and self._ended is not err:
+                return  # close() got here first
             self._ended = err
             # Whatever ended it (revoked, model unloaded, daemon stopped or
             # crashed), the weights are no longer the daemon's to give: unmap,
@@ -428,9 +447,25 @@ class AttachedModel:
                     callback(names)
                 except Exception:
                     log.exception("on_quiesce callback failed (model %s)", self.model_id)
+            # Past the daemon's deadline it revokes the attachment anyway: stop
+            # waiting then, so the engine's waiters learn why at once.
+            deadline = (
+                time.monotonic() + quiesce.timeout.ToNanoseconds() / 1e9
+                if quiesce.HasField("timeout")
+                else None
+            )
             with self._cond:
                 while self._users:
-                    self._cond.wait()
+                    timed_out = not self._cond.wait(_left(deadline))
+                    if timed_out and self._users and _left(deadline) == 0:
+                        self._ended = TorporError(
+                            grpc.StatusCode.ABORTED,
+                            "QUIESCE_TIMEOUT",
+                            f"use() blocks still held the weights of {self.model_id!r}"
+                            f" {quiesce.timeout.ToNanoseconds() / 1e9:g}s after the daemon"
+                            " asked for them; the attachment is revoked",
+                        )
+                        raise self._ended
                 for lay in self._layers.values():
                     if (not names or lay.name in names) and lay.range.mapped:
                         lay.range.unmap()
@@ -464,6 +499,14 @@ class AttachedModel:
 def attach(model_id: str, **kwargs: Any) -> AttachedModel:
     """Attach this process to a model (see AttachedModel)."""
     return AttachedModel(model_id, **kwargs)
+
+
+def _withdrawn(model_id: str) -> TorporError:
+    return TorporError(
+        grpc.StatusCode.ABORTED,
+        "WEIGHTS_WITHDRAWN",
+        f"the daemon is taking the weights of {model_id!r} away",
+    )
 
 
 def _left(deadline: float | None) -> float | None:

@@ -40,6 +40,27 @@ PROGRESS_INTERVAL = 0.25
 DISK_WRITERS = 4
 
 
+async def settle(awaitable: Awaitable[T]) -> T:
+    """Await `awaitable` to its end even if the caller is cancelled meanwhile
+    (however often); then raise the cancellation. For work that must not be
+    abandoned halfway: a copy into a slab about to be freed, engines letting go
+    of a slab before it is freed."""
+    future = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if future.cancelled():  # the work itself was cancelled, not just us
+            raise
+        while not future.done():
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                continue
+            except BaseException:
+                break
+        raise
+
+
 class _Reservation:
     """What is left of a disk cache reservation, shared by concurrent writes."""
 
@@ -79,18 +100,7 @@ class Mover:
         """Run fn on a worker thread. If the caller is cancelled, still wait for
         the thread to finish: it may be writing into a slab we are about to free."""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, functools.partial(fn, *args))
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            while not future.done():  # however often we are cancelled meanwhile
-                try:
-                    await asyncio.shield(future)
-                except asyncio.CancelledError:
-                    continue
-                except BaseException:
-                    break
-            raise
+        return await settle(loop.run_in_executor(self._executor, functools.partial(fn, *args)))
 
     def report(self, model: Model, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -265,16 +275,19 @@ class Mover:
                 for layer, slab in zip(layers, new, strict=True)
                 if layer.slab is slab and slab.tier is Tier.DEVICE
             ]
-            if landed and self._retract is not None:
-                try:
-                    await self._retract(model, landed)
-                except Exception:
-                    log.exception("engines could not be asked to let go", model_id=model.model_id)
-            for layer, previous in zip(layers, old, strict=True):
-                layer.slab = previous
-            for slab in new:
-                if not slab.freed:
-                    self._backend.free(slab)
+            try:
+                if landed and self._retract is not None:
+                    # Engines let go of the new slabs before they are freed,
+                    # however often this task is cancelled meanwhile.
+                    await settle(self._retract(model, landed))
+            except BaseException:
+                log.exception("engines could not be asked to let go", model_id=model.model_id)
+            finally:
+                for layer, previous in zip(layers, old, strict=True):
+                    layer.slab = previous
+                for slab in new:
+                    if not slab.freed:
+                        self._backend.free(slab)
             raise
         self.set_stage(model, Stage.RELEASE)
         freed = [slab for slab in old if slab is not None]

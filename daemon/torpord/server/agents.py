@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import itertools
 import json
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from google.protobuf.duration_pb2 import Duration
 from torpor.v1 import agent_pb2
 
 from torpord.core.events import EventType
@@ -56,6 +58,8 @@ log = structlog.get_logger("torpord.agents")
 # The kernel passes at most 253 fds in one message.
 FDS_PER_MESSAGE = 250
 MAX_REQUEST = 1 << 20
+# How long an fd request waits for the event loop before it is refused.
+EXPORT_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -118,8 +122,9 @@ class Attachment:
     slab_kind: str  # "memfd" or "cuda"
     device_index: int
     outbox: Outbox = field(default_factory=Outbox)
-    # Quiesce sequence numbers waiting for their QuiesceAck.
-    acks: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+    # Quiesce sequence numbers waiting for their QuiesceAck: True when it came,
+    # False when the stream ended first.
+    acks: dict[int, asyncio.Future[bool]] = field(default_factory=dict)
     sequence: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def describe(self) -> str:
@@ -156,21 +161,31 @@ class AgentRegistry:
 
     async def quiesce(self, model_id: str, layers: Sequence[str]) -> list[str]:
         loop = asyncio.get_running_loop()
-        waiting: dict[asyncio.Future[None], Attachment] = {}
+        waiting: dict[asyncio.Future[bool], Attachment] = {}
+        timeout = Duration()
+        timeout.FromNanoseconds(int(self.quiesce_timeout * 1e9))
         for attachment in self._of(model_id):
             sequence = next(attachment.sequence)
-            ack = loop.create_future()
+            ack: asyncio.Future[bool] = loop.create_future()
             attachment.acks[sequence] = ack
             waiting[ack] = attachment
             attachment.outbox.put(
                 agent_pb2.AttachResponse(
-                    quiesce=agent_pb2.Quiesce(sequence=sequence, layers=list(layers))
+                    quiesce=agent_pb2.Quiesce(
+                        sequence=sequence, layers=list(layers), timeout=timeout
+                    )
                 )
             )
         if not waiting:
             return []
-        _, late = await asyncio.wait(waiting, timeout=self.quiesce_timeout)
+        answered, late = await asyncio.wait(waiting, timeout=self.quiesce_timeout)
         notes = []
+        for ack in answered:
+            if not ack.result():  # the stream ended before the engine answered
+                attachment = waiting[ack]
+                note = f"{attachment.describe()} went away before letting go of the weights"
+                log.warning("engine gone mid-quiesce", model_id=model_id, pid=attachment.pid)
+                notes.append(note)
         for ack in late:
             attachment = waiting[ack]
             note = (
@@ -253,7 +268,7 @@ class AgentRegistry:
     def acknowledged(self, attachment: Attachment, sequence: int) -> None:
         ack = attachment.acks.pop(sequence, None)
         if ack is not None and not ack.done():
-            ack.set_result(None)
+            ack.set_result(True)
 
     def detach(self, attachment_id: str) -> None:
         """The engine is gone (its stream ended): nothing of it waits any more.
@@ -263,7 +278,7 @@ class AgentRegistry:
             return
         for ack in attachment.acks.values():
             if not ack.done():
-                ack.set_result(None)
+                ack.set_result(False)
         attachment.acks.clear()
         self._count_changed(attachment.model_id)
         log.info("engine detached", model_id=attachment.model_id, pid=attachment.pid)
@@ -382,12 +397,23 @@ class FdServer:
                     ),
                     self.loop,
                 )
-                header, fds = future.result(30)
+                try:
+                    header, fds = future.result(EXPORT_TIMEOUT)
+                except concurrent.futures.TimeoutError:
+                    # The loop is stuck: give up, and close the fds of the
+                    # export when it finishes after all (cancelling it could
+                    # drop a result already on its way, fds and all).
+                    future.add_done_callback(_close_late_export)
+                    raise Unavailable(
+                        f"the daemon did not answer within {EXPORT_TIMEOUT:g}s; try again",
+                        reason="DAEMON_BUSY",
+                    ) from None
             except TorporError as err:
-                _send_json(conn, {"error": {"code": err.code.value, "reason": err.reason,
-                                            "message": err.message}})  # fmt: skip
+                with contextlib.suppress(OSError):
+                    _send_json(conn, {"error": {"code": err.code.value, "reason": err.reason,
+                                                "message": err.message}})  # fmt: skip
                 return
-            except (OSError, ValueError, TimeoutError) as err:
+            except (OSError, ValueError) as err:
                 log.warning("fd socket: bad request", error=str(err))
                 return
             try:
@@ -400,6 +426,13 @@ class FdServer:
             finally:
                 for fd in fds:
                     os.close(fd)
+
+
+def _close_late_export(future: concurrent.futures.Future[tuple[dict[str, Any], list[int]]]) -> None:
+    if future.cancelled() or future.exception() is not None:
+        return
+    for fd in future.result()[1]:
+        os.close(fd)
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
