@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
-import xxhash
 from torpor.testing import make_checkpoint
 from torpord.errors import DataLoss, ResourceExhausted, Unavailable
 from torpord.storage import diskcache
-from torpord.storage.diskcache import DATA_OFFSET, DiskCache, cache_key
+from torpord.storage.checksum import slab_checksum
+from torpord.storage.diskcache import DATA_OFFSET, MAGIC, DiskCache, cache_key
 from torpord.storage.layers import plan_layers
 from torpord.storage.safetensors import open_checkpoint
 
@@ -28,12 +30,12 @@ class Sink:
         self.data[offset : offset + data.nbytes] = data
 
     def checksum(self) -> str:
-        return xxhash.xxh3_64_hexdigest(self.data)
+        return slab_checksum(self.data)
 
 
 def put(cache: DiskCache, key: str, payload: bytes) -> diskcache.DiskEntry:
     share = cache.reserve([len(payload)], set())
-    return cache.write(key, memoryview(payload), xxhash.xxh3_64_hexdigest(payload), share)
+    return cache.write(key, memoryview(payload), slab_checksum(payload), share)
 
 
 @pytest.mark.parametrize("addressable", [True, False])
@@ -57,6 +59,24 @@ def test_half_written_and_junk_entries_are_dropped_at_start(tmp_path: Path) -> N
     again = DiskCache(tmp_path, 1 << 20)
     assert again.get("cd" * 16) == good and again.get("ef" * 16) is None
     assert sorted(p.name for p in (tmp_path / "cd").iterdir()) == [good.path.name]
+
+
+def test_an_entry_checksummed_by_another_definition_is_dropped_at_start(
+    tmp_path: Path,
+) -> None:
+    cache = DiskCache(tmp_path, 1 << 20)
+    entry = put(cache, "34" * 16, os.urandom(3000))
+    with open(entry.path, "r+b") as f:  # as an older torpord wrote it
+        head = f.read(DATA_OFFSET)
+        (n,) = struct.unpack_from("<I", head, len(MAGIC))
+        meta = json.loads(head[len(MAGIC) + 4 : len(MAGIC) + 4 + n])
+        assert meta.pop("checksum_kind") == "xxh3-64/1MiB-chunks"
+        body = json.dumps(meta).encode()
+        f.seek(0)
+        f.write(MAGIC + struct.pack("<I", len(body)) + body)
+    again = DiskCache(tmp_path, 1 << 20)
+    assert again.get(entry.key) is None and not entry.path.exists()
+    assert again.used == 0
 
 
 def test_a_corrupt_entry_is_refused_and_removed(tmp_path: Path) -> None:

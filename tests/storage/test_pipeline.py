@@ -9,10 +9,10 @@ import os
 from pathlib import Path
 
 import pytest
-import xxhash
 from torpor.testing import make_checkpoint
 from torpord.errors import FailedPrecondition, Unavailable
 from torpord.storage import pipeline
+from torpord.storage.checksum import slab_checksum
 from torpord.storage.layers import LayerPlan, plan_layers
 from torpord.storage.pipeline import ReadOptions, StopRequested, read_layers
 from torpord.storage.safetensors import Checkpoint, open_checkpoint
@@ -34,7 +34,7 @@ class Sink:
         self.data[offset : offset + data.nbytes] = data
 
     def checksum(self) -> str:
-        return xxhash.xxh3_64_hexdigest(self.data)
+        return slab_checksum(self.data)
 
 
 def expected(ckpt: Checkpoint, plan: LayerPlan) -> bytes:
@@ -80,7 +80,7 @@ def test_every_mode_lands_exact_bytes(
         assert report.transfer_bytes == ckpt.data_bytes
     for i, (plan, sink) in enumerate(zip(plans, sinks, strict=True)):
         assert bytes(sink.data) == expected(ckpt, plan), plan.name
-        assert landed[i] == xxhash.xxh3_64_hexdigest(expected(ckpt, plan))
+        assert landed[i] == slab_checksum(expected(ckpt, plan))
     assert sorted(landed) == list(range(len(plans)))
     assert sum(counted) == ckpt.data_bytes
     if chunk == 4096:

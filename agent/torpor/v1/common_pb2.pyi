@@ -363,7 +363,9 @@ class Layer(_message.Message):
     """`devices/{uuid}` while the layer is on a device, empty otherwise."""
     tensor_count: _builtins.int
     checksum: _builtins.str
-    """xxh3-64 of the slab's bytes, hex, taken when the layer was first read."""
+    """The slab's checksum, hex, taken when the layer was first read: XXH3-64 of
+    the XXH3-64 digests of its 1 MiB chunks (so a GPU computes it in place).
+    """
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
         """Only with MODEL_VIEW_FULL."""

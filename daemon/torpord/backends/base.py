@@ -15,10 +15,9 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import xxhash
-
 from torpord.core.types import Tier
 from torpord.errors import InvalidArgument, ResourceExhausted
+from torpord.storage.checksum import slab_checksum
 from torpord.storage.pipeline import SlabSink
 
 __all__ = ["Backend", "Budget", "DeviceInfo", "PoolInfo", "Slab", "SlabOwner"]
@@ -150,10 +149,11 @@ class Backend(abc.ABC):
         """Where the read pipeline writes a layer's bytes for this slab."""
 
     def checksum(self, slab: Slab) -> str:
-        """xxh3-64 of the slab's bytes, hex (blocking; run on a worker thread).
-        A GPU backend computes it where the slab is, with a kernel."""
+        """The slab's checksum (torpord.storage.checksum), hex (blocking; run on
+        a worker thread). A GPU backend computes it where the slab is, with a
+        kernel."""
         with self.view(slab) as view:
-            return xxhash.xxh3_64_hexdigest(view)
+            return slab_checksum(view)
 
     @abc.abstractmethod
     def close(self) -> None:

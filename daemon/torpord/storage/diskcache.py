@@ -7,7 +7,8 @@ An entry is one slab in one file, `<root>/<key[:2]>/<key>.slab`:
 The key hashes the source's identity (every file's path, size, modify time,
 inode and header hash), the layer's name and size, so a changed source can
 never be mistaken for the cached one. The meta repeats the key and holds the
-slab's size and xxh3-64 checksum. Entries are written atomically (a temporary
+slab's size and checksum (torpord.storage.checksum; an entry whose checksum
+is of another definition is dropped at start). Entries are written atomically (a temporary
 file, fsync, rename, fsync of the directory); a half-written one is only ever
 a temporary file, removed at start. Every read checks the checksum: a
 corrupted entry is deleted and refused (DATA_LOSS), never served.
@@ -28,6 +29,7 @@ import structlog
 import xxhash
 
 from torpord.errors import DataLoss, ResourceExhausted, Unavailable
+from torpord.storage.checksum import KIND as checksum_kind
 from torpord.storage.layers import LayerPlan
 from torpord.storage.pipeline import SlabSink
 from torpord.storage.safetensors import Checkpoint
@@ -109,6 +111,8 @@ class DiskCache:
         (n,) = struct.unpack_from("<I", head, len(MAGIC))
         meta = json.loads(head[len(MAGIC) + 4 : len(MAGIC) + 4 + n])
         key, size, digest = meta["key"], int(meta["size"]), str(meta["checksum"])
+        if meta.get("checksum_kind") != checksum_kind:
+            raise ValueError(f"checksum of another definition ({meta.get('checksum_kind')})")
         if path.stem != key or file_bytes != DATA_OFFSET + size:
             raise ValueError(f"entry {path.name} is {file_bytes} bytes, its header says {size}")
         return DiskEntry(key, path, size, digest, file_bytes)
@@ -167,7 +171,9 @@ class DiskCache:
         folder = self.root / key[:2]
         final = folder / f"{key}.slab"
         tmp = folder / f"{key}.{os.getpid()}.{threading.get_ident()}.tmp"
-        meta = json.dumps({"key": key, "size": data.nbytes, "checksum": checksum}).encode()
+        meta = json.dumps(
+            {"key": key, "size": data.nbytes, "checksum": checksum, "checksum_kind": checksum_kind}
+        ).encode()
         head = MAGIC + struct.pack("<I", len(meta)) + meta
         try:
             folder.mkdir(exist_ok=True)

@@ -16,7 +16,8 @@ How a chunk is read depends on `direct`:
 Where a filesystem refuses O_DIRECT the file falls back to buffered reads,
 and the returned notes say so (they go to the Load's progress and the log).
 
-Each layer's checksum (xxh3-64 of its whole slab, padding zeroed) is taken
+Each layer's checksum (torpord.storage.checksum, of its whole slab, padding
+zeroed) is taken
 by the worker that completes the layer, and `on_layer` is told.
 """
 
@@ -74,7 +75,7 @@ class SlabSink(Protocol):
         """Copy data into the slab at offset (a host-to-device copy on a GPU)."""
 
     def checksum(self) -> str:
-        """xxh3-64 hex of the whole slab."""
+        """The checksum (torpord.storage.checksum) of the whole slab, hex."""
 
 
 @dataclass(frozen=True)
