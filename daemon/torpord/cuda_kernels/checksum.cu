@@ -155,6 +155,7 @@ torpor_xxh3_chunks(const unsigned char* __restrict__ data, u64 length, u64 chunk
                          PRIME64_4, PRIME32_2, PRIME64_5, PRIME32_1};
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (threadIdx.x < 8) acc[threadIdx.x] = init[threadIdx.x];
+    __syncthreads();  // (thread 0 reads every lane when there is no full block)
     const u64 blocks = (n - 1) / BLOCK;
     const u64* words = (const u64*)in;
     for (u64 round = 0; round < blocks; round += ROUND) {
