@@ -126,3 +126,20 @@ def test_every_kernel_compiles_with_nvrtc(name: str, arch: str) -> None:
     _, cubin = nvrtc.nvrtcGetCUBINSize(program)
     assert cubin > 0
     nvrtc.nvrtcDestroyProgram(program)
+
+
+def test_the_cuda_backend_imports_anywhere_and_says_why_it_cannot_start() -> None:
+    pytest.importorskip("cuda.bindings.driver")
+    from torpord.backends.cuda import CudaBackend
+    from torpord.cuda import driver
+    from torpord.errors import Unavailable
+
+    try:
+        driver.init()
+    except Unavailable:
+        pass
+    else:
+        pytest.skip("this machine has an NVIDIA driver")
+    with pytest.raises(Unavailable) as err:
+        CudaBackend(host_capacity=1 << 20)
+    assert err.value.reason == "CUDA_UNAVAILABLE" and "NVIDIA driver" in err.value.message

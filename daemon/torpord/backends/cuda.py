@@ -1,0 +1,495 @@
+"""The CUDA backend: device slabs are VMM allocations, the HOST tier is the
+pinned pool.
+
+- DEVICE slabs: `cuMemCreate` (pinned device memory, exportable as a POSIX
+  fd), padded to the allocation granularity. The daemon maps a slab into its
+  own address space only while it copies into or out of it (a window:
+  reserve, map, set access ... unmap, free the range), so when a model sleeps
+  and its engines have let go, `cuMemRelease` really returns the memory to
+  the driver. Engines get a new fd per export (`cuMemExportToShareableHandle`)
+  and map it themselves (torpor.agent.cuda).
+- HOST slabs: ranges of the pinned pool (torpord.cuda.pinned).
+- Copies: `cuMemcpy*Async` on two streams per device (one per direction),
+  in pieces with an event after each, so progress is reported as bytes land
+  and a pinned range is reused only after its copies completed. The read
+  pipeline's bytes reach a device slab through pinned staging buffers.
+- Checksums of device slabs run on the GPU (torpord/cuda_kernels/checksum.cu).
+
+NOT YET RUN ON A GPU: written against the driver API's documentation and
+cuda-bindings 13; tests/gpu/test_cuda_backend.py runs it on a device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from torpord.backends.base import Backend, Budget, DeviceInfo, PoolInfo, Slab, SlabOwner
+from torpord.core.types import Tier
+from torpord.cuda import driver
+from torpord.cuda.driver import CudaError, check, context, cu
+from torpord.cuda.pinned import PinnedPool
+from torpord.errors import InvalidArgument, ResourceExhausted
+
+__all__ = ["CudaBackend"]
+
+PIECE = 64 << 20  # bytes per copy piece (one event each)
+STAGING = 32 << 20  # bytes per pinned staging buffer of the read path
+STAGING_BUFFERS = 4  # per device
+
+
+@dataclass
+class _Device:
+    uuid: str
+    ordinal: int
+    name: str
+    budget: Budget
+    granularity: int = 0
+    h2d: Any = None  # CUstream
+    d2h: Any = None
+    staging: queue.Queue[_Staging] = field(default_factory=queue.Queue)
+
+
+@dataclass(eq=False)
+class _Staging:
+    """A pinned buffer the read path copies through, and the event of the
+    copy that last read it."""
+
+    address: int
+    size: int
+    event: Any = None
+
+
+@dataclass(eq=False)
+class _DeviceMemory:
+    handle: Any  # CUmemGenericAllocationHandle
+    length: int  # padded to the granularity
+
+
+@dataclass(eq=False)
+class _HostRange:
+    offset: int
+
+
+class _Event:
+    """A CUDA event recorded on a stream (torpord.cuda.pinned.Completion)."""
+
+    def __init__(self, ordinal: int, stream: Any) -> None:
+        d = cu()
+        self.ordinal = ordinal
+        self.event = check(
+            d.cuEventCreate(d.CUevent_flags.CU_EVENT_DISABLE_TIMING), "cuEventCreate"
+        )
+        check(d.cuEventRecord(self.event, stream), "cuEventRecord")
+
+    def query(self) -> bool:
+        d = cu()
+        context(self.ordinal)
+        (err,) = d.cuEventQuery(self.event)
+        if err == d.CUresult.CUDA_ERROR_NOT_READY:
+            return False
+        check((err,), "cuEventQuery")
+        return True
+
+    def synchronize(self) -> None:
+        context(self.ordinal)
+        check(cu().cuEventSynchronize(self.event), "cuEventSynchronize")
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            cu().cuEventDestroy(self.event)
+
+
+class _CudaSink:
+    """The read pipeline's way into a slab: host slabs take the bytes
+    directly; device slabs through pinned staging buffers."""
+
+    def __init__(self, backend: CudaBackend, slab: Slab) -> None:
+        self._backend = backend
+        self._slab = slab
+
+    def view(self) -> memoryview | None:
+        return self._backend.view(self._slab) if self._slab.tier is Tier.HOST else None
+
+    def write(self, offset: int, data: memoryview) -> None:
+        if offset < 0 or offset + data.nbytes > self._slab.size:
+            raise ValueError(f"write of {data.nbytes} bytes at {offset} past the slab's end")
+        if self._slab.tier is Tier.HOST:
+            self._backend.view(self._slab)[offset : offset + data.nbytes] = data
+            return
+        self._backend._write_device(self._slab, offset, data)
+
+    def checksum(self) -> str:
+        return self._backend.checksum(self._slab)
+
+
+class CudaBackend(Backend):
+    kind = "cuda"
+
+    def __init__(
+        self,
+        *,
+        devices: Sequence[str] = (),
+        device_capacity: float = 0.9,
+        host_capacity: int,
+        host_chunk: int = 1 << 30,
+        kernel_cache: Path | None = None,
+    ) -> None:
+        """`devices`: UUIDs to use (all visible if empty). `device_capacity`:
+        bytes per device, or (at most 1.0) a fraction of each device's total."""
+        ordinals = driver.device_ordinals()
+        chosen = list(devices) or list(ordinals)
+        unknown = [u for u in chosen if u not in ordinals]
+        if unknown:
+            raise InvalidArgument(
+                f"no visible GPU has UUID {', '.join(unknown)}; visible: {', '.join(ordinals)}",
+                reason="UNKNOWN_DEVICE",
+            )
+        self._devices: list[_Device] = []
+        self._live: dict[Slab, _DeviceMemory | _HostRange] = {}
+        self._lock = threading.Lock()
+        self._kernels: Any = None
+        self._kernels_lock = threading.Lock()
+        self._kernel_cache = kernel_cache
+        d = cu()
+        try:
+            for uid in chosen:
+                ordinal = ordinals[uid]
+                context(ordinal)
+                _, total = driver.mem_info(ordinal)
+                capacity = (
+                    int(total * device_capacity) if device_capacity <= 1 else int(device_capacity)
+                )
+                dev = check(d.cuDeviceGet(ordinal), "cuDeviceGet")
+                raw = check(d.cuDeviceGetName(256, dev), "cuDeviceGetName")
+                name = bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
+                device = _Device(uid, ordinal, name, Budget(f"device {uid}", min(capacity, total)))
+                device.granularity = int(
+                    check(
+                        d.cuMemGetAllocationGranularity(
+                            self._prop(ordinal),
+                            d.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+                        ),
+                        "cuMemGetAllocationGranularity",
+                    )
+                )
+                flags = d.CUstream_flags.CU_STREAM_NON_BLOCKING
+                device.h2d = check(d.cuStreamCreate(flags), "cuStreamCreate")
+                device.d2h = check(d.cuStreamCreate(flags), "cuStreamCreate")
+                self._devices.append(device)
+                for _ in range(STAGING_BUFFERS):
+                    address = check(d.cuMemHostAlloc(STAGING, 0), "cuMemHostAlloc")
+                    device.staging.put(_Staging(int(address), STAGING))
+            self._host = Budget("host pool", host_capacity)
+            self._pool = PinnedPool(host_capacity, host_chunk)
+        except BaseException:
+            self._release_devices()
+            raise
+
+    # -- information -------------------------------------------------------
+
+    def devices(self) -> Sequence[DeviceInfo]:
+        return [
+            DeviceInfo(dev.uuid, dev.ordinal, dev.name, dev.budget.info()) for dev in self._devices
+        ]
+
+    def host_pool(self) -> PoolInfo:
+        return self._host.info()
+
+    def device_ordinal(self, uuid: str) -> int:
+        return self._device(uuid).ordinal
+
+    def _device(self, uuid: str | None) -> _Device:
+        for dev in self._devices:
+            if dev.uuid == uuid:
+                return dev
+        raise InvalidArgument(f"unknown device {uuid!r}", reason="UNKNOWN_DEVICE")
+
+    def _budget(self, tier: Tier, device: str | None) -> Budget:
+        if tier is Tier.HOST:
+            return self._host
+        if tier is Tier.DEVICE:
+            return self._device(device).budget
+        raise InvalidArgument(f"the cuda backend holds no {tier.value} slabs", reason="BAD_TIER")
+
+    # -- allocation --------------------------------------------------------
+
+    @staticmethod
+    def _prop(ordinal: int) -> Any:
+        d = cu()
+        prop = d.CUmemAllocationProp()
+        prop.type = d.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = ordinal
+        prop.requestedHandleTypes = (
+            d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+        )
+        return prop
+
+    def allocate(
+        self, tier: Tier, device: str | None, requests: Sequence[tuple[int, SlabOwner]]
+    ) -> list[Slab]:
+        budget = self._budget(tier, device)
+        budget.reserve([size for size, _ in requests])
+        slabs: list[Slab] = []
+        try:
+            for size, owner in requests:
+                slab = Slab(tier, device if tier is Tier.DEVICE else None, size, owner)
+                memory = self._create(slab)
+                with self._lock:
+                    self._live[slab] = memory
+                slabs.append(slab)
+        except BaseException:
+            for slab in slabs:
+                self.free(slab)
+            for size, _ in requests[len(slabs) :]:
+                budget.release(size)
+            raise
+        return slabs
+
+    def _create(self, slab: Slab) -> _DeviceMemory | _HostRange:
+        if slab.tier is Tier.HOST:
+            return _HostRange(self._pool.take(slab.size))
+        dev = self._device(slab.device)
+        context(dev.ordinal)
+        length = max(1, -(-slab.size // dev.granularity)) * dev.granularity
+        try:
+            handle = check(cu().cuMemCreate(length, self._prop(dev.ordinal), 0), "cuMemCreate")
+        except CudaError as err:
+            if err.name != "CUDA_ERROR_OUT_OF_MEMORY":
+                raise
+            free, total = driver.mem_info(dev.ordinal)
+            raise ResourceExhausted(
+                f"device {dev.uuid}: the driver has {free} of {total} bytes free, {length}"
+                " asked (other processes use the rest)",
+                reason="OUT_OF_MEMORY",
+                metadata={"device": dev.uuid, "asked": length, "driver_free": free},
+            ) from err
+        return _DeviceMemory(handle, length)
+
+    def free(self, slab: Slab) -> None:
+        with self._lock:
+            memory = self._live.pop(slab, None)
+        if memory is None or slab.freed:
+            raise RuntimeError(f"slab {slab.id} ({slab.owner}) freed twice")
+        if isinstance(memory, _HostRange):
+            self._pool.free(memory.offset, slab.size)
+        else:
+            context(self._device(slab.device).ordinal)
+            # The memory returns to the driver once no process maps it: the
+            # daemon maps it only inside a copy, engines let go before this.
+            check(cu().cuMemRelease(memory.handle), "cuMemRelease")
+        slab.freed = True
+        self._budget(slab.tier, slab.device).release(slab.size)
+
+    def drain(self) -> None:
+        for dev in self._devices:
+            context(dev.ordinal)
+            check(cu().cuStreamSynchronize(dev.h2d), "cuStreamSynchronize")
+            check(cu().cuStreamSynchronize(dev.d2h), "cuStreamSynchronize")
+
+    def close(self) -> None:
+        with self._lock:
+            slabs = list(self._live)
+        for slab in slabs:
+            self.free(slab)
+        self.drain()
+        self._pool.close()
+        self._release_devices()
+
+    def _release_devices(self) -> None:
+        d = cu()
+        for dev in self._devices:
+            context(dev.ordinal)
+            while not dev.staging.empty():
+                staging = dev.staging.get_nowait()
+                if staging.event is not None:
+                    staging.event.synchronize()
+                check(d.cuMemFreeHost(staging.address), "cuMemFreeHost")
+            for stream in (dev.h2d, dev.d2h):
+                if stream is not None:
+                    check(d.cuStreamDestroy(stream), "cuStreamDestroy")
+        self._devices.clear()
+
+    # -- bytes -------------------------------------------------------------
+
+    def _memory(self, slab: Slab) -> _DeviceMemory | _HostRange:
+        with self._lock:
+            memory = self._live.get(slab)
+        if memory is None:
+            raise RuntimeError(f"slab {slab.id} ({slab.owner}) is not live")
+        return memory
+
+    def _host_address(self, slab: Slab) -> int:
+        memory = self._memory(slab)
+        assert isinstance(memory, _HostRange)
+        return self._pool.address + memory.offset
+
+    def view(self, slab: Slab) -> memoryview:
+        memory = self._memory(slab)
+        if not isinstance(memory, _HostRange):
+            raise InvalidArgument("a device slab has no host view", reason="NOT_HOST_MEMORY")
+        return self._pool.view(memory.offset, slab.size)
+
+    @contextlib.contextmanager
+    def _window(self, slab: Slab, *, peers: Sequence[int] = ()) -> Iterator[int]:
+        """Map a device slab into the daemon for the length of the block."""
+        memory = self._memory(slab)
+        assert isinstance(memory, _DeviceMemory)
+        dev = self._device(slab.device)
+        d = cu()
+        context(dev.ordinal)
+        address = check(d.cuMemAddressReserve(memory.length, 0, 0, 0), "cuMemAddressReserve")
+        try:
+            check(d.cuMemMap(address, memory.length, 0, memory.handle, 0), "cuMemMap")
+            try:
+                access = []
+                for ordinal in (dev.ordinal, *peers):
+                    desc = d.CUmemAccessDesc()
+                    desc.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+                    desc.location.id = ordinal
+                    desc.flags = d.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+                    access.append(desc)
+                check(
+                    d.cuMemSetAccess(address, memory.length, access, len(access)),
+                    "cuMemSetAccess",
+                )
+                yield int(address)
+            finally:
+                check(d.cuMemUnmap(address, memory.length), "cuMemUnmap")
+        finally:
+            check(d.cuMemAddressFree(address, memory.length), "cuMemAddressFree")
+
+    def copy(self, src: Slab, dst: Slab, on_bytes: Callable[[int], None] | None = None) -> None:
+        if src.size != dst.size:
+            raise ValueError(f"copy between slabs of {src.size} and {dst.size} bytes")
+        report = on_bytes or (lambda n: None)
+        if src.tier is Tier.HOST and dst.tier is Tier.HOST:
+            ctypes.memmove(self._host_address(dst), self._host_address(src), src.size)
+            report(src.size)
+        elif src.tier is Tier.HOST:
+            dev = self._device(dst.device)
+            with self._window(dst) as address:
+                self._pieces(dev, dev.h2d, "HtoD", address, self._host_address(src), src, report)
+        elif dst.tier is Tier.HOST:
+            dev = self._device(src.device)
+            with self._window(src) as address:
+                self._pieces(dev, dev.d2h, "DtoH", self._host_address(dst), address, dst, report)
+        else:
+            dev = self._device(dst.device)
+            # The copy runs on dst's device: src's memory must be open to it.
+            peers = [dev.ordinal] if self._device(src.device).ordinal != dev.ordinal else []
+            with self._window(dst) as to, self._window(src, peers=peers) as from_:
+                self._pieces(dev, dev.h2d, "DtoD", to, from_, dst, report)
+
+    def _pieces(
+        self,
+        dev: _Device,
+        stream: Any,
+        kind: str,
+        dst: int,
+        src: int,
+        host_slab: Slab,
+        report: Callable[[int], None],
+    ) -> None:
+        """Queue the copy in pieces (none crossing a pinned chunk), an event
+        after each; report each piece as its event completes."""
+        d = cu()
+        context(dev.ordinal)
+        call = getattr(d, f"cuMemcpy{kind}Async")
+        if kind == "DtoD":
+            spans = [(o, min(PIECE, host_slab.size - o)) for o in range(0, host_slab.size, PIECE)]
+        else:
+            base = self._memory(host_slab)
+            assert isinstance(base, _HostRange)
+            spans = [
+                (at - base.offset, n)
+                for at, n in self._pool.pieces(base.offset, host_slab.size, PIECE)
+            ]
+        events = []
+        try:
+            for offset, n in spans:
+                check(call(dst + offset, src + offset, n, stream), f"cuMemcpy{kind}Async")
+                events.append((_Event(dev.ordinal, stream), n))
+        finally:
+            # Every queued piece finishes before the windows close, even after
+            # a failure part-way.
+            for event, n in events:
+                event.synchronize()
+                report(n)
+
+    def _write_device(self, slab: Slab, offset: int, data: memoryview) -> None:
+        """The read path: pageable bytes into a device slab, through pinned
+        staging buffers, each reused only once its last copy completed."""
+        dev = self._device(slab.device)
+        src = np.frombuffer(data, dtype=np.uint8)  # (an address even if read-only)
+        events = []
+        with self._window(slab) as address:
+            try:
+                for at in range(0, src.size, STAGING):
+                    n = min(STAGING, src.size - at)
+                    staging = dev.staging.get()
+                    try:
+                        if staging.event is not None:
+                            staging.event.synchronize()
+                        ctypes.memmove(staging.address, src.ctypes.data + at, n)
+                        context(dev.ordinal)
+                        check(
+                            cu().cuMemcpyHtoDAsync(
+                                address + offset + at, staging.address, n, dev.h2d
+                            ),
+                            "cuMemcpyHtoDAsync",
+                        )
+                        staging.event = _Event(dev.ordinal, dev.h2d)
+                        events.append(staging.event)
+                    finally:
+                        dev.staging.put(staging)
+            finally:
+                for event in events:  # done before the window closes
+                    event.synchronize()
+
+    def sink(self, slab: Slab) -> _CudaSink:
+        return _CudaSink(self, slab)
+
+    def checksum(self, slab: Slab) -> str:
+        if slab.tier is Tier.HOST:
+            return super().checksum(slab)
+        dev = self._device(slab.device)
+        kernels = self._load_kernels()
+        import cupy
+
+        with self._window(slab) as address, cupy.cuda.Device(dev.ordinal):
+            digest: str = kernels.checksum(address, slab.size)
+            return digest
+
+    def _load_kernels(self) -> Any:
+        with self._kernels_lock:  # (the first call compiles, or reads the cache)
+            if self._kernels is None:
+                from torpord.cuda.kernels import Kernels
+
+                self._kernels = Kernels(self._kernel_cache)
+            return self._kernels
+
+    def export(self, slab: Slab) -> int:
+        memory = self._memory(slab)
+        if not isinstance(memory, _DeviceMemory):
+            raise InvalidArgument("only device slabs are exported", reason="NOT_DEVICE_MEMORY")
+        d = cu()
+        context(self._device(slab.device).ordinal)
+        fd = check(
+            d.cuMemExportToShareableHandle(
+                memory.handle,
+                d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                0,
+            ),
+            "cuMemExportToShareableHandle",
+        )
+        return int(fd)
