@@ -4,8 +4,8 @@
 # The GPU machine reaches no package index: it needs a Python with a CUDA
 # build of torch, CuPy and cuda-bindings already there ($PYTHON, default
 # python3), or a .venv carried over. Runs the GPU tests (the agent's CUDA
-# side, the custom kernels against their NumPy models), then the engine
-# benchmark; results (junit XML, logs) go to RESULTS_DIR (default
+# side, the custom kernels against their NumPy models, the CUDA backend),
+# then the GPU benchmarks and the engine benchmark; results (junit XML, logs) go to RESULTS_DIR (default
 # gpu-results).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,6 +20,8 @@ export PYTHONPATH="$PWD/agent:$PWD/daemon:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" \
   2>&1 | tee "$OUT/gpu-tests.txt" || status=$?
+# The GPU benchmarks (ratios against baselines measured in the same run).
+timeout 420 "$PY" -m tests.bench.bench_gpu --out "$OUT" --runs 3 2>&1 | tee "$OUT/bench_gpu.txt" || status=$?
 # The engine path on this machine's CPUs (host backend), for comparison.
 timeout 300 "$PY" -m tests.bench.bench_engine --runs 3 2>&1 | tee "$OUT/bench_engine.txt" || true
 exit $status
