@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from torpor.testing import make_checkpoint
+from torpord.backends.nvml import discover
 
 from .conftest import Daemon
 
@@ -100,6 +101,13 @@ def test_get_node(daemon: Daemon) -> None:
     assert node["host_pool"]["capacity_bytes"] == str(256 * 2**20)
     assert node["allowed_roots"] == [str(daemon.models)]
     assert node["version"]
+    found = discover()  # what the driver says here, asked the same way
+    if found.gpus:
+        assert [g["uuid"] for g in node["gpus"]] == [g.uuid for g in found.gpus]
+    else:  # no GPUs, and why
+        assert "gpus" not in node and node["gpu_discovery"] == found.reason
+        shown = daemon.ctl("node").stdout
+        assert f"GPUs: none: {found.reason}" in " ".join(shown.split())
 
 
 def test_whole_lifecycle_over_grpcurl_with_bytes_checked(daemon: Daemon) -> None:

@@ -40,7 +40,7 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CudaBackend]:
     b = CudaBackend(
-        device_capacity=4 << 30,
+        device_capacity=4 << 30,  # bytes
         host_capacity=1 << 30,
         host_chunk=256 * MiB,
         kernel_cache=Path(tmp_path_factory.mktemp("kernels")),

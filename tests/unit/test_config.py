@@ -67,6 +67,9 @@ def test_defaults_for_root(as_root: None) -> None:
     assert config.backend.kind == "auto"
     assert config.backend.host.devices == 1
     assert config.backend.host.device_capacity == 4 * 2**30
+    assert config.backend.cuda.devices == ()
+    assert config.backend.cuda.device_memory == 0.9
+    assert config.backend.cuda.kernel_cache is None
     assert config.host_pool.capacity == 4 * 2**30
     assert config.layers.block_patterns == DEFAULT_LAYER_PATTERNS.blocks
     assert config.layers.post_patterns == DEFAULT_LAYER_PATTERNS.post
@@ -119,6 +122,11 @@ kind = "host"
 [backend.host]
 devices = 4
 device_capacity = "1.5GB"
+[backend.cuda]
+devices = ["GPU-5f2c6a1e-0b6d-4c2e-9a1f-3d2e1c0b9a87", "GPU-5f2c6a1e-0b6d-4c2e-9a1f-3d2e1c0b9a87"]
+device_memory = "75%"
+pinned_chunk = "256MiB"
+kernel_cache = "{tmp_path}/kernels"
 [host_pool]
 capacity = 1048576
 [sources]
@@ -142,6 +150,10 @@ capacity = "10GiB"
     assert config.backend.kind == "host"
     assert config.backend.host.devices == 4
     assert config.backend.host.device_capacity == 1_500_000_000
+    assert config.backend.cuda.devices == ("GPU-5f2c6a1e-0b6d-4c2e-9a1f-3d2e1c0b9a87",)
+    assert config.backend.cuda.device_memory == 0.75
+    assert config.backend.cuda.pinned_chunk == 256 * 2**20
+    assert config.backend.cuda.kernel_cache == tmp_path / "kernels"
     assert config.host_pool.capacity == 2**20
     assert config.sources.allowed_roots == (
         (tmp_path / "a").resolve(),
@@ -205,6 +217,11 @@ def test_config_error_carries_its_parts(tmp_path: Path) -> None:
         ("[backend.host]\ndevices = 65", "backend.host.devices", "from 1 to 64", "65"),
         ("[backend.host]\ndevices = true", "backend.host.devices", "from 1 to 64", "true"),
         ('[backend.host]\ndevice_capacity = "0"', "backend.host.device_capacity", "positive", "0"),
+        ('[backend.cuda]\ndevices = ["0"]', "backend.cuda.devices[0]", "a GPU UUID", '"0"'),
+        ('[backend.cuda]\ndevice_memory = "120%"', "backend.cuda.device_memory", "90%", '"120%"'),
+        ('[backend.cuda]\ndevice_memory = "lots"', "backend.cuda.device_memory", "90%", '"lots"'),
+        ('[backend.cuda]\npinned_chunk = "0"', "backend.cuda.pinned_chunk", "positive", "0"),
+        ('[backend.cuda]\nkernel_cache = "rel"', "backend.cuda.kernel_cache", "absolute", '"rel"'),
         ('[host_pool]\ncapacity = "8G"', "host_pool.capacity", "byte size", '"8G"'),
         ("[host_pool]\ncapacity = -5", "host_pool.capacity", "byte size", "-5"),
         ("[host_pool]\ncapacity = 1.5", "host_pool.capacity", "byte size", "1.5"),

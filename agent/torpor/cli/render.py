@@ -343,6 +343,22 @@ def node_details(node: node_pb2.Node) -> str:
         ]
         headers = ["DEVICE", "INDEX", "NAME", "USED", "FREE", "CAPACITY", "SLABS"]
         parts.append(table(headers, rows, right=(1, 3, 4, 5, 6)))
+    if node.gpus:
+        gpus = [
+            [
+                gpu.uuid,
+                str(gpu.index),
+                gpu.display_name,
+                f"{human_bytes(gpu.memory_used_bytes)} / {human_bytes(gpu.memory_total_bytes)}",
+                f"gen{gpu.pcie_generation} x{gpu.pcie_width}" if gpu.pcie_width else "-",
+                str(len(gpu.processes)),
+            ]
+            for gpu in node.gpus
+        ]
+        headers = ["GPU", "INDEX", "NAME", "MEMORY USED", "PCIE", "PROCESSES"]
+        parts.append(table(headers, gpus, right=(1, 5)))
+    else:
+        parts.append(key_values([("GPUs", f"none: {node.gpu_discovery or 'not reported'}")]))
     return "\n\n".join(parts)
 
 

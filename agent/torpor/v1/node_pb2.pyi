@@ -164,11 +164,17 @@ class Node(_message.Message):
     DISK_CACHE_FIELD_NUMBER: _builtins.int
     MODEL_COUNT_FIELD_NUMBER: _builtins.int
     ALLOWED_ROOTS_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    GPU_DISCOVERY_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
     version: _builtins.str
     """The torpord version."""
     backend: Global___Backend.ValueType
     model_count: _builtins.int
+    gpu_discovery: _builtins.str
+    """Why no GPU is listed ("no NVIDIA driver (libnvidia-ml.so.1 not found)",
+    ...); empty when the driver answered.
+    """
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Device]: ...
     @_builtins.property
@@ -178,6 +184,12 @@ class Node(_message.Message):
     @_builtins.property
     def allowed_roots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Directories a model's source must lie under."""
+
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gpu]:
+        """The node's GPUs as the driver reports them (NVML), whether or not the
+        backend uses them; their memory figures count every process.
+        """
 
     def __init__(
         self,
@@ -190,14 +202,96 @@ class Node(_message.Message):
         disk_cache: Global___DiskCache | None = ...,
         model_count: _builtins.int = ...,
         allowed_roots: _abc.Iterable[_builtins.str] | None = ...,
+        gpus: _abc.Iterable[Global___Gpu] | None = ...,
+        gpu_discovery: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["disk_cache", b"disk_cache", "host_pool", b"host_pool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_roots", b"allowed_roots", "backend", b"backend", "devices", b"devices", "disk_cache", b"disk_cache", "host_pool", b"host_pool", "hostname", b"hostname", "model_count", b"model_count", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_roots", b"allowed_roots", "backend", b"backend", "devices", b"devices", "disk_cache", b"disk_cache", "gpu_discovery", b"gpu_discovery", "gpus", b"gpus", "host_pool", b"host_pool", "hostname", b"hostname", "model_count", b"model_count", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Node: _TypeAlias = Node  # noqa: Y015
+
+@_typing.final
+class Gpu(_message.Message):
+    """A GPU as the driver reports it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UUID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    PCIE_GENERATION_FIELD_NUMBER: _builtins.int
+    PCIE_WIDTH_FIELD_NUMBER: _builtins.int
+    PCIE_MAX_GENERATION_FIELD_NUMBER: _builtins.int
+    PCIE_MAX_WIDTH_FIELD_NUMBER: _builtins.int
+    PROCESSES_FIELD_NUMBER: _builtins.int
+    uuid: _builtins.str
+    """`GPU-...`, as `nvidia-smi -L` prints it: the name to use."""
+    index: _builtins.int
+    """The driver's index: a convenience only (CUDA_VISIBLE_DEVICES renumbers)."""
+    display_name: _builtins.str
+    memory_total_bytes: _builtins.int
+    memory_used_bytes: _builtins.int
+    memory_free_bytes: _builtins.int
+    pcie_generation: _builtins.int
+    """The PCIe link now, and the most it can do (0 where not reported)."""
+    pcie_width: _builtins.int
+    pcie_max_generation: _builtins.int
+    pcie_max_width: _builtins.int
+    @_builtins.property
+    def processes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuProcess]:
+        """Processes using the GPU, the daemon and its engines included."""
+
+    def __init__(
+        self,
+        *,
+        uuid: _builtins.str = ...,
+        index: _builtins.int = ...,
+        display_name: _builtins.str = ...,
+        memory_total_bytes: _builtins.int = ...,
+        memory_used_bytes: _builtins.int = ...,
+        memory_free_bytes: _builtins.int = ...,
+        pcie_generation: _builtins.int = ...,
+        pcie_width: _builtins.int = ...,
+        pcie_max_generation: _builtins.int = ...,
+        pcie_max_width: _builtins.int = ...,
+        processes: _abc.Iterable[Global___GpuProcess] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "index", b"index", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "pcie_generation", b"pcie_generation", "pcie_max_generation", b"pcie_max_generation", "pcie_max_width", b"pcie_max_width", "pcie_width", b"pcie_width", "processes", b"processes", "uuid", b"uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Gpu: _TypeAlias = Gpu  # noqa: Y015
+
+@_typing.final
+class GpuProcess(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PID_FIELD_NUMBER: _builtins.int
+    USED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    pid: _builtins.int
+    used_memory_bytes: _builtins.int
+    """0 where the driver does not say (MIG, permissions)."""
+    def __init__(
+        self,
+        *,
+        pid: _builtins.int = ...,
+        used_memory_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pid", b"pid", "used_memory_bytes", b"used_memory_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuProcess: _TypeAlias = GpuProcess  # noqa: Y015
 
 @_typing.final
 class GetNodeRequest(_message.Message):

@@ -138,13 +138,13 @@ class CudaBackend(Backend):
         self,
         *,
         devices: Sequence[str] = (),
-        device_capacity: float = 0.9,
+        device_capacity: float | int = 0.9,
         host_capacity: int,
         host_chunk: int = 1 << 30,
         kernel_cache: Path | None = None,
     ) -> None:
         """`devices`: UUIDs to use (all visible if empty). `device_capacity`:
-        bytes per device, or (at most 1.0) a fraction of each device's total."""
+        a share of each device's total memory (a float), or bytes (an int)."""
         ordinals = driver.device_ordinals()
         chosen = list(devices) or list(ordinals)
         unknown = [u for u in chosen if u not in ordinals]
@@ -166,7 +166,9 @@ class CudaBackend(Backend):
                 context(ordinal)
                 _, total = driver.mem_info(ordinal)
                 capacity = (
-                    int(total * device_capacity) if device_capacity <= 1 else int(device_capacity)
+                    int(total * device_capacity)
+                    if isinstance(device_capacity, float)
+                    else device_capacity
                 )
                 dev = check(d.cuDeviceGet(ordinal), "cuDeviceGet")
                 raw = check(d.cuDeviceGetName(256, dev), "cuDeviceGetName")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 from torpord.backends.base import Backend
 from torpord.backends.host import HostBackend
+from torpord.backends.nvml import Discovery, discover
 from torpord.config import Config
+from torpord.errors import TorporError
 
 __all__ = ["BackendUnavailable", "build_backend"]
 
@@ -15,26 +15,55 @@ class BackendUnavailable(Exception):
     pass
 
 
-def gpu_visible() -> bool:
-    return os.path.exists("/dev/nvidiactl")
-
-
-def build_backend(config: Config) -> tuple[Backend, str]:
-    """The backend, and a sentence on why it was chosen (for the log)."""
+def build_backend(config: Config, found: Discovery | None = None) -> tuple[Backend, str]:
+    """The backend, and a sentence on why it was chosen (for the log).
+    `backend.kind = "cuda"` without a usable GPU is BackendUnavailable;
+    "auto" uses the GPUs if the CUDA backend starts on them, else the host
+    backend, and says why."""
     kind = config.backend.kind
-    if kind == "cuda" or (kind == "auto" and gpu_visible()):
-        if kind == "cuda":
-            raise BackendUnavailable(
-                'backend.kind = "cuda": the CUDA backend is not part of this release yet;'
-                ' use backend.kind = "host" (or "auto")'
+    if kind in ("cuda", "auto"):
+        found = found if found is not None else discover()
+        if not found.gpus:
+            if kind == "cuda":
+                raise BackendUnavailable(
+                    f'backend.kind = "cuda" but no GPU is usable: {found.reason}'
+                )
+            return _host(config), f"no GPU ({found.reason}): using host"
+        names = ", ".join(sorted({g.name for g in found.gpus}))
+        try:
+            backend = _cuda(config)
+        except (TorporError, ImportError) as err:
+            message = getattr(err, "message", str(err))
+            if kind == "cuda":
+                raise BackendUnavailable(
+                    f'backend.kind = "cuda": the CUDA backend could not start on'
+                    f" {len(found.gpus)} GPU(s) ({names}): {message}"
+                ) from err
+            return _host(config), (
+                f"{len(found.gpus)} GPU(s) found ({names}) but the CUDA backend could not"
+                f" start: {message}; using host"
             )
-        why = "a GPU is visible but the CUDA backend is not in this release: using host"
-    else:
-        why = "configured" if kind == "host" else "no GPU visible"
+        return backend, f"{len(found.gpus)} GPU(s): {names}"
+    return _host(config), "configured"
+
+
+def _host(config: Config) -> Backend:
     host = config.backend.host
-    backend = HostBackend(
+    return HostBackend(
         devices=host.devices,
         device_capacity=host.device_capacity,
         host_capacity=config.host_pool.capacity,
     )
-    return backend, why
+
+
+def _cuda(config: Config) -> Backend:
+    from torpord.backends.cuda import CudaBackend
+
+    cuda = config.backend.cuda
+    return CudaBackend(
+        devices=cuda.devices,
+        device_capacity=cuda.device_memory,
+        host_capacity=config.host_pool.capacity,
+        host_chunk=cuda.pinned_chunk,
+        kernel_cache=cuda.kernel_cache,
+    )

@@ -25,6 +25,7 @@ from torpord.config.model import (
     BackendConfig,
     Config,
     ConfigError,
+    CudaBackendConfig,
     DiskCacheConfig,
     HostBackendConfig,
     HostPoolConfig,
@@ -40,8 +41,10 @@ from torpord.config.values import (
     _bool,
     _choice,
     _duration,
+    _gpu_uuid,
     _host_devices,
     _Invalid,
+    _memory_share,
     _path,
     _positive_size,
     _show,
@@ -84,8 +87,9 @@ _SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     ),
     "server": ("socket", "socket_mode", "tcp", "allow_remote", "grace_period"),
     "log": ("level", "format"),
-    "backend": ("kind", "host"),
+    "backend": ("kind", "host", "cuda"),
     "backend.host": ("devices", "device_capacity"),
+    "backend.cuda": ("devices", "device_memory", "pinned_chunk", "kernel_cache"),
     "host_pool": ("capacity",),
     "sources": ("allowed_roots",),
     "layers": ("block_patterns", "post_patterns", "alignment"),
@@ -277,6 +281,16 @@ def load_config(
         host=HostBackendConfig(
             devices=r.get("backend.host.devices", _host_devices, 1),
             device_capacity=r.get("backend.host.device_capacity", _positive_size, 4 * 2**30),
+        ),
+        cuda=CudaBackendConfig(
+            devices=tuple(dict.fromkeys(r.get_list("backend.cuda.devices", _gpu_uuid) or ())),
+            device_memory=r.get("backend.cuda.device_memory", _memory_share, 0.9),
+            pinned_chunk=r.get("backend.cuda.pinned_chunk", _positive_size, 2**30),
+            kernel_cache=r.get(
+                "backend.cuda.kernel_cache",
+                lambda v: None if v == "" else _path(v, relative_to_cwd=False),
+                None,
+            ),
         ),
     )
     host_pool = HostPoolConfig(capacity=r.get("host_pool.capacity", _positive_size, 4 * 2**30))

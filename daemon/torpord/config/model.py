@@ -46,9 +46,18 @@ class HostBackendConfig:
 
 
 @dataclass(frozen=True)
+class CudaBackendConfig:
+    devices: tuple[str, ...]  # GPU UUIDs; empty: every visible GPU
+    device_memory: float | int  # a float is a share of each GPU's memory, an int bytes
+    pinned_chunk: int  # bytes page-locked per registration of the host pool
+    kernel_cache: Path | None  # compiled kernels; None: CuPy's default directory
+
+
+@dataclass(frozen=True)
 class BackendConfig:
     kind: str  # one of BACKEND_KINDS; "auto" is resolved by whoever builds the backend
     host: HostBackendConfig
+    cuda: CudaBackendConfig
 
 
 @dataclass(frozen=True)

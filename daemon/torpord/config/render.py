@@ -21,6 +21,12 @@ def _toml_str(text: str) -> str:
     return f'"{escaped}"'
 
 
+def _toml_share(value: float | int) -> str:
+    if isinstance(value, float):
+        return _toml_str(f"{value * 100:g}%")
+    return _toml_size(value)
+
+
 def _toml_size(n: int) -> str:
     for name, unit in sorted(_BINARY.items(), key=lambda item: -item[1]):
         if n and n % unit == 0:
@@ -71,7 +77,8 @@ level = "{lg.level}"
 format = "{lg.format}"
 
 [backend]
-# auto (cuda if a GPU is visible, else host) | host | cuda
+# auto (cuda if the driver reports a GPU and the CUDA backend starts, else
+# host) | host | cuda
 kind = "{b.kind}"
 
 [backend.host]
@@ -79,6 +86,16 @@ kind = "{b.kind}"
 devices = {b.host.devices}
 # Byte sizes take binary (KiB, MiB, GiB, TiB) or decimal (KB, MB, GB, TB) units.
 device_capacity = {_toml_size(b.host.device_capacity)}
+
+[backend.cuda]
+# GPUs to use, by UUID (nvidia-smi -L); [] uses every visible GPU.
+devices = {_toml_list(b.cuda.devices)}
+# How much of each GPU's memory the daemon may hold: "90%" or a byte size.
+device_memory = {_toml_share(b.cuda.device_memory)}
+# The pinned host pool is page-locked in registrations of this size.
+pinned_chunk = {_toml_size(b.cuda.pinned_chunk)}
+# Where compiled CUDA kernels are kept between runs ("": CuPy's default).
+kernel_cache = {_toml_str(str(b.cuda.kernel_cache) if b.cuda.kernel_cache else "")}
 
 [host_pool]
 # Pinned host memory, allocated at start and accounted exactly.

@@ -154,6 +154,28 @@ def _host_devices(value: Any) -> int:
     return value
 
 
+def _gpu_uuid(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"GPU-[0-9a-fA-F-]{8,}", value):
+        raise _Invalid('a GPU UUID like "GPU-5f2c6a1e-..." (nvidia-smi -L shows them)')
+    return value
+
+
+def _memory_share(value: Any) -> float | int:
+    """ "90%" (of each GPU's memory) or a byte size."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            percent = float(value.strip()[:-1])
+        except ValueError:
+            percent = -1.0
+        if not 0 < percent <= 100:
+            raise _Invalid('a share like "90%" (over 0, at most 100) or a byte size')
+        return percent / 100
+    try:
+        return _positive_size(value)
+    except _Invalid:
+        raise _Invalid('a share like "90%" or a positive byte size like "70GiB"') from None
+
+
 def _alignment(value: Any) -> int:
     if (
         isinstance(value, bool)

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from torpor.v1 import common_pb2, models_pb2, node_pb2
 
 from torpord.backends.base import Backend
+from torpord.backends.nvml import Discovery
 from torpord.core.model import ModelSnapshot, ProgressSnapshot, TransitionRecord
 from torpord.core.types import ModelState, Outcome, Stage, Tier, TransitionKind
 from torpord.errors import InvalidArgument
@@ -161,6 +162,7 @@ def node_to_proto(
     model_count: int,
     allowed_roots: list[str],
     disk: DiskCache | None,
+    found: Discovery | None = None,
 ) -> node_pb2.Node:
     pool = backend.host_pool()
     return node_pb2.Node(
@@ -194,6 +196,26 @@ def node_to_proto(
         ),
         model_count=model_count,
         allowed_roots=allowed_roots,
+        gpus=[
+            node_pb2.Gpu(
+                uuid=g.uuid,
+                index=g.index,
+                display_name=g.name,
+                memory_total_bytes=g.memory_total,
+                memory_used_bytes=g.memory_used,
+                memory_free_bytes=g.memory_free,
+                pcie_generation=g.pcie_generation,
+                pcie_width=g.pcie_width,
+                pcie_max_generation=g.pcie_max_generation,
+                pcie_max_width=g.pcie_max_width,
+                processes=[
+                    node_pb2.GpuProcess(pid=p.pid, used_memory_bytes=p.used_memory or 0)
+                    for p in g.processes
+                ],
+            )
+            for g in (found.gpus if found else ())
+        ],
+        gpu_discovery=found.reason if found else "",
     )
 
 

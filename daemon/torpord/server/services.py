@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from torpor.v1 import (
 )
 
 from torpord import __version__
+from torpord.backends.nvml import Discovery, discover
 from torpord.core.events import EventType
 from torpord.core.manager import ModelManager
 from torpord.core.types import Tier
@@ -30,6 +32,7 @@ __all__ = ["AgentService", "ModelService", "NodeService"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+GPU_REFRESH = 1.0  # seconds between two questions to the GPU driver
 _EVENT_TYPES = {
     EventType.ADDED: models_pb2.MODEL_EVENT_TYPE_ADDED,
     EventType.CHANGED: models_pb2.MODEL_EVENT_TYPE_CHANGED,
@@ -148,6 +151,19 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
 class NodeService(node_pb2_grpc.NodeServiceServicer):
     def __init__(self, manager: ModelManager) -> None:
         self._m = manager
+        # The driver's figures, asked again at most once a second (NVML
+        # starts up per question; a polling operator shouldn't pay it each time).
+        self._found: tuple[float, Discovery] | None = None
+        self._asking: asyncio.Lock | None = None
+
+    async def _discovery(self) -> Discovery:
+        if self._asking is None:
+            self._asking = asyncio.Lock()
+        async with self._asking:
+            now = time.monotonic()
+            if self._found is None or now - self._found[0] > GPU_REFRESH:
+                self._found = (now, await asyncio.to_thread(discover))
+            return self._found[1]
 
     @translate_errors
     async def GetNode(
@@ -160,6 +176,7 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
             model_count=len(self._m.list_models()),
             allowed_roots=[str(r) for r in self._m.settings.allowed_roots],
             disk=self._m.disk,
+            found=await self._discovery(),
         )
         return node_pb2.GetNodeResponse(node=node)
 
