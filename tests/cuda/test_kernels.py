@@ -120,9 +120,11 @@ def test_every_kernel_compiles_with_nvrtc(name: str, arch: str) -> None:
     options = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in kernels.OPTIONS)]
     (err,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
     _, size = nvrtc.nvrtcGetProgramLogSize(program)
-    log = b" " * size
+    # A fresh, mutable buffer: the call writes into it (b" " * 1 would be
+    # Python's shared one-byte object, overwritten for the whole process).
+    log = bytearray(size)
     nvrtc.nvrtcGetProgramLog(program, log)
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode()
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
     _, cubin = nvrtc.nvrtcGetCUBINSize(program)
     assert cubin > 0
     nvrtc.nvrtcDestroyProgram(program)

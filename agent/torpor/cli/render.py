@@ -357,6 +357,8 @@ def node_details(node: node_pb2.Node) -> str:
         ]
         headers = ["GPU", "INDEX", "NAME", "MEMORY USED", "PCIE", "PROCESSES"]
         parts.append(table(headers, gpus, right=(1, 5)))
+        if node.gpu_discovery:  # some GPUs did not answer the driver
+            parts.append(key_values([("GPUs", f"missing: {node.gpu_discovery}")]))
     else:
         parts.append(key_values([("GPUs", f"none: {node.gpu_discovery or 'not reported'}")]))
     return "\n\n".join(parts)

@@ -173,7 +173,8 @@ class Node(_message.Message):
     model_count: _builtins.int
     gpu_discovery: _builtins.str
     """Why no GPU is listed ("no NVIDIA driver (libnvidia-ml.so.1 not found)",
-    ...); empty when the driver answered.
+    ...), or which GPUs did not answer and are left out; empty when every GPU
+    the driver lists answered.
     """
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Device]: ...

@@ -3,7 +3,9 @@
 `discover()` never raises: with no NVML library, no driver or no GPU it
 returns no GPUs and a sentence saying why. Devices are keyed by UUID; the
 index is NVML's, a convenience only. Per-device figures a GPU may not
-support (PCIe link, processes) are left empty rather than failing the rest.
+support (PCIe link, processes) are left empty, and a GPU that cannot say what
+it is (lost, no permission) is left out and named in `reason`, rather than
+failing the rest.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class GpuInfo:
 @dataclass(frozen=True)
 class Discovery:
     gpus: tuple[GpuInfo, ...]
-    reason: str  # why there are none; empty when the driver answered
+    reason: str  # why there are none, or which GPUs did not answer; empty when all did
     driver_version: str = ""
 
 
@@ -105,6 +107,24 @@ def _processes(nvml: Any, handle: Any) -> tuple[GpuProcess, ...]:
     return tuple(seen.values())
 
 
+def _gpu(nvml: Any, index: int) -> GpuInfo:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    return GpuInfo(
+        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+        index=index,
+        name=_text(nvml.nvmlDeviceGetName(handle)),
+        memory_total=int(memory.total),
+        memory_used=int(memory.used),
+        memory_free=int(memory.free),
+        pcie_generation=_figure(nvml.nvmlDeviceGetCurrPcieLinkGeneration, handle),
+        pcie_width=_figure(nvml.nvmlDeviceGetCurrPcieLinkWidth, handle),
+        pcie_max_generation=_figure(nvml.nvmlDeviceGetMaxPcieLinkGeneration, handle),
+        pcie_max_width=_figure(nvml.nvmlDeviceGetMaxPcieLinkWidth, handle),
+        processes=_processes(nvml, handle),
+    )
+
+
 def discover() -> Discovery:
     try:
         import pynvml
@@ -116,26 +136,17 @@ def discover() -> Discovery:
         return Discovery((), explain(err))
     try:
         driver_version = _text(_optional(pynvml.nvmlSystemGetDriverVersion, ""))
-        gpus = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            gpus.append(
-                GpuInfo(
-                    uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
-                    index=index,
-                    name=_text(pynvml.nvmlDeviceGetName(handle)),
-                    memory_total=int(memory.total),
-                    memory_used=int(memory.used),
-                    memory_free=int(memory.free),
-                    pcie_generation=_figure(pynvml.nvmlDeviceGetCurrPcieLinkGeneration, handle),
-                    pcie_width=_figure(pynvml.nvmlDeviceGetCurrPcieLinkWidth, handle),
-                    pcie_max_generation=_figure(pynvml.nvmlDeviceGetMaxPcieLinkGeneration, handle),
-                    pcie_max_width=_figure(pynvml.nvmlDeviceGetMaxPcieLinkWidth, handle),
-                    processes=_processes(pynvml, handle),
-                )
-            )
-        reason = "" if gpus else "the NVIDIA driver reports no GPU"
+        count = pynvml.nvmlDeviceGetCount()
+        gpus: list[GpuInfo] = []
+        silent: list[str] = []
+        for index in range(count):
+            # One GPU that fell off the bus (or that this user may not open)
+            # must not hide the others, nor turn "auto" into the host backend.
+            try:
+                gpus.append(_gpu(pynvml, index))
+            except pynvml.NVMLError as err:
+                silent.append(f"GPU {index} did not answer ({explain(err)})")
+        reason = "; ".join(silent) if count else "the NVIDIA driver reports no GPU"
         return Discovery(tuple(gpus), reason, driver_version)
     except pynvml.NVMLError as err:
         return Discovery((), explain(err))
