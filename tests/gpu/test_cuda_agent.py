@@ -107,3 +107,14 @@ def test_a_slab_maps_at_a_fixed_address_in_another_process() -> None:
     assert got["bf16"] == pytest.approx(expected.float().sum().item(), nan_ok=True)
     assert got["fp8"] == data[8192 : 8192 + 32].hex()
     assert padded >= SIZE
+
+
+def test_the_agent_finds_its_own_ordinal_for_the_daemons_gpu() -> None:
+    from torpor.agent.cuda import ordinal_of
+    from torpor.agent.mapping import MappingError
+    from torpord.cuda import driver as daemon_driver
+
+    for uuid, ordinal in daemon_driver.device_ordinals().items():
+        assert ordinal_of(uuid) == ordinal
+    with pytest.raises(MappingError):
+        ordinal_of("GPU-00000000-0000-0000-0000-000000000000")

@@ -100,6 +100,8 @@ class AttachedModel:
             self.layout_hash: str = attached.layout_hash
             self.slab_kind: str = attached.slab_kind or "memfd"
             self.device_index: int = attached.device_index
+            self.device: str = attached.device.removeprefix("devices/")  # the GPU's UUID
+            self._ordinal: int | None = None  # this process's CUDA number for it
             self._reserve()
             self._start()
         except grpc.RpcError as err:
@@ -355,9 +357,11 @@ class AttachedModel:
 
     def _range(self, size: int) -> SlabRange:
         if self.slab_kind == "cuda":
-            from torpor.agent.cuda import CudaSlabRange
+            from torpor.agent.cuda import CudaSlabRange, ordinal_of
 
-            return cast(SlabRange, CudaSlabRange(size, self.device_index))
+            if self._ordinal is None:
+                self._ordinal = ordinal_of(self.device) if self.device else self.device_index
+            return cast(SlabRange, CudaSlabRange(size, self._ordinal))
         if self.slab_kind != "memfd":
             raise TorporError(
                 grpc.StatusCode.FAILED_PRECONDITION,

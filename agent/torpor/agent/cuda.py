@@ -66,6 +66,23 @@ def _context(device: int) -> None:
     _check(cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
 
+def ordinal_of(uuid: str) -> int:
+    """This process's CUDA ordinal for the GPU named `uuid` (`GPU-...`, as
+    NVML and the daemon name it): CUDA_VISIBLE_DEVICES may renumber GPUs."""
+    cu = _driver()
+    _check(cu.cuInit(0), "cuInit")
+    for ordinal in range(_check(cu.cuDeviceGetCount(), "cuDeviceGetCount")):
+        dev = _check(cu.cuDeviceGet(ordinal), "cuDeviceGet")
+        h = bytes(_check(cu.cuDeviceGetUuid(dev), "cuDeviceGetUuid").bytes).hex()
+        if f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}" == uuid:
+            return ordinal
+    raise MappingError(
+        0,
+        f"the model's slabs are on GPU {uuid}, which this process cannot see"
+        " (CUDA_VISIBLE_DEVICES?)",
+    )
+
+
 class CudaSlabRange:
     """One slab's reserved device address range in this process."""
 

@@ -137,6 +137,7 @@ class Attached(_message.Message):
     FD_SOCKET_FIELD_NUMBER: _builtins.int
     SLAB_KIND_FIELD_NUMBER: _builtins.int
     DEVICE_INDEX_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
     attachment_id: _builtins.str
     """Identifies this attachment on the fd socket."""
     layout_hash: _builtins.str
@@ -148,7 +149,13 @@ class Attached(_message.Message):
     allocations exported as POSIX fds: import and map them on the device).
     """
     device_index: _builtins.int
-    """The CUDA device ordinal the slabs live on (slab_kind "cuda")."""
+    """The CUDA device ordinal the slabs live on (slab_kind "cuda"), in the
+    daemon's numbering: a hint only; `device` names the GPU.
+    """
+    device: _builtins.str
+    """`devices/{uuid}` the slabs live on. The agent maps them on its own
+    ordinal for that GPU (CUDA_VISIBLE_DEVICES may number it differently).
+    """
     def __init__(
         self,
         *,
@@ -157,10 +164,11 @@ class Attached(_message.Message):
         fd_socket: _builtins.str = ...,
         slab_kind: _builtins.str = ...,
         device_index: _builtins.int = ...,
+        device: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_id", b"attachment_id", "device_index", b"device_index", "fd_socket", b"fd_socket", "layout_hash", b"layout_hash", "slab_kind", b"slab_kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_id", b"attachment_id", "device", b"device", "device_index", b"device_index", "fd_socket", b"fd_socket", "layout_hash", b"layout_hash", "slab_kind", b"slab_kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -121,6 +121,7 @@ class Attachment:
     layout_hash: str
     slab_kind: str  # "memfd" or "cuda"
     device_index: int
+    device: str  # the device's UUID
     outbox: Outbox = field(default_factory=Outbox)
     # Quiesce sequence numbers waiting for their QuiesceAck: True when it came,
     # False when the stream ended first.
@@ -259,6 +260,7 @@ class AgentRegistry:
                 (d.index for d in self.manager.backend.devices() if d.uuid == snapshot.device),
                 0,
             ),
+            snapshot.device or "",
         )
         self._attachments[attachment.id] = attachment
         self._count_changed(hello.model_id)

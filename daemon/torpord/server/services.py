@@ -205,6 +205,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     fd_socket=str(self._registry.fd_socket),
                     slab_kind=attachment.slab_kind,
                     device_index=attachment.device_index,
+                    device=f"devices/{attachment.device}" if attachment.device else "",
                 )
             )
             while True:
