@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from torpord.core.types import Tier
 from torpord.errors import InvalidArgument, ResourceExhausted
 from torpord.storage.checksum import slab_checksum
-from torpord.storage.pipeline import SlabSink
+from torpord.storage.pipeline import PlainStaging, SlabSink, Staging
 
 __all__ = ["Backend", "Budget", "DeviceInfo", "PoolInfo", "Slab", "SlabOwner"]
 
@@ -147,6 +147,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def sink(self, slab: Slab) -> SlabSink:
         """Where the read pipeline writes a layer's bytes for this slab."""
+
+    def staging(self) -> Staging:
+        """Where the read pipeline's workers stage what they read before it
+        goes to slabs without a host view (device memory): plain memory here;
+        pinned on a GPU, so the copy to the device starts from it directly."""
+        return PlainStaging()
 
     def checksum(self, slab: Slab) -> str:
         """The slab's checksum (torpord.storage.checksum), hex (blocking; run on

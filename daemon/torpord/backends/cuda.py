@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -108,6 +109,33 @@ class _Event:
             cu().cuEventDestroy(self.event)
 
 
+class _PinnedStaging:
+    """The read pipeline's staging buffers, page-locked, so a staged chunk
+    goes to the device straight from where it was read."""
+
+    def __init__(self, backend: CudaBackend) -> None:
+        self._backend = backend
+
+    def take(self, size: int) -> mmap.mmap:
+        buffer = mmap.mmap(-1, size)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+        driver.init()
+        check(
+            cu().cuMemHostRegister(address, size, cu().CU_MEMHOSTREGISTER_PORTABLE),
+            "cuMemHostRegister",
+        )
+        with self._backend._lock:
+            self._backend._pinned_staging[address] = size
+        return buffer
+
+    def give(self, buffer: mmap.mmap) -> None:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+        with self._backend._lock:
+            self._backend._pinned_staging.pop(address, None)
+        check(cu().cuMemHostUnregister(address), "cuMemHostUnregister")
+        buffer.close()
+
+
 class _CudaSink:
     """The read pipeline's way into a slab: host slabs take the bytes
     directly; device slabs through pinned staging buffers."""
@@ -157,6 +185,7 @@ class CudaBackend(Backend):
         self._live: dict[Slab, _DeviceMemory | _HostRange] = {}
         self._lock = threading.Lock()
         self._kernels: Any = None
+        self._pinned_staging: dict[int, int] = {}  # the read path's: address -> size
         self._kernels_lock = threading.Lock()
         self._kernel_cache = kernel_cache
         d = cu()
@@ -435,6 +464,15 @@ class CudaBackend(Backend):
         src = np.frombuffer(data, dtype=np.uint8)  # (an address even if read-only)
         events = []
         with self._window(slab) as address:
+            if self._pinned(src.ctypes.data, src.size):
+                # Read into pinned staging: straight to the device from there.
+                context(dev.ordinal)
+                check(
+                    cu().cuMemcpyHtoDAsync(address + offset, src.ctypes.data, src.size, dev.h2d),
+                    "cuMemcpyHtoDAsync",
+                )
+                _Event(dev.ordinal, dev.h2d).synchronize()  # before the window closes
+                return
             try:
                 for at in range(0, src.size, STAGING):
                     n = min(STAGING, src.size - at)
@@ -460,6 +498,17 @@ class CudaBackend(Backend):
 
     def sink(self, slab: Slab) -> _CudaSink:
         return _CudaSink(self, slab)
+
+    def staging(self) -> _PinnedStaging:
+        return _PinnedStaging(self)
+
+    def _pinned(self, address: int, size: int) -> bool:
+        """Whether [address, address + size) lies in one pinned staging buffer."""
+        with self._lock:
+            return any(
+                start <= address and address + size <= start + length
+                for start, length in self._pinned_staging.items()
+            )
 
     def checksum(self, slab: Slab) -> str:
         if slab.tier is Tier.HOST:

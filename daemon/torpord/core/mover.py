@@ -171,6 +171,7 @@ class Mover:
                     on_bytes=on_bytes,
                     on_layer=on_layer,
                     should_stop=lambda: self.stopping.is_set() or abort.is_set(),
+                    staging=self._backend.staging(),
                 )
             )
         except StopRequested:

@@ -38,7 +38,15 @@ from torpord.storage.layers import LayerPlan
 from torpord.storage.reader import _open_for_read
 from torpord.storage.safetensors import Checkpoint
 
-__all__ = ["DIRECT_MODES", "ReadOptions", "ReadReport", "SlabSink", "read_layers"]
+__all__ = [
+    "DIRECT_MODES",
+    "PlainStaging",
+    "ReadOptions",
+    "ReadReport",
+    "SlabSink",
+    "Staging",
+    "read_layers",
+]
 
 DIRECT_MODES = ("auto", "on", "off")
 # O_DIRECT wants the file offset, the length and the buffer address aligned to
@@ -56,6 +64,7 @@ class ReadReport:
     transfer_seconds: float = 0.0  # writing staged bytes to slabs (to the device)
     transfer_bytes: int = 0
     checksum_seconds: float = 0.0
+    cached_bytes: int = 0  # served from the page cache (auto mode's first try)
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,24 @@ class ReadOptions:
     chunk_bytes: int = 32 * 2**20
     threads: int = 8
     direct: str = "auto"
+
+
+class Staging(Protocol):
+    """Where the workers' staging buffers come from: plain memory, or memory
+    the backend can copy to its device from directly (pinned on a GPU)."""
+
+    def take(self, size: int) -> mmap.mmap: ...
+
+    def give(self, buffer: mmap.mmap) -> None:
+        """The buffer is not used any more (every write from it returned)."""
+
+
+class PlainStaging:
+    def take(self, size: int) -> mmap.mmap:
+        return mmap.mmap(-1, size)
+
+    def give(self, buffer: mmap.mmap) -> None:
+        buffer.close()
 
 
 class SlabSink(Protocol):
@@ -166,8 +193,10 @@ class _Run:
         on_bytes: Callable[[int], None],
         on_layer: Callable[[int, str], None],
         should_stop: Callable[[], bool],
+        staging: Staging,
     ) -> None:
         self.checkpoint, self.plans, self.sinks, self.options = checkpoint, plans, sinks, options
+        self.staging = staging
         self.on_bytes, self.on_layer, self.should_stop = on_bytes, on_layer, should_stop
         self.report = ReadReport()
         self.notes = self.report.notes
@@ -197,10 +226,11 @@ class _Run:
             self._count("checksum_seconds", time.perf_counter() - start)
             self.on_layer(piece.layer, digest)
 
-    def _count(self, what: str, seconds: float, nbytes: int = 0) -> None:
+    def _count(self, what: str, seconds: float, nbytes: int = 0, cached: int = 0) -> None:
         with self.lock:
             setattr(self.report, what, getattr(self.report, what) + seconds)
             self.report.transfer_bytes += nbytes
+            self.report.cached_bytes += cached
 
     # -- one chunk -------------------------------------------------------------
 
@@ -211,6 +241,8 @@ class _Run:
             flags = os.RWF_NOWAIT if f.nowait_ok and f.direct_ok else 0
             if self._straight_into_slabs(f, chunk, flags):
                 return
+        elif f.nowait_ok and staging is not None and self._staged_if_cached(f, chunk, staging):
+            return  # slabs with no host view (device memory): cached bytes via staging
         if f.direct_ok and f.direct_fd is not None and staging is not None:
             try:
                 self._staged(f, f.direct_fd, chunk, staging)
@@ -253,8 +285,39 @@ class _Run:
                 if flags and n < piece.length - done:
                     return False  # partly cached: read the chunk the slow way
                 done += n
+        if flags:
+            self._count("read_seconds", 0.0, cached=chunk.end - chunk.start)
         for piece in chunk.pieces:
             self.finish_piece(piece)
+        return True
+
+    def _staged_if_cached(self, f: _File, chunk: _Chunk, staging: mmap.mmap) -> bool:
+        """Read the chunk into staging only if the page cache holds all of it
+        (buffered, RWF_NOWAIT), then hand the pieces on; False otherwise."""
+        size = chunk.end - chunk.start
+        got = 0
+        while got < size:
+            want = size - got
+            with memoryview(staging)[got:size] as target:
+                start = time.perf_counter()
+                try:
+                    n = os.preadv(f.fd, [target], chunk.start + got, os.RWF_NOWAIT)
+                except BlockingIOError:
+                    return False
+                except OSError as err:
+                    if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                        f.nowait_ok = False
+                        return False
+                    raise self._read_failed(f, chunk.start + got, err) from None
+                finally:
+                    self._count("read_seconds", time.perf_counter() - start)
+            got += n
+            if n == 0 or chunk.start + got >= f.src.size:
+                break  # the end of the file (_deliver says if it came too soon)
+            if n < want:
+                return False  # partly cached: read the chunk the slow way
+        self._count("read_seconds", 0.0, cached=got)
+        self._deliver(f, chunk, staging, got)
         return True
 
     def _staged(self, f: _File, fd: int, chunk: _Chunk, staging: mmap.mmap) -> None:
@@ -276,6 +339,10 @@ class _Run:
             got += n
             if fd == f.direct_fd and got % BLOCK:
                 break  # a short O_DIRECT read ends at the end of the file
+        self._deliver(f, chunk, staging, got)
+
+    def _deliver(self, f: _File, chunk: _Chunk, staging: mmap.mmap, got: int) -> None:
+        """Write each piece of a chunk read into staging (`got` bytes) to its slab."""
         for piece in chunk.pieces:
             begin = piece.file_offset - chunk.start
             if begin + piece.length > got:
@@ -309,7 +376,7 @@ class _Run:
         staging = None
         try:
             if self.options.direct != "off" or not all(v is not None for v in self.views):
-                staging = mmap.mmap(-1, self.options.chunk_bytes + BLOCK)
+                staging = self.staging.take(self.options.chunk_bytes + BLOCK)
             while (chunk := work.get()) is not None:
                 if self.error is not None:
                     continue
@@ -324,7 +391,7 @@ class _Run:
                 pass
         finally:
             if staging is not None:
-                staging.close()
+                self.staging.give(staging)
 
 
 class _Stopped(Exception):
@@ -340,6 +407,7 @@ def read_layers(
     on_bytes: Callable[[int], None] = lambda n: None,
     on_layer: Callable[[int, str], None] = lambda i, digest: None,
     should_stop: Callable[[], bool] = lambda: False,
+    staging: Staging | None = None,
 ) -> ReadReport:
     """Read every layer of `plans` into its sink; returns what it did, with notes
     for the operator (O_DIRECT fallbacks). Blocking: call it from a worker thread. `on_layer`
@@ -354,7 +422,16 @@ def read_layers(
         _zero(sink, view, end, plan.size)
         if view is not None:
             view.release()
-    run = _Run(checkpoint, plans, sinks, options, on_bytes, on_layer, should_stop)
+    run = _Run(
+        checkpoint,
+        plans,
+        sinks,
+        options,
+        on_bytes,
+        on_layer,
+        should_stop,
+        staging or PlainStaging(),
+    )
     for li, left in enumerate(run.remaining):
         if left == 0:
             on_layer(li, sinks[li].checksum())
