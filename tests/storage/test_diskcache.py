@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,10 @@ class Sink:
 
     def write(self, offset: int, data: memoryview) -> None:
         self.data[offset : offset + data.nbytes] = data
+
+    def write_many(self, pieces: Sequence[tuple[int, memoryview]]) -> None:
+        for offset, data in pieces:
+            self.write(offset, data)
 
     def checksum(self) -> str:
         return slab_checksum(self.data)

@@ -7,6 +7,7 @@ import fcntl
 import itertools
 import mmap
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,10 @@ class Sink:
     def write(self, offset: int, data: memoryview) -> None:
         self.writes += 1
         self.data[offset : offset + data.nbytes] = data
+
+    def write_many(self, pieces: Sequence[tuple[int, memoryview]]) -> None:
+        for offset, data in pieces:
+            self.write(offset, data)
 
     def checksum(self) -> str:
         return slab_checksum(self.data)
@@ -285,3 +290,28 @@ def test_uncached_bytes_go_around_the_page_cache(ckpt: Checkpoint) -> None:
     assert report.cached_bytes < ckpt.data_bytes  # (read with O_DIRECT instead)
     for plan, sink in zip(plans, sinks, strict=True):
         assert bytes(sink.data) == expected(ckpt, plan), plan.name
+
+
+class BatchSink(Sink):
+    """A device-like slab that records how its pieces arrive."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size, addressable=False)
+        self.batches: list[int] = []
+
+    def write_many(self, pieces: Sequence[tuple[int, memoryview]]) -> None:
+        self.batches.append(len(pieces))
+        super().write_many(pieces)
+
+
+def test_a_chunks_pieces_reach_each_slab_in_one_batch(ckpt: Checkpoint) -> None:
+    plans = plan_layers(ckpt)
+    sinks = [BatchSink(plan.size) for plan in plans]
+    read_layers(ckpt, plans, sinks, ReadOptions(chunk_bytes=32 * 2**20, threads=1))
+    # One big chunk per file: each slab gets one batch per file it reads from,
+    # however many tensors that is.
+    for plan, sink in zip(plans, sinks, strict=True):
+        files = {p.tensor.file_index for p in plan.tensors}
+        assert len(sink.batches) == len(files), plan.name
+        assert sum(sink.batches) == len(plan.tensors)
+        assert bytes(sink.data) == expected(ckpt, plan)

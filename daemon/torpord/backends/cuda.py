@@ -155,6 +155,16 @@ class _CudaSink:
             return
         self._backend._write_device(self._slab, offset, data)
 
+    def write_many(self, pieces: Sequence[tuple[int, memoryview]]) -> None:
+        for offset, data in pieces:
+            if offset < 0 or offset + data.nbytes > self._slab.size:
+                raise ValueError(f"write of {data.nbytes} bytes at {offset} past the slab's end")
+        if self._slab.tier is Tier.HOST:
+            for offset, data in pieces:
+                self.write(offset, data)
+            return
+        self._backend._write_device_many(self._slab, pieces)
+
     def checksum(self) -> str:
         return self._backend.checksum(self._slab)
 
@@ -456,6 +466,27 @@ class CudaBackend(Backend):
             for event, n in events:
                 event.synchronize()
                 report(n)
+
+    def _write_device_many(self, slab: Slab, pieces: Sequence[tuple[int, memoryview]]) -> None:
+        """Pieces of one staged chunk into a device slab: from pinned staging,
+        one window, the copies queued back to back, one wait; otherwise
+        piece by piece through the staging buffers."""
+        arrays = [(offset, np.frombuffer(data, dtype=np.uint8)) for offset, data in pieces]
+        if not all(self._pinned(a.ctypes.data, a.size) for _, a in arrays):
+            for offset, data in pieces:
+                self._write_device(slab, offset, data)
+            return
+        dev = self._device(slab.device)
+        with self._window(slab) as address:
+            context(dev.ordinal)
+            try:
+                for offset, a in arrays:
+                    check(
+                        cu().cuMemcpyHtoDAsync(address + offset, a.ctypes.data, a.size, dev.h2d),
+                        "cuMemcpyHtoDAsync",
+                    )
+            finally:
+                _Event(dev.ordinal, dev.h2d).synchronize()  # before the window closes
 
     def _write_device(self, slab: Slab, offset: int, data: memoryview) -> None:
         """The read path: pageable bytes into a device slab, through pinned

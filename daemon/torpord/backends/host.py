@@ -72,6 +72,10 @@ class _HostSink:
         finally:
             del source
 
+    def write_many(self, pieces: Sequence[tuple[int, memoryview]]) -> None:
+        for offset, data in pieces:
+            self.write(offset, data)
+
     def checksum(self) -> str:
         return self._backend.checksum(self._slab)
 

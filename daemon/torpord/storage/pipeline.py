@@ -101,6 +101,9 @@ class SlabSink(Protocol):
     def write(self, offset: int, data: memoryview) -> None:
         """Copy data into the slab at offset (a host-to-device copy on a GPU)."""
 
+    def write_many(self, pieces: Sequence[tuple[int, memoryview]]) -> None:
+        """Each (offset, data) of one chunk into the slab, as `write` does."""
+
     def checksum(self) -> str:
         """The checksum (torpord.storage.checksum) of the whole slab, hex."""
 
@@ -342,16 +345,38 @@ class _Run:
         self._deliver(f, chunk, staging, got)
 
     def _deliver(self, f: _File, chunk: _Chunk, staging: mmap.mmap, got: int) -> None:
-        """Write each piece of a chunk read into staging (`got` bytes) to its slab."""
+        """Write the pieces of a chunk read into staging (`got` bytes) to their
+        slabs: one write_many per slab (a GPU maps the slab once, queues the
+        copies and waits once)."""
+        by_layer: dict[int, list[_Piece]] = {}
         for piece in chunk.pieces:
-            begin = piece.file_offset - chunk.start
-            if begin + piece.length > got:
+            if piece.file_offset - chunk.start + piece.length > got:
                 raise self._truncated(f, chunk.start + got)
-            with memoryview(staging)[begin : begin + piece.length] as data:
-                start = time.perf_counter()
-                self.sinks[piece.layer].write(piece.slab_offset, data)
-                self._count("transfer_seconds", time.perf_counter() - start, piece.length)
-            self.finish_piece(piece)
+            by_layer.setdefault(piece.layer, []).append(piece)
+        whole = memoryview(staging)
+        try:
+            for layer, pieces in by_layer.items():
+                views = [
+                    whole[p.file_offset - chunk.start : p.file_offset - chunk.start + p.length]
+                    for p in pieces
+                ]
+                try:
+                    start = time.perf_counter()
+                    self.sinks[layer].write_many(
+                        [(p.slab_offset, v) for p, v in zip(pieces, views, strict=True)]
+                    )
+                    self._count(
+                        "transfer_seconds",
+                        time.perf_counter() - start,
+                        sum(p.length for p in pieces),
+                    )
+                finally:
+                    for v in views:
+                        v.release()
+                for piece in pieces:
+                    self.finish_piece(piece)
+        finally:
+            whole.release()
 
     @staticmethod
     def _read_failed(f: _File, offset: int, err: OSError) -> Unavailable:
