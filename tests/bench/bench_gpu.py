@@ -177,9 +177,10 @@ def gather_scatter(runs: int) -> dict[str, Any]:
         lengths = [n for _, _, n in segments]
 
         def batch() -> None:
-            (err,) = cu.cuMemcpyBatchAsync(
+            # (cuda-bindings 12.x also returns the failing index; 13.x does not)
+            err = cu.cuMemcpyBatchAsync(
                 dsts, srcs, lengths, len(segments), [attrs], [0], 1, stream.ptr
-            )
+            )[0]
             if err != cu.CUresult.CUDA_SUCCESS:
                 raise RuntimeError(f"cuMemcpyBatchAsync: {err}")
 

@@ -142,3 +142,36 @@ def test_an_exported_slab_maps_in_another_process(backend: CudaBackend) -> None:
     assert out.stdout.strip() == data[:64].hex()
     backend.free(dev)
     backend.free(host)
+
+
+def test_the_read_pipeline_loads_device_slabs_through_pinned_staging(
+    backend: CudaBackend, tmp_path: Path
+) -> None:
+    from torpor.testing import make_checkpoint
+    from torpord.storage.layers import plan_layers
+    from torpord.storage.pipeline import ReadOptions, read_layers
+    from torpord.storage.safetensors import open_checkpoint
+
+    ckpt = open_checkpoint(make_checkpoint(tmp_path / "m", layers=4, hidden=512, shards=2))
+    plans = plan_layers(ckpt)
+    device = backend.devices()[0].uuid
+    slabs = backend.allocate(Tier.DEVICE, device, [(p.size, owner(p.name)) for p in plans])
+    hosts = backend.allocate(Tier.HOST, None, [(p.size, owner(p.name)) for p in plans])
+    try:
+        for direct in ("auto", "on"):
+            digests: dict[int, str] = {}
+            read_layers(
+                ckpt,
+                plans,
+                [backend.sink(s) for s in slabs],
+                ReadOptions(chunk_bytes=1 << 20, threads=4, direct=direct),
+                on_layer=lambda i, d: digests.setdefault(i, d),
+                staging=backend.staging(),
+            )
+            read_layers(ckpt, plans, [backend.sink(h) for h in hosts], ReadOptions())
+            for i, (slab, host) in enumerate(zip(slabs, hosts, strict=True)):
+                assert digests[i] == backend.checksum(host) == backend.checksum(slab), direct
+        assert not backend._pinned_staging  # every staging buffer unpinned
+    finally:
+        for slab in [*slabs, *hosts]:
+            backend.free(slab)

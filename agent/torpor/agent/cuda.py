@@ -19,6 +19,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from torpor.agent.dlpack import CUDA, Keep, byte_tensor
 from torpor.agent.mapping import MappingError, tensor_span
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ class CudaSlabRange:
         )
         self.mapped = False
         self._released = False
+        self._keep: list[Keep] = []  # what the tensors' DLPack capsules point into
 
     def map(self, fd: int, *, writable: bool = False) -> None:
         """Import the slab's fd and map it at this range (the fd stays the caller's)."""
@@ -176,20 +178,9 @@ class CudaSlabRange:
         device = torch.device("cuda", self.device)
         if nbytes == 0:
             return torch.empty(tuple(shape), dtype=tdtype, device=device)
-        # Bytes first (every dtype, bf16 and fp8 included, is a view of them).
-        raw = torch.as_tensor(_Bytes(self.address + offset, nbytes), device=device)
+        # Bytes first (every dtype, bf16 and fp8 included, is a view of them),
+        # through DLPack naming the device: the range may not be mapped yet,
+        # and torch must not ask the driver about the pointer.
+        raw, keep = byte_tensor(self.address + offset, nbytes, CUDA, self.device)
+        self._keep.append(keep)
         return raw.view(tdtype).reshape(tuple(shape))
-
-
-class _Bytes:
-    """A device buffer described by __cuda_array_interface__ (version 3)."""
-
-    def __init__(self, pointer: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "data": (pointer, False),
-            "version": 3,
-            "strides": None,
-            "stream": None,  # no synchronisation needed: nothing is enqueued
-        }

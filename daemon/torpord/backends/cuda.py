@@ -106,6 +106,7 @@ class _Event:
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
+            context(self.ordinal)
             cu().cuEventDestroy(self.event)
 
 
@@ -119,21 +120,27 @@ class _PinnedStaging:
     def take(self, size: int) -> mmap.mmap:
         buffer = mmap.mmap(-1, size)
         address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-        driver.init()
-        check(
-            cu().cuMemHostRegister(address, size, cu().CU_MEMHOSTREGISTER_PORTABLE),
-            "cuMemHostRegister",
-        )
+        try:
+            # Registration belongs to a context (PORTABLE: seen by all of them);
+            # the read workers are fresh threads with none current.
+            self._backend._any_context()
+            check(
+                cu().cuMemHostRegister(address, size, cu().CU_MEMHOSTREGISTER_PORTABLE),
+                "cuMemHostRegister",
+            )
+        except BaseException:
+            buffer.close()
+            raise
         with self._backend._lock:
             self._backend._pinned_staging[address] = size
         return buffer
 
     def give(self, buffer: mmap.mmap) -> None:
         address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-        with self._backend._lock:
-            self._backend._pinned_staging.pop(address, None)
-        check(cu().cuMemHostUnregister(address), "cuMemHostUnregister")
-        buffer.close()
+        try:
+            self._backend._unpin_staging(address)
+        finally:
+            buffer.close()
 
 
 class _CudaSink:
@@ -223,9 +230,9 @@ class CudaBackend(Backend):
                     )
                 )
                 flags = d.CUstream_flags.CU_STREAM_NON_BLOCKING
+                self._devices.append(device)  # (released with the rest on failure)
                 device.h2d = check(d.cuStreamCreate(flags), "cuStreamCreate")
                 device.d2h = check(d.cuStreamCreate(flags), "cuStreamCreate")
-                self._devices.append(device)
                 for _ in range(STAGING_BUFFERS):
                     address = check(d.cuMemHostAlloc(STAGING, 0), "cuMemHostAlloc")
                     device.staging.put(_Staging(int(address), STAGING))
@@ -275,11 +282,20 @@ class CudaBackend(Backend):
         )
         return prop
 
+    def _charge(self, tier: Tier, device: str | None, size: int) -> int:
+        """The bytes a slab of `size` takes from its budget: on a device, its
+        allocation, padded to the granularity."""
+        if tier is not Tier.DEVICE:
+            return size
+        granularity = self._device(device).granularity
+        return max(1, -(-size // granularity)) * granularity
+
     def allocate(
         self, tier: Tier, device: str | None, requests: Sequence[tuple[int, SlabOwner]]
     ) -> list[Slab]:
         budget = self._budget(tier, device)
-        budget.reserve([size for size, _ in requests])
+        charges = [self._charge(tier, device, size) for size, _ in requests]
+        budget.reserve(charges)
         slabs: list[Slab] = []
         try:
             for size, owner in requests:
@@ -291,8 +307,8 @@ class CudaBackend(Backend):
         except BaseException:
             for slab in slabs:
                 self.free(slab)
-            for size, _ in requests[len(slabs) :]:
-                budget.release(size)
+            for charge in charges[len(slabs) :]:
+                budget.release(charge)
             raise
         return slabs
 
@@ -301,7 +317,7 @@ class CudaBackend(Backend):
             return _HostRange(self._pool.take(slab.size))
         dev = self._device(slab.device)
         context(dev.ordinal)
-        length = max(1, -(-slab.size // dev.granularity)) * dev.granularity
+        length = self._charge(slab.tier, slab.device, slab.size)
         try:
             handle = check(cu().cuMemCreate(length, self._prop(dev.ordinal), 0), "cuMemCreate")
         except CudaError as err:
@@ -321,6 +337,10 @@ class CudaBackend(Backend):
             memory = self._live.pop(slab, None)
         if memory is None or slab.freed:
             raise RuntimeError(f"slab {slab.id} ({slab.owner}) freed twice")
+        slab.freed = True
+        self._budget(slab.tier, slab.device).release(
+            self._charge(slab.tier, slab.device, slab.size)
+        )
         if isinstance(memory, _HostRange):
             self._pool.free(memory.offset, slab.size)
         else:
@@ -328,8 +348,6 @@ class CudaBackend(Backend):
             # The memory returns to the driver once no process maps it: the
             # daemon maps it only inside a copy, engines let go before this.
             check(cu().cuMemRelease(memory.handle), "cuMemRelease")
-        slab.freed = True
-        self._budget(slab.tier, slab.device).release(slab.size)
 
     def drain(self) -> None:
         for dev in self._devices:
@@ -343,6 +361,8 @@ class CudaBackend(Backend):
         for slab in slabs:
             self.free(slab)
         self.drain()
+        for address in list(self._pinned_staging):  # (a read cut short)
+            self._unpin_staging(address)
         self._pool.close()
         self._release_devices()
 
@@ -381,16 +401,24 @@ class CudaBackend(Backend):
         return self._pool.view(memory.offset, slab.size)
 
     @contextlib.contextmanager
-    def _window(self, slab: Slab, *, peers: Sequence[int] = ()) -> Iterator[int]:
-        """Map a device slab into the daemon for the length of the block."""
+    def _window(
+        self, slab: Slab, start: int = 0, end: int | None = None, *, peers: Sequence[int] = ()
+    ) -> Iterator[int]:
+        """Map bytes [start, end) of a device slab (whole granules of it) into
+        the daemon for the length of the block; yields the address of the
+        slab's byte 0 as seen through the window (valid from start to end)."""
         memory = self._memory(slab)
         assert isinstance(memory, _DeviceMemory)
         dev = self._device(slab.device)
+        g = dev.granularity
+        first = start // g * g
+        length = min(memory.length, -(-(slab.size if end is None else end) // g) * g) - first
+        length = max(length, g)
         d = cu()
         context(dev.ordinal)
-        address = check(d.cuMemAddressReserve(memory.length, 0, 0, 0), "cuMemAddressReserve")
+        address = check(d.cuMemAddressReserve(length, 0, 0, 0), "cuMemAddressReserve")
         try:
-            check(d.cuMemMap(address, memory.length, 0, memory.handle, 0), "cuMemMap")
+            check(d.cuMemMap(address, length, first, memory.handle, 0), "cuMemMap")
             try:
                 access = []
                 for ordinal in (dev.ordinal, *peers):
@@ -399,15 +427,12 @@ class CudaBackend(Backend):
                     desc.location.id = ordinal
                     desc.flags = d.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
                     access.append(desc)
-                check(
-                    d.cuMemSetAccess(address, memory.length, access, len(access)),
-                    "cuMemSetAccess",
-                )
-                yield int(address)
+                check(d.cuMemSetAccess(address, length, access, len(access)), "cuMemSetAccess")
+                yield int(address) - first
             finally:
-                check(d.cuMemUnmap(address, memory.length), "cuMemUnmap")
+                check(d.cuMemUnmap(address, length), "cuMemUnmap")
         finally:
-            check(d.cuMemAddressFree(address, memory.length), "cuMemAddressFree")
+            check(d.cuMemAddressFree(address, length), "cuMemAddressFree")
 
     def copy(self, src: Slab, dst: Slab, on_bytes: Callable[[int], None] | None = None) -> None:
         if src.size != dst.size:
@@ -456,16 +481,23 @@ class CudaBackend(Backend):
                 for at, n in self._pool.pieces(base.offset, host_slab.size, PIECE)
             ]
         events = []
+        failure: BaseException | None = None
         try:
             for offset, n in spans:
                 check(call(dst + offset, src + offset, n, stream), f"cuMemcpy{kind}Async")
                 events.append((_Event(dev.ordinal, stream), n))
         finally:
-            # Every queued piece finishes before the windows close, even after
-            # a failure part-way.
+            # Every queued piece finishes before the windows close, even when
+            # queueing failed part-way or progress reporting raises (a stop).
             for event, n in events:
                 event.synchronize()
-                report(n)
+                if failure is None:
+                    try:
+                        report(n)
+                    except BaseException as err:
+                        failure = err
+        if failure is not None:
+            raise failure
 
     def _write_device_many(self, slab: Slab, pieces: Sequence[tuple[int, memoryview]]) -> None:
         """Pieces of one staged chunk into a device slab: from pinned staging,
@@ -477,7 +509,9 @@ class CudaBackend(Backend):
                 self._write_device(slab, offset, data)
             return
         dev = self._device(slab.device)
-        with self._window(slab) as address:
+        start = min(offset for offset, _ in arrays)
+        end = max(offset + a.size for offset, a in arrays)
+        with self._window(slab, start, end) as address:
             context(dev.ordinal)
             try:
                 for offset, a in arrays:
@@ -494,7 +528,7 @@ class CudaBackend(Backend):
         dev = self._device(slab.device)
         src = np.frombuffer(data, dtype=np.uint8)  # (an address even if read-only)
         events = []
-        with self._window(slab) as address:
+        with self._window(slab, offset, offset + src.size) as address:
             if self._pinned(src.ctypes.data, src.size):
                 # Read into pinned staging: straight to the device from there.
                 context(dev.ordinal)
@@ -532,6 +566,16 @@ class CudaBackend(Backend):
 
     def staging(self) -> _PinnedStaging:
         return _PinnedStaging(self)
+
+    def _any_context(self) -> None:
+        context(self._devices[0].ordinal)
+
+    def _unpin_staging(self, address: int) -> None:
+        with self._lock:
+            known = self._pinned_staging.pop(address, None)
+        if known is not None:
+            self._any_context()
+            check(cu().cuMemHostUnregister(address), "cuMemHostUnregister")
 
     def _pinned(self, address: int, size: int) -> bool:
         """Whether [address, address + size) lies in one pinned staging buffer."""

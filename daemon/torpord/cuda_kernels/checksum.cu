@@ -158,6 +158,15 @@ torpor_xxh3_chunks(const unsigned char* __restrict__ data, u64 length, u64 chunk
     __syncthreads();  // (thread 0 reads every lane when there is no full block)
     const u64 blocks = (n - 1) / BLOCK;
     const u64* words = (const u64*)in;
+    // The secret words this thread keys with: word lane + 32k of every block
+    // is lane (lane % 8) of stripe (lane + 32k) / 8. (Read once: constant
+    // memory serialises a warp reading different addresses.)
+    u64 keys[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const int w = lane + 32 * k;
+        keys[k] = secret64(8 * (w / 8 + w % 8));
+    }
     for (u64 round = 0; round < blocks; round += ROUND) {
         const int count = (int)min((u64)ROUND, blocks - round);
         for (int b = warp; b < count; b += WARPS) {
@@ -167,9 +176,8 @@ torpor_xxh3_chunks(const unsigned char* __restrict__ data, u64 length, u64 chunk
             u64 products = 0, values = 0;
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-                const int w = lane + 32 * k;
-                const u64 value = block[w];
-                const u64 keyed = value ^ secret64(8 * (w / 8 + w % 8));
+                const u64 value = block[lane + 32 * k];
+                const u64 keyed = value ^ keys[k];
                 products += (keyed & 0xFFFFFFFFULL) * (keyed >> 32);
                 values += value;
             }
