@@ -165,7 +165,7 @@ def test_the_read_pipeline_loads_device_slabs_through_pinned_staging(
                 plans,
                 [backend.sink(s) for s in slabs],
                 ReadOptions(chunk_bytes=1 << 20, threads=4, direct=direct),
-                on_layer=lambda i, d: digests.setdefault(i, d),
+                on_layer=digests.setdefault,
                 staging=backend.staging(),
             )
             read_layers(ckpt, plans, [backend.sink(h) for h in hosts], ReadOptions())
