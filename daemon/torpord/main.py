@@ -122,6 +122,7 @@ class Daemon:
                 socket_path=socket_path,
                 tcp=cfg.server.tcp,
                 agents=agents,
+                backend_reason=why,
             )
             fds = FdServer(agents, agents.fd_socket, asyncio.get_running_loop())
         except (DaemonAlreadyRunning, OSError, RuntimeError) as err:

@@ -95,6 +95,7 @@ def test_grpcurl_lists_and_describes_without_protos(daemon: Daemon) -> None:
 def test_get_node(daemon: Daemon) -> None:
     node = daemon.call("torpor.v1.NodeService/GetNode")["node"]
     assert node["backend"] == "BACKEND_HOST"
+    assert node["backend_reason"] == "configured"  # backend.kind = "host" in its config
     assert len(node["devices"]) == 2
     assert node["devices"][0]["uuid"].startswith("HOST-")
     assert node["devices"][0]["capacity_bytes"] == str(256 * 2**20)

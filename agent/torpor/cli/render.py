@@ -307,7 +307,11 @@ def node_details(node: node_pb2.Node) -> str:
     pairs = [
         ("Hostname", node.hostname),
         ("Version", node.version),
-        ("Backend", backend_label(node.backend)),
+        (
+            "Backend",
+            backend_label(node.backend)
+            + (f" ({node.backend_reason})" if node.backend_reason else ""),
+        ),
         ("Models", str(node.model_count)),
         (
             "Host pool",

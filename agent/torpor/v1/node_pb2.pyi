@@ -166,6 +166,7 @@ class Node(_message.Message):
     ALLOWED_ROOTS_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
     GPU_DISCOVERY_FIELD_NUMBER: _builtins.int
+    BACKEND_REASON_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
     version: _builtins.str
     """The torpord version."""
@@ -175,6 +176,10 @@ class Node(_message.Message):
     """Why no GPU is listed ("no NVIDIA driver (libnvidia-ml.so.1 not found)",
     ...), or which GPUs did not answer and are left out; empty when every GPU
     the driver lists answered.
+    """
+    backend_reason: _builtins.str
+    """Why the daemon runs this backend: "configured", or what backend.kind
+    "auto" found ("no GPU (...): using host", "1 GPU(s): NVIDIA H200").
     """
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Device]: ...
@@ -205,10 +210,11 @@ class Node(_message.Message):
         allowed_roots: _abc.Iterable[_builtins.str] | None = ...,
         gpus: _abc.Iterable[Global___Gpu] | None = ...,
         gpu_discovery: _builtins.str = ...,
+        backend_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["disk_cache", b"disk_cache", "host_pool", b"host_pool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_roots", b"allowed_roots", "backend", b"backend", "devices", b"devices", "disk_cache", b"disk_cache", "gpu_discovery", b"gpu_discovery", "gpus", b"gpus", "host_pool", b"host_pool", "hostname", b"hostname", "model_count", b"model_count", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_roots", b"allowed_roots", "backend", b"backend", "backend_reason", b"backend_reason", "devices", b"devices", "disk_cache", b"disk_cache", "gpu_discovery", b"gpu_discovery", "gpus", b"gpus", "host_pool", b"host_pool", "hostname", b"hostname", "model_count", b"model_count", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -66,10 +66,11 @@ def build_server(
     socket_path: Path,
     tcp: str | None,
     agents: AgentRegistry,
+    backend_reason: str = "",
 ) -> tuple[grpc.aio.Server, Any]:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
-    node_pb2_grpc.add_NodeServiceServicer_to_server(NodeService(manager), server)
+    node_pb2_grpc.add_NodeServiceServicer_to_server(NodeService(manager, backend_reason), server)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(agents), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -149,8 +149,9 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
 
 
 class NodeService(node_pb2_grpc.NodeServiceServicer):
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, backend_reason: str = "") -> None:
         self._m = manager
+        self._backend_reason = backend_reason
         # The driver's figures, asked again at most once a second (NVML
         # starts up per question; a polling operator shouldn't pay it each time).
         self._found: tuple[float, Discovery] | None = None
@@ -178,6 +179,7 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
             disk=self._m.disk,
             found=await self._discovery(),
         )
+        node.backend_reason = self._backend_reason
         return node_pb2.GetNodeResponse(node=node)
 
 
