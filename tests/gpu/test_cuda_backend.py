@@ -144,9 +144,14 @@ def test_an_exported_slab_maps_in_another_process(backend: CudaBackend) -> None:
     backend.free(host)
 
 
+@pytest.mark.parametrize("path", ["copies", "kernel", "measured"])
 def test_the_read_pipeline_loads_device_slabs_through_pinned_staging(
-    backend: CudaBackend, tmp_path: Path
+    backend: CudaBackend, tmp_path: Path, path: str
 ) -> None:
+    # A chunk's pieces go to a slab by the copy engine, or by the gather/scatter
+    # kernel, or by whichever the measurement on this GPU chose.
+    dev = backend._devices[0]
+    dev.scatter_limit = {"copies": 0, "kernel": 1 << 40, "measured": None}[path]
     from torpor.testing import make_checkpoint
     from torpord.storage.layers import plan_layers
     from torpord.storage.pipeline import ReadOptions, read_layers
@@ -172,6 +177,8 @@ def test_the_read_pipeline_loads_device_slabs_through_pinned_staging(
             for i, (slab, host) in enumerate(zip(slabs, hosts, strict=True)):
                 assert digests[i] == backend.checksum(host) == backend.checksum(slab), direct
         assert not backend._pinned_staging  # every staging buffer unpinned
+        if path == "measured":
+            assert dev.scatter_limit is not None  # measured, logged
     finally:
         for slab in [*slabs, *hosts]:
             backend.free(slab)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 
 from torpord.backends.base import Backend, Budget, DeviceInfo, PoolInfo, Slab, SlabOwner
 from torpord.core.types import Tier
@@ -42,9 +43,17 @@ from torpord.errors import InvalidArgument, ResourceExhausted
 
 __all__ = ["CudaBackend"]
 
+log = structlog.get_logger("torpord.cuda")
+
 PIECE = 64 << 20  # bytes per copy piece (one event each)
 STAGING = 32 << 20  # bytes per pinned staging buffer of the read path
 STAGING_BUFFERS = 4  # per device
+# A chunk's pieces go through the gather/scatter kernel (one launch) instead
+# of one copy each when there are at least this many and they are no bigger,
+# on average, than what a measurement on the device (at first use) found the
+# kernel faster for.
+SCATTER_MIN_PIECES = 8
+CALIBRATION_BYTES = 4 << 20
 
 
 @dataclass
@@ -57,6 +66,9 @@ class _Device:
     h2d: Any = None  # CUstream
     d2h: Any = None
     staging: queue.Queue[_Staging] = field(default_factory=queue.Queue)
+    # Mean piece size up to which the kernel beat the copy engine here
+    # (0: never); None until measured.
+    scatter_limit: int | None = None
 
 
 @dataclass(eq=False)
@@ -124,15 +136,22 @@ class _PinnedStaging:
             # Registration belongs to a context (PORTABLE: seen by all of them);
             # the read workers are fresh threads with none current.
             self._backend._any_context()
-            check(
-                cu().cuMemHostRegister(address, size, cu().CU_MEMHOSTREGISTER_PORTABLE),
-                "cuMemHostRegister",
-            )
+            d = cu()
+            flags = d.CU_MEMHOSTREGISTER_PORTABLE | d.CU_MEMHOSTREGISTER_DEVICEMAP
+            check(d.cuMemHostRegister(address, size, flags), "cuMemHostRegister")
+            try:
+                # Where kernels see it (the same address with unified addressing).
+                device = int(
+                    check(d.cuMemHostGetDevicePointer(address, 0), "cuMemHostGetDevicePointer")
+                )
+            except BaseException:
+                check(d.cuMemHostUnregister(address), "cuMemHostUnregister")
+                raise
         except BaseException:
             buffer.close()
             raise
         with self._backend._lock:
-            self._backend._pinned_staging[address] = size
+            self._backend._pinned_staging[address] = (size, device)
         return buffer
 
     def give(self, buffer: mmap.mmap) -> None:
@@ -202,7 +221,8 @@ class CudaBackend(Backend):
         self._live: dict[Slab, _DeviceMemory | _HostRange] = {}
         self._lock = threading.Lock()
         self._kernels: Any = None
-        self._pinned_staging: dict[int, int] = {}  # the read path's: address -> size
+        # The read path's pinned staging: address -> (size, device pointer).
+        self._pinned_staging: dict[int, tuple[int, int]] = {}
         self._kernels_lock = threading.Lock()
         self._kernel_cache = kernel_cache
         d = cu()
@@ -511,6 +531,14 @@ class CudaBackend(Backend):
         dev = self._device(slab.device)
         start = min(offset for offset, _ in arrays)
         end = max(offset + a.size for offset, a in arrays)
+        total = sum(a.size for _, a in arrays)
+        if len(arrays) >= SCATTER_MIN_PIECES and total // len(arrays) <= self._scatter_limit(dev):
+            try:
+                self._scatter(dev, slab, arrays, start, end)
+                return
+            except Exception:
+                log.exception("gather/scatter kernel failed: copies only", device=dev.uuid)
+                dev.scatter_limit = 0
         with self._window(slab, start, end) as address:
             context(dev.ordinal)
             try:
@@ -521,6 +549,85 @@ class CudaBackend(Backend):
                     )
             finally:
                 _Event(dev.ordinal, dev.h2d).synchronize()  # before the window closes
+
+    def _scatter(
+        self,
+        dev: _Device,
+        slab: Slab,
+        arrays: Sequence[tuple[int, np.ndarray]],
+        start: int,
+        end: int,
+    ) -> None:
+        """The pieces of one pinned staging buffer into a slab in one launch of
+        the gather/scatter kernel (reading the staging buffer over PCIe)."""
+        import cupy
+
+        where = self._staging_of(arrays[0][1].ctypes.data, arrays[0][1].size)
+        assert where is not None
+        host, device = where
+        segments = [(a.ctypes.data - host, offset, a.size) for offset, a in arrays]
+        if any(self._staging_of(host + s, n) != where for s, _, n in segments):
+            raise ValueError("pieces from several staging buffers")
+        kernels = self._load_kernels()
+        with self._window(slab, start, end) as address, cupy.cuda.Device(dev.ordinal):
+            kernels.gather_scatter(
+                device, address, segments, stream=cupy.cuda.ExternalStream(int(dev.h2d))
+            )
+            _Event(dev.ordinal, dev.h2d).synchronize()  # before the window closes
+
+    def _scatter_limit(self, dev: _Device) -> int:
+        if dev.scatter_limit is None:
+            try:
+                dev.scatter_limit = self._calibrate(dev)
+            except Exception:
+                log.exception("gather/scatter calibration failed: copies only", device=dev.uuid)
+                dev.scatter_limit = 0
+        return dev.scatter_limit
+
+    def _calibrate(self, dev: _Device) -> int:
+        """Measure, once per device, the kernel against one copy per piece,
+        from pinned staging to device memory, for pieces of 4 KiB to 256 KiB;
+        the largest size the kernel wins at (0 if none)."""
+        import cupy
+
+        kernels = self._load_kernels()
+        staging = self.staging()
+        buffer = staging.take(CALIBRATION_BYTES)
+        host = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+        _, device = self._pinned_staging[host]
+        d = cu()
+        limit, seen = 0, []
+        try:
+            with cupy.cuda.Device(dev.ordinal):
+                target = cupy.empty(CALIBRATION_BYTES, dtype=cupy.uint8)
+                stream = cupy.cuda.ExternalStream(int(dev.h2d))
+                for size in (4 << 10, 16 << 10, 64 << 10, 256 << 10):
+                    count = min(256, CALIBRATION_BYTES // size)
+                    segments = [(i * size, i * size, size) for i in range(count)]
+
+                    def copies(segments: list[tuple[int, int, int]] = segments) -> None:
+                        for s_off, d_off, n in segments:
+                            check(
+                                d.cuMemcpyHtoDAsync(
+                                    target.data.ptr + d_off, host + s_off, n, dev.h2d
+                                ),
+                                "cuMemcpyHtoDAsync",
+                            )
+
+                    def kernel(segments: list[tuple[int, int, int]] = segments) -> None:
+                        kernels.gather_scatter(device, target.data.ptr, segments, stream=stream)
+
+                    t_copies, t_kernel = _best(stream, copies), _best(stream, kernel)
+                    seen.append(
+                        f"{count}x{size >> 10}KiB: kernel {t_kernel * 1e6:.0f}us,"
+                        f" copies {t_copies * 1e6:.0f}us"
+                    )
+                    if t_kernel < t_copies:
+                        limit = size
+        finally:
+            staging.give(buffer)
+        log.info("gather/scatter measured", device=dev.uuid, kernel_up_to=limit, runs=seen)
+        return limit
 
     def _write_device(self, slab: Slab, offset: int, data: memoryview) -> None:
         """The read path: pageable bytes into a device slab, through pinned
@@ -577,13 +684,17 @@ class CudaBackend(Backend):
             self._any_context()
             check(cu().cuMemHostUnregister(address), "cuMemHostUnregister")
 
-    def _pinned(self, address: int, size: int) -> bool:
-        """Whether [address, address + size) lies in one pinned staging buffer."""
+    def _staging_of(self, address: int, size: int) -> tuple[int, int] | None:
+        """(start, device pointer) of the pinned staging buffer holding
+        [address, address + size), or None."""
         with self._lock:
-            return any(
-                start <= address and address + size <= start + length
-                for start, length in self._pinned_staging.items()
-            )
+            for start, (length, device) in self._pinned_staging.items():
+                if start <= address and address + size <= start + length:
+                    return start, device
+        return None
+
+    def _pinned(self, address: int, size: int) -> bool:
+        return self._staging_of(address, size) is not None
 
     def checksum(self, slab: Slab) -> str:
         if slab.tier is Tier.HOST:
@@ -619,3 +730,19 @@ class CudaBackend(Backend):
             "cuMemExportToShareableHandle",
         )
         return int(fd)
+
+
+def _best(stream: Any, fn: Callable[[], object], runs: int = 3) -> float:
+    """Seconds of fn's GPU work on `stream`: the best of `runs` after one warm-up."""
+    import cupy
+
+    fn()
+    best = float("inf")
+    for _ in range(runs):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        best = min(best, cupy.cuda.get_elapsed_time(start, end) / 1e3)
+    return best
