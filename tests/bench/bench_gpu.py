@@ -20,30 +20,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torpord.cuda.kernels import best_seconds
 
 from tests.bench.common import GiB, big_checkpoint, files_of, machine, parser, warm
 
 MiB = 1 << 20
-
-
-def timed(stream: Any, fn: Callable[[], object], runs: int) -> float:
-    """Best seconds of `runs` runs of fn's GPU work on `stream` (events)."""
-    import cupy
-
-    best = float("inf")
-    for _ in range(runs):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(stream)
-        fn()
-        end.record(stream)
-        end.synchronize()
-        best = min(best, cupy.cuda.get_elapsed_time(start, end) / 1e3)
-    return best
 
 
 def h2d_peak(size: int, runs: int) -> float:
@@ -57,7 +43,7 @@ def h2d_peak(size: int, runs: int) -> float:
     def copy() -> None:
         cupy.cuda.runtime.memcpyAsync(device.ptr, host.ptr, size, 1, stream.ptr)
 
-    return size / timed(stream, copy, runs) / 1e9
+    return size / best_seconds(stream, copy, runs) / 1e9
 
 
 class FirstLayer:
@@ -165,10 +151,8 @@ def gather_scatter(runs: int) -> dict[str, Any]:
         for s, d, n in segments:
             cupy.cuda.runtime.memcpyAsync(dst.data.ptr + d, src.data.ptr + s, n, 3, stream.ptr)
 
-    with stream:
-        kernel()  # compile, warm
-    out["kernel_s"] = timed(stream, kernel, runs)
-    out["memcpy_per_segment_s"] = timed(stream, per_segment, runs)
+    out["kernel_s"] = best_seconds(stream, kernel, runs)
+    out["memcpy_per_segment_s"] = best_seconds(stream, per_segment, runs)
     try:
         attrs = cu.CUmemcpyAttributes()
         attrs.srcAccessOrder = cu.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
@@ -184,7 +168,7 @@ def gather_scatter(runs: int) -> dict[str, Any]:
             if err != cu.CUresult.CUDA_SUCCESS:
                 raise RuntimeError(f"cuMemcpyBatchAsync: {err}")
 
-        out["memcpy_batch_s"] = timed(stream, batch, runs)
+        out["memcpy_batch_s"] = best_seconds(stream, batch, runs)
     except Exception as err:  # an older driver or bindings
         out["memcpy_batch_error"] = str(err)
     expected = np.zeros(total, dtype=np.uint8)

@@ -115,11 +115,38 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def host_pool(self) -> PoolInfo: ...
 
-    @abc.abstractmethod
     def allocate(
         self, tier: Tier, device: str | None, requests: Sequence[tuple[int, SlabOwner]]
     ) -> list[Slab]:
         """Every slab asked for, or ResourceExhausted having taken nothing."""
+        budget = self._budget(tier, device)
+        charges = [self._charge(tier, device, size) for size, _ in requests]
+        budget.reserve(charges)
+        slabs: list[Slab] = []
+        try:
+            for size, owner in requests:
+                slab = Slab(tier, device if tier is Tier.DEVICE else None, size, owner)
+                self._create(slab)
+                slabs.append(slab)
+        except BaseException:
+            for slab in slabs:
+                self.free(slab)
+            for charge in charges[len(slabs) :]:
+                budget.release(charge)
+            raise
+        return slabs
+
+    @abc.abstractmethod
+    def _budget(self, tier: Tier, device: str | None) -> Budget:
+        """The pool a slab of this tier (and device) is accounted in."""
+
+    def _charge(self, tier: Tier, device: str | None, size: int) -> int:
+        """The bytes a slab of `size` takes from its budget."""
+        return size
+
+    @abc.abstractmethod
+    def _create(self, slab: Slab) -> None:
+        """Make the slab's memory and hold it as live (its budget is reserved)."""
 
     @abc.abstractmethod
     def free(self, slab: Slab) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from torpord.backends.base import Backend, Budget, DeviceInfo, PoolInfo, Slab, SlabOwner
+from torpord.backends.base import Backend, Budget, DeviceInfo, PoolInfo, Slab
 from torpord.core.types import Tier
 from torpord.cuda import driver
 from torpord.cuda.driver import CudaError, check, context, cu
@@ -174,20 +174,16 @@ class _CudaSink:
         return self._backend.view(self._slab) if self._slab.tier is Tier.HOST else None
 
     def write(self, offset: int, data: memoryview) -> None:
-        if offset < 0 or offset + data.nbytes > self._slab.size:
-            raise ValueError(f"write of {data.nbytes} bytes at {offset} past the slab's end")
-        if self._slab.tier is Tier.HOST:
-            self._backend.view(self._slab)[offset : offset + data.nbytes] = data
-            return
-        self._backend._write_device(self._slab, offset, data)
+        self.write_many([(offset, data)])
 
     def write_many(self, pieces: Sequence[tuple[int, memoryview]]) -> None:
         for offset, data in pieces:
             if offset < 0 or offset + data.nbytes > self._slab.size:
                 raise ValueError(f"write of {data.nbytes} bytes at {offset} past the slab's end")
         if self._slab.tier is Tier.HOST:
+            view = self._backend.view(self._slab)
             for offset, data in pieces:
-                self.write(offset, data)
+                view[offset : offset + data.nbytes] = data
             return
         self._backend._write_device_many(self._slab, pieces)
 
@@ -272,9 +268,6 @@ class CudaBackend(Backend):
     def host_pool(self) -> PoolInfo:
         return self._host.info()
 
-    def device_ordinal(self, uuid: str) -> int:
-        return self._device(uuid).ordinal
-
     def _device(self, uuid: str | None) -> _Device:
         for dev in self._devices:
             if dev.uuid == uuid:
@@ -310,29 +303,12 @@ class CudaBackend(Backend):
         granularity = self._device(device).granularity
         return max(1, -(-size // granularity)) * granularity
 
-    def allocate(
-        self, tier: Tier, device: str | None, requests: Sequence[tuple[int, SlabOwner]]
-    ) -> list[Slab]:
-        budget = self._budget(tier, device)
-        charges = [self._charge(tier, device, size) for size, _ in requests]
-        budget.reserve(charges)
-        slabs: list[Slab] = []
-        try:
-            for size, owner in requests:
-                slab = Slab(tier, device if tier is Tier.DEVICE else None, size, owner)
-                memory = self._create(slab)
-                with self._lock:
-                    self._live[slab] = memory
-                slabs.append(slab)
-        except BaseException:
-            for slab in slabs:
-                self.free(slab)
-            for charge in charges[len(slabs) :]:
-                budget.release(charge)
-            raise
-        return slabs
+    def _create(self, slab: Slab) -> None:
+        memory = self._make(slab)
+        with self._lock:
+            self._live[slab] = memory
 
-    def _create(self, slab: Slab) -> _DeviceMemory | _HostRange:
+    def _make(self, slab: Slab) -> _DeviceMemory | _HostRange:
         if slab.tier is Tier.HOST:
             return _HostRange(self._pool.take(slab.size))
         dev = self._device(slab.device)
@@ -520,13 +496,14 @@ class CudaBackend(Backend):
             raise failure
 
     def _write_device_many(self, slab: Slab, pieces: Sequence[tuple[int, memoryview]]) -> None:
-        """Pieces of one staged chunk into a device slab: from pinned staging,
-        one window, the copies queued back to back, one wait; otherwise
-        piece by piece through the staging buffers."""
+        """Pieces into a device slab. Read into pinned staging (a chunk of the
+        read pipeline): one window, one gather/scatter launch or the copies
+        queued back to back, one wait. Otherwise piece by piece through the
+        device's staging buffers."""
         arrays = [(offset, np.frombuffer(data, dtype=np.uint8)) for offset, data in pieces]
         if not all(self._pinned(a.ctypes.data, a.size) for _, a in arrays):
             for offset, data in pieces:
-                self._write_device(slab, offset, data)
+                self._write_staged(slab, offset, data)
             return
         dev = self._device(slab.device)
         start = min(offset for offset, _ in arrays)
@@ -590,6 +567,8 @@ class CudaBackend(Backend):
         the largest size the kernel wins at (0 if none)."""
         import cupy
 
+        from torpord.cuda.kernels import best_seconds
+
         kernels = self._load_kernels()
         staging = self.staging()
         buffer = staging.take(CALIBRATION_BYTES)
@@ -617,7 +596,7 @@ class CudaBackend(Backend):
                     def kernel(segments: list[tuple[int, int, int]] = segments) -> None:
                         kernels.gather_scatter(device, target.data.ptr, segments, stream=stream)
 
-                    t_copies, t_kernel = _best(stream, copies), _best(stream, kernel)
+                    t_copies, t_kernel = best_seconds(stream, copies), best_seconds(stream, kernel)
                     seen.append(
                         f"{count}x{size >> 10}KiB: kernel {t_kernel * 1e6:.0f}us,"
                         f" copies {t_copies * 1e6:.0f}us"
@@ -629,22 +608,13 @@ class CudaBackend(Backend):
         log.info("gather/scatter measured", device=dev.uuid, kernel_up_to=limit, runs=seen)
         return limit
 
-    def _write_device(self, slab: Slab, offset: int, data: memoryview) -> None:
-        """The read path: pageable bytes into a device slab, through pinned
+    def _write_staged(self, slab: Slab, offset: int, data: memoryview) -> None:
+        """Pageable bytes into a device slab, through the device's own pinned
         staging buffers, each reused only once its last copy completed."""
         dev = self._device(slab.device)
         src = np.frombuffer(data, dtype=np.uint8)  # (an address even if read-only)
         events = []
         with self._window(slab, offset, offset + src.size) as address:
-            if self._pinned(src.ctypes.data, src.size):
-                # Read into pinned staging: straight to the device from there.
-                context(dev.ordinal)
-                check(
-                    cu().cuMemcpyHtoDAsync(address + offset, src.ctypes.data, src.size, dev.h2d),
-                    "cuMemcpyHtoDAsync",
-                )
-                _Event(dev.ordinal, dev.h2d).synchronize()  # before the window closes
-                return
             try:
                 for at in range(0, src.size, STAGING):
                     n = min(STAGING, src.size - at)
@@ -730,19 +700,3 @@ class CudaBackend(Backend):
             "cuMemExportToShareableHandle",
         )
         return int(fd)
-
-
-def _best(stream: Any, fn: Callable[[], object], runs: int = 3) -> float:
-    """Seconds of fn's GPU work on `stream`: the best of `runs` after one warm-up."""
-    import cupy
-
-    fn()
-    best = float("inf")
-    for _ in range(runs):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(stream)
-        fn()
-        end.record(stream)
-        end.synchronize()
-        best = min(best, cupy.cuda.get_elapsed_time(start, end) / 1e3)
-    return best

@@ -20,7 +20,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from torpord.backends.base import Backend, Budget, DeviceInfo, PoolInfo, Slab, SlabOwner
+from torpord.backends.base import Backend, Budget, DeviceInfo, PoolInfo, Slab
 from torpord.core.types import Tier
 from torpord.errors import InvalidArgument, ResourceExhausted
 
@@ -127,26 +127,10 @@ class HostBackend(Backend):
 
     # -- allocation --------------------------------------------------------
 
-    def allocate(
-        self, tier: Tier, device: str | None, requests: Sequence[tuple[int, SlabOwner]]
-    ) -> list[Slab]:
-        budget = self._budget(tier, device)
-        budget.reserve([size for size, _ in requests])
-        slabs: list[Slab] = []
-        try:
-            for size, owner in requests:
-                slab = Slab(tier, device if tier is Tier.DEVICE else None, size, owner)
-                mapping = self._map(slab)
-                with self._lock:
-                    self._live[slab] = mapping
-                slabs.append(slab)
-        except BaseException:
-            for slab in slabs:
-                self.free(slab)
-            for size, _ in requests[len(slabs) :]:
-                budget.release(size)
-            raise
-        return slabs
+    def _create(self, slab: Slab) -> None:
+        mapping = self._map(slab)
+        with self._lock:
+            self._live[slab] = mapping
 
     def _map(self, slab: Slab) -> _Mapping:
         name = f"torpor:{slab.owner.model_id}:{slab.owner.layer}:{slab.tier.value.lower()}"

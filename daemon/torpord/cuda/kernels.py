@@ -9,7 +9,7 @@ The NumPy models in torpord.cuda.reference say what each kernel computes.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 from torpord.cuda.reference import Segment, pieces
 from torpord.storage.checksum import CHUNK, combine
 
-__all__ = ["KERNELS", "Kernels", "source"]
+__all__ = ["KERNELS", "Kernels", "best_seconds", "source"]
 
 SOURCES = Path(__file__).resolve().parent.parent / "cuda_kernels"
 # Each source file and the kernels it defines.
@@ -32,6 +32,23 @@ OPTIONS = ("-std=c++17",)
 
 def source(name: str) -> str:
     return (SOURCES / name).read_text()
+
+
+def best_seconds(stream: Any, fn: Callable[[], object], runs: int = 3) -> float:
+    """Seconds of the GPU work fn queues on `stream` (a CuPy stream), timed
+    with events: the best of `runs` after one warm-up."""
+    import cupy
+
+    fn()
+    best = float("inf")
+    for _ in range(runs):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        best = min(best, cupy.cuda.get_elapsed_time(start, end) / 1e3)
+    return best
 
 
 class Kernels:

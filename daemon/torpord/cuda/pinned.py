@@ -211,11 +211,6 @@ class PinnedPool:
             at = stop
         return out
 
-    @property
-    def free_bytes(self) -> int:
-        with self._lock:
-            return self._ranges.free + sum(p.size for p in self._pending)
-
     def close(self) -> None:
         self._unregister()
         del self._anchor
