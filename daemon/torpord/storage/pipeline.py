@@ -12,7 +12,9 @@ How a chunk is read depends on `direct`:
   device, so the pinned staging buffer is the only stop on the way).
 - "auto" (the default): first a buffered `preadv2(RWF_NOWAIT)` straight into
   the slabs, which succeeds only for bytes already in the page cache (a warm
-  load is then a single copy); whatever is not cached is read with O_DIRECT.
+  load is then a single copy; since Linux 5.9 such a read also starts
+  readahead, so on fast storage some cold pages arrive within the call);
+  whatever is not cached is read with O_DIRECT.
 Where a filesystem refuses O_DIRECT the file falls back to buffered reads,
 and the returned notes say so (they go to the Load's progress and the log).
 
