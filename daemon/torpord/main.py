@@ -115,6 +115,7 @@ class Daemon:
             manager,
             socket_path.with_name(socket_path.name + ".fds"),
             quiesce_timeout=cfg.agents.quiesce_timeout,
+            on_quiesce_timeout=cfg.agents.on_quiesce_timeout,
         )
         try:
             server, health = build_server(

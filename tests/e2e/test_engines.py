@@ -285,6 +285,55 @@ def test_an_engine_that_does_not_let_go_is_revoked_and_its_access_faults(
         assert worker.proc.returncode == -signal.SIGBUS
 
 
+LIAR = """
+import queue, sys
+from torpor import Client
+from torpor.v1 import agent_pb2, agent_pb2_grpc
+client = Client(socket=sys.argv[1])
+hello = agent_pb2.Hello(model_id=sys.argv[2], pid=int(sys.argv[3]))  # someone else's pid
+requests = queue.SimpleQueue()
+requests.put(agent_pb2.AttachRequest(hello=hello))
+call = agent_pb2_grpc.AgentServiceStub(client.channel).Attach(iter(requests.get, None))
+print(next(call).attached.attachment_id, flush=True)
+for _ in call:  # never answers a Quiesce
+    pass
+"""
+
+
+def test_an_engine_that_does_not_let_go_is_killed_where_configured(
+    start: Callable[..., Daemon],
+) -> None:
+    d = start(config='[agents]\nquiesce_timeout = "1s"\non_quiesce_timeout = "kill"\n')
+    path = make_checkpoint(d.models / "tiny", SMALL)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    liar = subprocess.Popen(
+        [sys.executable, "-c", LIAR, str(d.socket), "tiny", str(bystander.pid)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with Client(socket=str(d.socket)) as client:
+            client.load_model("tiny", str(path))
+            worker = Worker(d, "tiny", "--stall")
+            start.workers.append(worker)  # type: ignore[attr-defined]
+            assert liar.stdout is not None and liar.stdout.readline().strip()
+            assert settle(lambda: client.get_model("tiny").engines == 2)
+            model = client.sleep_model("tiny")
+            assert model.state == common_pb2.MODEL_STATE_ASLEEP and model.engines == 0
+            note = model.last_transition.note
+            assert f"pid {worker.proc.pid}" in note and "detached and killed" in note, note
+            worker.proc.communicate(timeout=60)
+            assert worker.proc.returncode == -signal.SIGKILL
+            # The liar claimed the bystander's pid but never took an fd, so that
+            # pid was never proven: it is detached, and nobody is killed for it.
+            assert f"pid {bystander.pid}" in note
+            assert bystander.poll() is None
+    finally:
+        for proc in (liar, bystander):
+            proc.kill()
+            proc.communicate(timeout=30)
+
+
 def test_one_engine_attaches_to_two_models_and_each_sleeps_alone(
     start: Callable[..., Daemon],
 ) -> None:

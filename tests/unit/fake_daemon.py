@@ -172,6 +172,7 @@ class FakeNode(node_pb2_grpc.NodeServiceServicer):
                     used_bytes=3 * GIB,
                     free_bytes=77 * GIB,
                     slab_count=2,
+                    held_bytes=GIB,
                 )
             ],
             host_pool=node_pb2.HostPool(capacity_bytes=64 * GIB, used_bytes=GIB),

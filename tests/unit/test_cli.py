@@ -174,6 +174,7 @@ def test_node(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
     assert "Backend:" in out and "cuda" in out
     assert "1.0 GiB used of 64.0 GiB" in out
     assert UUID in out and "NVIDIA H100" in out and "77.0 GiB" in out
+    assert "3.0 GiB (1.0 GiB held)" in out  # a revoked engine's memory, until it exits
 
 
 # -- JSON --------------------------------------------------------------------------

@@ -480,3 +480,13 @@ def test_io_defaults_and_errors(tmp_path: Path) -> None:
         bad.write_text(f"version = 1\n[io]\n{body}\n")
         with pytest.raises(ConfigError, match=key):
             load_config(bad)
+
+
+def test_agents_on_quiesce_timeout(tmp_path: Path) -> None:
+    assert load_config(None).agents.on_quiesce_timeout == "detach"
+    path = tmp_path / "agents.toml"
+    path.write_text('version = 1\n[agents]\non_quiesce_timeout = "Kill"\n')
+    assert load_config(path).agents.on_quiesce_timeout == "kill"
+    path.write_text('version = 1\n[agents]\non_quiesce_timeout = "shoot"\n')
+    with pytest.raises(ConfigError, match=r"agents\.on_quiesce_timeout.*detach.*kill"):
+        load_config(path)

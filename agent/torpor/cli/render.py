@@ -338,7 +338,8 @@ def node_details(node: node_pb2.Node) -> str:
                 device.uuid or device_label(device.name),
                 str(device.index),
                 device.display_name,
-                human_bytes(device.used_bytes),
+                human_bytes(device.used_bytes)
+                + (f" ({human_bytes(device.held_bytes)} held)" if device.held_bytes else ""),
                 human_bytes(device.free_bytes),
                 human_bytes(device.capacity_bytes),
                 str(device.slab_count),

@@ -55,6 +55,7 @@ class Device(_message.Message):
     USED_BYTES_FIELD_NUMBER: _builtins.int
     FREE_BYTES_FIELD_NUMBER: _builtins.int
     SLAB_COUNT_FIELD_NUMBER: _builtins.int
+    HELD_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`devices/{uuid}`."""
     uuid: _builtins.str
@@ -71,6 +72,13 @@ class Device(_message.Message):
     free_bytes: _builtins.int
     slab_count: _builtins.int
     """Slabs held on it."""
+    held_bytes: _builtins.int
+    """Of used_bytes: slabs the daemon has freed that revoked engines (ones that
+    did not let go in time, agents.on_quiesce_timeout = "detach") may still
+    map. A GPU cannot take memory back from a process that imported it, so
+    these bytes return when those processes exit. Always 0 on the host
+    backend, which truncates freed slabs.
+    """
     def __init__(
         self,
         *,
@@ -82,10 +90,11 @@ class Device(_message.Message):
         used_bytes: _builtins.int = ...,
         free_bytes: _builtins.int = ...,
         slab_count: _builtins.int = ...,
+        held_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "display_name", b"display_name", "free_bytes", b"free_bytes", "index", b"index", "name", b"name", "slab_count", b"slab_count", "used_bytes", b"used_bytes", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "display_name", b"display_name", "free_bytes", b"free_bytes", "held_bytes", b"held_bytes", "index", b"index", "name", b"name", "slab_count", b"slab_count", "used_bytes", b"used_bytes", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

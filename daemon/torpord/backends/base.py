@@ -15,12 +15,16 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import structlog
+
 from torpord.core.types import Tier
 from torpord.errors import InvalidArgument, ResourceExhausted
 from torpord.storage.checksum import slab_checksum
 from torpord.storage.pipeline import PlainStaging, SlabSink, Staging
 
 __all__ = ["Backend", "Budget", "DeviceInfo", "PoolInfo", "Slab", "SlabOwner"]
+
+log = structlog.get_logger("torpord.backend")
 
 _slab_ids = itertools.count(1)
 
@@ -51,6 +55,9 @@ class PoolInfo:
     capacity: int
     used: int
     slab_count: int
+    # Of `used`: freed slabs that revoked engines may still map (see
+    # Backend.held_by); the memory returns when those processes exit.
+    held: int = 0
 
     @property
     def free(self) -> int:
@@ -73,6 +80,7 @@ class Budget:
         self.capacity = capacity
         self.used = 0
         self.slab_count = 0
+        self.held = 0
         self._lock = threading.Lock()
 
     def reserve(self, sizes: Sequence[int]) -> None:
@@ -80,14 +88,20 @@ class Budget:
         with self._lock:
             free = self.capacity - self.used
             if asked > free:
+                held = (
+                    f" ({self.held} held by revoked engines until their processes exit)"
+                    if self.held
+                    else ""
+                )
                 raise ResourceExhausted(
-                    f"{self.name}: asked for {asked} bytes, {free} of {self.capacity} free",
+                    f"{self.name}: asked for {asked} bytes, {free} of {self.capacity} free" + held,
                     reason="OUT_OF_MEMORY",
                     metadata={
                         "pool": self.name,
                         "asked": asked,
                         "free": free,
                         "budget": self.capacity,
+                        **({"held": self.held} if self.held else {}),
                     },
                 )
             self.used += asked
@@ -99,15 +113,48 @@ class Budget:
             self.used -= size
             self.slab_count -= 1
 
+    def hold(self, size: int) -> None:
+        """A freed slab's memory stays in use (a revoked engine still maps it):
+        keep it charged, as held, until release_held."""
+        with self._lock:
+            assert self.used - self.held >= size, "hold without reserve"
+            self.held += size
+
+    def release_held(self, size: int) -> None:
+        with self._lock:
+            assert self.held >= size and self.slab_count > 0, "release_held without hold"
+            self.held -= size
+            self.used -= size
+            self.slab_count -= 1
+
     def info(self) -> PoolInfo:
         with self._lock:
-            return PoolInfo(self.capacity, self.used, self.slab_count)
+            return PoolInfo(self.capacity, self.used, self.slab_count, self.held)
+
+
+@dataclass(eq=False)
+class _Held:
+    """A freed slab whose memory some revoked engines may still map."""
+
+    budget: Budget
+    charge: int
+    pids: set[int]
 
 
 class Backend(abc.ABC):
     """What the core needs from the memory it manages."""
 
     kind: str
+    # Whether freeing a slab takes its memory back even from an engine that
+    # still maps it (a revoked one). The host backend truncates the memfd, so
+    # it does; CUDA cannot: memory a process imported lives until that process
+    # releases it or exits.
+    revocation_frees: bool = True
+
+    def __init__(self) -> None:
+        self._holders_lock = threading.Lock()
+        self._holders: dict[int, set[int]] = {}  # live slab id -> revoked pids mapping it
+        self._held: list[_Held] = []
 
     @abc.abstractmethod
     def devices(self) -> Sequence[DeviceInfo]: ...
@@ -150,7 +197,55 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def free(self, slab: Slab) -> None:
-        """Return the slab's memory; freeing twice is a bug and raises."""
+        """Return the slab's memory; freeing twice is a bug and raises.
+        Implementations uncharge it with `_uncharge`."""
+
+    def held_by(self, slab: Slab, pid: int) -> None:
+        """A revoked engine (process `pid`) may still map the slab. Where freeing
+        can't take the memory back from it (`revocation_frees` is False), the
+        slab's bytes stay charged to its pool after `free`, as held, until every
+        such process has `exited`: the budget never counts memory free that the
+        driver doesn't."""
+        if self.revocation_frees or slab.freed:
+            return
+        with self._holders_lock:
+            self._holders.setdefault(slab.id, set()).add(pid)
+
+    def exited(self, pid: int) -> int:
+        """Process `pid` is gone: what it held is free. Returns the bytes freed."""
+        freed = 0
+        with self._holders_lock:
+            for slab_id, pids in list(self._holders.items()):
+                pids.discard(pid)
+                if not pids:
+                    del self._holders[slab_id]
+            for held in list(self._held):
+                held.pids.discard(pid)
+                if not held.pids:
+                    self._held.remove(held)
+                    held.budget.release_held(held.charge)
+                    freed += held.charge
+        return freed
+
+    def _uncharge(self, slab: Slab) -> None:
+        """Give the slab's charge back to its budget, or keep it as held while
+        revoked engines may still map it (see held_by)."""
+        budget = self._budget(slab.tier, slab.device)
+        charge = self._charge(slab.tier, slab.device, slab.size)
+        with self._holders_lock:
+            pids = self._holders.pop(slab.id, None)
+            if pids:
+                budget.hold(charge)
+                self._held.append(_Held(budget, charge, pids))
+        if pids:
+            log.warning(
+                "freed slab still mapped by revoked engines; counted used until they exit",
+                slab=slab.id,
+                bytes=charge,
+                pids=sorted(pids),
+            )
+        else:
+            budget.release(charge)
 
     @abc.abstractmethod
     def view(self, slab: Slab) -> memoryview:

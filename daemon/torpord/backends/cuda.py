@@ -193,6 +193,9 @@ class _CudaSink:
 
 class CudaBackend(Backend):
     kind = "cuda"
+    # An engine that imported a slab keeps its memory alive until it releases
+    # it or exits, whatever the daemon frees.
+    revocation_frees = False
 
     def __init__(
         self,
@@ -205,6 +208,7 @@ class CudaBackend(Backend):
     ) -> None:
         """`devices`: UUIDs to use (all visible if empty). `device_capacity`:
         a share of each device's total memory (a float), or bytes (an int)."""
+        super().__init__()
         ordinals = driver.device_ordinals()
         chosen = list(devices) or list(ordinals)
         unknown = [u for u in chosen if u not in ordinals]
@@ -334,9 +338,7 @@ class CudaBackend(Backend):
         if memory is None or slab.freed:
             raise RuntimeError(f"slab {slab.id} ({slab.owner}) freed twice")
         slab.freed = True
-        self._budget(slab.tier, slab.device).release(
-            self._charge(slab.tier, slab.device, slab.size)
-        )
+        self._uncharge(slab)
         if isinstance(memory, _HostRange):
             self._pool.free(memory.offset, slab.size)
         else:

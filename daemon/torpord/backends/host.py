@@ -88,6 +88,7 @@ class HostBackend(Backend):
     ) -> None:
         if devices < 1:
             raise InvalidArgument("the host backend needs at least one device")
+        super().__init__()
         machine = _machine_id()
         self._devices: list[tuple[str, Budget]] = []
         for index in range(devices):
@@ -169,7 +170,7 @@ class HostBackend(Backend):
             self._reaping.add(future)
         future.add_done_callback(self._reaped)
         slab.freed = True
-        self._budget(slab.tier, slab.device).release(slab.size)
+        self._uncharge(slab)
 
     def _reaped(self, future: concurrent.futures.Future[None]) -> None:
         with self._lock:

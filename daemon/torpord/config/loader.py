@@ -21,6 +21,7 @@ from torpord.config.model import (
     LOG_FORMATS,
     LOG_LEVELS,
     MIN_ALIGNMENT,
+    ON_QUIESCE_TIMEOUT,
     AgentsConfig,
     BackendConfig,
     Config,
@@ -95,7 +96,7 @@ _SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "layers": ("block_patterns", "post_patterns", "alignment"),
     "disk_cache": ("path", "capacity"),
     "io": ("chunk_size", "threads", "direct"),
-    "agents": ("quiesce_timeout",),
+    "agents": ("quiesce_timeout", "on_quiesce_timeout"),
 }
 
 
@@ -339,6 +340,9 @@ def load_config(
 
     agents = AgentsConfig(
         quiesce_timeout=r.get("agents.quiesce_timeout", _duration, 10.0),
+        on_quiesce_timeout=r.get(
+            "agents.on_quiesce_timeout", _choice(ON_QUIESCE_TIMEOUT), "detach"
+        ),
     )
 
     config = Config(

@@ -90,9 +90,13 @@ class DiskCacheConfig:
     capacity: int
 
 
+ON_QUIESCE_TIMEOUT = ("detach", "kill")
+
+
 @dataclass(frozen=True)
 class AgentsConfig:
     quiesce_timeout: float  # seconds an engine has to let go of a model's weights
+    on_quiesce_timeout: str = "detach"  # one of ON_QUIESCE_TIMEOUT: "detach" or "kill"
 
 
 @dataclass(frozen=True)

@@ -134,4 +134,9 @@ direct = "{c.io.direct}"
 # whose process died) is detached, its exports revoked, and the transition
 # goes on.
 quiesce_timeout = {_toml_duration(c.agents.quiesce_timeout)}
+# What else happens to such an engine: detach (only that) | kill (SIGKILL its
+# process too). On a GPU the memory an engine imported lives until its process
+# lets go or exits, so after "detach" the pools count it used, as held, until
+# then; "kill" gives it back at once.
+on_quiesce_timeout = "{c.agents.on_quiesce_timeout}"
 """

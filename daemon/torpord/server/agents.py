@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import secrets
+import signal
 import socket
 import struct
 import threading
@@ -37,6 +38,7 @@ import structlog
 from google.protobuf.duration_pb2 import Duration
 from torpor.v1 import agent_pb2
 
+from torpord.backends.base import Slab
 from torpord.core.events import EventType
 from torpord.core.manager import ModelManager
 from torpord.core.types import ModelState, Tier
@@ -126,7 +128,14 @@ class Attachment:
     # Quiesce sequence numbers waiting for their QuiesceAck: True when it came,
     # False when the stream ended first.
     acks: dict[int, asyncio.Future[bool]] = field(default_factory=dict)
+    # The layers each unanswered Quiesce asked for (empty: every layer).
+    quiescing: dict[int, list[str]] = field(default_factory=dict)
     sequence: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    # The slabs the engine was sent and hasn't let go of, by layer name.
+    mapped: dict[str, Slab] = field(default_factory=dict)
+    # The engine's process, opened when it first took fds (its pid is then the
+    # socket peer's, not just what Hello said); None before that.
+    pidfd: int | None = None
 
     def describe(self) -> str:
         who = f"engine {self.engine!r}" if self.engine else "engine"
@@ -138,12 +147,20 @@ class AgentRegistry:
     torpord.core.engines). Lives on the event loop."""
 
     def __init__(
-        self, manager: ModelManager, fd_socket: Path, *, quiesce_timeout: float = 10.0
+        self,
+        manager: ModelManager,
+        fd_socket: Path,
+        *,
+        quiesce_timeout: float = 10.0,
+        on_quiesce_timeout: str = "detach",
     ) -> None:
         self.manager = manager
         self.fd_socket = fd_socket
         self.quiesce_timeout = quiesce_timeout
+        self.on_quiesce_timeout = on_quiesce_timeout
         self._attachments: dict[str, Attachment] = {}
+        # Processes of revoked engines that still hold memory: pidfd -> pid.
+        self._watched: dict[int, int] = {}
         manager.engines = self
 
     def _of(self, model_id: str) -> list[Attachment]:
@@ -169,6 +186,7 @@ class AgentRegistry:
             sequence = next(attachment.sequence)
             ack: asyncio.Future[bool] = loop.create_future()
             attachment.acks[sequence] = ack
+            attachment.quiescing[sequence] = list(layers)
             waiting[ack] = attachment
             attachment.outbox.put(
                 agent_pb2.AttachResponse(
@@ -192,7 +210,7 @@ class AgentRegistry:
             note = (
                 f"{attachment.describe()} did not let go of the weights within"
                 f" {self.quiesce_timeout:g}s; detached"
-            )
+            ) + self._unresponsive(attachment)
             log.warning("engine revoked", model_id=model_id, pid=attachment.pid, note=note)
             self.revoke(
                 attachment.id,
@@ -234,6 +252,11 @@ class AgentRegistry:
             self.revoke(
                 attachment_id, Unavailable("the daemon is shutting down", reason="SHUTTING_DOWN")
             )
+        loop = asyncio.get_running_loop()
+        for pidfd in list(self._watched):
+            del self._watched[pidfd]
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
 
     # -- attachments ----------------------------------------------------------------
 
@@ -268,9 +291,57 @@ class AgentRegistry:
         return attachment
 
     def acknowledged(self, attachment: Attachment, sequence: int) -> None:
+        layers = attachment.quiescing.pop(sequence, None)
+        if layers is not None:  # the engine let go of them
+            if layers:
+                for name in layers:
+                    attachment.mapped.pop(name, None)
+            else:
+                attachment.mapped.clear()
         ack = attachment.acks.pop(sequence, None)
         if ack is not None and not ack.done():
             ack.set_result(True)
+
+    def _unresponsive(self, attachment: Attachment) -> str:
+        """An engine that didn't let go in time: kill it if so configured, and
+        keep what it still maps counted as used while its process lives where
+        freeing can't take it back (CUDA). Returns the words for the note."""
+        said = ""
+        pidfd = attachment.pidfd
+        if pidfd is None:  # it never took an fd: nothing mapped, and its pid unproven
+            return said
+        if self.on_quiesce_timeout == "kill":
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                said = " and killed (agents.on_quiesce_timeout)"
+            except ProcessLookupError:
+                pass  # gone already
+            except PermissionError:
+                said = "; it could not be killed (permission denied)"
+            log.warning("engine killed", model_id=attachment.model_id, pid=attachment.pid)
+        backend = self.manager.backend
+        held = [slab for slab in attachment.mapped.values() if not slab.freed]
+        if held and not backend.revocation_frees:
+            for slab in held:
+                backend.held_by(slab, attachment.pid)
+            attachment.pidfd = None  # the watch owns it now
+            self._watch(pidfd, attachment.pid)
+            if not said.startswith(" and killed"):
+                size = sum(slab.size for slab in held)
+                said += f"; the {size} bytes it still maps stay in use until its process exits"
+        return said
+
+    def _watch(self, pidfd: int, pid: int) -> None:
+        """When the process exits, the backend gives back what it held."""
+        self._watched[pidfd] = pid
+        asyncio.get_running_loop().add_reader(pidfd, self._exited, pidfd)
+
+    def _exited(self, pidfd: int) -> None:
+        pid = self._watched.pop(pidfd)
+        asyncio.get_running_loop().remove_reader(pidfd)
+        os.close(pidfd)
+        freed = self.manager.backend.exited(pid)
+        log.info("revoked engine exited", pid=pid, freed_bytes=freed)
 
     def detach(self, attachment_id: str) -> None:
         """The engine is gone (its stream ended): nothing of it waits any more.
@@ -282,6 +353,10 @@ class AgentRegistry:
             if not ack.done():
                 ack.set_result(False)
         attachment.acks.clear()
+        attachment.quiescing.clear()
+        if attachment.pidfd is not None:
+            os.close(attachment.pidfd)
+            attachment.pidfd = None
         self._count_changed(attachment.model_id)
         log.info("engine detached", model_id=attachment.model_id, pid=attachment.pid)
 
@@ -335,6 +410,14 @@ class AgentRegistry:
             for fd in fds:
                 os.close(fd)
             raise
+        if layers and attachment.pidfd is None:
+            # The asking process is the socket's peer, alive now: hold it by a
+            # pidfd, so a later kill or exit watch can't hit a reused pid.
+            with contextlib.suppress(ProcessLookupError):
+                attachment.pidfd = os.pidfd_open(peer_pid)
+        for layer in layers:
+            assert layer.slab is not None
+            attachment.mapped[layer.plan.name] = layer.slab
         header = {
             "model_id": model.model_id,
             "layout_hash": attachment.layout_hash,

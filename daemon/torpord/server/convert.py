@@ -179,6 +179,7 @@ def node_to_proto(
                 used_bytes=d.pool.used,
                 free_bytes=d.pool.free,
                 slab_count=d.pool.slab_count,
+                held_bytes=d.pool.held,
             )
             for d in backend.devices()
         ],

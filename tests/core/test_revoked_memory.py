@@ -1,0 +1,149 @@
+"""Memory an engine still maps after it was revoked, on a backend where freeing
+can't take it back (CUDA: an importing process keeps the memory alive until
+it lets go or exits): the pools count it used, as held, until that process
+exits, so the budget never promises memory the driver doesn't have.
+
+The host backend can take memory back (it truncates freed slabs), so here it
+is told not to (`revocation_frees = False`); everything else is real: the
+registry, the manager, the slabs, and the engine processes with their pidfds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from torpor.testing import make_checkpoint
+from torpor.v1 import agent_pb2
+from torpord.backends.host import HostBackend
+from torpord.core.manager import ManagerSettings, ModelManager
+from torpord.core.types import ModelState
+from torpord.errors import ResourceExhausted
+from torpord.server.agents import AgentRegistry, Attachment
+
+MiB = 2**20
+
+
+class ImportedMemoryBackend(HostBackend):
+    """The host backend, keeping a freed slab's memory for whoever maps it."""
+
+    revocation_frees = False
+
+
+class Setup:
+    def __init__(self, tmp: Path, device_capacity: int) -> None:
+        self.backend = ImportedMemoryBackend(
+            devices=1, device_capacity=device_capacity, host_capacity=64 * MiB
+        )
+        self.manager = ModelManager(self.backend, ManagerSettings(allowed_roots=(tmp.resolve(),)))
+        self.registry = AgentRegistry(self.manager, tmp / "fds", quiesce_timeout=0.3)
+        self.engines: list[subprocess.Popen[bytes]] = []
+
+    def used(self) -> tuple[int, int]:
+        pool = self.backend.devices()[0].pool
+        return pool.used, pool.held
+
+    async def engine(self, model_id: str) -> tuple[Attachment, subprocess.Popen[bytes]]:
+        """A real process that attached and took every slab's fd (as the agent
+        does), and never answers a Quiesce."""
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        self.engines.append(proc)
+        attachment = self.registry.attach(agent_pb2.Hello(model_id=model_id, pid=proc.pid))
+        _, fds = await self.registry.export(attachment.id, proc.pid, [])
+        for fd in fds:
+            os.close(fd)
+        return attachment, proc
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    s = Setup(tmp_path, device_capacity=8 * MiB)
+    yield s
+    for proc in s.engines:
+        proc.kill()
+        proc.wait()
+    await s.registry.shutdown()
+    await s.manager.close(1.0)
+    s.backend.close()
+
+
+async def until(check: object, timeout: float = 30) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():  # type: ignore[operator]
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def test_a_revoked_engines_memory_stays_used_until_its_process_exits(
+    setup: Setup, tmp_path: Path
+) -> None:
+    ckpt = make_checkpoint(tmp_path / "m", layers=4, hidden=256)
+    model = await setup.manager.load("m", str(ckpt))
+    size = sum(layer.plan.size for layer in model.layers)
+    assert setup.used() == (size, 0)
+    _, proc = await setup.engine("m")
+
+    model = await setup.manager.sleep("m", 1)
+    assert model.state is ModelState.ASLEEP
+    note = model.last_transition.note if model.last_transition else ""
+    assert f"pid {proc.pid}" in note
+    assert f"the {size} bytes it still maps stay in use until its process exits" in note
+    assert setup.used() == (size, size)  # freed by the daemon, not by the engine
+    # Waking needs that memory again: refused while the engine lives, saying why.
+    setup.backend._devices[0][1].capacity = size + size // 2
+    with pytest.raises(ResourceExhausted) as err:
+        await setup.manager.wake("m")
+    assert "held by revoked engines until their processes exit" in err.value.message
+    assert err.value.metadata["held"] == str(size)
+    assert setup.manager.get("m").state is ModelState.ASLEEP
+
+    proc.kill()
+    assert await until(lambda: setup.used() == (0, 0))
+    assert (await setup.manager.wake("m")).state is ModelState.ACTIVE
+
+
+async def test_only_what_a_revoked_engine_still_maps_is_held(setup: Setup, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "m", layers=4, hidden=256)
+    model = await setup.manager.load("m", str(ckpt))
+    sizes = {layer.plan.name: layer.plan.size for layer in model.layers}
+    offloaded = list(sizes)[1:3]
+    engine, proc = await setup.engine("m")
+
+    async def answer_once() -> None:  # lets go of what the first Quiesce asks, then hangs
+        while True:
+            item = await engine.outbox.get()
+            if isinstance(item, agent_pb2.AttachResponse) and item.HasField("quiesce"):
+                setup.registry.acknowledged(engine, item.quiesce.sequence)
+                return
+
+    answering = asyncio.create_task(answer_once())
+    await setup.manager.offload("m", offloaded)
+    await answering
+    assert setup.used() == (sum(sizes.values()) - sum(sizes[n] for n in offloaded), 0)
+    model = await setup.manager.sleep("m", 1)  # now it hangs: revoked
+    still_mapped = sum(size for name, size in sizes.items() if name not in offloaded)
+    assert setup.used() == (still_mapped, still_mapped)
+    assert model.last_transition is not None
+    assert f"the {still_mapped} bytes it still maps" in model.last_transition.note
+    proc.kill()
+    assert await until(lambda: setup.used() == (0, 0))
+
+
+async def test_an_engine_that_never_took_an_fd_holds_nothing(setup: Setup, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "m", layers=2, hidden=256)
+    await setup.manager.load("m", str(ckpt))
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    setup.engines.append(proc)
+    setup.registry.attach(agent_pb2.Hello(model_id="m", pid=proc.pid))  # a claim, unproven
+    model = await setup.manager.sleep("m", 1)
+    assert model.last_transition is not None
+    assert "detached" in model.last_transition.note
+    assert "still maps" not in model.last_transition.note
+    assert setup.used() == (0, 0)
