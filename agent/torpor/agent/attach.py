@@ -142,7 +142,8 @@ class AttachedModel:
         model was loaded again, or it was unloaded and loaded again): the same
         layout is mapped at the same addresses, so the tensors, and anything
         holding their addresses, are valid again. A model whose layout differs
-        is FAILED_PRECONDITION LAYOUT_CHANGED (attach anew instead)."""
+        is FAILED_PRECONDITION LAYOUT_CHANGED, one now on another GPU (or in
+        another kind of memory) DEVICE_CHANGED: attach anew instead."""
         with self._cond:
             if self._closed:
                 raise TorporError(grpc.StatusCode.FAILED_PRECONDITION, "DETACHED", "closed")
@@ -155,10 +156,12 @@ class AttachedModel:
             attached = self._open()
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
-        if attached.layout_hash != self.layout_hash:
+        moved = _moved(self.model_id, self.slab_kind, self.device, attached)
+        if attached.layout_hash != self.layout_hash or moved is not None:
             self._requests.put(None)
             self._call.cancel()
-            raise _layout_changed(self.model_id)
+            raise moved or _layout_changed(self.model_id)
+        self.device_index = attached.device_index
         with self._cond:
             self._ended = None
         try:
@@ -524,6 +527,26 @@ def _layout_changed(model_id: str, layer: str = "") -> TorporError:
         "LAYOUT_CHANGED",
         f"the layout of {what}model {model_id!r} changed since this engine attached;"
         " its tensors cannot be remapped: attach again",
+    )
+
+
+def _moved(
+    model_id: str, slab_kind: str, device: str, attached: agent_pb2.Attached
+) -> TorporError | None:
+    """Why an attachment's tensors can't be valid again on what `attached` offers,
+    or None. Host memory is host memory wherever the emulated device is; a GPU's
+    tensors belong to that GPU, so the model must be back on the same one."""
+    kind = attached.slab_kind or "memfd"
+    now = attached.device.removeprefix("devices/")
+    if kind == slab_kind and (kind != "cuda" or now == device):
+        return None
+    was = f"{slab_kind} slabs on {device}" if slab_kind == "cuda" else f"{slab_kind} slabs"
+    is_ = f"{kind} slabs on {now}" if kind == "cuda" else f"{kind} slabs"
+    return TorporError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "DEVICE_CHANGED",
+        f"model {model_id!r} is now in {is_}; this engine's tensors are in {was} and"
+        " cannot move: load it on that device, or attach again",
     )
 
 
