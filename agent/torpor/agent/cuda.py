@@ -19,7 +19,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from torpor.agent.dlpack import CUDA, Keep, byte_tensor
+from torpor.agent.dlpack import CUDA, byte_tensor
 from torpor.agent.mapping import MappingError, tensor_span
 
 if TYPE_CHECKING:
@@ -114,7 +114,6 @@ class CudaSlabRange:
         )
         self.mapped = False
         self._released = False
-        self._keep: list[Keep] = []  # what the tensors' DLPack capsules point into
 
     def map(self, fd: int, *, writable: bool = False) -> None:
         """Import the slab's fd and map it at this range (the fd stays the caller's)."""
@@ -181,6 +180,5 @@ class CudaSlabRange:
         # Bytes first (every dtype, bf16 and fp8 included, is a view of them),
         # through DLPack naming the device: the range may not be mapped yet,
         # and torch must not ask the driver about the pointer.
-        raw, keep = byte_tensor(self.address + offset, nbytes, CUDA, self.device)
-        self._keep.append(keep)
+        raw = byte_tensor(self.address + offset, nbytes, CUDA, self.device)
         return raw.view(tdtype).reshape(tuple(shape))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import mmap
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -67,8 +68,9 @@ class _Device:
     d2h: Any = None
     staging: queue.Queue[_Staging] = field(default_factory=queue.Queue)
     # Mean piece size up to which the kernel beat the copy engine here
-    # (0: never); None until measured.
+    # (0: never); None until measured (once, under the lock).
     scatter_limit: int | None = None
+    measuring: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(eq=False)
@@ -117,9 +119,10 @@ class _Event:
         check(cu().cuEventSynchronize(self.event), "cuEventSynchronize")
 
     def __del__(self) -> None:
+        # (Possibly run by the garbage collector inside a driver call of this
+        # thread: take no lock, leave the thread's current context as it was.)
         with contextlib.suppress(Exception):
-            context(self.ordinal)
-            cu().cuEventDestroy(self.event)
+            driver.destroy_event(self.ordinal, self.event)
 
 
 class _PinnedStaging:
@@ -159,7 +162,10 @@ class _PinnedStaging:
         try:
             self._backend._unpin_staging(address)
         finally:
-            buffer.close()
+            try:
+                buffer.close()
+            except BufferError:  # a view still held (by a traceback): freed with it
+                log.warning("staging buffer still viewed; freed when the view goes")
 
 
 class _CudaSink:
@@ -254,10 +260,12 @@ class CudaBackend(Backend):
                 device.h2d = check(d.cuStreamCreate(flags), "cuStreamCreate")
                 device.d2h = check(d.cuStreamCreate(flags), "cuStreamCreate")
                 for _ in range(STAGING_BUFFERS):
-                    address = check(d.cuMemHostAlloc(STAGING, 0), "cuMemHostAlloc")
+                    address = check(
+                        d.cuMemHostAlloc(STAGING, d.CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc"
+                    )
                     device.staging.put(_Staging(int(address), STAGING))
             self._host = Budget("host pool", host_capacity)
-            self._pool = PinnedPool(host_capacity, host_chunk)
+            self._pool = PinnedPool(host_capacity, host_chunk, context=self._any_context)
         except BaseException:
             self._release_devices()
             raise
@@ -337,15 +345,20 @@ class CudaBackend(Backend):
             memory = self._live.pop(slab, None)
         if memory is None or slab.freed:
             raise RuntimeError(f"slab {slab.id} ({slab.owner}) freed twice")
-        slab.freed = True
-        self._uncharge(slab)
         if isinstance(memory, _HostRange):
             self._pool.free(memory.offset, slab.size)
         else:
-            context(self._device(slab.device).ordinal)
-            # The memory returns to the driver once no process maps it: the
-            # daemon maps it only inside a copy, engines let go before this.
-            check(cu().cuMemRelease(memory.handle), "cuMemRelease")
+            try:
+                context(self._device(slab.device).ordinal)
+                # The memory returns to the driver once no process maps it: the
+                # daemon maps it only inside a copy, engines let go before this.
+                check(cu().cuMemRelease(memory.handle), "cuMemRelease")
+            except BaseException:
+                with self._lock:  # not freed: still live, still accounted
+                    self._live[slab] = memory
+                raise
+        slab.freed = True
+        self._uncharge(slab)
 
     def drain(self) -> None:
         for dev in self._devices:
@@ -426,7 +439,16 @@ class CudaBackend(Backend):
                     desc.flags = d.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
                     access.append(desc)
                 check(d.cuMemSetAccess(address, length, access, len(access)), "cuMemSetAccess")
-                yield int(address) - first
+                try:
+                    yield int(address) - first
+                except BaseException:
+                    # Work queued into the window whose wait failed (an event
+                    # not made, a wait cut short) must not outlive the mapping.
+                    with contextlib.suppress(Exception):
+                        context(dev.ordinal)
+                        for stream in (dev.h2d, dev.d2h):
+                            d.cuStreamSynchronize(stream)
+                    raise
             finally:
                 check(d.cuMemUnmap(address, length), "cuMemUnmap")
         finally:
@@ -448,11 +470,49 @@ class CudaBackend(Backend):
             with self._window(src) as address:
                 self._pieces(dev, dev.d2h, "DtoH", self._host_address(dst), address, dst, report)
         else:
-            dev = self._device(dst.device)
+            dev, other = self._device(dst.device), self._device(src.device)
+            if other is not dev and not self._peers(other, dev):
+                self._through_host(src, dst, report)
+                return
             # The copy runs on dst's device: src's memory must be open to it.
-            peers = [dev.ordinal] if self._device(src.device).ordinal != dev.ordinal else []
+            peers = [dev.ordinal] if other is not dev else []
             with self._window(dst) as to, self._window(src, peers=peers) as from_:
                 self._pieces(dev, dev.h2d, "DtoD", to, from_, dst, report)
+
+    def _peers(self, src: _Device, dst: _Device) -> bool:
+        """Whether dst's device can read src's memory directly (P2P)."""
+        d = cu()
+        ok = check(d.cuDeviceCanAccessPeer(dst.ordinal, src.ordinal), "cuDeviceCanAccessPeer")
+        return bool(ok)
+
+    def _through_host(self, src: Slab, dst: Slab, report: Callable[[int], None]) -> None:
+        """A copy between GPUs that can't reach each other: through dst's
+        pinned staging buffers, one piece at a time."""
+        sdev, ddev = self._device(src.device), self._device(dst.device)
+        staging = ddev.staging.get()
+        try:
+            if staging.event is not None:
+                staging.event.synchronize()
+                staging.event = None
+            with self._window(src) as from_, self._window(dst) as to:
+                d = cu()
+                for at in range(0, src.size, staging.size):
+                    n = min(staging.size, src.size - at)
+                    context(sdev.ordinal)
+                    check(
+                        d.cuMemcpyDtoHAsync(staging.address, from_ + at, n, sdev.d2h),
+                        "cuMemcpyDtoHAsync",
+                    )
+                    _Event(sdev.ordinal, sdev.d2h).synchronize()
+                    context(ddev.ordinal)
+                    check(
+                        d.cuMemcpyHtoDAsync(to + at, staging.address, n, ddev.h2d),
+                        "cuMemcpyHtoDAsync",
+                    )
+                    _Event(ddev.ordinal, ddev.h2d).synchronize()
+                    report(n)
+        finally:
+            ddev.staging.put(staging)
 
     def _pieces(
         self,
@@ -502,71 +562,79 @@ class CudaBackend(Backend):
         read pipeline): one window, one gather/scatter launch or the copies
         queued back to back, one wait. Otherwise piece by piece through the
         device's staging buffers."""
-        arrays = [(offset, np.frombuffer(data, dtype=np.uint8)) for offset, data in pieces]
-        if not all(self._pinned(a.ctypes.data, a.size) for _, a in arrays):
+        if not pieces:
+            return
+        # (Addresses only: nothing here may hold an export of the staging
+        # buffer, or a failure's traceback would keep it from closing.)
+        spans = [(offset, _address(data), data.nbytes) for offset, data in pieces]
+        if not all(self._pinned(at, n) for _, at, n in spans):
             for offset, data in pieces:
                 self._write_staged(slab, offset, data)
             return
         dev = self._device(slab.device)
-        start = min(offset for offset, _ in arrays)
-        end = max(offset + a.size for offset, a in arrays)
-        total = sum(a.size for _, a in arrays)
-        if len(arrays) >= SCATTER_MIN_PIECES and total // len(arrays) <= self._scatter_limit(dev):
+        start = min(offset for offset, _, _ in spans)
+        end = max(offset + n for offset, _, n in spans)
+        total = sum(n for _, _, n in spans)
+        if len(spans) >= SCATTER_MIN_PIECES and total // len(spans) <= self._scatter_limit(dev):
             try:
-                self._scatter(dev, slab, arrays, start, end)
+                self._scatter(dev, slab, spans, start, end)
                 return
             except Exception:
                 log.exception("gather/scatter kernel failed: copies only", device=dev.uuid)
                 dev.scatter_limit = 0
         with self._window(slab, start, end) as address:
             context(dev.ordinal)
-            try:
-                for offset, a in arrays:
-                    check(
-                        cu().cuMemcpyHtoDAsync(address + offset, a.ctypes.data, a.size, dev.h2d),
-                        "cuMemcpyHtoDAsync",
-                    )
-            finally:
-                _Event(dev.ordinal, dev.h2d).synchronize()  # before the window closes
+            for offset, at, n in spans:
+                check(
+                    cu().cuMemcpyHtoDAsync(address + offset, at, n, dev.h2d),
+                    "cuMemcpyHtoDAsync",
+                )
+            _Event(dev.ordinal, dev.h2d).synchronize()  # before the window closes
 
     def _scatter(
         self,
         dev: _Device,
         slab: Slab,
-        arrays: Sequence[tuple[int, np.ndarray]],
+        spans: Sequence[tuple[int, int, int]],
         start: int,
         end: int,
     ) -> None:
-        """The pieces of one pinned staging buffer into a slab in one launch of
-        the gather/scatter kernel (reading the staging buffer over PCIe)."""
+        """The pieces (slab offset, host address, length) of one pinned staging
+        buffer into a slab in one launch of the gather/scatter kernel (reading
+        the staging buffer over PCIe)."""
         import cupy
 
-        where = self._staging_of(arrays[0][1].ctypes.data, arrays[0][1].size)
+        where = self._staging_of(spans[0][1], spans[0][2])
         assert where is not None
         host, device = where
-        segments = [(a.ctypes.data - host, offset, a.size) for offset, a in arrays]
+        segments = [(at - host, offset, n) for offset, at, n in spans]
         if any(self._staging_of(host + s, n) != where for s, _, n in segments):
             raise ValueError("pieces from several staging buffers")
         kernels = self._load_kernels()
         with self._window(slab, start, end) as address, cupy.cuda.Device(dev.ordinal):
-            kernels.gather_scatter(
-                device, address, segments, stream=cupy.cuda.ExternalStream(int(dev.h2d))
-            )
+            stream = cupy.cuda.ExternalStream(int(dev.h2d), dev.ordinal)
+            kernels.gather_scatter(device, address, segments, stream=stream)
             _Event(dev.ordinal, dev.h2d).synchronize()  # before the window closes
 
     def _scatter_limit(self, dev: _Device) -> int:
         if dev.scatter_limit is None:
-            try:
-                dev.scatter_limit = self._calibrate(dev)
-            except Exception:
-                log.exception("gather/scatter calibration failed: copies only", device=dev.uuid)
-                dev.scatter_limit = 0
+            with dev.measuring:  # (one measurement, whichever worker comes first)
+                if dev.scatter_limit is None:
+                    try:
+                        dev.scatter_limit = self._calibrate(dev)
+                    except Exception:
+                        log.exception(
+                            "gather/scatter calibration failed: copies only", device=dev.uuid
+                        )
+                        dev.scatter_limit = 0
         return dev.scatter_limit
 
     def _calibrate(self, dev: _Device) -> int:
         """Measure, once per device, the kernel against one copy per piece,
-        from pinned staging to device memory, for pieces of 4 KiB to 256 KiB;
-        the largest size the kernel wins at (0 if none)."""
+        from pinned staging to device memory, for pieces of 4 KiB to 256 KiB
+        (half of them 8-byte but not 16-byte aligned, as safetensors offsets
+        often are), on a stream of its own; the largest size the kernel wins
+        at (0 if none)."""
         import cupy
 
         from torpord.cuda.kernels import best_seconds
@@ -581,16 +649,16 @@ class CudaBackend(Backend):
         try:
             with cupy.cuda.Device(dev.ordinal):
                 target = cupy.empty(CALIBRATION_BYTES, dtype=cupy.uint8)
-                stream = cupy.cuda.ExternalStream(int(dev.h2d))
+                stream = cupy.cuda.Stream(non_blocking=True)
                 for size in (4 << 10, 16 << 10, 64 << 10, 256 << 10):
-                    count = min(256, CALIBRATION_BYTES // size)
-                    segments = [(i * size, i * size, size) for i in range(count)]
+                    count = min(256, (CALIBRATION_BYTES - 16) // size)
+                    segments = [(i * size + 8 * (i % 2), i * size, size) for i in range(count)]
 
                     def copies(segments: list[tuple[int, int, int]] = segments) -> None:
                         for s_off, d_off, n in segments:
                             check(
                                 d.cuMemcpyHtoDAsync(
-                                    target.data.ptr + d_off, host + s_off, n, dev.h2d
+                                    target.data.ptr + d_off, host + s_off, n, stream.ptr
                                 ),
                                 "cuMemcpyHtoDAsync",
                             )
@@ -614,17 +682,17 @@ class CudaBackend(Backend):
         """Pageable bytes into a device slab, through the device's own pinned
         staging buffers, each reused only once its last copy completed."""
         dev = self._device(slab.device)
-        src = np.frombuffer(data, dtype=np.uint8)  # (an address even if read-only)
+        src, size = _address(data), data.nbytes
         events = []
-        with self._window(slab, offset, offset + src.size) as address:
+        with self._window(slab, offset, offset + size) as address:
             try:
-                for at in range(0, src.size, STAGING):
-                    n = min(STAGING, src.size - at)
+                for at in range(0, size, STAGING):
+                    n = min(STAGING, size - at)
                     staging = dev.staging.get()
                     try:
                         if staging.event is not None:
                             staging.event.synchronize()
-                        ctypes.memmove(staging.address, src.ctypes.data + at, n)
+                        ctypes.memmove(staging.address, src + at, n)
                         context(dev.ordinal)
                         check(
                             cu().cuMemcpyHtoDAsync(
@@ -701,4 +769,10 @@ class CudaBackend(Backend):
             ),
             "cuMemExportToShareableHandle",
         )
+        os.set_inheritable(int(fd), False)  # (as the host backend's O_CLOEXEC)
         return int(fd)
+
+
+def _address(data: memoryview) -> int:
+    """Where a buffer's bytes are (read-only ones too); holds nothing of it."""
+    return int(np.frombuffer(data, dtype=np.uint8).ctypes.data)

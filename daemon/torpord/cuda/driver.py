@@ -79,6 +79,21 @@ def context(ordinal: int) -> None:
     check(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
 
+def destroy_event(ordinal: int, event: Any) -> None:
+    """Destroy an event of the device's primary context without taking the
+    module's lock or changing this thread's current context (safe from a
+    finaliser that runs inside another driver call)."""
+    ctx = _contexts.get(ordinal)
+    if ctx is None:
+        return
+    driver = cu()
+    check(driver.cuCtxPushCurrent(ctx), "cuCtxPushCurrent")
+    try:
+        check(driver.cuEventDestroy(event), "cuEventDestroy")
+    finally:
+        driver.cuCtxPopCurrent()
+
+
 def uuid_of(ordinal: int) -> str:
     """`GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, as NVML and nvidia-smi print it."""
     driver = cu()

@@ -21,7 +21,7 @@ import bisect
 import ctypes
 import mmap
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -117,7 +117,17 @@ class _Pending:
 class PinnedPool:
     """The byte budget of host memory, mapped and page-locked at start."""
 
-    def __init__(self, capacity: int, chunk: int = 1 << 30, *, register: bool = True) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        chunk: int = 1 << 30,
+        *,
+        register: bool = True,
+        context: Callable[[], None] | None = None,
+    ) -> None:
+        """`context` makes the CUDA context the pool is registered in current
+        (registration is PORTABLE: every context sees it)."""
+        self._context = context
         self.capacity = -(-capacity // ALIGN) * ALIGN
         self.chunk = -(-chunk // ALIGN) * ALIGN
         self._map = mmap.mmap(-1, max(self.capacity, ALIGN))
@@ -135,6 +145,8 @@ class PinnedPool:
 
         driver = cu()
         init()
+        if self._context is not None:
+            self._context()
         flags = driver.CU_MEMHOSTREGISTER_PORTABLE
         try:
             for start in range(0, self.capacity, self.chunk):
@@ -154,6 +166,8 @@ class PinnedPool:
         from torpord.cuda.driver import check, cu
 
         driver = cu()
+        if self._context is not None:
+            self._context()
         for start in self._registered:
             check(driver.cuMemHostUnregister(self.address + start), "cuMemHostUnregister")
         self._registered.clear()
