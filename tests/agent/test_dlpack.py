@@ -80,7 +80,6 @@ def test_a_tensor_owns_its_capsule_structures() -> None:
 
 def test_a_refused_capsule_is_freed_not_leaked(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch.utils.dlpack
-
     from torpor.agent import dlpack
 
     freed: list[int] = []

@@ -123,7 +123,6 @@ def safetensors_load(path: Path, runs: int) -> float:
 
 def gather_scatter(runs: int) -> dict[str, Any]:
     import cupy
-    from cuda.bindings import driver as cu
     from torpord.cuda.kernels import Kernels
 
     rng = np.random.default_rng(0)
@@ -155,19 +154,14 @@ def gather_scatter(runs: int) -> dict[str, Any]:
     out["kernel_s"] = best_seconds(stream, kernel, runs)
     out["memcpy_per_segment_s"] = best_seconds(stream, per_segment, runs)
     try:
-        attrs = cu.CUmemcpyAttributes()
-        attrs.srcAccessOrder = cu.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
-        dsts = [cu.CUdeviceptr(dst.data.ptr + d) for _, d, _ in segments]
-        srcs = [cu.CUdeviceptr(src.data.ptr + s) for s, _, _ in segments]
+        from torpord.cuda.driver import memcpy_batch
+
+        dsts = [dst.data.ptr + d for _, d, _ in segments]
+        srcs = [src.data.ptr + s for s, _, _ in segments]
         lengths = [n for _, _, n in segments]
 
         def batch() -> None:
-            # (cuda-bindings 12.x also returns the failing index; 13.x does not)
-            err = cu.cuMemcpyBatchAsync(
-                dsts, srcs, lengths, len(segments), [attrs], [0], 1, stream.ptr
-            )[0]
-            if err != cu.CUresult.CUDA_SUCCESS:
-                raise RuntimeError(f"cuMemcpyBatchAsync: {err}")
+            memcpy_batch(dsts, srcs, lengths, stream.ptr)
 
         out["memcpy_batch_s"] = best_seconds(stream, batch, runs)
     except Exception as err:  # an older driver or bindings

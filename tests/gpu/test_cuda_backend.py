@@ -144,14 +144,15 @@ def test_an_exported_slab_maps_in_another_process(backend: CudaBackend) -> None:
     backend.free(host)
 
 
-@pytest.mark.parametrize("path", ["copies", "kernel", "measured"])
+@pytest.mark.parametrize("path", ["copies", "kernel", "batch", "measured"])
 def test_the_read_pipeline_loads_device_slabs_through_pinned_staging(
     backend: CudaBackend, tmp_path: Path, path: str
 ) -> None:
-    # A chunk's pieces go to a slab by the copy engine, or by the gather/scatter
-    # kernel, or by whichever the measurement on this GPU chose.
+    # A chunk's pieces go to a slab by the copy engine, the gather/scatter
+    # kernel, the driver's batched copy, or whichever the measurement on this
+    # GPU chose.
     dev = backend._devices[0]
-    dev.scatter_limit = {"copies": 0, "kernel": 1 << 40, "measured": None}[path]
+    dev.methods = None if path == "measured" else [(1 << 40, path)]
     from torpor.testing import make_checkpoint
     from torpord.storage.layers import plan_layers
     from torpord.storage.pipeline import ReadOptions, read_layers
@@ -178,7 +179,9 @@ def test_the_read_pipeline_loads_device_slabs_through_pinned_staging(
                 assert digests[i] == backend.checksum(host) == backend.checksum(slab), direct
         assert not backend._pinned_staging  # every staging buffer unpinned
         if path == "measured":
-            assert dev.scatter_limit is not None  # measured, logged
+            assert dev.methods  # measured, logged
+        else:  # (a method that failed would have been replaced by copies)
+            assert dev.methods == [(1 << 40, path)]
     finally:
         for slab in [*slabs, *hosts]:
             backend.free(slab)

@@ -49,11 +49,14 @@ log = structlog.get_logger("torpord.cuda")
 PIECE = 64 << 20  # bytes per copy piece (one event each)
 STAGING = 32 << 20  # bytes per pinned staging buffer of the read path
 STAGING_BUFFERS = 4  # per device
-# A chunk's pieces go through the gather/scatter kernel (one launch) instead
-# of one copy each when there are at least this many and they are no bigger,
-# on average, than what a measurement on the device (at first use) found the
-# kernel faster for.
+# A chunk's many small pieces can reach a slab three ways: one copy each
+# ("copies"), one launch of the gather/scatter kernel ("kernel"), or one call
+# of the driver's batched copy, cuMemcpyBatchAsync, CUDA >= 12.8 ("batch").
+# Which is fastest depends on the GPU, the link and the piece size, so it is
+# measured on each device at first use (logged) and chosen by the chunk's mean
+# piece size; fewer than this many pieces always go as copies.
 SCATTER_MIN_PIECES = 8
+MEASURED_SIZES = (4 << 10, 16 << 10, 64 << 10, 256 << 10)
 CALIBRATION_BYTES = 4 << 20
 
 
@@ -67,9 +70,9 @@ class _Device:
     h2d: Any = None  # CUstream
     d2h: Any = None
     staging: queue.Queue[_Staging] = field(default_factory=queue.Queue)
-    # Mean piece size up to which the kernel beat the copy engine here
-    # (0: never); None until measured (once, under the lock).
-    scatter_limit: int | None = None
+    # [(piece size, fastest method there)] for MEASURED_SIZES, ascending; None
+    # until measured (once, under the lock).
+    methods: list[tuple[int, str]] | None = None
     measuring: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -574,14 +577,16 @@ class CudaBackend(Backend):
         dev = self._device(slab.device)
         start = min(offset for offset, _, _ in spans)
         end = max(offset + n for offset, _, n in spans)
-        total = sum(n for _, _, n in spans)
-        if len(spans) >= SCATTER_MIN_PIECES and total // len(spans) <= self._scatter_limit(dev):
+        method = self._method(dev, len(spans), sum(n for _, _, n in spans) // len(spans))
+        if method != "copies":
             try:
-                self._scatter(dev, slab, spans, start, end)
+                (self._scatter if method == "kernel" else self._batch)(dev, slab, spans, start, end)
                 return
             except Exception:
-                log.exception("gather/scatter kernel failed: copies only", device=dev.uuid)
-                dev.scatter_limit = 0
+                log.exception(f"{method} failed: copies instead from now on", device=dev.uuid)
+                dev.methods = [
+                    (size, "copies" if m == method else m) for size, m in dev.methods or []
+                ]
         with self._window(slab, start, end) as address:
             context(dev.ordinal)
             for offset, at, n in spans:
@@ -589,6 +594,26 @@ class CudaBackend(Backend):
                     cu().cuMemcpyHtoDAsync(address + offset, at, n, dev.h2d),
                     "cuMemcpyHtoDAsync",
                 )
+            _Event(dev.ordinal, dev.h2d).synchronize()  # before the window closes
+
+    def _batch(
+        self,
+        dev: _Device,
+        slab: Slab,
+        spans: Sequence[tuple[int, int, int]],
+        start: int,
+        end: int,
+    ) -> None:
+        """The pieces (slab offset, host address, length) into a slab in one
+        cuMemcpyBatchAsync."""
+        with self._window(slab, start, end) as address:
+            context(dev.ordinal)
+            driver.memcpy_batch(
+                [address + offset for offset, _, _ in spans],
+                [at for _, at, _ in spans],
+                [n for _, _, n in spans],
+                dev.h2d,
+            )
             _Event(dev.ordinal, dev.h2d).synchronize()  # before the window closes
 
     def _scatter(
@@ -616,25 +641,29 @@ class CudaBackend(Backend):
             kernels.gather_scatter(device, address, segments, stream=stream)
             _Event(dev.ordinal, dev.h2d).synchronize()  # before the window closes
 
-    def _scatter_limit(self, dev: _Device) -> int:
-        if dev.scatter_limit is None:
+    def _method(self, dev: _Device, count: int, mean: int) -> str:
+        """How `count` pieces of `mean` bytes on average go to this device."""
+        if count < SCATTER_MIN_PIECES:
+            return "copies"
+        if dev.methods is None:
             with dev.measuring:  # (one measurement, whichever worker comes first)
-                if dev.scatter_limit is None:
+                if dev.methods is None:
                     try:
-                        dev.scatter_limit = self._calibrate(dev)
+                        dev.methods = self._measure(dev)
                     except Exception:
-                        log.exception(
-                            "gather/scatter calibration failed: copies only", device=dev.uuid
-                        )
-                        dev.scatter_limit = 0
-        return dev.scatter_limit
+                        log.exception("transfer measurement failed: copies only", device=dev.uuid)
+                        dev.methods = []
+        for size, method in dev.methods:
+            if mean <= size:
+                return method
+        return dev.methods[-1][1] if dev.methods else "copies"
 
-    def _calibrate(self, dev: _Device) -> int:
-        """Measure, once per device, the kernel against one copy per piece,
-        from pinned staging to device memory, for pieces of 4 KiB to 256 KiB
-        (half of them 8-byte but not 16-byte aligned, as safetensors offsets
-        often are), on a stream of its own; the largest size the kernel wins
-        at (0 if none)."""
+    def _measure(self, dev: _Device) -> list[tuple[int, str]]:
+        """Time, once per device, the three ways a chunk's pieces reach device
+        memory from pinned staging: one copy each, the gather/scatter kernel,
+        and cuMemcpyBatchAsync (where the driver has it), for pieces of 4 KiB
+        to 256 KiB (half of them 8-byte but not 16-byte aligned, as safetensors
+        offsets often are), on a stream of its own. The fastest at each size."""
         import cupy
 
         from torpord.cuda.kernels import best_seconds
@@ -645,12 +674,14 @@ class CudaBackend(Backend):
         host = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
         _, device = self._pinned_staging[host]
         d = cu()
-        limit, seen = 0, []
+        methods: list[tuple[int, str]] = []
+        seen: dict[str, dict[str, float]] = {}
+        batch_error = ""
         try:
             with cupy.cuda.Device(dev.ordinal):
                 target = cupy.empty(CALIBRATION_BYTES, dtype=cupy.uint8)
                 stream = cupy.cuda.Stream(non_blocking=True)
-                for size in (4 << 10, 16 << 10, 64 << 10, 256 << 10):
+                for size in MEASURED_SIZES:
                     count = min(256, (CALIBRATION_BYTES - 16) // size)
                     segments = [(i * size + 8 * (i % 2), i * size, size) for i in range(count)]
 
@@ -666,17 +697,33 @@ class CudaBackend(Backend):
                     def kernel(segments: list[tuple[int, int, int]] = segments) -> None:
                         kernels.gather_scatter(device, target.data.ptr, segments, stream=stream)
 
-                    t_copies, t_kernel = best_seconds(stream, copies), best_seconds(stream, kernel)
-                    seen.append(
-                        f"{count}x{size >> 10}KiB: kernel {t_kernel * 1e6:.0f}us,"
-                        f" copies {t_copies * 1e6:.0f}us"
-                    )
-                    if t_kernel < t_copies:
-                        limit = size
+                    def batch(segments: list[tuple[int, int, int]] = segments) -> None:
+                        driver.memcpy_batch(
+                            [target.data.ptr + d_off for _, d_off, _ in segments],
+                            [host + s_off for s_off, _, _ in segments],
+                            [n for _, _, n in segments],
+                            stream.ptr,
+                        )
+
+                    times = {"copies": best_seconds(stream, copies)}
+                    times["kernel"] = best_seconds(stream, kernel)
+                    if not batch_error:
+                        try:
+                            times["batch"] = best_seconds(stream, batch)
+                        except Exception as err:  # an older driver or bindings
+                            batch_error = str(err)
+                    seen[f"{count}x{size >> 10}KiB"] = {m: round(t * 1e6) for m, t in times.items()}
+                    methods.append((size, min(times, key=times.__getitem__)))
         finally:
             staging.give(buffer)
-        log.info("gather/scatter measured", device=dev.uuid, kernel_up_to=limit, runs=seen)
-        return limit
+        log.info(
+            "transfer methods measured (microseconds per chunk); the fastest is used",
+            device=dev.uuid,
+            chosen={f"{size >> 10}KiB": method for size, method in methods},
+            runs=seen,
+            batch_unavailable=batch_error or None,
+        )
+        return methods
 
     def _write_staged(self, slab: Slab, offset: int, data: memoryview) -> None:
         """Pageable bytes into a device slab, through the device's own pinned

@@ -10,6 +10,7 @@ Importing this module needs neither cuda-bindings nor a GPU; calling it does.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from torpord.errors import Unavailable
@@ -92,6 +93,29 @@ def destroy_event(ordinal: int, event: Any) -> None:
         check(driver.cuEventDestroy(event), "cuEventDestroy")
     finally:
         driver.cuCtxPopCurrent()
+
+
+def memcpy_batch(
+    dsts: Sequence[int], srcs: Sequence[int], sizes: Sequence[int], stream: Any
+) -> None:
+    """cuMemcpyBatchAsync (CUDA >= 12.8): every copy queued on `stream` in one
+    call, each reading its source in stream order."""
+    driver = cu()
+    attrs = driver.CUmemcpyAttributes()
+    attrs.srcAccessOrder = driver.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
+    check(
+        driver.cuMemcpyBatchAsync(
+            [driver.CUdeviceptr(a) for a in dsts],
+            [driver.CUdeviceptr(a) for a in srcs],
+            list(sizes),
+            len(sizes),
+            [attrs],
+            [0],
+            1,
+            stream,
+        ),
+        "cuMemcpyBatchAsync",
+    )
 
 
 def uuid_of(ordinal: int) -> str:
