@@ -76,6 +76,37 @@ def test_slabs_round_trip_bit_exactly_over_20_cycles(backend: CudaBackend) -> No
     assert backend.host_pool().used == 0 and backend.devices()[0].pool.used == 0
 
 
+def test_a_device_slab_reaches_the_disk_cache_through_staging(
+    backend: CudaBackend, tmp_path: Path
+) -> None:
+    from torpord.storage.diskcache import DiskCache
+
+    device = backend.devices()[0].uuid
+    size = 70 * MiB + 7  # more than two staging buffers' worth
+    data = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8).tobytes()
+    (host,) = backend.allocate(Tier.HOST, None, [(size, owner("l"))])
+    (dev,) = backend.allocate(Tier.DEVICE, device, [(size, owner("l"))])
+    try:
+        backend.view(host)[:] = data
+        backend.copy(host, dev)
+        cache = DiskCache(tmp_path / "cache", 1 << 30)
+        share = cache.reserve([size], set())
+        pieces = backend.read_out(dev)
+        try:
+            entry = cache.write("ab" * 16, pieces, slab_checksum(data), share, size)
+        finally:
+            pieces.close()
+        (back,) = backend.allocate(Tier.DEVICE, device, [(size, owner("l"))])
+        try:
+            cache.read_into(entry, backend.sink(back), "l")  # (checks the checksum)
+            assert backend.checksum(back) == slab_checksum(data)
+        finally:
+            backend.free(back)
+    finally:
+        backend.free(dev)
+        backend.free(host)
+
+
 def test_freed_device_memory_goes_back_to_the_driver(backend: CudaBackend) -> None:
     info = backend.devices()[0]
     ordinal = info.index

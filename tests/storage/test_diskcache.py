@@ -160,3 +160,41 @@ def test_a_changed_source_gets_a_different_key(tmp_path: Path) -> None:
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     assert cache_key(ckpt, plan) != cache_key(open_checkpoint(path), plan)
+
+
+def test_an_entry_written_from_pieces(tmp_path: Path) -> None:
+    """A device slab reaches the cache as pieces through host staging: each
+    piece valid only until the next (here one buffer, overwritten)."""
+    cache = DiskCache(tmp_path / "c", 1 << 20)
+    payload = os.urandom(50_000)
+    staging = bytearray(4096)
+
+    def pieces():  # type: ignore[no-untyped-def]
+        for at in range(0, len(payload), len(staging)):
+            n = min(len(staging), len(payload) - at)
+            staging[:n] = payload[at : at + n]
+            with memoryview(staging)[:n] as piece:
+                yield piece
+
+    share = cache.reserve([len(payload)], set())
+    entry = cache.write("cd" * 16, pieces(), slab_checksum(payload), share, len(payload))
+    sink = Sink(len(payload))
+    cache.read_into(entry, sink, "layers.0")
+    assert bytes(sink.data) == payload and entry.size == len(payload)
+
+
+@pytest.mark.parametrize("failure", ["short", "source"])
+def test_pieces_that_fall_short_or_fail_leave_nothing(tmp_path: Path, failure: str) -> None:
+    cache = DiskCache(tmp_path, 1 << 20)
+
+    def pieces():  # type: ignore[no-untyped-def]
+        yield memoryview(b"a" * 100)
+        if failure == "source":
+            raise RuntimeError("the device copy failed")
+
+    share = cache.reserve([200], set())
+    with pytest.raises(RuntimeError, match="100 bytes written, 200 expected|device copy"):
+        cache.write("ef" * 16, pieces(), "0", share, 200)
+    assert list(tmp_path.glob("*/*")) == []  # no entry, no temporary file
+    assert cache.get("ef" * 16) is None
+    cache.unreserve(share)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import itertools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -27,6 +27,7 @@ __all__ = ["Backend", "Budget", "DeviceInfo", "PoolInfo", "Slab", "SlabOwner"]
 log = structlog.get_logger("torpord.backend")
 
 _slab_ids = itertools.count(1)
+READ_OUT_PIECE = 32 << 20  # bytes per piece of Backend.read_out
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,16 @@ class Backend(abc.ABC):
         goes to slabs without a host view (device memory): plain memory here;
         pinned on a GPU, so the copy to the device starts from it directly."""
         return PlainStaging()
+
+    def read_out(self, slab: Slab) -> Generator[memoryview, None, None]:
+        """The slab's bytes in order, in pieces, each valid until the next is
+        asked for (blocking; run on a worker thread; close the generator if you
+        stop early). Where a slab has no host view (device memory) the pieces
+        come through host staging."""
+        with self.view(slab) as view:
+            for at in range(0, slab.size, READ_OUT_PIECE):
+                with view[at : at + READ_OUT_PIECE] as piece:
+                    yield piece
 
     def checksum(self, slab: Slab) -> str:
         """The slab's checksum (torpord.storage.checksum), hex (blocking; run on

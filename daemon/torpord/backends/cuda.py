@@ -27,7 +27,7 @@ import mmap
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -754,6 +754,32 @@ class CudaBackend(Backend):
             finally:
                 for event in events:  # done before the window closes
                     event.synchronize()
+
+    def read_out(self, slab: Slab) -> Generator[memoryview, None, None]:
+        """A device slab's bytes through one of its device's pinned staging
+        buffers, a piece at a time (to the disk cache, say)."""
+        if slab.tier is Tier.HOST:
+            yield from super().read_out(slab)
+            return
+        dev = self._device(slab.device)
+        staging = dev.staging.get()
+        try:
+            if staging.event is not None:
+                staging.event.synchronize()
+                staging.event = None
+            with self._window(slab) as address:
+                for at in range(0, slab.size, staging.size):
+                    n = min(staging.size, slab.size - at)
+                    context(dev.ordinal)
+                    check(
+                        cu().cuMemcpyDtoHAsync(staging.address, address + at, n, dev.d2h),
+                        "cuMemcpyDtoHAsync",
+                    )
+                    _Event(dev.ordinal, dev.d2h).synchronize()
+                    with memoryview((ctypes.c_char * n).from_address(staging.address)) as piece:
+                        yield piece.cast("B")
+        finally:
+            dev.staging.put(staging)
 
     def sink(self, slab: Slab) -> _CudaSink:
         return _CudaSink(self, slab)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import threading
 import time
@@ -390,8 +391,8 @@ class Mover:
         # together, so a cancelled caller can't count a share twice.
         assert self.disk is not None and layer.slab is not None
         share = DATA_OFFSET + layer.plan.size
-        with self._backend.view(layer.slab) as view:
-            entry = self.disk.write(key, view, layer.checksum, share)
+        with contextlib.closing(self._backend.read_out(layer.slab)) as pieces:
+            entry = self.disk.write(key, pieces, layer.checksum, share, layer.plan.size)
         with reservation.lock:
             reservation.left -= share
         return entry

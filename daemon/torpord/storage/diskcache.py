@@ -21,7 +21,7 @@ import json
 import os
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,12 @@ log = structlog.get_logger("torpord.storage")
 MAGIC = b"TORPORSLAB\x00\x01"
 DATA_OFFSET = 4096  # the slab's bytes start at a block boundary (O_DIRECT-ready)
 _PIECE = 16 * 2**20
+
+
+def _slices(data: memoryview) -> Iterator[memoryview]:
+    for at in range(0, data.nbytes, _PIECE):
+        with data[at : at + _PIECE] as piece:
+            yield piece
 
 
 @dataclass(frozen=True)
@@ -163,16 +169,29 @@ class DiskCache:
 
     # -- bytes (blocking: worker threads) ------------------------------------------
 
-    def write(self, key: str, data: memoryview, checksum: str, reserved: int) -> DiskEntry:
-        """Store a slab under key, atomically; on success `reserved` (this entry's
-        share of a reserve()) becomes the entry's. On failure the reservation
-        stays the caller's to give back. ENOSPC is DISK_FULL; a failed write
-        leaves nothing behind."""
+    def write(
+        self,
+        key: str,
+        data: memoryview | Iterable[memoryview],
+        checksum: str,
+        reserved: int,
+        size: int | None = None,
+    ) -> DiskEntry:
+        """Store a slab under key, atomically: its bytes as one view, or as
+        views handed over in order (each valid until the next; `size` says how
+        many bytes in all). On success `reserved` (this entry's share of a
+        reserve()) becomes the entry's. On failure the reservation stays the
+        caller's to give back. ENOSPC is DISK_FULL; a failed write leaves
+        nothing behind."""
+        if isinstance(data, memoryview):
+            size = data.nbytes
+            data = _slices(data)
+        assert size is not None, "size is needed with pieces"
         folder = self.root / key[:2]
         final = folder / f"{key}.slab"
         tmp = folder / f"{key}.{os.getpid()}.{threading.get_ident()}.tmp"
         meta = json.dumps(
-            {"key": key, "size": data.nbytes, "checksum": checksum, "checksum_kind": checksum_kind}
+            {"key": key, "size": size, "checksum": checksum, "checksum_kind": checksum_kind}
         ).encode()
         head = MAGIC + struct.pack("<I", len(meta)) + meta
         try:
@@ -180,12 +199,15 @@ class DiskCache:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 os.pwrite(fd, head + bytes(DATA_OFFSET - len(head)), 0)
-                for at in range(0, data.nbytes, _PIECE):
-                    with data[at : at + _PIECE] as piece:
-                        done = 0
-                        while done < piece.nbytes:
-                            with piece[done:] as rest:
-                                done += os.pwrite(fd, rest, DATA_OFFSET + at + done)
+                at = 0
+                for piece in data:
+                    done = 0
+                    while done < piece.nbytes:
+                        with piece[done:] as rest:
+                            done += os.pwrite(fd, rest, DATA_OFFSET + at + done)
+                    at += piece.nbytes
+                if at != size:
+                    raise RuntimeError(f"disk cache: {at} bytes written, {size} expected")
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -201,14 +223,17 @@ class DiskCache:
                 raise ResourceExhausted(
                     f"disk cache {self.root}: the filesystem is full ({err.strerror})",
                     reason="DISK_FULL",
-                    metadata={"asked": data.nbytes, "path": str(self.root)},
+                    metadata={"asked": size, "path": str(self.root)},
                 ) from None
             raise Unavailable(
                 f"disk cache {self.root}: write failed: {err.strerror}",
                 reason="DISK_WRITE_FAILED",
                 metadata={"path": str(tmp)},
             ) from None
-        entry = DiskEntry(key, final, data.nbytes, checksum, DATA_OFFSET + data.nbytes)
+        except BaseException:  # (the bytes' source failed: a device copy, a stop)
+            tmp.unlink(missing_ok=True)
+            raise
+        entry = DiskEntry(key, final, size, checksum, DATA_OFFSET + size)
         with self._lock:
             self._reserved -= reserved
             old = self._entries.get(key)
