@@ -193,7 +193,7 @@ def test_pieces_that_fall_short_or_fail_leave_nothing(tmp_path: Path, failure: s
             raise RuntimeError("the device copy failed")
 
     share = cache.reserve([200], set())
-    with pytest.raises(RuntimeError, match="100 bytes written, 200 expected|device copy"):
+    with pytest.raises(RuntimeError, match=r"100 bytes written, 200 expected|device copy"):
         cache.write("ef" * 16, pieces(), "0", share, 200)
     assert list(tmp_path.glob("*/*")) == []  # no entry, no temporary file
     assert cache.get("ef" * 16) is None
