@@ -93,6 +93,7 @@ class Daemon:
 
     async def run(self) -> int:
         cfg = self.config
+        systemd.status("starting the backend (a GPU host pins its host pool now)")
         try:
             backend, why = build_backend(cfg)
         except BackendUnavailable as err:

@@ -461,3 +461,32 @@ async def test_a_read_error_fails_the_load_and_frees_everything(
     assert (m.state, m.state_reason) == (ModelState.FAILED, "SOURCE_READ_FAILED")
     assert {layer.tier for layer in m.layers} == {Tier.SOURCE}  # no half-filled slab reachable
     assert h.device_used() == 0 and h.backend.host_pool().used == 0
+
+
+async def test_a_free_that_fails_after_a_move_keeps_the_model_in_its_new_slabs(
+    h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver that refuses to free the old slabs of a finished move (a GPU
+    after a sticky error, say): the move stands, the layers keep their new
+    slabs, and what could not be freed stays accounted rather than referenced."""
+    await h.manager.load("m", str(ckpt))
+    real = h.backend.free
+    refused: list[int] = []
+
+    def free(slab):  # type: ignore[no-untyped-def]
+        if slab.tier is Tier.DEVICE and not refused:
+            refused.append(slab.size)
+            raise RuntimeError("cuMemRelease failed: CUDA_ERROR_LAUNCH_FAILED")
+        real(slab)
+
+    monkeypatch.setattr(h.backend, "free", free)
+    asleep = await h.manager.sleep("m", 1)
+    assert asleep.state is ModelState.ASLEEP and set(tiers(asleep)) == {Tier.HOST}
+    # One old slab stayed: still accounted, referenced by no layer.
+    assert len(refused) == 1 and h.device_used() == refused[0]
+    model = h.manager._models["m"]
+    assert all(layer.slab is not None and not layer.slab.freed for layer in model.layers)
+    h.check_bytes("m")
+    awake = await h.manager.wake("m")  # and it wakes as ever
+    assert awake.state is ModelState.ACTIVE
+    h.check_bytes("m")

@@ -39,7 +39,7 @@ from torpord.backends.base import Backend, Budget, DeviceInfo, PoolInfo, Slab
 from torpord.core.types import Tier
 from torpord.cuda import driver
 from torpord.cuda.driver import CudaError, check, context, cu
-from torpord.cuda.pinned import PinnedPool
+from torpord.cuda.pinned import ALIGN, PinnedPool
 from torpord.errors import InvalidArgument, ResourceExhausted
 
 __all__ = ["CudaBackend"]
@@ -190,9 +190,9 @@ class _CudaSink:
             if offset < 0 or offset + data.nbytes > self._slab.size:
                 raise ValueError(f"write of {data.nbytes} bytes at {offset} past the slab's end")
         if self._slab.tier is Tier.HOST:
-            view = self._backend.view(self._slab)
-            for offset, data in pieces:
-                view[offset : offset + data.nbytes] = data
+            base = self._backend._host_address(self._slab)
+            for offset, data in pieces:  # (memmove lets go of the GIL: workers copy at once)
+                ctypes.memmove(base + offset, _address(data), data.nbytes)
             return
         self._backend._write_device_many(self._slab, pieces)
 
@@ -267,8 +267,8 @@ class CudaBackend(Backend):
                         d.cuMemHostAlloc(STAGING, d.CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc"
                     )
                     device.staging.put(_Staging(int(address), STAGING))
-            self._host = Budget("host pool", host_capacity)
             self._pool = PinnedPool(host_capacity, host_chunk, context=self._any_context)
+            self._host = Budget("host pool", self._pool.capacity)
         except BaseException:
             self._release_devices()
             raise
@@ -312,7 +312,10 @@ class CudaBackend(Backend):
 
     def _charge(self, tier: Tier, device: str | None, size: int) -> int:
         """The bytes a slab of `size` takes from its budget: on a device, its
-        allocation, padded to the granularity."""
+        allocation, padded to the granularity; in the pinned pool, its range,
+        page-aligned (so the budget never admits what the pool can't place)."""
+        if tier is Tier.HOST:
+            return max(ALIGN, -(-size // ALIGN) * ALIGN)
         if tier is not Tier.DEVICE:
             return size
         granularity = self._device(device).granularity
@@ -762,24 +765,26 @@ class CudaBackend(Backend):
             yield from super().read_out(slab)
             return
         dev = self._device(slab.device)
-        staging = dev.staging.get()
+        # A buffer of its own (the device's staging buffers serve the read path
+        # and the disk cache may write several layers at once).
+        staging = self.staging()
+        buffer = staging.take(min(STAGING, max(ALIGN, -(-slab.size // ALIGN) * ALIGN)))
         try:
-            if staging.event is not None:
-                staging.event.synchronize()
-                staging.event = None
+            host = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+            size = len(buffer)
             with self._window(slab) as address:
-                for at in range(0, slab.size, staging.size):
-                    n = min(staging.size, slab.size - at)
+                for at in range(0, slab.size, size):
+                    n = min(size, slab.size - at)
                     context(dev.ordinal)
                     check(
-                        cu().cuMemcpyDtoHAsync(staging.address, address + at, n, dev.d2h),
+                        cu().cuMemcpyDtoHAsync(host, address + at, n, dev.d2h),
                         "cuMemcpyDtoHAsync",
                     )
                     _Event(dev.ordinal, dev.d2h).synchronize()
-                    with memoryview((ctypes.c_char * n).from_address(staging.address)) as piece:
-                        yield piece.cast("B")
+                    with memoryview(buffer)[:n] as piece:
+                        yield piece
         finally:
-            dev.staging.put(staging)
+            staging.give(buffer)
 
     def sink(self, slab: Slab) -> _CudaSink:
         return _CudaSink(self, slab)
@@ -819,6 +824,11 @@ class CudaBackend(Backend):
         with self._window(slab) as address, cupy.cuda.Device(dev.ordinal):
             digest: str = kernels.checksum(address, slab.size)
             return digest
+
+    def prepare(self) -> None:
+        """Compile (or read from the cache) the kernels now, so a GPU without a
+        working CuPy or NVRTC is found at start, not at the first load."""
+        self._load_kernels()
 
     def _load_kernels(self) -> Any:
         with self._kernels_lock:  # (the first call compiles, or reads the cache)

@@ -6,7 +6,7 @@ from torpord.backends.base import Backend
 from torpord.backends.host import HostBackend
 from torpord.backends.nvml import Discovery, discover
 from torpord.config import Config
-from torpord.errors import TorporError
+from torpord.errors import TorporError, Unavailable
 
 __all__ = ["BackendUnavailable", "build_backend"]
 
@@ -60,10 +60,19 @@ def _cuda(config: Config) -> Backend:
     from torpord.backends.cuda import CudaBackend
 
     cuda = config.backend.cuda
-    return CudaBackend(
+    backend = CudaBackend(
         devices=cuda.devices,
         device_capacity=cuda.device_memory,
         host_capacity=config.host_pool.capacity,
         host_chunk=cuda.pinned_chunk,
         kernel_cache=cuda.kernel_cache,
     )
+    try:
+        backend.prepare()
+    except Exception as err:  # CuPy missing or broken, NVRTC failing
+        backend.close()
+        raise Unavailable(
+            f"its kernels could not be built ({type(err).__name__}: {err})",
+            reason="CUDA_KERNELS_UNAVAILABLE",
+        ) from err
+    return backend

@@ -556,8 +556,9 @@ class ModelManager:
                 bound.warning("transition failed", reason=err.reason, error=err.message)
             else:
                 bound.exception("transition failed unexpectedly")
-            for slab in plan.new:  # allocated for a move that never began
-                if not slab.freed:
+            in_use = {id(layer.slab) for layer in model.layers}
+            for slab in plan.new:  # allocated for a move that never began (or failed)
+                if not slab.freed and id(slab) not in in_use:
                     self.backend.free(slab)
             if plan.fail_to is None:
                 model.sleep_level = before[1]

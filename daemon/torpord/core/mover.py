@@ -295,7 +295,14 @@ class Mover:
         freed = [slab for slab in old if slab is not None]
         # Device memory must really be free when the transition returns (another
         # model may be waiting for it); host pool memory may finish in the background.
-        await self.blocking(self._free_all, freed, any(slab.tier is Tier.DEVICE for slab in freed))
+        try:
+            await self.blocking(
+                self._free_all, freed, any(slab.tier is Tier.DEVICE for slab in freed)
+            )
+        except Exception:
+            # The layers are in their new slabs already: the move is done. What
+            # could not be freed stays accounted (and logged), never referenced.
+            log.exception("the old slabs of a finished move were not all freed")
         return sum(layer.plan.size for layer in layers)
 
     # -- the disk tier -------------------------------------------------------------
@@ -407,11 +414,22 @@ class Mover:
 
     def _free_all(self, slabs: Sequence[Slab], confirm: bool = True) -> None:
         # On a worker thread: unmapping gigabytes of touched pages takes a
-        # while, and the event loop must keep answering meanwhile.
+        # while, and the event loop must keep answering meanwhile. Every slab is
+        # tried (one that fails stays live and accounted); the first error is
+        # raised after.
+        failed: BaseException | None = None
         for slab in slabs:
-            self._backend.free(slab)
+            try:
+                self._backend.free(slab)
+            except Exception as err:
+                log.error(
+                    "freeing a slab failed", slab=slab.id, owner=str(slab.owner), error=str(err)
+                )
+                failed = failed or err
         if confirm:
             self._backend.drain()
+        if failed is not None:
+            raise failed
 
     def forget(self, model: Model) -> None:
         self._last_publish.pop(id(model), None)
