@@ -147,3 +147,22 @@ async def test_an_engine_that_never_took_an_fd_holds_nothing(setup: Setup, tmp_p
     assert "detached" in model.last_transition.note
     assert "still maps" not in model.last_transition.note
     assert setup.used() == (0, 0)
+
+
+@pytest.mark.parametrize("said_so", [True, False])
+async def test_an_engine_that_detaches_holds_what_it_did_not_say_it_let_go(
+    setup: Setup, tmp_path: Path, said_so: bool
+) -> None:
+    """Its stream ended (the agent closed, or its listener failed) while the
+    process lives on: without a Release, what it was sent may still be mapped."""
+    ckpt = make_checkpoint(tmp_path / "m", layers=2, hidden=256)
+    model = await setup.manager.load("m", str(ckpt))
+    size = sum(layer.plan.size for layer in model.layers)
+    attachment, proc = await setup.engine("m")
+    if said_so:
+        setup.registry.released(attachment)
+    setup.registry.detach(attachment.id)  # (the stream ended)
+    await setup.manager.sleep("m", 1)
+    assert setup.used() == ((0, 0) if said_so else (size, size))
+    proc.kill()
+    assert await until(lambda: setup.used() == (0, 0))

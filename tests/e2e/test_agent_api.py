@@ -294,6 +294,14 @@ def test_close_while_another_thread_uses_the_weights_defers_the_release(
         assert seen == [True]
         assert _mapped(address) is None  # released with the last block
         assert settle_engines(client, "m", 0)
+        # The stream ended while the block still mapped the weights: no Release
+        # (on a GPU the daemon would count them held until this process exits).
+        assert "engine let go of every slab" not in daemon.log()
+        # A close with nothing in use says it let go, before the stream ends.
+        with attach("m", client=client) as again:
+            assert again.ready()
+        assert settle_engines(client, "m", 0)
+        assert daemon.log().count("engine let go of every slab") == 1
 
 
 def settle_engines(client: Client, model_id: str, count: int) -> bool:

@@ -295,21 +295,27 @@ class AttachedModel:
         Use() blocks running in other threads keep the weights mapped until the
         last of them ends; the address ranges are released then."""
         with self._cond:
-            self._closed = True
+            self._closed = True  # (the listener maps nothing more)
             if self._ended is None:
                 self._ended = TorporError(
                     grpc.StatusCode.CANCELLED, "DETACHED", "the engine detached"
                 )
-        if hasattr(self, "_call"):
-            self._requests.put(None)
-            self._call.cancel()
-        listener = getattr(self, "_listener", None)
-        if listener is not None and listener is not threading.current_thread():
-            listener.join(5)
-        with self._cond:
-            if self._users == 0:
+            released = self._users == 0
+            if released:
                 self._release()
             self._cond.notify_all()
+        listener = getattr(self, "_listener", None)
+        if hasattr(self, "_call"):
+            if released:
+                # Said last, so the daemon knows nothing stays mapped here (on a
+                # GPU it would otherwise count this process as holding memory).
+                self._requests.put(agent_pb2.AttachRequest(release=agent_pb2.Release()))
+            self._requests.put(None)
+            if listener is not None and listener is not threading.current_thread():
+                listener.join(2)  # the daemon ends the stream once it has read ours
+            self._call.cancel()
+        if listener is not None and listener is not threading.current_thread():
+            listener.join(5)
         if self._own_client:
             self.client.close()
 
@@ -388,6 +394,8 @@ class AttachedModel:
                 raise _layout_changed(self.model_id)
             got = [str(layer["name"]) for layer in header["layers"]]
             with self._cond:
+                if self._closed:
+                    return []
                 for layer, fd in zip(header["layers"], fds, strict=True):
                     lay = self._layers.get(layer["name"])
                     if lay is None or int(layer["size"]) != lay.range.size:

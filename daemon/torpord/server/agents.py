@@ -302,6 +302,25 @@ class AgentRegistry:
         if ack is not None and not ack.done():
             ack.set_result(True)
 
+    def released(self, attachment: Attachment) -> None:
+        """The engine unmapped everything and is detaching."""
+        attachment.mapped.clear()
+        log.info("engine let go of every slab", model_id=attachment.model_id, pid=attachment.pid)
+
+    def _hold(self, attachment: Attachment) -> int:
+        """Where freeing can't take memory back from a process (CUDA), keep
+        what the engine still maps counted until its process exits; the bytes."""
+        backend = self.manager.backend
+        held = [slab for slab in attachment.mapped.values() if not slab.freed]
+        pidfd = attachment.pidfd
+        if not held or backend.revocation_frees or pidfd is None:
+            return 0
+        for slab in held:
+            backend.held_by(slab, attachment.pid)
+        attachment.pidfd = None  # the watch owns it now
+        self._watch(pidfd, attachment.pid)
+        return sum(slab.size for slab in held)
+
     def _unresponsive(self, attachment: Attachment) -> str:
         """An engine that didn't let go in time: kill it if so configured, and
         keep what it still maps counted as used while its process lives where
@@ -319,16 +338,9 @@ class AgentRegistry:
             except PermissionError:
                 said = "; it could not be killed (permission denied)"
             log.warning("engine killed", model_id=attachment.model_id, pid=attachment.pid)
-        backend = self.manager.backend
-        held = [slab for slab in attachment.mapped.values() if not slab.freed]
-        if held and not backend.revocation_frees:
-            for slab in held:
-                backend.held_by(slab, attachment.pid)
-            attachment.pidfd = None  # the watch owns it now
-            self._watch(pidfd, attachment.pid)
-            if not said.startswith(" and killed"):
-                size = sum(slab.size for slab in held)
-                said += f"; the {size} bytes it still maps stay in use until its process exits"
+        size = self._hold(attachment)
+        if size and not said.startswith(" and killed"):
+            said += f"; the {size} bytes it still maps stay in use until its process exits"
         return said
 
     def _watch(self, pidfd: int, pid: int) -> None:
@@ -341,7 +353,7 @@ class AgentRegistry:
         asyncio.get_running_loop().remove_reader(pidfd)
         os.close(pidfd)
         freed = self.manager.backend.exited(pid)
-        log.info("revoked engine exited", pid=pid, freed_bytes=freed)
+        log.info("engine process exited: what it held is free", pid=pid, freed_bytes=freed)
 
     def detach(self, attachment_id: str) -> None:
         """The engine is gone (its stream ended): nothing of it waits any more.
@@ -354,6 +366,8 @@ class AgentRegistry:
                 ack.set_result(False)
         attachment.acks.clear()
         attachment.quiescing.clear()
+        if self._hold(attachment):  # gone without saying it let go (see Release)
+            log.info("engine detached still mapping slabs", pid=attachment.pid)
         if attachment.pidfd is not None:
             os.close(attachment.pidfd)
             attachment.pidfd = None

@@ -232,3 +232,5 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         async for request in requests:
             if request.HasField("quiesce_ack"):
                 self._registry.acknowledged(attachment, request.quiesce_ack.sequence)
+            elif request.HasField("release"):
+                self._registry.released(attachment)
