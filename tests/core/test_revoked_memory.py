@@ -23,7 +23,7 @@ from torpor.v1 import agent_pb2
 from torpord.backends.host import HostBackend
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.core.types import ModelState
-from torpord.errors import ResourceExhausted
+from torpord.errors import FailedPrecondition, PermissionDenied, ResourceExhausted
 from torpord.server.agents import AgentRegistry, Attachment
 
 MiB = 2**20
@@ -166,3 +166,57 @@ async def test_an_engine_that_detaches_holds_what_it_did_not_say_it_let_go(
     assert setup.used() == ((0, 0) if said_so else (size, size))
     proc.kill()
     assert await until(lambda: setup.used() == (0, 0))
+
+
+async def test_a_late_release_frees_what_was_held_and_only_for_its_process(
+    setup: Setup, tmp_path: Path
+) -> None:
+    ckpt = make_checkpoint(tmp_path / "m", layers=2, hidden=256)
+    model = await setup.manager.load("m", str(ckpt))
+    size = sum(layer.plan.size for layer in model.layers)
+    attachment, proc = await setup.engine("m")
+    setup.registry.detach(attachment.id)  # gone without a Release
+    await setup.manager.sleep("m", 1)
+    assert setup.used() == (size, size)
+    with pytest.raises(PermissionDenied) as err:  # another process can't let go for it
+        setup.registry.late_release(attachment.id, os.getpid())
+    assert err.value.reason == "PID_MISMATCH" and setup.used() == (size, size)
+    assert setup.registry.late_release(attachment.id, proc.pid)  # it unmapped, and says so
+    assert setup.used() == (0, 0) and proc.poll() is None
+    assert not setup.registry.late_release(attachment.id, proc.pid)  # (said twice)
+
+
+async def test_after_release_an_attachment_takes_nothing_more(setup: Setup, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "m", layers=2, hidden=256)
+    await setup.manager.load("m", str(ckpt))
+    attachment, proc = await setup.engine("m")
+    setup.registry.released(attachment)
+    with pytest.raises(FailedPrecondition) as err:
+        await setup.registry.export(attachment.id, proc.pid, [])
+    assert err.value.reason == "ATTACHMENT_RELEASED"
+    setup.registry.detach(attachment.id)
+    await setup.manager.sleep("m", 1)
+    assert setup.used() == (0, 0)
+
+
+async def test_without_a_pidfd_an_export_still_works_and_leaks_nothing(
+    setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torpord.server import agents
+
+    ckpt = make_checkpoint(tmp_path / "m", layers=2, hidden=256)
+    await setup.manager.load("m", str(ckpt))
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    setup.engines.append(proc)
+    attachment = setup.registry.attach(agent_pb2.Hello(model_id="m", pid=proc.pid))
+
+    def no_pidfd(pid: int) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(agents.os, "pidfd_open", no_pidfd)
+    before = len(os.listdir("/proc/self/fd"))
+    _, fds = await setup.registry.export(attachment.id, proc.pid, [])
+    assert fds and attachment.pidfd is None  # no kill, no watch: but the engine has its fds
+    for fd in fds:
+        os.close(fd)
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -258,9 +258,13 @@ def test_an_agent_past_the_quiesce_deadline_ends_and_unmaps_once_let_go(
                     model.wait_layer(0, timeout=5)
                 assert err.value.reason == "QUIESCE_TIMEOUT"
                 assert _mapped(address) is True  # not pulled from under the running block
+                assert "engine let go after its stream ended" not in d.log()
                 release.set()
                 thread.join(60)
                 assert _mapped(address) is False and not model.ready()
+                # Unmapped at last: it tells the daemon so on the fd socket (a
+                # GPU daemon frees what it held for it; the host one held none).
+                assert "engine let go after its stream ended; nothing held" in d.log()
     finally:
         d.kill()
 

@@ -127,6 +127,7 @@ class AttachedModel:
         attached: agent_pb2.Attached = next(self._call).attached
         self.attachment_id: str = attached.attachment_id
         self.fd_socket: str = attached.fd_socket
+        self._said_release = False  # (Release, on the stream or late)
         return attached
 
     def _start(self) -> None:
@@ -270,12 +271,15 @@ class AttachedModel:
             self._held.depth = depth
             with self._cond:
                 self._users -= 1
-                if self._users == 0:
+                over = self._users == 0 and self._ended is not None
+                if over:
                     if self._closed:
                         self._release()
-                    elif self._ended is not None:
+                    else:
                         self._unmap_if_idle()
                 self._cond.notify_all()
+            if over:
+                self._let_go_late()
 
     def on_quiesce(self, callback: Callback) -> Callback:
         """Call `callback(layers)` when the daemon is about to take layers away
@@ -296,28 +300,48 @@ class AttachedModel:
         last of them ends; the address ranges are released then."""
         with self._cond:
             self._closed = True  # (the listener maps nothing more)
+            stream_over = self._ended is not None
             if self._ended is None:
                 self._ended = TorporError(
                     grpc.StatusCode.CANCELLED, "DETACHED", "the engine detached"
                 )
             released = self._users == 0
-            if released:
-                self._release()
-            self._cond.notify_all()
+            try:
+                if released:
+                    self._release()
+            finally:
+                self._cond.notify_all()
         listener = getattr(self, "_listener", None)
         if hasattr(self, "_call"):
-            if released:
+            if released and not stream_over:
                 # Said last, so the daemon knows nothing stays mapped here (on a
                 # GPU it would otherwise count this process as holding memory).
                 self._requests.put(agent_pb2.AttachRequest(release=agent_pb2.Release()))
+                self._said_release = True
             self._requests.put(None)
             if listener is not None and listener is not threading.current_thread():
                 listener.join(2)  # the daemon ends the stream once it has read ours
             self._call.cancel()
         if listener is not None and listener is not threading.current_thread():
             listener.join(5)
+        if released and stream_over:
+            self._let_go_late()
         if self._own_client:
             self.client.close()
+
+    def _let_go_late(self) -> None:
+        """Everything is unmapped, but the stream ended before the agent could
+        say Release: say it on the fd socket instead (best effort), so memory a
+        GPU daemon counts as held for this process is free again."""
+        with self._cond:
+            if self._said_release or not hasattr(self, "attachment_id"):
+                return
+            self._said_release = True
+            fd_socket, attachment_id = self.fd_socket, self.attachment_id
+        try:
+            request_release(fd_socket, attachment_id, timeout=5)
+        except (OSError, ValueError, TorporError) as err:  # the daemon is gone, say
+            log.info("could not tell the daemon the slabs are let go: %s", err)
 
     def _release(self) -> None:
         for lay in self._layers.values():
@@ -441,9 +465,12 @@ class AttachedModel:
             # crashed), the weights are no longer the daemon's to give: unmap,
             # now or when the last use() block ends, so a stray access faults
             # and no orphaned memory stays alive through this process.
+            idle = self._users == 0
             self._unmap_if_idle()
             self._cond.notify_all()
         log.info("attachment to %s ended: %s (%s)", self.model_id, err.message, err.reason)
+        if idle:
+            self._let_go_late()
 
     def _unmap_if_idle(self) -> None:
         if self._users == 0:
@@ -598,6 +625,25 @@ def request_fds(
                 os.close(fd)
             raise
         return header, fds
+
+
+def request_release(fd_socket: str, attachment_id: str, *, timeout: float = 5.0) -> bool:
+    """Tell the daemon's fd socket that this process unmapped every slab of an
+    attachment whose stream has ended; whether it was holding any for it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        conn.connect(fd_socket)
+        body = json.dumps({"attachment_id": attachment_id, "release": True}).encode()
+        conn.sendall(struct.pack("<I", len(body)) + body)
+        answer = _recv_json(conn)
+    if "error" in answer:
+        error = answer["error"]
+        raise TorporError(
+            getattr(grpc.StatusCode, error["code"], grpc.StatusCode.UNKNOWN),
+            error["reason"],
+            error["message"],
+        )
+    return bool(answer.get("released"))
 
 
 def _recv_json(conn: socket.socket) -> dict[str, Any]:

@@ -86,7 +86,9 @@ class Release(_message.Message):
     last, before the agent ends its stream. A stream that ends without it may
     leave slabs mapped in a process that lives on; on a GPU, where the daemon
     can't take such memory back, the device pools count those slabs as held
-    (Device.held_bytes) once freed, until that process exits.
+    (Device.held_bytes) once freed, until that process exits, or until the
+    agent, having unmapped after all, says so on the fd socket
+    ({"attachment_id": ..., "release": true}).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

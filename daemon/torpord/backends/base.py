@@ -139,7 +139,7 @@ class _Held:
 
     budget: Budget
     charge: int
-    pids: set[int]
+    holders: set[tuple[int, str]]  # (pid, attachment)
 
 
 class Backend(abc.ABC):
@@ -154,7 +154,8 @@ class Backend(abc.ABC):
 
     def __init__(self) -> None:
         self._holders_lock = threading.Lock()
-        self._holders: dict[int, set[int]] = {}  # live slab id -> revoked pids mapping it
+        # live slab id -> (pid, attachment) of gone engines that may map it
+        self._holders: dict[int, set[tuple[int, str]]] = {}
         self._held: list[_Held] = []
 
     @abc.abstractmethod
@@ -201,49 +202,61 @@ class Backend(abc.ABC):
         """Return the slab's memory; freeing twice is a bug and raises.
         Implementations uncharge it with `_uncharge`."""
 
-    def held_by(self, slab: Slab, pid: int) -> None:
-        """A revoked engine (process `pid`) may still map the slab. Where freeing
-        can't take the memory back from it (`revocation_frees` is False), the
-        slab's bytes stay charged to its pool after `free`, as held, until every
-        such process has `exited`: the budget never counts memory free that the
-        driver doesn't."""
-        if self.revocation_frees or slab.freed:
+    def held_by(self, slab: Slab, pid: int, attachment: str = "") -> None:
+        """An engine (process `pid`, through `attachment`) may still map the
+        slab after it was revoked or went away. Where freeing can't take the
+        memory back from it (`revocation_frees` is False), the slab's bytes stay
+        charged to its pool after `free`, as held, until every such holder has
+        let go (`let_go`) or its process has `exited`: the budget never counts
+        memory free that the driver doesn't."""
+        if self.revocation_frees:
             return
         with self._holders_lock:
-            self._holders.setdefault(slab.id, set()).add(pid)
+            if not slab.freed:  # (checked under the lock _uncharge takes)
+                self._holders.setdefault(slab.id, set()).add((pid, attachment))
 
     def exited(self, pid: int) -> int:
         """Process `pid` is gone: what it held is free. Returns the bytes freed."""
+        return self._drop(lambda holder: holder[0] == pid)
+
+    def let_go(self, pid: int, attachment: str) -> int:
+        """The engine unmapped what it held through `attachment`: that is free
+        (unless others hold it too). Returns the bytes freed."""
+        return self._drop(lambda holder: holder == (pid, attachment))
+
+    def _drop(self, gone: Callable[[tuple[int, str]], bool]) -> int:
         freed = 0
         with self._holders_lock:
-            for slab_id, pids in list(self._holders.items()):
-                pids.discard(pid)
-                if not pids:
+            for slab_id, holders in list(self._holders.items()):
+                holders -= {h for h in holders if gone(h)}
+                if not holders:
                     del self._holders[slab_id]
             for held in list(self._held):
-                held.pids.discard(pid)
-                if not held.pids:
+                held.holders -= {h for h in held.holders if gone(h)}
+                if not held.holders:
                     self._held.remove(held)
                     held.budget.release_held(held.charge)
                     freed += held.charge
         return freed
 
     def _uncharge(self, slab: Slab) -> None:
-        """Give the slab's charge back to its budget, or keep it as held while
-        revoked engines may still map it (see held_by)."""
+        """Mark the slab freed and give its charge back to its budget, or keep
+        it as held while engines that went away may still map it (held_by)."""
         budget = self._budget(slab.tier, slab.device)
         charge = self._charge(slab.tier, slab.device, slab.size)
         with self._holders_lock:
-            pids = self._holders.pop(slab.id, None)
-            if pids:
+            slab.freed = True
+            holders = self._holders.pop(slab.id, None)
+            if holders:
                 budget.hold(charge)
-                self._held.append(_Held(budget, charge, pids))
-        if pids:
+                self._held.append(_Held(budget, charge, holders))
+        if holders:
             log.warning(
-                "freed slab still mapped by revoked engines; counted used until they exit",
+                "freed slab still mapped by engines that went away; counted used until they"
+                " let go or exit",
                 slab=slab.id,
                 bytes=charge,
-                pids=sorted(pids),
+                pids=sorted({pid for pid, _ in holders}),
             )
         else:
             budget.release(charge)

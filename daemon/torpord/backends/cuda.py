@@ -363,8 +363,7 @@ class CudaBackend(Backend):
                 with self._lock:  # not freed: still live, still accounted
                     self._live[slab] = memory
                 raise
-        slab.freed = True
-        self._uncharge(slab)
+        self._uncharge(slab)  # (marks it freed)
 
     def drain(self) -> None:
         for dev in self._devices:

@@ -169,8 +169,7 @@ class HostBackend(Backend):
             del self._live[slab]
             self._reaping.add(future)
         future.add_done_callback(self._reaped)
-        slab.freed = True
-        self._uncharge(slab)
+        self._uncharge(slab)  # (marks it freed)
 
     def _reaped(self, future: concurrent.futures.Future[None]) -> None:
         with self._lock:

@@ -559,7 +559,10 @@ class ModelManager:
             in_use = {id(layer.slab) for layer in model.layers}
             for slab in plan.new:  # allocated for a move that never began (or failed)
                 if not slab.freed and id(slab) not in in_use:
-                    self.backend.free(slab)
+                    try:
+                        self.backend.free(slab)
+                    except Exception:  # (it stays accounted; the rollback goes on)
+                        bound.exception("freeing a slab of the failed transition failed")
             if plan.fail_to is None:
                 model.sleep_level = before[1]
             model.set_state(plan.fail_to or before[0], err.reason, err.message)

@@ -289,7 +289,10 @@ class Mover:
                     layer.slab = previous
                 for slab in new:
                     if not slab.freed:
-                        self._backend.free(slab)
+                        try:
+                            self._backend.free(slab)
+                        except Exception:  # (it stays accounted; the first error stands)
+                            log.exception("freeing a new slab of a failed move failed")
             raise
         self.set_stage(model, Stage.RELEASE)
         freed = [slab for slab in old if slab is not None]

@@ -136,6 +136,7 @@ class Attachment:
     # The engine's process, opened when it first took fds (its pid is then the
     # socket peer's, not just what Hello said); None before that.
     pidfd: int | None = None
+    released: bool = False  # it said Release: it maps nothing, and takes nothing more
 
     def describe(self) -> str:
         who = f"engine {self.engine!r}" if self.engine else "engine"
@@ -159,8 +160,11 @@ class AgentRegistry:
         self.quiesce_timeout = quiesce_timeout
         self.on_quiesce_timeout = on_quiesce_timeout
         self._attachments: dict[str, Attachment] = {}
-        # Processes of revoked engines that still hold memory: pidfd -> pid.
+        # Processes of engines gone while still mapping slabs: pidfd -> pid;
+        # and those attachments: id -> pid (their late Release frees them).
         self._watched: dict[int, int] = {}
+        self._holding: dict[str, int] = {}
+        self._closing = False
         manager.engines = self
 
     def _of(self, model_id: str) -> list[Attachment]:
@@ -253,6 +257,7 @@ class AgentRegistry:
                 attachment_id, Unavailable("the daemon is shutting down", reason="SHUTTING_DOWN")
             )
         loop = asyncio.get_running_loop()
+        self._closing = True
         for pidfd in list(self._watched):
             del self._watched[pidfd]
             loop.remove_reader(pidfd)
@@ -304,6 +309,7 @@ class AgentRegistry:
 
     def released(self, attachment: Attachment) -> None:
         """The engine unmapped everything and is detaching."""
+        attachment.released = True
         attachment.mapped.clear()
         log.info("engine let go of every slab", model_id=attachment.model_id, pid=attachment.pid)
 
@@ -316,10 +322,38 @@ class AgentRegistry:
         if not held or backend.revocation_frees or pidfd is None:
             return 0
         for slab in held:
-            backend.held_by(slab, attachment.pid)
+            backend.held_by(slab, attachment.pid, attachment.id)
+        attachment.mapped.clear()
+        self._holding[attachment.id] = attachment.pid
         attachment.pidfd = None  # the watch owns it now
         self._watch(pidfd, attachment.pid)
         return sum(slab.size for slab in held)
+
+    async def released_late(self, attachment_id: str, peer_pid: int) -> bool:
+        return self.late_release(attachment_id, peer_pid)
+
+    def late_release(self, attachment_id: str, peer_pid: int) -> bool:
+        """An engine whose stream ended before it could say Release has since
+        unmapped everything (it says so on the fd socket): what was held for
+        it is free. False if nothing was held for that attachment."""
+        attachment = self._attachments.get(attachment_id)
+        pid = attachment.pid if attachment is not None else self._holding.get(attachment_id)
+        if pid is None:
+            log.info("engine let go after its stream ended; nothing held", pid=peer_pid)
+            return False
+        if pid != peer_pid:
+            raise PermissionDenied(
+                f"attachment belongs to pid {pid}, asked by pid {peer_pid}",
+                reason="PID_MISMATCH",
+                metadata={"attached_pid": pid, "peer_pid": peer_pid},
+            )
+        if attachment is not None:  # (its stream has not ended here yet)
+            self.released(attachment)
+            return True
+        del self._holding[attachment_id]
+        freed = self.manager.backend.let_go(pid, attachment_id)
+        log.info("engine let go after its stream ended", pid=pid, freed_bytes=freed)
+        return True
 
     def _unresponsive(self, attachment: Attachment) -> str:
         """An engine that didn't let go in time: kill it if so configured, and
@@ -333,11 +367,11 @@ class AgentRegistry:
             try:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 said = " and killed (agents.on_quiesce_timeout)"
+                log.warning("engine killed", model_id=attachment.model_id, pid=attachment.pid)
             except ProcessLookupError:
                 pass  # gone already
-            except PermissionError:
-                said = "; it could not be killed (permission denied)"
-            log.warning("engine killed", model_id=attachment.model_id, pid=attachment.pid)
+            except OSError as err:
+                said = f"; it could not be killed ({err.strerror})"
         size = self._hold(attachment)
         if size and not said.startswith(" and killed"):
             said += f"; the {size} bytes it still maps stay in use until its process exits"
@@ -345,6 +379,9 @@ class AgentRegistry:
 
     def _watch(self, pidfd: int, pid: int) -> None:
         """When the process exits, the backend gives back what it held."""
+        if self._closing:  # (the daemon is stopping: nothing to give back to)
+            os.close(pidfd)
+            return
         self._watched[pidfd] = pid
         asyncio.get_running_loop().add_reader(pidfd, self._exited, pidfd)
 
@@ -353,6 +390,8 @@ class AgentRegistry:
         asyncio.get_running_loop().remove_reader(pidfd)
         os.close(pidfd)
         freed = self.manager.backend.exited(pid)
+        for attachment_id in [a for a, p in self._holding.items() if p == pid]:
+            del self._holding[attachment_id]
         log.info("engine process exited: what it held is free", pid=pid, freed_bytes=freed)
 
     def detach(self, attachment_id: str) -> None:
@@ -385,11 +424,34 @@ class AgentRegistry:
         attachment.outbox.put(Ended(error))
 
     async def export(
-        self, attachment_id: str, peer_pid: int, names: list[str], model_id: str = ""
+        self,
+        attachment_id: str,
+        peer_pid: int,
+        names: list[str],
+        model_id: str = "",
+        peer_pidfd: int | None = None,
     ) -> tuple[dict[str, Any], list[int]]:
         """The header and fresh fds of the asked layers that are on the device
         (every such layer if none is named), for the process that attached and
-        no other. Asked layers not on the device are listed as absent."""
+        no other. Asked layers not on the device are listed as absent.
+        `peer_pidfd` (the asking process, taken from its socket; closed here)
+        becomes the attachment's if it has none yet."""
+        try:
+            return self._export(attachment_id, peer_pid, names, model_id, peer_pidfd)
+        finally:
+            if peer_pidfd is not None and not any(
+                a.pidfd == peer_pidfd for a in self._attachments.values()
+            ):
+                os.close(peer_pidfd)
+
+    def _export(
+        self,
+        attachment_id: str,
+        peer_pid: int,
+        names: list[str],
+        model_id: str,
+        peer_pidfd: int | None,
+    ) -> tuple[dict[str, Any], list[int]]:
         attachment = self._attachments.get(attachment_id)
         if attachment is None:
             raise PermissionDenied("unknown attachment", reason="UNKNOWN_ATTACHMENT")
@@ -405,6 +467,10 @@ class AgentRegistry:
                 reason="MODEL_MISMATCH",
                 metadata={"attached_model": attachment.model_id, "model_id": model_id},
             )
+        if attachment.released:
+            raise FailedPrecondition(
+                "this attachment was released by its engine", reason="ATTACHMENT_RELEASED"
+            )
         model = self.manager.find(attachment.model_id)
         if model is None:
             raise FailedPrecondition(
@@ -415,6 +481,15 @@ class AgentRegistry:
         if unknown:
             raise InvalidArgument(f"unknown layers {sorted(unknown)}", reason="UNKNOWN_LAYER")
         layers = [layer for layer in asked if layer.tier is Tier.DEVICE]
+        if layers and attachment.pidfd is None:
+            # The asking process, held by a pidfd (from its socket where the
+            # kernel gives one), so a later kill or exit watch can't hit a
+            # reused pid. Without one: no kill, no watch, nothing held.
+            if peer_pidfd is not None:
+                attachment.pidfd = peer_pidfd
+            else:
+                with contextlib.suppress(OSError):
+                    attachment.pidfd = os.pidfd_open(peer_pid)
         fds: list[int] = []
         try:
             for layer in layers:
@@ -424,11 +499,6 @@ class AgentRegistry:
             for fd in fds:
                 os.close(fd)
             raise
-        if layers and attachment.pidfd is None:
-            # The asking process is the socket's peer, alive now: hold it by a
-            # pidfd, so a later kill or exit watch can't hit a reused pid.
-            with contextlib.suppress(ProcessLookupError):
-                attachment.pidfd = os.pidfd_open(peer_pid)
         for layer in layers:
             assert layer.slab is not None
             attachment.mapped[layer.plan.name] = layer.slab
@@ -484,15 +554,23 @@ class FdServer:
                     "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
                 )
                 request = _recv_json(conn)
+                attachment_id = str(request.get("attachment_id", ""))
+                if request.get("release") is True:
+                    released = asyncio.run_coroutine_threadsafe(
+                        self.registry.released_late(attachment_id, pid), self.loop
+                    ).result(EXPORT_TIMEOUT)
+                    _send_json(conn, {"released": released})
+                    return
                 names = request.get("layers", [])
                 if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                     raise InvalidArgument("layers must be a list of names", reason="BAD_REQUEST")
                 future = asyncio.run_coroutine_threadsafe(
                     self.registry.export(
-                        str(request.get("attachment_id", "")),
+                        attachment_id,
                         pid,
                         names,
                         str(request.get("model_id", "")),
+                        _peer_pidfd(conn, pid),
                     ),
                     self.loop,
                 )
@@ -512,7 +590,7 @@ class FdServer:
                     _send_json(conn, {"error": {"code": err.code.value, "reason": err.reason,
                                                 "message": err.message}})  # fmt: skip
                 return
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError, concurrent.futures.TimeoutError) as err:
                 log.warning("fd socket: bad request", error=str(err))
                 return
             try:
@@ -525,6 +603,22 @@ class FdServer:
             finally:
                 for fd in fds:
                     os.close(fd)
+
+
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux >= 6.5
+
+
+def _peer_pidfd(conn: socket.socket, pid: int) -> int | None:
+    """A pidfd of the process at the other end: from the socket itself where the
+    kernel can (no pid-reuse race), else by its pid while it is connected."""
+    try:
+        return int(conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    except OSError:
+        pass
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
 
 
 def _close_late_export(future: concurrent.futures.Future[tuple[dict[str, Any], list[int]]]) -> None:
