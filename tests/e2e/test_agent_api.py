@@ -315,3 +315,25 @@ def settle_engines(client: Client, model_id: str, count: int) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_a_close_that_cannot_unmap_still_detaches(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torpor.agent.mapping import MappingError, SlabRange
+
+    ckpt = make_checkpoint(daemon.models / "m.safetensors", layers=1)
+    with Client(socket=str(daemon.socket)) as client:
+        client.load_model("m", str(ckpt))
+        model = attach("m", client=client)
+        assert settle_engines(client, "m", 1)
+
+        def broken(self: SlabRange) -> None:  # (a CUDA context broken by a fault, say)
+            raise MappingError(22, "unmap failed")
+
+        monkeypatch.setattr(SlabRange, "release", broken)
+        with pytest.raises(MappingError):
+            model.close()
+        assert settle_engines(client, "m", 0)  # the stream ended all the same
+        assert not model._listener.is_alive()
+        assert "engine let go of every slab" not in daemon.log()  # (it could not)

@@ -306,11 +306,13 @@ class AttachedModel:
                     grpc.StatusCode.CANCELLED, "DETACHED", "the engine detached"
                 )
             released = self._users == 0
-            try:
-                if released:
+            failed: BaseException | None = None
+            if released:
+                try:
                     self._release()
-            finally:
-                self._cond.notify_all()
+                except Exception as err:  # (a broken CUDA context): still detach
+                    failed, released = err, False
+            self._cond.notify_all()
         listener = getattr(self, "_listener", None)
         if hasattr(self, "_call"):
             if released and not stream_over:
@@ -328,6 +330,8 @@ class AttachedModel:
             self._let_go_late()
         if self._own_client:
             self.client.close()
+        if failed is not None:
+            raise failed
 
     def _let_go_late(self) -> None:
         """Everything is unmapped, but the stream ended before the agent could
