@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,3 +217,56 @@ def test_the_read_pipeline_loads_device_slabs_through_pinned_staging(
     finally:
         for slab in [*slabs, *hosts]:
             backend.free(slab)
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from torpor.agent.cuda import CudaSlabRange
+    fd, size, ordinal = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    r = CudaSlabRange(size, ordinal)
+    r.map(fd)
+    print("mapped", flush=True)
+    time.sleep(600)  # a hung engine: never lets go
+    """
+)
+
+
+def test_a_process_that_still_maps_a_freed_slab_keeps_its_memory(
+    backend: CudaBackend,
+) -> None:
+    """Why the CUDA backend counts a gone engine's slabs as held: freeing them
+    in the daemon returns nothing to the driver while another process maps
+    them; the memory comes back when that process exits."""
+    info = backend.devices()[0]
+    size = 1 << 30
+    (dev,) = backend.allocate(Tier.DEVICE, info.uuid, [(size, owner("h"))])
+    fd = backend.export(dev)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(fd), str(size), str(info.index)],
+        pass_fds=(fd,),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        os.close(fd)
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "mapped"
+        before, _ = driver.mem_info(info.index)
+        backend.held_by(dev, holder.pid, "a")
+        backend.free(dev)
+        backend.drain()
+        after_free, _ = driver.mem_info(info.index)
+        assert after_free - before < size // 2  # not back: the holder maps it
+        assert backend.devices()[0].pool.held >= size  # and the pool says so
+        holder.kill()
+        holder.wait(60)
+        deadline = time.monotonic() + 30
+        while driver.mem_info(info.index)[0] - before < size - 64 * MiB:
+            assert time.monotonic() < deadline, "the memory never came back"
+            time.sleep(0.1)
+        assert backend.exited(holder.pid) >= size
+        assert backend.devices()[0].pool.held == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(60)
