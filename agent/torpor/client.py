@@ -349,8 +349,12 @@ class Client:
         *,
         wait: bool = True,
         request_id: str = "",
+        force: bool = False,
         timeout: float | None = None,
     ) -> common_pb2.Model:
-        """Free every slab and forget the model; returns it as it was last."""
-        request = models_pb2.UnloadModelRequest(model_id=model_id, wait=wait, request_id=request_id)
+        """Free every slab and forget the model; returns it as it was last.
+        `force`: cancel a transition in progress first (else ABORTED)."""
+        request = models_pb2.UnloadModelRequest(
+            model_id=model_id, wait=wait, request_id=request_id, force=force
+        )
         return self._unary(self._models.UnloadModel, request, timeout).model

@@ -490,3 +490,32 @@ async def test_a_free_that_fails_after_a_move_keeps_the_model_in_its_new_slabs(
     awake = await h.manager.wake("m")  # and it wakes as ever
     assert awake.state is ModelState.ACTIVE
     h.check_bytes("m")
+
+
+async def test_a_forced_unload_cancels_a_slow_load_and_frees_everything(
+    h: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = make_checkpoint(tmp_path / "slow.safetensors", layers=1, hidden=256)
+    h.manager.mover.read_options = ReadOptions(chunk_bytes=4096, threads=1, direct="off")
+    reads = 0
+    real = pipeline._Run.read_chunk
+
+    def slow(*args):  # type: ignore[no-untyped-def]  # a disk that barely moves
+        nonlocal reads
+        reads += 1
+        time.sleep(0.2)
+        return real(*args)
+
+    monkeypatch.setattr(pipeline._Run, "read_chunk", slow)
+    await h.manager.load("m", str(ckpt), wait=False)
+    await asyncio.sleep(0.05)
+    with pytest.raises(Aborted) as err:  # without force: refused, as ever
+        await h.manager.unload("m")
+    assert err.value.reason == "TRANSITION_IN_PROGRESS"
+    gone = await h.manager.unload("m", force=True)
+    assert gone.model_id == "m" and "m" not in h.manager._models
+    assert reads < 5  # the readers stopped at their next chunk, not after the model
+    assert h.device_used() == 0 and h.backend.host_pool().used == 0
+    # And the same id loads again.
+    monkeypatch.setattr(pipeline._Run, "read_chunk", real)
+    assert (await h.manager.load("m", str(ckpt))).state is ModelState.ACTIVE

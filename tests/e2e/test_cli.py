@@ -45,7 +45,7 @@ def test_torporctl_drives_the_whole_lifecycle_and_watch_sees_it(daemon: Daemon) 
         assert int(node["devices"][0].get("used_bytes", 0)) + int(
             node["devices"][1].get("used_bytes", 0)
         ) == int(got["bytes"]["total_bytes"])
-        daemon.ctl("unload", "demo")
+        daemon.ctl("unload", "demo", "--force")  # (idle: force changes nothing)
         # Watch: wait until the removal arrives, then stop it as a user would.
         events: list[dict[str, Any]] = []
         deadline = time.monotonic() + 30

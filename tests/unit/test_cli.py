@@ -455,6 +455,13 @@ def test_wake_and_unload(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> 
     assert daemon.run("get", "qwen") == 1
 
 
+def test_unload_force_is_sent(daemon: Daemon) -> None:
+    assert daemon.run("unload", "qwen", "--force") == 0
+    assert daemon.models.requests == [
+        models_pb2.UnloadModelRequest(model_id="qwen", wait=True, force=True)
+    ]
+
+
 def test_verify_is_sent_with_wake_and_offload(daemon: Daemon) -> None:
     assert daemon.run("wake", "qwen", "--verify") == 0
     wake = [r for r in daemon.models.requests if isinstance(r, models_pb2.WakeModelRequest)]

@@ -177,7 +177,9 @@ def cmd_unload(client: Client, args: argparse.Namespace) -> int:
     return _mutate(
         client,
         args,
-        lambda: client.unload_model(args.model_id, wait=args.wait, request_id=args.request_id),
+        lambda: client.unload_model(
+            args.model_id, wait=args.wait, request_id=args.request_id, force=args.force
+        ),
         lambda model: models_pb2.UnloadModelResponse(model=model),
     )
 

@@ -167,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     unload = command("unload", "free every slab of a model and forget it")
     unload.add_argument("model_id", metavar="MODEL_ID")
+    unload.add_argument(
+        "--force",
+        action="store_true",
+        help="cancel a transition in progress (a slow load, say) and unload once it rolled back",
+    )
     _add_mutation_options(unload)
 
     watch = command("watch", "print a snapshot, then every event, until Ctrl-C")

@@ -326,19 +326,25 @@ class UnloadModelRequest(_message.Message):
     MODEL_ID_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     wait: _builtins.bool
     request_id: _builtins.str
+    force: _builtins.bool
+    """Cancel a transition in progress (a Load stuck on a slow disk, say) and
+    unload once it has rolled back, instead of ABORTED TRANSITION_IN_PROGRESS.
+    """
     def __init__(
         self,
         *,
         model_id: _builtins.str = ...,
         wait: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "request_id", b"request_id", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "model_id", b"model_id", "request_id", b"request_id", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -417,11 +417,13 @@ class ModelManager:
         return Plan(kind, state, moving, body, new)
 
     async def unload(
-        self, model_id: str, *, wait: bool = True, request_id: str = ""
+        self, model_id: str, *, wait: bool = True, request_id: str = "", force: bool = False
     ) -> ModelSnapshot:
         call = Call(request_id, ("unload", model_id), wait)
         if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._replay(earlier, wait, model_id)
+        if force:
+            await self._cancel_transition(model_id)
         model = self._idle_model(model_id)
 
         async def body() -> int:
@@ -496,6 +498,22 @@ class ModelManager:
             for layer in model.layers
             if layer.disk is not None
         }
+
+    async def _cancel_transition(self, model_id: str) -> None:
+        """Cancel the model's running transition and wait until it has rolled
+        back (as a failed one does: what it allocated is freed, engines get
+        their layers back). Another Unload racing this one finds it busy."""
+        model = self._model(model_id)
+        task = model.task
+        if task is None or task.done() or model.state is ModelState.UNLOADING:
+            return  # (an Unload in progress is left to finish)
+        log.info("cancelling a transition to unload", model_id=model_id, state=model.state.value)
+        task.cancel()
+        try:
+            await asyncio.shield(task)
+        except BaseException:
+            if not task.done():  # this call was cancelled, not the transition
+                raise
 
     def _idle_model(self, model_id: str) -> Model:
         """The model, if no transition of it is running (else ABORTED)."""

@@ -41,17 +41,20 @@ PROGRESS_INTERVAL = 0.25
 DISK_WRITERS = 4
 
 
-async def settle(awaitable: Awaitable[T]) -> T:
+async def settle(awaitable: Awaitable[T], on_cancel: Callable[[], object] | None = None) -> T:
     """Await `awaitable` to its end even if the caller is cancelled meanwhile
     (however often); then raise the cancellation. For work that must not be
     abandoned halfway: a copy into a slab about to be freed, engines letting go
-    of a slab before it is freed."""
+    of a slab before it is freed. `on_cancel` is called at the first
+    cancellation (to ask the work to stop early, where it can)."""
     future = asyncio.ensure_future(awaitable)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         if future.cancelled():  # the work itself was cancelled, not just us
             raise
+        if on_cancel is not None:
+            on_cancel()
         while not future.done():
             try:
                 await asyncio.shield(future)
@@ -97,11 +100,16 @@ class Mover:
         # of a big layer stops at its next piece instead of finishing the layer.
         self.stopping = threading.Event()
 
-    async def blocking(self, fn: Callable[..., T], *args: object) -> T:
+    async def blocking(
+        self, fn: Callable[..., T], *args: object, on_cancel: Callable[[], object] | None = None
+    ) -> T:
         """Run fn on a worker thread. If the caller is cancelled, still wait for
-        the thread to finish: it may be writing into a slab we are about to free."""
+        the thread to finish: it may be writing into a slab we are about to free
+        (`on_cancel` may ask it to finish early)."""
         loop = asyncio.get_running_loop()
-        return await settle(loop.run_in_executor(self._executor, functools.partial(fn, *args)))
+        return await settle(
+            loop.run_in_executor(self._executor, functools.partial(fn, *args)), on_cancel
+        )
 
     def report(self, model: Model, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -173,7 +181,8 @@ class Mover:
                     on_layer=on_layer,
                     should_stop=lambda: self.stopping.is_set() or abort.is_set(),
                     staging=self._backend.staging(),
-                )
+                ),
+                on_cancel=abort.set,  # (cancelled: the readers stop at their next chunk)
             )
         except StopRequested:
             if mismatch:

@@ -103,7 +103,7 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
         self, request: models_pb2.UnloadModelRequest, context: Context
     ) -> models_pb2.UnloadModelResponse:
         model = await self._m.unload(
-            request.model_id, wait=request.wait, request_id=request.request_id
+            request.model_id, wait=request.wait, request_id=request.request_id, force=request.force
         )
         return models_pb2.UnloadModelResponse(model=model_to_proto(model))
 
