@@ -355,22 +355,28 @@ async def test_load_of_a_loading_model_waits_for_it(h: Harness, ckpt: Path) -> N
         await h.manager.load("m", str(ckpt))
 
 
+def slow_disk(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A disk that barely moves: each chunk read takes 0.2 s. Returns the list
+    each read is counted in."""
+    reads: list[int] = []
+    real = pipeline._Run.read_chunk
+
+    def slow(*args):  # type: ignore[no-untyped-def]
+        reads.append(1)
+        time.sleep(0.2)
+        return real(*args)
+
+    monkeypatch.setattr(pipeline._Run, "read_chunk", slow)
+    return reads
+
+
 async def test_shutdown_stops_a_transition_inside_a_big_layer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     harness = Harness(tmp_path)
     ckpt = make_checkpoint(tmp_path / "one.safetensors", layers=1, hidden=256)
     harness.manager.mover.read_options = ReadOptions(chunk_bytes=4096, threads=1, direct="off")
-    reads = 0
-    real = pipeline._Run.read_chunk
-
-    def slow(*args):  # type: ignore[no-untyped-def]
-        nonlocal reads
-        reads += 1
-        time.sleep(0.2)
-        return real(*args)
-
-    monkeypatch.setattr(pipeline._Run, "read_chunk", slow)
+    reads = slow_disk(monkeypatch)
     await harness.manager.load("m", str(ckpt), wait=False)
     task = harness.manager._models["m"].task
     await asyncio.sleep(0.05)
@@ -378,7 +384,7 @@ async def test_shutdown_stops_a_transition_inside_a_big_layer(
     assert task is not None and task.done()
     assert isinstance(task.exception(), Aborted)
     chunks = len(pipeline._chunks(harness_checkpoint(ckpt), harness_plans(ckpt), 4096))
-    assert chunks > 50 and reads < 4  # it stopped at the next chunk, not after the model
+    assert chunks > 50 and len(reads) < 4  # it stopped at the next chunk, not after the model
     assert harness.device_used() == 0 and harness.backend.host_pool().used == 0
     harness.backend.close()
 
@@ -497,16 +503,7 @@ async def test_a_forced_unload_cancels_a_slow_load_and_frees_everything(
 ) -> None:
     ckpt = make_checkpoint(tmp_path / "slow.safetensors", layers=1, hidden=256)
     h.manager.mover.read_options = ReadOptions(chunk_bytes=4096, threads=1, direct="off")
-    reads = 0
-    real = pipeline._Run.read_chunk
-
-    def slow(*args):  # type: ignore[no-untyped-def]  # a disk that barely moves
-        nonlocal reads
-        reads += 1
-        time.sleep(0.2)
-        return real(*args)
-
-    monkeypatch.setattr(pipeline._Run, "read_chunk", slow)
+    reads = slow_disk(monkeypatch)
     await h.manager.load("m", str(ckpt), wait=False)
     await asyncio.sleep(0.05)
     with pytest.raises(Aborted) as err:  # without force: refused, as ever
@@ -514,8 +511,8 @@ async def test_a_forced_unload_cancels_a_slow_load_and_frees_everything(
     assert err.value.reason == "TRANSITION_IN_PROGRESS"
     gone = await h.manager.unload("m", force=True)
     assert gone.model_id == "m" and "m" not in h.manager._models
-    assert reads < 5  # the readers stopped at their next chunk, not after the model
+    assert len(reads) < 5  # the readers stopped at their next chunk, not after the model
     assert h.device_used() == 0 and h.backend.host_pool().used == 0
     # And the same id loads again.
-    monkeypatch.setattr(pipeline._Run, "read_chunk", real)
+    monkeypatch.undo()  # (the disk is fast again)
     assert (await h.manager.load("m", str(ckpt))).state is ModelState.ACTIVE

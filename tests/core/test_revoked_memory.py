@@ -48,12 +48,16 @@ class Setup:
         pool = self.backend.devices()[0].pool
         return pool.used, pool.held
 
+    def attached(self, model_id: str) -> tuple[Attachment, subprocess.Popen[bytes]]:
+        """A real process, attached (by its own word: no fds taken yet)."""
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        self.engines.append(proc)
+        return self.registry.attach(agent_pb2.Hello(model_id=model_id, pid=proc.pid)), proc
+
     async def engine(self, model_id: str) -> tuple[Attachment, subprocess.Popen[bytes]]:
         """A real process that attached and took every slab's fd (as the agent
         does), and never answers a Quiesce."""
-        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        self.engines.append(proc)
-        attachment = self.registry.attach(agent_pb2.Hello(model_id=model_id, pid=proc.pid))
+        attachment, proc = self.attached(model_id)
         _, fds = await self.registry.export(attachment.id, proc.pid, [])
         for fd in fds:
             os.close(fd)
@@ -139,9 +143,7 @@ async def test_only_what_a_revoked_engine_still_maps_is_held(setup: Setup, tmp_p
 async def test_an_engine_that_never_took_an_fd_holds_nothing(setup: Setup, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "m", layers=2, hidden=256)
     await setup.manager.load("m", str(ckpt))
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    setup.engines.append(proc)
-    setup.registry.attach(agent_pb2.Hello(model_id="m", pid=proc.pid))  # a claim, unproven
+    setup.attached("m")  # a claim, unproven
     model = await setup.manager.sleep("m", 1)
     assert model.last_transition is not None
     assert "detached" in model.last_transition.note
@@ -206,9 +208,7 @@ async def test_without_a_pidfd_an_export_still_works_and_leaks_nothing(
 
     ckpt = make_checkpoint(tmp_path / "m", layers=2, hidden=256)
     await setup.manager.load("m", str(ckpt))
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    setup.engines.append(proc)
-    attachment = setup.registry.attach(agent_pb2.Hello(model_id="m", pid=proc.pid))
+    attachment, proc = setup.attached("m")
 
     def no_pidfd(pid: int) -> int:
         raise OSError(24, "Too many open files")

@@ -601,20 +601,8 @@ def request_fds(
 
     The header lists the layers sent (name, size; one fd each, in order) and
     those asked for but not on the device ("absent")."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(timeout)
-        conn.connect(fd_socket)
-        request = {"attachment_id": attachment_id, "model_id": model_id, "layers": layers or []}
-        body = json.dumps(request).encode()
-        conn.sendall(struct.pack("<I", len(body)) + body)
-        header = _recv_json(conn)
-        if "error" in header:
-            error = header["error"]
-            raise TorporError(
-                getattr(grpc.StatusCode, error["code"], grpc.StatusCode.UNKNOWN),
-                error["reason"],
-                error["message"],
-            )
+    request = {"attachment_id": attachment_id, "model_id": model_id, "layers": layers or []}
+    with _ask_fd_socket(fd_socket, request, timeout) as (conn, header):
         fds: list[int] = []
         try:
             while len(fds) < header["fd_count"]:
@@ -634,20 +622,31 @@ def request_fds(
 def request_release(fd_socket: str, attachment_id: str, *, timeout: float = 5.0) -> bool:
     """Tell the daemon's fd socket that this process unmapped every slab of an
     attachment whose stream has ended; whether it was holding any for it."""
+    request = {"attachment_id": attachment_id, "release": True}
+    with _ask_fd_socket(fd_socket, request, timeout) as (_, answer):
+        return bool(answer.get("released"))
+
+
+@contextlib.contextmanager
+def _ask_fd_socket(
+    fd_socket: str, request: dict[str, Any], timeout: float
+) -> Iterator[tuple[socket.socket, dict[str, Any]]]:
+    """Send one length-prefixed JSON request; yields the connection and the
+    daemon's answer, or raises the error it answered with."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
         conn.connect(fd_socket)
-        body = json.dumps({"attachment_id": attachment_id, "release": True}).encode()
+        body = json.dumps(request).encode()
         conn.sendall(struct.pack("<I", len(body)) + body)
         answer = _recv_json(conn)
-    if "error" in answer:
-        error = answer["error"]
-        raise TorporError(
-            getattr(grpc.StatusCode, error["code"], grpc.StatusCode.UNKNOWN),
-            error["reason"],
-            error["message"],
-        )
-    return bool(answer.get("released"))
+        if "error" in answer:
+            error = answer["error"]
+            raise TorporError(
+                getattr(grpc.StatusCode, error["code"], grpc.StatusCode.UNKNOWN),
+                error["reason"],
+                error["message"],
+            )
+        yield conn, answer
 
 
 def _recv_json(conn: socket.socket) -> dict[str, Any]:
