@@ -181,11 +181,11 @@ async def test_a_late_release_frees_what_was_held_and_only_for_its_process(
     await setup.manager.sleep("m", 1)
     assert setup.used() == (size, size)
     with pytest.raises(PermissionDenied) as err:  # another process can't let go for it
-        setup.registry.late_release(attachment.id, os.getpid())
+        await setup.registry.late_release(attachment.id, os.getpid())
     assert err.value.reason == "PID_MISMATCH" and setup.used() == (size, size)
-    assert setup.registry.late_release(attachment.id, proc.pid)  # it unmapped, and says so
+    assert await setup.registry.late_release(attachment.id, proc.pid)  # it unmapped, and says so
     assert setup.used() == (0, 0) and proc.poll() is None
-    assert not setup.registry.late_release(attachment.id, proc.pid)  # (said twice)
+    assert not await setup.registry.late_release(attachment.id, proc.pid)  # (said twice)
 
 
 async def test_after_release_an_attachment_takes_nothing_more(setup: Setup, tmp_path: Path) -> None:

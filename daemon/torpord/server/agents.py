@@ -315,7 +315,8 @@ class AgentRegistry:
 
     def _hold(self, attachment: Attachment) -> int:
         """Where freeing can't take memory back from a process (CUDA), keep
-        what the engine still maps counted until its process exits; the bytes."""
+        what the engine still maps counted until it lets go late or its
+        process exits; returns the bytes."""
         backend = self.manager.backend
         held = [slab for slab in attachment.mapped.values() if not slab.freed]
         pidfd = attachment.pidfd
@@ -329,10 +330,7 @@ class AgentRegistry:
         self._watch(pidfd, attachment.pid)
         return sum(slab.size for slab in held)
 
-    async def released_late(self, attachment_id: str, peer_pid: int) -> bool:
-        return self.late_release(attachment_id, peer_pid)
-
-    def late_release(self, attachment_id: str, peer_pid: int) -> bool:
+    async def late_release(self, attachment_id: str, peer_pid: int) -> bool:
         """An engine whose stream ended before it could say Release has since
         unmapped everything (it says so on the fd socket): what was held for
         it is free. False if nothing was held for that attachment."""
@@ -436,22 +434,25 @@ class AgentRegistry:
         no other. Asked layers not on the device are listed as absent.
         `peer_pidfd` (the asking process, taken from its socket; closed here)
         becomes the attachment's if it has none yet."""
+        pidfd = peer_pidfd
         try:
-            return self._export(attachment_id, peer_pid, names, model_id, peer_pidfd)
+            header, fds, attachment = self._export(attachment_id, peer_pid, names, model_id)
+            if header["layers"] and attachment.pidfd is None:
+                # The asking process, held by a pidfd (from its socket where the
+                # kernel gives one), so a later kill or exit watch can't hit a
+                # reused pid. Without one: no kill, no watch, nothing held.
+                if pidfd is None:
+                    with contextlib.suppress(OSError):
+                        pidfd = os.pidfd_open(peer_pid)
+                attachment.pidfd, pidfd = pidfd, None
+            return header, fds
         finally:
-            if peer_pidfd is not None and not any(
-                a.pidfd == peer_pidfd for a in self._attachments.values()
-            ):
-                os.close(peer_pidfd)
+            if pidfd is not None:
+                os.close(pidfd)
 
     def _export(
-        self,
-        attachment_id: str,
-        peer_pid: int,
-        names: list[str],
-        model_id: str,
-        peer_pidfd: int | None,
-    ) -> tuple[dict[str, Any], list[int]]:
+        self, attachment_id: str, peer_pid: int, names: list[str], model_id: str
+    ) -> tuple[dict[str, Any], list[int], Attachment]:
         attachment = self._attachments.get(attachment_id)
         if attachment is None:
             raise PermissionDenied("unknown attachment", reason="UNKNOWN_ATTACHMENT")
@@ -481,15 +482,6 @@ class AgentRegistry:
         if unknown:
             raise InvalidArgument(f"unknown layers {sorted(unknown)}", reason="UNKNOWN_LAYER")
         layers = [layer for layer in asked if layer.tier is Tier.DEVICE]
-        if layers and attachment.pidfd is None:
-            # The asking process, held by a pidfd (from its socket where the
-            # kernel gives one), so a later kill or exit watch can't hit a
-            # reused pid. Without one: no kill, no watch, nothing held.
-            if peer_pidfd is not None:
-                attachment.pidfd = peer_pidfd
-            else:
-                with contextlib.suppress(OSError):
-                    attachment.pidfd = os.pidfd_open(peer_pid)
         fds: list[int] = []
         try:
             for layer in layers:
@@ -508,7 +500,7 @@ class AgentRegistry:
             "layers": [{"name": layer.plan.name, "size": layer.plan.size} for layer in layers],
             "absent": [layer.plan.name for layer in asked if layer.tier is not Tier.DEVICE],
         }
-        return header, fds
+        return header, fds, attachment
 
 
 class FdServer:
@@ -557,7 +549,7 @@ class FdServer:
                 attachment_id = str(request.get("attachment_id", ""))
                 if request.get("release") is True:
                     released = asyncio.run_coroutine_threadsafe(
-                        self.registry.released_late(attachment_id, pid), self.loop
+                        self.registry.late_release(attachment_id, pid), self.loop
                     ).result(EXPORT_TIMEOUT)
                     _send_json(conn, {"released": released})
                     return
