@@ -29,7 +29,11 @@ class Daemon:
         args: tuple[str, ...] = (),
         roots: tuple[Path, ...] = (),
         capacity: str = "256MiB",
+        backend: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        """`backend`: the config's [backend] tables (two emulated host devices
+        if None); `env`: the daemon's environment (this process's if None)."""
         self.root = root
         self.socket = root / "run" / "torpor.sock"
         self.models = root / "models"
@@ -40,15 +44,22 @@ class Daemon:
             "version = 1\n"
             f'[server]\nsocket = "{self.socket}"\ngrace_period = "5s"\n'
             f"[sources]\nallowed_roots = {json.dumps([str(p) for p in (self.models, *roots)])}\n"
-            '[backend]\nkind = "host"\n[backend.host]\ndevices = 2\n'
-            f'device_capacity = "{capacity}"\n[host_pool]\ncapacity = "{capacity}"\n' + config
+            + (
+                backend
+                if backend is not None
+                else '[backend]\nkind = "host"\n[backend.host]\ndevices = 2\n'
+                f'device_capacity = "{capacity}"\n'
+            )
+            + f'[host_pool]\ncapacity = "{capacity}"\n'
+            + config
         )
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify_path = root / "notify.sock"
         self.notify_path.unlink(missing_ok=True)
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(30)
-        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1"}
+        self.env = dict(os.environ if env is None else env)  # (for its engines too)
+        env = {**self.env, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "torpord", "--config", str(self.config_path), *args],

@@ -70,6 +70,7 @@ def test_defaults_for_root(as_root: None) -> None:
     assert config.backend.cuda.devices == ()
     assert config.backend.cuda.device_memory == 0.9
     assert config.backend.cuda.kernel_cache is None
+    assert config.backend.cuda.kernels == "auto"
     assert config.host_pool.capacity == 4 * 2**30
     assert config.layers.block_patterns == DEFAULT_LAYER_PATTERNS.blocks
     assert config.layers.post_patterns == DEFAULT_LAYER_PATTERNS.post
@@ -127,6 +128,7 @@ devices = ["GPU-5f2c6a1e-0b6d-4c2e-9a1f-3d2e1c0b9a87", "GPU-5f2c6a1e-0b6d-4c2e-9
 device_memory = "75%"
 pinned_chunk = "256MiB"
 kernel_cache = "{tmp_path}/kernels"
+kernels = "required"
 [host_pool]
 capacity = 1048576
 [sources]
@@ -154,6 +156,7 @@ capacity = "10GiB"
     assert config.backend.cuda.device_memory == 0.75
     assert config.backend.cuda.pinned_chunk == 256 * 2**20
     assert config.backend.cuda.kernel_cache == tmp_path / "kernels"
+    assert config.backend.cuda.kernels == "required"
     assert config.host_pool.capacity == 2**20
     assert config.sources.allowed_roots == (
         (tmp_path / "a").resolve(),
@@ -222,6 +225,7 @@ def test_config_error_carries_its_parts(tmp_path: Path) -> None:
         ('[backend.cuda]\ndevice_memory = "lots"', "backend.cuda.device_memory", "90%", '"lots"'),
         ('[backend.cuda]\npinned_chunk = "0"', "backend.cuda.pinned_chunk", "positive", "0"),
         ('[backend.cuda]\nkernel_cache = "rel"', "backend.cuda.kernel_cache", "absolute", '"rel"'),
+        ('[backend.cuda]\nkernels = "off"', "backend.cuda.kernels", "auto, required", '"off"'),
         ('[host_pool]\ncapacity = "8G"', "host_pool.capacity", "byte size", '"8G"'),
         ("[host_pool]\ncapacity = -5", "host_pool.capacity", "byte size", "-5"),
         ("[host_pool]\ncapacity = 1.5", "host_pool.capacity", "byte size", "1.5"),

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import structlog
+import xxhash
 
 from torpord.backends.base import Backend, Budget, DeviceInfo, PoolInfo, Slab
 from torpord.core.types import Tier
@@ -41,6 +42,7 @@ from torpord.cuda import driver
 from torpord.cuda.driver import CudaError, check, context, cu
 from torpord.cuda.pinned import ALIGN, PinnedPool
 from torpord.errors import InvalidArgument, ResourceExhausted
+from torpord.storage.checksum import CHUNK, combine
 
 __all__ = ["CudaBackend"]
 
@@ -205,6 +207,8 @@ class CudaBackend(Backend):
     # An engine that imported a slab keeps its memory alive until it releases
     # it or exits, whatever the daemon frees.
     revocation_frees = False
+    # Why the kernels can't run here (prepare() found), or None.
+    kernels_unavailable: str | None = None
 
     def __init__(
         self,
@@ -214,9 +218,12 @@ class CudaBackend(Backend):
         host_capacity: int,
         host_chunk: int = 1 << 30,
         kernel_cache: Path | None = None,
+        kernels: str = "auto",
     ) -> None:
         """`devices`: UUIDs to use (all visible if empty). `device_capacity`:
-        a share of each device's total memory (a float), or bytes (an int)."""
+        a share of each device's total memory (a float), or bytes (an int).
+        `kernels`: "required" makes prepare() fail without working kernels;
+        "auto" goes on without them (see prepare())."""
         super().__init__()
         ordinals = driver.device_ordinals()
         chosen = list(devices) or list(ordinals)
@@ -234,6 +241,7 @@ class CudaBackend(Backend):
         self._pinned_staging: dict[int, tuple[int, int]] = {}
         self._kernels_lock = threading.Lock()
         self._kernel_cache = kernel_cache
+        self._require_kernels = kernels == "required"
         d = cu()
         try:
             for uid in chosen:
@@ -417,24 +425,19 @@ class CudaBackend(Backend):
         return self._pool.view(memory.offset, slab.size)
 
     @contextlib.contextmanager
-    def _window(
-        self, slab: Slab, start: int = 0, end: int | None = None, *, peers: Sequence[int] = ()
-    ) -> Iterator[int]:
-        """Map bytes [start, end) of a device slab (whole granules of it) into
-        the daemon for the length of the block; yields the address of the
-        slab's byte 0 as seen through the window (valid from start to end)."""
+    def _window(self, slab: Slab, *, peers: Sequence[int] = ()) -> Iterator[int]:
+        """Map a device slab into the daemon for the length of the block; yields
+        its address. The whole allocation, at offset 0: the driver maps no
+        part of one ("offset ... currently must be zero", cuMemMap)."""
         memory = self._memory(slab)
         assert isinstance(memory, _DeviceMemory)
         dev = self._device(slab.device)
-        g = dev.granularity
-        first = start // g * g
-        length = min(memory.length, -(-(slab.size if end is None else end) // g) * g) - first
-        length = max(length, g)
+        length = memory.length
         d = cu()
         context(dev.ordinal)
         address = check(d.cuMemAddressReserve(length, 0, 0, 0), "cuMemAddressReserve")
         try:
-            check(d.cuMemMap(address, length, first, memory.handle, 0), "cuMemMap")
+            check(d.cuMemMap(address, length, 0, memory.handle, 0), "cuMemMap")
             try:
                 access = []
                 for ordinal in (dev.ordinal, *peers):
@@ -445,7 +448,7 @@ class CudaBackend(Backend):
                     access.append(desc)
                 check(d.cuMemSetAccess(address, length, access, len(access)), "cuMemSetAccess")
                 try:
-                    yield int(address) - first
+                    yield int(address)
                 except BaseException:
                     # Work queued into the window whose wait failed (an event
                     # not made, a wait cut short) must not outlive the mapping.
@@ -577,19 +580,17 @@ class CudaBackend(Backend):
                 self._write_staged(slab, offset, data)
             return
         dev = self._device(slab.device)
-        start = min(offset for offset, _, _ in spans)
-        end = max(offset + n for offset, _, n in spans)
         method = self._method(dev, len(spans), sum(n for _, _, n in spans) // len(spans))
         if method != "copies":
             try:
-                (self._scatter if method == "kernel" else self._batch)(dev, slab, spans, start, end)
+                (self._scatter if method == "kernel" else self._batch)(dev, slab, spans)
                 return
             except Exception:
                 log.exception(f"{method} failed: copies instead from now on", device=dev.uuid)
                 dev.methods = [
                     (size, "copies" if m == method else m) for size, m in dev.methods or []
                 ]
-        with self._window(slab, start, end) as address:
+        with self._window(slab) as address:
             context(dev.ordinal)
             for offset, at, n in spans:
                 check(
@@ -603,12 +604,10 @@ class CudaBackend(Backend):
         dev: _Device,
         slab: Slab,
         spans: Sequence[tuple[int, int, int]],
-        start: int,
-        end: int,
     ) -> None:
         """The pieces (slab offset, host address, length) into a slab in one
         cuMemcpyBatchAsync."""
-        with self._window(slab, start, end) as address:
+        with self._window(slab) as address:
             context(dev.ordinal)
             driver.memcpy_batch(
                 [address + offset for offset, _, _ in spans],
@@ -623,8 +622,6 @@ class CudaBackend(Backend):
         dev: _Device,
         slab: Slab,
         spans: Sequence[tuple[int, int, int]],
-        start: int,
-        end: int,
     ) -> None:
         """The pieces (slab offset, host address, length) of one pinned staging
         buffer into a slab in one launch of the gather/scatter kernel (reading
@@ -638,7 +635,7 @@ class CudaBackend(Backend):
         if any(self._staging_of(host + s, n) != where for s, _, n in segments):
             raise ValueError("pieces from several staging buffers")
         kernels = self._load_kernels()
-        with self._window(slab, start, end) as address, cupy.cuda.Device(dev.ordinal):
+        with self._window(slab) as address, cupy.cuda.Device(dev.ordinal):
             stream = cupy.cuda.ExternalStream(int(dev.h2d), dev.ordinal)
             kernels.gather_scatter(device, address, segments, stream=stream)
             _Event(dev.ordinal, dev.h2d).synchronize()  # before the window closes
@@ -647,6 +644,8 @@ class CudaBackend(Backend):
         """How `count` pieces of `mean` bytes on average go to this device."""
         if count < SCATTER_MIN_PIECES:
             return "copies"
+        if self.kernels_unavailable is not None:
+            return "copies"  # (the measurement needs CuPy)
         if dev.methods is None:
             with dev.measuring:  # (one measurement, whichever worker comes first)
                 if dev.methods is None:
@@ -733,7 +732,7 @@ class CudaBackend(Backend):
         dev = self._device(slab.device)
         src, size = _address(data), data.nbytes
         events = []
-        with self._window(slab, offset, offset + size) as address:
+        with self._window(slab) as address:
             try:
                 for at in range(0, size, STAGING):
                     n = min(STAGING, size - at)
@@ -816,6 +815,8 @@ class CudaBackend(Backend):
     def checksum(self, slab: Slab) -> str:
         if slab.tier is Tier.HOST:
             return super().checksum(slab)
+        if self.kernels_unavailable is not None:
+            return _host_checksum(self.read_out(slab))
         dev = self._device(slab.device)
         kernels = self._load_kernels()
         import cupy
@@ -826,8 +827,19 @@ class CudaBackend(Backend):
 
     def prepare(self) -> None:
         """Compile (or read from the cache) the kernels now, so a GPU without a
-        working CuPy or NVRTC is found at start, not at the first load."""
-        self._load_kernels()
+        working CuPy or NVRTC is found at start, not at the first load. Without
+        them ("auto"), the backend works on: a chunk's pieces go as copies and
+        device slabs' checksums are computed on the host, over a copy."""
+        try:
+            self._load_kernels()
+        except Exception as err:
+            if self._require_kernels:
+                raise
+            self.kernels_unavailable = f"{type(err).__name__}: {err}"
+            log.warning(
+                "GPU kernels unavailable: pieces go as copies, checksums on the host",
+                reason=self.kernels_unavailable,
+            )
 
     def _load_kernels(self) -> Any:
         with self._kernels_lock:  # (the first call compiles, or reads the cache)
@@ -853,6 +865,28 @@ class CudaBackend(Backend):
         )
         os.set_inheritable(int(fd), False)  # (as the host backend's O_CLOEXEC)
         return int(fd)
+
+
+def _host_checksum(pieces: Iterator[memoryview]) -> str:
+    """The slab checksum (torpord.storage.checksum) of bytes arriving in pieces
+    of any size."""
+    digests: list[int] = []
+    pending = bytearray()
+    for piece in pieces:
+        at = 0
+        if pending:
+            at = min(CHUNK - len(pending), piece.nbytes)
+            pending += piece[:at]
+            if len(pending) == CHUNK:
+                digests.append(xxhash.xxh3_64_intdigest(pending))
+                pending.clear()
+        while piece.nbytes - at >= CHUNK:
+            digests.append(xxhash.xxh3_64_intdigest(piece[at : at + CHUNK]))
+            at += CHUNK
+        pending += piece[at:]
+    if pending:
+        digests.append(xxhash.xxh3_64_intdigest(pending))
+    return combine(digests)
 
 
 def _address(data: memoryview) -> int:

@@ -66,13 +66,15 @@ def _cuda(config: Config) -> Backend:
         host_capacity=config.host_pool.capacity,
         host_chunk=cuda.pinned_chunk,
         kernel_cache=cuda.kernel_cache,
+        kernels=cuda.kernels,
     )
     try:
         backend.prepare()
-    except Exception as err:  # CuPy missing or broken, NVRTC failing
+    except Exception as err:  # kernels = "required": CuPy missing or broken, NVRTC failing
         backend.close()
         raise Unavailable(
-            f"its kernels could not be built ({type(err).__name__}: {err})",
+            f"its kernels could not be built ({type(err).__name__}: {err})"
+            ' and backend.cuda.kernels = "required"',
             reason="CUDA_KERNELS_UNAVAILABLE",
         ) from err
     return backend

@@ -18,6 +18,7 @@ from torpord.config.defaults import (
 from torpord.config.model import (
     BACKEND_KINDS,
     CONFIG_VERSION,
+    CUDA_KERNELS,
     LOG_FORMATS,
     LOG_LEVELS,
     MIN_ALIGNMENT,
@@ -90,7 +91,7 @@ _SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "log": ("level", "format"),
     "backend": ("kind", "host", "cuda"),
     "backend.host": ("devices", "device_capacity"),
-    "backend.cuda": ("devices", "device_memory", "pinned_chunk", "kernel_cache"),
+    "backend.cuda": ("devices", "device_memory", "pinned_chunk", "kernel_cache", "kernels"),
     "host_pool": ("capacity",),
     "sources": ("allowed_roots",),
     "layers": ("block_patterns", "post_patterns", "alignment"),
@@ -292,6 +293,7 @@ def load_config(
                 lambda v: None if v == "" else _path(v, relative_to_cwd=False),
                 None,
             ),
+            kernels=r.get("backend.cuda.kernels", _choice(CUDA_KERNELS), "auto"),
         ),
     )
     host_pool = HostPoolConfig(capacity=r.get("host_pool.capacity", _positive_size, 4 * 2**30))

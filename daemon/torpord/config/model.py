@@ -45,12 +45,16 @@ class HostBackendConfig:
     device_capacity: int  # bytes per emulated device
 
 
+CUDA_KERNELS = ("auto", "required")
+
+
 @dataclass(frozen=True)
 class CudaBackendConfig:
     devices: tuple[str, ...]  # GPU UUIDs; empty: every visible GPU
     device_memory: float | int  # a float is a share of each GPU's memory, an int bytes
     pinned_chunk: int  # bytes page-locked per registration of the host pool
     kernel_cache: Path | None  # compiled kernels; None: CuPy's default directory
+    kernels: str = "auto"  # one of CUDA_KERNELS: "required" refuses to start without them
 
 
 @dataclass(frozen=True)

