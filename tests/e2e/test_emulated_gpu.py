@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -231,12 +232,12 @@ def test_an_engine_runs_on_the_same_addresses_and_bytes_across_sleeps_and_wakes(
     path = make_checkpoint(d.models / "tiny", SMALL)
     expected = reference(path)
     with Client(socket=str(d.socket)) as client:
-        client.load_model("tiny", str(path))
+        model = client.load_model("tiny", str(path))
+        padded = sum(-(-layer.size_bytes // GRANULE) * GRANULE for layer in model.layers)
         engine = Engine(d, "tiny", d.env)
         try:
-            engine_pid = engine.proc.pid
-            # The engine maps the daemon's allocations: the same memory, counted once.
-            assert device_slabs(engine_pid) == [] or True
+            # The engine maps the daemon's allocations: the same memory, once.
+            assert gpu_used() == padded
             for cycle in range(10):
                 asleep = client.sleep_model("tiny", level=1 + cycle % 2)
                 assert asleep.engines == 1 and not asleep.last_transition.note
@@ -248,3 +249,107 @@ def test_an_engine_runs_on_the_same_addresses_and_bytes_across_sleeps_and_wakes(
             engine.quit()
     assert report["ended"] is None
     assert report["digests"] == {expected: report["forwards"]}  # every pass, bit for bit
+
+
+def test_the_gpu_suite_passes_on_the_emulated_driver(libraries: Path, tmp_path: Path) -> None:
+    """tests/gpu, as tests/gpu/run.sh runs it on a GPU, in a process on an
+    emulated 8 GiB GPU: everything but the kernels and CUDA tensors runs."""
+    env = emulator.environment(libraries, node=f"suite{os.getpid()}", memory=8 << 30)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/gpu"],
+        env=env,
+        cwd=Path(emulator.__file__).parent.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    summary = out.stdout.strip().splitlines()[-1]
+    passed = int(summary.split(" passed")[0].split()[-1])
+    assert passed >= 12, out.stdout[-3000:]
+    skipped = out.stdout.split("short test summary info")[-1]
+    # Only what needs CuPy's kernels or a CUDA build of torch is skipped.
+    for line in skipped.splitlines():
+        if line.startswith("SKIPPED"):
+            assert "cupy" in line or "kernels" in line or "CUDA" in line, line
+
+
+def held(d: Daemon) -> int:
+    node = d.call("torpor.v1.NodeService/GetNode")["node"]
+    return sum(int(dev.get("held_bytes", 0)) for dev in node["devices"])
+
+
+def test_a_hung_engine_keeps_its_memory_held_until_it_exits(
+    start: Callable[..., Daemon], gpu_used: Callable[[], int]
+) -> None:
+    """On a GPU the daemon can't take memory back from an engine that still
+    maps it: the engine is detached, its memory counted held (and the driver
+    has it) until the process exits."""
+    d = start('[agents]\nquiesce_timeout = "1s"\n')
+    path = make_checkpoint(d.models / "tiny", SMALL)
+    with Client(socket=str(d.socket)) as client:
+        model = client.load_model("tiny", str(path))
+        padded = sum(-(-layer.size_bytes // GRANULE) * GRANULE for layer in model.layers)
+        engine = Engine(d, "tiny", d.env, "--stall")  # its quiesce callback never returns
+        try:
+            asleep = client.sleep_model("tiny")
+            assert asleep.state == common_pb2.MODEL_STATE_ASLEEP and asleep.engines == 0
+            assert "detached" in asleep.last_transition.note
+            assert gpu_used() == padded  # the engine still maps every slab
+            assert held(d) == padded  # and the daemon says so
+            node = d.ctl("node").stdout
+            assert "held" in node, node
+            assert engine.proc.poll() is None
+        finally:
+            engine.kill()
+        assert settle(lambda: gpu_used() == 0 and held(d) == 0)
+        client.wake_model("tiny")
+        assert gpu_used() == padded
+
+
+def test_an_engine_that_does_not_let_go_is_killed_and_its_memory_returns(
+    start: Callable[..., Daemon], gpu_used: Callable[[], int]
+) -> None:
+    d = start('[agents]\nquiesce_timeout = "1s"\non_quiesce_timeout = "kill"\n')
+    path = make_checkpoint(d.models / "tiny", SMALL)
+    with Client(socket=str(d.socket)) as client:
+        client.load_model("tiny", str(path))
+        engine = Engine(d, "tiny", d.env, "--stall")
+        try:
+            asleep = client.sleep_model("tiny")
+            assert "detached and killed" in asleep.last_transition.note
+            engine.proc.communicate(timeout=60)
+            assert engine.proc.returncode == -signal.SIGKILL
+            assert settle(lambda: gpu_used() == 0 and held(d) == 0)
+        finally:
+            engine.kill()
+
+
+def test_an_engine_killed_mid_wake_leaves_the_daemon_and_the_driver_consistent(
+    start: Callable[..., Daemon], gpu_used: Callable[[], int]
+) -> None:
+    d = start()
+    path = make_checkpoint(d.models / "tiny", SMALL)
+    expected = reference(path)
+    with Client(socket=str(d.socket)) as client:
+        model = client.load_model("tiny", str(path))
+        padded = sum(-(-layer.size_bytes // GRANULE) * GRANULE for layer in model.layers)
+        engine = Engine(d, "tiny", d.env)
+        client.sleep_model("tiny")
+        client.wake_model("tiny", wait=False)
+        engine.proc.send_signal(signal.SIGKILL)
+        engine.kill()
+        assert settle(lambda: client.get_model("tiny").state == common_pb2.MODEL_STATE_ACTIVE)
+        assert settle(lambda: client.get_model("tiny").engines == 0)
+        assert settle(lambda: gpu_used() == padded and held(d) == 0)
+        again = Engine(d, "tiny", d.env)  # attachable again, on the same bytes
+        try:
+            assert again.ask("fresh")["ok"]
+            assert set(again.ask("report")["digests"]) == {expected}
+        finally:
+            again.quit()
+        client.unload_model("tiny")
+        assert gpu_used() == 0
+        node = client.get_node()
+        assert all(dev.used_bytes == 0 for dev in node.devices)
+        assert node.host_pool.used_bytes == 0

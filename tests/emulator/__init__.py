@@ -18,7 +18,12 @@ import subprocess
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SOURCES = ("emulated.h", "cuda.c", "nvml.c")
+SOURCES = ("emulated.h", "cuda.c", "nvml.c", "used.c")
+
+
+def active() -> bool:
+    """Whether this process runs on the emulated driver (its environment says so)."""
+    return "CUDAEMU_NODE" in os.environ
 
 
 def cuda_include() -> Path | None:
@@ -50,12 +55,17 @@ def build(directory: Path) -> Path:
     assert include is not None, unavailable()
     digest = hashlib.sha256(b"".join((HERE / s).read_bytes() for s in SOURCES)).hexdigest()[:16]
     out = directory / digest
-    if (out / "libcuda.so.1").exists() and (out / "libnvidia-ml.so.1").exists():
+    built = {
+        "cuda.c": "libcuda.so.1",
+        "nvml.c": "libnvidia-ml.so.1",
+        "used.c": "libcudaemu-used.so",
+    }
+    if all((out / name).exists() for name in built.values()):
         return out
     out.mkdir(parents=True, exist_ok=True)
     cc = shutil.which("gcc") or "cc"
     flags = ["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-pthread"]
-    for source, name in (("cuda.c", "libcuda.so.1"), ("nvml.c", "libnvidia-ml.so.1")):
+    for source, name in built.items():
         partial = out / f".{name}.tmp"
         done = subprocess.run(
             [
@@ -106,7 +116,7 @@ def used(libraries: Path, node: str, device: int = 0) -> int:
     and cuMemGetInfo report them."""
     import ctypes
 
-    lib = ctypes.CDLL(str(libraries / "libnvidia-ml.so.1"))
+    lib = ctypes.CDLL(str(libraries / "libcudaemu-used.so"))
     lib.cudaemu_used.restype = ctypes.c_ulonglong
     lib.cudaemu_used.argtypes = [ctypes.c_char_p, ctypes.c_int]
     return int(lib.cudaemu_used(node.encode(), device))

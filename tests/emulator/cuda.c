@@ -1098,6 +1098,36 @@ CUresult cuMemcpyBatchAsync(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes,
   return CUDA_SUCCESS;
 }
 
+/* The synchronous copies: queued on a stream of their own and waited for
+ * (the legacy default stream is not emulated; a GPU's synchronous copy also
+ * returns once the bytes are there). */
+static CUresult copy_sync(uintptr_t dst, uintptr_t src, size_t n, int dst_dev, int src_dev,
+                          const char *name) {
+  NEED_CONTEXT();
+  CUstream s;
+  CUresult r = cuStreamCreate(&s, CU_STREAM_NON_BLOCKING);
+  if (r != CUDA_SUCCESS) return r;
+  r = copy_async(dst, src, n, s, dst_dev, src_dev, name);
+  CUresult w = cuStreamSynchronize(s);
+  cuStreamDestroy(s);
+  return r != CUDA_SUCCESS ? r : w;
+}
+
+CUresult cuMemcpyHtoD(CUdeviceptr dstDevice, const void *srcHost, size_t ByteCount) {
+  ENTER("cuMemcpyHtoD");
+  return copy_sync(dstDevice, (uintptr_t)srcHost, ByteCount, 1, 0, "cuMemcpyHtoD");
+}
+
+CUresult cuMemcpyDtoH(void *dstHost, CUdeviceptr srcDevice, size_t ByteCount) {
+  ENTER("cuMemcpyDtoH");
+  return copy_sync((uintptr_t)dstHost, srcDevice, ByteCount, 0, 1, "cuMemcpyDtoH");
+}
+
+CUresult cuMemcpyDtoD(CUdeviceptr dstDevice, CUdeviceptr srcDevice, size_t ByteCount) {
+  ENTER("cuMemcpyDtoD");
+  return copy_sync(dstDevice, srcDevice, ByteCount, 1, 1, "cuMemcpyDtoD");
+}
+
 /* -- the driver's entry point --------------------------------------------- */
 
 
@@ -1150,6 +1180,9 @@ static const struct {
     {"cuEventQuery", (void *)cuEventQuery},
     {"cuEventSynchronize", (void *)cuEventSynchronize},
     {"cuEventDestroy", (void *)cuEventDestroy},
+    {"cuMemcpyHtoD", (void *)cuMemcpyHtoD},
+    {"cuMemcpyDtoH", (void *)cuMemcpyDtoH},
+    {"cuMemcpyDtoD", (void *)cuMemcpyDtoD},
     {"cuMemcpyHtoDAsync", (void *)cuMemcpyHtoDAsync},
     {"cuMemcpyDtoHAsync", (void *)cuMemcpyDtoHAsync},
     {"cuMemcpyDtoDAsync", (void *)cuMemcpyDtoDAsync},

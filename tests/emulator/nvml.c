@@ -148,9 +148,3 @@ nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(nvmlDevice_t device, unsig
   *count = 0;
   return NVML_SUCCESS;
 }
-
-/* For tests: bytes in use on a device of an emulated node, as this library
- * would report them to a process of that node. */
-unsigned long long cudaemu_used(const char *node, int device) {
-  return emu_used_on(node, device, NULL, NULL, NULL);
-}

@@ -4,6 +4,8 @@ imported and mapped at a reserved device address by another, with tensors of
 every width on it, unmapped and mapped again at the same address.
 
 Skipped without an NVIDIA GPU and cuda-bindings (tests/gpu/run.sh runs it).
+On the emulated driver (tests/emulator) the tensors are CPU views of the same
+addresses.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ pytestmark = pytest.mark.gpu
 
 torch = pytest.importorskip("torch")
 driver = pytest.importorskip("cuda.bindings.driver")
-if not torch.cuda.is_available():
+from tests import emulator  # noqa: E402
+
+if not torch.cuda.is_available() and not emulator.active():
     pytest.skip("no CUDA device", allow_module_level=True)
 
 from torpor.agent.cuda import _check, _context  # noqa: E402
@@ -66,6 +70,9 @@ def _export_slab(data: bytes) -> tuple[int, int]:
 CHILD = textwrap.dedent(
     """
     import json, sys, torch
+    from tests import emulator
+    if emulator.active():  # (CPU views of the same addresses: torch here has no CUDA)
+        import tests.emulator.engine
     from torpor.agent.cuda import CudaSlabRange
     fd, size = int(sys.argv[1]), int(sys.argv[2])
     r = CudaSlabRange(size, 0)
@@ -102,7 +109,7 @@ def test_a_slab_maps_at_a_fixed_address_in_another_process() -> None:
     assert got["bytes"] == data[:32].hex()
     assert got["again"] == data[:32].hex()
     assert got["same_address"] is True
-    assert got["bf16_device"] == "cuda:0"
+    assert got["bf16_device"] == ("cpu" if emulator.active() else "cuda:0")
     expected = torch.frombuffer(bytearray(data[4096 : 4096 + 256]), dtype=torch.bfloat16)
     assert got["bf16"] == pytest.approx(expected.float().sum().item(), nan_ok=True)
     assert got["fp8"] == data[8192 : 8192 + 32].hex()
