@@ -72,7 +72,8 @@ async def wake_and_load(path: Path, root: Path, runs: int) -> dict[str, float]:
     from torpord.core.manager import ManagerSettings, ModelManager
     from torpord.core.types import Tier
 
-    backend = CudaBackend(device_capacity=0.8, host_capacity=8 * GiB)
+    backend = CudaBackend(device_capacity=0.8, host_capacity=8 * GiB, kernels="required")
+    backend.prepare()  # (as the daemon does at start: the kernels, compiled now)
     manager = ModelManager(backend, ManagerSettings(allowed_roots=(root,)))  # type: ignore[arg-type]
     engines = FirstLayer()
     manager.engines = engines

@@ -18,8 +18,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/agent:$PWD/daemon:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .whl ]; then
+  # (Not fatal: wheels for another Python fail here, and what the image has
+  # may be enough; the import check below says.)
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
+    --target /tmp/site .whl/*.whl 2>&1 | tee "$OUT/wheels.txt" || echo "wheels not installed" | tee -a "$OUT/wheels.txt"
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 status=0
