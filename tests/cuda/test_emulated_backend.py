@@ -115,7 +115,8 @@ OUT_OF_MEMORY = textwrap.dedent(
     (device,) = backend.devices()
     out = {}
     try:
-        backend.allocate(Tier.DEVICE, device.uuid, [(8 << 20, SlabOwner("m", f"l{i}")) for i in range(4)])
+        asks = [(8 << 20, SlabOwner("m", f"l{i}")) for i in range(4)]
+        backend.allocate(Tier.DEVICE, device.uuid, asks)
     except TorporError as err:
         out = {"code": err.code.name, "reason": err.reason, "message": err.message,
                "metadata": dict(err.metadata)}

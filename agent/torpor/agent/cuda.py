@@ -10,7 +10,8 @@ a kernel touching it faults instead of reading stale memory.
 
 Needs `cuda-bindings` (the `cuda12`/`cuda13` extras) and a CUDA build of
 torch. NOT YET RUN ON A GPU: written against the driver API's documentation;
-the CUDA backend issue runs it on a device.
+it runs in CI on an emulated driver (tests/emulator), with CPU views of the
+same addresses for tensors; tests/gpu runs it on a device.
 """
 
 from __future__ import annotations

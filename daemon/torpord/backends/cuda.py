@@ -16,7 +16,9 @@ pinned pool.
 - Checksums of device slabs run on the GPU (torpord/cuda_kernels/checksum.cu).
 
 NOT YET RUN ON A GPU: written against the driver API's documentation and
-cuda-bindings 13; tests/gpu/test_cuda_backend.py runs it on a device.
+cuda-bindings 13. It runs in CI on an emulated driver (tests/emulator: the
+same cuda-bindings calls, documented constraints enforced, no kernels);
+tests/gpu/test_cuda_backend.py runs it on a device.
 """
 
 from __future__ import annotations
