@@ -353,3 +353,21 @@ def test_an_engine_killed_mid_wake_leaves_the_daemon_and_the_driver_consistent(
         node = client.get_node()
         assert all(dev.used_bytes == 0 for dev in node.devices)
         assert node.host_pool.used_bytes == 0
+
+
+def test_a_graceful_stop_hands_everything_back_to_the_driver(
+    start: Callable[..., Daemon], gpu_used: Callable[[], int]
+) -> None:
+    d = start()
+    path = make_checkpoint(d.models / "tiny", SMALL)
+    with Client(socket=str(d.socket)) as client:
+        client.load_model("tiny", str(path))
+        client.load_model("asleep", str(path))
+        client.sleep_model("asleep")
+        engine = Engine(d, "tiny", d.env)
+        assert engine.ask("fresh")["ok"]
+    assert d.stop() == 0, d.log()
+    log = [json.loads(line) for line in d.log().splitlines() if line.startswith("{")]
+    assert not [entry for entry in log if entry["level"] in ("error", "critical")], d.log()
+    engine.proc.communicate(timeout=60)  # (stdin closed: it quits, unmapping)
+    assert settle(lambda: gpu_used() == 0)
