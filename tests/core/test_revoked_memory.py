@@ -104,7 +104,7 @@ async def test_a_revoked_engines_memory_stays_used_until_its_process_exits(
     setup.backend._devices[0][1].capacity = size + size // 2
     with pytest.raises(ResourceExhausted) as err:
         await setup.manager.wake("m")
-    assert "held by revoked engines until their processes exit" in err.value.message
+    assert "held by engines that went away still mapping them" in err.value.message
     assert err.value.metadata["held"] == str(size)
     assert setup.manager.get("m").state is ModelState.ASLEEP
 

@@ -73,11 +73,12 @@ class Device(_message.Message):
     slab_count: _builtins.int
     """Slabs held on it."""
     held_bytes: _builtins.int
-    """Of used_bytes: slabs the daemon has freed that revoked engines (ones that
-    did not let go in time, agents.on_quiesce_timeout = "detach") may still
-    map. A GPU cannot take memory back from a process that imported it, so
-    these bytes return when those processes exit. Always 0 on the host
-    backend, which truncates freed slabs.
+    """Of used_bytes: slabs the daemon has freed that engines which went away
+    may still map (revoked for not letting go in time with
+    agents.on_quiesce_timeout = "detach", or whose stream ended without a
+    Release). A GPU cannot take memory back from a process that imported it,
+    so these bytes return when those engines let go or exit. Always 0 on the
+    host backend, which truncates freed slabs.
     """
     def __init__(
         self,

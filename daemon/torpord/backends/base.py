@@ -90,7 +90,8 @@ class Budget:
             free = self.capacity - self.used
             if asked > free:
                 held = (
-                    f" ({self.held} held by revoked engines until their processes exit)"
+                    f" ({self.held} held by engines that went away still mapping them, until"
+                    " they let go or exit)"
                     if self.held
                     else ""
                 )
