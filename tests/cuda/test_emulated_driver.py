@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -228,3 +229,31 @@ def test_memory_returns_when_no_process_holds_or_maps_it(libraries: Path) -> Non
     assert got["created"] == got["exported_fd_keeps_it"] == size
     assert got["imported_keeps_it"] == got["mapping_keeps_it"] == size
     assert got["gone"] == 0
+
+
+TOUCH = """
+ok(d.cuCtxSetCurrent(ctx))
+handle, address = mapped(G)
+ok(d.cuMemcpyHtoD(address, b"gpu!", 4))
+print(json.dumps({"read": ctypes.string_at(address, 4).decode()}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("host_access", ["0", "1"])
+def test_the_cpu_touching_device_memory_faults_as_on_a_gpu_host(
+    libraries: Path, host_access: str
+) -> None:
+    environ = emulator.environment(libraries, node=f"touch{os.getpid()}{host_access}")
+    environ["CUDAEMU_HOST_ACCESS"] = host_access
+    out = subprocess.run(
+        [sys.executable, "-c", PRELUDE + TOUCH],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if host_access == "1":  # (a test engine computing on the CPU in the GPU's place)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["read"] == "gpu!"
+    else:
+        assert out.returncode == -signal.SIGSEGV, out.stderr

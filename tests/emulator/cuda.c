@@ -6,9 +6,11 @@
  * contexts, their streams and events and their VMM bookkeeping run here:
  *
  * - Device memory is a memfd per allocation (cuMemCreate), exported and
- *   imported as its fd, mapped with mmap into ranges reserved with PROT_NONE
- *   (a device pointer is a host address). Memory is in use while any process
- *   holds or maps it (emulated.h), so "freed" means what it means on a GPU.
+ *   imported as its fd, mapped with mmap into ranges reserved with PROT_NONE.
+ *   The CPU can't touch it there (as on a GPU host); the emulated device (the
+ *   stream threads) reaches it through a second mapping of its own. Memory is
+ *   in use while any process holds or maps it (emulated.h), so "freed" means
+ *   what it means on a GPU.
  * - Streams are threads: copies run asynchronously, in stream order; events
  *   complete when the stream reaches them. CUDAEMU_DELAY_US slows each
  *   operation down, so work not waited for shows.
@@ -26,7 +28,10 @@
  * Configuration (environment): CUDAEMU_DEVICES (1), CUDAEMU_MEMORY (bytes per
  * device, 1 GiB), CUDAEMU_NODE (a name that keeps emulated nodes apart),
  * CUDAEMU_DELAY_US (0), CUDAEMU_PEER (1: devices reach each other's memory),
- * CUDAEMU_VERSION (13000), CUDAEMU_TRACE (1: each call on stderr).
+ * CUDAEMU_VERSION (13000), CUDAEMU_TRACE (1: each call on stderr),
+ * CUDAEMU_HOST_ACCESS (1: the CPU may touch device memory at its device
+ * address, for a test engine computing on the CPU; by default it faults, as a
+ * device address does on a GPU host).
  */
 #include "emulated.h"
 
@@ -65,7 +70,8 @@ struct mapping {
   uintptr_t base;
   size_t size;
   struct alloc *alloc;
-  int access; /* PROT_* */
+  int access;    /* PROT_*, as the device sees it */
+  char *shadow;  /* where the emulated device reaches the same memory */
   struct mapping *next;
 };
 
@@ -194,18 +200,29 @@ static void drop_alloc(struct alloc *a) {
 /* -- streams -------------------------------------------------------------- */
 
 /* Whether [p, p + n) is device memory this copy may touch (under G). */
-static int device_ok(uintptr_t p, size_t n, int prot, const char *what, const struct op *op) {
+/* Where the emulated device reads or writes [p, p + n) of device memory, or
+ * NULL after a fault (under G). */
+static char *device_at(uintptr_t p, size_t n, int prot, const char *what, const struct op *op) {
   struct mapping *m = mapping_of(p, n);
   if (!m) {
     fault("copy %s 0x%lx (+%zu): not mapped device memory (copy %zu bytes 0x%lx -> 0x%lx)", what,
           (unsigned long)p, n, op->size, (unsigned long)op->src, (unsigned long)op->dst);
-    return 0;
+    return NULL;
   }
   if ((m->access & prot) != prot) {
     fault("copy %s 0x%lx: mapped without access (cuMemSetAccess)", what, (unsigned long)p);
-    return 0;
+    return NULL;
   }
-  return 1;
+  return m->shadow + (p - m->base);
+}
+
+/* Whether this process's CPU may touch device memory at its device address.
+ * A GPU's memory is not the CPU's: by default a device address faults on the
+ * CPU (SIGSEGV), as it does on a GPU host. CUDAEMU_HOST_ACCESS=1 opens it, for
+ * a test engine that computes on the CPU in place of the GPU. */
+static int host_access(void) {
+  const char *v = getenv("CUDAEMU_HOST_ACCESS");
+  return v && atoi(v);
 }
 
 static void *stream_main(void *arg) {
@@ -222,10 +239,10 @@ static void *stream_main(void *arg) {
     if (us) usleep(us);
     pthread_mutex_lock(&G);
     if (op->kind == OP_COPY && !sticky) {
-      int ok = 1;
-      if (op->dst_device) ok = device_ok(op->dst, op->size, PROT_WRITE, "to", op);
-      if (ok && op->src_device) ok = device_ok(op->src, op->size, PROT_READ, "from", op);
-      if (ok) memmove((void *)op->dst, (const void *)op->src, op->size);
+      char *dst = (char *)op->dst, *src = (char *)op->src;
+      if (op->dst_device) dst = device_at(op->dst, op->size, PROT_WRITE, "to", op);
+      if (dst && op->src_device) src = device_at(op->src, op->size, PROT_READ, "from", op);
+      if (dst && src) memmove(dst, src, op->size);
     } else if (op->kind == OP_EVENT) {
       if (op->event->reached < op->generation) op->event->reached = op->generation;
     }
@@ -692,12 +709,18 @@ CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAlloc
   }
   if (r == CUDA_SUCCESS) {
     void *at = mmap((void *)ptr, size, PROT_NONE, MAP_SHARED | MAP_FIXED, a->fd, 0);
-    if (at == MAP_FAILED) {
+    void *shadow = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, a->fd, 0);
+    if (at == MAP_FAILED || shadow == MAP_FAILED) {
+      if (shadow != MAP_FAILED) munmap(shadow, size);
+      if (at != MAP_FAILED)
+        mmap((void *)ptr, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
+             -1, 0);
       r = CUDA_ERROR_OUT_OF_MEMORY;
     } else {
       struct mapping *m = calloc(1, sizeof *m);
       m->base = ptr;
       m->size = size;
+      m->shadow = shadow;
       m->alloc = a;
       m->next = mappings;
       mappings = m;
@@ -732,7 +755,7 @@ CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc *des
   if (covered != size) {
     trace("cuMemSetAccess: 0x%llx (+%zu) is not fully mapped", (unsigned long long)ptr, size);
     r = CUDA_ERROR_INVALID_VALUE;
-  } else if (mprotect((void *)ptr, size, prot) != 0) {
+  } else if (host_access() && mprotect((void *)ptr, size, prot) != 0) {
     r = CUDA_ERROR_INVALID_VALUE;
   } else {
     for (struct mapping *m = mappings; m; m = m->next)
@@ -771,6 +794,7 @@ CUresult cuMemUnmap(CUdeviceptr ptr, size_t size) {
       *at = m->next;
       mmap((void *)m->base, m->size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED |
            MAP_NORESERVE, -1, 0); /* the reservation stays */
+      munmap(m->shadow, m->size);
       struct alloc *a = m->alloc;
       if (--a->maps == 0 && a->fd < 0) drop_alloc(a);
       free(m);

@@ -4,17 +4,21 @@
 
 The agent runs its CUDA side unchanged (import, reserve, map, set access,
 unmap, remap at the same address) on the emulated driver. Only the tensors
-differ: torch here has no CUDA, and the emulator's device memory is this
-process's memory at the same addresses, so each tensor is the same DLPack view
-of the same bytes, naming the CPU instead of the GPU.
+differ: torch here has no CUDA, so the CPU computes in the GPU's place, on the
+device memory at its device addresses (CUDAEMU_HOST_ACCESS opens them to this
+process's CPU): each tensor is the same DLPack view of the same bytes, naming
+the CPU instead of the GPU. Importing this module makes that so.
 """
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+os.environ["CUDAEMU_HOST_ACCESS"] = "1"  # (read by the driver at each cuMemSetAccess)
 
 import torch
 from torpor.agent import cuda
