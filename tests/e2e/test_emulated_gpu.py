@@ -8,6 +8,7 @@ CUDA tensors) is tests/gpu's."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -371,3 +372,42 @@ def test_a_graceful_stop_hands_everything_back_to_the_driver(
     assert not [entry for entry in log if entry["level"] in ("error", "critical")], d.log()
     engine.proc.communicate(timeout=60)  # (stdin closed: it quits, unmapping)
     assert settle(lambda: gpu_used() == 0)
+
+
+def run_daemon(root: Path, env: dict[str, str], backend: str) -> tuple[int, str]:
+    """A torpord that is expected to stop at start: (exit code, its log)."""
+    d = Daemon(root, backend=backend, env=env)
+    try:
+        code = d.proc.wait(60)
+    finally:
+        d.kill()
+    return code, d.log()
+
+
+def test_auto_finds_the_gpu_and_required_kernels_refuse_to_start_without_cupy(
+    tmp_path: Path, gpu_env: dict[str, str]
+) -> None:
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed here (the case is a host without it)")
+    d = Daemon(tmp_path / "auto", backend='[backend]\nkind = "auto"\n', env=gpu_env)
+    try:
+        d.wait_ready()
+        node = d.call("torpor.v1.NodeService/GetNode")["node"]
+        assert node["backend"] == "BACKEND_CUDA"
+        assert node["backend_reason"] == "1 GPU(s): Torpor emulated GPU"
+        assert "GPU kernels unavailable" in d.log()  # (no CuPy here: copies, host checksums)
+    finally:
+        d.kill()
+    code, log = run_daemon(
+        tmp_path / "required",
+        gpu_env,
+        '[backend]\nkind = "cuda"\n[backend.cuda]\nkernels = "required"\n',
+    )
+    assert code == 1
+    (entry,) = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert entry["event"] == "cannot start"
+    assert entry["error"] == (
+        'backend.kind = "cuda": the CUDA backend could not start on 1 GPU(s) (Torpor emulated'
+        " GPU): its kernels could not be built (ModuleNotFoundError: No module named 'cupy')"
+        ' and backend.cuda.kernels = "required"'
+    )
