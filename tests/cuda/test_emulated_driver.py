@@ -194,7 +194,7 @@ def test_a_copy_to_memory_without_access_faults(libraries: Path) -> None:
         """,
     )
     assert got["sync"] == got["later"] == "CUDA_ERROR_ILLEGAL_ADDRESS"
-    assert "without access" in got["stderr"]
+    assert "without that device's access" in got["stderr"]
 
 
 def test_memory_returns_when_no_process_holds_or_maps_it(libraries: Path) -> None:
@@ -257,3 +257,46 @@ def test_the_cpu_touching_device_memory_faults_as_on_a_gpu_host(
         assert json.loads(out.stdout)["read"] == "gpu!"
     else:
         assert out.returncode == -signal.SIGSEGV, out.stderr
+
+
+PEER = """
+ok(d.cuCtxSetCurrent(ctx))
+handle, address = mapped(G)  # device 0's memory, open to device 0
+both = []
+for device in (0, 1):
+    desc = d.CUmemAccessDesc()
+    desc.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    desc.location.id = device
+    desc.flags = d.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+    both.append(desc)
+out["open_to_1"] = name(d.cuMemSetAccess(address, G, both, 2)[0])
+ok(d.cuCtxSetCurrent(ok(d.cuDevicePrimaryCtxRetain(ok(d.cuDeviceGet(1))))))
+stream = ok(d.cuStreamCreate(1))  # a stream of device 1
+src = ctypes.create_string_buffer(4096)
+ok(d.cuMemcpyHtoDAsync(address, ctypes.addressof(src), 4096, stream))
+out["copy_from_1"] = name(d.cuStreamSynchronize(stream)[0])
+"""
+
+
+@pytest.mark.parametrize("peer", ["0", "1"])
+def test_another_gpu_reaches_memory_only_with_peer_access_granted(
+    libraries: Path, peer: str
+) -> None:
+    environ = emulator.environment(libraries, node=f"peer{os.getpid()}{peer}", devices=2)
+    environ["CUDAEMU_PEER"] = peer
+    out = subprocess.run(
+        [sys.executable, "-c", PRELUDE + PEER + "\nprint(json.dumps(out))"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if peer == "1":
+        assert got == {"open_to_1": "CUDA_SUCCESS", "copy_from_1": "CUDA_SUCCESS"}
+    else:  # no P2P: access can't be granted, and device 1's copy faults
+        assert got == {
+            "open_to_1": "CUDA_ERROR_INVALID_DEVICE",
+            "copy_from_1": "CUDA_ERROR_ILLEGAL_ADDRESS",
+        }

@@ -67,3 +67,13 @@ def test_a_failed_measurement_means_copies_and_is_not_retried() -> None:
     assert backend._method(dev, 64, KiB) == "copies"
     assert backend._method(dev, 64, KiB) == "copies"
     assert backend.calls == 1
+
+
+def test_without_kernels_nothing_is_measured_and_the_kernel_is_never_chosen() -> None:
+    backend, dev = Measuring(MEASURED), device()
+    backend.kernels_unavailable = "ModuleNotFoundError: No module named 'cupy'"
+    assert backend._method(dev, SCATTER_MIN_PIECES, KiB) == "copies"
+    assert backend.calls == 0 and dev.methods == []
+    dev.methods = list(MEASURED)  # (measured before, or set by hand)
+    assert backend._method(dev, SCATTER_MIN_PIECES, 4 * KiB) == "copies"  # not "kernel"
+    assert backend._method(dev, SCATTER_MIN_PIECES, 16 * KiB) == "batch"  # needs no CuPy

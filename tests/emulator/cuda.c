@@ -70,7 +70,7 @@ struct mapping {
   uintptr_t base;
   size_t size;
   struct alloc *alloc;
-  int access;    /* PROT_*, as the device sees it */
+  int access[EMU_MAX_DEVICES]; /* PROT_*, as each device sees it */
   char *shadow;  /* where the emulated device reaches the same memory */
   struct mapping *next;
 };
@@ -79,6 +79,7 @@ struct hostmem {
   uintptr_t base;
   size_t size;
   int allocated; /* cuMemHostAlloc (else cuMemHostRegister) */
+  int devicemap; /* registered or allocated with the DEVICEMAP flag */
   struct hostmem *next;
 };
 
@@ -199,18 +200,19 @@ static void drop_alloc(struct alloc *a) {
 
 /* -- streams -------------------------------------------------------------- */
 
-/* Whether [p, p + n) is device memory this copy may touch (under G). */
-/* Where the emulated device reads or writes [p, p + n) of device memory, or
- * NULL after a fault (under G). */
-static char *device_at(uintptr_t p, size_t n, int prot, const char *what, const struct op *op) {
+/* Where the emulated device `device` (the copying stream's) reads or writes
+ * [p, p + n) of device memory, or NULL after a fault (under G). */
+static char *device_at(int device, uintptr_t p, size_t n, int prot, const char *what,
+                       const struct op *op) {
   struct mapping *m = mapping_of(p, n);
   if (!m) {
     fault("copy %s 0x%lx (+%zu): not mapped device memory (copy %zu bytes 0x%lx -> 0x%lx)", what,
           (unsigned long)p, n, op->size, (unsigned long)op->src, (unsigned long)op->dst);
     return NULL;
   }
-  if ((m->access & prot) != prot) {
-    fault("copy %s 0x%lx: mapped without access (cuMemSetAccess)", what, (unsigned long)p);
+  if ((m->access[device] & prot) != prot) {
+    fault("copy %s 0x%lx on device %d: mapped without that device's access (cuMemSetAccess)",
+          what, (unsigned long)p, device);
     return NULL;
   }
   return m->shadow + (p - m->base);
@@ -240,8 +242,9 @@ static void *stream_main(void *arg) {
     pthread_mutex_lock(&G);
     if (op->kind == OP_COPY && !sticky) {
       char *dst = (char *)op->dst, *src = (char *)op->src;
-      if (op->dst_device) dst = device_at(op->dst, op->size, PROT_WRITE, "to", op);
-      if (dst && op->src_device) src = device_at(op->src, op->size, PROT_READ, "from", op);
+      if (op->dst_device) dst = device_at(s->device, op->dst, op->size, PROT_WRITE, "to", op);
+      if (dst && op->src_device)
+        src = device_at(s->device, op->src, op->size, PROT_READ, "from", op);
       if (dst && src) memmove(dst, src, op->size);
     } else if (op->kind == OP_EVENT) {
       if (op->event->reached < op->generation) op->event->reached = op->generation;
@@ -413,6 +416,7 @@ CUresult cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib, CUdevice dev) 
     case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *pi = 9; break;
     case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *pi = 0; break;
     case CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING: *pi = 1; break;
+    case CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY: *pi = 1; break;
     case CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED: *pi = 1; break;
     case CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED: *pi = 1; break;
     case CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM: *pi = 1; break;
@@ -497,8 +501,16 @@ CUresult cuCtxSynchronize(void) {
   ENTER("cuCtxSynchronize");
   NEED_CONTEXT();
   pthread_mutex_lock(&G);
-  for (struct stream *s = streams; s; s = s->next)
-    if (s->device == current()->device) drain(s);
+  /* (drain() lets go of G: the list may change meanwhile, so start over) */
+  for (int again = 1; again;) {
+    again = 0;
+    for (struct stream *s = streams; s; s = s->next)
+      if (s->device == current()->device && !idle(s)) {
+        drain(s);
+        again = 1;
+        break;
+      }
+  }
   pthread_mutex_unlock(&G);
   return sticky;
 }
@@ -735,7 +747,7 @@ CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc *des
   ENTER("cuMemSetAccess");
   if (!desc || count == 0 || ptr % GRANULARITY || size % GRANULARITY || size == 0)
     return CUDA_ERROR_INVALID_VALUE;
-  int prot = -1;
+  int prot[EMU_MAX_DEVICES], set[EMU_MAX_DEVICES] = {0}, widest = PROT_NONE;
   for (size_t i = 0; i < count; i++) {
     if (desc[i].location.type != CU_MEM_LOCATION_TYPE_DEVICE || !valid_device(desc[i].location.id))
       return CUDA_ERROR_INVALID_DEVICE;
@@ -744,22 +756,36 @@ CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc *des
             : desc[i].flags == CU_MEM_ACCESS_FLAGS_PROT_NONE     ? PROT_NONE
                                                                  : -2;
     if (p == -2) return CUDA_ERROR_INVALID_VALUE;
-    if (p > prot) prot = p; /* (one address space here: the widest wins) */
+    prot[desc[i].location.id] = p;
+    set[desc[i].location.id] = 1;
+    if (p > widest) widest = p; /* (the CPU, where it may, sees the widest) */
   }
   pthread_mutex_lock(&G);
-  /* The range must be fully mapped (by one or more whole mappings). */
+  /* The range must be fully mapped (by one or more whole mappings), and a
+   * device other than the memory's own needs peer access to it. */
   size_t covered = 0;
-  for (struct mapping *m = mappings; m; m = m->next)
-    if (m->base >= ptr && m->base + m->size <= ptr + size) covered += m->size;
   CUresult r = CUDA_SUCCESS;
-  if (covered != size) {
+  const char *peer = getenv("CUDAEMU_PEER");
+  for (struct mapping *m = mappings; m; m = m->next)
+    if (m->base >= ptr && m->base + m->size <= ptr + size) {
+      covered += m->size;
+      for (int d = 0; d < EMU_MAX_DEVICES; d++)
+        if (set[d] && prot[d] != PROT_NONE && d != m->alloc->device && !(peer && atoi(peer))) {
+          trace("cuMemSetAccess: device %d has no peer access to device %d", d, m->alloc->device);
+          r = CUDA_ERROR_INVALID_DEVICE;
+        }
+    }
+  if (r != CUDA_SUCCESS) {
+  } else if (covered != size) {
     trace("cuMemSetAccess: 0x%llx (+%zu) is not fully mapped", (unsigned long long)ptr, size);
     r = CUDA_ERROR_INVALID_VALUE;
-  } else if (host_access() && mprotect((void *)ptr, size, prot) != 0) {
+  } else if (host_access() && mprotect((void *)ptr, size, widest) != 0) {
     r = CUDA_ERROR_INVALID_VALUE;
   } else {
     for (struct mapping *m = mappings; m; m = m->next)
-      if (m->base >= ptr && m->base + m->size <= ptr + size) m->access = prot;
+      if (m->base >= ptr && m->base + m->size <= ptr + size)
+        for (int d = 0; d < EMU_MAX_DEVICES; d++)
+          if (set[d]) m->access[d] = prot[d];
   }
   pthread_mutex_unlock(&G);
   return r;
@@ -824,6 +850,7 @@ CUresult cuMemHostAlloc(void **pp, size_t bytesize, unsigned int Flags) {
   h->base = (uintptr_t)p;
   h->size = bytesize;
   h->allocated = 1;
+  h->devicemap = (Flags & CU_MEMHOSTALLOC_DEVICEMAP) != 0;
   pthread_mutex_lock(&G);
   h->next = hostmems;
   hostmems = h;
@@ -869,6 +896,7 @@ CUresult cuMemHostRegister(void *p, size_t bytesize, unsigned int Flags) {
   struct hostmem *h = calloc(1, sizeof *h);
   h->base = at;
   h->size = bytesize;
+  h->devicemap = (Flags & CU_MEMHOSTREGISTER_DEVICEMAP) != 0;
   h->next = hostmems;
   hostmems = h;
   pthread_mutex_unlock(&G);
@@ -903,8 +931,10 @@ CUresult cuMemHostGetDevicePointer(CUdeviceptr *pdptr, void *p, unsigned int Fla
   if (Flags != 0 || !pdptr) return CUDA_ERROR_INVALID_VALUE;
   pthread_mutex_lock(&G);
   struct hostmem *h = hostmem_of((uintptr_t)p, 1);
+  int mapped = h && h->devicemap;
   pthread_mutex_unlock(&G);
-  if (!h) return CUDA_ERROR_INVALID_VALUE;
+  /* "fails if the CU_MEMHOSTALLOC_DEVICEMAP flag was not specified" */
+  if (!mapped) return CUDA_ERROR_INVALID_VALUE;
   *pdptr = (CUdeviceptr)(uintptr_t)p; /* unified addressing */
   return CUDA_SUCCESS;
 }
@@ -1215,9 +1245,15 @@ static const struct {
 
 CUresult cuGetProcAddress(const char *symbol, void **pfn, int cudaVersion, cuuint64_t flags,
                           CUdriverProcAddressQueryResult *symbolStatus) {
-  (void)cudaVersion;
   (void)flags;
   if (!symbol || !pfn) return CUDA_ERROR_INVALID_VALUE;
+  /* Only CUDA 13's cuMemcpyBatchAsync (no failIdx) is emulated: a caller
+   * asking for the 12.8 one (cuda-bindings 12) is told there is none. */
+  if (strcmp(symbol, "cuMemcpyBatchAsync") == 0 && cudaVersion < 13000) {
+    *pfn = NULL;
+    if (symbolStatus) *symbolStatus = CU_GET_PROC_ADDRESS_VERSION_NOT_SUFFICIENT;
+    return CUDA_ERROR_NOT_FOUND;
+  }
   for (size_t i = 0; i < sizeof entries / sizeof *entries; i++)
     if (strcmp(entries[i].name, symbol) == 0) {
       *pfn = entries[i].fn;

@@ -646,20 +646,22 @@ class CudaBackend(Backend):
         """How `count` pieces of `mean` bytes on average go to this device."""
         if count < SCATTER_MIN_PIECES:
             return "copies"
-        if self.kernels_unavailable is not None:
-            return "copies"  # (the measurement needs CuPy)
         if dev.methods is None:
             with dev.measuring:  # (one measurement, whichever worker comes first)
+                if dev.methods is None and self.kernels_unavailable is not None:
+                    dev.methods = []  # (the measurement needs CuPy: copies)
                 if dev.methods is None:
                     try:
                         dev.methods = self._measure(dev)
                     except Exception:
                         log.exception("transfer measurement failed: copies only", device=dev.uuid)
                         dev.methods = []
-        for size, method in dev.methods:
-            if mean <= size:
-                return method
-        return dev.methods[-1][1] if dev.methods else "copies"
+        chosen = next((m for size, m in dev.methods if mean <= size), None)
+        if chosen is None:
+            chosen = dev.methods[-1][1] if dev.methods else "copies"
+        if chosen == "kernel" and self.kernels_unavailable is not None:
+            return "copies"
+        return chosen
 
     def _measure(self, dev: _Device) -> list[tuple[int, str]]:
         """Time, once per device, the three ways a chunk's pieces reach device
