@@ -152,3 +152,73 @@ def test_a_driver_out_of_memory_names_what_it_has_free_and_takes_nothing(
     assert f"the driver has 0 of {64 * MiB} bytes free, {8 * MiB} asked" in got["message"]
     assert got["metadata"]["driver_free"] == "0"
     assert got["used_after"] == 0
+
+
+CHUNKS = textwrap.dedent(
+    """
+    import json, os, sys
+    from torpord.backends.base import SlabOwner
+    from torpord.backends.cuda import CudaBackend
+    from torpord.core.types import Tier
+    from torpord.cuda import driver
+    from torpord.storage.checksum import slab_checksum
+
+    def maps():
+        return sum("cudaemu" in line for line in open("/proc/self/maps"))
+
+    backend = CudaBackend(device_capacity=256 << 20, host_capacity=8 << 20, host_chunk=8 << 20)
+    backend.prepare()
+    (device,) = (info.uuid for info in backend.devices())
+    size = 20 << 20
+    data = os.urandom(size)
+    staging = backend.staging()
+    buffer = staging.take(1 << 20)
+    out = {}
+    for name, finish in (("whole", True), ("cut short", False)):
+        (slab,) = backend.allocate(Tier.DEVICE, device, [(size, SlabOwner("m", name))])
+        sink = backend.sink(slab)
+        print("--- writes", flush=True, file=sys.stderr)
+        for at in range(0, size, 1 << 20):  # a chunk at a time, as the read pipeline
+            memoryview(buffer)[:] = data[at : at + (1 << 20)]
+            with memoryview(buffer) as view:
+                sink.write_many([(at + o, view[o : o + 65536]) for o in range(0, 1 << 20, 65536)])
+        out[name] = {"mapped_while_writing": maps()}
+        if finish:
+            out[name]["checksum"] = sink.checksum() == slab_checksum(data)
+            out[name]["mapped_after"] = maps()
+        print("--- free", flush=True, file=sys.stderr)
+        backend.free(slab)
+        out[name]["mapped_after_free"] = maps()
+        out[name]["driver_used"] = driver.mem_info(0)[1] - driver.mem_info(0)[0]
+    staging.give(buffer)
+    backend.close()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_the_read_path_maps_a_layer_once_and_never_leaves_it_mapped(libraries: Path) -> None:
+    environ = emulator.environment(libraries, node=f"chunks{os.getpid()}")
+    environ["CUDAEMU_TRACE"] = "1"
+    out = subprocess.run(
+        [sys.executable, "-c", CHUNKS], env=environ, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    # Twenty chunks of sixteen pieces each, one mapping (cuMemMap also makes
+    # the device's own view of it here: two lines in /proc/self/maps).
+    writes = [part.split("--- free")[0] for part in out.stderr.split("--- writes")[1:]]
+    assert [w.count(": cuMemMap\n") for w in writes] == [1, 1]
+    assert got["whole"] == {
+        "mapped_while_writing": 2,
+        "checksum": True,
+        "mapped_after": 0,
+        "mapped_after_free": 0,
+        "driver_used": 0,
+    }
+    # A load cut short (no checksum): the window goes with the slab.
+    assert got["cut short"] == {
+        "mapped_while_writing": 2,
+        "mapped_after_free": 0,
+        "driver_used": 0,
+    }

@@ -198,10 +198,17 @@ class _CudaSink:
             for offset, data in pieces:  # (memmove lets go of the GIL: workers copy at once)
                 ctypes.memmove(base + offset, _address(data), data.nbytes)
             return
+        # (mapped from the first chunk to the checksum: once per layer)
+        self._backend._keep_window(self._slab)
         self._backend._write_device_many(self._slab, pieces)
 
     def checksum(self) -> str:
-        return self._backend.checksum(self._slab)
+        """The slab's checksum, once every chunk is in (which ends its window)."""
+        try:
+            return self._backend.checksum(self._slab)
+        finally:
+            if self._slab.tier is Tier.DEVICE:
+                self._backend._drop_window(self._slab)
 
 
 class CudaBackend(Backend):
@@ -242,6 +249,9 @@ class CudaBackend(Backend):
         # The read path's pinned staging: address -> (size, device pointer).
         self._pinned_staging: dict[int, tuple[int, int]] = {}
         self._kernels_lock = threading.Lock()
+        # Windows the read path keeps open: slab -> (address, length).
+        self._kept: dict[Slab, tuple[int, int]] = {}
+        self._windows_lock = threading.Lock()
         self._kernel_cache = kernel_cache
         self._require_kernels = kernels == "required"
         d = cu()
@@ -365,6 +375,7 @@ class CudaBackend(Backend):
             self._pool.free(memory.offset, slab.size)
         else:
             try:
+                self._drop_window(slab)  # (one the read path kept: a load cut short)
                 context(self._device(slab.device).ordinal)
                 # The memory returns to the driver once no process maps it: the
                 # daemon maps it only inside a copy, engines let go before this.
@@ -430,10 +441,30 @@ class CudaBackend(Backend):
     def _window(self, slab: Slab, *, peers: Sequence[int] = ()) -> Iterator[int]:
         """Map a device slab into the daemon for the length of the block; yields
         its address. The whole allocation, at offset 0: the driver maps no
-        part of one ("offset ... currently must be zero", cuMemMap)."""
+        part of one ("offset ... currently must be zero", cuMemMap). A window
+        kept open for the read path (_keep_window) serves instead."""
+        dev = self._device(slab.device)
+        with self._lock:
+            kept = self._kept.get(slab) if not peers else None
+        if kept is not None:
+            try:
+                yield kept[0]
+            except BaseException:
+                self._settle(dev)
+                raise
+            return
+        address, length = self._map(slab, dev, peers)
+        try:
+            yield address
+        except BaseException:
+            self._settle(dev)
+            raise
+        finally:
+            self._unmap(dev, address, length)
+
+    def _map(self, slab: Slab, dev: _Device, peers: Sequence[int] = ()) -> tuple[int, int]:
         memory = self._memory(slab)
         assert isinstance(memory, _DeviceMemory)
-        dev = self._device(slab.device)
         length = memory.length
         d = cu()
         context(dev.ordinal)
@@ -449,20 +480,52 @@ class CudaBackend(Backend):
                     desc.flags = d.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
                     access.append(desc)
                 check(d.cuMemSetAccess(address, length, access, len(access)), "cuMemSetAccess")
-                try:
-                    yield int(address)
-                except BaseException:
-                    # Work queued into the window whose wait failed (an event
-                    # not made, a wait cut short) must not outlive the mapping.
-                    with contextlib.suppress(Exception):
-                        context(dev.ordinal)
-                        for stream in (dev.h2d, dev.d2h):
-                            d.cuStreamSynchronize(stream)
-                    raise
-            finally:
+            except BaseException:
                 check(d.cuMemUnmap(address, length), "cuMemUnmap")
+                raise
+        except BaseException:
+            check(d.cuMemAddressFree(address, length), "cuMemAddressFree")
+            raise
+        return int(address), length
+
+    def _unmap(self, dev: _Device, address: int, length: int) -> None:
+        d = cu()
+        context(dev.ordinal)
+        try:
+            check(d.cuMemUnmap(address, length), "cuMemUnmap")
         finally:
             check(d.cuMemAddressFree(address, length), "cuMemAddressFree")
+
+    def _settle(self, dev: _Device) -> None:
+        """Work queued into a window whose wait failed (an event not made, a
+        wait cut short) must not outlive the mapping: wait for the streams."""
+        with contextlib.suppress(Exception):
+            context(dev.ordinal)
+            for stream in (dev.h2d, dev.d2h):
+                cu().cuStreamSynchronize(stream)
+
+    def _keep_window(self, slab: Slab) -> None:
+        """Keep a device slab mapped until _drop_window (or its free): the read
+        path writes a layer in many chunks, and mapping (cuMemMap,
+        cuMemSetAccess, cuMemUnmap may synchronise the device) once per layer
+        instead of once per chunk keeps it off the copies' way."""
+        with self._windows_lock:
+            with self._lock:
+                if slab in self._kept:
+                    return
+            mapped = self._map(slab, self._device(slab.device))
+            with self._lock:
+                self._kept[slab] = mapped
+
+    def _drop_window(self, slab: Slab) -> None:
+        """Unmap a window _keep_window opened (once its copies are done)."""
+        with self._windows_lock:
+            with self._lock:
+                kept = self._kept.pop(slab, None)
+            if kept is not None:
+                dev = self._device(slab.device)
+                self._settle(dev)
+                self._unmap(dev, *kept)
 
     def copy(self, src: Slab, dst: Slab, on_bytes: Callable[[int], None] | None = None) -> None:
         if src.size != dst.size:
