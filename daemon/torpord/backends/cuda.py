@@ -198,7 +198,7 @@ class _CudaSink:
             for offset, data in pieces:  # (memmove lets go of the GIL: workers copy at once)
                 ctypes.memmove(base + offset, _address(data), data.nbytes)
             return
-        # (mapped from the first chunk to the checksum: once per layer)
+        # (mapped from the first write to the checksum: once per layer)
         self._backend._keep_window(self._slab)
         self._backend._write_device_many(self._slab, pieces)
 
@@ -251,7 +251,6 @@ class CudaBackend(Backend):
         self._kernels_lock = threading.Lock()
         # Windows the read path keeps open: slab -> (address, length).
         self._kept: dict[Slab, tuple[int, int]] = {}
-        self._windows_lock = threading.Lock()
         self._kernel_cache = kernel_cache
         self._require_kernels = kernels == "required"
         d = cu()
@@ -378,7 +377,8 @@ class CudaBackend(Backend):
                 self._drop_window(slab)  # (one the read path kept: a load cut short)
                 context(self._device(slab.device).ordinal)
                 # The memory returns to the driver once no process maps it: the
-                # daemon maps it only inside a copy, engines let go before this.
+                # daemon maps it only inside a copy or a load of it (dropped just
+                # above), engines let go before this.
                 check(cu().cuMemRelease(memory.handle), "cuMemRelease")
             except BaseException:
                 with self._lock:  # not freed: still live, still accounted
@@ -442,7 +442,9 @@ class CudaBackend(Backend):
         """Map a device slab into the daemon for the length of the block; yields
         its address. The whole allocation, at offset 0: the driver maps no
         part of one ("offset ... currently must be zero", cuMemMap). A window
-        kept open for the read path (_keep_window) serves instead."""
+        kept open for the read path (_keep_window) serves instead: it holds no
+        count of its users, so only that path's writes and the checksum that
+        ends it may use it."""
         dev = self._device(slab.device)
         with self._lock:
             kept = self._kept.get(slab) if not peers else None
@@ -509,23 +511,24 @@ class CudaBackend(Backend):
         path writes a layer in many chunks, and mapping (cuMemMap,
         cuMemSetAccess, cuMemUnmap may synchronise the device) once per layer
         instead of once per chunk keeps it off the copies' way."""
-        with self._windows_lock:
-            with self._lock:
-                if slab in self._kept:
-                    return
-            mapped = self._map(slab, self._device(slab.device))
-            with self._lock:
+        with self._lock:
+            if slab in self._kept:
+                return
+        dev = self._device(slab.device)
+        mapped = self._map(slab, dev)
+        with self._lock:
+            if slab not in self._kept:
                 self._kept[slab] = mapped
+                return
+        self._unmap(dev, *mapped)  # (another worker mapped it meanwhile)
 
     def _drop_window(self, slab: Slab) -> None:
-        """Unmap a window _keep_window opened (once its copies are done)."""
-        with self._windows_lock:
-            with self._lock:
-                kept = self._kept.pop(slab, None)
-            if kept is not None:
-                dev = self._device(slab.device)
-                self._settle(dev)
-                self._unmap(dev, *kept)
+        """Unmap a window _keep_window opened. Its users waited for their copies
+        (and a failed one for its device's streams: _window)."""
+        with self._lock:
+            kept = self._kept.pop(slab, None)
+        if kept is not None:
+            self._unmap(self._device(slab.device), *kept)
 
     def copy(self, src: Slab, dst: Slab, on_bytes: Callable[[int], None] | None = None) -> None:
         if src.size != dst.size:
@@ -883,7 +886,8 @@ class CudaBackend(Backend):
         if slab.tier is Tier.HOST:
             return super().checksum(slab)
         if self.kernels_unavailable is not None:
-            return _host_checksum(self.read_out(slab))
+            with contextlib.closing(self.read_out(slab)) as pieces:
+                return _host_checksum(pieces)
         dev = self._device(slab.device)
         kernels = self._load_kernels()
         import cupy
