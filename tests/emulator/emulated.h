@@ -76,14 +76,37 @@ struct emu_seen {
   int pid;
 };
 
+struct emu_scan {
+  struct emu_seen *seen; /* (inode, pid) pairs counted so far */
+  size_t nseen, cap;
+  unsigned long long total; /* each allocation once */
+};
+
+/* An allocation of `size` bytes (by inode) that `pid` holds or maps: counted
+ * once in the total, and once for that process. */
+static inline void emu_count(struct emu_scan *scan, unsigned long long inode, int pid,
+                             unsigned long long size, unsigned long long *mine) {
+  int known = 0;
+  for (size_t i = 0; i < scan->nseen; i++)
+    if (scan->seen[i].inode == inode) {
+      known = 1;
+      if (scan->seen[i].pid == pid) return;
+    }
+  if (!known) scan->total += size;
+  *mine += size;
+  if (scan->nseen == scan->cap) {
+    scan->cap = scan->cap ? scan->cap * 2 : 64;
+    scan->seen = realloc(scan->seen, scan->cap * sizeof *scan->seen);
+  }
+  scan->seen[scan->nseen++] = (struct emu_seen){inode, pid};
+}
+
 /* Bytes in use on `device` (all of them if per_pid is NULL), and per process:
  * pids[i] holds per_pid[i] bytes (the same memory counts for each process
  * holding it, as nvidia-smi shows). */
 static inline unsigned long long emu_used_on(const char *node, int device, int *pids,
                                       unsigned long long *per_pid, int *npids) {
-  struct emu_seen *seen = NULL;
-  size_t nseen = 0, cap = 0;
-  unsigned long long total = 0;
+  struct emu_scan scan = {NULL, 0, 0, 0};
   int np = 0;
   DIR *proc = opendir("/proc");
   if (!proc) return 0;
@@ -108,21 +131,7 @@ static inline unsigned long long emu_used_on(const char *node, int device, int *
         unsigned long long s;
         struct stat st;
         if (!emu_parse_on(node, link, &d, &s) || d != device || stat(path, &st) != 0) continue;
-        int known = 0, known_here = 0;
-        for (size_t i = 0; i < nseen; i++)
-          if (seen[i].inode == st.st_ino) {
-            known = 1;
-            if (seen[i].pid == pid) known_here = 1;
-          }
-        if (!known) total += s;
-        if (!known_here) {
-          mine += s;
-          if (nseen == cap) {
-            cap = cap ? cap * 2 : 64;
-            seen = realloc(seen, cap * sizeof *seen);
-          }
-          seen[nseen++] = (struct emu_seen){st.st_ino, pid};
-        }
+        emu_count(&scan, st.st_ino, pid, s, &mine);
       }
       closedir(fds);
     }
@@ -136,21 +145,7 @@ static inline unsigned long long emu_used_on(const char *node, int device, int *
         unsigned long long s, inode;
         if (!emu_parse_on(node, line, &d, &s) || d != device) continue;
         if (sscanf(line, "%*s %*s %*s %*s %llu", &inode) != 1) continue;
-        int known = 0, known_here = 0;
-        for (size_t i = 0; i < nseen; i++)
-          if (seen[i].inode == inode) {
-            known = 1;
-            if (seen[i].pid == pid) known_here = 1;
-          }
-        if (!known) total += s;
-        if (!known_here) {
-          mine += s;
-          if (nseen == cap) {
-            cap = cap ? cap * 2 : 64;
-            seen = realloc(seen, cap * sizeof *seen);
-          }
-          seen[nseen++] = (struct emu_seen){inode, pid};
-        }
+        emu_count(&scan, inode, pid, s, &mine);
       }
       fclose(maps);
     }
@@ -161,9 +156,9 @@ static inline unsigned long long emu_used_on(const char *node, int device, int *
     }
   }
   closedir(proc);
-  free(seen);
+  free(scan.seen);
   if (npids) *npids = np;
-  return total;
+  return scan.total;
 }
 
 static inline unsigned long long emu_used(int device, int *pids, unsigned long long *per_pid, int *npids) {
