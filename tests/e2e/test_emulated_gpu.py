@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import pytest
 from tests import emulator
 
 from .conftest import Daemon
+from .test_engines import Worker, reference, settle
 from .test_lifecycle import expected_layers
 
 pytest.importorskip("cuda.bindings.driver")
@@ -31,9 +31,8 @@ torch = pytest.importorskip("torch")
 if (why := emulator.unavailable()) is not None:
     pytest.skip(why, allow_module_level=True)
 
-from safetensors.torch import load_file  # noqa: E402
 from torpor import Client  # noqa: E402
-from torpor.examples.tinylm import TinyConfig, TinyLM, make_checkpoint  # noqa: E402
+from torpor.examples.tinylm import TinyConfig, make_checkpoint  # noqa: E402
 from torpor.v1 import common_pb2  # noqa: E402
 from torpord.storage.checksum import slab_checksum  # noqa: E402
 
@@ -65,50 +64,14 @@ def gpu_used(libraries: Path, gpu_env: dict[str, str]) -> Callable[[], int]:
     return lambda: emulator.used(libraries, gpu_env["CUDAEMU_NODE"])
 
 
-class Engine:
+def start_engine(d: Daemon, model_id: str, *flags: str) -> Worker:
     """tests/e2e/engine_worker.py on the emulated GPU (tests/emulator/engine.py)."""
+    return Worker(d, model_id, *flags, script=ENGINE, env=d.env)
 
-    def __init__(self, d: Daemon, model_id: str, env: dict[str, str], *flags: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ENGINE), str(d.socket), model_id, *flags],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.hello = self.read()
-        assert self.hello.get("ready"), self.hello
 
-    def read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            _, err = self.proc.communicate(timeout=30)
-            raise AssertionError(f"engine exited {self.proc.returncode}:\n{err}")
-        value: dict[str, Any] = json.loads(line)
-        return value
-
-    def ask(self, command: str) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        while True:
-            answer = self.read()
-            if "event" not in answer:
-                return answer
-
-    def quit(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-            self.proc.communicate(timeout=60)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate(timeout=30)
+def padded(model: common_pb2.Model) -> int:
+    """The model's bytes on the GPU: each layer an allocation, padded."""
+    return sum(-(-layer.size_bytes // GRANULE) * GRANULE for layer in model.layers)
 
 
 @pytest.fixture
@@ -124,25 +87,6 @@ def start(tmp_path: Path, gpu_env: dict[str, str]) -> Iterator[Callable[..., Dae
     yield make
     for d in started:
         d.kill()
-
-
-def reference(path: Path) -> str:
-    torch.set_num_threads(1)
-    state = load_file(str(path))
-    model = TinyLM(TinyConfig.from_state_dict(state))
-    model.load_state_dict(state, assign=True)
-    with torch.inference_mode():
-        logits = model(torch.tensor([PROMPT]))
-    return hashlib.sha256(logits.contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def settle(check: Callable[[], bool], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_the_daemon_runs_the_cuda_backend_on_the_gpu_it_discovers(
@@ -201,9 +145,9 @@ def test_load_sleep_wake_unload_with_bytes_checked_and_memory_returned_to_the_dr
         client.load_model("tiny", str(path))
         model = get(d, "tiny")
         want = on_the_gpu(model)
-        padded = sum(len(data) for data in want)
+        on_gpu = sum(len(data) for data in want)
         assert device_slabs(d.proc.pid) == want
-        assert gpu_used() == padded  # one allocation per layer, as the driver pads it
+        assert gpu_used() == on_gpu  # one allocation per layer, as the driver pads it
         # The checksums taken at load (on the host, over a copy back: no kernels here)
         for layer, data in zip(model["layers"], expected_layers(model).values(), strict=True):
             assert layer["checksum"] == slab_checksum(data), layer["name"]
@@ -216,10 +160,10 @@ def test_load_sleep_wake_unload_with_bytes_checked_and_memory_returned_to_the_dr
             awake = client.wake_model("tiny", verify=True)
             assert awake.state == common_pb2.MODEL_STATE_ACTIVE
             assert device_slabs(d.proc.pid) == want, f"cycle {cycle}"
-            assert gpu_used() == padded
+            assert gpu_used() == on_gpu
         # Out to the disk cache (read out of the GPU through pinned memory) and back.
         client.offload_model("tiny", ["layers.1"], common_pb2.TIER_DISK)
-        assert gpu_used() == padded - GRANULE
+        assert gpu_used() == on_gpu - GRANULE
         client.offload_model("tiny", [], common_pb2.TIER_DEVICE, verify=True)
         assert device_slabs(d.proc.pid) == want
         client.unload_model("tiny")
@@ -234,11 +178,11 @@ def test_an_engine_runs_on_the_same_addresses_and_bytes_across_sleeps_and_wakes(
     expected = reference(path)
     with Client(socket=str(d.socket)) as client:
         model = client.load_model("tiny", str(path))
-        padded = sum(-(-layer.size_bytes // GRANULE) * GRANULE for layer in model.layers)
-        engine = Engine(d, "tiny", d.env)
+        on_gpu = padded(model)
+        engine = start_engine(d, "tiny")
         try:
             # The engine maps the daemon's allocations: the same memory, once.
-            assert gpu_used() == padded
+            assert gpu_used() == on_gpu
             for cycle in range(10):
                 asleep = client.sleep_model("tiny", level=1 + cycle % 2)
                 assert asleep.engines == 1 and not asleep.last_transition.note
@@ -290,14 +234,14 @@ def test_a_hung_engine_keeps_its_memory_held_until_it_exits(
     path = make_checkpoint(d.models / "tiny", SMALL)
     with Client(socket=str(d.socket)) as client:
         model = client.load_model("tiny", str(path))
-        padded = sum(-(-layer.size_bytes // GRANULE) * GRANULE for layer in model.layers)
-        engine = Engine(d, "tiny", d.env, "--stall")  # its quiesce callback never returns
+        on_gpu = padded(model)
+        engine = start_engine(d, "tiny", "--stall")  # its quiesce callback never returns
         try:
             asleep = client.sleep_model("tiny")
             assert asleep.state == common_pb2.MODEL_STATE_ASLEEP and asleep.engines == 0
             assert "detached" in asleep.last_transition.note
-            assert gpu_used() == padded  # the engine still maps every slab
-            assert held(d) == padded  # and the daemon says so
+            assert gpu_used() == on_gpu  # the engine still maps every slab
+            assert held(d) == on_gpu  # and the daemon says so
             node = d.ctl("node").stdout
             assert "held" in node, node
             assert engine.proc.poll() is None
@@ -305,7 +249,7 @@ def test_a_hung_engine_keeps_its_memory_held_until_it_exits(
             engine.kill()
         assert settle(lambda: gpu_used() == 0 and held(d) == 0)
         client.wake_model("tiny")
-        assert gpu_used() == padded
+        assert gpu_used() == on_gpu
 
 
 def test_an_engine_that_does_not_let_go_is_killed_and_its_memory_returns(
@@ -315,7 +259,7 @@ def test_an_engine_that_does_not_let_go_is_killed_and_its_memory_returns(
     path = make_checkpoint(d.models / "tiny", SMALL)
     with Client(socket=str(d.socket)) as client:
         client.load_model("tiny", str(path))
-        engine = Engine(d, "tiny", d.env, "--stall")
+        engine = start_engine(d, "tiny", "--stall")
         try:
             asleep = client.sleep_model("tiny")
             assert "detached and killed" in asleep.last_transition.note
@@ -334,16 +278,16 @@ def test_an_engine_killed_mid_wake_leaves_the_daemon_and_the_driver_consistent(
     expected = reference(path)
     with Client(socket=str(d.socket)) as client:
         model = client.load_model("tiny", str(path))
-        padded = sum(-(-layer.size_bytes // GRANULE) * GRANULE for layer in model.layers)
-        engine = Engine(d, "tiny", d.env)
+        on_gpu = padded(model)
+        engine = start_engine(d, "tiny")
         client.sleep_model("tiny")
         client.wake_model("tiny", wait=False)
         engine.proc.send_signal(signal.SIGKILL)
         engine.kill()
         assert settle(lambda: client.get_model("tiny").state == common_pb2.MODEL_STATE_ACTIVE)
         assert settle(lambda: client.get_model("tiny").engines == 0)
-        assert settle(lambda: gpu_used() == padded and held(d) == 0)
-        again = Engine(d, "tiny", d.env)  # attachable again, on the same bytes
+        assert settle(lambda: gpu_used() == on_gpu and held(d) == 0)
+        again = start_engine(d, "tiny")  # attachable again, on the same bytes
         try:
             assert again.ask("fresh")["ok"]
             assert set(again.ask("report")["digests"]) == {expected}
@@ -365,7 +309,7 @@ def test_a_graceful_stop_hands_everything_back_to_the_driver(
         client.load_model("tiny", str(path))
         client.load_model("asleep", str(path))
         client.sleep_model("asleep")
-        engine = Engine(d, "tiny", d.env)
+        engine = start_engine(d, "tiny")
         assert engine.ask("fresh")["ok"]
     assert d.stop() == 0, d.log()
     log = [json.loads(line) for line in d.log().splitlines() if line.startswith("{")]

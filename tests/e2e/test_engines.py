@@ -34,13 +34,24 @@ WIDE = TinyConfig(layers=2, hidden=64, intermediate=176, vocab=1 << 20)
 
 
 class Worker:
-    def __init__(self, d: Daemon, model_id: str, *flags: str) -> None:
+    """engine_worker.py attached to a model (`script`: another way to run it,
+    `env`: its environment, this process's if None)."""
+
+    def __init__(
+        self,
+        d: Daemon,
+        model_id: str,
+        *flags: str,
+        script: Path = WORKER,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), str(d.socket), model_id, *flags],
+            [sys.executable, str(script), str(d.socket), model_id, *flags],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
         )
         self.hello = self.read()
         assert self.hello.get("ready"), self.hello
