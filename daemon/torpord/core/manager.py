@@ -24,7 +24,14 @@ import structlog
 from torpord.backends.base import Backend, Slab
 from torpord.core.engines import Engines, NoEngines
 from torpord.core.events import EventBus, EventType
-from torpord.core.model import LayerState, Model, ModelSnapshot, Progress, TransitionRecord
+from torpord.core.model import (
+    LayerState,
+    Model,
+    ModelSnapshot,
+    Progress,
+    Running,
+    TransitionRecord,
+)
 from torpord.core.mover import Mover
 from torpord.core.requests import RequestLog
 from torpord.core.types import ModelState, Outcome, Stage, Tier, TransitionKind
@@ -115,7 +122,8 @@ class ModelManager:
             retract=self._retract,
         )
         self._models: dict[str, Model] = {}
-        self._reserved: set[str] = set()  # ids whose Load is still validating
+        # Ids whose Load is still validating the checkpoint: the task of that call.
+        self._validating: dict[str, Running] = {}
         # The engines attached to models (the server's agent registry sets it).
         self.engines: Engines = NoEngines()
         # Per model being brought to the device: the layers not yet announced
@@ -184,21 +192,26 @@ class ModelManager:
             if existing.busy or existing.state.transitional:
                 raise _busy(model_id, existing.state.value)
             return existing.snapshot()
-        if model_id in self._reserved:
+        if model_id in self._validating:
             raise _busy(model_id, "LOADING")
         uuid = self.backend.resolve_device(device) if device else ""
         # A retry that comes while the checkpoint is being validated waits for this.
         pending: asyncio.Future[ModelSnapshot] = asyncio.get_running_loop().create_future()
         pending.add_done_callback(_retrieve)
         self.requests.remember(request_id, call.fingerprint, pending)
-        self._reserved.add(model_id)
+        # This call's task, so a forced Unload can stop the validation.
+        validation = Running(_current_task(), started=True)
+        self._validating[model_id] = validation
         try:
-            checkpoint = await self.mover.blocking(
+            # Not through mover.blocking: nothing is written into a slab here,
+            # so a cancelled call need not wait for the worker to finish.
+            checkpoint = await asyncio.get_running_loop().run_in_executor(
+                self._executor,
                 functools.partial(
                     open_checkpoint,
                     path,
                     allowed_roots=tuple(str(root) for root in self.settings.allowed_roots),
-                )
+                ),
             )
             plans = plan_layers(checkpoint, self.settings.patterns, self.settings.alignment)
             model = Model(
@@ -210,13 +223,18 @@ class ModelManager:
             new = self.mover.allocate(model, model.layers, target)
         except BaseException as exc:
             self.requests.forget(request_id)
+            if isinstance(exc, asyncio.CancelledError) and validation.cause is not None:
+                # Stopped by a forced Unload: say so, as a transition would.
+                _current_task().uncancel()
+                pending.set_exception(validation.cause)
+                raise validation.cause from None
             if isinstance(exc, asyncio.CancelledError):
                 pending.cancel()
             else:
                 pending.set_exception(exc)
             raise
         finally:
-            self._reserved.discard(model_id)
+            del self._validating[model_id]
         self._models[model_id] = model
         self.bus.publish(EventType.ADDED, model.snapshot())
 
@@ -422,8 +440,10 @@ class ModelManager:
         call = Call(request_id, ("unload", model_id), wait)
         if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._replay(earlier, wait, model_id)
-        if force:
-            await self._cancel_transition(model_id)
+        if force and (unloaded := await self._cancel_transition(model_id, request_id)):
+            return unloaded
+        if model_id in self._validating:
+            raise _busy(model_id, "LOADING")
         model = self._idle_model(model_id)
 
         async def body() -> int:
@@ -499,21 +519,43 @@ class ModelManager:
             if layer.disk is not None
         }
 
-    async def _cancel_transition(self, model_id: str) -> None:
+    async def _cancel_transition(self, model_id: str, request_id: str) -> ModelSnapshot | None:
         """Cancel the model's running transition and wait until it has rolled
         back (as a failed one does: what it allocated is freed, engines get
-        their layers back). Another Unload racing this one finds it busy."""
+        their layers back), wherever it is, its first step included. A Load
+        still validating its checkpoint is stopped, and the id is free. An
+        Unload in progress is left to finish: its result, if it removed the
+        model, is returned. Another Unload racing this one finds the model busy."""
+        by = f" (request_id {request_id!r})" if request_id else ""
+        cause = Aborted(
+            f"cancelled by a forced unload of model {model_id!r}{by}",
+            reason="CANCELLED",
+            metadata={"model_id": model_id, "cause": "FORCED_UNLOAD"},
+        )
+        validation = self._validating.get(model_id)
+        if validation is not None:
+            log.info("cancelling a load's validation to unload", model_id=model_id)
+            validation.cancel(cause)
+            await asyncio.wait([validation.task])
+            raise NotFound(
+                f"model {model_id!r} not found: its Load, still validating the checkpoint,"
+                " was cancelled and kept nothing",
+                reason="MODEL_NOT_FOUND",
+                metadata={"model_id": model_id},
+            )
         model = self._model(model_id)
-        task = model.task
-        if task is None or task.done() or model.state is ModelState.UNLOADING:
-            return  # (an Unload in progress is left to finish)
+        running = model.running
+        if running is None or running.task.done():
+            return None
+        if model.state is ModelState.UNLOADING:
+            await asyncio.wait([running.task])
+            if running.task.exception() is None and self._models.get(model_id) is not model:
+                return running.task.result()
+            return None  # (it failed: this Unload tries again)
         log.info("cancelling a transition to unload", model_id=model_id, state=model.state.value)
-        task.cancel()
-        try:
-            await asyncio.shield(task)
-        except BaseException:
-            if not task.done():  # this call was cancelled, not the transition
-                raise
+        running.cancel(cause)
+        await asyncio.wait([running.task])  # (it ends with its error, never cancelled)
+        return None
 
     def _idle_model(self, model_id: str) -> Model:
         """The model, if no transition of it is running (else ABORTED)."""
@@ -541,14 +583,17 @@ class ModelManager:
             model.sleep_level = plan.sleep_level
         model.set_state(plan.state)
         self.bus.publish(EventType.CHANGED, model.snapshot())
-        task = asyncio.create_task(
-            self._run(model, plan, call.request_id, before),
-            name=f"{plan.kind.value} {model.model_id}",
+        running = Running(
+            asyncio.create_task(
+                self._run(model, plan, call.request_id, before),
+                name=f"{plan.kind.value} {model.model_id}",
+            )
         )
+        task = running.task
         task.add_done_callback(_retrieve)
         if pending is not None:
             task.add_done_callback(functools.partial(_chain, pending))
-        model.task = task
+        model.running = running
         self.requests.remember(call.request_id, call.fingerprint, task)
         if call.wait:
             return await asyncio.shield(task)
@@ -561,15 +606,19 @@ class ModelManager:
         request_id: str,
         before: tuple[ModelState, int],
     ) -> ModelSnapshot:
-        assert model.progress is not None
+        assert model.progress is not None and model.running is not None
+        running = model.running
+        running.started = True
         started, clock = time.time(), time.monotonic()
         bound = log.bind(model_id=model.model_id, transition=plan.kind.value, request_id=request_id)
         bound.info("transition started", bytes=model.progress.bytes_total)
         heartbeat = asyncio.create_task(self._heartbeat(model))
         try:
+            if running.cause is not None:  # cancelled before its first step
+                raise asyncio.CancelledError
             moved = await plan.body()
         except BaseException as exc:
-            err = _as_domain_error(exc)
+            err = _as_domain_error(exc, running.cause)
             if isinstance(exc, TorporError | asyncio.CancelledError):
                 bound.warning("transition failed", reason=err.reason, error=err.message)
             else:
@@ -684,29 +733,63 @@ class ModelManager:
 
     # -- shutdown --------------------------------------------------------------
 
-    async def close(self, grace: float) -> None:
+    async def close(self, grace: float, *, rollback: float = 5.0) -> bool:
         """Let running transitions finish within `grace` seconds, cancel (and so
-        roll back) the rest, then free every slab."""
+        roll back) the rest, then free every slab: all within `rollback`
+        seconds more, however the work goes. Work that can't be stopped in
+        time (a worker blocked in a read that never returns) is left behind:
+        its slabs are not freed under it (the process's exit frees them), and
+        the answer is False."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace + rollback
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
         running = [
             m.task for m in self._models.values() if m.task is not None and not m.task.done()
         ]
+        stuck: set[asyncio.Task[ModelSnapshot]] = set()
         if running:
             log.info("waiting for transitions", count=len(running), grace=grace)
             _, pending = await asyncio.wait(running, timeout=grace)
             if pending:
                 self.mover.stopping.set()  # workers stop at the next piece
-            for task in pending:
-                task.cancel()
+            shutting_down = Aborted("the daemon is shutting down", reason="SHUTTING_DOWN")
+            for model in self._models.values():
+                if model.running is not None and model.running.task in pending:
+                    model.running.cancel(shutting_down)
             if pending:
-                await asyncio.wait(pending)
+                _, stuck = await asyncio.wait(pending, timeout=left())
+        self.bus.close()
+        if stuck:
+            names = sorted(task.get_name() for task in stuck)
+            log.error(
+                "transitions did not stop within the grace period; their memory is left"
+                " to the process's exit",
+                transitions=names,
+            )
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            return False
         models = list(self._models.values())
-        await asyncio.gather(*(self._quiesce(model, model.layers) for model in models))
+        try:
+            async with asyncio.timeout(left()):
+                await asyncio.gather(*(self._quiesce(model, model.layers) for model in models))
+                # Not on the io workers: one of them may be blocked for good.
+                slabs = [slab for model in models for slab in model.slabs()]
+                for model in models:
+                    for layer in model.layers:
+                        layer.slab = None
+                await asyncio.to_thread(self.mover.free_all, slabs)
+        except TimeoutError:
+            log.error("freeing the models' memory did not finish within the grace period")
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            return False
         for model in models:
-            await self.mover.drop(model, model.layers)
             self.engines.unloaded(model.model_id)
         self._models.clear()
-        self.bus.close()
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        return True
 
 
 def _check_model_id(model_id: str) -> None:
@@ -736,11 +819,18 @@ def _wrong_state(model: Model, verb: str) -> FailedPrecondition:
     )
 
 
-def _as_domain_error(exc: BaseException) -> TorporError:
+def _current_task() -> asyncio.Task[ModelSnapshot]:
+    task = asyncio.current_task()
+    assert task is not None
+    return task
+
+
+def _as_domain_error(exc: BaseException, cause: TorporError | None) -> TorporError:
     if isinstance(exc, TorporError):
         return exc
     if isinstance(exc, asyncio.CancelledError):
-        return Aborted("the transition was cancelled (daemon shutting down)", reason="CANCELLED")
+        # Who cancelled says why; a cancellation nobody explained is still ABORTED.
+        return cause or Aborted("the transition was cancelled", reason="CANCELLED")
     return TorporError(f"internal error: {type(exc).__name__}: {exc}", reason="INTERNAL")
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from torpord.backends.base import Slab
 from torpord.core.types import ModelState, Outcome, Stage, Tier, TransitionKind
+from torpord.errors import TorporError
 from torpord.storage.diskcache import DiskEntry
 from torpord.storage.layers import LayerPlan
 from torpord.storage.safetensors import Checkpoint
@@ -26,6 +27,7 @@ __all__ = [
     "ModelSnapshot",
     "Progress",
     "ProgressSnapshot",
+    "Running",
     "TransitionRecord",
 ]
 
@@ -176,6 +178,27 @@ class ModelSnapshot:
 
 
 @dataclass(eq=False)
+class Running:
+    """A transition's task, and the one way to stop it at any point of its life.
+
+    A task cancelled before its first step never runs its coroutine, so it
+    could never roll back (free what was allocated for it, restore the
+    model's state). So `cancel` cancels the task only once it has started;
+    before that it leaves the cause, which the transition finds as its first
+    step and rolls back from as from any failure."""
+
+    task: asyncio.Task[ModelSnapshot]
+    started: bool = False
+    cause: TorporError | None = None  # why it was cancelled: its error
+
+    def cancel(self, cause: TorporError) -> None:
+        if self.cause is None:
+            self.cause = cause
+        if self.started and not self.task.done():
+            self.task.cancel()
+
+
+@dataclass(eq=False)
 class Model:
     model_id: str
     checkpoint: Checkpoint
@@ -187,14 +210,18 @@ class Model:
     sleep_level: int = 0
     progress: Progress | None = None
     last_transition: TransitionRecord | None = None
-    task: asyncio.Task[ModelSnapshot] | None = None
+    running: Running | None = None  # the transition in progress (or the last one)
     create_time: float = field(default_factory=time.time)
     update_time: float = field(default_factory=time.time)
     engines: int = 0  # engines attached (kept by the agent registry)
 
     @property
+    def task(self) -> asyncio.Task[ModelSnapshot] | None:
+        return self.running.task if self.running is not None else None
+
+    @property
     def busy(self) -> bool:
-        return self.task is not None and not self.task.done()
+        return self.running is not None and not self.running.task.done()
 
     def set_state(self, state: ModelState, reason: str = "", message: str = "") -> None:
         self.state, self.state_reason, self.state_message = state, reason, message

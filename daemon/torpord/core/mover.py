@@ -309,7 +309,7 @@ class Mover:
         # model may be waiting for it); host pool memory may finish in the background.
         try:
             await self.blocking(
-                self._free_all, freed, any(slab.tier is Tier.DEVICE for slab in freed)
+                self.free_all, freed, any(slab.tier is Tier.DEVICE for slab in freed)
             )
         except Exception:
             # The layers are in their new slabs already: the move is done. What
@@ -421,10 +421,11 @@ class Mover:
         slabs = [layer.slab for layer in layers if layer.slab is not None]
         for layer in layers:
             layer.slab = None
-        await self.blocking(self._free_all, slabs)
+        await self.blocking(self.free_all, slabs)
         return sum(slab.size for slab in slabs)
 
-    def _free_all(self, slabs: Sequence[Slab], confirm: bool = True) -> None:
+    def free_all(self, slabs: Sequence[Slab], confirm: bool = True) -> None:
+        """Free every slab (blocking: run it on a worker thread)."""
         # On a worker thread: unmapping gigabytes of touched pages takes a
         # while, and the event loop must keep answering meanwhile. Every slab is
         # tried (one that fails stays live and accounted); the first error is
