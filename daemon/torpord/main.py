@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -81,8 +82,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"torpord: {args.config or 'embedded defaults'}: ok")
         return 0
     configure_logging(config.log.level, config.log.format)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(Daemon(config).run())
+    daemon = Daemon(config)
+    runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    code = runner.run(daemon.run())
+    if daemon.abandoned:
+        # Closing the loop would wait for the work left behind (it never
+        # returns), and so would the interpreter's exit: leave now.
+        _exit_now(code)
+    runner.close()
+    stuck = _blocked_threads(timeout=THREAD_EXIT_WAIT)
+    if stuck:
+        log.error("threads still blocked at exit; not waiting for them", threads=stuck)
+        _exit_now(code)
+    return code
+
+
+# How long the io threads may take to finish their last piece at exit.
+THREAD_EXIT_WAIT = 2.0
+# Of the grace period, what is kept for rolling back what didn't finish in time.
+ROLLBACK_RESERVE = 2.0
+
+
+def _blocked_threads(timeout: float) -> list[str]:
+    """Threads other than this one still running after `timeout` seconds in
+    all (the interpreter's exit would wait for them forever)."""
+    deadline = time.monotonic() + timeout
+    left = []
+    for thread in threading.enumerate():
+        if thread is threading.current_thread() or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            left.append(thread.name)
+    return left
+
+
+def _exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class Daemon:
@@ -90,6 +128,10 @@ class Daemon:
         self.config = config
         self._stop = asyncio.Event()
         self._signals = 0
+        # The sockets this daemon listens on (a forced exit still removes them).
+        self._sockets: list[Path] = []
+        # True when the shutdown left work behind that can't be waited for.
+        self.abandoned = False
 
     async def run(self) -> int:
         cfg = self.config
@@ -132,6 +174,7 @@ class Daemon:
             backend.close()
             return 1
         await server.start()
+        self._sockets = [socket_path, agents.fd_socket]
         os.chmod(socket_path, cfg.server.socket_mode)
         fds.start(cfg.server.socket_mode)
         await set_serving(health, True)
@@ -151,20 +194,37 @@ class Daemon:
         systemd.ready(f"listening on {socket_path}")
         await self._stop.wait()
 
+        # Everything below ends within the grace period, whatever it waits
+        # for (an engine that doesn't answer, a read that never returns);
+        # the last ROLLBACK_RESERVE seconds of it are for rolling back.
         grace = cfg.server.grace_period
         deadline = time.monotonic() + grace
+        reserve = min(ROLLBACK_RESERVE, grace / 4)
+
+        def left(keep: float = 0.0) -> float:
+            return max(0.0, deadline - time.monotonic() - keep)
+
         log.info("stopping: draining in-flight calls", grace_seconds=grace)
         systemd.stopping("draining")
         await set_serving(health, False)
         manager.bus.close()  # end Watch streams, so they do not hold the grace period
-        await agents.shutdown()  # engines let go of the weights before they are freed
-        await server.stop(grace)
+        # Engines let go of the weights before they are freed.
+        await agents.shutdown(timeout=left(reserve))
+        await server.stop(left(reserve))
         fds.close()
-        await manager.close(max(0.0, deadline - time.monotonic()))
-        backend.close()
-        socket_path.unlink(missing_ok=True)
-        log.info("stopped")
+        clean = await manager.close(left(reserve), rollback=min(reserve, left()))
+        if clean:
+            backend.close()
+        else:  # (a worker may still be writing into a slab: the exit frees it all)
+            self.abandoned = True
+        self._remove_sockets()
+        log.info("stopped", clean=clean)
         return 0
+
+    def _remove_sockets(self) -> None:
+        for path in self._sockets:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -176,7 +236,8 @@ class Daemon:
         self._signals += 1
         if self._signals > 1:
             log.warning("second signal: exiting now", signal=sig.name)
-            os._exit(1)
+            self._remove_sockets()
+            _exit_now(1)
         log.info("signal received", signal=sig.name)
         self._stop.set()
 

@@ -248,6 +248,54 @@ def test_an_engine_killed_mid_sleep_leaves_the_daemon_consistent(
         assert settle(lambda: open_fds(d.proc.pid) == baseline), open_fds(d.proc.pid)
 
 
+def test_shutdown_ends_within_its_grace_period_whatever_an_engine_does(
+    start: Callable[..., Daemon],
+) -> None:
+    """A hung engine holds a Sleep in its quiesce for up to 5 minutes; SIGTERM
+    stops the daemon within its 5 s grace period all the same: the engine is
+    detached, the Sleep finishes, both sockets are removed, exit 0."""
+    d = start(config='[agents]\nquiesce_timeout = "5m"\n')
+    path = make_checkpoint(d.models / "tiny", SMALL)
+    with Client(socket=str(d.socket)) as client:
+        client.load_model("tiny", str(path))
+        worker = Worker(d, "tiny", "--stall")  # its quiesce callback never returns
+        start.workers.append(worker)  # type: ignore[attr-defined]
+        client.sleep_model("tiny", wait=False)
+        assert settle(lambda: client.get_model("tiny").progress.stage == common_pb2.STAGE_QUIESCE)
+    assert d.stop(signal.SIGTERM, timeout=60) == 0  # (long before the engine's 5 minutes)
+    assert not d.socket.exists() and not d.socket.with_name(d.socket.name + ".fds").exists()
+    log = d.log()
+    assert "the daemon is shutting down" in log and '"clean": true' in log
+
+
+def test_a_forced_unload_tells_the_waiting_caller_why(start: Callable[..., Daemon]) -> None:
+    """A Sleep held up by a hung engine, its caller waiting; `unload --force`
+    cancels it: the caller and the log name the forced unload as the cause."""
+    d = start(config='[agents]\nquiesce_timeout = "5m"\n')
+    path = make_checkpoint(d.models / "tiny", SMALL)
+    with Client(socket=str(d.socket)) as client:
+        client.load_model("tiny", str(path))
+        worker = Worker(d, "tiny", "--stall")
+        start.workers.append(worker)  # type: ignore[attr-defined]
+        sleeping = subprocess.Popen(
+            [sys.executable, "-m", "torpor.cli", "--socket", str(d.socket), "sleep", "tiny"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert settle(lambda: client.get_model("tiny").progress.stage == common_pb2.STAGE_QUIESCE)
+        # (--no-wait: the Unload then waits for the hung engine in turn.)
+        d.ctl("unload", "tiny", "--force", "--no-wait", "--request-id", "ops-42")
+        _, err = sleeping.communicate(timeout=60)
+        os.kill(worker.proc.pid, signal.SIGKILL)  # (and the Unload goes on)
+        assert settle(lambda: not client.list_models())
+        assert sleeping.returncode == 1
+        assert "ABORTED" in err and "CANCELLED" in err
+        assert "cancelled by a forced unload of model 'tiny' (request_id 'ops-42')" in err
+        assert "shutting down" not in err and "shutting down" not in d.log()
+        assert "cancelled by a forced unload" in d.log()
+
+
 def test_an_engine_killed_mid_wake_leaves_the_daemon_consistent(
     start: Callable[..., Daemon], wide: Path
 ) -> None:

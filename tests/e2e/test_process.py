@@ -45,6 +45,9 @@ def test_second_signal_forces_exit(tmp_path: Path) -> None:
     d.proc.send_signal(signal.SIGCONT)
     assert d.stop() == 1
     assert "second signal: exiting now" in d.log()
+    # Both sockets are gone even so: the next start finds no stale socket.
+    assert not d.socket.exists()
+    assert not d.socket.with_name(d.socket.name + ".fds").exists()
 
 
 def test_sigusr1_logs_every_task_stack(daemon: Daemon) -> None:

@@ -181,11 +181,15 @@ class AgentRegistry:
     def attached(self, model_id: str) -> int:
         return len(self._of(model_id))
 
-    async def quiesce(self, model_id: str, layers: Sequence[str]) -> list[str]:
+    async def quiesce(
+        self, model_id: str, layers: Sequence[str], within: float | None = None
+    ) -> list[str]:
+        """(`within`: a shorter deadline than agents.quiesce_timeout, at shutdown.)"""
         loop = asyncio.get_running_loop()
         waiting: dict[asyncio.Future[bool], Attachment] = {}
+        limit = self.quiesce_timeout if within is None else min(within, self.quiesce_timeout)
         timeout = Duration()
-        timeout.FromNanoseconds(int(self.quiesce_timeout * 1e9))
+        timeout.FromNanoseconds(int(limit * 1e9))
         for attachment in self._of(model_id):
             sequence = next(attachment.sequence)
             ack: asyncio.Future[bool] = loop.create_future()
@@ -201,7 +205,8 @@ class AgentRegistry:
             )
         if not waiting:
             return []
-        answered, late = await asyncio.wait(waiting, timeout=self.quiesce_timeout)
+        answered, late = await asyncio.wait(waiting, timeout=limit)
+        setting = "agents.quiesce_timeout" if within is None else "the daemon is shutting down"
         notes = []
         for ack in answered:
             if not ack.result():  # the stream ended before the engine answered
@@ -212,16 +217,14 @@ class AgentRegistry:
         for ack in late:
             attachment = waiting[ack]
             note = (
-                f"{attachment.describe()} did not let go of the weights within"
-                f" {self.quiesce_timeout:g}s; detached"
+                f"{attachment.describe()} did not let go of the weights within {limit:g}s; detached"
             ) + self._unresponsive(attachment)
             log.warning("engine revoked", model_id=model_id, pid=attachment.pid, note=note)
             self.revoke(
                 attachment.id,
                 Aborted(
                     f"the {attachment.describe()} did not acknowledge Quiesce within"
-                    f" {self.quiesce_timeout:g}s (agents.quiesce_timeout); its attachment was"
-                    " revoked",
+                    f" {limit:g}s ({setting}); its attachment was revoked",
                     reason="QUIESCE_TIMEOUT",
                 ),
             )
@@ -247,11 +250,11 @@ class AgentRegistry:
                 NotFound(f"model {model_id!r} was unloaded", reason="MODEL_UNLOADED"),
             )
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, timeout: float | None = None) -> None:
         """The daemon is stopping: every engine lets go of every layer (within
-        the quiesce timeout), then every attachment ends."""
+        the quiesce timeout, or `timeout` if sooner), then every attachment ends."""
         models = {a.model_id for a in self._attachments.values()}
-        await asyncio.gather(*(self.quiesce(model_id, []) for model_id in models))
+        await asyncio.gather(*(self.quiesce(model_id, [], timeout) for model_id in models))
         for attachment_id in list(self._attachments):
             self.revoke(
                 attachment_id, Unavailable("the daemon is shutting down", reason="SHUTTING_DOWN")
