@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from torpor.testing import make_checkpoint
+from torpor.testing import make_checkpoint, write_safetensors
 from torpord.core.types import ModelState, Tier
 from torpord.errors import Aborted, NotFound, TorporError
 
@@ -124,3 +124,42 @@ async def test_forced_unload_racing_a_load_from_its_very_start(tmp_path: Path) -
     assert fds() == before
     assert causes == {"cancelled by a forced unload"}
     assert (await m.load("m", ckpt)).state is ModelState.ACTIVE  # the id is free again
+
+
+def many_tensors(path: Path, count: int = 60_000) -> str:
+    """A checkpoint whose validation takes a while (many small tensors)."""
+    tensors = {f"model.layers.{i % 4}.t{i}": ("U8", [1], b"\0") for i in range(count)}
+    return str(write_safetensors(path, tensors))
+
+
+async def test_a_retry_without_waiting_during_validation_gets_the_model(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    m = h.manager
+    ckpt = many_tensors(tmp_path / "big.safetensors")
+    first = asyncio.create_task(m.load("m", ckpt, request_id="r1"))
+    while "m" not in m._validating:
+        await asyncio.sleep(0)
+    retry = await m.load("m", ckpt, request_id="r1", wait=False)  # (not NOT_FOUND)
+    assert retry.model_id == "m" and retry.state in (ModelState.LOADING, ModelState.ACTIVE)
+    assert (await first).state is ModelState.ACTIVE
+    await h.close()
+
+
+async def test_a_retry_of_a_call_cancelled_while_validating_is_told_so(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    m = h.manager
+    ckpt = many_tensors(tmp_path / "big.safetensors")
+    first = asyncio.create_task(m.load("m", ckpt, request_id="r1"))
+    while "m" not in m._validating:
+        await asyncio.sleep(0)
+    retry = asyncio.create_task(m.load("m", ckpt, request_id="r1"))
+    await asyncio.sleep(0)
+    first.cancel()  # (its caller went away)
+    with pytest.raises(Aborted) as err:
+        await retry
+    assert err.value.reason == "CANCELLED" and "send it again" in err.value.message
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert "m" not in m._models and "m" not in m._validating
+    assert (await m.load("m", ckpt, request_id="r1")).state is ModelState.ACTIVE  # anew
+    await h.close()

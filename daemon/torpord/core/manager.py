@@ -124,6 +124,8 @@ class ModelManager:
         self._models: dict[str, Model] = {}
         # Ids whose Load is still validating the checkpoint: the task of that call.
         self._validating: dict[str, Running] = {}
+        # ... and what a retry without waiting waits for: the validation's end.
+        self._validated: dict[str, asyncio.Future[None]] = {}
         # The engines attached to models (the server's agent registry sets it).
         self.engines: Engines = NoEngines()
         # Per model being brought to the device: the layers not yet announced
@@ -202,6 +204,7 @@ class ModelManager:
         # This call's task, so a forced Unload can stop the validation.
         validation = Running(_current_task(), started=True)
         self._validating[model_id] = validation
+        validated = self._validated[model_id] = asyncio.get_running_loop().create_future()
         try:
             # Not through mover.blocking: nothing is written into a slab here,
             # so a cancelled call need not wait for the worker to finish.
@@ -234,7 +237,8 @@ class ModelManager:
                 pending.set_exception(exc)
             raise
         finally:
-            del self._validating[model_id]
+            del self._validating[model_id], self._validated[model_id]
+            validated.set_result(None)
         self._models[model_id] = model
         self.bus.publish(EventType.ADDED, model.snapshot())
 
@@ -699,8 +703,22 @@ class ModelManager:
     async def _replay(
         self, task: asyncio.Future[ModelSnapshot], wait: bool, model_id: str
     ) -> ModelSnapshot:
-        if wait or task.done():
-            return await asyncio.shield(task)
+        """The outcome of the first call with this request_id: at once without
+        `wait` (once the model exists: a Load may still be validating)."""
+        if not wait and not task.done() and model_id in self._validated:
+            await asyncio.shield(self._validated[model_id])
+        if wait or task.done() or model_id not in self._models:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.cancelled():  # (the first call was, before it changed anything)
+                    raise Aborted(
+                        f"the first call with this request_id for model {model_id!r} was"
+                        " cancelled before it changed anything; send it again",
+                        reason="CANCELLED",
+                        metadata={"model_id": model_id},
+                    ) from None
+                raise
         return self.get(model_id)
 
     def _on_progress(self, model: Model) -> None:
