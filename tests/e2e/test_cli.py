@@ -96,3 +96,21 @@ def test_torporctl_errors_and_exit_codes(daemon: Daemon) -> None:
         timeout=60,
     )
     assert out.returncode == 3 and "nobody.sock" in out.stderr
+
+
+def test_watch_says_when_torpord_goes_away(daemon: Daemon) -> None:
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "torpor.cli", "--socket", str(daemon.socket), "watch"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "snapshot" in watch.stdout.readline()  # type: ignore[union-attr]
+        assert daemon.stop() == 0
+        _, err = watch.communicate(timeout=30)
+    finally:
+        watch.kill()
+        watch.communicate()
+    assert watch.returncode == 3
+    assert err.startswith("torporctl: error: torpord ended the watch") and "Traceback" not in err

@@ -189,10 +189,15 @@ class Daemon:
     socket: Path
     port: int
     models: FakeModels
+    server: grpc.Server
 
     def run(self, *argv: str) -> int:
         """Run torporctl against this daemon's socket; returns the exit code."""
         return main(["--socket", str(self.socket), *argv])
+
+    def stop(self) -> None:
+        """Stop serving at once: open calls end as a killed daemon's do."""
+        self.server.stop(None).wait()
 
 
 @contextmanager
@@ -207,7 +212,7 @@ def serve(socket: Path, models: dict[str, common_pb2.Model]) -> Iterator[Daemon]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        yield Daemon(socket, port, fake)
+        yield Daemon(socket, port, fake, server)
     finally:
         server.stop(None).wait()
         executor.shutdown(wait=True)

@@ -323,8 +323,13 @@ def test_watch_prints_snapshot_and_events(
         models_pb2.ModelEvent(type=models_pb2.MODEL_EVENT_TYPE_CHANGED, model=changed),
         progress_event(GIB),
     ]
-    assert daemon.run("watch") == 0
-    lines = capsys.readouterr().out.splitlines()
+    assert daemon.run("watch") == 3  # the stream ended: torpord went away
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert captured.err == (
+        f"torporctl: error: torpord ended the watch (shutting down or restarting?):"
+        f" unix:{daemon.socket}\n"
+    )
     assert len(lines) == 4
     assert "snapshot  llama  offloaded" in lines[0]
     assert "snapshot  qwen  asleep (level 1)" in lines[1]
@@ -334,13 +339,17 @@ def test_watch_prints_snapshot_and_events(
 
 def test_watch_json_lines(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
     daemon.models.events = [progress_event(GIB)]
-    assert daemon.run("--json", "watch", "qwen") == 0
-    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert daemon.run("--json", "watch", "qwen") == 3
+    captured = capsys.readouterr()
+    assert "torpord ended the watch" in captured.err  # stderr: stdout stays JSON lines
+    first, second = (json.loads(line) for line in captured.out.splitlines())
     assert [m["model_id"] for m in first["snapshot"]["models"]] == ["qwen"]
     assert second["model_event"]["type"] == "MODEL_EVENT_TYPE_PROGRESS"
 
 
-def test_watch_ctrl_c_exits_zero(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_watch_ctrl_c_exits_zero(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     class Interrupted:
         cancelled = False
 
@@ -357,6 +366,26 @@ def test_watch_ctrl_c_exits_zero(daemon: Daemon, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(Client, "watch_models", lambda self, model_id="": watch)
     assert daemon.run("watch") == 0
     assert watch.cancelled
+    assert capsys.readouterr().err == ""  # the user stopped it: nothing to say
+
+
+def test_watch_of_a_daemon_that_dies_exits_3(
+    daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon.models.hold_watch = True
+    done: list[int] = []
+    watcher = threading.Thread(target=lambda: done.append(daemon.run("watch")))
+    watcher.start()
+    deadline = time.monotonic() + 10
+    while not any(isinstance(r, models_pb2.WatchModelsRequest) for r in daemon.models.requests):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    daemon.stop()  # no goodbye: the stream breaks
+    watcher.join(30)
+    assert done == [3]
+    err = capsys.readouterr().err
+    assert err.startswith("torporctl: error:") and "UNAVAILABLE" in err
+    assert "Traceback" not in err
 
 
 # -- errors and exit codes ---------------------------------------------------------

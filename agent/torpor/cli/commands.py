@@ -22,8 +22,9 @@ from torpor.client import Client
 from torpor.errors import TorporError
 from torpor.v1 import common_pb2, models_pb2, node_pb2
 
-__all__ = ["EXIT_INTERRUPTED", "HANDLERS", "Handler"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_UNAVAILABLE", "HANDLERS", "Handler"]
 
+EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
 
 Handler = Callable[[Client, argparse.Namespace], int]
@@ -185,7 +186,9 @@ def cmd_unload(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_watch(client: Client, args: argparse.Namespace) -> int:
-    """Print every message until the stream ends or Ctrl-C (exit 0 either way)."""
+    """Print every message until Ctrl-C (exit 0). The daemon ending the stream
+    (it stops) or dropping it is said on stderr, exit 3: a script watching
+    must not take the end of the daemon for the end of the story."""
     watch = client.watch_models(args.model_id)
     try:
         for response in watch:
@@ -200,10 +203,15 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
             for line in render.event_lines(response):
                 _print(f"{now}  {line}")
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
         watch.cancel()
-    return 0
+    print(
+        "torporctl: error: torpord ended the watch (shutting down or restarting?):"
+        f" {client.target}",
+        file=sys.stderr,
+    )
+    return EXIT_UNAVAILABLE
 
 
 HANDLERS: dict[str, Handler] = {
