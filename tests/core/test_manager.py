@@ -445,6 +445,29 @@ async def test_transitions_report_their_phases(h: Harness, ckpt: Path) -> None:
     assert stages == [(Stage.TRANSFER, m.total_bytes), (Stage.VERIFY, m.total_bytes)]
 
 
+async def test_phases_are_wall_time_when_workers_overlap(
+    h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four readers at once: a phase's duration is the time any of them was in
+    it, which fits in the transition; their summed (busy) time need not."""
+    h.manager.mover.read_options = ReadOptions(chunk_bytes=65536, threads=4, direct="off")
+    real = os.preadv
+
+    def slow(*args):  # type: ignore[no-untyped-def]
+        time.sleep(0.02)  # (a disk slow enough that the readers overlap)
+        return real(*args)
+
+    monkeypatch.setattr(os, "preadv", slow)
+    m = await h.manager.load("m", str(ckpt))
+    t = m.last_transition
+    assert t is not None and [p.stage for p in t.phases] == [Stage.READ, Stage.VERIFY]
+    for phase in t.phases:
+        assert 0 < phase.seconds <= t.duration
+        assert phase.busy_seconds >= phase.seconds - 1e-9
+    read = t.phases[0]
+    assert read.busy_seconds > t.duration  # the readers did overlap
+
+
 async def test_a_read_error_fails_the_load_and_frees_everything(
     h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import duration_pb2
-from torpor.cli import progress
+from torpor.cli import progress, render
 from torpor.cli.main import main
 from torpor.cli.render import human_bytes
 from torpor.client import Client
@@ -166,6 +166,56 @@ def test_get_full_lists_tensors(daemon: Daemon, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert "TENSOR" in out
     assert "model.layers.1.weight  BF16   [4096, 96]" in out
+
+
+def _seconds(value: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(value * 1e9))
+    return d
+
+
+def _phase(stage: common_pb2.Stage.ValueType, wall: float, busy: float) -> common_pb2.Phase:
+    return common_pb2.Phase(stage=stage, duration=_seconds(wall), busy=_seconds(busy))
+
+
+def fields(text: str) -> dict[str, str]:
+    """The `Key:  value` lines of a details view."""
+    return {
+        key: value.strip()
+        for key, sep, value in (line.partition(":") for line in text.splitlines())
+        if sep and key and " " not in key
+    }
+
+
+def test_phases_show_wall_time_and_label_busy_time() -> None:
+    model = asleep_model()
+    model.last_transition.CopyFrom(
+        common_pb2.Transition(
+            kind=common_pb2.TRANSITION_KIND_LOAD,
+            outcome=common_pb2.OUTCOME_SUCCEEDED,
+            duration=_seconds(3.6),
+            bytes=15 * GIB,
+            bytes_per_second=15 * GIB / 3.6,
+            phases=[
+                _phase(common_pb2.STAGE_READ, 3.1, 5.4),  # eight readers, overlapping
+                _phase(common_pb2.STAGE_TRANSFER, 3.2, 19.2),
+                _phase(common_pb2.STAGE_VERIFY, 0.3, 0.3),
+            ],
+        )
+    )
+    shown = fields(render.model_details(model))
+    assert shown["Last"] == "load succeeded in 3.6s, 15.0 GiB at 4.5 GB/s"
+    assert shown["Phases"] == (
+        "read 3.1s, transfer 3.2s, verify 300ms (busy, summed over workers: read 5.4s,"
+        " transfer 19.2s)"
+    )
+
+
+def test_phases_of_one_worker_show_one_figure() -> None:
+    model = asleep_model()
+    model.last_transition.kind = common_pb2.TRANSITION_KIND_WAKE
+    model.last_transition.phases.append(_phase(common_pb2.STAGE_TRANSFER, 0.2, 0.2))
+    assert fields(render.model_details(model))["Phases"] == "transfer 200ms"
 
 
 def test_node(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:

@@ -441,8 +441,10 @@ Global___Progress: _TypeAlias = Progress  # noqa: Y015
 
 @_typing.final
 class Phase(_message.Message):
-    """Time a transition spent in one stage. Stages of a pipelined transition
-    overlap, so the phases may add up to more than the whole.
+    """Time a transition spent in one stage. Several workers (read threads,
+    concurrent copies) may be in a stage at once, and stages of a pipelined
+    transition overlap one another, so the phases may add up to more than the
+    whole; no single phase's duration does.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -450,20 +452,34 @@ class Phase(_message.Message):
     STAGE_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
+    BUSY_FIELD_NUMBER: _builtins.int
     stage: Global___Stage.ValueType
     bytes: _builtins.int
+    """Bytes handled in the stage."""
     @_builtins.property
-    def duration(self) -> _duration_pb2.Duration: ...
+    def duration(self) -> _duration_pb2.Duration:
+        """Wall time: how long at least one worker was in the stage (the union of
+        the workers' intervals). Never more than the transition's duration.
+        """
+
+    @_builtins.property
+    def busy(self) -> _duration_pb2.Duration:
+        """Busy time: the workers' times in the stage summed. At least `duration`;
+        more when workers overlapped (eight readers busy for 1 s each in the
+        same second: duration 1 s, busy 8 s).
+        """
+
     def __init__(
         self,
         *,
         stage: Global___Stage.ValueType = ...,
         duration: _duration_pb2.Duration | None = ...,
         bytes: _builtins.int = ...,
+        busy: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "duration", b"duration", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "bytes", b"bytes", "duration", b"duration", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

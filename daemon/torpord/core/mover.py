@@ -190,10 +190,10 @@ class Mover:
             raise Aborted("the daemon is shutting down", reason="SHUTTING_DOWN") from None
         if mismatch:  # the last layer, after which nothing was left to stop
             raise mismatch[0]
-        progress.add_phase(Stage.READ, report.read_seconds, size)
+        progress.add_phase(Stage.READ, report.read, size)
         if report.transfer_bytes:
-            progress.add_phase(Stage.TRANSFER, report.transfer_seconds, report.transfer_bytes)
-        progress.add_phase(Stage.VERIFY, report.checksum_seconds, size)
+            progress.add_phase(Stage.TRANSFER, report.transfer, report.transfer_bytes)
+        progress.add_phase(Stage.VERIFY, report.checksum, size)
         for note in report.notes:
             log.warning("read path", model_id=model.model_id, note=note)
         if report.notes:
