@@ -468,6 +468,28 @@ async def test_phases_are_wall_time_when_workers_overlap(
     assert read.busy_seconds > t.duration  # the readers did overlap
 
 
+async def test_freeing_transitions_move_nothing_and_say_what_they_freed(
+    h: Harness, ckpt: Path
+) -> None:
+    m = await h.manager.load("m", str(ckpt))
+    size = m.total_bytes
+    assert m.last_transition is not None
+    assert (m.last_transition.bytes, m.last_transition.freed) == (size, 0)
+    m = await h.manager.sleep("m", 1)  # a move: device to host
+    assert m.last_transition is not None
+    assert (m.last_transition.bytes, m.last_transition.freed) == (size, 0)
+    assert m.last_transition.bytes_per_second > 0
+    await h.manager.wake("m")
+    asleep = await h.manager.sleep("m", 2)
+    await h.manager.wake("m")
+    for m in (asleep, await h.manager.unload("m")):
+        t = m.last_transition
+        assert t is not None and t.outcome is Outcome.SUCCEEDED
+        assert (t.bytes, t.freed, t.bytes_per_second) == (0, size, 0.0)
+    with pytest.raises(NotFound):
+        h.manager.get("m")
+
+
 async def test_a_read_error_fails_the_load_and_frees_everything(
     h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -30,7 +30,9 @@ def test_torporctl_drives_the_whole_lifecycle_and_watch_sees_it(daemon: Daemon) 
         assert "active" in daemon.ctl("list").stdout
         assert "asleep (level 1)" in daemon.ctl("sleep", "demo").stdout
         daemon.ctl("wake", "demo")
-        daemon.ctl("sleep", "demo", "--level", "2")
+        out = daemon.ctl("sleep", "demo", "--level", "2").stdout
+        assert "sleep succeeded in " in out and ", freed " in out
+        assert "B/s" not in out  # it moved nothing: no rate
         daemon.ctl("wake", "demo")
         out = daemon.ctl("offload", "demo", "layers.1", "post", "--tier", "host").stdout
         assert "offloaded" in out
@@ -114,3 +116,22 @@ def test_watch_says_when_torpord_goes_away(daemon: Daemon) -> None:
         watch.communicate()
     assert watch.returncode == 3
     assert err.startswith("torporctl: error: torpord ended the watch") and "Traceback" not in err
+
+
+def test_phases_and_freed_bytes_over_the_api(daemon: Daemon) -> None:
+    ckpt = make_checkpoint(daemon.models / "demo", layers=4, hidden=128, shards=2)
+    daemon.ctl("load", "demo", str(ckpt))
+    got = daemon.call("torpor.v1.ModelService/GetModel", {"model_id": "demo"})["model"]
+    last = got["last_transition"]
+    took = float(last["duration"].removesuffix("s"))
+    assert [p["stage"] for p in last["phases"]] == ["STAGE_READ", "STAGE_VERIFY"]
+    for phase in last["phases"]:
+        wall, busy = (float(phase[k].removesuffix("s")) for k in ("duration", "busy"))
+        assert wall <= took and busy >= wall - 1e-6  # (each rounded to the microsecond)
+    total = got["bytes"]["total_bytes"]
+    assert last["bytes"] == total and "freed_bytes" not in last
+    gone = daemon.call("torpor.v1.ModelService/UnloadModel", {"model_id": "demo", "wait": True})
+    model = gone["model"]
+    assert model["last_transition"]["freed_bytes"] == total
+    assert "bytes" not in model["last_transition"]  # it moved nothing ...
+    assert "bytes_per_second" not in model["last_transition"]  # ... so it has no rate

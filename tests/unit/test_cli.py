@@ -218,6 +218,61 @@ def test_phases_of_one_worker_show_one_figure() -> None:
     assert fields(render.model_details(model))["Phases"] == "transfer 200ms"
 
 
+def freed_model() -> common_pb2.Model:
+    """Asleep at level 2: its sleep moved nothing and freed its memory."""
+    model = asleep_model()
+    model.sleep_level = 2
+    model.last_transition.CopyFrom(
+        common_pb2.Transition(
+            kind=common_pb2.TRANSITION_KIND_SLEEP,
+            outcome=common_pb2.OUTCOME_SUCCEEDED,
+            duration=_seconds(0.012),
+            freed_bytes=GIB + GIB // 2,
+        )
+    )
+    return model
+
+
+def test_a_transition_that_only_frees_shows_no_rate(
+    daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon.models.models["qwen"] = freed_model()
+    assert daemon.run("list") == 0
+    assert daemon.run("get", "qwen") == 0
+    out = capsys.readouterr().out
+    assert "sleep 12ms freed 1.5 GiB" in out  # list's LAST column
+    assert fields(out)["Last"] == "sleep succeeded in 12ms, freed 1.5 GiB"
+    assert "B/s" not in out.replace("load 2.5s 5.1 GB/s", "")  # (llama's load moved bytes)
+
+
+def test_progress_of_memory_being_freed_has_no_bar_and_no_rate() -> None:
+    unload = common_pb2.Progress(
+        kind=common_pb2.TRANSITION_KIND_UNLOAD,
+        stage=common_pb2.STAGE_QUIESCE,
+        bytes_total=GIB,
+        layers_total=4,
+    )
+    assert render.progress_text(unload) == "unload quiesce, 1.0 GiB to free"
+    unload.stage = common_pb2.STAGE_RELEASE
+    assert render.progress_text(unload) == "unload release, freeing 1.0 GiB"
+    assert progress.bar_line(unload) == "unload release  freeing 1.0 GiB"
+    # A level-2 sleep that wrote a disk copy (moving bytes, at a rate), then frees.
+    sleep = common_pb2.Progress(
+        kind=common_pb2.TRANSITION_KIND_SLEEP,
+        stage=common_pb2.STAGE_TRANSFER,
+        bytes_done=GIB // 2,
+        bytes_total=GIB,
+        bytes_per_second=1.5e9,
+    )
+    assert "[##########..........]   50%" in progress.bar_line(sleep)
+    assert "1.5 GB/s" in progress.bar_line(sleep)
+    sleep.stage = common_pb2.STAGE_RELEASE
+    assert progress.bar_line(sleep) == "sleep release  freeing 1.0 GiB"
+    # A move's release comes after every byte moved: its bar stays.
+    sleep.bytes_done = GIB
+    assert "100%" in progress.bar_line(sleep)
+
+
 def test_node(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
     assert daemon.run("node") == 0
     out = capsys.readouterr().out

@@ -11,6 +11,7 @@ from torpor.v1 import common_pb2, models_pb2, node_pb2
 
 __all__ = [
     "event_lines",
+    "freeing_text",
     "human_bytes",
     "key_values",
     "model_details",
@@ -127,9 +128,30 @@ def key_values(pairs: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"{(key + ':').ljust(width)}  {value}" for key, value in pairs)
 
 
+def freeing_text(progress: common_pb2.Progress) -> str | None:
+    """`freeing 40.3 MiB` while a transition lets memory go (or `40.3 MiB to
+    free` while an unload waits for engines); None while bytes move.
+
+    Freeing moves no bytes: it gets no bar, no percentage and no rate. An
+    unload only frees; any transition frees in its release stage (a move has
+    moved every byte by then, and its bar at 100% says more).
+    """
+    size = human_bytes(progress.bytes_total)
+    releasing = progress.stage == common_pb2.STAGE_RELEASE
+    if releasing and progress.bytes_done < progress.bytes_total:
+        return f"freeing {size}"
+    if progress.kind == common_pb2.TRANSITION_KIND_UNLOAD:
+        return f"freeing {size}" if releasing else f"{size} to free"
+    return None
+
+
 def progress_text(progress: common_pb2.Progress) -> str:
-    """`load read 1.0 GiB / 15.0 GiB (6%), 2/34 layers, 5.1 GB/s`."""
+    """`load read 1.0 GiB / 15.0 GiB (6%), 2/34 layers, 5.1 GB/s`, or
+    `unload release, freeing 40.3 MiB`."""
     parts = [f"{kind_label(progress.kind)} {stage_label(progress.stage)}"]
+    freeing = freeing_text(progress)
+    if freeing is not None:
+        return f"{parts[0]}, {freeing}"
     if progress.bytes_total > 0:
         pct = 100 * progress.bytes_done // progress.bytes_total
         parts[0] += (
@@ -159,13 +181,16 @@ def _pct_suffix(model: common_pb2.Model) -> str:
 
 
 def _last(transition: common_pb2.Transition) -> str:
+    """`load 2.5s 5.1 GB/s`, `sleep 12ms freed 40.3 MiB`."""
     parts = [kind_label(transition.kind)]
     if transition.outcome != common_pb2.OUTCOME_SUCCEEDED:
         parts.append(outcome_label(transition.outcome))
     if transition.HasField("duration"):
         parts.append(seconds(transition.duration))
-    if transition.bytes_per_second > 0:
+    if transition.bytes and transition.bytes_per_second > 0:
         parts.append(rate(transition.bytes_per_second))
+    if transition.freed_bytes:
+        parts.append(f"freed {human_bytes(transition.freed_bytes)}")
     return " ".join(parts)
 
 
@@ -281,13 +306,17 @@ def model_details(model: common_pb2.Model, *, tensors: bool = False) -> str:
 
 
 def _last_details(transition: common_pb2.Transition) -> str:
+    """`load succeeded in 1.2s, 40.3 MiB at 35 MB/s`; a transition that only
+    let memory go says `freed 40.3 MiB` and gives no rate."""
     text = f"{kind_label(transition.kind)} {outcome_label(transition.outcome)}"
     if transition.HasField("duration"):
         text += f" in {seconds(transition.duration)}"
     if transition.bytes:
         text += f", {human_bytes(transition.bytes)}"
-    if transition.bytes_per_second > 0:
-        text += f" at {rate(transition.bytes_per_second)}"
+        if transition.bytes_per_second > 0:
+            text += f" at {rate(transition.bytes_per_second)}"
+    if transition.freed_bytes:
+        text += f", freed {human_bytes(transition.freed_bytes)}"
     if transition.request_id:
         text += f" (request {transition.request_id})"
     if transition.reason or transition.message:

@@ -412,6 +412,9 @@ class Progress(_message.Message):
     layers_done: _builtins.int
     layers_total: _builtins.int
     bytes_per_second: _builtins.float
+    """bytes_done over the time so far; 0 while no bytes move (a transition
+    that only frees memory, or one still waiting for engines).
+    """
     note: _builtins.str
     """Set when the read path could not use O_DIRECT and fell back to buffered
     reads, and similar notes an operator should see.
@@ -502,11 +505,15 @@ class Transition(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     PHASES_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    FREED_BYTES_FIELD_NUMBER: _builtins.int
     kind: Global___TransitionKind.ValueType
     outcome: Global___Outcome.ValueType
     bytes: _builtins.int
-    """Bytes moved (read, copied or freed) by the transition."""
+    """Bytes moved by the transition: read, copied between tiers or written to
+    the disk cache. 0 for one that only frees memory (`freed_bytes`).
+    """
     bytes_per_second: _builtins.float
+    """bytes / duration; 0 when no bytes moved (freeing memory has no rate)."""
     request_id: _builtins.str
     """The request_id it ran for, if one was given."""
     reason: _builtins.str
@@ -516,6 +523,12 @@ class Transition(_message.Message):
     """What an operator should know about a transition that succeeded anyway:
     for example the engines it detached because they did not let go of the
     weights in time (agents.quiesce_timeout) or had died.
+    """
+    freed_bytes: _builtins.int
+    """Memory the transition let go of without moving its bytes anywhere: the
+    slabs of a level-2 sleep, an offload to DISK (after writing them there)
+    and an unload. A move (level-1 sleep, wake, offload between HOST and
+    DEVICE) counts its bytes in `bytes`, not here.
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -539,10 +552,11 @@ class Transition(_message.Message):
         message: _builtins.str = ...,
         phases: _abc.Iterable[Global___Phase] | None = ...,
         note: _builtins.str = ...,
+        freed_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "bytes_per_second", b"bytes_per_second", "duration", b"duration", "kind", b"kind", "message", b"message", "note", b"note", "outcome", b"outcome", "phases", b"phases", "reason", b"reason", "request_id", b"request_id", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "bytes_per_second", b"bytes_per_second", "duration", b"duration", "freed_bytes", b"freed_bytes", "kind", b"kind", "message", b"message", "note", b"note", "outcome", b"outcome", "phases", b"phases", "reason", b"reason", "request_id", b"request_id", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -86,6 +86,9 @@ class Progress:
     note: str = ""
     start_time: float = field(default_factory=time.time)
     start_clock: float = field(default_factory=time.monotonic)
+    # Bytes of memory let go of without being moved anywhere (level-2 sleep,
+    # offload to DISK, unload): they are freed, not moved.
+    bytes_freed: int = 0
     # Stage -> when workers were in it, and the bytes they handled there.
     phase_times: dict[Stage, Timeline] = field(default_factory=dict)
     phase_bytes: dict[Stage, int] = field(default_factory=dict)
@@ -144,16 +147,18 @@ class TransitionRecord:
     outcome: Outcome
     start_time: float
     duration: float
-    bytes: int
+    bytes: int  # moved: read, copied or written
     request_id: str = ""
     reason: str = ""
     message: str = ""
     phases: tuple[PhaseRecord, ...] = ()
     note: str = ""  # what an operator should know about one that succeeded
+    freed: int = 0  # memory let go of without moving it (Progress.bytes_freed)
 
     @property
     def bytes_per_second(self) -> float:
-        return self.bytes / self.duration if self.duration > 0 else 0.0
+        """The rate bytes moved at; 0 when none did (freeing memory has no rate)."""
+        return self.bytes / self.duration if self.bytes and self.duration > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -419,10 +419,15 @@ class Mover:
     async def drop(self, model: Model, layers: Sequence[LayerState]) -> int:
         """Free the slabs of `layers`; they are then only in the source."""
         slabs = [layer.slab for layer in layers if layer.slab is not None]
+        if model.progress is not None:
+            self.set_stage(model, Stage.RELEASE)
         for layer in layers:
             layer.slab = None
         await self.blocking(self._free_all, slabs)
-        return sum(slab.size for slab in slabs)
+        freed = sum(slab.size for slab in slabs)
+        if model.progress is not None:
+            model.progress.bytes_freed += freed
+        return freed
 
     def _free_all(self, slabs: Sequence[Slab], confirm: bool = True) -> None:
         # On a worker thread: unmapping gigabytes of touched pages takes a

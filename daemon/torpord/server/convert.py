@@ -84,6 +84,7 @@ def _transition(t: TransitionRecord) -> common_pb2.Transition:
             for p in t.phases
         ],
         note=t.note,
+        freed_bytes=t.freed,
     )
 
 
