@@ -486,6 +486,7 @@ async def test_freeing_transitions_move_nothing_and_say_what_they_freed(
         t = m.last_transition
         assert t is not None and t.outcome is Outcome.SUCCEEDED
         assert (t.bytes, t.freed, t.bytes_per_second) == (0, size, 0.0)
+    assert m.state is ModelState.UNLOADED  # what the caller of unload is told
     with pytest.raises(NotFound):
         h.manager.get("m")
 

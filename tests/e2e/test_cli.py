@@ -47,7 +47,8 @@ def test_torporctl_drives_the_whole_lifecycle_and_watch_sees_it(daemon: Daemon) 
         assert int(node["devices"][0].get("used_bytes", 0)) + int(
             node["devices"][1].get("used_bytes", 0)
         ) == int(got["bytes"]["total_bytes"])
-        daemon.ctl("unload", "demo", "--force")  # (idle: force changes nothing)
+        out = daemon.ctl("unload", "demo", "--force").stdout  # (idle: force changes nothing)
+        assert out.startswith("Unloaded model 'demo' (freed ") and "unloading" not in out
         # Watch: wait until the removal arrives, then stop it as a user would.
         events: list[dict[str, Any]] = []
         deadline = time.monotonic() + 30
@@ -70,7 +71,7 @@ def test_torporctl_drives_the_whole_lifecycle_and_watch_sees_it(daemon: Daemon) 
         "sleeping", "asleep", "waking", "active",
         "sleeping", "asleep", "waking", "active",
         "offloading", "offloaded", "offloading", "active",
-        "unloading", "unloading",  # unloading, removed
+        "unloading", "unloaded",  # unloading, removed
     ]  # fmt: skip
     residency = [
         "".join(layer["tier"].removeprefix("TIER_")[0] for layer in e["model"]["layers"])
@@ -132,6 +133,7 @@ def test_phases_and_freed_bytes_over_the_api(daemon: Daemon) -> None:
     assert last["bytes"] == total and "freed_bytes" not in last
     gone = daemon.call("torpor.v1.ModelService/UnloadModel", {"model_id": "demo", "wait": True})
     model = gone["model"]
+    assert model["state"] == "MODEL_STATE_UNLOADED"
     assert model["last_transition"]["freed_bytes"] == total
     assert "bytes" not in model["last_transition"]  # it moved nothing ...
     assert "bytes_per_second" not in model["last_transition"]  # ... so it has no rate

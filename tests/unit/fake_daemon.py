@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from torpor.cli.main import main
@@ -141,6 +141,18 @@ class FakeModels(models_pb2_grpc.ModelServiceServicer):
         self.requests.append(request)
         model = self._get(request.model_id, context)
         del self.models[request.model_id]
+        if request.wait:  # as torpord answers: the model as it was last, gone
+            model.state = common_pb2.MODEL_STATE_UNLOADED
+            model.last_transition.CopyFrom(
+                common_pb2.Transition(
+                    kind=common_pb2.TRANSITION_KIND_UNLOAD,
+                    outcome=common_pb2.OUTCOME_SUCCEEDED,
+                    duration=duration_pb2.Duration(nanos=12_000_000),
+                    freed_bytes=model.bytes.total_bytes,
+                )
+            )
+        else:
+            model.state = common_pb2.MODEL_STATE_UNLOADING
         return models_pb2.UnloadModelResponse(model=model)
 
     def WatchModels(

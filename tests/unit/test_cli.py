@@ -581,12 +581,30 @@ def test_wake_and_unload(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> 
     assert daemon.run("wake", "qwen") == 0
     assert "State:   active" in capsys.readouterr().out
     assert daemon.run("unload", "qwen", "--no-wait", "--json") == 0
-    assert json.loads(capsys.readouterr().out)["model"]["model_id"] == "qwen"
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert (model["model_id"], model["state"]) == ("qwen", "MODEL_STATE_UNLOADING")
     assert daemon.models.requests == [
         models_pb2.WakeModelRequest(model_id="qwen", wait=True),
         models_pb2.UnloadModelRequest(model_id="qwen", wait=False),
     ]
     assert daemon.run("get", "qwen") == 1
+
+
+def test_unload_says_the_model_is_gone(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    assert daemon.run("unload", "llama") == 0
+    out = capsys.readouterr().out
+    assert out == "Unloaded model 'llama' (freed 7.5 GiB in 12ms)\n"
+    assert "unloading" not in out and "GB/s" not in out
+
+
+def test_unload_json_says_the_model_is_gone(
+    daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert daemon.run("--json", "unload", "qwen") == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert model["state"] == "MODEL_STATE_UNLOADED"
+    assert model["last_transition"]["freed_bytes"] == str(GIB)
+    assert "bytes_per_second" not in model["last_transition"]
 
 
 def test_unload_force_is_sent(daemon: Daemon) -> None:

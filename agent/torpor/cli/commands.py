@@ -68,6 +68,7 @@ def _mutate(
     args: argparse.Namespace,
     call: Callable[[], common_pb2.Model],
     wrap: Callable[[common_pb2.Model], Message],
+    text: Callable[[common_pb2.Model], str] = render.model_details,
 ) -> int:
     """Run a mutation, with a progress bar on a terminal while it blocks."""
     bar = (
@@ -98,7 +99,7 @@ def _mutate(
     finally:
         if bar is not None:
             bar.stop()
-    return _emit(args, wrap(model), lambda: render.model_details(model))
+    return _emit(args, wrap(model), lambda: text(model))
 
 
 def _source_path(source: str) -> str:
@@ -174,6 +175,14 @@ def cmd_offload(client: Client, args: argparse.Namespace) -> int:
     )
 
 
+def _unloaded(model: common_pb2.Model) -> str:
+    # The answer of an unload that waited is the model as it was last, gone
+    # (UNLOADED); --no-wait's is the model still UNLOADING.
+    if model.state == common_pb2.MODEL_STATE_UNLOADED:
+        return render.unloaded_text(model)
+    return render.model_details(model)
+
+
 def cmd_unload(client: Client, args: argparse.Namespace) -> int:
     return _mutate(
         client,
@@ -182,6 +191,7 @@ def cmd_unload(client: Client, args: argparse.Namespace) -> int:
             args.model_id, wait=args.wait, request_id=args.request_id, force=args.force
         ),
         lambda model: models_pb2.UnloadModelResponse(model=model),
+        _unloaded,
     )
 
 

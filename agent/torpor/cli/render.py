@@ -21,6 +21,7 @@ __all__ = [
     "rate",
     "state_label",
     "table",
+    "unloaded_text",
 ]
 
 
@@ -337,6 +338,18 @@ def _phases(transition: common_pb2.Transition) -> str:
     text = ", ".join(walls)
     if busy:
         text += f" (busy, summed over workers: {', '.join(busy)})"
+    return text
+
+
+def unloaded_text(model: common_pb2.Model) -> str:
+    """`Unloaded model 'demo' (freed 40.3 MiB in 12ms)`."""
+    transition = model.last_transition
+    facts = [f"freed {human_bytes(transition.freed_bytes)}"]
+    if transition.HasField("duration"):
+        facts.append(f"in {seconds(transition.duration)}")
+    text = f"Unloaded model {model.model_id!r} ({' '.join(facts)})"
+    if transition.note:
+        text += f"\nNote: {transition.note}"
     return text
 
 

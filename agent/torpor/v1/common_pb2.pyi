@@ -81,6 +81,11 @@ class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState
     memory. `state_reason` and `state_message` say why. Only UnloadModel is
     accepted.
     """
+    MODEL_STATE_UNLOADED: _ModelState.ValueType  # 10
+    """Gone: its memory is freed and the daemon no longer knows it (GetModel is
+    NOT_FOUND). Seen only in the answer of an UnloadModel that waited and in
+    the REMOVED event, which show the model as it was last.
+    """
 
 class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
     """The lifecycle state of a model. States ending in -ING are transitional:
@@ -110,6 +115,11 @@ MODEL_STATE_FAILED: ModelState.ValueType  # 9
 """A transition failed and could not leave the model usable; it holds no
 memory. `state_reason` and `state_message` say why. Only UnloadModel is
 accepted.
+"""
+MODEL_STATE_UNLOADED: ModelState.ValueType  # 10
+"""Gone: its memory is freed and the daemon no longer knows it (GetModel is
+NOT_FOUND). Seen only in the answer of an UnloadModel that waited and in
+the REMOVED event, which show the model as it was last.
 """
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 

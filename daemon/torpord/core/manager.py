@@ -632,6 +632,7 @@ class ModelManager:
         if plan.removes:
             model.progress = None
             model.last_transition = record
+            model.set_state(ModelState.UNLOADED)  # (what the REMOVED event and the caller see)
             snapshot = model.snapshot()
             self.bus.publish(EventType.REMOVED, snapshot)
             return snapshot
