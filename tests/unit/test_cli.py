@@ -126,6 +126,28 @@ def test_human_bytes() -> None:
     assert human_bytes(GIB + GIB // 2) == "1.5 GiB"
 
 
+def test_rates_never_round_to_zero() -> None:
+    assert render.rate(5.1e9) == "5.1 GB/s"
+    assert render.rate(350e6) == "350 MB/s"
+    assert render.rate(420e3) == "420 kB/s"  # not "0 MB/s"
+
+
+def test_list_gives_an_unload_no_percentage(
+    daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unloading = asleep_model()
+    unloading.state = common_pb2.MODEL_STATE_UNLOADING
+    unloading.progress.CopyFrom(
+        common_pb2.Progress(
+            kind=common_pb2.TRANSITION_KIND_UNLOAD, stage=common_pb2.STAGE_PREPARE, bytes_total=GIB
+        )
+    )
+    daemon.models.models["qwen"] = unloading
+    assert daemon.run("list") == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.split()[:2] == ["qwen", "unloading"] and "%" not in row
+
+
 def test_list_table(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
     assert daemon.run("list") == 0
     lines = capsys.readouterr().out.splitlines()

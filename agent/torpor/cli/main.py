@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_mutation_options(wake)
 
-    offload = command("offload", "move layers of an awake model between host and device")
+    offload = command("offload", "move layers of an awake model between device, host and disk")
     offload.add_argument("model_id", metavar="MODEL_ID")
     offload.add_argument(
         "layers", metavar="LAYER", nargs="*", help="pre, layers.N, post (default: every layer)"

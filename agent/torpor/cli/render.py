@@ -38,10 +38,13 @@ def human_bytes(n: int) -> str:
 
 
 def rate(bytes_per_second: float) -> str:
-    """`5.1 GB/s`, or `350 MB/s` under 1 GB/s (decimal units, as links are quoted)."""
+    """`5.1 GB/s`, `350 MB/s` under 1 GB/s, `420 kB/s` under 1 MB/s (decimal
+    units, as links are quoted): a slow rate never reads as `0 MB/s`."""
     if bytes_per_second >= 1e9:
         return f"{bytes_per_second / 1e9:.1f} GB/s"
-    return f"{bytes_per_second / 1e6:.0f} MB/s"
+    if bytes_per_second >= 1e6:
+        return f"{bytes_per_second / 1e6:.0f} MB/s"
+    return f"{bytes_per_second / 1e3:.0f} kB/s"
 
 
 def seconds(duration: duration_pb2.Duration) -> str:
@@ -175,9 +178,11 @@ def _state(model: common_pb2.Model) -> str:
 
 
 def _pct_suffix(model: common_pb2.Model) -> str:
-    """` 42%` while a transition with known size runs, else empty."""
-    if model.HasField("progress") and model.progress.bytes_total > 0:
-        return f" {100 * model.progress.bytes_done // model.progress.bytes_total}%"
+    """` 42%` while a transition with known size moves bytes, else empty (an
+    unload moves none: it is not 0% done)."""
+    progress = model.progress
+    if model.HasField("progress") and progress.bytes_total > 0 and freeing_text(progress) is None:
+        return f" {100 * progress.bytes_done // progress.bytes_total}%"
     return ""
 
 
