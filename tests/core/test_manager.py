@@ -445,6 +445,52 @@ async def test_transitions_report_their_phases(h: Harness, ckpt: Path) -> None:
     assert stages == [(Stage.TRANSFER, m.total_bytes), (Stage.VERIFY, m.total_bytes)]
 
 
+async def test_phases_are_wall_time_when_workers_overlap(
+    h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four readers at once: a phase's duration is the time any of them was in
+    it, which fits in the transition; their summed (busy) time need not."""
+    h.manager.mover.read_options = ReadOptions(chunk_bytes=65536, threads=4, direct="off")
+    real = os.preadv
+
+    def slow(*args):  # type: ignore[no-untyped-def]
+        time.sleep(0.02)  # (a disk slow enough that the readers overlap)
+        return real(*args)
+
+    monkeypatch.setattr(os, "preadv", slow)
+    m = await h.manager.load("m", str(ckpt))
+    t = m.last_transition
+    assert t is not None and [p.stage for p in t.phases] == [Stage.READ, Stage.VERIFY]
+    for phase in t.phases:
+        assert 0 < phase.seconds <= t.duration
+        assert phase.busy_seconds >= phase.seconds - 1e-9
+    read = t.phases[0]
+    assert read.busy_seconds > t.duration  # the readers did overlap
+
+
+async def test_freeing_transitions_move_nothing_and_say_what_they_freed(
+    h: Harness, ckpt: Path
+) -> None:
+    m = await h.manager.load("m", str(ckpt))
+    size = m.total_bytes
+    assert m.last_transition is not None
+    assert (m.last_transition.bytes, m.last_transition.freed) == (size, 0)
+    m = await h.manager.sleep("m", 1)  # a move: device to host
+    assert m.last_transition is not None
+    assert (m.last_transition.bytes, m.last_transition.freed) == (size, 0)
+    assert m.last_transition.bytes_per_second > 0
+    await h.manager.wake("m")
+    asleep = await h.manager.sleep("m", 2)
+    await h.manager.wake("m")
+    for m in (asleep, await h.manager.unload("m")):
+        t = m.last_transition
+        assert t is not None and t.outcome is Outcome.SUCCEEDED
+        assert (t.bytes, t.freed, t.bytes_per_second) == (0, size, 0.0)
+    assert m.state is ModelState.UNLOADED  # what the caller of unload is told
+    with pytest.raises(NotFound):
+        h.manager.get("m")
+
+
 async def test_a_read_error_fails_the_load_and_frees_everything(
     h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

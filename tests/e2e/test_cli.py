@@ -30,7 +30,9 @@ def test_torporctl_drives_the_whole_lifecycle_and_watch_sees_it(daemon: Daemon) 
         assert "active" in daemon.ctl("list").stdout
         assert "asleep (level 1)" in daemon.ctl("sleep", "demo").stdout
         daemon.ctl("wake", "demo")
-        daemon.ctl("sleep", "demo", "--level", "2")
+        out = daemon.ctl("sleep", "demo", "--level", "2").stdout
+        assert "sleep succeeded in " in out and ", freed " in out
+        assert "B/s" not in out  # it moved nothing: no rate
         daemon.ctl("wake", "demo")
         out = daemon.ctl("offload", "demo", "layers.1", "post", "--tier", "host").stdout
         assert "offloaded" in out
@@ -45,7 +47,8 @@ def test_torporctl_drives_the_whole_lifecycle_and_watch_sees_it(daemon: Daemon) 
         assert int(node["devices"][0].get("used_bytes", 0)) + int(
             node["devices"][1].get("used_bytes", 0)
         ) == int(got["bytes"]["total_bytes"])
-        daemon.ctl("unload", "demo", "--force")  # (idle: force changes nothing)
+        out = daemon.ctl("unload", "demo", "--force").stdout  # (idle: force changes nothing)
+        assert out.startswith("Unloaded model 'demo' (freed ") and "unloading" not in out
         # Watch: wait until the removal arrives, then stop it as a user would.
         events: list[dict[str, Any]] = []
         deadline = time.monotonic() + 30
@@ -68,7 +71,7 @@ def test_torporctl_drives_the_whole_lifecycle_and_watch_sees_it(daemon: Daemon) 
         "sleeping", "asleep", "waking", "active",
         "sleeping", "asleep", "waking", "active",
         "offloading", "offloaded", "offloading", "active",
-        "unloading", "unloading",  # unloading, removed
+        "unloading", "unloaded",  # unloading, removed
     ]  # fmt: skip
     residency = [
         "".join(layer["tier"].removeprefix("TIER_")[0] for layer in e["model"]["layers"])
@@ -96,3 +99,41 @@ def test_torporctl_errors_and_exit_codes(daemon: Daemon) -> None:
         timeout=60,
     )
     assert out.returncode == 3 and "nobody.sock" in out.stderr
+
+
+def test_watch_says_when_torpord_goes_away(daemon: Daemon) -> None:
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "torpor.cli", "--socket", str(daemon.socket), "watch"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "snapshot" in watch.stdout.readline()  # type: ignore[union-attr]
+        assert daemon.stop() == 0
+        _, err = watch.communicate(timeout=30)
+    finally:
+        watch.kill()
+        watch.communicate()
+    assert watch.returncode == 3
+    assert err.startswith("torporctl: error: torpord ended the watch") and "Traceback" not in err
+
+
+def test_phases_and_freed_bytes_over_the_api(daemon: Daemon) -> None:
+    ckpt = make_checkpoint(daemon.models / "demo", layers=4, hidden=128, shards=2)
+    daemon.ctl("load", "demo", str(ckpt))
+    got = daemon.call("torpor.v1.ModelService/GetModel", {"model_id": "demo"})["model"]
+    last = got["last_transition"]
+    took = float(last["duration"].removesuffix("s"))
+    assert [p["stage"] for p in last["phases"]] == ["STAGE_READ", "STAGE_VERIFY"]
+    for phase in last["phases"]:
+        wall, busy = (float(phase[k].removesuffix("s")) for k in ("duration", "busy"))
+        assert wall <= took and busy >= wall - 1e-6  # (each rounded to the microsecond)
+    total = got["bytes"]["total_bytes"]
+    assert last["bytes"] == total and "freed_bytes" not in last
+    gone = daemon.call("torpor.v1.ModelService/UnloadModel", {"model_id": "demo", "wait": True})
+    model = gone["model"]
+    assert model["state"] == "MODEL_STATE_UNLOADED"
+    assert model["last_transition"]["freed_bytes"] == total
+    assert "bytes" not in model["last_transition"]  # it moved nothing ...
+    assert "bytes_per_second" not in model["last_transition"]  # ... so it has no rate

@@ -81,7 +81,9 @@ def test_every_mode_lands_exact_bytes(
         on_layer=lambda i, digest: landed.setdefault(i, digest),
     )
     assert report.notes == []  # this filesystem takes O_DIRECT
-    assert report.read_seconds > 0 and report.checksum_seconds > 0
+    assert report.read.busy > 0 and report.checksum.busy > 0
+    # Workers overlap: their summed time is at least the time any was at it.
+    assert 0 < report.read.wall <= report.read.busy + 1e-9
     if direct == "on" or not addressable:  # staged: every byte crossed to the slab
         assert report.transfer_bytes == ckpt.data_bytes
     for i, (plan, sink) in enumerate(zip(plans, sinks, strict=True)):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from torpor.cli.main import main
@@ -141,6 +141,18 @@ class FakeModels(models_pb2_grpc.ModelServiceServicer):
         self.requests.append(request)
         model = self._get(request.model_id, context)
         del self.models[request.model_id]
+        if request.wait:  # as torpord answers: the model as it was last, gone
+            model.state = common_pb2.MODEL_STATE_UNLOADED
+            model.last_transition.CopyFrom(
+                common_pb2.Transition(
+                    kind=common_pb2.TRANSITION_KIND_UNLOAD,
+                    outcome=common_pb2.OUTCOME_SUCCEEDED,
+                    duration=duration_pb2.Duration(nanos=12_000_000),
+                    freed_bytes=model.bytes.total_bytes,
+                )
+            )
+        else:
+            model.state = common_pb2.MODEL_STATE_UNLOADING
         return models_pb2.UnloadModelResponse(model=model)
 
     def WatchModels(
@@ -189,10 +201,15 @@ class Daemon:
     socket: Path
     port: int
     models: FakeModels
+    server: grpc.Server
 
     def run(self, *argv: str) -> int:
         """Run torporctl against this daemon's socket; returns the exit code."""
         return main(["--socket", str(self.socket), *argv])
+
+    def stop(self) -> None:
+        """Stop serving at once: open calls end as a killed daemon's do."""
+        self.server.stop(None).wait()
 
 
 @contextmanager
@@ -207,7 +224,7 @@ def serve(socket: Path, models: dict[str, common_pb2.Model]) -> Iterator[Daemon]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        yield Daemon(socket, port, fake)
+        yield Daemon(socket, port, fake, server)
     finally:
         server.stop(None).wait()
         executor.shutdown(wait=True)

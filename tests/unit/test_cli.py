@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import duration_pb2
-from torpor.cli import progress
+from torpor.cli import progress, render
 from torpor.cli.main import main
 from torpor.cli.render import human_bytes
 from torpor.client import Client
@@ -126,6 +126,28 @@ def test_human_bytes() -> None:
     assert human_bytes(GIB + GIB // 2) == "1.5 GiB"
 
 
+def test_rates_never_round_to_zero() -> None:
+    assert render.rate(5.1e9) == "5.1 GB/s"
+    assert render.rate(350e6) == "350 MB/s"
+    assert render.rate(420e3) == "420 kB/s"  # not "0 MB/s"
+
+
+def test_list_gives_an_unload_no_percentage(
+    daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unloading = asleep_model()
+    unloading.state = common_pb2.MODEL_STATE_UNLOADING
+    unloading.progress.CopyFrom(
+        common_pb2.Progress(
+            kind=common_pb2.TRANSITION_KIND_UNLOAD, stage=common_pb2.STAGE_PREPARE, bytes_total=GIB
+        )
+    )
+    daemon.models.models["qwen"] = unloading
+    assert daemon.run("list") == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.split()[:2] == ["qwen", "unloading"] and "%" not in row
+
+
 def test_list_table(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
     assert daemon.run("list") == 0
     lines = capsys.readouterr().out.splitlines()
@@ -166,6 +188,111 @@ def test_get_full_lists_tensors(daemon: Daemon, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert "TENSOR" in out
     assert "model.layers.1.weight  BF16   [4096, 96]" in out
+
+
+def _seconds(value: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(value * 1e9))
+    return d
+
+
+def _phase(stage: common_pb2.Stage.ValueType, wall: float, busy: float) -> common_pb2.Phase:
+    return common_pb2.Phase(stage=stage, duration=_seconds(wall), busy=_seconds(busy))
+
+
+def fields(text: str) -> dict[str, str]:
+    """The `Key:  value` lines of a details view."""
+    return {
+        key: value.strip()
+        for key, sep, value in (line.partition(":") for line in text.splitlines())
+        if sep and key and " " not in key
+    }
+
+
+def test_phases_show_wall_time_and_label_busy_time() -> None:
+    model = asleep_model()
+    model.last_transition.CopyFrom(
+        common_pb2.Transition(
+            kind=common_pb2.TRANSITION_KIND_LOAD,
+            outcome=common_pb2.OUTCOME_SUCCEEDED,
+            duration=_seconds(3.6),
+            bytes=15 * GIB,
+            bytes_per_second=15 * GIB / 3.6,
+            phases=[
+                _phase(common_pb2.STAGE_READ, 3.1, 5.4),  # eight readers, overlapping
+                _phase(common_pb2.STAGE_TRANSFER, 3.2, 19.2),
+                _phase(common_pb2.STAGE_VERIFY, 0.3, 0.3),
+            ],
+        )
+    )
+    shown = fields(render.model_details(model))
+    assert shown["Last"] == "load succeeded in 3.6s, 15.0 GiB at 4.5 GB/s"
+    assert shown["Phases"] == (
+        "read 3.1s, transfer 3.2s, verify 300ms (busy, summed over workers: read 5.4s,"
+        " transfer 19.2s)"
+    )
+
+
+def test_phases_of_one_worker_show_one_figure() -> None:
+    model = asleep_model()
+    model.last_transition.kind = common_pb2.TRANSITION_KIND_WAKE
+    model.last_transition.phases.append(_phase(common_pb2.STAGE_TRANSFER, 0.2, 0.2))
+    assert fields(render.model_details(model))["Phases"] == "transfer 200ms"
+
+
+def freed_model() -> common_pb2.Model:
+    """Asleep at level 2: its sleep moved nothing and freed its memory."""
+    model = asleep_model()
+    model.sleep_level = 2
+    model.last_transition.CopyFrom(
+        common_pb2.Transition(
+            kind=common_pb2.TRANSITION_KIND_SLEEP,
+            outcome=common_pb2.OUTCOME_SUCCEEDED,
+            duration=_seconds(0.012),
+            freed_bytes=GIB + GIB // 2,
+        )
+    )
+    return model
+
+
+def test_a_transition_that_only_frees_shows_no_rate(
+    daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon.models.models["qwen"] = freed_model()
+    assert daemon.run("list") == 0
+    assert daemon.run("get", "qwen") == 0
+    out = capsys.readouterr().out
+    assert "sleep 12ms freed 1.5 GiB" in out  # list's LAST column
+    assert fields(out)["Last"] == "sleep succeeded in 12ms, freed 1.5 GiB"
+    assert "B/s" not in out.replace("load 2.5s 5.1 GB/s", "")  # (llama's load moved bytes)
+
+
+def test_progress_of_memory_being_freed_has_no_bar_and_no_rate() -> None:
+    unload = common_pb2.Progress(
+        kind=common_pb2.TRANSITION_KIND_UNLOAD,
+        stage=common_pb2.STAGE_QUIESCE,
+        bytes_total=GIB,
+        layers_total=4,
+    )
+    assert render.progress_text(unload) == "unload quiesce, 1.0 GiB to free"
+    unload.stage = common_pb2.STAGE_RELEASE
+    assert render.progress_text(unload) == "unload release, freeing 1.0 GiB"
+    assert progress.bar_line(unload) == "unload release  freeing 1.0 GiB"
+    # A level-2 sleep that wrote a disk copy (moving bytes, at a rate), then frees.
+    sleep = common_pb2.Progress(
+        kind=common_pb2.TRANSITION_KIND_SLEEP,
+        stage=common_pb2.STAGE_TRANSFER,
+        bytes_done=GIB // 2,
+        bytes_total=GIB,
+        bytes_per_second=1.5e9,
+    )
+    assert "[##########..........]   50%" in progress.bar_line(sleep)
+    assert "1.5 GB/s" in progress.bar_line(sleep)
+    sleep.stage = common_pb2.STAGE_RELEASE
+    assert progress.bar_line(sleep) == "sleep release  freeing 1.0 GiB"
+    # A move's release comes after every byte moved: its bar stays.
+    sleep.bytes_done = GIB
+    assert "100%" in progress.bar_line(sleep)
 
 
 def test_node(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
@@ -323,8 +450,13 @@ def test_watch_prints_snapshot_and_events(
         models_pb2.ModelEvent(type=models_pb2.MODEL_EVENT_TYPE_CHANGED, model=changed),
         progress_event(GIB),
     ]
-    assert daemon.run("watch") == 0
-    lines = capsys.readouterr().out.splitlines()
+    assert daemon.run("watch") == 3  # the stream ended: torpord went away
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert captured.err == (
+        f"torporctl: error: torpord ended the watch (shutting down or restarting?):"
+        f" unix:{daemon.socket}\n"
+    )
     assert len(lines) == 4
     assert "snapshot  llama  offloaded" in lines[0]
     assert "snapshot  qwen  asleep (level 1)" in lines[1]
@@ -334,13 +466,17 @@ def test_watch_prints_snapshot_and_events(
 
 def test_watch_json_lines(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
     daemon.models.events = [progress_event(GIB)]
-    assert daemon.run("--json", "watch", "qwen") == 0
-    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert daemon.run("--json", "watch", "qwen") == 3
+    captured = capsys.readouterr()
+    assert "torpord ended the watch" in captured.err  # stderr: stdout stays JSON lines
+    first, second = (json.loads(line) for line in captured.out.splitlines())
     assert [m["model_id"] for m in first["snapshot"]["models"]] == ["qwen"]
     assert second["model_event"]["type"] == "MODEL_EVENT_TYPE_PROGRESS"
 
 
-def test_watch_ctrl_c_exits_zero(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_watch_ctrl_c_exits_zero(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     class Interrupted:
         cancelled = False
 
@@ -357,6 +493,26 @@ def test_watch_ctrl_c_exits_zero(daemon: Daemon, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(Client, "watch_models", lambda self, model_id="": watch)
     assert daemon.run("watch") == 0
     assert watch.cancelled
+    assert capsys.readouterr().err == ""  # the user stopped it: nothing to say
+
+
+def test_watch_of_a_daemon_that_dies_exits_3(
+    daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon.models.hold_watch = True
+    done: list[int] = []
+    watcher = threading.Thread(target=lambda: done.append(daemon.run("watch")))
+    watcher.start()
+    deadline = time.monotonic() + 10
+    while not any(isinstance(r, models_pb2.WatchModelsRequest) for r in daemon.models.requests):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    daemon.stop()  # no goodbye: the stream breaks
+    watcher.join(30)
+    assert done == [3]
+    err = capsys.readouterr().err
+    assert err.startswith("torporctl: error:") and "UNAVAILABLE" in err
+    assert "Traceback" not in err
 
 
 # -- errors and exit codes ---------------------------------------------------------
@@ -447,12 +603,30 @@ def test_wake_and_unload(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> 
     assert daemon.run("wake", "qwen") == 0
     assert "State:   active" in capsys.readouterr().out
     assert daemon.run("unload", "qwen", "--no-wait", "--json") == 0
-    assert json.loads(capsys.readouterr().out)["model"]["model_id"] == "qwen"
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert (model["model_id"], model["state"]) == ("qwen", "MODEL_STATE_UNLOADING")
     assert daemon.models.requests == [
         models_pb2.WakeModelRequest(model_id="qwen", wait=True),
         models_pb2.UnloadModelRequest(model_id="qwen", wait=False),
     ]
     assert daemon.run("get", "qwen") == 1
+
+
+def test_unload_says_the_model_is_gone(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    assert daemon.run("unload", "llama") == 0
+    out = capsys.readouterr().out
+    assert out == "Unloaded model 'llama' (freed 7.5 GiB in 12ms)\n"
+    assert "unloading" not in out and "GB/s" not in out
+
+
+def test_unload_json_says_the_model_is_gone(
+    daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert daemon.run("--json", "unload", "qwen") == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert model["state"] == "MODEL_STATE_UNLOADED"
+    assert model["last_transition"]["freed_bytes"] == str(GIB)
+    assert "bytes_per_second" not in model["last_transition"]
 
 
 def test_unload_force_is_sent(daemon: Daemon) -> None:

@@ -468,6 +468,28 @@ def test_default_config_toml_parses_back_to_the_defaults(
     assert load_config(path) == dataclasses.replace(defaults, file=path)
 
 
+@pytest.mark.parametrize("which", ["printed default", "systemd"])
+def test_config_headers_tell_the_truth_about_version(
+    which: str, as_user: Path, tmp_path: Path
+) -> None:
+    """The header comment says `version` is required, and it is: without it the
+    same file is refused; with only it, every other key takes its default."""
+    shipped = REPO / "systemd" / "torpord.toml"
+    text = default_config_toml() if which == "printed default" else shipped.read_text()
+    header = " ".join(
+        line.removeprefix("#").strip()
+        for line in text.split("\nversion = ", 1)[0].splitlines()
+        if line.startswith("#")
+    )
+    assert "`version` is required" in header and "every key is optional" not in header.lower()
+    path = tmp_path / "torpord.toml"
+    path.write_text(text.replace("\nversion = 1\n", "\n", 1))
+    with pytest.raises(ConfigError, match="version: expected 1"):
+        load_config(path)
+    path.write_text("version = 1\n")
+    assert load_config(path) == dataclasses.replace(load_config(None), file=path)
+
+
 def test_io_defaults_and_errors(tmp_path: Path) -> None:
     config = load_config(None)
     assert (config.io.chunk_size, config.io.threads, config.io.direct) == (32 * 2**20, 8, "auto")

@@ -22,8 +22,9 @@ from torpor.client import Client
 from torpor.errors import TorporError
 from torpor.v1 import common_pb2, models_pb2, node_pb2
 
-__all__ = ["EXIT_INTERRUPTED", "HANDLERS", "Handler"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_UNAVAILABLE", "HANDLERS", "Handler"]
 
+EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
 
 Handler = Callable[[Client, argparse.Namespace], int]
@@ -67,6 +68,7 @@ def _mutate(
     args: argparse.Namespace,
     call: Callable[[], common_pb2.Model],
     wrap: Callable[[common_pb2.Model], Message],
+    text: Callable[[common_pb2.Model], str] = render.model_details,
 ) -> int:
     """Run a mutation, with a progress bar on a terminal while it blocks."""
     bar = (
@@ -97,7 +99,7 @@ def _mutate(
     finally:
         if bar is not None:
             bar.stop()
-    return _emit(args, wrap(model), lambda: render.model_details(model))
+    return _emit(args, wrap(model), lambda: text(model))
 
 
 def _source_path(source: str) -> str:
@@ -173,6 +175,14 @@ def cmd_offload(client: Client, args: argparse.Namespace) -> int:
     )
 
 
+def _unloaded(model: common_pb2.Model) -> str:
+    # The answer of an unload that waited is the model as it was last, gone
+    # (UNLOADED); --no-wait's is the model still UNLOADING.
+    if model.state == common_pb2.MODEL_STATE_UNLOADED:
+        return render.unloaded_text(model)
+    return render.model_details(model)
+
+
 def cmd_unload(client: Client, args: argparse.Namespace) -> int:
     return _mutate(
         client,
@@ -181,11 +191,14 @@ def cmd_unload(client: Client, args: argparse.Namespace) -> int:
             args.model_id, wait=args.wait, request_id=args.request_id, force=args.force
         ),
         lambda model: models_pb2.UnloadModelResponse(model=model),
+        _unloaded,
     )
 
 
 def cmd_watch(client: Client, args: argparse.Namespace) -> int:
-    """Print every message until the stream ends or Ctrl-C (exit 0 either way)."""
+    """Print every message until Ctrl-C (exit 0). The daemon ending the stream
+    (it stops) or dropping it is said on stderr, exit 3: a script watching
+    must not take the end of the daemon for the end of the story."""
     watch = client.watch_models(args.model_id)
     try:
         for response in watch:
@@ -200,10 +213,15 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
             for line in render.event_lines(response):
                 _print(f"{now}  {line}")
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
         watch.cancel()
-    return 0
+    print(
+        "torporctl: error: torpord ended the watch (shutting down or restarting?):"
+        f" {client.target}",
+        file=sys.stderr,
+    )
+    return EXIT_UNAVAILABLE
 
 
 HANDLERS: dict[str, Handler] = {

@@ -1,7 +1,8 @@
 """torporctl: drive torpord from a shell.
 
 Exit codes: 0 success, 1 the daemon refused or failed the request, 2 usage
-error, 3 the daemon could not be reached, 130 interrupted.
+error, 3 the daemon could not be reached (or, for watch, went away), 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from torpor.cli.commands import EXIT_INTERRUPTED, HANDLERS
+from torpor.cli.commands import EXIT_INTERRUPTED, EXIT_UNAVAILABLE, HANDLERS
 from torpor.client import Client
 from torpor.errors import TorporError
 
@@ -21,7 +22,6 @@ __all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "build_par
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
 
 PROG = "torporctl"
 
@@ -30,7 +30,7 @@ The socket defaults to $TORPOR_SOCKET, else /run/torpor/torpor.sock for root,
 else $XDG_RUNTIME_DIR/torpor/torpor.sock, else /tmp/torpor-$UID/torpor.sock.
 
 exit codes: 0 ok, 1 request failed in torpord, 2 usage error,
-3 torpord unreachable, 130 interrupted.
+3 torpord unreachable (watch: torpord went away), 130 interrupted.
 """
 
 
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_mutation_options(wake)
 
-    offload = command("offload", "move layers of an awake model between host and device")
+    offload = command("offload", "move layers of an awake model between device, host and disk")
     offload.add_argument("model_id", metavar="MODEL_ID")
     offload.add_argument(
         "layers", metavar="LAYER", nargs="*", help="pre, layers.N, post (default: every layer)"
@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_mutation_options(unload)
 
-    watch = command("watch", "print a snapshot, then every event, until Ctrl-C")
+    watch = command(
+        "watch", "print a snapshot, then every event, until Ctrl-C (or torpord stops: exit 3)"
+    )
     watch.add_argument("model_id", metavar="MODEL_ID", nargs="?", default="")
     return parser
 

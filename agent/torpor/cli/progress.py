@@ -13,7 +13,7 @@ import threading
 from types import TracebackType
 from typing import Self, TextIO
 
-from torpor.cli.render import human_bytes, kind_label, rate, stage_label
+from torpor.cli.render import freeing_text, human_bytes, kind_label, rate, stage_label
 from torpor.client import Client, ModelWatch
 from torpor.v1 import common_pb2, models_pb2
 
@@ -35,9 +35,14 @@ def bar_line(progress: common_pb2.Progress, columns: int = 80) -> str:
     """`load read [######..............]  30%  4.5 GiB / 15.0 GiB  5.1 GB/s  10/34 layers`.
 
     What does not fit in `columns` is dropped from the end (layers, then the
-    rate) before the line is cut.
+    rate) before the line is cut. Memory being let go of (an unload, any
+    release stage that moves nothing) gets `unload release  freeing 40.3 MiB`:
+    no bar, no rate, for no bytes move.
     """
     parts = [f"{kind_label(progress.kind)} {stage_label(progress.stage)}"]
+    freeing = freeing_text(progress)
+    if freeing is not None:
+        return "  ".join([*parts, freeing])[: max(columns - 1, 10)]
     if progress.bytes_total > 0:
         fraction = min(max(progress.bytes_done / progress.bytes_total, 0.0), 1.0)
         filled = int(fraction * _BAR_WIDTH)

@@ -11,6 +11,7 @@ from torpor.v1 import common_pb2, models_pb2, node_pb2
 
 __all__ = [
     "event_lines",
+    "freeing_text",
     "human_bytes",
     "key_values",
     "model_details",
@@ -20,6 +21,7 @@ __all__ = [
     "rate",
     "state_label",
     "table",
+    "unloaded_text",
 ]
 
 
@@ -36,10 +38,13 @@ def human_bytes(n: int) -> str:
 
 
 def rate(bytes_per_second: float) -> str:
-    """`5.1 GB/s`, or `350 MB/s` under 1 GB/s (decimal units, as links are quoted)."""
+    """`5.1 GB/s`, `350 MB/s` under 1 GB/s, `420 kB/s` under 1 MB/s (decimal
+    units, as links are quoted): a slow rate never reads as `0 MB/s`."""
     if bytes_per_second >= 1e9:
         return f"{bytes_per_second / 1e9:.1f} GB/s"
-    return f"{bytes_per_second / 1e6:.0f} MB/s"
+    if bytes_per_second >= 1e6:
+        return f"{bytes_per_second / 1e6:.0f} MB/s"
+    return f"{bytes_per_second / 1e3:.0f} kB/s"
 
 
 def seconds(duration: duration_pb2.Duration) -> str:
@@ -127,9 +132,30 @@ def key_values(pairs: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"{(key + ':').ljust(width)}  {value}" for key, value in pairs)
 
 
+def freeing_text(progress: common_pb2.Progress) -> str | None:
+    """`freeing 40.3 MiB` while a transition lets memory go (or `40.3 MiB to
+    free` while an unload waits for engines); None while bytes move.
+
+    Freeing moves no bytes: it gets no bar, no percentage and no rate. An
+    unload only frees; any transition frees in its release stage (a move has
+    moved every byte by then, and its bar at 100% says more).
+    """
+    size = human_bytes(progress.bytes_total)
+    releasing = progress.stage == common_pb2.STAGE_RELEASE
+    if releasing and progress.bytes_done < progress.bytes_total:
+        return f"freeing {size}"
+    if progress.kind == common_pb2.TRANSITION_KIND_UNLOAD:
+        return f"freeing {size}" if releasing else f"{size} to free"
+    return None
+
+
 def progress_text(progress: common_pb2.Progress) -> str:
-    """`load read 1.0 GiB / 15.0 GiB (6%), 2/34 layers, 5.1 GB/s`."""
+    """`load read 1.0 GiB / 15.0 GiB (6%), 2/34 layers, 5.1 GB/s`, or
+    `unload release, freeing 40.3 MiB`."""
     parts = [f"{kind_label(progress.kind)} {stage_label(progress.stage)}"]
+    freeing = freeing_text(progress)
+    if freeing is not None:
+        return f"{parts[0]}, {freeing}"
     if progress.bytes_total > 0:
         pct = 100 * progress.bytes_done // progress.bytes_total
         parts[0] += (
@@ -152,20 +178,25 @@ def _state(model: common_pb2.Model) -> str:
 
 
 def _pct_suffix(model: common_pb2.Model) -> str:
-    """` 42%` while a transition with known size runs, else empty."""
-    if model.HasField("progress") and model.progress.bytes_total > 0:
-        return f" {100 * model.progress.bytes_done // model.progress.bytes_total}%"
+    """` 42%` while a transition with known size moves bytes, else empty (an
+    unload moves none: it is not 0% done)."""
+    progress = model.progress
+    if model.HasField("progress") and progress.bytes_total > 0 and freeing_text(progress) is None:
+        return f" {100 * progress.bytes_done // progress.bytes_total}%"
     return ""
 
 
 def _last(transition: common_pb2.Transition) -> str:
+    """`load 2.5s 5.1 GB/s`, `sleep 12ms freed 40.3 MiB`."""
     parts = [kind_label(transition.kind)]
     if transition.outcome != common_pb2.OUTCOME_SUCCEEDED:
         parts.append(outcome_label(transition.outcome))
     if transition.HasField("duration"):
         parts.append(seconds(transition.duration))
-    if transition.bytes_per_second > 0:
+    if transition.bytes and transition.bytes_per_second > 0:
         parts.append(rate(transition.bytes_per_second))
+    if transition.freed_bytes:
+        parts.append(f"freed {human_bytes(transition.freed_bytes)}")
     return " ".join(parts)
 
 
@@ -281,13 +312,17 @@ def model_details(model: common_pb2.Model, *, tensors: bool = False) -> str:
 
 
 def _last_details(transition: common_pb2.Transition) -> str:
+    """`load succeeded in 1.2s, 40.3 MiB at 35 MB/s`; a transition that only
+    let memory go says `freed 40.3 MiB` and gives no rate."""
     text = f"{kind_label(transition.kind)} {outcome_label(transition.outcome)}"
     if transition.HasField("duration"):
         text += f" in {seconds(transition.duration)}"
     if transition.bytes:
         text += f", {human_bytes(transition.bytes)}"
-    if transition.bytes_per_second > 0:
-        text += f" at {rate(transition.bytes_per_second)}"
+        if transition.bytes_per_second > 0:
+            text += f" at {rate(transition.bytes_per_second)}"
+    if transition.freed_bytes:
+        text += f", freed {human_bytes(transition.freed_bytes)}"
     if transition.request_id:
         text += f" (request {transition.request_id})"
     if transition.reason or transition.message:
@@ -296,10 +331,31 @@ def _last_details(transition: common_pb2.Transition) -> str:
 
 
 def _phases(transition: common_pb2.Transition) -> str:
-    return ", ".join(
-        f"{common_pb2.Stage.Name(p.stage).removeprefix('STAGE_').lower()} {seconds(p.duration)}"
+    """`read 1.2s, verify 0.3s` (wall time: while any worker was in the phase),
+    then, where workers overlapped, their busy time summed, labelled as such:
+    `read 1.2s, verify 0.3s (busy, summed over workers: read 5.4s)`."""
+    walls = [f"{stage_label(p.stage)} {seconds(p.duration)}" for p in transition.phases]
+    busy = [
+        f"{stage_label(p.stage)} {seconds(p.busy)}"
         for p in transition.phases
-    )
+        if p.HasField("busy") and seconds(p.busy) != seconds(p.duration)
+    ]
+    text = ", ".join(walls)
+    if busy:
+        text += f" (busy, summed over workers: {', '.join(busy)})"
+    return text
+
+
+def unloaded_text(model: common_pb2.Model) -> str:
+    """`Unloaded model 'demo' (freed 40.3 MiB in 12ms)`."""
+    transition = model.last_transition
+    facts = [f"freed {human_bytes(transition.freed_bytes)}"]
+    if transition.HasField("duration"):
+        facts.append(f"in {seconds(transition.duration)}")
+    text = f"Unloaded model {model.model_id!r} ({' '.join(facts)})"
+    if transition.note:
+        text += f"\nNote: {transition.note}"
+    return text
 
 
 def node_details(node: node_pb2.Node) -> str:

@@ -81,6 +81,11 @@ class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState
     memory. `state_reason` and `state_message` say why. Only UnloadModel is
     accepted.
     """
+    MODEL_STATE_UNLOADED: _ModelState.ValueType  # 10
+    """Gone: its memory is freed and the daemon no longer knows it (GetModel is
+    NOT_FOUND). Seen only in the answer of an UnloadModel that waited and in
+    the REMOVED event, which show the model as it was last.
+    """
 
 class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
     """The lifecycle state of a model. States ending in -ING are transitional:
@@ -110,6 +115,11 @@ MODEL_STATE_FAILED: ModelState.ValueType  # 9
 """A transition failed and could not leave the model usable; it holds no
 memory. `state_reason` and `state_message` say why. Only UnloadModel is
 accepted.
+"""
+MODEL_STATE_UNLOADED: ModelState.ValueType  # 10
+"""Gone: its memory is freed and the daemon no longer knows it (GetModel is
+NOT_FOUND). Seen only in the answer of an UnloadModel that waited and in
+the REMOVED event, which show the model as it was last.
 """
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
@@ -412,6 +422,9 @@ class Progress(_message.Message):
     layers_done: _builtins.int
     layers_total: _builtins.int
     bytes_per_second: _builtins.float
+    """bytes_done over the time so far; 0 while no bytes move (a transition
+    that only frees memory, or one still waiting for engines).
+    """
     note: _builtins.str
     """Set when the read path could not use O_DIRECT and fell back to buffered
     reads, and similar notes an operator should see.
@@ -441,8 +454,10 @@ Global___Progress: _TypeAlias = Progress  # noqa: Y015
 
 @_typing.final
 class Phase(_message.Message):
-    """Time a transition spent in one stage. Stages of a pipelined transition
-    overlap, so the phases may add up to more than the whole.
+    """Time a transition spent in one stage. Several workers (read threads,
+    concurrent copies) may be in a stage at once, and stages of a pipelined
+    transition overlap one another, so the phases may add up to more than the
+    whole; no single phase's duration does.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -450,20 +465,34 @@ class Phase(_message.Message):
     STAGE_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
+    BUSY_FIELD_NUMBER: _builtins.int
     stage: Global___Stage.ValueType
     bytes: _builtins.int
+    """Bytes handled in the stage."""
     @_builtins.property
-    def duration(self) -> _duration_pb2.Duration: ...
+    def duration(self) -> _duration_pb2.Duration:
+        """Wall time: how long at least one worker was in the stage (the union of
+        the workers' intervals). Never more than the transition's duration.
+        """
+
+    @_builtins.property
+    def busy(self) -> _duration_pb2.Duration:
+        """Busy time: the workers' times in the stage summed. At least `duration`;
+        more when workers overlapped (eight readers busy for 1 s each in the
+        same second: duration 1 s, busy 8 s).
+        """
+
     def __init__(
         self,
         *,
         stage: Global___Stage.ValueType = ...,
         duration: _duration_pb2.Duration | None = ...,
         bytes: _builtins.int = ...,
+        busy: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "duration", b"duration", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "bytes", b"bytes", "duration", b"duration", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -486,11 +515,15 @@ class Transition(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     PHASES_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    FREED_BYTES_FIELD_NUMBER: _builtins.int
     kind: Global___TransitionKind.ValueType
     outcome: Global___Outcome.ValueType
     bytes: _builtins.int
-    """Bytes moved (read, copied or freed) by the transition."""
+    """Bytes moved by the transition: read, copied between tiers or written to
+    the disk cache. 0 for one that only frees memory (`freed_bytes`).
+    """
     bytes_per_second: _builtins.float
+    """bytes / duration; 0 when no bytes moved (freeing memory has no rate)."""
     request_id: _builtins.str
     """The request_id it ran for, if one was given."""
     reason: _builtins.str
@@ -500,6 +533,12 @@ class Transition(_message.Message):
     """What an operator should know about a transition that succeeded anyway:
     for example the engines it detached because they did not let go of the
     weights in time (agents.quiesce_timeout) or had died.
+    """
+    freed_bytes: _builtins.int
+    """Memory the transition let go of without moving its bytes anywhere: the
+    slabs of a level-2 sleep, an offload to DISK (after writing them there)
+    and an unload. A move (level-1 sleep, wake, offload between HOST and
+    DEVICE) counts its bytes in `bytes`, not here.
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -523,10 +562,11 @@ class Transition(_message.Message):
         message: _builtins.str = ...,
         phases: _abc.Iterable[Global___Phase] | None = ...,
         note: _builtins.str = ...,
+        freed_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "bytes_per_second", b"bytes_per_second", "duration", b"duration", "kind", b"kind", "message", b"message", "note", b"note", "outcome", b"outcome", "phases", b"phases", "reason", b"reason", "request_id", b"request_id", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "bytes_per_second", b"bytes_per_second", "duration", b"duration", "freed_bytes", b"freed_bytes", "kind", b"kind", "message", b"message", "note", b"note", "outcome", b"outcome", "phases", b"phases", "reason", b"reason", "request_id", b"request_id", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -52,9 +52,10 @@ def default_config_toml() -> str:
     c = load_config(None)
     s, lg, b, lay, dc = c.server, c.log, c.backend, c.layers, c.disk_cache
     return f"""\
-# torpord configuration. Every key is optional; the values shown are the
-# defaults for the user who printed this file (root and other users differ in
-# socket and sources.allowed_roots).
+# torpord configuration. `version` is required (the format of this file);
+# every other key is optional, and the values shown are the defaults for the
+# user who printed this file (root and other users differ in socket and
+# sources.allowed_roots).
 version = {CONFIG_VERSION}
 
 [server]

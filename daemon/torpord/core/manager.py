@@ -88,7 +88,7 @@ class Plan:
     kind: TransitionKind
     state: ModelState  # the transitional state it runs in
     layers: Sequence[LayerState]  # what it moves or frees
-    body: Body  # does the work; returns the bytes moved or freed
+    body: Body  # does the work (Progress counts the bytes moved and freed)
     new: list[Slab] = field(default_factory=list)  # slabs allocated for it
     sleep_level: int | None = None  # shown while it runs
     fail_to: ModelState | None = None  # the state a failure leaves (default: the one before)
@@ -620,7 +620,7 @@ class ModelManager:
         try:
             if running.cause is not None:  # cancelled before its first step
                 raise asyncio.CancelledError
-            moved = await plan.body()
+            await plan.body()
         except BaseException as exc:
             err = _as_domain_error(exc, running.cause)
             if isinstance(exc, TorporError | asyncio.CancelledError):
@@ -657,6 +657,7 @@ class ModelManager:
                 err.reason,
                 err.message,
                 model.progress.phases(),
+                freed=model.progress.bytes_freed,
             )
             self._finish(model, record)
             raise err from exc if err is not exc else None
@@ -668,20 +669,23 @@ class ModelManager:
             Outcome.SUCCEEDED,
             started,
             time.monotonic() - clock,
-            moved,
+            model.progress.bytes_done,
             request_id,
             phases=model.progress.phases(),
             note=model.progress.note,
+            freed=model.progress.bytes_freed,
         )
         bound.info(
             "transition done",
             seconds=round(record.duration, 4),
-            bytes=moved,
+            bytes=record.bytes,
+            freed=record.freed,
             gb_per_s=round(record.bytes_per_second / 1e9, 3),
         )
         if plan.removes:
             model.progress = None
             model.last_transition = record
+            model.set_state(ModelState.UNLOADED)  # (what the REMOVED event and the caller see)
             snapshot = model.snapshot()
             self.bus.publish(EventType.REMOVED, snapshot)
             return snapshot

@@ -19,6 +19,7 @@ from torpord.errors import TorporError
 from torpord.storage.diskcache import DiskEntry
 from torpord.storage.layers import LayerPlan
 from torpord.storage.safetensors import Checkpoint
+from torpord.timeline import Timeline
 
 __all__ = [
     "LayerSnapshot",
@@ -62,9 +63,14 @@ class ProgressSnapshot:
 
 @dataclass(frozen=True)
 class PhaseRecord:
+    """Time a transition spent in one stage: `seconds` of wall time (while at
+    least one worker was in it; never more than the transition took) and
+    `busy_seconds`, the workers' times summed (more when they overlapped)."""
+
     stage: Stage
     seconds: float
     bytes: int
+    busy_seconds: float = 0.0
 
 
 # The order phases are reported in.
@@ -82,28 +88,38 @@ class Progress:
     note: str = ""
     start_time: float = field(default_factory=time.time)
     start_clock: float = field(default_factory=time.monotonic)
-    # Stage -> [seconds, bytes] spent in it so far.
-    phase_totals: dict[Stage, list[float]] = field(default_factory=dict)
+    # Bytes of memory let go of without being moved anywhere (level-2 sleep,
+    # offload to DISK, unload): they are freed, not moved.
+    bytes_freed: int = 0
+    # Stage -> when workers were in it, and the bytes they handled there.
+    phase_times: dict[Stage, Timeline] = field(default_factory=dict)
+    phase_bytes: dict[Stage, int] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def phase(self, stage: Stage, nbytes: int) -> Iterator[None]:
-        """Count the time of the `with` block, and nbytes, towards stage."""
+        """Count the `with` block (one worker's interval), and nbytes, towards
+        stage. Blocks of concurrent tasks overlap: their wall time is counted once."""
         start = time.monotonic()
         try:
             yield
         finally:
-            self.add_phase(stage, time.monotonic() - start, nbytes)
+            self.add_phase(stage, Timeline.of(start, time.monotonic()), nbytes)
 
-    def add_phase(self, stage: Stage, seconds: float, nbytes: int) -> None:
-        total = self.phase_totals.setdefault(stage, [0.0, 0])
-        total[0] += seconds
-        total[1] += nbytes
+    def add_phase(self, stage: Stage, times: Timeline, nbytes: int) -> None:
+        """Count workers' intervals (time.monotonic()), and nbytes, towards stage."""
+        self.phase_times.setdefault(stage, Timeline()).update(times)
+        self.phase_bytes[stage] = self.phase_bytes.get(stage, 0) + nbytes
 
     def phases(self) -> tuple[PhaseRecord, ...]:
         return tuple(
-            PhaseRecord(stage, self.phase_totals[stage][0], int(self.phase_totals[stage][1]))
+            PhaseRecord(
+                stage,
+                self.phase_times[stage].wall,
+                self.phase_bytes[stage],
+                self.phase_times[stage].busy,
+            )
             for stage in PHASE_ORDER
-            if stage in self.phase_totals
+            if stage in self.phase_times
         )
 
     def elapsed(self) -> float:
@@ -133,16 +149,18 @@ class TransitionRecord:
     outcome: Outcome
     start_time: float
     duration: float
-    bytes: int
+    bytes: int  # moved: read, copied or written
     request_id: str = ""
     reason: str = ""
     message: str = ""
     phases: tuple[PhaseRecord, ...] = ()
     note: str = ""  # what an operator should know about one that succeeded
+    freed: int = 0  # memory let go of without moving it (Progress.bytes_freed)
 
     @property
     def bytes_per_second(self) -> float:
-        return self.bytes / self.duration if self.duration > 0 else 0.0
+        """The rate bytes moved at; 0 when none did (freeing memory has no rate)."""
+        return self.bytes / self.duration if self.bytes and self.duration > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -190,10 +190,10 @@ class Mover:
             raise Aborted("the daemon is shutting down", reason="SHUTTING_DOWN") from None
         if mismatch:  # the last layer, after which nothing was left to stop
             raise mismatch[0]
-        progress.add_phase(Stage.READ, report.read_seconds, size)
+        progress.add_phase(Stage.READ, report.read, size)
         if report.transfer_bytes:
-            progress.add_phase(Stage.TRANSFER, report.transfer_seconds, report.transfer_bytes)
-        progress.add_phase(Stage.VERIFY, report.checksum_seconds, size)
+            progress.add_phase(Stage.TRANSFER, report.transfer, report.transfer_bytes)
+        progress.add_phase(Stage.VERIFY, report.checksum, size)
         for note in report.notes:
             log.warning("read path", model_id=model.model_id, note=note)
         if report.notes:
@@ -419,10 +419,15 @@ class Mover:
     async def drop(self, model: Model, layers: Sequence[LayerState]) -> int:
         """Free the slabs of `layers`; they are then only in the source."""
         slabs = [layer.slab for layer in layers if layer.slab is not None]
+        if model.progress is not None:
+            self.set_stage(model, Stage.RELEASE)
         for layer in layers:
             layer.slab = None
         await self.blocking(self.free_all, slabs)
-        return sum(slab.size for slab in slabs)
+        freed = sum(slab.size for slab in slabs)
+        if model.progress is not None:
+            model.progress.bytes_freed += freed
+        return freed
 
     def free_all(self, slabs: Sequence[Slab], confirm: bool = True) -> None:
         """Free every slab (blocking: run it on a worker thread)."""

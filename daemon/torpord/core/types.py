@@ -24,6 +24,7 @@ class ModelState(enum.Enum):
     WAKING = "WAKING"
     UNLOADING = "UNLOADING"
     FAILED = "FAILED"
+    UNLOADED = "UNLOADED"  # gone: only in the last snapshot of an unloaded model
 
     @property
     def transitional(self) -> bool:

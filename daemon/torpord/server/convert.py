@@ -79,10 +79,12 @@ def _transition(t: TransitionRecord) -> common_pb2.Transition:
                 stage=_enum(common_pb2.Stage, "STAGE", p.stage.value),
                 duration=_duration(p.seconds),
                 bytes=p.bytes,
+                busy=_duration(p.busy_seconds),
             )
             for p in t.phases
         ],
         note=t.note,
+        freed_bytes=t.freed,
     )
 
 

@@ -39,6 +39,7 @@ from torpord.errors import FailedPrecondition, Unavailable
 from torpord.storage.layers import LayerPlan
 from torpord.storage.reader import _open_for_read
 from torpord.storage.safetensors import Checkpoint
+from torpord.timeline import Timeline
 
 __all__ = [
     "DIRECT_MODES",
@@ -58,14 +59,15 @@ BLOCK = 4096
 
 @dataclass
 class ReadReport:
-    """What a read_layers call did. Times are busy time summed over the
-    workers (they overlap, so they may add up to more than the wall time)."""
+    """What a read_layers call did, and when: each timeline holds the workers'
+    intervals (time.monotonic()) in one activity, so both its wall time (while
+    any worker was at it) and its busy time (summed over the workers) show."""
 
     notes: list[str] = field(default_factory=list)
-    read_seconds: float = 0.0  # in preadv
-    transfer_seconds: float = 0.0  # writing staged bytes to slabs (to the device)
+    read: Timeline = field(default_factory=Timeline)  # in preadv
+    transfer: Timeline = field(default_factory=Timeline)  # staged bytes to slabs (to the device)
     transfer_bytes: int = 0
-    checksum_seconds: float = 0.0
+    checksum: Timeline = field(default_factory=Timeline)
     cached_bytes: int = 0  # served from the page cache (auto mode's first try)
 
 
@@ -226,16 +228,21 @@ class _Run:
             done = self.remaining[piece.layer] == 0
         self.on_bytes(piece.length)
         if done:
-            start = time.perf_counter()
+            start = time.monotonic()
             digest = self.sinks[piece.layer].checksum()
-            self._count("checksum_seconds", time.perf_counter() - start)
+            self._count(self.report.checksum, start)
             self.on_layer(piece.layer, digest)
 
-    def _count(self, what: str, seconds: float, nbytes: int = 0, cached: int = 0) -> None:
+    def _count(self, timeline: Timeline, start: float, nbytes: int = 0) -> None:
+        """One worker was in `timeline`'s activity from start until now."""
+        end = time.monotonic()
         with self.lock:
-            setattr(self.report, what, getattr(self.report, what) + seconds)
+            timeline.add(start, end)
             self.report.transfer_bytes += nbytes
-            self.report.cached_bytes += cached
+
+    def _cached(self, nbytes: int) -> None:
+        with self.lock:
+            self.report.cached_bytes += nbytes
 
     # -- one chunk -------------------------------------------------------------
 
@@ -273,7 +280,7 @@ class _Run:
                 # Every slice is released at once: one kept alive (by a traceback,
                 # say) would stop the slab from ever being unmapped.
                 with view[piece.slab_offset + done : piece.slab_offset + piece.length] as target:
-                    start = time.perf_counter()
+                    start = time.monotonic()
                     try:
                         n = os.preadv(f.fd, [target], piece.file_offset + done, flags)
                     except BlockingIOError:
@@ -284,14 +291,14 @@ class _Run:
                             return False
                         raise self._read_failed(f, piece.file_offset + done, err) from None
                     finally:
-                        self._count("read_seconds", time.perf_counter() - start)
+                        self._count(self.report.read, start)
                 if n == 0:
                     raise self._truncated(f, piece.file_offset + done)
                 if flags and n < piece.length - done:
                     return False  # partly cached: read the chunk the slow way
                 done += n
         if flags:
-            self._count("read_seconds", 0.0, cached=chunk.end - chunk.start)
+            self._cached(chunk.end - chunk.start)
         for piece in chunk.pieces:
             self.finish_piece(piece)
         return True
@@ -304,7 +311,7 @@ class _Run:
         while got < size:
             want = size - got
             with memoryview(staging)[got:size] as target:
-                start = time.perf_counter()
+                start = time.monotonic()
                 try:
                     n = os.preadv(f.fd, [target], chunk.start + got, os.RWF_NOWAIT)
                 except BlockingIOError:
@@ -315,13 +322,13 @@ class _Run:
                         return False
                     raise self._read_failed(f, chunk.start + got, err) from None
                 finally:
-                    self._count("read_seconds", time.perf_counter() - start)
+                    self._count(self.report.read, start)
             got += n
             if n == 0 or chunk.start + got >= f.src.size:
                 break  # the end of the file (_deliver says if it came too soon)
             if n < want:
                 return False  # partly cached: read the chunk the slow way
-        self._count("read_seconds", 0.0, cached=got)
+        self._cached(got)
         self._deliver(f, chunk, staging, got)
         return True
 
@@ -330,7 +337,7 @@ class _Run:
         got = 0
         while got < size:
             with memoryview(staging)[got:size] as target:
-                start = time.perf_counter()
+                start = time.monotonic()
                 try:
                     n = os.preadv(fd, [target], chunk.start + got)
                 except OSError as err:
@@ -338,7 +345,7 @@ class _Run:
                         raise
                     raise self._read_failed(f, chunk.start + got, err) from None
                 finally:
-                    self._count("read_seconds", time.perf_counter() - start)
+                    self._count(self.report.read, start)
             if n == 0:
                 break
             got += n
@@ -363,15 +370,11 @@ class _Run:
                     for p in pieces
                 ]
                 try:
-                    start = time.perf_counter()
+                    start = time.monotonic()
                     self.sinks[layer].write_many(
                         [(p.slab_offset, v) for p, v in zip(pieces, views, strict=True)]
                     )
-                    self._count(
-                        "transfer_seconds",
-                        time.perf_counter() - start,
-                        sum(p.length for p in pieces),
-                    )
+                    self._count(self.report.transfer, start, sum(p.length for p in pieces))
                 finally:
                     for v in views:
                         v.release()
