@@ -9,7 +9,7 @@ server turns these into statuses with a google.rpc.ErrorInfo in one place
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 __all__ = [
     "Aborted",
@@ -23,6 +23,8 @@ __all__ = [
     "ResourceExhausted",
     "TorporError",
     "Unavailable",
+    "clip",
+    "some",
 ]
 
 
@@ -116,3 +118,27 @@ class Unimplemented(TorporError):
 
 
 __all__ += ["Unimplemented"]
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8 (ending in "…" when cut).
+
+    For what a caller gave (an id, a path) that an error echoes: the status
+    must stay small whatever came in. Lone surrogates, which UTF-8 cannot
+    carry, come out escaped."""
+    raw = text.encode("utf-8", "backslashreplace")
+    if len(raw) <= limit:
+        return raw.decode()
+    if limit < 3:
+        return ""
+    return raw[: limit - 3].decode("utf-8", "ignore") + "…"
+
+
+def some(items: Iterable[str], *, shown: int = 5, each: int = 64) -> str:
+    """The first `shown` of `items`, quoted and clipped to `each` bytes, and
+    how many more: "'a', 'b' and 99,990 more". For errors that list what a
+    caller gave, which may be a hundred thousand names."""
+    names = list(items)
+    head = ", ".join(repr(clip(name, each)) for name in names[:shown])
+    rest = len(names) - shown
+    return f"{head} and {rest:,} more" if rest > 0 else head

@@ -22,8 +22,9 @@ from torpord.backends.factory import BackendUnavailable, build_backend
 from torpord.config import Config, ConfigError, Overrides, default_config_toml, load_config
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.logs import configure_logging
-from torpord.server.agents import AgentRegistry, FdServer
+from torpord.server.agents import AgentRegistry
 from torpord.server.app import DaemonAlreadyRunning, build_server, set_serving
+from torpord.server.fdsocket import FdServer
 from torpord.storage.diskcache import DiskCache
 from torpord.storage.layers import LayerPatterns
 from torpord.storage.pipeline import ReadOptions

@@ -632,21 +632,34 @@ def _ask_fd_socket(
     fd_socket: str, request: dict[str, Any], timeout: float
 ) -> Iterator[tuple[socket.socket, dict[str, Any]]]:
     """Send one length-prefixed JSON request; yields the connection and the
-    daemon's answer, or raises the error it answered with."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(timeout)
-        conn.connect(fd_socket)
-        body = json.dumps(request).encode()
-        conn.sendall(struct.pack("<I", len(body)) + body)
-        answer = _recv_json(conn)
-        if "error" in answer:
-            error = answer["error"]
-            raise TorporError(
-                getattr(grpc.StatusCode, error["code"], grpc.StatusCode.UNKNOWN),
-                error["reason"],
-                error["message"],
-            )
-        yield conn, answer
+    daemon's answer, or raises the error it answered with. A daemon too busy
+    to take the connection (its backlog full, or FD_SOCKET_BUSY: it pushes
+    out idle connections when too many wait) is asked again until `timeout`."""
+    body = json.dumps(request).encode()
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout)
+            try:
+                conn.connect(fd_socket)
+                conn.sendall(struct.pack("<I", len(body)) + body)
+                answer = _recv_json(conn)
+            except BlockingIOError:  # (a Unix socket's full backlog, with a timeout set)
+                answer = {"error": {"code": "UNAVAILABLE", "reason": "FD_SOCKET_BUSY",
+                                    "message": "the fd socket's backlog is full"}}  # fmt: skip
+            error = answer.get("error")
+            if error is None:
+                yield conn, answer
+                return
+            if error["reason"] != "FD_SOCKET_BUSY" or time.monotonic() + pause > deadline:
+                raise TorporError(
+                    getattr(grpc.StatusCode, error["code"], grpc.StatusCode.UNKNOWN),
+                    error["reason"],
+                    error["message"],
+                )
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
 
 
 def _recv_json(conn: socket.socket) -> dict[str, Any]:

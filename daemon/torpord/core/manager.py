@@ -43,6 +43,7 @@ from torpord.errors import (
     NotFound,
     PermissionDenied,
     TorporError,
+    some,
 )
 from torpord.storage.diskcache import DiskCache
 from torpord.storage.layers import DEFAULT_LAYER_PATTERNS, LayerPatterns, plan_layers
@@ -361,10 +362,10 @@ class ModelManager:
         if unknown:
             known = [layer.plan.name for layer in model.layers]
             raise InvalidArgument(
-                f"model {model_id!r} has no layer {', '.join(map(repr, unknown))};"
+                f"model {model_id!r} has no layer {some(unknown)};"
                 f" its layers are {known[0]} … {known[-1]}",
                 reason="UNKNOWN_LAYER",
-                metadata={"model_id": model_id, "layers": ",".join(unknown)},
+                metadata={"model_id": model_id, "layers": some(unknown), "count": len(unknown)},
             )
         if model.state not in (ModelState.ACTIVE, ModelState.OFFLOADED):
             raise _wrong_state(model, "offload")

@@ -1,7 +1,7 @@
 """Engines attached to models: the Attach stream's registry and the fd socket.
 
 A gRPC stream cannot carry file descriptors, so slabs travel over a second
-Unix socket beside the daemon's (`<socket>.fds`). An engine first attaches
+Unix socket beside the daemon's (`<socket>.fds`, torpord.server.fdsocket). An engine first attaches
 over gRPC (AgentService.Attach, saying which pid it is) and gets an
 attachment id; it then asks the fd socket for the slabs with that id. The
 daemon reads the asking process's pid from the socket itself (SO_PEERCRED)
@@ -19,16 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import itertools
-import json
 import os
 import secrets
 import signal
-import socket
-import struct
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,18 +45,13 @@ from torpord.errors import (
     PermissionDenied,
     TorporError,
     Unavailable,
+    some,
 )
 from torpord.storage.layers import layout_hash
 
-__all__ = ["AgentRegistry", "Attachment", "Ended", "FdServer", "Outbox"]
+__all__ = ["AgentRegistry", "Attachment", "Ended", "Outbox"]
 
 log = structlog.get_logger("torpord.agents")
-
-# The kernel passes at most 253 fds in one message.
-FDS_PER_MESSAGE = 250
-MAX_REQUEST = 1 << 20
-# How long an fd request waits for the event loop before it is refused.
-EXPORT_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -483,7 +473,7 @@ class AgentRegistry:
         asked = [layer for layer in model.layers if not names or layer.plan.name in names]
         unknown = set(names) - {layer.plan.name for layer in asked}
         if unknown:
-            raise InvalidArgument(f"unknown layers {sorted(unknown)}", reason="UNKNOWN_LAYER")
+            raise InvalidArgument(f"unknown layers {some(sorted(unknown))}", reason="UNKNOWN_LAYER")
         layers = [layer for layer in asked if layer.tier is Tier.DEVICE]
         fds: list[int] = []
         try:
@@ -504,145 +494,3 @@ class AgentRegistry:
             "absent": [layer.plan.name for layer in asked if layer.tier is not Tier.DEVICE],
         }
         return header, fds, attachment
-
-
-class FdServer:
-    """The fd socket: a thread that accepts, checks the peer, and sends fds."""
-
-    def __init__(
-        self, registry: AgentRegistry, path: Path, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        self.registry = registry
-        self.path = path
-        self.loop = loop
-        path.unlink(missing_ok=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        self.sock.listen(64)
-        self._thread = threading.Thread(target=self._serve, name="torpord-fds", daemon=True)
-
-    def start(self, mode: int) -> None:
-        os.chmod(self.path, mode)
-        self._thread.start()
-
-    def close(self) -> None:
-        # shutdown() wakes the accept(); close() alone would not.
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._thread.join(5)
-        self.path.unlink(missing_ok=True)
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(30)
-            try:
-                pid, _uid, _gid = struct.unpack(
-                    "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-                )
-                request = _recv_json(conn)
-                attachment_id = str(request.get("attachment_id", ""))
-                if request.get("release") is True:
-                    released = asyncio.run_coroutine_threadsafe(
-                        self.registry.late_release(attachment_id, pid), self.loop
-                    ).result(EXPORT_TIMEOUT)
-                    _send_json(conn, {"released": released})
-                    return
-                names = request.get("layers", [])
-                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                    raise InvalidArgument("layers must be a list of names", reason="BAD_REQUEST")
-                future = asyncio.run_coroutine_threadsafe(
-                    self.registry.export(
-                        attachment_id,
-                        pid,
-                        names,
-                        str(request.get("model_id", "")),
-                        _peer_pidfd(conn, pid),
-                    ),
-                    self.loop,
-                )
-                try:
-                    header, fds = future.result(EXPORT_TIMEOUT)
-                except concurrent.futures.TimeoutError:
-                    # The loop is stuck: give up, and close the fds of the
-                    # export when it finishes after all (cancelling it could
-                    # drop a result already on its way, fds and all).
-                    future.add_done_callback(_close_late_export)
-                    raise Unavailable(
-                        f"the daemon did not answer within {EXPORT_TIMEOUT:g}s; try again",
-                        reason="DAEMON_BUSY",
-                    ) from None
-            except TorporError as err:
-                with contextlib.suppress(OSError):
-                    _send_json(conn, {"error": {"code": err.code.value, "reason": err.reason,
-                                                "message": err.message}})  # fmt: skip
-                return
-            except (OSError, ValueError, concurrent.futures.TimeoutError) as err:
-                log.warning("fd socket: bad request", error=str(err))
-                return
-            try:
-                header["fd_count"] = len(fds)
-                _send_json(conn, header)
-                for at in range(0, len(fds), FDS_PER_MESSAGE):
-                    socket.send_fds(conn, [b"F"], fds[at : at + FDS_PER_MESSAGE])
-            except OSError as err:
-                log.warning("fd socket: the engine went away", error=str(err))
-            finally:
-                for fd in fds:
-                    os.close(fd)
-
-
-SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux >= 6.5
-
-
-def _peer_pidfd(conn: socket.socket, pid: int) -> int | None:
-    """A pidfd of the process at the other end: from the socket itself where the
-    kernel can (no pid-reuse race), else by its pid while it is connected."""
-    try:
-        return int(conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
-    except OSError:
-        pass
-    try:
-        return os.pidfd_open(pid)
-    except OSError:
-        return None
-
-
-def _close_late_export(future: concurrent.futures.Future[tuple[dict[str, Any], list[int]]]) -> None:
-    if future.cancelled() or future.exception() is not None:
-        return
-    for fd in future.result()[1]:
-        os.close(fd)
-
-
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = conn.recv(n - len(out))
-        if not chunk:
-            raise ValueError("connection closed mid-message")
-        out += chunk
-    return out
-
-
-def _recv_json(conn: socket.socket) -> dict[str, Any]:
-    (n,) = struct.unpack("<I", _recv_exact(conn, 4))
-    if n > MAX_REQUEST:
-        raise ValueError(f"request of {n} bytes")
-    value = json.loads(_recv_exact(conn, n))
-    if not isinstance(value, dict):
-        raise ValueError("request is not a JSON object")
-    return value
-
-
-def _send_json(conn: socket.socket, value: dict[str, Any]) -> None:
-    body = json.dumps(value).encode()
-    conn.sendall(struct.pack("<I", len(body)) + body)

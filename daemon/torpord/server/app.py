@@ -21,6 +21,8 @@ from torpor.v1 import (
 
 from torpord.core.manager import ModelManager
 from torpord.server.agents import AgentRegistry
+from torpord.server.boundary import RequestBounds
+from torpord.server.limits import MAX_MESSAGE_BYTES
 from torpord.server.services import AgentService, ModelService, NodeService
 
 __all__ = ["DaemonAlreadyRunning", "build_server", "prepare_socket", "set_serving"]
@@ -68,7 +70,13 @@ def build_server(
     agents: AgentRegistry,
     backend_reason: str = "",
 ) -> tuple[grpc.aio.Server, Any]:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(
+        interceptors=[RequestBounds()],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
     node_pb2_grpc.add_NodeServiceServicer_to_server(NodeService(manager, backend_reason), server)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(agents), server)

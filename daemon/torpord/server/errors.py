@@ -1,4 +1,14 @@
-"""The one place domain errors become gRPC statuses (with google.rpc.ErrorInfo)."""
+"""The one place domain errors become gRPC statuses (with google.rpc.ErrorInfo).
+
+A status travels in trailers, and clients refuse trailers over their
+metadata limit (8 KiB by default) with a bare RESOURCE_EXHAUSTED that has
+lost the reason. Errors may echo what a caller gave, so every status is cut
+to fit here, whatever the error says: the message to MAX_MESSAGE bytes,
+each metadata value to MAX_VALUE and all of the metadata to MAX_METADATA.
+The message travels twice (grpc-message, percent-encoded: up to 3 bytes a
+byte; and inside grpc-status-details-bin, base64: 4 for 3), so the worst
+case is about 3 KiB + 4/3 x (1 + 1 KiB), under 6 KiB.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +22,23 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from torpord.errors import TorporError
+from torpord.errors import TorporError, clip
 
-__all__ = ["DOMAIN", "status_for", "translate_errors", "translate_stream_errors"]
+__all__ = [
+    "DOMAIN",
+    "MAX_MESSAGE",
+    "MAX_METADATA",
+    "MAX_VALUE",
+    "abort",
+    "status_for",
+    "translate_errors",
+    "translate_stream_errors",
+]
 
 DOMAIN = "torpor.dev"
+MAX_MESSAGE = 1024  # bytes of UTF-8
+MAX_VALUE = 256  # bytes, each metadata value
+MAX_METADATA = 1024  # bytes, every key and value together
 log = structlog.get_logger("torpord.server")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -24,12 +46,28 @@ G = TypeVar("G", bound=Callable[..., AsyncIterator[Any]])
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+def _bounded_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    left = MAX_METADATA
+    for key, value in metadata.items():
+        key = clip(key, MAX_VALUE)
+        left -= len(key.encode())
+        if left <= 0:
+            break
+        out[key] = clip(value, min(MAX_VALUE, left))
+        left -= len(out[key].encode())
+    return out
+
+
 def status_for(err: TorporError) -> grpc.Status:
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    info = error_details_pb2.ErrorInfo(
+        reason=err.reason, domain=DOMAIN, metadata=_bounded_metadata(err.metadata)
+    )
     detail = any_pb2.Any()
     detail.Pack(info)
     code = getattr(code_pb2, err.code.value)
-    return rpc_status.to_status(status_pb2.Status(code=code, message=err.message, details=[detail]))
+    message = clip(err.message, MAX_MESSAGE)
+    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=[detail]))
 
 
 def _internal(method: str, exc: Exception) -> TorporError:
@@ -37,7 +75,7 @@ def _internal(method: str, exc: Exception) -> TorporError:
     return TorporError(f"internal error in {method}: {type(exc).__name__}", reason="INTERNAL")
 
 
-async def _abort(context: Context, err: TorporError) -> NoReturn:
+async def abort(context: Context, err: TorporError) -> NoReturn:
     # What aio's abort_with_status does, through the typed abort().
     status = status_for(err)
     await context.abort(status.code, status.details, status.trailing_metadata)
@@ -52,9 +90,9 @@ def translate_errors(fn: F) -> F:
         try:
             return await fn(self, request, context)
         except TorporError as err:
-            await _abort(context, err)
+            await abort(context, err)
         except Exception as exc:
-            await _abort(context, _internal(fn.__name__, exc))
+            await abort(context, _internal(fn.__name__, exc))
 
     return cast(F, wrapper)
 
@@ -68,8 +106,8 @@ def translate_stream_errors(fn: G) -> G:
             async for item in fn(self, request, context):
                 yield item
         except TorporError as err:
-            await _abort(context, err)
+            await abort(context, err)
         except Exception as exc:
-            await _abort(context, _internal(fn.__name__, exc))
+            await abort(context, _internal(fn.__name__, exc))
 
     return cast(G, wrapper)
