@@ -60,6 +60,7 @@ def test_half_written_and_junk_entries_are_dropped_at_start(tmp_path: Path) -> N
     cache = DiskCache(tmp_path, 1 << 20)
     good = put(cache, "cd" * 16, b"x" * 100)
     (tmp_path / "cd" / f"{'cd' * 16}.1.2.tmp").write_bytes(b"half")
+    (tmp_path / "cd" / f"{'cd' * 16}.123.0a1b2c3d.tmp").write_bytes(b"half")
     (tmp_path / "cd" / f"{'ef' * 16}.slab").write_bytes(b"not a slab")
     again = DiskCache(tmp_path, 1 << 20)
     assert again.get("cd" * 16) == good and again.get("ef" * 16) is None
@@ -94,6 +95,32 @@ def test_a_corrupt_entry_is_refused_and_removed(tmp_path: Path) -> None:
         cache.read_into(entry, Sink(5000), "layers.3")
     assert err.value.reason == "CACHE_CORRUPT" and "layers.3" in err.value.message
     assert cache.get(entry.key) is None and not entry.path.exists()
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo", "directory"])
+def test_what_is_planted_where_an_entry_was_is_refused_unfollowed(
+    tmp_path: Path, planted: str
+) -> None:
+    """A symbolic link is never followed (its target is not read, nor
+    removed), a FIFO never blocks a read; neither is deleted (not ours)."""
+    cache = DiskCache(tmp_path / "c", 1 << 20)
+    payload = os.urandom(5000)
+    entry = put(cache, "14" * 16, payload)
+    outside = tmp_path / "outside"
+    outside.write_bytes(entry.path.read_bytes())  # a valid entry's bytes, even
+    entry.path.unlink()
+    if planted == "symlink":
+        entry.path.symlink_to(outside)
+    elif planted == "fifo":
+        os.mkfifo(entry.path)
+    else:
+        entry.path.mkdir()
+    with pytest.raises(DataLoss) as err:
+        cache.read_into(entry, Sink(5000), "layers.0")
+    assert err.value.reason in ("CACHE_CORRUPT", "CACHE_ENTRY_LOST")
+    assert cache.get(entry.key) is None and cache.used == 0
+    assert os.path.lexists(entry.path)  # left where it is
+    assert outside.read_bytes()[DATA_OFFSET:] == payload
 
 
 def test_budget_evicts_unused_copies_and_never_protected_ones(tmp_path: Path) -> None:
@@ -197,4 +224,17 @@ def test_pieces_that_fall_short_or_fail_leave_nothing(tmp_path: Path, failure: s
         cache.write("ef" * 16, pieces(), "0", share, 200)
     assert list(tmp_path.glob("*/*")) == []  # no entry, no temporary file
     assert cache.get("ef" * 16) is None
+    cache.unreserve(share)
+
+
+def test_a_write_never_goes_through_a_symlinked_folder(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path / "c", 1 << 20)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "c" / "ab").symlink_to(elsewhere)
+    share = cache.reserve([100], set())
+    with pytest.raises(Unavailable) as err:
+        cache.write("ab" * 16, memoryview(b"x" * 100), "0" * 16, share)
+    assert err.value.reason == "DISK_WRITE_FAILED"
+    assert list(elsewhere.iterdir()) == [] and cache.get("ab" * 16) is None
     cache.unreserve(share)

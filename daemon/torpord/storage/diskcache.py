@@ -1,16 +1,15 @@
 """The DISK tier: slabs kept in a local cache directory, with a byte budget.
 
-An entry is one slab in one file, `<root>/<key[:2]>/<key>.slab`:
-
-    magic (12 bytes) | meta length (u32 LE) | meta (JSON) | zeros to 4 KiB | slab bytes
-
-The key hashes the source's identity (every file's path, size, modify time,
-inode and header hash), the layer's name and size, so a changed source can
-never be mistaken for the cached one. The meta repeats the key and holds the
-slab's size and checksum (torpord.storage.checksum; an entry whose checksum
-is of another definition is dropped at start). Entries are written atomically (a temporary
-file, fsync, rename, fsync of the directory); a half-written one is only ever
-a temporary file, removed at start. Every read checks the checksum: a
+An entry is one slab in one file (its format is in
+torpord.storage.cacheformat, how its files are opened safely in
+torpord.storage.cachefiles). The key hashes the source's identity (every
+file's path, size, modify time, inode and header hash), the layer's name and
+size, so a changed source can never be mistaken for the cached one. The meta
+repeats the key and holds the slab's size and checksum
+(torpord.storage.checksum; an entry whose checksum is of another definition
+is dropped at start). Entries are written atomically; a half-written one is
+only ever a temporary file, removed at start, and so is anything in the
+cache's layout that is not a valid entry. Every read checks the checksum: a
 corrupted entry is deleted and refused (DATA_LOSS), never served.
 """
 
@@ -19,8 +18,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +28,16 @@ import structlog
 import xxhash
 
 from torpord.errors import DataLoss, ResourceExhausted, Unavailable
-from torpord.storage.checksum import KIND as checksum_kind
+from torpord.storage.cachefiles import CacheDir, UnsafeCacheDir, printable
+from torpord.storage.cacheformat import DATA_OFFSET, MAGIC, BadEntry, encode_head
 from torpord.storage.layers import LayerPlan
 from torpord.storage.pipeline import SlabSink
 from torpord.storage.safetensors import Checkpoint
 
-__all__ = ["DiskCache", "DiskEntry", "cache_key"]
+__all__ = ["DATA_OFFSET", "MAGIC", "DiskCache", "DiskEntry", "UnsafeCacheDir", "cache_key"]
 
 log = structlog.get_logger("torpord.storage")
 
-MAGIC = b"TORPORSLAB\x00\x01"
-DATA_OFFSET = 4096  # the slab's bytes start at a block boundary (O_DIRECT-ready)
 _PIECE = 16 * 2**20
 
 
@@ -56,6 +54,7 @@ class DiskEntry:
     size: int  # slab bytes
     checksum: str
     file_bytes: int  # what it costs the budget
+    inode: int  # of the file written (or found at start), so only that one is removed
 
 
 def cache_key(checkpoint: Checkpoint, plan: LayerPlan) -> str:
@@ -70,12 +69,14 @@ def cache_key(checkpoint: Checkpoint, plan: LayerPlan) -> str:
 
 class DiskCache:
     def __init__(self, root: Path, capacity: int) -> None:
+        """UnsafeCacheDir if `root` can't be used (see torpord.storage.cachefiles)."""
         self.root = root
         self.capacity = capacity
+        self._files = CacheDir(root)
         self._entries: dict[str, DiskEntry] = {}
+        self._last_use: dict[str, float] = {}  # key -> when last written or read (LRU)
         self._reserved = 0
         self._lock = threading.Lock()
-        root.mkdir(parents=True, exist_ok=True)
         self._scan()
 
     # -- bookkeeping -------------------------------------------------------------
@@ -91,37 +92,23 @@ class DiskCache:
 
     def _scan(self) -> None:
         """Index the entries a previous run left; drop temporaries and junk."""
-        for path in self.root.glob("*/*"):
-            if path.name.endswith(".tmp"):
-                path.unlink(missing_ok=True)  # a write that never finished
-                continue
-            if not path.name.endswith(".slab"):
-                continue
-            try:
-                entry = self._read_header(path)
-            except (OSError, ValueError) as err:
-                log.warning(
-                    "disk cache: dropping an unreadable entry", path=str(path), error=str(err)
-                )
-                path.unlink(missing_ok=True)
-                continue
-            self._entries[entry.key] = entry
-
-    @staticmethod
-    def _read_header(path: Path) -> DiskEntry:
-        with open(path, "rb") as f:
-            head = f.read(DATA_OFFSET)
-            file_bytes = os.fstat(f.fileno()).st_size
-        if len(head) < len(MAGIC) + 4 or not head.startswith(MAGIC):
-            raise ValueError("not a torpor slab file")
-        (n,) = struct.unpack_from("<I", head, len(MAGIC))
-        meta = json.loads(head[len(MAGIC) + 4 : len(MAGIC) + 4 + n])
-        key, size, digest = meta["key"], int(meta["size"]), str(meta["checksum"])
-        if meta.get("checksum_kind") != checksum_kind:
-            raise ValueError(f"checksum of another definition ({meta.get('checksum_kind')})")
-        if path.stem != key or file_bytes != DATA_OFFSET + size:
-            raise ValueError(f"entry {path.name} is {file_bytes} bytes, its header says {size}")
-        return DiskEntry(key, path, size, digest, file_bytes)
+        try:
+            found, skipped = self._files.scan()
+        except OSError as err:
+            raise UnsafeCacheDir(
+                f"{printable(self.root)}: cannot list it: {err.strerror}"
+            ) from None
+        for item in skipped:
+            log.warning(
+                "disk cache: skipped what is not a valid entry",
+                path=item.path,
+                why=item.why,
+                removed=item.removed,
+            )
+        for f in found:
+            path = self.root / f.key[:2] / f"{f.key}.slab"
+            self._entries[f.key] = DiskEntry(f.key, path, f.size, f.checksum, f.file_bytes, f.inode)
+            self._last_use[f.key] = f.atime
 
     def reserve(self, sizes: Iterable[int], protect: set[str]) -> int:
         """Take room for new entries of `sizes` slab bytes, evicting entries not in
@@ -133,7 +120,7 @@ class DiskCache:
             )
             if asked > free:
                 victims = [e for k, e in self._entries.items() if k not in protect]
-                victims.sort(key=lambda e: _atime(e.path))
+                victims.sort(key=lambda e: self._last_use.get(e.key, 0.0))
                 freed, chosen = 0, []
                 for victim in victims:
                     if free + freed >= asked:
@@ -149,7 +136,8 @@ class DiskCache:
                     )
                 for victim in chosen:
                     del self._entries[victim.key]
-                    victim.path.unlink(missing_ok=True)
+                    self._last_use.pop(victim.key, None)
+                    self._files.remove_entry(victim.key, victim.inode)
             self._reserved += asked
         return asked
 
@@ -164,8 +152,9 @@ class DiskCache:
             current = self._entries.get(entry.key)
             if current is entry:
                 del self._entries[entry.key]
+                self._last_use.pop(entry.key, None)
             if current is None or current is entry:
-                entry.path.unlink(missing_ok=True)
+                self._files.remove_entry(entry.key, entry.inode)
 
     # -- bytes (blocking: worker threads) ------------------------------------------
 
@@ -187,38 +176,9 @@ class DiskCache:
             size = data.nbytes
             data = _slices(data)
         assert size is not None, "size is needed with pieces"
-        folder = self.root / key[:2]
-        final = folder / f"{key}.slab"
-        tmp = folder / f"{key}.{os.getpid()}.{threading.get_ident()}.tmp"
-        meta = json.dumps(
-            {"key": key, "size": size, "checksum": checksum, "checksum_kind": checksum_kind}
-        ).encode()
-        head = MAGIC + struct.pack("<I", len(meta)) + meta
         try:
-            folder.mkdir(exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.pwrite(fd, head + bytes(DATA_OFFSET - len(head)), 0)
-                at = 0
-                for piece in data:
-                    done = 0
-                    while done < piece.nbytes:
-                        with piece[done:] as rest:
-                            done += os.pwrite(fd, rest, DATA_OFFSET + at + done)
-                    at += piece.nbytes
-                if at != size:
-                    raise RuntimeError(f"disk cache: {at} bytes written, {size} expected")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            inode = self._files.write_entry(key, encode_head(key, size, checksum), data, size)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(
                     f"disk cache {self.root}: the filesystem is full ({err.strerror})",
@@ -226,20 +186,17 @@ class DiskCache:
                     metadata={"asked": size, "path": str(self.root)},
                 ) from None
             raise Unavailable(
-                f"disk cache {self.root}: write failed: {err.strerror}",
+                f"disk cache {self.root}: writing an entry failed: {err.strerror}",
                 reason="DISK_WRITE_FAILED",
-                metadata={"path": str(tmp)},
+                metadata={"path": str(self.root / key[:2] / f"{key}.slab")},
             ) from None
-        except BaseException:  # (the bytes' source failed: a device copy, a stop)
-            tmp.unlink(missing_ok=True)
-            raise
-        entry = DiskEntry(key, final, size, checksum, DATA_OFFSET + size)
+        entry = DiskEntry(
+            key, self.root / key[:2] / f"{key}.slab", size, checksum, DATA_OFFSET + size, inode
+        )
         with self._lock:
             self._reserved -= reserved
-            old = self._entries.get(key)
-            self._entries[key] = entry
-        if old is not None and old.path != final:
-            old.path.unlink(missing_ok=True)
+            self._entries[key] = entry  # (an older entry of the key was the file replaced)
+            self._last_use[key] = time.time()
         return entry
 
     def read_into(self, entry: DiskEntry, sink: SlabSink, layer: str) -> None:
@@ -247,34 +204,39 @@ class DiskCache:
         entry is removed and refused with DATA_LOSS."""
         view = sink.view()
         try:
-            with open(entry.path, "rb", buffering=0) as f:
-                if os.fstat(f.fileno()).st_size != entry.file_bytes:
-                    raise ValueError("its size changed")
+            fd = self._files.open_entry(entry.key)
+            try:
+                if os.fstat(fd).st_size != entry.file_bytes:
+                    raise BadEntry("its size changed")
                 if view is not None:
                     got = 0
                     while got < entry.size:
                         with view[got:] as rest:
-                            n = os.preadv(f.fileno(), [rest], DATA_OFFSET + got)
+                            n = os.preadv(fd, [rest], DATA_OFFSET + got)
                         if n == 0:
-                            raise ValueError(f"read {got} of {entry.size} bytes")
+                            raise BadEntry(f"read {got} of {entry.size} bytes")
                         got += n
                 else:
                     for at in range(0, entry.size, _PIECE):
-                        piece = os.pread(f.fileno(), min(_PIECE, entry.size - at), DATA_OFFSET + at)
+                        piece = os.pread(fd, min(_PIECE, entry.size - at), DATA_OFFSET + at)
+                        if len(piece) < min(_PIECE, entry.size - at):
+                            raise BadEntry(f"read {at + len(piece)} of {entry.size} bytes")
                         sink.write(at, memoryview(piece))
+            finally:
+                os.close(fd)
             digest = sink.checksum()
             if digest != entry.checksum:
-                raise ValueError(f"checksum {digest}, expected {entry.checksum}")
+                raise BadEntry(f"checksum {digest}, expected {entry.checksum}")
         except OSError as err:  # the disk or the system failed, not the entry
             raise Unavailable(
                 f"disk cache: reading the copy of layer {layer} failed: {err.strerror}",
                 reason="DISK_READ_FAILED",
                 metadata={"layer": layer, "path": str(entry.path)},
             ) from None
-        except ValueError as err:
+        except BadEntry as err:
             self.remove(entry)
             raise DataLoss(
-                f"the disk copy of layer {layer} ({entry.path}) is corrupt or gone ({err});"
+                f"the disk copy of layer {layer} ({entry.path}) is corrupt ({err});"
                 " it was removed and not served",
                 reason="CACHE_CORRUPT",
                 metadata={"layer": layer, "path": str(entry.path)},
@@ -282,10 +244,5 @@ class DiskCache:
         finally:
             if view is not None:
                 view.release()
-
-
-def _atime(path: Path) -> float:
-    try:
-        return path.stat().st_atime
-    except OSError:
-        return 0.0
+        with self._lock:
+            self._last_use[entry.key] = time.time()
