@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
 from torpord.core.types import ModelState, Tier
-from torpord.errors import DataLoss, FailedPrecondition, ResourceExhausted
+from torpord.errors import FailedPrecondition, ResourceExhausted
+from torpord.storage import diskcache
 
-from .harness import Harness, disk_harness, expected_slab
+from .harness import Harness, disk_harness, expected_slab, tiers
+
+
+def touch_source(ckpt: Path) -> None:
+    for shard in ckpt.glob("*.safetensors"):
+        st = shard.stat()
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
 
 
 async def test_offload_to_disk_and_back(tmp_path: Path, ckpt: Path) -> None:
@@ -97,18 +105,115 @@ async def test_a_corrupt_disk_copy_is_never_served(tmp_path: Path, ckpt: Path) -
         with open(entry.path, "r+b") as f:
             f.seek(-10, os.SEEK_END)
             f.write(b"corruption")
-        with pytest.raises(DataLoss) as err:
-            await h.manager.wake("m")
-        assert err.value.reason == "CACHE_CORRUPT"
-        m = h.manager.get("m")
-        assert m.state is ModelState.OFFLOADED and m.state_reason == "CACHE_CORRUPT"
-        # The bad copy is gone; the layer falls back to the source.
-        assert m.layers[3].tier is Tier.SOURCE
+        # The bad copy is dropped and the layer read from the (unchanged) source.
         m = await h.manager.wake("m")
         assert m.state is ModelState.ACTIVE
+        assert m.last_transition is not None and "layers.2" in m.last_transition.note
         h.check_bytes("m")
+        assert not entry.path.exists() and h.manager.disk is not None
+        assert h.manager.disk.get(entry.key) is None and h.manager.disk.used == 0
     finally:
         await h.close()
+
+
+@pytest.mark.parametrize("how", ["wake", "offload"])
+async def test_a_disk_copy_deleted_behind_the_daemon_falls_back_to_the_source(
+    tmp_path: Path, ckpt: Path, how: str
+) -> None:
+    h = disk_harness(tmp_path)
+    try:
+        await h.manager.load("m", str(ckpt))
+        if how == "wake":
+            await h.manager.sleep("m", 2, disk_copy=True)
+        else:
+            await h.manager.offload("m", ["layers.0", "layers.4"], Tier.DISK)
+        lost = h.manager._models["m"].layers[1].disk
+        assert lost is not None
+        lost.path.unlink()
+        if how == "wake":
+            m = await h.manager.wake("m", verify=True)
+        else:
+            m = await h.manager.offload("m", [], Tier.DEVICE, verify=True)
+        assert m.state is ModelState.ACTIVE and set(tiers(m)) == {Tier.DEVICE}
+        h.check_bytes("m")
+        assert h.manager.disk is not None and h.manager.disk.get(lost.key) is None
+        assert h.manager._models["m"].layers[1].disk is None
+    finally:
+        await h.close()
+
+
+async def test_a_lost_disk_copy_and_a_changed_source_is_source_changed(
+    tmp_path: Path, ckpt: Path
+) -> None:
+    h = disk_harness(tmp_path)
+    try:
+        await h.manager.load("m", str(ckpt))
+        await h.manager.sleep("m", 2, disk_copy=True)
+        lost = h.manager._models["m"].layers[1].disk
+        assert lost is not None
+        lost.path.unlink()
+        touch_source(ckpt)  # no longer the one loaded
+        with pytest.raises(FailedPrecondition) as err:
+            await h.manager.wake("m")
+        assert err.value.reason == "SOURCE_CHANGED"
+        assert "layers.0" in err.value.message and "was lost" in err.value.message
+        m = h.manager.get("m")
+        assert m.state is ModelState.ASLEEP and m.state_reason == "SOURCE_CHANGED"
+        assert m.layers[1].tier is Tier.SOURCE
+        assert {layer.tier for layer in m.layers[2:]} == {Tier.DISK}
+        assert h.device_used() == 0
+    finally:
+        await h.close()
+
+
+async def test_a_disk_copy_that_cant_be_read_right_now_is_kept(
+    tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = disk_harness(tmp_path)
+    try:
+        await h.manager.load("m", str(ckpt))
+        await h.manager.sleep("m", 2, disk_copy=True)
+        used = h.manager.disk.used if h.manager.disk else 0
+
+        preadv = os.preadv
+        cache_dir = str(tmp_path / "cache")
+
+        def emfile(fd: int, *args):  # type: ignore[no-untyped-def]
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(cache_dir):  # (not the source)
+                raise OSError(errno.EMFILE, "Too many open files")
+            return preadv(fd, *args)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(diskcache.os, "preadv", emfile)
+            m = await h.manager.wake("m")  # from the source, unchanged
+        assert m.state is ModelState.ACTIVE
+        h.check_bytes("m")
+        assert h.manager.disk is not None and h.manager.disk.used == used
+        assert all(layer.disk is not None for layer in h.manager._models["m"].layers)
+    finally:
+        await h.close()
+
+
+async def test_a_load_over_a_corrupt_copy_from_a_previous_run_reads_the_source(
+    tmp_path: Path, ckpt: Path
+) -> None:
+    first = disk_harness(tmp_path)
+    await first.manager.load("m", str(ckpt))
+    await first.manager.offload("m", [], Tier.DISK)
+    entry = first.manager._models["m"].layers[2].disk
+    await first.close()
+    assert entry is not None
+    with open(entry.path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"!")
+    second = disk_harness(tmp_path)
+    try:
+        m = await second.manager.load("m", str(ckpt))
+        assert m.state is ModelState.ACTIVE
+        second.check_bytes("m")
+        assert not entry.path.exists()
+    finally:
+        await second.close()
 
 
 async def test_after_a_restart_a_load_reads_the_cached_layers(
@@ -155,7 +260,8 @@ async def test_offload_to_disk_skips_layers_left_at_the_source(tmp_path: Path, c
         with open(layer.disk.path, "r+b") as f:
             f.seek(-1, os.SEEK_END)
             f.write(b"!")
-        with pytest.raises(DataLoss):
+        touch_source(ckpt)  # nothing to fall back to
+        with pytest.raises(FailedPrecondition):
             await h.manager.wake("m")
         assert h.manager.get("m").layers[1].tier is Tier.SOURCE
         m = await h.manager.offload("m", [], Tier.DISK)  # no INTERNAL for the source layer

@@ -1,5 +1,5 @@
-"""The disk cache under a real torpord: junk in its directory, and a directory
-it must not use."""
+"""The disk cache under a real torpord: copies lost behind its back, junk in its
+directory, and a directory it must not use."""
 
 from __future__ import annotations
 
@@ -41,6 +41,39 @@ def disk_used(d: Daemon) -> int:
 
 def call(d: Daemon, method: str, **request: Any) -> Any:
     return d.call(f"torpor.v1.ModelService/{method}", {**request, "wait": True})["model"]
+
+
+def test_copies_lost_behind_the_daemon_fall_back_to_the_source(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    d = Daemon(tmp_path, config=cache_config(cache))
+    try:
+        d.wait_ready()
+        ckpt = make_checkpoint(d.models / "m", layers=4, shards=2)
+        call(d, "LoadModel", model_id="m", source=str(ckpt))
+        call(d, "OffloadModel", model_id="m", layers=["layers.0", "layers.3"], tier="TIER_DISK")
+        assert len(slab_files(cache)) == 2
+        for path in slab_files(cache):
+            (cache / path).unlink()  # deleted behind the daemon's back
+        m = call(d, "OffloadModel", model_id="m", tier="TIER_DEVICE", verify=True)
+        assert m["state"] == "MODEL_STATE_ACTIVE"
+        check_residency(d, "m")
+        assert disk_used(d) == 0
+
+        d.ctl("sleep", "m", "--level", "2", "--disk-copy")
+        files = sorted(slab_files(cache))
+        (cache / files[0]).unlink()
+        with open(cache / files[1], "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            f.write(b"!")
+        m = call(d, "WakeModel", model_id="m", verify=True)
+        assert m["state"] == "MODEL_STATE_ACTIVE"
+        check_residency(d, "m")
+        assert sorted(slab_files(cache)) == files[2:]  # the corrupt one is gone too
+        assert disk_used(d) == sum((cache / p).stat().st_size for p in files[2:])
+        assert "reading a layer from the source instead" in d.log()
+        assert d.stop() == 0
+    finally:
+        d.kill()
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,16 @@ def test_a_corrupt_entry_is_refused_and_removed(tmp_path: Path) -> None:
     assert cache.get(entry.key) is None and not entry.path.exists()
 
 
+def test_an_entry_deleted_behind_the_cache_is_dropped(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, 1 << 20)
+    entry = put(cache, "13" * 16, os.urandom(5000))
+    entry.path.unlink()
+    with pytest.raises(DataLoss) as err:
+        cache.read_into(entry, Sink(5000), "layers.3")
+    assert err.value.reason == "CACHE_ENTRY_LOST" and "layers.3" in err.value.message
+    assert cache.get(entry.key) is None and cache.used == 0
+
+
 @pytest.mark.parametrize("planted", ["symlink", "fifo", "directory"])
 def test_what_is_planted_where_an_entry_was_is_refused_unfollowed(
     tmp_path: Path, planted: str

@@ -25,9 +25,10 @@ import structlog
 from torpord.backends.base import Backend, Slab, SlabOwner
 from torpord.core.model import LayerState, Model, Progress
 from torpord.core.types import Stage, Tier
-from torpord.errors import Aborted, DataLoss, FailedPrecondition
+from torpord.errors import Aborted, DataLoss, FailedPrecondition, TorporError, Unavailable
 from torpord.storage.diskcache import DATA_OFFSET, DiskCache, DiskEntry, cache_key
 from torpord.storage.pipeline import ReadOptions, StopRequested, read_layers
+from torpord.storage.reader import check_unchanged
 
 __all__ = ["Mover"]
 
@@ -320,46 +321,97 @@ class Mover:
     # -- the disk tier -------------------------------------------------------------
 
     def _disk_copy(self, model: Model, layer: LayerState) -> bool:
-        """Whether a layer not in memory can come from the disk cache (its own
-        copy, or one a previous load of the same source left there)."""
+        """Whether a layer not in memory comes from the disk cache: its own copy
+        (even one the cache has lost since: _read_disk then falls back to the
+        source), or one a previous load of the same source left there."""
         if layer.slab is not None or self.disk is None:
             return False
-        if layer.disk is None or self.disk.get(layer.disk.key) is not layer.disk:
+        if layer.disk is None:
             layer.disk = self.disk.get(cache_key(model.checkpoint, layer.plan))
         return layer.disk is not None
 
     async def _read_disk(
         self, model: Model, layers: Sequence[LayerState], slabs: Sequence[Slab]
     ) -> None:
+        """Fill the layers' slabs from their disk copies. A layer whose copy is
+        lost (dropped from the cache) or can't be read right now is left
+        unfilled for the source to fill, once the source is found unchanged."""
         assert model.progress is not None and self.disk is not None
         progress = model.progress
+        fallen: list[tuple[LayerState, TorporError]] = []
         for layer, slab in zip(layers, slabs, strict=True):
-            entry = layer.disk
-            assert entry is not None
+            assert layer.disk is not None
             self._check_stopping()
-            if layer.checksum and entry.checksum != layer.checksum:
-                self.disk.remove(entry)
-                layer.disk = None
-                raise DataLoss(
-                    f"the disk copy of layer {layer.plan.name} holds other bytes than the"
-                    " model's (checksum {entry.checksum}, expected {layer.checksum})",
-                    reason="CACHE_CORRUPT",
-                    metadata={"model_id": model.model_id, "layer": layer.plan.name},
-                )
-            with progress.phase(Stage.READ, layer.plan.size):
-                try:
+            # The cache may hold a newer entry for the key (the same bytes: the
+            # key is the source's identity), or none: removed as corrupt through
+            # another model sharing it, or evicted.
+            entry = self.disk.get(layer.disk.key)
+            try:
+                if entry is None:
+                    raise DataLoss(
+                        f"the disk copy of layer {layer.plan.name} is no longer in the cache",
+                        reason="CACHE_ENTRY_LOST",
+                    )
+                if layer.checksum and entry.checksum != layer.checksum:
+                    self.disk.remove(entry)
+                    raise DataLoss(
+                        f"the disk copy of layer {layer.plan.name} holds other bytes than the"
+                        f" model's (checksum {entry.checksum}, expected {layer.checksum})",
+                        reason="CACHE_CORRUPT",
+                    )
+                with progress.phase(Stage.READ, layer.plan.size):
                     await self.blocking(
                         self.disk.read_into, entry, self._backend.sink(slab), layer.plan.name
                     )
-                except DataLoss:
-                    layer.disk = None
-                    raise
+            except (DataLoss, Unavailable) as err:
+                if isinstance(err, DataLoss):
+                    layer.disk = None  # (Unavailable: the copy is kept for later)
+                fallen.append((layer, err))
+                continue
+            layer.disk = entry
             layer.checksum = entry.checksum
             layer.slab = slab
             progress.bytes_done += layer.plan.size
             progress.layers_done += 1
             self._on_landed(model, layer)
             self.report(model)
+        if fallen:
+            await self._fall_back_to_source(model, fallen)
+
+    async def _fall_back_to_source(
+        self, model: Model, fallen: Sequence[tuple[LayerState, TorporError]]
+    ) -> None:
+        """Layers whose disk copy failed are read from the source, which must
+        not have changed since load (as for a level-2 wake)."""
+        names = ", ".join(layer.plan.name for layer, _ in fallen)
+        for layer, err in fallen:
+            log.warning(
+                "disk cache: reading a layer from the source instead",
+                model_id=model.model_id,
+                layer=layer.plan.name,
+                reason=err.reason,
+                error=err.message,
+            )
+        change = await self.blocking(check_unchanged, model.checkpoint)
+        if change is not None:
+            kept = [err for _, err in fallen if isinstance(err, Unavailable)]
+            if kept:  # the disk copy may be readable again later: retry then
+                raise kept[0]
+            raise FailedPrecondition(
+                f"the disk copy of model {model.model_id!r}'s layer(s) {names} was lost"
+                f" ({fallen[0][1].message}), and its source changed since it was loaded:"
+                f" {change}",
+                reason="SOURCE_CHANGED",
+                metadata={
+                    "model_id": model.model_id,
+                    "source": model.checkpoint.path,
+                    "layers": names,
+                },
+            )
+        assert model.progress is not None
+        note = f"the disk copy of {names} failed ({fallen[0][1].reason}): read from the source"
+        model.progress.note = "; ".join(filter(None, [model.progress.note, note]))
+        self.report(model, force=True)
 
     def reserve_disk(self, model: Model, layers: Sequence[LayerState], protect: set[str]) -> int:
         """Room in the disk cache for the layers with no disk copy yet. A copy the

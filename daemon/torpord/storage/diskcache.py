@@ -9,8 +9,14 @@ repeats the key and holds the slab's size and checksum
 (torpord.storage.checksum; an entry whose checksum is of another definition
 is dropped at start). Entries are written atomically; a half-written one is
 only ever a temporary file, removed at start, and so is anything in the
-cache's layout that is not a valid entry. Every read checks the checksum: a
-corrupted entry is deleted and refused (DATA_LOSS), never served.
+cache's layout that is not a valid entry.
+
+Every read checks the checksum. An entry that is gone, corrupt or unreadable
+for good (see cachefiles.entry_is_lost) is dropped from the index (and its
+file removed, when it is a regular file of ours) and refused with DATA_LOSS,
+never served; the caller falls back to the layer's source. A read that failed
+because the system is failing right now (EMFILE, ENOMEM...) is UNAVAILABLE
+and keeps the entry.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import structlog
 import xxhash
 
 from torpord.errors import DataLoss, ResourceExhausted, Unavailable
-from torpord.storage.cachefiles import CacheDir, UnsafeCacheDir, printable
+from torpord.storage.cachefiles import CacheDir, UnsafeCacheDir, entry_is_lost, printable
 from torpord.storage.cacheformat import DATA_OFFSET, MAGIC, BadEntry, encode_head
 from torpord.storage.layers import LayerPlan
 from torpord.storage.pipeline import SlabSink
@@ -200,8 +206,9 @@ class DiskCache:
         return entry
 
     def read_into(self, entry: DiskEntry, sink: SlabSink, layer: str) -> None:
-        """Fill a slab from its entry and check the checksum; a corrupt or missing
-        entry is removed and refused with DATA_LOSS."""
+        """Fill a slab from its entry and check the checksum. An entry gone,
+        corrupt or unreadable for good is removed and refused with DATA_LOSS;
+        a read the system failed right now is UNAVAILABLE and keeps it."""
         view = sink.view()
         try:
             fd = self._files.open_entry(entry.key)
@@ -227,10 +234,18 @@ class DiskCache:
             digest = sink.checksum()
             if digest != entry.checksum:
                 raise BadEntry(f"checksum {digest}, expected {entry.checksum}")
-        except OSError as err:  # the disk or the system failed, not the entry
-            raise Unavailable(
-                f"disk cache: reading the copy of layer {layer} failed: {err.strerror}",
-                reason="DISK_READ_FAILED",
+        except OSError as err:
+            if not entry_is_lost(err):  # the system failed right now, not the entry
+                raise Unavailable(
+                    f"disk cache: reading the copy of layer {layer} failed: {err.strerror}",
+                    reason="DISK_READ_FAILED",
+                    metadata={"layer": layer, "path": str(entry.path)},
+                ) from None
+            self.remove(entry)
+            raise DataLoss(
+                f"the disk copy of layer {layer} ({entry.path}) is gone or unreadable"
+                f" ({err.strerror}); it was dropped from the cache",
+                reason="CACHE_ENTRY_LOST",
                 metadata={"layer": layer, "path": str(entry.path)},
             ) from None
         except BadEntry as err:
