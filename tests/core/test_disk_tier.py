@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -11,14 +13,25 @@ from torpor.testing import make_checkpoint
 from torpord.core.types import ModelState, Tier
 from torpord.errors import FailedPrecondition, ResourceExhausted
 from torpord.storage import diskcache
+from torpord.storage.diskcache import DiskCache, DiskEntry
+
+from tests.smallfs import small_filesystem
 
 from .harness import Harness, disk_harness, expected_slab, tiers
+
+
+def cache_files(root: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_ino) for p in root.glob("*/*"))
 
 
 def touch_source(ckpt: Path) -> None:
     for shard in ckpt.glob("*.safetensors"):
         st = shard.stat()
         os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+
+
+def disk_entries(h: Harness, model_id: str) -> list[DiskEntry]:
+    return [layer.disk for layer in h.manager._models[model_id].layers if layer.disk is not None]
 
 
 async def test_offload_to_disk_and_back(tmp_path: Path, ckpt: Path) -> None:
@@ -267,5 +280,81 @@ async def test_offload_to_disk_skips_layers_left_at_the_source(tmp_path: Path, c
         m = await h.manager.offload("m", [], Tier.DISK)  # no INTERNAL for the source layer
         assert m.layers[1].tier is Tier.SOURCE
         assert {layer.tier for layer in m.layers[2:]} == {Tier.DISK}
+    finally:
+        await h.close()
+
+
+async def test_a_full_filesystem_evicts_unused_copies_and_failed_tries_leave_the_cache_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """The budget allows it, the filesystem (a real tmpfs) does not: copies no
+    model uses are evicted and the write tried again; where that is not
+    enough, the offload is DISK_FULL and leaves no file and no byte behind."""
+    a = make_checkpoint(tmp_path / "a", layers=6, hidden=64, seed=1)
+    b = make_checkpoint(tmp_path / "b", layers=6, hidden=64, seed=2)
+    with small_filesystem(tmp_path / "fs", 1024 * 1024) as fs:  # one model's copy, not two
+        h = Harness(tmp_path)
+        disk = h.manager.disk = h.manager.mover.disk = DiskCache(fs / "cache", 1 << 30)
+        try:
+            await h.manager.load("a", str(a))
+            await h.manager.load("b", str(b))
+            await h.manager.offload("a", [], Tier.DISK)
+            before = (cache_files(fs / "cache"), disk.used)
+            for _ in range(3):
+                with pytest.raises(ResourceExhausted) as err:
+                    await h.manager.offload("b", [], Tier.DISK)
+                assert err.value.reason == "DISK_FULL" and "filesystem is full" in err.value.message
+                assert (cache_files(fs / "cache"), disk.used) == before
+                m = h.manager.get("b")
+                assert m.state is ModelState.ACTIVE and set(tiers(m)) == {Tier.DEVICE}
+                assert all(layer.disk is None for layer in h.manager._models["b"].layers)
+            h.check_bytes("b")
+            await h.manager.unload("a")  # a's copies: no model uses them now
+            m = await h.manager.offload("b", [], Tier.DISK)
+            assert set(tiers(m)) == {Tier.DISK}
+            h.check_bytes("b")  # (its copies hold exactly its bytes)
+            # Some of a's copies made room; what is left is all counted.
+            left = list((fs / "cache").glob("*/*.slab"))
+            assert disk.used == sum(p.stat().st_size for p in left)
+            assert {e.path for e in disk_entries(h, "b")} <= set(left)
+            m = await h.manager.offload("b", [], Tier.DEVICE, verify=True)
+            h.check_bytes("b")
+        finally:
+            await h.close()
+
+
+async def test_a_forced_unload_racing_writes_to_disk_leaves_the_cache_consistent(
+    tmp_path: Path, ckpt: Path
+) -> None:
+    """Wherever a forced Unload lands in an offload to disk (or a level-2
+    sleep with a disk copy), the cache holds exactly the files it counts: no
+    reservation left charged, no temporary file, no entry without its file."""
+    h = disk_harness(tmp_path)
+    disk = h.manager.disk
+    assert disk is not None
+    rng = random.Random(11)
+    try:
+        for _ in range(60):
+            await h.manager.load("m", str(ckpt))
+            if rng.random() < 0.5:
+                await h.manager.offload("m", [], Tier.DISK, wait=False)
+            else:
+                await h.manager.sleep("m", 2, disk_copy=True, wait=False)
+            for _ in range(rng.randint(0, 12)):
+                await asyncio.sleep(0)
+            if rng.random() < 0.3:
+                await asyncio.sleep(rng.random() * 0.005)
+            await h.manager.unload("m", force=True)
+            files = list((tmp_path / "cache").glob("*/*"))
+            assert all(p.suffix == ".slab" for p in files)  # (no temporary file)
+            on_disk = {p.stem: p.stat().st_size for p in files}
+            assert disk.used == sum(on_disk.values())
+            assert all(disk.get(key) is not None for key in on_disk)
+            if rng.random() < 0.8:  # mostly from nothing: every layer written anew
+                for key in list(on_disk):
+                    entry = disk.get(key)
+                    assert entry is not None
+                    disk.remove(entry)
+        assert h.device_used() == 0 and h.backend.host_pool().used == 0
     finally:
         await h.close()

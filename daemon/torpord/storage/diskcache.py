@@ -2,10 +2,10 @@
 
 An entry is one slab in one file (its format is in
 torpord.storage.cacheformat, how its files are opened safely in
-torpord.storage.cachefiles). The key hashes the source's identity (every
-file's path, size, modify time, inode and header hash), the layer's name and
-size, so a changed source can never be mistaken for the cached one. The meta
-repeats the key and holds the slab's size and checksum
+torpord.storage.cachefiles). The key hashes the source's
+identity (every file's path, size, modify time, inode and header hash), the
+layer's name and size, so a changed source can never be mistaken for the
+cached one. The meta repeats the key and holds the slab's size and checksum
 (torpord.storage.checksum; an entry whose checksum is of another definition
 is dropped at start). Entries are written atomically; a half-written one is
 only ever a temporary file, removed at start, and so is anything in the
@@ -17,6 +17,11 @@ file removed, when it is a regular file of ours) and refused with DATA_LOSS,
 never served; the caller falls back to the layer's source. A read that failed
 because the system is failing right now (EMFILE, ENOMEM...) is UNAVAILABLE
 and keeps the entry.
+
+Room is taken with `reserve` (all or nothing, evicting the least recently
+used copies no model uses) and given back with `release`; the entries written
+under a reservation are not evicted until it is released, so a transition
+never loses a copy it has just written.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -40,7 +45,16 @@ from torpord.storage.layers import LayerPlan
 from torpord.storage.pipeline import SlabSink
 from torpord.storage.safetensors import Checkpoint
 
-__all__ = ["DATA_OFFSET", "MAGIC", "DiskCache", "DiskEntry", "UnsafeCacheDir", "cache_key"]
+__all__ = [
+    "DATA_OFFSET",
+    "MAGIC",
+    "DiskCache",
+    "DiskEntry",
+    "FilesystemFull",
+    "Reservation",
+    "UnsafeCacheDir",
+    "cache_key",
+]
 
 log = structlog.get_logger("torpord.storage")
 
@@ -63,6 +77,20 @@ class DiskEntry:
     inode: int  # of the file written (or found at start), so only that one is removed
 
 
+@dataclass(eq=False)
+class Reservation:
+    """Room taken in the cache for new entries: the bytes not yet written, and
+    the entries written under it (kept from eviction until it is released)."""
+
+    left: int
+    written: list[DiskEntry] = field(default_factory=list)
+    released: bool = False
+
+
+class FilesystemFull(ResourceExhausted):
+    """The filesystem (or a quota) had no room for a write the budget allowed."""
+
+
 def cache_key(checkpoint: Checkpoint, plan: LayerPlan) -> str:
     identity = {
         "files": [[f.path, f.size, f.mtime_ns, f.inode, f.header_hash] for f in checkpoint.files],
@@ -82,6 +110,7 @@ class DiskCache:
         self._entries: dict[str, DiskEntry] = {}
         self._last_use: dict[str, float] = {}  # key -> when last written or read (LRU)
         self._reserved = 0
+        self._reservations: list[Reservation] = []
         self._lock = threading.Lock()
         self._scan()
 
@@ -116,40 +145,98 @@ class DiskCache:
             self._entries[f.key] = DiskEntry(f.key, path, f.size, f.checksum, f.file_bytes, f.inode)
             self._last_use[f.key] = f.atime
 
-    def reserve(self, sizes: Iterable[int], protect: set[str]) -> int:
+    def _victims(self, protect: set[str]) -> list[DiskEntry]:
+        """Entries that may be evicted, least recently used first (under the lock)."""
+        pinned = {e.key for r in self._reservations for e in r.written}
+        victims = [e for k, e in self._entries.items() if k not in protect and k not in pinned]
+        victims.sort(key=lambda e: self._last_use.get(e.key, 0.0))
+        return victims
+
+    def _forget(self, entry: DiskEntry) -> None:
+        """Drop an entry from the index and delete its file (under the lock)."""
+        del self._entries[entry.key]
+        self._last_use.pop(entry.key, None)
+        self._files.remove_entry(entry.key, entry.inode)
+
+    def check_room(self, sizes: Iterable[int], protect: set[str]) -> None:
+        """DISK_FULL unless `reserve(sizes, protect)` could succeed now; takes nothing."""
+        asked = sum(DATA_OFFSET + s for s in sizes)
+        with self._lock:
+            self._choose(asked, protect)
+
+    def _choose(self, asked: int, protect: set[str]) -> list[DiskEntry]:
+        """The victims that make room for `asked` bytes, or DISK_FULL (under the lock)."""
+        free = self.capacity - self._reserved - sum(e.file_bytes for e in self._entries.values())
+        if asked <= free:
+            return []
+        freed, chosen = 0, []
+        for victim in self._victims(protect):
+            if free + freed >= asked:
+                break
+            chosen.append(victim)
+            freed += victim.file_bytes
+        if free + freed < asked:
+            raise ResourceExhausted(
+                f"disk cache {self.root}: asked for {asked} bytes, {free} of"
+                f" {self.capacity} free ({freed} more could be evicted)",
+                reason="DISK_FULL",
+                metadata={"asked": asked, "free": free, "budget": self.capacity},
+            )
+        return chosen
+
+    def reserve(self, sizes: Iterable[int], protect: set[str]) -> Reservation:
         """Take room for new entries of `sizes` slab bytes, evicting entries not in
         `protect` (the keys live models use) if need be; all or nothing."""
         asked = sum(DATA_OFFSET + s for s in sizes)
         with self._lock:
-            free = (
-                self.capacity - self._reserved - sum(e.file_bytes for e in self._entries.values())
-            )
-            if asked > free:
-                victims = [e for k, e in self._entries.items() if k not in protect]
-                victims.sort(key=lambda e: self._last_use.get(e.key, 0.0))
-                freed, chosen = 0, []
-                for victim in victims:
-                    if free + freed >= asked:
-                        break
-                    chosen.append(victim)
-                    freed += victim.file_bytes
-                if free + freed < asked:
-                    raise ResourceExhausted(
-                        f"disk cache {self.root}: asked for {asked} bytes, {free} of"
-                        f" {self.capacity} free ({freed} more could be evicted)",
-                        reason="DISK_FULL",
-                        metadata={"asked": asked, "free": free, "budget": self.capacity},
-                    )
-                for victim in chosen:
-                    del self._entries[victim.key]
-                    self._last_use.pop(victim.key, None)
-                    self._files.remove_entry(victim.key, victim.inode)
+            for victim in self._choose(asked, protect):
+                self._forget(victim)
             self._reserved += asked
-        return asked
+            reservation = Reservation(asked)
+            self._reservations.append(reservation)
+        return reservation
 
-    def unreserve(self, nbytes: int) -> None:
+    def release(self, reservation: Reservation) -> None:
+        """Give back what is left of a reservation; its entries may now be evicted
+        (unless in use). Releasing twice is harmless."""
         with self._lock:
-            self._reserved -= nbytes
+            if reservation.released:
+                return
+            reservation.released = True
+            self._reserved -= reservation.left
+            reservation.left = 0
+            self._reservations.remove(reservation)
+
+    def undo(self, reservation: Reservation, protect: set[str]) -> None:
+        """Release `reservation` and remove the entries written under it, but
+        those in `protect` (a model took them meanwhile) or written again
+        under another reservation still held (a concurrent write of the key)."""
+        self.release(reservation)
+        with self._lock:
+            pinned = {e.key for r in self._reservations for e in r.written}
+        for entry in reservation.written:
+            if entry.key not in protect and entry.key not in pinned:
+                self.remove(entry)
+
+    def make_room(self, needed: int, protect: set[str]) -> int:
+        """After the filesystem (or a quota) said it is full: evict copies not in
+        `protect`, least recently used first, worth at least `needed` bytes
+        (what the filesystem says is free can't be trusted while other writes
+        run); returns the bytes evicted."""
+        evicted = 0
+        with self._lock:
+            for victim in self._victims(protect):
+                if evicted >= needed:
+                    break
+                self._forget(victim)
+                evicted += victim.file_bytes
+        if evicted:
+            log.warning(
+                "disk cache: the filesystem was full; evicted copies no model uses",
+                path=printable(self.root),
+                evicted_bytes=evicted,
+            )
+        return evicted
 
     def remove(self, entry: DiskEntry) -> None:
         """Forget an entry and delete its file, unless a newer entry for the same
@@ -169,15 +256,15 @@ class DiskCache:
         key: str,
         data: memoryview | Iterable[memoryview],
         checksum: str,
-        reserved: int,
+        reservation: Reservation,
         size: int | None = None,
     ) -> DiskEntry:
         """Store a slab under key, atomically: its bytes as one view, or as
         views handed over in order (each valid until the next; `size` says how
-        many bytes in all). On success `reserved` (this entry's share of a
-        reserve()) becomes the entry's. On failure the reservation stays the
-        caller's to give back. ENOSPC is DISK_FULL; a failed write leaves
-        nothing behind."""
+        many bytes in all). On success the entry's share of `reservation`
+        becomes the entry's, and the entry is kept from eviction until the
+        reservation is released. ENOSPC and EDQUOT are FilesystemFull
+        (DISK_FULL); a failed write leaves nothing behind."""
         if isinstance(data, memoryview):
             size = data.nbytes
             data = _slices(data)
@@ -186,7 +273,7 @@ class DiskCache:
             inode = self._files.write_entry(key, encode_head(key, size, checksum), data, size)
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceExhausted(
+                raise FilesystemFull(
                     f"disk cache {self.root}: the filesystem is full ({err.strerror})",
                     reason="DISK_FULL",
                     metadata={"asked": size, "path": str(self.root)},
@@ -200,7 +287,10 @@ class DiskCache:
             key, self.root / key[:2] / f"{key}.slab", size, checksum, DATA_OFFSET + size, inode
         )
         with self._lock:
-            self._reserved -= reserved
+            share = min(entry.file_bytes, reservation.left)
+            reservation.left -= share
+            self._reserved -= share
+            reservation.written.append(entry)
             self._entries[key] = entry  # (an older entry of the key was the file replaced)
             self._last_use[key] = time.time()
         return entry
