@@ -25,7 +25,7 @@ from torpord.logs import configure_logging
 from torpord.server.agents import AgentRegistry
 from torpord.server.app import DaemonAlreadyRunning, build_server, set_serving
 from torpord.server.fdsocket import FdServer
-from torpord.storage.diskcache import DiskCache
+from torpord.storage.diskcache import DiskCache, UnsafeCacheDir
 from torpord.storage.layers import LayerPatterns
 from torpord.storage.pipeline import ReadOptions
 
@@ -136,6 +136,15 @@ class Daemon:
 
     async def run(self) -> int:
         cfg = self.config
+        try:
+            disk = (
+                DiskCache(cfg.disk_cache.path, cfg.disk_cache.capacity)
+                if cfg.disk_cache.path
+                else None
+            )
+        except UnsafeCacheDir as err:  # (checked before the backend pins anything)
+            log.error("cannot start", error=f"{cfg.file or '<defaults>'}: disk_cache.path: {err}")
+            return 2
         systemd.status("starting the backend (a GPU host pins its host pool now)")
         try:
             backend, why = build_backend(cfg)
@@ -150,9 +159,7 @@ class Daemon:
                 alignment=cfg.layers.alignment,
                 read=ReadOptions(cfg.io.chunk_size, cfg.io.threads, cfg.io.direct),
             ),
-            disk=DiskCache(cfg.disk_cache.path, cfg.disk_cache.capacity)
-            if cfg.disk_cache.path
-            else None,
+            disk=disk,
         )
         socket_path = cfg.server.socket
         agents = AgentRegistry(

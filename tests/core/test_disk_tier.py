@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
+import random
 from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
 from torpord.core.types import ModelState, Tier
-from torpord.errors import DataLoss, FailedPrecondition, ResourceExhausted
+from torpord.errors import FailedPrecondition, ResourceExhausted
+from torpord.storage import diskcache
+from torpord.storage.diskcache import DiskCache, DiskEntry
 
-from .harness import Harness, disk_harness, expected_slab
+from tests.smallfs import small_filesystem
+
+from .harness import Harness, disk_harness, expected_slab, tiers
+
+
+def cache_files(root: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_ino) for p in root.glob("*/*"))
+
+
+def touch_source(ckpt: Path) -> None:
+    for shard in ckpt.glob("*.safetensors"):
+        st = shard.stat()
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+
+
+def disk_entries(h: Harness, model_id: str) -> list[DiskEntry]:
+    return [layer.disk for layer in h.manager._models[model_id].layers if layer.disk is not None]
 
 
 async def test_offload_to_disk_and_back(tmp_path: Path, ckpt: Path) -> None:
@@ -97,18 +118,115 @@ async def test_a_corrupt_disk_copy_is_never_served(tmp_path: Path, ckpt: Path) -
         with open(entry.path, "r+b") as f:
             f.seek(-10, os.SEEK_END)
             f.write(b"corruption")
-        with pytest.raises(DataLoss) as err:
-            await h.manager.wake("m")
-        assert err.value.reason == "CACHE_CORRUPT"
-        m = h.manager.get("m")
-        assert m.state is ModelState.OFFLOADED and m.state_reason == "CACHE_CORRUPT"
-        # The bad copy is gone; the layer falls back to the source.
-        assert m.layers[3].tier is Tier.SOURCE
+        # The bad copy is dropped and the layer read from the (unchanged) source.
         m = await h.manager.wake("m")
         assert m.state is ModelState.ACTIVE
+        assert m.last_transition is not None and "layers.2" in m.last_transition.note
         h.check_bytes("m")
+        assert not entry.path.exists() and h.manager.disk is not None
+        assert h.manager.disk.get(entry.key) is None and h.manager.disk.used == 0
     finally:
         await h.close()
+
+
+@pytest.mark.parametrize("how", ["wake", "offload"])
+async def test_a_disk_copy_deleted_behind_the_daemon_falls_back_to_the_source(
+    tmp_path: Path, ckpt: Path, how: str
+) -> None:
+    h = disk_harness(tmp_path)
+    try:
+        await h.manager.load("m", str(ckpt))
+        if how == "wake":
+            await h.manager.sleep("m", 2, disk_copy=True)
+        else:
+            await h.manager.offload("m", ["layers.0", "layers.4"], Tier.DISK)
+        lost = h.manager._models["m"].layers[1].disk
+        assert lost is not None
+        lost.path.unlink()
+        if how == "wake":
+            m = await h.manager.wake("m", verify=True)
+        else:
+            m = await h.manager.offload("m", [], Tier.DEVICE, verify=True)
+        assert m.state is ModelState.ACTIVE and set(tiers(m)) == {Tier.DEVICE}
+        h.check_bytes("m")
+        assert h.manager.disk is not None and h.manager.disk.get(lost.key) is None
+        assert h.manager._models["m"].layers[1].disk is None
+    finally:
+        await h.close()
+
+
+async def test_a_lost_disk_copy_and_a_changed_source_is_source_changed(
+    tmp_path: Path, ckpt: Path
+) -> None:
+    h = disk_harness(tmp_path)
+    try:
+        await h.manager.load("m", str(ckpt))
+        await h.manager.sleep("m", 2, disk_copy=True)
+        lost = h.manager._models["m"].layers[1].disk
+        assert lost is not None
+        lost.path.unlink()
+        touch_source(ckpt)  # no longer the one loaded
+        with pytest.raises(FailedPrecondition) as err:
+            await h.manager.wake("m")
+        assert err.value.reason == "SOURCE_CHANGED"
+        assert "layers.0" in err.value.message and "was lost" in err.value.message
+        m = h.manager.get("m")
+        assert m.state is ModelState.ASLEEP and m.state_reason == "SOURCE_CHANGED"
+        assert m.layers[1].tier is Tier.SOURCE
+        assert {layer.tier for layer in m.layers[2:]} == {Tier.DISK}
+        assert h.device_used() == 0
+    finally:
+        await h.close()
+
+
+async def test_a_disk_copy_that_cant_be_read_right_now_is_kept(
+    tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = disk_harness(tmp_path)
+    try:
+        await h.manager.load("m", str(ckpt))
+        await h.manager.sleep("m", 2, disk_copy=True)
+        used = h.manager.disk.used if h.manager.disk else 0
+
+        preadv = os.preadv
+        cache_dir = str(tmp_path / "cache")
+
+        def emfile(fd: int, *args):  # type: ignore[no-untyped-def]
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(cache_dir):  # (not the source)
+                raise OSError(errno.EMFILE, "Too many open files")
+            return preadv(fd, *args)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(diskcache.os, "preadv", emfile)
+            m = await h.manager.wake("m")  # from the source, unchanged
+        assert m.state is ModelState.ACTIVE
+        h.check_bytes("m")
+        assert h.manager.disk is not None and h.manager.disk.used == used
+        assert all(layer.disk is not None for layer in h.manager._models["m"].layers)
+    finally:
+        await h.close()
+
+
+async def test_a_load_over_a_corrupt_copy_from_a_previous_run_reads_the_source(
+    tmp_path: Path, ckpt: Path
+) -> None:
+    first = disk_harness(tmp_path)
+    await first.manager.load("m", str(ckpt))
+    await first.manager.offload("m", [], Tier.DISK)
+    entry = first.manager._models["m"].layers[2].disk
+    await first.close()
+    assert entry is not None
+    with open(entry.path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"!")
+    second = disk_harness(tmp_path)
+    try:
+        m = await second.manager.load("m", str(ckpt))
+        assert m.state is ModelState.ACTIVE
+        second.check_bytes("m")
+        assert not entry.path.exists()
+    finally:
+        await second.close()
 
 
 async def test_after_a_restart_a_load_reads_the_cached_layers(
@@ -155,11 +273,88 @@ async def test_offload_to_disk_skips_layers_left_at_the_source(tmp_path: Path, c
         with open(layer.disk.path, "r+b") as f:
             f.seek(-1, os.SEEK_END)
             f.write(b"!")
-        with pytest.raises(DataLoss):
+        touch_source(ckpt)  # nothing to fall back to
+        with pytest.raises(FailedPrecondition):
             await h.manager.wake("m")
         assert h.manager.get("m").layers[1].tier is Tier.SOURCE
         m = await h.manager.offload("m", [], Tier.DISK)  # no INTERNAL for the source layer
         assert m.layers[1].tier is Tier.SOURCE
         assert {layer.tier for layer in m.layers[2:]} == {Tier.DISK}
+    finally:
+        await h.close()
+
+
+async def test_a_full_filesystem_evicts_unused_copies_and_failed_tries_leave_the_cache_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """The budget allows it, the filesystem (a real tmpfs) does not: copies no
+    model uses are evicted and the write tried again; where that is not
+    enough, the offload is DISK_FULL and leaves no file and no byte behind."""
+    a = make_checkpoint(tmp_path / "a", layers=6, hidden=64, seed=1)
+    b = make_checkpoint(tmp_path / "b", layers=6, hidden=64, seed=2)
+    with small_filesystem(tmp_path / "fs", 1024 * 1024) as fs:  # one model's copy, not two
+        h = Harness(tmp_path)
+        disk = h.manager.disk = h.manager.mover.disk = DiskCache(fs / "cache", 1 << 30)
+        try:
+            await h.manager.load("a", str(a))
+            await h.manager.load("b", str(b))
+            await h.manager.offload("a", [], Tier.DISK)
+            before = (cache_files(fs / "cache"), disk.used)
+            for _ in range(3):
+                with pytest.raises(ResourceExhausted) as err:
+                    await h.manager.offload("b", [], Tier.DISK)
+                assert err.value.reason == "DISK_FULL" and "filesystem is full" in err.value.message
+                assert (cache_files(fs / "cache"), disk.used) == before
+                m = h.manager.get("b")
+                assert m.state is ModelState.ACTIVE and set(tiers(m)) == {Tier.DEVICE}
+                assert all(layer.disk is None for layer in h.manager._models["b"].layers)
+            h.check_bytes("b")
+            await h.manager.unload("a")  # a's copies: no model uses them now
+            m = await h.manager.offload("b", [], Tier.DISK)
+            assert set(tiers(m)) == {Tier.DISK}
+            h.check_bytes("b")  # (its copies hold exactly its bytes)
+            # Some of a's copies made room; what is left is all counted.
+            left = list((fs / "cache").glob("*/*.slab"))
+            assert disk.used == sum(p.stat().st_size for p in left)
+            assert {e.path for e in disk_entries(h, "b")} <= set(left)
+            m = await h.manager.offload("b", [], Tier.DEVICE, verify=True)
+            h.check_bytes("b")
+        finally:
+            await h.close()
+
+
+async def test_a_forced_unload_racing_writes_to_disk_leaves_the_cache_consistent(
+    tmp_path: Path, ckpt: Path
+) -> None:
+    """Wherever a forced Unload lands in an offload to disk (or a level-2
+    sleep with a disk copy), the cache holds exactly the files it counts: no
+    reservation left charged, no temporary file, no entry without its file."""
+    h = disk_harness(tmp_path)
+    disk = h.manager.disk
+    assert disk is not None
+    rng = random.Random(11)
+    try:
+        for _ in range(60):
+            await h.manager.load("m", str(ckpt))
+            if rng.random() < 0.5:
+                await h.manager.offload("m", [], Tier.DISK, wait=False)
+            else:
+                await h.manager.sleep("m", 2, disk_copy=True, wait=False)
+            for _ in range(rng.randint(0, 12)):
+                await asyncio.sleep(0)
+            if rng.random() < 0.3:
+                await asyncio.sleep(rng.random() * 0.005)
+            await h.manager.unload("m", force=True)
+            files = list((tmp_path / "cache").glob("*/*"))
+            assert all(p.suffix == ".slab" for p in files)  # (no temporary file)
+            on_disk = {p.stem: p.stat().st_size for p in files}
+            assert disk.used == sum(on_disk.values())
+            assert all(disk.get(key) is not None for key in on_disk)
+            if rng.random() < 0.8:  # mostly from nothing: every layer written anew
+                for key in list(on_disk):
+                    entry = disk.get(key)
+                    assert entry is not None
+                    disk.remove(entry)
+        assert h.device_used() == 0 and h.backend.host_pool().used == 0
     finally:
         await h.close()

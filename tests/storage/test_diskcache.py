@@ -1,4 +1,4 @@
-"""The disk cache: atomic entries, budgets, restarts, corruption refused."""
+"""The disk cache: atomic entries, budgets, restarts, corruption and loss refused."""
 
 from __future__ import annotations
 
@@ -14,9 +14,17 @@ from torpor.testing import make_checkpoint
 from torpord.errors import DataLoss, ResourceExhausted, Unavailable
 from torpord.storage import diskcache
 from torpord.storage.checksum import slab_checksum
-from torpord.storage.diskcache import DATA_OFFSET, MAGIC, DiskCache, cache_key
+from torpord.storage.diskcache import (
+    DATA_OFFSET,
+    MAGIC,
+    DiskCache,
+    FilesystemFull,
+    cache_key,
+)
 from torpord.storage.layers import plan_layers
 from torpord.storage.safetensors import open_checkpoint
+
+from tests.smallfs import small_filesystem
 
 
 class Sink:
@@ -39,8 +47,15 @@ class Sink:
 
 
 def put(cache: DiskCache, key: str, payload: bytes) -> diskcache.DiskEntry:
-    share = cache.reserve([len(payload)], set())
-    return cache.write(key, memoryview(payload), slab_checksum(payload), share)
+    room = cache.reserve([len(payload)], set())
+    try:
+        return cache.write(key, memoryview(payload), slab_checksum(payload), room)
+    finally:
+        cache.release(room)
+
+
+def files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.glob("*/*"))
 
 
 @pytest.mark.parametrize("addressable", [True, False])
@@ -60,6 +75,7 @@ def test_half_written_and_junk_entries_are_dropped_at_start(tmp_path: Path) -> N
     cache = DiskCache(tmp_path, 1 << 20)
     good = put(cache, "cd" * 16, b"x" * 100)
     (tmp_path / "cd" / f"{'cd' * 16}.1.2.tmp").write_bytes(b"half")
+    (tmp_path / "cd" / f"{'cd' * 16}.123.0a1b2c3d.tmp").write_bytes(b"half")
     (tmp_path / "cd" / f"{'ef' * 16}.slab").write_bytes(b"not a slab")
     again = DiskCache(tmp_path, 1 << 20)
     assert again.get("cd" * 16) == good and again.get("ef" * 16) is None
@@ -96,6 +112,42 @@ def test_a_corrupt_entry_is_refused_and_removed(tmp_path: Path) -> None:
     assert cache.get(entry.key) is None and not entry.path.exists()
 
 
+def test_an_entry_deleted_behind_the_cache_is_dropped(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, 1 << 20)
+    entry = put(cache, "13" * 16, os.urandom(5000))
+    entry.path.unlink()
+    with pytest.raises(DataLoss) as err:
+        cache.read_into(entry, Sink(5000), "layers.3")
+    assert err.value.reason == "CACHE_ENTRY_LOST" and "layers.3" in err.value.message
+    assert cache.get(entry.key) is None and cache.used == 0
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo", "directory"])
+def test_what_is_planted_where_an_entry_was_is_refused_unfollowed(
+    tmp_path: Path, planted: str
+) -> None:
+    """A symbolic link is never followed (its target is not read, nor
+    removed), a FIFO never blocks a read; neither is deleted (not ours)."""
+    cache = DiskCache(tmp_path / "c", 1 << 20)
+    payload = os.urandom(5000)
+    entry = put(cache, "14" * 16, payload)
+    outside = tmp_path / "outside"
+    outside.write_bytes(entry.path.read_bytes())  # a valid entry's bytes, even
+    entry.path.unlink()
+    if planted == "symlink":
+        entry.path.symlink_to(outside)
+    elif planted == "fifo":
+        os.mkfifo(entry.path)
+    else:
+        entry.path.mkdir()
+    with pytest.raises(DataLoss) as err:
+        cache.read_into(entry, Sink(5000), "layers.0")
+    assert err.value.reason in ("CACHE_CORRUPT", "CACHE_ENTRY_LOST")
+    assert cache.get(entry.key) is None and cache.used == 0
+    assert os.path.lexists(entry.path)  # left where it is
+    assert outside.read_bytes()[DATA_OFFSET:] == payload
+
+
 def test_budget_evicts_unused_copies_and_never_protected_ones(tmp_path: Path) -> None:
     cache = DiskCache(tmp_path, 3 * (DATA_OFFSET + 1000))
     a = put(cache, "a" * 32, b"a" * 1000)
@@ -105,28 +157,68 @@ def test_budget_evicts_unused_copies_and_never_protected_ones(tmp_path: Path) ->
     assert err.value.reason == "DISK_FULL"
     assert {"asked", "free", "budget"} <= set(err.value.metadata)
     assert cache.get(a.key) and cache.get(b.key)  # nothing was evicted for a failed reserve
-    share = cache.reserve([1000, 1000], {b.key})  # a may go
+    with pytest.raises(ResourceExhausted):
+        cache.check_room([1000, 1000], {a.key, b.key})
+    cache.check_room([1000, 1000], {b.key})  # a could go...
+    assert cache.get(a.key) is not None  # ...but a check takes nothing
+    room = cache.reserve([1000, 1000], {b.key})  # a may go
     assert cache.get(a.key) is None and cache.get(b.key) is not None
-    cache.unreserve(share)
+    cache.release(room)
+    cache.release(room)  # (twice is harmless)
+    assert cache.used == b.file_bytes
 
 
-def test_a_full_filesystem_is_disk_full_and_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_entries_written_under_a_live_reservation_are_not_evicted(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, 2 * (DATA_OFFSET + 1000))
+    room = cache.reserve([1000], set())
+    a = cache.write("a" * 32, memoryview(b"a" * 1000), slab_checksum(b"a" * 1000), room)
+    with pytest.raises(ResourceExhausted):  # a is nobody's yet, but its transition runs
+        cache.reserve([1000, 1000], set())
+    assert cache.make_room(1 << 30, set()) == 0
+    cache.release(room)
+    cache.reserve([1000, 1000], set())
+    assert cache.get(a.key) is None
+
+
+def test_undoing_a_reservation_removes_its_entries_but_those_others_hold(tmp_path: Path) -> None:
     cache = DiskCache(tmp_path, 1 << 20)
+    data = b"x" * 1000
+    mine, theirs = cache.reserve([1000] * 3, set()), cache.reserve([1000], set())
+    a = cache.write("a" * 32, memoryview(data), slab_checksum(data), mine)
+    b = cache.write("b" * 32, memoryview(data), slab_checksum(data), mine)
+    cache.write("c" * 32, memoryview(data), slab_checksum(data), mine)
+    c = cache.write("c" * 32, memoryview(data), slab_checksum(data), theirs)  # the same key
+    cache.undo(mine, protect={b.key})  # b: a model took it meanwhile
+    assert cache.get(a.key) is None and not a.path.exists()
+    assert cache.get(b.key) == b and cache.get(c.key) == c and c.path.exists()
+    assert cache.used == b.file_bytes + c.file_bytes
+    cache.release(theirs)
+    assert cache.used == b.file_bytes + c.file_bytes
 
-    def enospc(*args):  # type: ignore[no-untyped-def]
-        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(diskcache.os, "pwrite", enospc)
-    share = cache.reserve([100], set())
-    with pytest.raises(ResourceExhausted) as err:
-        cache.write("99" * 16, memoryview(b"z" * 100), "0", share)
-    assert err.value.reason == "DISK_FULL"
-    assert list(tmp_path.glob("*/*")) == []  # no entry, no temporary file
-    assert cache.used == share  # the reservation is still the caller's to give back
-    cache.unreserve(share)
-    assert cache.used == 0
+def test_a_full_filesystem_is_disk_full_leaves_nothing_and_evicts_unused_copies(
+    tmp_path: Path,
+) -> None:
+    with small_filesystem(tmp_path / "fs", 256 * 1024) as fs:
+        cache = DiskCache(fs / "cache", 1 << 30)  # the budget would allow it; the filesystem not
+        used = put(cache, "a" * 32, os.urandom(100_000))
+        unused = put(cache, "b" * 32, os.urandom(100_000))
+        before = files(fs / "cache")
+        room = cache.reserve([100_000], set())
+        payload = os.urandom(100_000)
+        with pytest.raises(FilesystemFull) as err:
+            cache.write("c" * 32, memoryview(payload), slab_checksum(payload), room)
+        assert err.value.reason == "DISK_FULL"
+        assert files(fs / "cache") == before  # no entry, no temporary file
+        assert cache.used == used.file_bytes + unused.file_bytes + room.left
+        assert cache.make_room(DATA_OFFSET + 100_000, {used.key}) > 0
+        assert cache.get(unused.key) is None and cache.get(used.key) == used
+        entry = cache.write("c" * 32, memoryview(payload), slab_checksum(payload), room)
+        cache.release(room)
+        sink = Sink(len(payload))
+        cache.read_into(entry, sink, "layers.0")
+        assert bytes(sink.data) == payload
+        assert cache.used == used.file_bytes + entry.file_bytes
 
 
 def test_a_read_that_fails_is_unavailable_and_keeps_the_entry(
@@ -151,6 +243,8 @@ def test_removing_a_replaced_entry_keeps_the_new_file(tmp_path: Path) -> None:
     new = put(cache, "55" * 16, b"b" * 100)  # the same key written again, same path
     cache.remove(old)
     assert cache.get(new.key) == new and new.path.exists()
+    cache.remove(new)
+    assert cache.get(new.key) is None and not new.path.exists()
 
 
 def test_a_changed_source_gets_a_different_key(tmp_path: Path) -> None:
@@ -176,8 +270,9 @@ def test_an_entry_written_from_pieces(tmp_path: Path) -> None:
             with memoryview(staging)[:n] as piece:
                 yield piece
 
-    share = cache.reserve([len(payload)], set())
-    entry = cache.write("cd" * 16, pieces(), slab_checksum(payload), share, len(payload))
+    room = cache.reserve([len(payload)], set())
+    entry = cache.write("cd" * 16, pieces(), slab_checksum(payload), room, len(payload))
+    cache.release(room)
     sink = Sink(len(payload))
     cache.read_into(entry, sink, "layers.0")
     assert bytes(sink.data) == payload and entry.size == len(payload)
@@ -192,9 +287,23 @@ def test_pieces_that_fall_short_or_fail_leave_nothing(tmp_path: Path, failure: s
         if failure == "source":
             raise RuntimeError("the device copy failed")
 
-    share = cache.reserve([200], set())
+    room = cache.reserve([200], set())
     with pytest.raises(RuntimeError, match=r"100 bytes written, 200 expected|device copy"):
-        cache.write("ef" * 16, pieces(), "0", share, 200)
-    assert list(tmp_path.glob("*/*")) == []  # no entry, no temporary file
-    assert cache.get("ef" * 16) is None
-    cache.unreserve(share)
+        cache.write("ef" * 16, pieces(), "0" * 16, room, 200)
+    assert files(tmp_path) == []  # no entry, no temporary file
+    assert cache.get("ef" * 16) is None and cache.used == room.left == DATA_OFFSET + 200
+    cache.release(room)
+    assert cache.used == 0
+
+
+def test_a_write_never_goes_through_a_symlinked_folder(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path / "c", 1 << 20)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "c" / "ab").symlink_to(elsewhere)
+    room = cache.reserve([100], set())
+    with pytest.raises(Unavailable) as err:
+        cache.write("ab" * 16, memoryview(b"x" * 100), "0" * 16, room)
+    assert err.value.reason == "DISK_WRITE_FAILED"
+    assert list(elsewhere.iterdir()) == [] and cache.get("ab" * 16) is None
+    cache.release(room)

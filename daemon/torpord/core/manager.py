@@ -121,6 +121,7 @@ class ModelManager:
             disk,
             on_landed=self._on_landed,
             retract=self._retract,
+            disk_in_use=self._disk_keys,
         )
         self._models: dict[str, Model] = {}
         # Ids whose Load is still validating the checkpoint: the task of that call.
@@ -303,7 +304,8 @@ class ModelManager:
         else:
             held = [layer for layer in model.layers if layer.slab is not None]
         new = self.mover.allocate(model, held, Tier.HOST) if level == 1 else []
-        reserved = self.mover.reserve_disk(model, held, self._disk_keys()) if disk_copy else 0
+        if disk_copy:
+            self.mover.check_disk_room(model, held)
 
         async def body() -> int:
             await self._quiesce(model, held)
@@ -311,7 +313,7 @@ class ModelManager:
                 moved = await self.mover.move(model, held, new)
             else:
                 if disk_copy:
-                    await self.mover.to_disk(model, held, reserved)
+                    await self.mover.to_disk(model, held)
                 moved = await self.mover.drop(model, held)
             model.sleep_level = level
             model.set_state(ModelState.ASLEEP)
@@ -386,11 +388,11 @@ class ModelManager:
             moving = [layer for layer in moving if layer.slab is not None]
             if not moving:
                 return model.snapshot()
-            reserved = self.mover.reserve_disk(model, moving, self._disk_keys())
+            self.mover.check_disk_room(model, moving)
 
             async def to_disk() -> int:
                 await self._quiesce(model, moving)
-                await self.mover.to_disk(model, moving, reserved)
+                await self.mover.to_disk(model, moving)
                 freed = await self.mover.drop(model, moving)
                 model.settle()
                 return freed

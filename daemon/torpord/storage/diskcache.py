@@ -1,17 +1,27 @@
 """The DISK tier: slabs kept in a local cache directory, with a byte budget.
 
-An entry is one slab in one file, `<root>/<key[:2]>/<key>.slab`:
+An entry is one slab in one file (its format is in
+torpord.storage.cacheformat, how its files are opened safely in
+torpord.storage.cachefiles). The key hashes the source's
+identity (every file's path, size, modify time, inode and header hash), the
+layer's name and size, so a changed source can never be mistaken for the
+cached one. The meta repeats the key and holds the slab's size and checksum
+(torpord.storage.checksum; an entry whose checksum is of another definition
+is dropped at start). Entries are written atomically; a half-written one is
+only ever a temporary file, removed at start, and so is anything in the
+cache's layout that is not a valid entry.
 
-    magic (12 bytes) | meta length (u32 LE) | meta (JSON) | zeros to 4 KiB | slab bytes
+Every read checks the checksum. An entry that is gone, corrupt or unreadable
+for good (see cachefiles.entry_is_lost) is dropped from the index (and its
+file removed, when it is a regular file of ours) and refused with DATA_LOSS,
+never served; the caller falls back to the layer's source. A read that failed
+because the system is failing right now (EMFILE, ENOMEM...) is UNAVAILABLE
+and keeps the entry.
 
-The key hashes the source's identity (every file's path, size, modify time,
-inode and header hash), the layer's name and size, so a changed source can
-never be mistaken for the cached one. The meta repeats the key and holds the
-slab's size and checksum (torpord.storage.checksum; an entry whose checksum
-is of another definition is dropped at start). Entries are written atomically (a temporary
-file, fsync, rename, fsync of the directory); a half-written one is only ever
-a temporary file, removed at start. Every read checks the checksum: a
-corrupted entry is deleted and refused (DATA_LOSS), never served.
+Room is taken with `reserve` (all or nothing, evicting the least recently
+used copies no model uses) and given back with `release`; the entries written
+under a reservation are not evicted until it is released, so a transition
+never loses a copy it has just written.
 """
 
 from __future__ import annotations
@@ -19,27 +29,35 @@ from __future__ import annotations
 import errno
 import json
 import os
-import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 import xxhash
 
 from torpord.errors import DataLoss, ResourceExhausted, Unavailable
-from torpord.storage.checksum import KIND as checksum_kind
+from torpord.storage.cachefiles import CacheDir, UnsafeCacheDir, entry_is_lost, printable
+from torpord.storage.cacheformat import DATA_OFFSET, MAGIC, BadEntry, encode_head
 from torpord.storage.layers import LayerPlan
 from torpord.storage.pipeline import SlabSink
 from torpord.storage.safetensors import Checkpoint
 
-__all__ = ["DiskCache", "DiskEntry", "cache_key"]
+__all__ = [
+    "DATA_OFFSET",
+    "MAGIC",
+    "DiskCache",
+    "DiskEntry",
+    "FilesystemFull",
+    "Reservation",
+    "UnsafeCacheDir",
+    "cache_key",
+]
 
 log = structlog.get_logger("torpord.storage")
 
-MAGIC = b"TORPORSLAB\x00\x01"
-DATA_OFFSET = 4096  # the slab's bytes start at a block boundary (O_DIRECT-ready)
 _PIECE = 16 * 2**20
 
 
@@ -56,6 +74,21 @@ class DiskEntry:
     size: int  # slab bytes
     checksum: str
     file_bytes: int  # what it costs the budget
+    inode: int  # of the file written (or found at start), so only that one is removed
+
+
+@dataclass(eq=False)
+class Reservation:
+    """Room taken in the cache for new entries: the bytes not yet written, and
+    the entries written under it (kept from eviction until it is released)."""
+
+    left: int
+    written: list[DiskEntry] = field(default_factory=list)
+    released: bool = False
+
+
+class FilesystemFull(ResourceExhausted):
+    """The filesystem (or a quota) had no room for a write the budget allowed."""
 
 
 def cache_key(checkpoint: Checkpoint, plan: LayerPlan) -> str:
@@ -70,12 +103,15 @@ def cache_key(checkpoint: Checkpoint, plan: LayerPlan) -> str:
 
 class DiskCache:
     def __init__(self, root: Path, capacity: int) -> None:
+        """UnsafeCacheDir if `root` can't be used (see torpord.storage.cachefiles)."""
         self.root = root
         self.capacity = capacity
+        self._files = CacheDir(root)
         self._entries: dict[str, DiskEntry] = {}
+        self._last_use: dict[str, float] = {}  # key -> when last written or read (LRU)
         self._reserved = 0
+        self._reservations: list[Reservation] = []
         self._lock = threading.Lock()
-        root.mkdir(parents=True, exist_ok=True)
         self._scan()
 
     # -- bookkeeping -------------------------------------------------------------
@@ -91,71 +127,116 @@ class DiskCache:
 
     def _scan(self) -> None:
         """Index the entries a previous run left; drop temporaries and junk."""
-        for path in self.root.glob("*/*"):
-            if path.name.endswith(".tmp"):
-                path.unlink(missing_ok=True)  # a write that never finished
-                continue
-            if not path.name.endswith(".slab"):
-                continue
-            try:
-                entry = self._read_header(path)
-            except (OSError, ValueError) as err:
-                log.warning(
-                    "disk cache: dropping an unreadable entry", path=str(path), error=str(err)
-                )
-                path.unlink(missing_ok=True)
-                continue
-            self._entries[entry.key] = entry
+        try:
+            found, skipped = self._files.scan()
+        except OSError as err:
+            raise UnsafeCacheDir(
+                f"{printable(self.root)}: cannot list it: {err.strerror}"
+            ) from None
+        for item in skipped:
+            log.warning(
+                "disk cache: skipped what is not a valid entry",
+                path=item.path,
+                why=item.why,
+                removed=item.removed,
+            )
+        for f in found:
+            path = self.root / f.key[:2] / f"{f.key}.slab"
+            self._entries[f.key] = DiskEntry(f.key, path, f.size, f.checksum, f.file_bytes, f.inode)
+            self._last_use[f.key] = f.atime
 
-    @staticmethod
-    def _read_header(path: Path) -> DiskEntry:
-        with open(path, "rb") as f:
-            head = f.read(DATA_OFFSET)
-            file_bytes = os.fstat(f.fileno()).st_size
-        if len(head) < len(MAGIC) + 4 or not head.startswith(MAGIC):
-            raise ValueError("not a torpor slab file")
-        (n,) = struct.unpack_from("<I", head, len(MAGIC))
-        meta = json.loads(head[len(MAGIC) + 4 : len(MAGIC) + 4 + n])
-        key, size, digest = meta["key"], int(meta["size"]), str(meta["checksum"])
-        if meta.get("checksum_kind") != checksum_kind:
-            raise ValueError(f"checksum of another definition ({meta.get('checksum_kind')})")
-        if path.stem != key or file_bytes != DATA_OFFSET + size:
-            raise ValueError(f"entry {path.name} is {file_bytes} bytes, its header says {size}")
-        return DiskEntry(key, path, size, digest, file_bytes)
+    def _victims(self, protect: set[str]) -> list[DiskEntry]:
+        """Entries that may be evicted, least recently used first (under the lock)."""
+        pinned = {e.key for r in self._reservations for e in r.written}
+        victims = [e for k, e in self._entries.items() if k not in protect and k not in pinned]
+        victims.sort(key=lambda e: self._last_use.get(e.key, 0.0))
+        return victims
 
-    def reserve(self, sizes: Iterable[int], protect: set[str]) -> int:
+    def _forget(self, entry: DiskEntry) -> None:
+        """Drop an entry from the index and delete its file (under the lock)."""
+        del self._entries[entry.key]
+        self._last_use.pop(entry.key, None)
+        self._files.remove_entry(entry.key, entry.inode)
+
+    def check_room(self, sizes: Iterable[int], protect: set[str]) -> None:
+        """DISK_FULL unless `reserve(sizes, protect)` could succeed now; takes nothing."""
+        asked = sum(DATA_OFFSET + s for s in sizes)
+        with self._lock:
+            self._choose(asked, protect)
+
+    def _choose(self, asked: int, protect: set[str]) -> list[DiskEntry]:
+        """The victims that make room for `asked` bytes, or DISK_FULL (under the lock)."""
+        free = self.capacity - self._reserved - sum(e.file_bytes for e in self._entries.values())
+        if asked <= free:
+            return []
+        freed, chosen = 0, []
+        for victim in self._victims(protect):
+            if free + freed >= asked:
+                break
+            chosen.append(victim)
+            freed += victim.file_bytes
+        if free + freed < asked:
+            raise ResourceExhausted(
+                f"disk cache {self.root}: asked for {asked} bytes, {free} of"
+                f" {self.capacity} free ({freed} more could be evicted)",
+                reason="DISK_FULL",
+                metadata={"asked": asked, "free": free, "budget": self.capacity},
+            )
+        return chosen
+
+    def reserve(self, sizes: Iterable[int], protect: set[str]) -> Reservation:
         """Take room for new entries of `sizes` slab bytes, evicting entries not in
         `protect` (the keys live models use) if need be; all or nothing."""
         asked = sum(DATA_OFFSET + s for s in sizes)
         with self._lock:
-            free = (
-                self.capacity - self._reserved - sum(e.file_bytes for e in self._entries.values())
-            )
-            if asked > free:
-                victims = [e for k, e in self._entries.items() if k not in protect]
-                victims.sort(key=lambda e: _atime(e.path))
-                freed, chosen = 0, []
-                for victim in victims:
-                    if free + freed >= asked:
-                        break
-                    chosen.append(victim)
-                    freed += victim.file_bytes
-                if free + freed < asked:
-                    raise ResourceExhausted(
-                        f"disk cache {self.root}: asked for {asked} bytes, {free} of"
-                        f" {self.capacity} free ({freed} more could be evicted)",
-                        reason="DISK_FULL",
-                        metadata={"asked": asked, "free": free, "budget": self.capacity},
-                    )
-                for victim in chosen:
-                    del self._entries[victim.key]
-                    victim.path.unlink(missing_ok=True)
+            for victim in self._choose(asked, protect):
+                self._forget(victim)
             self._reserved += asked
-        return asked
+            reservation = Reservation(asked)
+            self._reservations.append(reservation)
+        return reservation
 
-    def unreserve(self, nbytes: int) -> None:
+    def release(self, reservation: Reservation) -> None:
+        """Give back what is left of a reservation; its entries may now be evicted
+        (unless in use). Releasing twice is harmless."""
         with self._lock:
-            self._reserved -= nbytes
+            if reservation.released:
+                return
+            reservation.released = True
+            self._reserved -= reservation.left
+            reservation.left = 0
+            self._reservations.remove(reservation)
+
+    def undo(self, reservation: Reservation, protect: set[str]) -> None:
+        """Release `reservation` and remove the entries written under it, but
+        those in `protect` (a model took them meanwhile) or written again
+        under another reservation still held (a concurrent write of the key)."""
+        self.release(reservation)
+        with self._lock:
+            pinned = {e.key for r in self._reservations for e in r.written}
+        for entry in reservation.written:
+            if entry.key not in protect and entry.key not in pinned:
+                self.remove(entry)
+
+    def make_room(self, needed: int, protect: set[str]) -> int:
+        """After the filesystem (or a quota) said it is full: evict copies not in
+        `protect`, least recently used first, worth at least `needed` bytes
+        (what the filesystem says is free can't be trusted while other writes
+        run); returns the bytes evicted."""
+        evicted = 0
+        with self._lock:
+            for victim in self._victims(protect):
+                if evicted >= needed:
+                    break
+                self._forget(victim)
+                evicted += victim.file_bytes
+        if evicted:
+            log.warning(
+                "disk cache: the filesystem was full; evicted copies no model uses",
+                path=printable(self.root),
+                evicted_bytes=evicted,
+            )
+        return evicted
 
     def remove(self, entry: DiskEntry) -> None:
         """Forget an entry and delete its file, unless a newer entry for the same
@@ -164,8 +245,9 @@ class DiskCache:
             current = self._entries.get(entry.key)
             if current is entry:
                 del self._entries[entry.key]
+                self._last_use.pop(entry.key, None)
             if current is None or current is entry:
-                entry.path.unlink(missing_ok=True)
+                self._files.remove_entry(entry.key, entry.inode)
 
     # -- bytes (blocking: worker threads) ------------------------------------------
 
@@ -174,107 +256,92 @@ class DiskCache:
         key: str,
         data: memoryview | Iterable[memoryview],
         checksum: str,
-        reserved: int,
+        reservation: Reservation,
         size: int | None = None,
     ) -> DiskEntry:
         """Store a slab under key, atomically: its bytes as one view, or as
         views handed over in order (each valid until the next; `size` says how
-        many bytes in all). On success `reserved` (this entry's share of a
-        reserve()) becomes the entry's. On failure the reservation stays the
-        caller's to give back. ENOSPC is DISK_FULL; a failed write leaves
-        nothing behind."""
+        many bytes in all). On success the entry's share of `reservation`
+        becomes the entry's, and the entry is kept from eviction until the
+        reservation is released. ENOSPC and EDQUOT are FilesystemFull
+        (DISK_FULL); a failed write leaves nothing behind."""
         if isinstance(data, memoryview):
             size = data.nbytes
             data = _slices(data)
         assert size is not None, "size is needed with pieces"
-        folder = self.root / key[:2]
-        final = folder / f"{key}.slab"
-        tmp = folder / f"{key}.{os.getpid()}.{threading.get_ident()}.tmp"
-        meta = json.dumps(
-            {"key": key, "size": size, "checksum": checksum, "checksum_kind": checksum_kind}
-        ).encode()
-        head = MAGIC + struct.pack("<I", len(meta)) + meta
         try:
-            folder.mkdir(exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.pwrite(fd, head + bytes(DATA_OFFSET - len(head)), 0)
-                at = 0
-                for piece in data:
-                    done = 0
-                    while done < piece.nbytes:
-                        with piece[done:] as rest:
-                            done += os.pwrite(fd, rest, DATA_OFFSET + at + done)
-                    at += piece.nbytes
-                if at != size:
-                    raise RuntimeError(f"disk cache: {at} bytes written, {size} expected")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            inode = self._files.write_entry(key, encode_head(key, size, checksum), data, size)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceExhausted(
+                raise FilesystemFull(
                     f"disk cache {self.root}: the filesystem is full ({err.strerror})",
                     reason="DISK_FULL",
                     metadata={"asked": size, "path": str(self.root)},
                 ) from None
             raise Unavailable(
-                f"disk cache {self.root}: write failed: {err.strerror}",
+                f"disk cache {self.root}: writing an entry failed: {err.strerror}",
                 reason="DISK_WRITE_FAILED",
-                metadata={"path": str(tmp)},
+                metadata={"path": str(self.root / key[:2] / f"{key}.slab")},
             ) from None
-        except BaseException:  # (the bytes' source failed: a device copy, a stop)
-            tmp.unlink(missing_ok=True)
-            raise
-        entry = DiskEntry(key, final, size, checksum, DATA_OFFSET + size)
+        entry = DiskEntry(
+            key, self.root / key[:2] / f"{key}.slab", size, checksum, DATA_OFFSET + size, inode
+        )
         with self._lock:
-            self._reserved -= reserved
-            old = self._entries.get(key)
-            self._entries[key] = entry
-        if old is not None and old.path != final:
-            old.path.unlink(missing_ok=True)
+            share = min(entry.file_bytes, reservation.left)
+            reservation.left -= share
+            self._reserved -= share
+            reservation.written.append(entry)
+            self._entries[key] = entry  # (an older entry of the key was the file replaced)
+            self._last_use[key] = time.time()
         return entry
 
     def read_into(self, entry: DiskEntry, sink: SlabSink, layer: str) -> None:
-        """Fill a slab from its entry and check the checksum; a corrupt or missing
-        entry is removed and refused with DATA_LOSS."""
+        """Fill a slab from its entry and check the checksum. An entry gone,
+        corrupt or unreadable for good is removed and refused with DATA_LOSS;
+        a read the system failed right now is UNAVAILABLE and keeps it."""
         view = sink.view()
         try:
-            with open(entry.path, "rb", buffering=0) as f:
-                if os.fstat(f.fileno()).st_size != entry.file_bytes:
-                    raise ValueError("its size changed")
+            fd = self._files.open_entry(entry.key)
+            try:
+                if os.fstat(fd).st_size != entry.file_bytes:
+                    raise BadEntry("its size changed")
                 if view is not None:
                     got = 0
                     while got < entry.size:
                         with view[got:] as rest:
-                            n = os.preadv(f.fileno(), [rest], DATA_OFFSET + got)
+                            n = os.preadv(fd, [rest], DATA_OFFSET + got)
                         if n == 0:
-                            raise ValueError(f"read {got} of {entry.size} bytes")
+                            raise BadEntry(f"read {got} of {entry.size} bytes")
                         got += n
                 else:
                     for at in range(0, entry.size, _PIECE):
-                        piece = os.pread(f.fileno(), min(_PIECE, entry.size - at), DATA_OFFSET + at)
+                        piece = os.pread(fd, min(_PIECE, entry.size - at), DATA_OFFSET + at)
+                        if len(piece) < min(_PIECE, entry.size - at):
+                            raise BadEntry(f"read {at + len(piece)} of {entry.size} bytes")
                         sink.write(at, memoryview(piece))
+            finally:
+                os.close(fd)
             digest = sink.checksum()
             if digest != entry.checksum:
-                raise ValueError(f"checksum {digest}, expected {entry.checksum}")
-        except OSError as err:  # the disk or the system failed, not the entry
-            raise Unavailable(
-                f"disk cache: reading the copy of layer {layer} failed: {err.strerror}",
-                reason="DISK_READ_FAILED",
-                metadata={"layer": layer, "path": str(entry.path)},
-            ) from None
-        except ValueError as err:
+                raise BadEntry(f"checksum {digest}, expected {entry.checksum}")
+        except OSError as err:
+            if not entry_is_lost(err):  # the system failed right now, not the entry
+                raise Unavailable(
+                    f"disk cache: reading the copy of layer {layer} failed: {err.strerror}",
+                    reason="DISK_READ_FAILED",
+                    metadata={"layer": layer, "path": str(entry.path)},
+                ) from None
             self.remove(entry)
             raise DataLoss(
-                f"the disk copy of layer {layer} ({entry.path}) is corrupt or gone ({err});"
+                f"the disk copy of layer {layer} ({entry.path}) is gone or unreadable"
+                f" ({err.strerror}); it was dropped from the cache",
+                reason="CACHE_ENTRY_LOST",
+                metadata={"layer": layer, "path": str(entry.path)},
+            ) from None
+        except BadEntry as err:
+            self.remove(entry)
+            raise DataLoss(
+                f"the disk copy of layer {layer} ({entry.path}) is corrupt ({err});"
                 " it was removed and not served",
                 reason="CACHE_CORRUPT",
                 metadata={"layer": layer, "path": str(entry.path)},
@@ -282,10 +349,5 @@ class DiskCache:
         finally:
             if view is not None:
                 view.release()
-
-
-def _atime(path: Path) -> float:
-    try:
-        return path.stat().st_atime
-    except OSError:
-        return 0.0
+        with self._lock:
+            self._last_use[entry.key] = time.time()
