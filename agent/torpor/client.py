@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Self, TypeVar
 
 import grpc
 
 from torpor.errors import DAEMON_UNAVAILABLE, TorporError, from_rpc_error
+from torpor.socketpath import DEFAULT_ROOT_SOCKET, default_socket_path
 from torpor.v1 import common_pb2, models_pb2, models_pb2_grpc, node_pb2, node_pb2_grpc
 
 __all__ = ["DEFAULT_ROOT_SOCKET", "Client", "ModelWatch", "default_socket_path"]
-
-DEFAULT_ROOT_SOCKET = "/run/torpor/torpor.sock"
 
 # Messages can be large: a MODEL_VIEW_FULL model lists every tensor, and a
 # big MoE checkpoint has tens of thousands of them.
@@ -40,27 +39,6 @@ _CHANNEL_OPTIONS: list[tuple[str, int]] = [
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
-
-
-def default_socket_path(environ: Mapping[str, str] | None = None, euid: int | None = None) -> str:
-    """The Unix socket torpord listens on by default (the daemon uses the same rule).
-
-    `$TORPOR_SOCKET` if set; else `/run/torpor/torpor.sock` for root; else
-    `$XDG_RUNTIME_DIR/torpor/torpor.sock` if `$XDG_RUNTIME_DIR` is set; else
-    `/tmp/torpor-{uid}/torpor.sock`. `environ` and `euid` default to the
-    process's own (they are parameters so the rule can be tested).
-    """
-    env = os.environ if environ is None else environ
-    uid = os.geteuid() if euid is None else euid
-    explicit = env.get("TORPOR_SOCKET")
-    if explicit:
-        return explicit
-    if uid == 0:
-        return DEFAULT_ROOT_SOCKET
-    runtime_dir = env.get("XDG_RUNTIME_DIR")
-    if runtime_dir:
-        return os.path.join(runtime_dir, "torpor", "torpor.sock")
-    return f"/tmp/torpor-{uid}/torpor.sock"
 
 
 class ModelWatch(Iterator[models_pb2.WatchModelsResponse]):

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from torpor.client import default_socket_path
 from torpord.config import (
     Config,
     ConfigError,
@@ -93,6 +94,23 @@ def test_user_socket_without_xdg_runtime_dir(
 ) -> None:
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert load_config(None).server.socket == Path("/tmp/torpor-1000/torpor.sock")
+
+
+@pytest.mark.parametrize("runtime_dir", [None, "", "/run/user/1000", "run/user/1000", "./run"])
+def test_torpord_and_its_clients_agree_on_the_default_socket(
+    monkeypatch: pytest.MonkeyPatch, runtime_dir: str | None
+) -> None:
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    monkeypatch.delenv("TORPOR_SOCKET", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    if runtime_dir is not None:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", runtime_dir)
+    expected = (
+        "/run/user/1000/torpor/torpor.sock"
+        if runtime_dir == "/run/user/1000"
+        else ("/tmp/torpor-1000/torpor.sock")
+    )
+    assert str(load_config(None).server.socket) == default_socket_path() == expected
 
 
 def test_config_is_frozen() -> None:
