@@ -22,6 +22,7 @@ import grpc
 
 from torpor.errors import DAEMON_UNAVAILABLE, TorporError, from_rpc_error
 from torpor.socketpath import DEFAULT_ROOT_SOCKET, default_socket_path
+from torpor.transport import SocketGuard
 from torpor.v1 import common_pb2, models_pb2, models_pb2_grpc, node_pb2, node_pb2_grpc
 
 __all__ = ["DEFAULT_ROOT_SOCKET", "Client", "ModelWatch", "default_socket_path"]
@@ -107,6 +108,11 @@ class Client:
     methods that take a `timeout` override it. Mutations with `wait=True`
     block until the transition is done, so give them a deadline that fits the
     work or none. The client is thread-safe; close it (or use `with`).
+
+    Over a Unix socket, the socket's directory must
+    be one nobody but its owner (you, root, or a service root made it for)
+    could change, else TorporError with reason UNSAFE_SOCKET_DIR is raised,
+    here or before a call (see torpor.socketpath).
     """
 
     def __init__(
@@ -121,19 +127,23 @@ class Client:
             raise ValueError(f"timeout must be positive, got {timeout}")
         self.socket: str | None
         self.address: str | None
+        self._guard: SocketGuard | None = None
         if address is not None:
             if not address:
                 raise ValueError("address must not be empty")
             self.socket, self.address = None, address
             self.target = address
+            channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         else:
             path = os.fspath(socket) if socket is not None else default_socket_path()
             if not path:
                 raise ValueError("socket path must not be empty")
             self.socket, self.address = path, None
             self.target = "unix:" + path
+            self._guard = SocketGuard(path)
+            channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        self._channel = channel
         self._models = models_pb2_grpc.ModelServiceStub(self._channel)
         self._node = node_pb2_grpc.NodeServiceStub(self._channel)
         self._closed = False
@@ -143,10 +153,17 @@ class Client:
     @property
     def channel(self) -> grpc.Channel:
         """The underlying channel, for services this client does not wrap."""
+        self._check_socket()
         return self._channel
+
+    def _check_socket(self) -> None:
+        if self._guard is not None:
+            self._guard.check()
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the channel is connected; TorporError(DAEMON_UNAVAILABLE) on timeout."""
+        if self._guard is not None:
+            self._guard.check(missing_ok=True)
         future = grpc.channel_ready_future(self._channel)
         try:
             future.result(timeout=timeout)
@@ -160,6 +177,7 @@ class Client:
                 else f"cannot reach torpord on {self._describe()}",
                 {"target": self.target},
             ) from None
+        self._check_socket()  # connected: no call was sent yet
 
     def close(self) -> None:
         """Close the channel; running calls are cancelled. Idempotent."""
@@ -190,6 +208,7 @@ class Client:
         request: _Req,
         timeout: float | None,
     ) -> _Resp:
+        self._check_socket()
         try:
             return method(request, timeout=self.timeout if timeout is None else timeout)
         except grpc.RpcError as err:
@@ -231,6 +250,7 @@ class Client:
         its `with` block) to stop. A `TorporError` with reason WATCH_OVERFLOW
         means the client fell behind: watch again.
         """
+        self._check_socket()
         call = self._models.WatchModels(models_pb2.WatchModelsRequest(model_id=model_id))
         return ModelWatch(call, self.target)
 

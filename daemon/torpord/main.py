@@ -16,6 +16,7 @@ from pathlib import Path
 
 import structlog
 import uvloop
+from torpor.socketpath import UnsafeSocketDir
 
 from torpord import __version__, systemd
 from torpord.backends.factory import BackendUnavailable, build_backend
@@ -23,7 +24,12 @@ from torpord.config import Config, ConfigError, Overrides, default_config_toml, 
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.logs import configure_logging
 from torpord.server.agents import AgentRegistry
-from torpord.server.app import DaemonAlreadyRunning, build_server, set_serving
+from torpord.server.app import (
+    DaemonAlreadyRunning,
+    build_server,
+    prepare_socket_dir,
+    set_serving,
+)
 from torpord.server.fdsocket import FdServer
 from torpord.storage.diskcache import DiskCache
 from torpord.storage.layers import LayerPatterns
@@ -136,6 +142,8 @@ class Daemon:
 
     async def run(self) -> int:
         cfg = self.config
+        if not self._prepare_listeners():
+            return 1
         systemd.status("starting the backend (a GPU host pins its host pool now)")
         try:
             backend, why = build_backend(cfg)
@@ -226,6 +234,25 @@ class Daemon:
         for path in self._sockets:
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
+
+    def _prepare_listeners(self) -> bool:
+        """Before the backend (minutes on a GPU host): refuse what would make
+        the listeners unsafe, and make the socket's directory."""
+        server = self.config.server
+        try:
+            prepare_socket_dir(server.socket.parent, server.socket_mode)
+        except UnsafeSocketDir as err:
+            log.error(
+                f"refusing the socket directory {err.directory}: it {err.why}; whoever can"
+                " change it can put their own socket in torpord's place. Remove it, or set"
+                " server.socket (--socket) to a socket in a directory of torpord's user",
+                socket=str(server.socket),
+            )
+            return False
+        except OSError as err:
+            log.error("cannot listen", socket=str(server.socket), error=str(err))
+            return False
+        return True
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -1,8 +1,9 @@
 """torporctl: drive torpord from a shell.
 
 Exit codes: 0 success, 1 the daemon refused or failed the request, 2 usage
-error, 3 the daemon could not be reached (or, for watch, went away), 130
-interrupted.
+error, 3 the daemon could not be reached (or, for watch, went away), 4 the
+socket's directory is unsafe (someone else could have put their socket
+there; nothing was sent), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,21 +17,34 @@ from collections.abc import Sequence
 from torpor.cli.commands import EXIT_INTERRUPTED, EXIT_UNAVAILABLE, HANDLERS
 from torpor.client import Client
 from torpor.errors import TorporError
+from torpor.transport import UNSAFE_SOCKET_DIR
 
-__all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "build_parser", "main"]
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_OK",
+    "EXIT_UNAVAILABLE",
+    "EXIT_UNSAFE_SOCKET",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_UNSAFE_SOCKET = 4
 
 PROG = "torporctl"
 
 _EPILOG = """\
 The socket defaults to $TORPOR_SOCKET, else /run/torpor/torpor.sock for root,
 else $XDG_RUNTIME_DIR/torpor/torpor.sock, else /tmp/torpor-$UID/torpor.sock.
+Its directory must be owned by you or root (or be one root made for torpord's
+user, like /run/torpor) and not be writable by group or others.
 
 exit codes: 0 ok, 1 request failed in torpord, 2 usage error,
-3 torpord unreachable (watch: torpord went away), 130 interrupted.
+3 torpord unreachable (watch: torpord went away), 4 unsafe socket
+directory (nothing sent), 130 interrupted.
 """
 
 
@@ -181,13 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _report(err: TorporError) -> None:
+def _report(err: TorporError, args: argparse.Namespace) -> None:
     label = err.code.name if err.reason == err.code.name else f"{err.code.name} {err.reason}"
     lines = [f"{PROG}: error: {err.message} ({label})"]
     lines.extend(f"  {key}: {value}" for key, value in sorted(err.metadata.items()))
-    if err.unavailable:
+    if err.reason == UNSAFE_SOCKET_DIR:
+        lines.append(
+            "  hint: remove that directory if it is not torpord's, or pick the socket"
+            " with --socket or $TORPOR_SOCKET"
+        )
+    elif err.unavailable:
         lines.append("  hint: is torpord running? Pick its socket with --socket or $TORPOR_SOCKET")
     print("\n".join(lines), file=sys.stderr)
+
+
+def _exit_code(err: TorporError) -> int:
+    if err.reason == UNSAFE_SOCKET_DIR:
+        return EXIT_UNSAFE_SOCKET
+    return EXIT_UNAVAILABLE if err.unavailable else EXIT_ERROR
 
 
 def _exit_status(code: str | int | None) -> int:
@@ -205,17 +230,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("argument --address: not allowed with argument --socket")
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return _exit_status(exc.code)
-
     try:
         client = Client(socket=args.socket, address=args.address, timeout=args.timeout)
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except TorporError as err:  # an unsafe socket directory
+        _report(err, args)
+        return _exit_code(err)
     try:
         return HANDLERS[args.command](client, args)
     except TorporError as err:
-        _report(err)
-        return EXIT_UNAVAILABLE if err.unavailable else EXIT_ERROR
+        _report(err, args)
+        return _exit_code(err)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

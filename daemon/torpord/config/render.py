@@ -61,6 +61,8 @@ version = {CONFIG_VERSION}
 [server]
 # Unix socket of the gRPC API. Default: /run/torpor/torpor.sock for root, else
 # $XDG_RUNTIME_DIR/torpor/torpor.sock, else /tmp/torpor-$UID/torpor.sock.
+# Its directory must be owned by torpord's user or root and not be writable
+# by group or others (torpord makes it when it is missing).
 socket = {_toml_str(str(s.socket))}
 # Permissions of the socket (octal): group members may connect.
 socket_mode = "{s.socket_mode:04o}"
