@@ -22,7 +22,7 @@ import grpc
 
 from torpor.errors import DAEMON_UNAVAILABLE, TorporError, from_rpc_error
 from torpor.socketpath import DEFAULT_ROOT_SOCKET, default_socket_path
-from torpor.transport import SocketGuard
+from torpor.transport import SocketGuard, tcp_channel
 from torpor.v1 import common_pb2, models_pb2, models_pb2_grpc, node_pb2, node_pb2_grpc
 
 __all__ = ["DEFAULT_ROOT_SOCKET", "Client", "ModelWatch", "default_socket_path"]
@@ -109,7 +109,13 @@ class Client:
     block until the transition is done, so give them a deadline that fits the
     work or none. The client is thread-safe; close it (or use `with`).
 
-    Over a Unix socket, the socket's directory must
+    Over TCP, the credentials the daemon asks for: a bearer `token` (or a
+    `token_file` holding it; not accessible by others), and/or TLS: `ca_cert`
+    (the CA of the daemon's certificate) with `client_cert` and `client_key`
+    for mutual TLS (PEM files). A token goes without TLS to a loopback
+    address only. Bad combinations or files raise ValueError.
+
+    Over a Unix socket no credentials are given; the socket's directory must
     be one nobody but its owner (you, root, or a service root made it for)
     could change, else TorporError with reason UNSAFE_SOCKET_DIR is raised,
     here or before a call (see torpor.socketpath).
@@ -120,11 +126,24 @@ class Client:
         socket: str | os.PathLike[str] | None = None,
         address: str | None = None,
         timeout: float | None = None,
+        *,
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        ca_cert: str | os.PathLike[str] | None = None,
+        client_cert: str | os.PathLike[str] | None = None,
+        client_key: str | os.PathLike[str] | None = None,
     ) -> None:
         if socket is not None and address is not None:
             raise ValueError("give a socket or an address, not both")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
+        credentials = {
+            "token": token,
+            "token_file": token_file,
+            "ca_cert": ca_cert,
+            "client_cert": client_cert,
+            "client_key": client_key,
+        }
         self.socket: str | None
         self.address: str | None
         self._guard: SocketGuard | None = None
@@ -133,8 +152,22 @@ class Client:
                 raise ValueError("address must not be empty")
             self.socket, self.address = None, address
             self.target = address
-            channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            channel = tcp_channel(
+                address,
+                _CHANNEL_OPTIONS,
+                token=token,
+                token_file=token_file,
+                ca_cert=ca_cert,
+                client_cert=client_cert,
+                client_key=client_key,
+            )
         else:
+            given = [name for name, value in credentials.items() if value is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: credentials are for an address (TCP);"
+                    " the Unix socket needs none"
+                )
             path = os.fspath(socket) if socket is not None else default_socket_path()
             if not path:
                 raise ValueError("socket path must not be empty")

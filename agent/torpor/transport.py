@@ -1,8 +1,10 @@
-"""How a client reaches torpord over its Unix socket: in a safe directory only.
+"""How a client reaches torpord: a Unix socket in a safe directory, or TCP with credentials.
 
 Over the Unix socket the kernel checks who connects; the client checks that
 the socket's directory is one nobody but the daemon's user (or root) could
-have put another socket in (torpor.socketpath's rules).
+have put another socket in (torpor.socketpath's rules). Over TCP the daemon
+asks for credentials: a bearer token (sent as `authorization: Bearer ...`
+call credentials), a client certificate (mutual TLS), or both.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import os
 
 import grpc
 
+from torpor.credfiles import is_loopback_address, parse_token, read_pem_file, read_token_file
 from torpor.errors import DAEMON_UNAVAILABLE, TorporError
 from torpor.socketpath import UnsafeSocketDir, check_socket_dir
 
-__all__ = ["UNSAFE_SOCKET_DIR", "SocketGuard"]
+__all__ = ["UNSAFE_SOCKET_DIR", "SocketGuard", "tcp_channel"]
 
 UNSAFE_SOCKET_DIR = "UNSAFE_SOCKET_DIR"
 """The reason given when the client refuses the socket's directory."""
+
+PathArg = str | os.PathLike[str]
 
 
 class SocketGuard:
@@ -57,3 +62,55 @@ class SocketGuard:
                 f"cannot reach torpord on socket {self.path}: its directory does not exist",
                 {"target": "unix:" + self.path},
             )
+
+
+def tcp_channel(
+    address: str,
+    options: list[tuple[str, int]],
+    *,
+    token: str | None = None,
+    token_file: PathArg | None = None,
+    ca_cert: PathArg | None = None,
+    client_cert: PathArg | None = None,
+    client_key: PathArg | None = None,
+) -> grpc.Channel:
+    """A channel to `address` with the credentials given; ValueError for a bad
+    combination or file (the message names it, never a secret)."""
+    if token is not None and token_file is not None:
+        raise ValueError("give a token or a token file, not both")
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("a client certificate and its key go together: give both or neither")
+    if client_cert is not None and ca_cert is None:
+        raise ValueError(
+            "a client certificate needs the CA certificate that signed torpord's (TLS first)"
+        )
+    secret: bytes | None = None
+    if token is not None:
+        secret = parse_token(token.encode("utf-8", "replace"))
+        if secret is None:
+            raise ValueError("the token is not a bearer token (RFC 6750 characters, 16 or more)")
+    elif token_file is not None:
+        secret = read_token_file(token_file)
+    if secret is not None and ca_cert is None and not is_loopback_address(address):
+        raise ValueError(
+            f"refusing to send the token to {address} without TLS: it is not a loopback"
+            " address (give the CA certificate of torpord's TLS certificate)"
+        )
+    credentials: grpc.ChannelCredentials | None = None
+    if ca_cert is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read_pem_file(ca_cert),
+            private_key=None if client_key is None else read_pem_file(client_key, private_key=True),
+            certificate_chain=None if client_cert is None else read_pem_file(client_cert),
+        )
+    elif secret is not None:
+        # gRPC sends call credentials only over a secure channel; "local" is
+        # its name for plaintext on loopback, which it checks on connecting.
+        credentials = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
+    if secret is not None:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials(secret.decode("ascii"))
+        )
+    return grpc.secure_channel(address, credentials, options=options)

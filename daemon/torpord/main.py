@@ -176,6 +176,7 @@ class Daemon:
                 tcp=cfg.server.tcp,
                 agents=agents,
                 backend_reason=why,
+                tcp_auth=cfg.server.tcp_auth,
             )
             fds = FdServer(agents, agents.fd_socket, asyncio.get_running_loop())
         except (DaemonAlreadyRunning, OSError, RuntimeError) as err:
@@ -193,6 +194,7 @@ class Daemon:
             version=__version__,
             socket=str(socket_path),
             tcp=cfg.server.tcp,
+            tcp_auth=cfg.server.tcp_auth.mode if cfg.server.tcp_auth else None,
             backend=backend.kind,
             backend_reason=why,
             devices=[d.uuid for d in backend.devices()],
@@ -252,6 +254,12 @@ class Daemon:
         except OSError as err:
             log.error("cannot listen", socket=str(server.socket), error=str(err))
             return False
+        if server.tcp and server.tcp_auth is not None and server.tcp_auth.insecure:
+            log.warning(
+                f"the TCP listener asks for no credentials (server.tcp_insecure = true):"
+                f" everyone who can connect to {server.tcp} may load, sleep and unload models",
+                tcp=server.tcp,
+            )
         return True
 
     def _install_signals(self) -> None:

@@ -21,8 +21,10 @@ from torpor.v1 import (
     node_pb2_grpc,
 )
 
+from torpord.config import TcpAuth
 from torpord.core.manager import ModelManager
 from torpord.server.agents import AgentRegistry
+from torpord.server.auth import TokenAuth, tcp_credentials
 from torpord.server.boundary import RequestBounds
 from torpord.server.limits import MAX_MESSAGE_BYTES
 from torpord.server.services import AgentService, ModelService, NodeService
@@ -114,9 +116,16 @@ def build_server(
     tcp: str | None,
     agents: AgentRegistry,
     backend_reason: str = "",
+    tcp_auth: TcpAuth | None = None,
 ) -> tuple[grpc.aio.Server, Any]:
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+    if tcp and tcp_auth is not None and tcp_auth.token is not None:
+        # First, so a caller without the token learns nothing else (not even
+        # whether its request was within bounds).
+        interceptors.append(TokenAuth(tcp_auth.token.reveal()))
+    interceptors.append(RequestBounds())
     server = grpc.aio.server(
-        interceptors=[RequestBounds()],
+        interceptors=interceptors,
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -132,9 +141,16 @@ def build_server(
     )
     prepare_socket(socket_path)
     server.add_insecure_port(f"unix:{socket_path}")
-    if tcp and server.add_insecure_port(tcp) == 0:
+    if tcp and _add_tcp_port(server, tcp, tcp_auth) == 0:
         raise OSError(f"could not listen on {tcp}")
     return server, health_servicer
+
+
+def _add_tcp_port(server: grpc.aio.Server, tcp: str, auth: TcpAuth | None) -> int:
+    credentials = None if auth is None else tcp_credentials(auth)
+    if credentials is None:
+        return server.add_insecure_port(tcp)
+    return server.add_secure_port(tcp, credentials)
 
 
 async def set_serving(health_servicer: Any, serving: bool) -> None:
