@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Self, TypeVar
 
 import grpc
 
 from torpor.errors import DAEMON_UNAVAILABLE, TorporError, from_rpc_error
+from torpor.socketpath import DEFAULT_ROOT_SOCKET, default_socket_path
+from torpor.transport import SocketGuard, tcp_channel
 from torpor.v1 import common_pb2, models_pb2, models_pb2_grpc, node_pb2, node_pb2_grpc
 
 __all__ = ["DEFAULT_ROOT_SOCKET", "Client", "ModelWatch", "default_socket_path"]
-
-DEFAULT_ROOT_SOCKET = "/run/torpor/torpor.sock"
 
 # Messages can be large: a MODEL_VIEW_FULL model lists every tensor, and a
 # big MoE checkpoint has tens of thousands of them.
@@ -40,27 +40,6 @@ _CHANNEL_OPTIONS: list[tuple[str, int]] = [
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
-
-
-def default_socket_path(environ: Mapping[str, str] | None = None, euid: int | None = None) -> str:
-    """The Unix socket torpord listens on by default (the daemon uses the same rule).
-
-    `$TORPOR_SOCKET` if set; else `/run/torpor/torpor.sock` for root; else
-    `$XDG_RUNTIME_DIR/torpor/torpor.sock` if `$XDG_RUNTIME_DIR` is set; else
-    `/tmp/torpor-{uid}/torpor.sock`. `environ` and `euid` default to the
-    process's own (they are parameters so the rule can be tested).
-    """
-    env = os.environ if environ is None else environ
-    uid = os.geteuid() if euid is None else euid
-    explicit = env.get("TORPOR_SOCKET")
-    if explicit:
-        return explicit
-    if uid == 0:
-        return DEFAULT_ROOT_SOCKET
-    runtime_dir = env.get("XDG_RUNTIME_DIR")
-    if runtime_dir:
-        return os.path.join(runtime_dir, "torpor", "torpor.sock")
-    return f"/tmp/torpor-{uid}/torpor.sock"
 
 
 class ModelWatch(Iterator[models_pb2.WatchModelsResponse]):
@@ -129,6 +108,17 @@ class Client:
     methods that take a `timeout` override it. Mutations with `wait=True`
     block until the transition is done, so give them a deadline that fits the
     work or none. The client is thread-safe; close it (or use `with`).
+
+    Over TCP, the credentials the daemon asks for: a bearer `token` (or a
+    `token_file` holding it; not accessible by others), and/or TLS: `ca_cert`
+    (the CA of the daemon's certificate) with `client_cert` and `client_key`
+    for mutual TLS (PEM files). A token goes without TLS to a loopback
+    address only. Bad combinations or files raise ValueError.
+
+    Over a Unix socket no credentials are given; the socket's directory must
+    be one nobody but its owner (you, root, or a service root made it for)
+    could change, else TorporError with reason UNSAFE_SOCKET_DIR is raised,
+    here or before a call (see torpor.socketpath).
     """
 
     def __init__(
@@ -136,26 +126,57 @@ class Client:
         socket: str | os.PathLike[str] | None = None,
         address: str | None = None,
         timeout: float | None = None,
+        *,
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        ca_cert: str | os.PathLike[str] | None = None,
+        client_cert: str | os.PathLike[str] | None = None,
+        client_key: str | os.PathLike[str] | None = None,
     ) -> None:
         if socket is not None and address is not None:
             raise ValueError("give a socket or an address, not both")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
+        credentials = {
+            "token": token,
+            "token_file": token_file,
+            "ca_cert": ca_cert,
+            "client_cert": client_cert,
+            "client_key": client_key,
+        }
         self.socket: str | None
         self.address: str | None
+        self._guard: SocketGuard | None = None
         if address is not None:
             if not address:
                 raise ValueError("address must not be empty")
             self.socket, self.address = None, address
             self.target = address
+            channel = tcp_channel(
+                address,
+                _CHANNEL_OPTIONS,
+                token=token,
+                token_file=token_file,
+                ca_cert=ca_cert,
+                client_cert=client_cert,
+                client_key=client_key,
+            )
         else:
+            given = [name for name, value in credentials.items() if value is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: credentials are for an address (TCP);"
+                    " the Unix socket needs none"
+                )
             path = os.fspath(socket) if socket is not None else default_socket_path()
             if not path:
                 raise ValueError("socket path must not be empty")
             self.socket, self.address = path, None
             self.target = "unix:" + path
+            self._guard = SocketGuard(path)
+            channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        self._channel = channel
         self._models = models_pb2_grpc.ModelServiceStub(self._channel)
         self._node = node_pb2_grpc.NodeServiceStub(self._channel)
         self._closed = False
@@ -165,10 +186,17 @@ class Client:
     @property
     def channel(self) -> grpc.Channel:
         """The underlying channel, for services this client does not wrap."""
+        self._check_socket()
         return self._channel
+
+    def _check_socket(self) -> None:
+        if self._guard is not None:
+            self._guard.check()
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the channel is connected; TorporError(DAEMON_UNAVAILABLE) on timeout."""
+        if self._guard is not None:
+            self._guard.check(missing_ok=True)
         future = grpc.channel_ready_future(self._channel)
         try:
             future.result(timeout=timeout)
@@ -182,6 +210,7 @@ class Client:
                 else f"cannot reach torpord on {self._describe()}",
                 {"target": self.target},
             ) from None
+        self._check_socket()  # connected: no call was sent yet
 
     def close(self) -> None:
         """Close the channel; running calls are cancelled. Idempotent."""
@@ -212,6 +241,7 @@ class Client:
         request: _Req,
         timeout: float | None,
     ) -> _Resp:
+        self._check_socket()
         try:
             return method(request, timeout=self.timeout if timeout is None else timeout)
         except grpc.RpcError as err:
@@ -253,6 +283,7 @@ class Client:
         its `with` block) to stop. A `TorporError` with reason WATCH_OVERFLOW
         means the client fell behind: watch again.
         """
+        self._check_socket()
         call = self._models.WatchModels(models_pb2.WatchModelsRequest(model_id=model_id))
         return ModelWatch(call, self.target)
 

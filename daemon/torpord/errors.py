@@ -43,6 +43,7 @@ class Code(enum.Enum):
     INTERNAL = "INTERNAL"
     UNAVAILABLE = "UNAVAILABLE"
     DATA_LOSS = "DATA_LOSS"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
 
 
 class TorporError(Exception):
@@ -118,6 +119,14 @@ class Unimplemented(TorporError):
 
 
 __all__ += ["Unimplemented"]
+
+
+class Unauthenticated(TorporError):
+    code = Code.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+__all__ += ["Unauthenticated"]
 
 
 def clip(text: str, limit: int) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import structlog
 import uvloop
+from torpor.socketpath import UnsafeSocketDir
 
 from torpord import __version__, systemd
 from torpord.backends.factory import BackendUnavailable, build_backend
@@ -23,7 +24,12 @@ from torpord.config import Config, ConfigError, Overrides, default_config_toml, 
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.logs import configure_logging
 from torpord.server.agents import AgentRegistry
-from torpord.server.app import DaemonAlreadyRunning, build_server, set_serving
+from torpord.server.app import (
+    DaemonAlreadyRunning,
+    build_server,
+    prepare_socket_dir,
+    set_serving,
+)
 from torpord.server.fdsocket import FdServer
 from torpord.storage.diskcache import DiskCache, UnsafeCacheDir
 from torpord.storage.layers import LayerPatterns
@@ -136,6 +142,8 @@ class Daemon:
 
     async def run(self) -> int:
         cfg = self.config
+        if not self._prepare_listeners():
+            return 1
         try:
             disk = (
                 DiskCache(cfg.disk_cache.path, cfg.disk_cache.capacity)
@@ -175,6 +183,7 @@ class Daemon:
                 tcp=cfg.server.tcp,
                 agents=agents,
                 backend_reason=why,
+                tcp_auth=cfg.server.tcp_auth,
             )
             fds = FdServer(agents, agents.fd_socket, asyncio.get_running_loop())
         except (DaemonAlreadyRunning, OSError, RuntimeError) as err:
@@ -192,6 +201,7 @@ class Daemon:
             version=__version__,
             socket=str(socket_path),
             tcp=cfg.server.tcp,
+            tcp_auth=cfg.server.tcp_auth.mode if cfg.server.tcp_auth else None,
             backend=backend.kind,
             backend_reason=why,
             devices=[d.uuid for d in backend.devices()],
@@ -233,6 +243,31 @@ class Daemon:
         for path in self._sockets:
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
+
+    def _prepare_listeners(self) -> bool:
+        """Before the backend (minutes on a GPU host): refuse what would make
+        the listeners unsafe, and make the socket's directory."""
+        server = self.config.server
+        try:
+            prepare_socket_dir(server.socket.parent, server.socket_mode)
+        except UnsafeSocketDir as err:
+            log.error(
+                f"refusing the socket directory {err.directory}: it {err.why}; whoever can"
+                " change it can put their own socket in torpord's place. Remove it, or set"
+                " server.socket (--socket) to a socket in a directory of torpord's user",
+                socket=str(server.socket),
+            )
+            return False
+        except OSError as err:
+            log.error("cannot listen", socket=str(server.socket), error=str(err))
+            return False
+        if server.tcp and server.tcp_auth is not None and server.tcp_auth.insecure:
+            log.warning(
+                f"the TCP listener asks for no credentials (server.tcp_insecure = true):"
+                f" everyone who can connect to {server.tcp} may load, sleep and unload models",
+                tcp=server.tcp,
+            )
+        return True
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

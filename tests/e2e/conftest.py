@@ -19,6 +19,14 @@ BIN = Path(sys.executable).parent
 GRPCURL = str(BIN / "grpcurl")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 class Daemon:
     """One torpord process, started with its own config, socket and notify socket."""
 
@@ -31,9 +39,11 @@ class Daemon:
         capacity: str = "256MiB",
         backend: str | None = None,
         env: dict[str, str] | None = None,
+        server: str = "",
     ) -> None:
         """`backend`: the config's [backend] tables (two emulated host devices
-        if None); `env`: the daemon's environment (this process's if None)."""
+        if None); `env`: the daemon's environment (this process's if None);
+        `server`: more lines for its [server] table."""
         self.root = root
         self.socket = root / "run" / "torpor.sock"
         self.models = root / "models"
@@ -42,7 +52,7 @@ class Daemon:
         self.config_path = root / "torpord.toml"
         self.config_path.write_text(
             "version = 1\n"
-            f'[server]\nsocket = "{self.socket}"\ngrace_period = "5s"\n'
+            f'[server]\nsocket = "{self.socket}"\ngrace_period = "5s"\n{server}'
             f"[sources]\nallowed_roots = {json.dumps([str(p) for p in (self.models, *roots)])}\n"
             + (
                 backend

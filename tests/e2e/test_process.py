@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from torpor.testing import make_checkpoint
 
-from .conftest import GRPCURL, Daemon
+from .conftest import GRPCURL, Daemon, free_port
 
 
 def log_events(d: Daemon) -> list[dict[str, object]]:
@@ -100,16 +99,9 @@ def test_config_errors_name_file_key_and_expectation(tmp_path: Path) -> None:
     assert str(bad) in out.stderr and "host_pool.capacity" in out.stderr and "lots" in out.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_tcp_listener_on_loopback(tmp_path: Path) -> None:
     port = free_port()
-    d = Daemon(tmp_path, args=("--tcp", f"127.0.0.1:{port}"))
+    d = Daemon(tmp_path, args=("--tcp", f"127.0.0.1:{port}"), server="tcp_insecure = true\n")
     try:
         d.wait_ready()
         out = subprocess.run(
@@ -120,5 +112,6 @@ def test_tcp_listener_on_loopback(tmp_path: Path) -> None:
         )
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["node"]["backend"] == "BACKEND_HOST"
+        assert "the TCP listener asks for no credentials (server.tcp_insecure = true)" in d.log()
     finally:
         d.kill()

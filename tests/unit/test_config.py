@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from torpor.client import default_socket_path
 from torpord.config import (
     Config,
     ConfigError,
@@ -95,6 +96,23 @@ def test_user_socket_without_xdg_runtime_dir(
     assert load_config(None).server.socket == Path("/tmp/torpor-1000/torpor.sock")
 
 
+@pytest.mark.parametrize("runtime_dir", [None, "", "/run/user/1000", "run/user/1000", "./run"])
+def test_torpord_and_its_clients_agree_on_the_default_socket(
+    monkeypatch: pytest.MonkeyPatch, runtime_dir: str | None
+) -> None:
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    monkeypatch.delenv("TORPOR_SOCKET", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    if runtime_dir is not None:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", runtime_dir)
+    expected = (
+        "/run/user/1000/torpor/torpor.sock"
+        if runtime_dir == "/run/user/1000"
+        else ("/tmp/torpor-1000/torpor.sock")
+    )
+    assert str(load_config(None).server.socket) == default_socket_path() == expected
+
+
 def test_config_is_frozen() -> None:
     config = load_config(None)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -114,6 +132,7 @@ def test_full_file(tmp_path: Path) -> None:
 socket = "{tmp_path}/t.sock"
 socket_mode = "0600"
 tcp = "[::1]:50051"
+tcp_insecure = true
 grace_period = "500ms"
 [log]
 level = "DEBUG"
@@ -147,6 +166,7 @@ capacity = "10GiB"
     assert config.server.socket == tmp_path / "t.sock"
     assert config.server.socket_mode == 0o600
     assert config.server.tcp == "[::1]:50051"
+    assert config.server.tcp_insecure is True
     assert config.server.grace_period == 0.5
     assert (config.log.level, config.log.format) == ("debug", "json")
     assert config.backend.kind == "host"
@@ -171,11 +191,12 @@ capacity = "10GiB"
 
 @pytest.mark.parametrize("tcp", ["127.0.0.1:50051", "localhost:0", "[::1]:1", "127.1.2.3:65535"])
 def test_loopback_tcp_needs_no_allow_remote(tmp_path: Path, tcp: str) -> None:
-    assert load_config(write(tmp_path, f'[server]\ntcp = "{tcp}"\n')).server.tcp == tcp
+    body = f'[server]\ntcp = "{tcp}"\ntcp_insecure = true\n'
+    assert load_config(write(tmp_path, body)).server.tcp == tcp
 
 
 def test_remote_tcp_with_allow_remote(tmp_path: Path) -> None:
-    body = '[server]\ntcp = "0.0.0.0:50051"\nallow_remote = true\n'
+    body = '[server]\ntcp = "0.0.0.0:50051"\nallow_remote = true\ntcp_insecure = true\n'
     assert load_config(write(tmp_path, body)).server.tcp == "0.0.0.0:50051"
 
 
@@ -378,7 +399,8 @@ def test_parse_duration_rejects(value: str | float) -> None:
 def test_overrides_replace_the_files_values(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        '[server]\ntcp = "127.0.0.1:1"\n[sources]\nallowed_roots = ["/srv/models"]\n',
+        '[server]\ntcp = "127.0.0.1:1"\ntcp_insecure = true\n'
+        '[sources]\nallowed_roots = ["/srv/models"]\n',
     )
     overrides = Overrides(
         socket=tmp_path / "o.sock",
@@ -418,7 +440,7 @@ def test_relative_flag_paths_are_relative_to_cwd(
 
 
 def test_remote_tcp_override_uses_the_files_allow_remote(tmp_path: Path) -> None:
-    path = write(tmp_path, "[server]\nallow_remote = true\n")
+    path = write(tmp_path, "[server]\nallow_remote = true\ntcp_insecure = true\n")
     assert load_config(path, Overrides(tcp="0.0.0.0:9")).server.tcp == "0.0.0.0:9"
     with pytest.raises(ConfigError, match=r"^--tcp: expected a loopback host:port"):
         load_config(None, Overrides(tcp="0.0.0.0:9"))

@@ -1,8 +1,9 @@
 """torporctl: drive torpord from a shell.
 
 Exit codes: 0 success, 1 the daemon refused or failed the request, 2 usage
-error, 3 the daemon could not be reached (or, for watch, went away), 130
-interrupted.
+error, 3 the daemon could not be reached (or, for watch, went away), 4 the
+socket's directory is unsafe (someone else could have put their socket
+there; nothing was sent), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,24 +14,41 @@ import os
 import sys
 from collections.abc import Sequence
 
+import grpc
+
 from torpor.cli.commands import EXIT_INTERRUPTED, EXIT_UNAVAILABLE, HANDLERS
 from torpor.client import Client
 from torpor.errors import TorporError
+from torpor.transport import UNSAFE_SOCKET_DIR
 
-__all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "build_parser", "main"]
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_OK",
+    "EXIT_UNAVAILABLE",
+    "EXIT_UNSAFE_SOCKET",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_UNSAFE_SOCKET = 4
 
 PROG = "torporctl"
 
 _EPILOG = """\
 The socket defaults to $TORPOR_SOCKET, else /run/torpor/torpor.sock for root,
 else $XDG_RUNTIME_DIR/torpor/torpor.sock, else /tmp/torpor-$UID/torpor.sock.
+Its directory must be owned by you or root (or be one root made for torpord's
+user, like /run/torpor) and not be writable by group or others.
+Over TCP (--address), give the credentials torpord asks for: --token-file (or
+$TORPOR_TOKEN_FILE), and/or --cacert (TLS) with --cert and --key (mutual TLS).
 
-exit codes: 0 ok, 1 request failed in torpord, 2 usage error,
-3 torpord unreachable (watch: torpord went away), 130 interrupted.
+exit codes: 0 ok, 1 request failed in torpord (or refused: UNAUTHENTICATED),
+2 usage error, 3 torpord unreachable (watch: torpord went away), 4 unsafe
+socket directory (nothing sent), 130 interrupted.
 """
 
 
@@ -62,6 +80,17 @@ def _add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool)
     target.add_argument(
         "--address", metavar="HOST:PORT", default=default(None), help="torpord's TCP address"
     )
+    for flag, metavar, text in (
+        (
+            "--token-file",
+            "PATH",
+            "--address: a file holding torpord's bearer token (default: $TORPOR_TOKEN_FILE)",
+        ),
+        ("--cacert", "PATH", "--address: TLS, trusting this CA for torpord's certificate"),
+        ("--cert", "PATH", "--address: mutual TLS, this client certificate (with --key)"),
+        ("--key", "PATH", "--address: mutual TLS, the client certificate's private key"),
+    ):
+        group.add_argument(flag, metavar=metavar, default=default(None), help=text)
     group.add_argument(
         "--json",
         action="store_true",
@@ -181,13 +210,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _report(err: TorporError) -> None:
+def _report(err: TorporError, args: argparse.Namespace) -> None:
     label = err.code.name if err.reason == err.code.name else f"{err.code.name} {err.reason}"
     lines = [f"{PROG}: error: {err.message} ({label})"]
     lines.extend(f"  {key}: {value}" for key, value in sorted(err.metadata.items()))
-    if err.unavailable:
+    if err.reason == UNSAFE_SOCKET_DIR:
+        lines.append(
+            "  hint: remove that directory if it is not torpord's, or pick the socket"
+            " with --socket or $TORPOR_SOCKET"
+        )
+    elif err.code == grpc.StatusCode.UNAUTHENTICATED:
+        lines.append(
+            "  hint: give torpord's token with --token-file or $TORPOR_TOKEN_FILE"
+            " (or use its Unix socket)"
+        )
+    elif err.unavailable and args.address is not None and args.cacert is not None:
+        lines.append(
+            "  hint: is torpord running? Over TLS it also ends the connection when it wants"
+            " a client certificate (mutual TLS) and --cert gave none it accepts"
+        )
+    elif err.unavailable:
         lines.append("  hint: is torpord running? Pick its socket with --socket or $TORPOR_SOCKET")
     print("\n".join(lines), file=sys.stderr)
+
+
+def _client(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Client:
+    """The Client the flags ask for; exits 2 (argparse) for TCP flags without --address."""
+    tcp_flags = {
+        "--token-file": args.token_file,
+        "--cacert": args.cacert,
+        "--cert": args.cert,
+        "--key": args.key,
+    }
+    given = [flag for flag, value in tcp_flags.items() if value is not None]
+    if args.address is None:
+        if given:
+            parser.error(f"argument {given[0]}: only with --address (the socket needs none)")
+        return Client(socket=args.socket, timeout=args.timeout)
+    return Client(
+        address=args.address,
+        timeout=args.timeout,
+        token_file=args.token_file or os.environ.get("TORPOR_TOKEN_FILE") or None,
+        ca_cert=args.cacert,
+        client_cert=args.cert,
+        client_key=args.key,
+    )
+
+
+def _exit_code(err: TorporError) -> int:
+    if err.reason == UNSAFE_SOCKET_DIR:
+        return EXIT_UNSAFE_SOCKET
+    return EXIT_UNAVAILABLE if err.unavailable else EXIT_ERROR
 
 
 def _exit_status(code: str | int | None) -> int:
@@ -203,19 +276,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.socket is not None and args.address is not None:
             parser.error("argument --address: not allowed with argument --socket")
+        client = _client(args, parser)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return _exit_status(exc.code)
-
-    try:
-        client = Client(socket=args.socket, address=args.address, timeout=args.timeout)
-    except ValueError as exc:
+    except ValueError as exc:  # a bad credential combination or file
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except TorporError as err:  # an unsafe socket directory
+        _report(err, args)
+        return _exit_code(err)
     try:
         return HANDLERS[args.command](client, args)
     except TorporError as err:
-        _report(err)
-        return EXIT_UNAVAILABLE if err.unavailable else EXIT_ERROR
+        _report(err, args)
+        return _exit_code(err)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

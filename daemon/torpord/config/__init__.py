@@ -28,8 +28,10 @@ from torpord.config.model import (
     LayersConfig,
     LogConfig,
     Overrides,
+    Secret,
     ServerConfig,
     SourcesConfig,
+    TcpAuth,
 )
 from torpord.config.model import MAX_HOST_DEVICES as MAX_HOST_DEVICES
 from torpord.config.model import MIN_ALIGNMENT as MIN_ALIGNMENT
@@ -52,8 +54,10 @@ __all__ = [
     "LayersConfig",
     "LogConfig",
     "Overrides",
+    "Secret",
     "ServerConfig",
     "SourcesConfig",
+    "TcpAuth",
     "default_config_toml",
     "format_size",
     "load_config",

@@ -7,17 +7,14 @@ import os
 import tempfile
 from pathlib import Path
 
+from torpor.socketpath import standard_socket_path
+
 from torpord.config.values import _unique
 
 
 def _default_socket() -> Path:
-    if os.geteuid() == 0:
-        return Path("/run/torpor/torpor.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    if runtime and Path(runtime).is_absolute():
-        return Path(runtime) / "torpor" / "torpor.sock"
-    # Not tempfile.gettempdir(): $TMPDIR can be long, and socket paths must fit in 107 bytes.
-    return Path(f"/tmp/torpor-{os.geteuid()}/torpor.sock")
+    # The client's rule too (torpor.socketpath): one copy, so the two cannot disagree.
+    return Path(standard_socket_path(os.environ, os.geteuid()))
 
 
 def _default_allowed_roots() -> tuple[Path, ...]:

@@ -38,15 +38,19 @@ from torpord.config.model import (
     ServerConfig,
     SourcesConfig,
 )
+from torpord.config.tcpauth import TCP_KEYS, read_tcp_auth
 from torpord.config.values import (
     _alignment,
     _bool,
     _choice,
+    _chunk_size,
     _duration,
     _gpu_uuid,
     _host_devices,
     _Invalid,
+    _io_threads,
     _memory_share,
+    _optional_path,
     _path,
     _positive_size,
     _show,
@@ -87,7 +91,7 @@ _SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
         "io",
         "agents",
     ),
-    "server": ("socket", "socket_mode", "tcp", "allow_remote", "grace_period"),
+    "server": ("socket", "socket_mode", "tcp", "allow_remote", *TCP_KEYS, "grace_period"),
     "log": ("level", "format"),
     "backend": ("kind", "host", "cuda"),
     "backend.host": ("devices", "device_capacity"),
@@ -99,20 +103,6 @@ _SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "io": ("chunk_size", "threads", "direct"),
     "agents": ("quiesce_timeout", "on_quiesce_timeout"),
 }
-
-
-def _chunk_size(value: Any) -> int:
-    size = _size(value)
-    # O_DIRECT reads whole 4 KiB blocks; below 1 MiB a chunk costs more than it moves.
-    if size < 2**20 or size % 4096:
-        raise _Invalid('a multiple of 4KiB, at least "1MiB" (like "32MiB")')
-    return size
-
-
-def _io_threads(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
-        raise _Invalid("an integer from 1 to 256")
-    return value
 
 
 # --------------------------------------------------------------------------- reading the file
@@ -273,6 +263,11 @@ def load_config(
         tcp=r.get("server.tcp", lambda v: _tcp(v, allow_remote=allow_remote), None),
         allow_remote=allow_remote,
         grace_period=r.get("server.grace_period", _duration, 10.0),
+        tcp_insecure=r.get("server.tcp_insecure", _bool, False),
+        token_file=r.get("server.token_file", _optional_path, None),
+        tls_cert=r.get("server.tls_cert", _optional_path, None),
+        tls_key=r.get("server.tls_key", _optional_path, None),
+        tls_client_ca=r.get("server.tls_client_ca", _optional_path, None),
     )
     log = LogConfig(
         level=r.get("log.level", _choice(LOG_LEVELS), "info"),
@@ -359,7 +354,11 @@ def load_config(
         io=io,
         agents=agents,
     )
-    return _apply(config, overrides)
+    config = _apply(config, overrides)
+    # After the overrides: --tcp can turn the listener on, or off (then no file is read).
+    tcp_where = _FLAGS["tcp"] if overrides.tcp else where
+    auth = read_tcp_auth(config.server, where, tcp_where)
+    return replace(config, server=replace(config.server, tcp_auth=auth))
 
 
 def _flag(name: str, check: Callable[[Any], _T], value: Any) -> _T:

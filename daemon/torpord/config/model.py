@@ -24,6 +24,47 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {key}: {detail}" if key else f"{where}: {detail}")
 
 
+class Secret:
+    """Bytes that must not reach a log line or an error: repr() hides them."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(<hidden>)"
+
+
+@dataclass(frozen=True)
+class TcpAuth:
+    """What the TCP listener asks of a caller, read from the files at load.
+
+    A token, a client certificate signed by `tls_client_ca` (mutual TLS), or
+    both: every one given is required. Neither is only possible with
+    server.tcp_insecure = true.
+    """
+
+    token: Secret | None = None
+    tls_cert_chain: bytes | None = None  # the server's certificate (chain), PEM
+    tls_private_key: Secret | None = None  # its private key, PEM
+    tls_client_ca: bytes | None = None  # clients' certificates must chain to these, PEM
+
+    @property
+    def insecure(self) -> bool:
+        return self.token is None and self.tls_client_ca is None
+
+    @property
+    def mode(self) -> str:
+        """How callers are authenticated, for the log: "mtls+token", "token", "insecure"..."""
+        parts = ["mtls" if self.tls_client_ca else "tls"] if self.tls_cert_chain else []
+        parts += ["token"] if self.token else []
+        return "+".join(parts) if not self.insecure else "+".join([*parts, "insecure"])
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     socket: Path
@@ -31,6 +72,12 @@ class ServerConfig:
     tcp: str | None  # normalised "host:port" / "[v6]:port", None when off
     allow_remote: bool
     grace_period: float  # seconds
+    tcp_insecure: bool = False  # a TCP listener without credentials, on purpose
+    token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    tcp_auth: TcpAuth | None = None  # read from the files above; None when TCP is off
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,8 @@ version = {CONFIG_VERSION}
 [server]
 # Unix socket of the gRPC API. Default: /run/torpor/torpor.sock for root, else
 # $XDG_RUNTIME_DIR/torpor/torpor.sock, else /tmp/torpor-$UID/torpor.sock.
+# Its directory must be owned by torpord's user or root and not be writable
+# by group or others (torpord makes it when it is missing).
 socket = {_toml_str(str(s.socket))}
 # Permissions of the socket (octal): group members may connect.
 socket_mode = "{s.socket_mode:04o}"
@@ -68,6 +70,21 @@ socket_mode = "{s.socket_mode:04o}"
 # A non-loopback address also needs allow_remote = true.
 tcp = {_toml_str(s.tcp or "")}
 allow_remote = {"true" if s.allow_remote else "false"}
+# Who may use the TCP listener: callers with the bearer token held in
+# token_file ("authorization: Bearer <token>"), with a client certificate
+# signed by tls_client_ca (mutual TLS; needs tls_cert and tls_key), or both
+# when both are set. Without them torpord refuses to start a TCP listener,
+# unless tcp_insecure = true: then everyone who can connect may do anything.
+# A token without TLS is allowed on a loopback address only. The token file
+# (one line, e.g. from `openssl rand -hex 32`) and the key must be owned by
+# root or torpord's user and not be accessible by others (chmod o=).
+tcp_insecure = {"true" if s.tcp_insecure else "false"}
+token_file = {_toml_str(str(s.token_file or ""))}
+# PEM files: the server's certificate (chain) and key, and the CA(s) that
+# sign client certificates.
+tls_cert = {_toml_str(str(s.tls_cert or ""))}
+tls_key = {_toml_str(str(s.tls_key or ""))}
+tls_client_ca = {_toml_str(str(s.tls_client_ca or ""))}
 # How long shutdown waits for running transitions: "500ms", "10s", "2m" or seconds.
 grace_period = {_toml_duration(s.grace_period)}
 

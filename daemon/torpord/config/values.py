@@ -217,6 +217,25 @@ def _path(value: Any, *, relative_to_cwd: bool, what: str = "an absolute path") 
     return path
 
 
+def _optional_path(value: Any) -> Path | None:
+    """An absolute path, or None for "" (off)."""
+    return None if value == "" else _path(value, relative_to_cwd=False)
+
+
+def _chunk_size(value: Any) -> int:
+    size = _size(value)
+    # O_DIRECT reads whole 4 KiB blocks; below 1 MiB a chunk costs more than it moves.
+    if size < 2**20 or size % 4096:
+        raise _Invalid('a multiple of 4KiB, at least "1MiB" (like "32MiB")')
+    return size
+
+
+def _io_threads(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise _Invalid("an integer from 1 to 256")
+    return value
+
+
 def _socket_path(value: Any, *, relative_to_cwd: bool) -> Path:
     what = f"an absolute socket path of at most {_MAX_SOCKET_PATH} bytes"
     path = _path(value, relative_to_cwd=relative_to_cwd, what=what)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from torpor.socketpath import check_socket_dir
 from torpor.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -19,13 +21,22 @@ from torpor.v1 import (
     node_pb2_grpc,
 )
 
+from torpord.config import TcpAuth
 from torpord.core.manager import ModelManager
 from torpord.server.agents import AgentRegistry
+from torpord.server.auth import TokenAuth, tcp_credentials
 from torpord.server.boundary import RequestBounds
 from torpord.server.limits import MAX_MESSAGE_BYTES
 from torpord.server.services import AgentService, ModelService, NodeService
 
-__all__ = ["DaemonAlreadyRunning", "build_server", "prepare_socket", "set_serving"]
+__all__ = [
+    "DaemonAlreadyRunning",
+    "build_server",
+    "prepare_socket",
+    "prepare_socket_dir",
+    "set_serving",
+    "socket_dir_mode",
+]
 
 # grpc-stubs does not describe grpc_health's asyncio servicer.
 HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
@@ -41,10 +52,46 @@ class DaemonAlreadyRunning(Exception):
     pass
 
 
+def socket_dir_mode(socket_mode: int) -> int:
+    """The mode of a socket directory torpord makes: those the socket's mode
+    lets connect may enter it, nobody else may change it."""
+    mode = 0o700
+    if socket_mode & 0o060:
+        mode |= 0o050
+    if socket_mode & 0o006:
+        mode |= 0o005
+    return mode
+
+
+def prepare_socket_dir(directory: Path, socket_mode: int) -> None:
+    """Refuse an unsafe socket directory; make a missing one.
+
+    The rules are torpor.socketpath's (shared with the client): raises its
+    UnsafeSocketDir naming the directory and why. Only the missing
+    components are made, each with socket_dir_mode; the mode and owner of a
+    directory that already exists are never changed.
+    """
+    if check_socket_dir(directory, client=False):
+        return
+    mode = socket_dir_mode(socket_mode)
+    missing: list[Path] = []
+    path = directory
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = path.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: the check below judges it
+        os.chmod(path, mode)  # ours: exactly this mode, whatever the umask
+    if not check_socket_dir(directory, client=False):
+        raise FileNotFoundError(f"{directory} does not exist and could not be made")
+
+
 def prepare_socket(path: Path) -> None:
-    """Make the socket's directory and clear a stale socket file; refuse to
-    take over the socket of a daemon that still answers on it."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    """Clear a stale socket file (its directory is prepare_socket_dir's);
+    refuse to take over the socket of a daemon that still answers on it."""
     if not path.exists() and not path.is_symlink():
         return
     if not path.is_socket():
@@ -69,9 +116,16 @@ def build_server(
     tcp: str | None,
     agents: AgentRegistry,
     backend_reason: str = "",
+    tcp_auth: TcpAuth | None = None,
 ) -> tuple[grpc.aio.Server, Any]:
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+    if tcp and tcp_auth is not None and tcp_auth.token is not None:
+        # First, so a caller without the token learns nothing else (not even
+        # whether its request was within bounds).
+        interceptors.append(TokenAuth(tcp_auth.token.reveal()))
+    interceptors.append(RequestBounds())
     server = grpc.aio.server(
-        interceptors=[RequestBounds()],
+        interceptors=interceptors,
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -87,9 +141,16 @@ def build_server(
     )
     prepare_socket(socket_path)
     server.add_insecure_port(f"unix:{socket_path}")
-    if tcp and server.add_insecure_port(tcp) == 0:
+    if tcp and _add_tcp_port(server, tcp, tcp_auth) == 0:
         raise OSError(f"could not listen on {tcp}")
     return server, health_servicer
+
+
+def _add_tcp_port(server: grpc.aio.Server, tcp: str, auth: TcpAuth | None) -> int:
+    credentials = None if auth is None else tcp_credentials(auth)
+    if credentials is None:
+        return server.add_insecure_port(tcp)
+    return server.add_secure_port(tcp, credentials)
 
 
 async def set_serving(health_servicer: Any, serving: bool) -> None:
