@@ -20,7 +20,8 @@ pinned pool.
   on the device (calibration.py) for the chunk's piece size (methods.py: a
   pure choice).
 - Checksums of device slabs run on the GPU (cuda_kernels/checksum.cu), or on
-  the host without kernels (checksum.py).
+  the host without kernels (checksum.py); loader.py compiles the kernels
+  once and says why they can't run where they can't.
 
 This package is the Backend; torpord.cuda holds the CUDA building blocks it
 is made of and that know nothing of slabs (driver calls, events, the pinned

@@ -12,7 +12,7 @@ from torpord.backends.base import Backend, Budget, DeviceInfo, PoolInfo, Slab
 from torpord.backends.cuda.checksum import host_checksum
 from torpord.backends.cuda.copies import Copies
 from torpord.backends.cuda.device import Device, open_device, release_device, synchronize
-from torpord.backends.cuda.kernels import KernelLoader
+from torpord.backends.cuda.loader import KernelLoader
 from torpord.backends.cuda.memory import DeviceMemory, HostRange, Live, create, export, release
 from torpord.backends.cuda.staging import PinnedStaging, address_of
 from torpord.backends.cuda.windows import Windows

@@ -13,7 +13,7 @@ import structlog
 from torpord.backends.base import Slab
 from torpord.backends.cuda.calibration import measure
 from torpord.backends.cuda.device import STAGING, Device
-from torpord.backends.cuda.kernels import KernelLoader
+from torpord.backends.cuda.loader import KernelLoader
 from torpord.backends.cuda.memory import Live
 from torpord.backends.cuda.staging import PinnedStaging, address_of
 from torpord.backends.cuda.windows import Windows
