@@ -7,7 +7,7 @@ import itertools
 import random
 
 import pytest
-from torpord.backends.cuda import _host_checksum
+from torpord.backends.cuda.checksum import host_checksum
 from torpord.storage.checksum import CHUNK, slab_checksum
 
 
@@ -19,6 +19,6 @@ def test_pieces_of_any_size_give_the_whole_slabs_checksum(size: int) -> None:
         cuts = sorted(rng.sample(range(1, size), min(size - 1, 7))) if size > 1 else []
         bounds = [0, *cuts, size]
         pieces = (memoryview(data)[a:b] for a, b in itertools.pairwise(bounds))
-        assert _host_checksum(pieces) == slab_checksum(data)
+        assert host_checksum(pieces) == slab_checksum(data)
     whole = (memoryview(data)[at : at + CHUNK] for at in range(0, size, CHUNK))
-    assert _host_checksum(whole) == slab_checksum(data)
+    assert host_checksum(whole) == slab_checksum(data)

@@ -15,6 +15,9 @@ import xxhash
 from torpord.cuda import kernels, reference
 from torpord.storage.checksum import CHUNK, slab_checksum
 
+# Where the sources are kept: the repository's top level.
+SOURCES = Path(__file__).resolve().parents[2] / "cuda_kernels"
+
 LENGTHS = [
     *range(0, 260),  # every short path, and the first long ones
     *(1024 * k + d for k in (1, 2, 16) for d in (-65, -64, -1, 0, 1, 63, 64, 65)),
@@ -76,7 +79,8 @@ def test_gather_scatter_pieces_split_segments_exactly() -> None:
 
 
 def test_the_kernels_module_imports_without_cupy_or_a_gpu() -> None:
-    assert set(kernels.KERNELS) == {p.name for p in kernels.SOURCES.glob("*.cu")}
+    assert set(kernels.KERNELS) == {p.name for p in SOURCES.glob("*.cu")}
+    assert kernels.sources_dir() == SOURCES  # what a source checkout compiles
     for name in kernels.KERNELS:
         for kernel in kernels.KERNELS[name]:
             assert f"torpor_{kernel.removeprefix('torpor_')}(" in kernels.source(name)
@@ -97,7 +101,7 @@ def test_every_kernel_compiles_with_nvcc(name: str, arch: str, tmp_path: Path) -
             "all-warnings",
             "-o",
             str(tmp_path / "k.cubin"),
-            str(kernels.SOURCES / name),
+            str(SOURCES / name),
         ],
         capture_output=True,
         text=True,

@@ -193,8 +193,8 @@ def test_the_read_pipeline_loads_device_slabs_through_pinned_staging(
     # GPU chose.
     if path in ("kernel", "measured") and backend.kernels_unavailable:
         pytest.skip(f"no kernels here: {backend.kernels_unavailable}")
-    dev = backend._devices[0]
-    dev.methods = None if path == "measured" else [(1 << 40, path)]
+    dev = backend.device(backend.devices()[0].uuid)
+    dev.methods.measured = None if path == "measured" else [(1 << 40, path)]
     from torpor.testing import make_checkpoint
     from torpord.storage.layers import plan_layers
     from torpord.storage.pipeline import ReadOptions, read_layers
@@ -219,11 +219,11 @@ def test_the_read_pipeline_loads_device_slabs_through_pinned_staging(
             read_layers(ckpt, plans, [backend.sink(h) for h in hosts], ReadOptions())
             for i, (slab, host) in enumerate(zip(slabs, hosts, strict=True)):
                 assert digests[i] == backend.checksum(host) == backend.checksum(slab), direct
-        assert not backend._pinned_staging  # every staging buffer unpinned
+        assert not backend.staging().pinned()  # every staging buffer unpinned
         if path == "measured":
-            assert dev.methods  # measured, logged
+            assert dev.methods.measured  # measured, logged
         else:  # (a method that failed would have been replaced by copies)
-            assert dev.methods == [(1 << 40, path)]
+            assert dev.methods.measured == [(1 << 40, path)]
     finally:
         for slab in [*slabs, *hosts]:
             backend.free(slab)

@@ -1,2 +1,4 @@
-"""What runs on NVIDIA GPUs: the kernels' sources and loaders, and NumPy
-models of the kernels that run anywhere (torpord.cuda.reference)."""
+"""The CUDA building blocks the cuda backend (torpord.backends.cuda) is made
+of, which know nothing of slabs or tiers: driver calls and events, the
+pinned host pool, the kernels' loader, and NumPy models of the kernels that
+run anywhere (torpord.cuda.reference)."""

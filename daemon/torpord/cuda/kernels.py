@@ -1,5 +1,6 @@
-"""The custom CUDA kernels: sources in `torpord/cuda_kernels/`, compiled at run
-time with CuPy's RawModule (NVRTC) for the GPU at hand, the compiled code
+"""The custom CUDA kernels: sources in `cuda_kernels/` (at the top of a source
+checkout; installed as `torpord/cuda_kernels/`), compiled at run time with
+CuPy's RawModule (NVRTC) for the GPU at hand, the compiled code
 cached on disk (CuPy's kernel cache, in the directory given to `Kernels`).
 
 Importing this module needs neither CuPy nor a GPU; building `Kernels` does.
@@ -18,9 +19,9 @@ import numpy as np
 from torpord.cuda.reference import Segment, pieces
 from torpord.storage.checksum import CHUNK, combine
 
-__all__ = ["KERNELS", "Kernels", "best_seconds", "source"]
+__all__ = ["KERNELS", "Kernels", "best_seconds", "source", "sources_dir"]
 
-SOURCES = Path(__file__).resolve().parent.parent / "cuda_kernels"
+PACKAGE = Path(__file__).resolve().parent.parent  # torpord
 # Each source file and the kernels it defines.
 KERNELS = {
     "checksum.cu": ("torpor_xxh3_chunks",),
@@ -30,8 +31,26 @@ THREADS = 256
 OPTIONS = ("-std=c++17",)
 
 
+def sources_dir(package: Path = PACKAGE) -> Path:
+    """The directory of the kernels' sources for the torpord package at
+    `package`: inside it where it is installed (the wheel puts them in
+    torpord/cuda_kernels), else, in a source checkout (<repo>/daemon/torpord),
+    the repository's top-level cuda_kernels/. Only a directory that holds
+    every source counts."""
+    candidates = [package / "cuda_kernels"]
+    if package.parent.name == "daemon":
+        candidates.append(package.parent.parent / "cuda_kernels")
+    for candidate in candidates:
+        if all((candidate / name).is_file() for name in KERNELS):
+            return candidate
+    raise FileNotFoundError(
+        f"the CUDA kernels' sources ({', '.join(KERNELS)}) are in none of"
+        f" {', '.join(str(c) for c in candidates)}"
+    )
+
+
 def source(name: str) -> str:
-    return (SOURCES / name).read_text()
+    return (sources_dir() / name).read_text()
 
 
 def best_seconds(stream: Any, fn: Callable[[], object], runs: int = 3) -> float:

@@ -1,4 +1,4 @@
-"""NumPy models of the CUDA kernels in `torpord/cuda_kernels/`.
+"""NumPy models of the CUDA kernels in `cuda_kernels/`.
 
 Each model computes what its kernel computes, decomposed the way the kernel
 decomposes it, so that the decomposition is tested on any machine (against

@@ -4,7 +4,7 @@ A slab's checksum is XXH3-64 (seed 0) of the little-endian concatenation of
 the XXH3-64 digests of its 1 MiB chunks (the last chunk may be shorter; an
 empty slab has no chunks). Chunks make it parallel: the host hashes them with
 the xxhash library, the GPU with one thread block per chunk
-(`torpord/cuda_kernels/checksum.cu`), and both finish with the same small
+(`cuda_kernels/checksum.cu`), and both finish with the same small
 hash of the digests, so a wake can verify a slab where it is without copying
 it back.
 
