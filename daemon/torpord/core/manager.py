@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
@@ -41,7 +40,6 @@ from torpord.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     TorporError,
     some,
 )
@@ -49,6 +47,7 @@ from torpord.storage.diskcache import DiskCache
 from torpord.storage.layers import DEFAULT_LAYER_PATTERNS, LayerPatterns, plan_layers
 from torpord.storage.pipeline import ReadOptions
 from torpord.storage.safetensors import check_unchanged, open_checkpoint
+from torpord.storage.sources import resolve_source
 
 __all__ = ["ManagerSettings", "ModelManager"]
 
@@ -179,7 +178,7 @@ class ModelManager:
                 reason="INVALID_TIER",
                 metadata={"tier": target.value},
             )
-        path = self._resolve_source(source)
+        path = resolve_source(source, self.settings.allowed_roots)
         call = Call(request_id, ("load", model_id, path, device, target), wait)
         if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._replay(earlier, wait, model_id)
@@ -731,30 +730,6 @@ class ModelManager:
     def _on_progress(self, model: Model) -> None:
         if model.progress is not None:
             self.bus.publish(EventType.PROGRESS, model.snapshot())
-
-    def _resolve_source(self, source: str) -> str:
-        if not source:
-            raise InvalidArgument("source is required", reason="SOURCE_REQUIRED")
-        if "\0" in source:
-            raise InvalidArgument(
-                "source must not contain a NUL byte", reason="INVALID_SOURCE_PATH"
-            )
-        if not os.path.isabs(source):
-            raise InvalidArgument(
-                f"source must be an absolute path, got {source!r}",
-                reason="SOURCE_NOT_ABSOLUTE",
-                metadata={"source": source},
-            )
-        # realpath first, so that a symlink cannot lead outside the allowed roots.
-        real = Path(os.path.realpath(source))
-        roots = self.settings.allowed_roots
-        if not any(real == root or real.is_relative_to(root) for root in roots):
-            raise PermissionDenied(
-                f"source {source} is outside the allowed roots ({', '.join(map(str, roots))})",
-                reason="SOURCE_NOT_ALLOWED",
-                metadata={"source": source, "allowed_roots": ",".join(map(str, roots))},
-            )
-        return str(real)
 
     # -- shutdown --------------------------------------------------------------
 
