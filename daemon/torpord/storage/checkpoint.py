@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-import xxhash
+from xxhash import xxh3_64_hexdigest
 
 from torpord.errors import InvalidArgument
 from torpord.storage import boundedjson
@@ -58,9 +58,16 @@ class _Budget:
     max_header_bytes: int
 
 
-def _open_file(
-    opened: Opened, file_index: int, budget: _Budget
-) -> tuple[SourceFile, list[TensorInfo], list[int], dict[str, str]]:
+@dataclass
+class _Read:
+    """A file's header as read, before it is parsed (no descriptor held)."""
+
+    path: str
+    st: os.stat_result
+    raw: bytes
+
+
+def _read(opened: Opened, budget: _Budget) -> _Read:
     fd = read_fd(opened)
     try:
         st = os.fstat(fd)
@@ -75,17 +82,24 @@ def _open_file(
             f" {budget.max_header_bytes} bytes",
             budget.max_header_bytes,
         )
+    return _Read(opened.path, st, raw)
+
+
+def _parse(
+    read: _Read, file_index: int, budget: _Budget
+) -> tuple[SourceFile, list[TensorInfo], list[int], dict[str, str]]:
     tensors, entries, metadata = parse_header(
-        opened.path,
+        read.path,
         file_index,
-        raw,
-        st.st_size,
+        read.raw,
+        read.st.st_size,
         max_tensors=budget.tensors,
         limit=budget.max_tensors,
     )
     budget.tensors -= len(tensors)
+    st = read.st
     src = SourceFile(
-        opened.path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, xxhash.xxh3_64_hexdigest(raw)
+        read.path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, xxh3_64_hexdigest(read.raw)
     )
     return src, tensors, entries, metadata
 
@@ -179,9 +193,10 @@ def _read_index(index: Opened, budget: _Budget) -> list[tuple[str, str]]:
     return list(weight_map.items())
 
 
-def _open_sharded(
+def _read_shards(
     directory: Opened, index: Opened, roots: Sequence[str], budget: _Budget
-) -> Checkpoint:
+) -> tuple[list[tuple[str, str]], list[str], list[_Read]]:
+    """The weight map, its shards (sorted) and their headers as read."""
     weight_map = _read_index(index, budget)
     first_entry: dict[str, int] = {}  # shard name -> the first weight_map entry naming it
     for number, (_, shard) in enumerate(weight_map, 1):
@@ -189,19 +204,15 @@ def _open_sharded(
     if len(first_entry) > MAX_SHARDS:
         too_large(index.path, f"weight_map names more than {MAX_SHARDS} files", MAX_SHARDS)
     shards = sorted(first_entry)
-    files: list[SourceFile] = []
-    tensors: list[TensorInfo] = []
-    entries: list[int] = []  # each tensor's entry in its file's header
-    first_metadata: dict[str, str] = {}
-    for i, shard in enumerate(shards):
+    reads: list[_Read] = []
+    for shard in shards:
         number = first_entry[shard]
-        meta: dict[str, object] = {"file": index.path, "entry": number}
         opened = open_entry(
             directory,
             shard,
             roots,
             label=f"the file that weight_map's {ordinal(number)} entry names (in {index.path})",
-            metadata=meta,
+            metadata={"file": index.path, "entry": number},
         )
         if opened is None:
             invalid(
@@ -210,18 +221,33 @@ def _open_sharded(
                 entry=number,
             )
         try:
-            src, found, found_entries, metadata = _open_file(opened, i, budget)
+            reads.append(_read(opened, budget))
         finally:
             opened.close()
+    return weight_map, shards, reads
+
+
+def _sharded(
+    path: str,
+    index_path: str,
+    weight_map: list[tuple[str, str]],
+    shards: list[str],
+    reads: list[_Read],
+    budget: _Budget,
+) -> Checkpoint:
+    files: list[SourceFile] = []
+    tensors: list[TensorInfo] = []
+    entries: list[int] = []  # each tensor's entry in its file's header
+    first_metadata: dict[str, str] = {}
+    for i, read in enumerate(reads):
+        src, found, found_entries, metadata = _parse(read, i, budget)
         if i == 0:
             first_metadata = metadata
         files.append(src)
         tensors.extend(found)
         entries.extend(found_entries)
-    _check_agreement(index.path, weight_map, shards, files, tensors, entries)
-    return Checkpoint(
-        directory.path, tuple(files), tuple(tensors), MappingProxyType(first_metadata)
-    )
+    _check_agreement(index_path, weight_map, shards, files, tensors, entries)
+    return Checkpoint(path, tuple(files), tuple(tensors), MappingProxyType(first_metadata))
 
 
 def _check_agreement(
@@ -272,11 +298,15 @@ def _check_agreement(
             )
 
 
-def _open_directory(directory: Opened, roots: Sequence[str], budget: _Budget) -> Checkpoint:
+def _read_directory(
+    directory: Opened, roots: Sequence[str], budget: _Budget
+) -> tuple[str, list[tuple[str, str]], list[str], list[_Read]] | _Read:
+    """What a checkpoint directory holds: (index path, weight map, shards,
+    their headers) if it is sharded, else its single file's header."""
     index = open_entry(directory, INDEX_FILE, roots)
     if index is not None:
         try:
-            return _open_sharded(directory, index, roots, budget)
+            return (index.path, *_read_shards(directory, index, roots, budget))
         finally:
             index.close()
     single = open_entry(directory, SINGLE_FILE, roots)
@@ -287,10 +317,9 @@ def _open_directory(directory: Opened, roots: Sequence[str], budget: _Budget) ->
             metadata={"file": directory.path},
         )
     try:
-        src, tensors, _, metadata = _open_file(single, 0, budget)
+        return _read(single, budget)
     finally:
         single.close()
-    return Checkpoint(directory.path, (src,), tuple(tensors), MappingProxyType(metadata))
 
 
 def open_checkpoint(
@@ -311,6 +340,9 @@ def open_checkpoint(
     directory opened must really lie under one of them, else PermissionDenied
     (SOURCE_NOT_ALLOWED). Later reads check each file's inode and size, so a
     file swapped after this is refused too.
+
+    Descriptors are held only while reading: every file is closed before
+    the headers are parsed (seconds at the tensor limit).
     """
     given = os.fspath(path)
     roots = tuple(allowed_roots)
@@ -318,17 +350,21 @@ def open_checkpoint(
     source = open_source(given, roots)
     try:
         # Shown from here on as where it really is (as opened and checked).
-        source.path = source.real
+        real = source.path = source.real
         if stat.S_ISDIR(source.st.st_mode):
-            return _open_directory(source, roots, budget)
-        if not (given.endswith(".safetensors") or source.real.endswith(".safetensors")):
+            found = _read_directory(source, roots, budget)
+        elif given.endswith(".safetensors") or real.endswith(".safetensors"):
+            found = _read(source, budget)
+        else:
             hint = " (pass its directory)" if given.endswith(INDEX_FILE) else ""
             raise InvalidArgument(
                 f"{given}: not a .safetensors file or a checkpoint directory{hint}",
                 reason="UNSUPPORTED_SOURCE",
                 metadata={"file": given},
             )
-        src, tensors, _, metadata = _open_file(source, 0, budget)
-        return Checkpoint(source.real, (src,), tuple(tensors), MappingProxyType(metadata))
     finally:
         source.close()
+    if isinstance(found, _Read):
+        src, tensors, _, metadata = _parse(found, 0, budget)
+        return Checkpoint(real, (src,), tuple(tensors), MappingProxyType(metadata))
+    return _sharded(real, *found, budget)

@@ -284,11 +284,12 @@ def reopen(path: str, identity: tuple[int, int, int], flags: int, offset: int | 
     try:
         probe = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as err:
-        if isinstance(err, FileNotFoundError):
+        if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # a component changed
+            missing = (
+                "file is missing" if err.errno == errno.ENOENT else "path no longer leads to it"
+            )
             raise FailedPrecondition(
-                f"{path}: file is missing{needed}",
-                reason="SOURCE_CHANGED",
-                metadata=meta,
+                f"{path}: {missing}{needed}", reason="SOURCE_CHANGED", metadata=meta
             ) from None
         raise os_error(path, err, meta) from None
     try:
