@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import random
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from torpor.testing import make_checkpoint
+from torpord.core import manager as manager_module
 from torpord.errors import TorporError
 
 from .harness import Harness
@@ -96,5 +100,33 @@ async def test_a_component_changing_during_loads_gives_documented_codes(tmp_path
         # The race really ran both ways.
         assert seen.get("OK", 0) > 0 and seen.get("SOURCE_NOT_ALLOWED", 0) > 0, seen
         assert h.manager.list_models() == [] and h.device_used() == 0
+    finally:
+        await h.close()
+
+
+async def test_parsing_and_planning_run_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both are O(tensors): at the tensor limit, seconds of CPU that must not
+    # stop every other RPC. Each is wrapped to note the thread it runs on.
+    threads: dict[str, int] = {}
+
+    def recording(name: str) -> Callable[..., Any]:
+        real = getattr(manager_module, name)
+
+        def record(*args: Any, **kwargs: Any) -> Any:
+            threads[name] = threading.get_ident()
+            return real(*args, **kwargs)
+
+        return record
+
+    for name in ("open_checkpoint", "plan_layers"):
+        monkeypatch.setattr(manager_module, name, recording(name))
+    h = Harness(tmp_path)
+    try:
+        await h.manager.load("m", str(make_checkpoint(tmp_path / "m", layers=2)))
+        loop_thread = threading.get_ident()
+        assert set(threads) == {"open_checkpoint", "plan_layers"}
+        assert loop_thread not in threads.values()
     finally:
         await h.close()

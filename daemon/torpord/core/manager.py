@@ -44,9 +44,10 @@ from torpord.errors import (
     some,
 )
 from torpord.storage.diskcache import DiskCache
+from torpord.storage.gcpause import gc_paused
 from torpord.storage.layers import DEFAULT_LAYER_PATTERNS, LayerPatterns, plan_layers
 from torpord.storage.pipeline import ReadOptions
-from torpord.storage.safetensors import check_unchanged, open_checkpoint
+from torpord.storage.safetensors import Checkpoint, check_unchanged, open_checkpoint
 from torpord.storage.sources import resolve_source
 
 __all__ = ["ManagerSettings", "ModelManager"]
@@ -209,21 +210,11 @@ class ModelManager:
         try:
             # Not through mover.blocking: nothing is written into a slab here,
             # so a cancelled call need not wait for the worker to finish.
-            checkpoint = await asyncio.get_running_loop().run_in_executor(
-                self._executor,
-                functools.partial(
-                    open_checkpoint,
-                    path,
-                    allowed_roots=tuple(str(root) for root in self.settings.allowed_roots),
-                ),
+            # Parsing and planning are O(tensors): off the event loop.
+            checkpoint, layers = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._prepare, path
             )
-            plans = plan_layers(checkpoint, self.settings.patterns, self.settings.alignment)
-            model = Model(
-                model_id,
-                checkpoint,
-                uuid or self.backend.pick_device(),
-                [LayerState(plan) for plan in plans],
-            )
+            model = Model(model_id, checkpoint, uuid or self.backend.pick_device(), layers)
             new = self.mover.allocate(model, model.layers, target)
         except BaseException as exc:
             self.requests.forget(request_id)
@@ -730,6 +721,14 @@ class ModelManager:
     def _on_progress(self, model: Model) -> None:
         if model.progress is not None:
             self.bus.publish(EventType.PROGRESS, model.snapshot())
+
+    def _prepare(self, path: str) -> tuple[Checkpoint, list[LayerState]]:
+        """Open, validate and plan a source (blocking: on a worker thread)."""
+        roots = tuple(str(root) for root in self.settings.allowed_roots)
+        with gc_paused():  # (else collections walking its objects stop the loop too)
+            checkpoint = open_checkpoint(path, allowed_roots=roots)
+            plans = plan_layers(checkpoint, self.settings.patterns, self.settings.alignment)
+            return checkpoint, [LayerState(plan) for plan in plans]
 
     # -- shutdown --------------------------------------------------------------
 
