@@ -102,7 +102,9 @@ class PackedTensor:
     slab_offset: int
 
 
-@dataclass(frozen=True, slots=True)
+# weakref_slot: the server keeps a layer's converted tensor list for as long
+# as the plan lives.
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class LayerPlan:
     """One layer: its tensors packed into one slab of `size` bytes."""
 
