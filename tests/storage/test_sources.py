@@ -15,7 +15,7 @@ from torpord.storage.pipeline import ReadOptions, read_layers
 from torpord.storage.safetensors import INDEX_FILE, SINGLE_FILE, Checkpoint
 from torpord.storage.sources import resolve_path, resolve_source
 
-from .test_pipeline import Sink
+from .sinks import Sink
 
 SECRETS = ("db_password=hunter2", "api_key=SK-123456")
 
