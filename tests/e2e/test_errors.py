@@ -56,12 +56,13 @@ FAILED_PRECONDITION, ABORTED, RESOURCE_EXHAUSTED, DATA_LOSS = 9, 10, 8, 15
 F16 = {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 8]}
 
 MALFORMED: dict[str, tuple[Any, bytes, int | None, str]] = {
-    # name: (header, data, header length to claim, what the message must name)
+    # name: (header, data, header length to claim, what the message must say)
+    # (entries by their place in the header: never what the file says)
     "truncated": (
         {"a.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
         b"\0" * 9,
         None,
-        "a.weight",
+        "1st entry",
     ),
     "header_past_end": ({"a": F16}, b"\0" * 8, 10_000, "header"),
     "huge_header": ({"a": F16}, b"\0" * 8, 2**40, "header"),
@@ -71,25 +72,25 @@ MALFORMED: dict[str, tuple[Any, bytes, int | None, str]] = {
         {"w": {"dtype": "F12", "shape": [2], "data_offsets": [0, 3]}},
         b"\0" * 3,
         None,
-        "F12",
+        "dtype that safetensors does not know",
     ),
     "shape_span_mismatch": (
         {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
         b"\0" * 8,
         None,
-        "w",
+        "1st entry",
     ),
     "overlapping": (
         {"a": F16, "b": {"dtype": "F16", "shape": [2, 2], "data_offsets": [4, 12]}},
         b"\0" * 12,
         None,
-        "b",
+        "2nd entry",
     ),
     "out_of_bounds": (
         {"a": {"dtype": "U8", "shape": [64], "data_offsets": [0, 64]}},
         b"\0" * 8,
         None,
-        "a",
+        "1st entry",
     ),
 }
 

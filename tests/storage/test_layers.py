@@ -9,6 +9,7 @@ from torpor.testing import make_checkpoint, write_safetensors
 from torpord.errors import InvalidArgument
 from torpord.storage import (
     DEFAULT_LAYER_PATTERNS,
+    MAX_LAYERS,
     Checkpoint,
     LayerPatterns,
     LayerPlan,
@@ -303,3 +304,19 @@ def test_layout_hash(tmp_path: Path) -> None:
     other_shape = open_checkpoint(make_checkpoint(tmp_path / "h", layers=2, hidden=32))
     assert layout_hash(plan_layers(other_shape)) != base
     assert layout_hash(list(plan_layers(one))) == base
+
+
+def test_a_model_has_at_most_max_layers(tmp_path: Path) -> None:
+    # One zero-byte tensor per block number: a tiny header, thousands of slabs.
+    names = [f"model.layers.{n}.w" for n in range(MAX_LAYERS)] + ["lm_head.weight"]
+    tensors = {name: ("U8", [0], b"") for name in names}
+    tensors["model.embed_tokens.weight"] = ("U8", [4], bytes(4))
+    ckpt = open_checkpoint(write_safetensors(tmp_path / "c.safetensors", tensors))
+    with pytest.raises(InvalidArgument) as info:
+        plan_layers(ckpt)
+    err = info.value
+    assert err.reason == "CHECKPOINT_TOO_LARGE" and err.metadata["limit"] == str(MAX_LAYERS)
+    assert f"make {MAX_LAYERS + 2} layers" in err.message
+    del tensors["lm_head.weight"], tensors["model.layers.0.w"]
+    ckpt = open_checkpoint(write_safetensors(tmp_path / "d.safetensors", tensors))
+    assert len(plan_layers(ckpt)) == MAX_LAYERS

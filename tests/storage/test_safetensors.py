@@ -16,6 +16,8 @@ from safetensors.numpy import save_file
 from torpor.testing import make_checkpoint, write_safetensors
 from torpord.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from torpord.storage import DTYPES, Checkpoint, check_unchanged, open_checkpoint, read_tensors
+from torpord.storage.safetensors import INDEX_FILE
+from torpord.storage.sources import ordinal
 
 NUMPY_DTYPES = {
     "BOOL": np.bool_,
@@ -137,7 +139,9 @@ def test_sub_byte_dtype_must_end_on_a_byte(tmp_path: Path) -> None:
     assert open_checkpoint(ok).tensors[0].nbytes == 3
     # Like the reference crate (MisalignedSlice): 3 x 4 bits is not whole bytes.
     bad = raw_file(tmp_path / "bad.safetensors", {"x": entry("F4", [3], 0, 2)}, b"\0" * 2)
-    assert "'x'" in invalid(bad).message
+    err = invalid(bad)
+    assert "1st entry" in err.message and "whole number of bytes" in err.message
+    assert err.metadata["entry"] == "1"
 
 
 def test_zero_byte_tensors_anywhere_on_the_path(tmp_path: Path) -> None:
@@ -164,7 +168,7 @@ def test_header_only_file_has_no_tensors(tmp_path: Path) -> None:
 def test_file_shorter_than_8_bytes(tmp_path: Path) -> None:
     path = tmp_path / "short.safetensors"
     path.write_bytes(b"\x10\0\0")
-    assert "shorter than the 8-byte" in invalid(path).message
+    assert "3 bytes, too short for a safetensors file" in invalid(path).message
 
 
 def test_header_length_zero(tmp_path: Path) -> None:
@@ -195,33 +199,51 @@ def test_header_not_utf8(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "body",
-    [b'{"x": ', b"not json", b'{"x": NaN}', b'{"a": {}, "a": {}}', b"[" * 100_000],
-    ids=["truncated", "garbage", "nan", "duplicate-key", "deep-nesting"],
+    ("body", "words", "offset"),
+    [
+        (b'{"x": ', "not valid JSON at byte 6", 14),
+        (b'{"x": NaN}', "NaN", 8),
+        (b'{"a": {}, "a": {}}', "same key twice", 8),
+        (b'{"a": {"shape": ' + b"[" * 100_000, "nested deeper than 3 levels (at byte 17)", 25),
+    ],
+    ids=["truncated", "nan", "duplicate-key", "deep-nesting"],
 )
-def test_header_not_json(tmp_path: Path, body: bytes) -> None:
+def test_header_not_json(tmp_path: Path, body: bytes, words: str, offset: int) -> None:
     err = invalid(raw_file(tmp_path / "j.safetensors", body))
-    assert "JSON" in err.message and "offset" in err.metadata
+    assert words in err.message and err.metadata["offset"] == str(offset)
 
 
-def test_header_not_an_object(tmp_path: Path) -> None:
-    assert "not an object" in invalid(raw_file(tmp_path / "l.safetensors", b"[1, 2]")).message
+@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b" {}", b"[" * 100_000])
+def test_a_header_not_starting_with_a_brace_is_not_safetensors(tmp_path: Path, body: bytes) -> None:
+    # Like the crate's InvalidHeaderStart: not a malformed header, another format.
+    err = invalid(raw_file(tmp_path / "l.safetensors", body))
+    assert "not a safetensors file" in err.message and err.metadata["offset"] == "8"
+
+
+def test_a_text_file_renamed_safetensors_is_not_a_safetensors_file(tmp_path: Path) -> None:
+    text = b"Some notes about the model, nothing like safetensors at all.\n" * 4
+    path = tmp_path / "notes.safetensors"
+    path.write_bytes(text)
+    err = invalid(path)
+    assert "not a safetensors file" in err.message
+    assert "huge" not in err.message and "notes about" not in err.message
+    assert str(int.from_bytes(text[:8], "little")) not in err.message
 
 
 @pytest.mark.parametrize(
     ("value", "words"),
     [
-        ([1, 2], "not an object"),
-        ({"dtype": "U8", "shape": [1]}, "missing keys ['data_offsets']"),
-        ({**entry("U8", [1], 0, 1), "extra": 1}, "unexpected keys ['extra']"),
-        (entry("Q8", [1], 0, 1), "unknown dtype 'Q8'"),
+        ([1, 2], "is not an object"),
+        ({"dtype": "U8", "shape": [1]}, "lacks data_offsets"),
+        ({**entry("U8", [1], 0, 1), "extra": 1}, "has 1 key besides dtype, shape and data_offsets"),
+        (entry("Q8", [1], 0, 1), "has a dtype that safetensors does not know"),
         (entry("U8", [-1], 0, 1), "shape"),
         (entry("U8", [True], 0, 1), "shape"),
         ({"dtype": "U8", "shape": 1, "data_offsets": [0, 1]}, "shape"),
         ({"dtype": "U8", "shape": [1], "data_offsets": [0]}, "data_offsets"),
         ({"dtype": "U8", "shape": [1], "data_offsets": [0, 1.0]}, "data_offsets"),
         (entry("U8", [0], 1, 0), "end before they begin"),
-        (entry("F32", [2], 0, 1), "is 8 bytes but data_offsets [0, 1] span 1"),
+        (entry("F32", [2], 0, 1), "data_offsets [0, 1] that span 1 bytes, not the size"),
         (entry("U8", [4], 0, 4), "run past the data area"),
         (entry("U8", [2**32, 2**32, 2], 0, 1), "more than 2**64 elements"),
         (entry("U8", [2**64], 0, 1), "shape"),
@@ -244,16 +266,19 @@ def test_header_not_an_object(tmp_path: Path) -> None:
     ],
 )
 def test_bad_entry(tmp_path: Path, value: Any, words: str) -> None:
-    path = raw_file(tmp_path / "e.safetensors", {"w.0": value}, b"\0")
+    path = raw_file(tmp_path / "e.safetensors", {"__metadata__": {}, "w.0": value}, b"\0")
     err = invalid(path)
     assert words in err.message
-    assert "tensor 'w.0'" in err.message and err.metadata["tensor"] == "w.0"
+    # Named by its place in the header, never by what the file says.
+    assert "the 2nd entry of the header" in err.message and err.metadata["entry"] == "2"
+    assert "w.0" not in err.message and "w.0" not in err.metadata.values()
 
 
 def test_overlapping_spans(tmp_path: Path) -> None:
     header = {"a": entry("U8", [4], 0, 4), "b": entry("U8", [4], 2, 6)}
     err = invalid(raw_file(tmp_path / "o.safetensors", header, b"\0" * 6))
-    assert "tensor 'b'" in err.message and "overlap tensor 'a'" in err.message
+    assert "the 2nd entry of the header has data_offsets [2, 6]" in err.message
+    assert "overlap those of the 1st entry (which end at 4)" in err.message
     n = len(json.dumps(header))
     assert err.metadata["offset"] == str(8 + n + 2)
 
@@ -261,13 +286,13 @@ def test_overlapping_spans(tmp_path: Path) -> None:
 def test_hole_between_spans(tmp_path: Path) -> None:
     header = {"a": entry("U8", [2], 0, 2), "b": entry("U8", [2], 4, 6)}
     err = invalid(raw_file(tmp_path / "h.safetensors", header, b"\0" * 6))
-    assert "tensor 'b'" in err.message and "hole of 2 bytes at data offset 2" in err.message
+    assert "2nd entry" in err.message and "hole of 2 bytes at data offset 2" in err.message
 
 
 def test_first_span_must_start_at_zero(tmp_path: Path) -> None:
     header = {"a": entry("U8", [2], 2, 4)}
     err = invalid(raw_file(tmp_path / "s.safetensors", header, b"\0" * 4))
-    assert "tensor 'a'" in err.message and "data offset 0" in err.message
+    assert "1st entry" in err.message and "data offset 0" in err.message
 
 
 def test_trailing_bytes_after_last_tensor(tmp_path: Path) -> None:
@@ -285,7 +310,7 @@ def test_metadata_must_map_strings_to_strings(tmp_path: Path) -> None:
 
 def test_empty_tensor_name(tmp_path: Path) -> None:
     err = invalid(raw_file(tmp_path / "n.safetensors", {"": entry("U8", [1], 0, 1)}, b"\0"))
-    assert "empty name" in err.message
+    assert "1st entry of the header has an empty tensor name" in err.message
 
 
 # --- sources: paths, directories, shards -------------------------------------------------
@@ -352,15 +377,19 @@ def test_shard_path_traversal(tmp_path: Path, shard: str) -> None:
     root = make_checkpoint(tmp_path / "m", layers=2, shards=2)
     edit_index(root, lambda d: d["weight_map"].__setitem__("lm_head.weight", shard))
     err = sharded_invalid(root)
-    assert "plain file name" in err.message and "'lm_head.weight'" in err.message
+    assert "does not name a plain file" in err.message and "lm_head" not in err.message
+    number = list(json.loads((root / "model.safetensors.index.json").read_text())["weight_map"])
+    assert f"weight_map's {number.index('lm_head.weight') + 1}" in err.message
 
 
 def test_shard_missing(tmp_path: Path) -> None:
     root = make_checkpoint(tmp_path / "m", layers=2, shards=2)
     (root / "model-00002-of-00002.safetensors").unlink()
     err = sharded_invalid(root)
-    assert "model-00002-of-00002.safetensors" in err.message and "missing" in err.message
-    assert err.metadata["tensor"] in err.message
+    weight_map = json.loads((root / "model.safetensors.index.json").read_text())["weight_map"]
+    first = list(weight_map.values()).index("model-00002-of-00002.safetensors") + 1
+    assert err.message.endswith(f"weight_map's {ordinal(first)} entry names a file that is missing")
+    assert "model-00002" not in err.message and err.metadata["entry"] == str(first)
 
 
 def test_index_lists_tensor_missing_from_shard(tmp_path: Path) -> None:
@@ -369,14 +398,16 @@ def test_index_lists_tensor_missing_from_shard(tmp_path: Path) -> None:
         root, lambda d: d["weight_map"].__setitem__("ghost", "model-00001-of-00002.safetensors")
     )
     err = sharded_invalid(root)
-    assert "tensor 'ghost'" in err.message and "model-00001-of-00002" in err.message
+    assert "ghost" not in err.message and "model-00001-of-00002" in err.message
+    assert "names a tensor that this file does not hold" in err.message
 
 
 def test_shard_tensor_not_in_index(tmp_path: Path) -> None:
     root = make_checkpoint(tmp_path / "m", layers=2, shards=2)
     edit_index(root, lambda d: d["weight_map"].pop("lm_head.weight"))
     err = sharded_invalid(root)
-    assert "tensor 'lm_head.weight'" in err.message and "offset" in err.metadata
+    assert f"{INDEX_FILE} does not list" in err.message and "offset" in err.metadata
+    assert "lm_head" not in err.message
 
 
 def test_tensor_in_two_shards(tmp_path: Path) -> None:
@@ -387,7 +418,10 @@ def test_tensor_in_two_shards(tmp_path: Path) -> None:
     index = {"weight_map": {"x": "b.safetensors", "y": "a.safetensors"}}
     (root / "model.safetensors.index.json").write_text(json.dumps(index))
     err = sharded_invalid(root)
-    assert "tensor 'x'" in err.message and "also in shard 'a.safetensors'" in err.message
+    assert err.message == (
+        f"{root / 'b.safetensors'}: the 1st entry of its header holds a tensor that"
+        f" {root / 'a.safetensors'} holds too (its 1st entry)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -539,3 +573,69 @@ def test_replaced_file(opened: tuple[Path, Checkpoint], tmp_path: Path) -> None:
     t = ckpt.tensors[0]
     with pytest.raises(FailedPrecondition):
         read_tensors(ckpt, [(t, 0)], memoryview(bytearray(t.nbytes)))
+
+
+# --- what the reference crate's parser refuses too ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "words"),
+    [
+        (b'{"a\\ud800": ENTRY}', "1st entry of the header has a name with a lone UTF-16"),
+        (b'{"__metadata__": {"k": "\\udfff"}, "a": ENTRY}', "__metadata__ holds a lone"),
+        (b'{"__metadata__": {"\\ud800": "v"}, "a": ENTRY}', "__metadata__ holds a lone"),
+    ],
+)
+def test_lone_surrogates_are_invalid(tmp_path: Path, header: bytes, words: str) -> None:
+    # Such a name can't be a protobuf string: the model would break GetModel.
+    body = header.replace(b"ENTRY", json.dumps(entry("U8", [1], 0, 1)).encode())
+    assert words in invalid(raw_file(tmp_path / "s.safetensors", body, b"\0")).message
+
+
+def test_surrogate_pairs_are_characters(tmp_path: Path) -> None:
+    body = b'{"a\\ud83d\\ude00": ' + json.dumps(entry("U8", [1], 0, 1)).encode() + b"}"
+    (t,) = open_checkpoint(raw_file(tmp_path / "s.safetensors", body, b"\0")).tensors
+    assert t.name == "a\U0001f600"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b'{"dtype": "U8", "shape": [-0], "data_offsets": [0, 0]}',
+        b'{"dtype": "U8", "shape": [0], "data_offsets": [-0, 0]}',
+    ],
+    ids=["dimension", "offset"],
+)
+def test_minus_zero_is_invalid(tmp_path: Path, first: bytes) -> None:
+    # The crate parses usize, which has no -0; Python's json reads it as 0.
+    body = b'{"a": ' + first + b', "b": ' + json.dumps(entry("U8", [1], 0, 1)).encode() + b"}"
+    err = invalid(raw_file(tmp_path / "z.safetensors", body, b"\0"))
+    at = 8 + body.index(b"-0")
+    assert f"negative number at offset {at}" in err.message and err.metadata["offset"] == str(at)
+
+
+def test_minus_zero_in_a_string_is_a_name(tmp_path: Path) -> None:
+    body = b'{"a-0": ' + json.dumps(entry("U8", [1], 0, 1)).encode() + b"}"
+    (t,) = open_checkpoint(raw_file(tmp_path / "n.safetensors", body, b"\0")).tensors
+    assert t.name == "a-0"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"weight_map": {"x\\ud800": "model-00001-of-00002.safetensors"}}',
+        '{"weight_map": {"x": "model-00001-of-00002\\udcff.safetensors"}}',
+        '{"metadata": {"n": "\\ud800"}, "weight_map": {"x": "a.safetensors"}}',
+    ],
+)
+def test_index_strings_must_be_unicode(tmp_path: Path, text: str) -> None:
+    root = make_checkpoint(tmp_path / "m", layers=1, shards=2)
+    (root / INDEX_FILE).write_text(text)
+    assert "lone UTF-16 surrogate" in sharded_invalid(root).message
+
+
+def test_a_deeply_nested_index_is_invalid_not_a_crash(tmp_path: Path) -> None:
+    root = make_checkpoint(tmp_path / "m", layers=1, shards=2)
+    (root / INDEX_FILE).write_text('{"weight_map": ' + "[" * 1000 + "]" * 1000 + "}")
+    err = sharded_invalid(root)
+    assert "nested deeper than" in err.message and err.metadata["offset"] == str(15 + 31)

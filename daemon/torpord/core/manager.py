@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
@@ -41,14 +40,15 @@ from torpord.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     TorporError,
     some,
 )
 from torpord.storage.diskcache import DiskCache
+from torpord.storage.gcpause import gc_paused
 from torpord.storage.layers import DEFAULT_LAYER_PATTERNS, LayerPatterns, plan_layers
 from torpord.storage.pipeline import ReadOptions
-from torpord.storage.safetensors import check_unchanged, open_checkpoint
+from torpord.storage.safetensors import Checkpoint, check_unchanged, open_checkpoint
+from torpord.storage.sources import resolve_source
 
 __all__ = ["ManagerSettings", "ModelManager"]
 
@@ -179,7 +179,7 @@ class ModelManager:
                 reason="INVALID_TIER",
                 metadata={"tier": target.value},
             )
-        path = self._resolve_source(source)
+        path = resolve_source(source, self.settings.allowed_roots)
         call = Call(request_id, ("load", model_id, path, device, target), wait)
         if (earlier := self.requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._replay(earlier, wait, model_id)
@@ -210,21 +210,11 @@ class ModelManager:
         try:
             # Not through mover.blocking: nothing is written into a slab here,
             # so a cancelled call need not wait for the worker to finish.
-            checkpoint = await asyncio.get_running_loop().run_in_executor(
-                self._executor,
-                functools.partial(
-                    open_checkpoint,
-                    path,
-                    allowed_roots=tuple(str(root) for root in self.settings.allowed_roots),
-                ),
+            # Parsing and planning are O(tensors): off the event loop.
+            checkpoint, layers = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._prepare, path
             )
-            plans = plan_layers(checkpoint, self.settings.patterns, self.settings.alignment)
-            model = Model(
-                model_id,
-                checkpoint,
-                uuid or self.backend.pick_device(),
-                [LayerState(plan) for plan in plans],
-            )
+            model = Model(model_id, checkpoint, uuid or self.backend.pick_device(), layers)
             new = self.mover.allocate(model, model.layers, target)
         except BaseException as exc:
             self.requests.forget(request_id)
@@ -732,29 +722,13 @@ class ModelManager:
         if model.progress is not None:
             self.bus.publish(EventType.PROGRESS, model.snapshot())
 
-    def _resolve_source(self, source: str) -> str:
-        if not source:
-            raise InvalidArgument("source is required", reason="SOURCE_REQUIRED")
-        if "\0" in source:
-            raise InvalidArgument(
-                "source must not contain a NUL byte", reason="INVALID_SOURCE_PATH"
-            )
-        if not os.path.isabs(source):
-            raise InvalidArgument(
-                f"source must be an absolute path, got {source!r}",
-                reason="SOURCE_NOT_ABSOLUTE",
-                metadata={"source": source},
-            )
-        # realpath first, so that a symlink cannot lead outside the allowed roots.
-        real = Path(os.path.realpath(source))
-        roots = self.settings.allowed_roots
-        if not any(real == root or real.is_relative_to(root) for root in roots):
-            raise PermissionDenied(
-                f"source {source} is outside the allowed roots ({', '.join(map(str, roots))})",
-                reason="SOURCE_NOT_ALLOWED",
-                metadata={"source": source, "allowed_roots": ",".join(map(str, roots))},
-            )
-        return str(real)
+    def _prepare(self, path: str) -> tuple[Checkpoint, list[LayerState]]:
+        """Open, validate and plan a source (blocking: on a worker thread)."""
+        roots = tuple(str(root) for root in self.settings.allowed_roots)
+        with gc_paused():  # (else collections walking its objects stop the loop too)
+            checkpoint = open_checkpoint(path, allowed_roots=roots)
+            plans = plan_layers(checkpoint, self.settings.patterns, self.settings.alignment)
+            return checkpoint, [LayerState(plan) for plan in plans]
 
     # -- shutdown --------------------------------------------------------------
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -14,8 +17,18 @@ from torpord.core.model import ModelSnapshot, ProgressSnapshot, TransitionRecord
 from torpord.core.types import ModelState, Outcome, Stage, Tier, TransitionKind
 from torpord.errors import InvalidArgument
 from torpord.storage.diskcache import DiskCache
+from torpord.storage.gcpause import gc_paused
+from torpord.storage.layers import LayerPlan
 
-__all__ = ["model_to_proto", "node_to_proto", "tier_from_proto"]
+__all__ = ["model_to_proto", "node_to_proto", "prepare_full", "tier_from_proto"]
+
+# A layer's tensor list (MODEL_VIEW_FULL) as a serialized Layer holding only
+# `tensors`, per plan (by id, dropped with the plan). A plan never changes, so
+# it is converted once (off the event loop, by prepare_full); every FULL view
+# after that merges the bytes in C. At the tensor limit building the list
+# takes seconds; merging it, tens of milliseconds.
+_TENSORS: dict[int, bytes] = {}
+_PIECE = 4096  # tensors serialized per call
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -88,6 +101,55 @@ def _transition(t: TransitionRecord) -> common_pb2.Transition:
     )
 
 
+def _tensors(plan: LayerPlan) -> bytes:
+    """The serialized tensor list of `plan` (kept while the plan lives)."""
+    cached = _TENSORS.get(id(plan))
+    if cached is not None:
+        return cached
+    # A repeated field serializes as its items one after another, so pieces
+    # can be joined; each piece is a short call into the protobuf library,
+    # which holds the GIL throughout (one call for the whole list would stop
+    # the event loop's thread for as long).
+    pieces = []
+    for start in range(0, len(plan.tensors), _PIECE):
+        pieces.append(
+            common_pb2.Layer(
+                tensors=[
+                    common_pb2.Tensor(
+                        name=p.tensor.name,
+                        dtype=p.tensor.dtype,
+                        shape=p.tensor.shape,
+                        slab_offset=p.slab_offset,
+                        size_bytes=p.tensor.nbytes,
+                        file_index=p.tensor.file_index,
+                        file_offset=p.tensor.file_offset,
+                    )
+                    for p in plan.tensors[start : start + _PIECE]
+                ]
+            ).SerializeToString()
+        )
+    data = b"".join(pieces)
+    if id(plan) not in _TENSORS:  # (another thread may have made it meanwhile)
+        _TENSORS[id(plan)] = data
+        weakref.finalize(plan, _TENSORS.pop, id(plan), None)
+    return _TENSORS[id(plan)]
+
+
+async def prepare_full(models: Sequence[ModelSnapshot]) -> None:
+    """Convert the tensor lists `model_to_proto(full=True)` will need and has
+    not got yet, on a worker thread: O(tensors) Python work that would stall
+    every other RPC if done on the event loop."""
+    plans = [layer.plan for m in models for layer in m.layers if id(layer.plan) not in _TENSORS]
+    if plans:
+        await asyncio.to_thread(_convert, plans)
+
+
+def _convert(plans: list[LayerPlan]) -> None:
+    with gc_paused():
+        for plan in plans:
+            _tensors(plan)
+
+
 def model_to_proto(m: ModelSnapshot, *, full: bool = False) -> common_pb2.Model:
     source = common_pb2.Source(
         path=m.checkpoint.path,
@@ -100,31 +162,6 @@ def model_to_proto(m: ModelSnapshot, *, full: bool = False) -> common_pb2.Model:
         tensor_count=len(m.checkpoint.tensors),
         data_bytes=m.checkpoint.data_bytes,
     )
-    layers = []
-    for layer in m.layers:
-        msg = common_pb2.Layer(
-            name=layer.plan.name,
-            index=layer.plan.index,
-            size_bytes=layer.plan.size,
-            tier=tier_to_proto(layer.tier),
-            device=f"devices/{layer.device}" if layer.device else "",
-            tensor_count=len(layer.plan.tensors),
-            checksum=layer.checksum,
-        )
-        if full:
-            msg.tensors.extend(
-                common_pb2.Tensor(
-                    name=p.tensor.name,
-                    dtype=p.tensor.dtype,
-                    shape=p.tensor.shape,
-                    slab_offset=p.slab_offset,
-                    size_bytes=p.tensor.nbytes,
-                    file_index=p.tensor.file_index,
-                    file_offset=p.tensor.file_offset,
-                )
-                for p in layer.plan.tensors
-            )
-        layers.append(msg)
     out = common_pb2.Model(
         name=f"models/{m.model_id}",
         model_id=m.model_id,
@@ -140,11 +177,24 @@ def model_to_proto(m: ModelSnapshot, *, full: bool = False) -> common_pb2.Model:
             disk_bytes=m.bytes_in(Tier.DISK),
             total_bytes=m.total_bytes,
         ),
-        layers=layers,
         create_time=_timestamp(m.create_time),
         update_time=_timestamp(m.update_time),
         engines=m.engines,
     )
+    for layer in m.layers:
+        # Added in place: a Layer built apart would be copied into the Model,
+        # its tensors and all.
+        msg = out.layers.add(
+            name=layer.plan.name,
+            index=layer.plan.index,
+            size_bytes=layer.plan.size,
+            tier=tier_to_proto(layer.tier),
+            device=f"devices/{layer.device}" if layer.device else "",
+            tensor_count=len(layer.plan.tensors),
+            checksum=layer.checksum,
+        )
+        if full:
+            msg.MergeFromString(_tensors(layer.plan))
     if m.progress is not None:
         out.progress.CopyFrom(_progress(m.progress))
     if m.last_transition is not None:

@@ -25,7 +25,13 @@ from torpord.core.manager import ModelManager
 from torpord.core.types import Tier
 from torpord.errors import InvalidArgument
 from torpord.server.agents import AgentRegistry, Attachment, Ended
-from torpord.server.convert import is_full, model_to_proto, node_to_proto, tier_from_proto
+from torpord.server.convert import (
+    is_full,
+    model_to_proto,
+    node_to_proto,
+    prepare_full,
+    tier_from_proto,
+)
 from torpord.server.errors import translate_errors, translate_stream_errors
 
 __all__ = ["AgentService", "ModelService", "NodeService"]
@@ -112,16 +118,20 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
         self, request: models_pb2.GetModelRequest, context: Context
     ) -> models_pb2.GetModelResponse:
         model = self._m.get(request.model_id)
-        return models_pb2.GetModelResponse(model=model_to_proto(model, full=is_full(request.view)))
+        full = is_full(request.view)
+        if full:
+            await prepare_full([model])
+        return models_pb2.GetModelResponse(model=model_to_proto(model, full=full))
 
     @translate_errors
     async def ListModels(
         self, request: models_pb2.ListModelsRequest, context: Context
     ) -> models_pb2.ListModelsResponse:
         full = is_full(request.view)
-        return models_pb2.ListModelsResponse(
-            models=[model_to_proto(m, full=full) for m in self._m.list_models()]
-        )
+        models = self._m.list_models()
+        if full:
+            await prepare_full(models)
+        return models_pb2.ListModelsResponse(models=[model_to_proto(m, full=full) for m in models])
 
     @translate_stream_errors
     async def WatchModels(

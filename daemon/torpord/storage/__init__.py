@@ -2,6 +2,7 @@
 
 from torpord.storage.layers import (
     DEFAULT_LAYER_PATTERNS,
+    MAX_LAYERS,
     CompiledLayerPatterns,
     LayerPatterns,
     LayerPlan,
@@ -22,6 +23,7 @@ from torpord.storage.safetensors import (
 __all__ = [
     "DEFAULT_LAYER_PATTERNS",
     "DTYPES",
+    "MAX_LAYERS",
     "Checkpoint",
     "CompiledLayerPatterns",
     "LayerPatterns",

@@ -21,6 +21,7 @@ from torpord.storage.safetensors import Checkpoint, TensorInfo
 
 __all__ = [
     "DEFAULT_LAYER_PATTERNS",
+    "MAX_LAYERS",
     "CompiledLayerPatterns",
     "LayerPatterns",
     "LayerPlan",
@@ -31,6 +32,10 @@ __all__ = [
 ]
 
 MIN_ALIGNMENT = 256
+#: Layers of one model: each is a slab (an fd, a mapping, a transfer) and is
+#: listed in every snapshot. Real models have at most a few hundred blocks;
+#: tensor names alone (`model.layers.N.` for a million N) must not make more.
+MAX_LAYERS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +102,9 @@ class PackedTensor:
     slab_offset: int
 
 
-@dataclass(frozen=True, slots=True)
+# weakref_slot: the server keeps a layer's converted tensor list for as long
+# as the plan lives.
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class LayerPlan:
     """One layer: its tensors packed into one slab of `size` bytes."""
 
@@ -212,6 +219,13 @@ def plan_layers(
     groups += [(f"layers.{n}", blocks[n]) for n in sorted(blocks)]
     groups.append(("post", post))
     nonempty = [(name, ts) for name, ts in groups if ts]
+    if len(nonempty) > MAX_LAYERS:
+        raise InvalidArgument(
+            f"{checkpoint.path}: its tensors make {len(nonempty)} layers, more than the"
+            f" {MAX_LAYERS} a model may have",
+            reason="CHECKPOINT_TOO_LARGE",
+            metadata={"file": checkpoint.path, "limit": MAX_LAYERS},
+        )
     return tuple(_pack(name, i, ts, alignment) for i, (name, ts) in enumerate(nonempty))
 
 

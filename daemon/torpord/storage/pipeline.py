@@ -37,7 +37,7 @@ from typing import Protocol
 
 from torpord.errors import FailedPrecondition, Unavailable
 from torpord.storage.layers import LayerPlan
-from torpord.storage.reader import _open_for_read
+from torpord.storage.reader import open_for_read
 from torpord.storage.safetensors import Checkpoint
 from torpord.timeline import Timeline
 
@@ -163,7 +163,9 @@ class _File:
 
     def __init__(self, checkpoint: Checkpoint, index: int, direct: str, notes: list[str]) -> None:
         self.src = checkpoint.files[index]
-        self.fd = _open_for_read(self.src, 0)
+        # Both opens check that the path still leads to the file that was
+        # validated (and a regular file: nothing here can block on a FIFO).
+        self.fd = open_for_read(self.src, 0)
         self.direct_fd: int | None = None
         # Turned off (never the fds closed) while workers may be using them:
         # a closed number could be reused by another open and read from.
@@ -171,10 +173,13 @@ class _File:
         self.nowait_ok = direct == "auto"
         if direct != "off":
             try:
-                self.direct_fd = os.open(self.src.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+                self.direct_fd = open_for_read(self.src, 0, os.O_DIRECT)
                 self.direct_ok = True
             except OSError as err:
                 self.no_direct(notes, err)
+            except BaseException:
+                os.close(self.fd)
+                raise
 
     def no_direct(self, notes: list[str], err: OSError) -> None:
         """Under the run's lock."""

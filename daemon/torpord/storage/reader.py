@@ -14,68 +14,42 @@ from collections.abc import Sequence
 import xxhash
 
 from torpord.errors import FailedPrecondition, TorporError, Unavailable
-from torpord.storage.safetensors import Checkpoint, SourceFile, TensorInfo, _read_header
+from torpord.storage.header import read_header
+from torpord.storage.safetensors import Checkpoint, SourceFile, TensorInfo
+from torpord.storage.sources import reopen
 
-__all__ = ["check_unchanged", "read_tensors"]
+__all__ = ["check_unchanged", "open_for_read", "read_tensors"]
+
+
+def open_for_read(src: SourceFile, offset: int | None, flags: int = 0) -> int:
+    """A descriptor to read `src` (needed from `offset`, said in errors) if
+    its path still leads to the very file that was opened and checked."""
+    return reopen(src.path, src.identity, flags, offset)
 
 
 def _changes(src: SourceFile, max_header_bytes: int) -> str | None:
     try:
-        st = os.stat(src.path)
-    except FileNotFoundError:
-        return f"{src.path}: file is missing"
-    except OSError as err:
-        return f"{src.path}: cannot stat: {err.strerror}"
-    what: list[str] = []
-    if st.st_size != src.size:
-        what.append(f"size changed from {src.size} to {st.st_size} bytes")
-    if st.st_mtime_ns != src.mtime_ns:
-        what.append(f"mtime changed from {src.mtime_ns} to {st.st_mtime_ns} ns")
-    if (st.st_ino, st.st_dev) != (src.inode, src.device):
-        what.append("file was replaced (inode changed)")
-    if not what:
+        fd = open_for_read(src, None)
+    except TorporError as err:  # missing, replaced or resized: said without new values
+        return err.message
+    try:
+        if os.fstat(fd).st_mtime_ns != src.mtime_ns:
+            return f"{src.path}: mtime changed from {src.mtime_ns} ns"
         try:
-            _, raw = _read_header(src.path, max_header_bytes)
+            raw = read_header(fd, src.path, src.size, max_header_bytes)
         except TorporError as err:
             return f"{src.path}: header no longer readable: {err.message}"
-        if xxhash.xxh3_64_hexdigest(raw) != src.header_hash:
-            what.append("header contents changed")
-    return f"{src.path}: {', '.join(what)}" if what else None
+    finally:
+        os.close(fd)
+    if xxhash.xxh3_64_hexdigest(raw) != src.header_hash:
+        return f"{src.path}: header contents changed"
+    return None
 
 
 def check_unchanged(checkpoint: Checkpoint, *, max_header_bytes: int = 100 * 2**20) -> str | None:
     """Return None if every file still matches what was opened, else what changed."""
     found = [m for m in (_changes(f, max_header_bytes) for f in checkpoint.files) if m]
     return "; ".join(found) if found else None
-
-
-def _open_for_read(src: SourceFile, offset: int) -> int:
-    try:
-        fd = os.open(src.path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        if isinstance(err, FileNotFoundError):
-            raise FailedPrecondition(
-                f"{src.path}: file is missing (needed at offset {offset})",
-                reason="SOURCE_CHANGED",
-                metadata={"file": src.path, "offset": offset},
-            ) from err
-        raise Unavailable(
-            f"{src.path}: open failed: {err.strerror}",
-            reason="SOURCE_READ_FAILED",
-            metadata={"file": src.path, "offset": offset},
-        ) from err
-    st = os.fstat(fd)
-    # A replaced or resized file would hand us someone else's bytes at these
-    # offsets; refuse rather than copy garbage into a slab.
-    if (st.st_ino, st.st_dev, st.st_size) != (src.inode, src.device, src.size):
-        os.close(fd)
-        raise FailedPrecondition(
-            f"{src.path}: file changed since it was opened (size {src.size} -> {st.st_size}, "
-            f"inode {src.inode} -> {st.st_ino}); needed at offset {offset}",
-            reason="SOURCE_CHANGED",
-            metadata={"file": src.path, "offset": offset},
-        )
-    return fd
 
 
 def read_tensors(
@@ -100,7 +74,7 @@ def read_tensors(
             src = checkpoint.files[tensor.file_index]
             fd = fds.get(tensor.file_index)
             if fd is None:
-                fd = fds[tensor.file_index] = _open_for_read(src, tensor.file_offset)
+                fd = fds[tensor.file_index] = open_for_read(src, tensor.file_offset)
             done = 0
             while done < tensor.nbytes:
                 offset = tensor.file_offset + done
