@@ -13,6 +13,7 @@ import pytest
 from torpor.testing import make_checkpoint
 from torpord.core import manager as manager_module
 from torpord.errors import TorporError
+from torpord.storage.layers import layout_hash
 
 from .harness import Harness
 
@@ -107,7 +108,7 @@ async def test_a_component_changing_during_loads_gives_documented_codes(tmp_path
 async def test_parsing_and_planning_run_off_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Both are O(tensors): at the tensor limit, seconds of CPU that must not
+    # All three are O(tensors): at the tensor limit, seconds of CPU that must not
     # stop every other RPC. Each is wrapped to note the thread it runs on.
     threads: dict[str, int] = {}
 
@@ -120,13 +121,16 @@ async def test_parsing_and_planning_run_off_the_event_loop(
 
         return record
 
-    for name in ("open_checkpoint", "plan_layers"):
+    names = ("open_checkpoint", "plan_layers", "layout_hash")
+    for name in names:
         monkeypatch.setattr(manager_module, name, recording(name))
     h = Harness(tmp_path)
     try:
-        await h.manager.load("m", str(make_checkpoint(tmp_path / "m", layers=2)))
+        model = await h.manager.load("m", str(make_checkpoint(tmp_path / "m", layers=2)))
         loop_thread = threading.get_ident()
-        assert set(threads) == {"open_checkpoint", "plan_layers"}
+        assert set(threads) == set(names)
         assert loop_thread not in threads.values()
+        # The layout hash engines check is the one of the model's layers.
+        assert model.layout_hash == layout_hash([layer.plan for layer in model.layers])
     finally:
         await h.close()

@@ -45,7 +45,12 @@ from torpord.errors import (
 )
 from torpord.storage.diskcache import DiskCache
 from torpord.storage.gcpause import gc_paused
-from torpord.storage.layers import DEFAULT_LAYER_PATTERNS, LayerPatterns, plan_layers
+from torpord.storage.layers import (
+    DEFAULT_LAYER_PATTERNS,
+    LayerPatterns,
+    layout_hash,
+    plan_layers,
+)
 from torpord.storage.pipeline import ReadOptions
 from torpord.storage.safetensors import Checkpoint, check_unchanged, open_checkpoint
 from torpord.storage.sources import resolve_source
@@ -211,10 +216,11 @@ class ModelManager:
             # Not through mover.blocking: nothing is written into a slab here,
             # so a cancelled call need not wait for the worker to finish.
             # Parsing and planning are O(tensors): off the event loop.
-            checkpoint, layers = await asyncio.get_running_loop().run_in_executor(
+            checkpoint, layers, layout = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._prepare, path
             )
             model = Model(model_id, checkpoint, uuid or self.backend.pick_device(), layers)
+            model.layout_hash = layout
             new = self.mover.allocate(model, model.layers, target)
         except BaseException as exc:
             self.requests.forget(request_id)
@@ -722,13 +728,14 @@ class ModelManager:
         if model.progress is not None:
             self.bus.publish(EventType.PROGRESS, model.snapshot())
 
-    def _prepare(self, path: str) -> tuple[Checkpoint, list[LayerState]]:
-        """Open, validate and plan a source (blocking: on a worker thread)."""
+    def _prepare(self, path: str) -> tuple[Checkpoint, list[LayerState], str]:
+        """Open, validate and plan a source, and hash the layout engines will
+        map (blocking: on a worker thread)."""
         roots = tuple(str(root) for root in self.settings.allowed_roots)
         with gc_paused():  # (else collections walking its objects stop the loop too)
             checkpoint = open_checkpoint(path, allowed_roots=roots)
             plans = plan_layers(checkpoint, self.settings.patterns, self.settings.alignment)
-            return checkpoint, [LayerState(plan) for plan in plans]
+            return checkpoint, [LayerState(plan) for plan in plans], layout_hash(plans)
 
     # -- shutdown --------------------------------------------------------------
 

@@ -186,6 +186,7 @@ class ModelSnapshot:
     create_time: float
     update_time: float
     engines: int = 0
+    layout_hash: str = ""  # of the layers' layout: what engines map (storage.layout_hash)
 
     def bytes_in(self, tier: Tier) -> int:
         return sum(layer.plan.size for layer in self.layers if layer.tier is tier)
@@ -232,6 +233,9 @@ class Model:
     create_time: float = field(default_factory=time.time)
     update_time: float = field(default_factory=time.time)
     engines: int = 0  # engines attached (kept by the agent registry)
+    # The layers' layout hash, computed once where the layers are planned (on
+    # a worker: it reads every tensor, too many for the event loop).
+    layout_hash: str = ""
 
     @property
     def task(self) -> asyncio.Task[ModelSnapshot] | None:
@@ -283,4 +287,5 @@ class Model:
             create_time=self.create_time,
             update_time=self.update_time,
             engines=self.engines,
+            layout_hash=self.layout_hash,
         )

@@ -47,7 +47,6 @@ from torpord.errors import (
     Unavailable,
     some,
 )
-from torpord.storage.layers import layout_hash
 
 __all__ = ["AgentRegistry", "Attachment", "Ended", "Outbox"]
 
@@ -275,7 +274,7 @@ class AgentRegistry:
             hello.model_id,
             hello.engine,
             hello.rank,
-            layout_hash([layer.plan for layer in snapshot.layers]),
+            snapshot.layout_hash,
             "cuda" if self.manager.backend.kind == "cuda" else "memfd",
             next(
                 (d.index for d in self.manager.backend.devices() if d.uuid == snapshot.device),
