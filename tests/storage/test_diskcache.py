@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import struct
@@ -307,3 +308,18 @@ def test_a_write_never_goes_through_a_symlinked_folder(tmp_path: Path) -> None:
     assert err.value.reason == "DISK_WRITE_FAILED"
     assert list(elsewhere.iterdir()) == [] and cache.get("ab" * 16) is None
     cache.release(room)
+
+
+def test_a_plans_cache_key_is_remembered_and_dropped_with_the_plan(tmp_path: Path) -> None:
+    ckpt = open_checkpoint(make_checkpoint(tmp_path / "m", layers=2))
+    plans = plan_layers(ckpt)
+    keys = [cache_key(ckpt, plan) for plan in plans]
+    assert [diskcache._cache_key(ckpt, plan) for plan in plans] == keys
+    assert all(id(plan) in diskcache._KEYS for plan in plans)
+    # Another checkpoint with the same plan object (never in practice) gets its own.
+    other = open_checkpoint(make_checkpoint(tmp_path / "n", layers=2))
+    assert cache_key(other, plans[0]) == diskcache._cache_key(other, plans[0]) != keys[0]
+    ids = [id(plan) for plan in plans]
+    del plans
+    gc.collect()
+    assert not any(i in diskcache._KEYS for i in ids)

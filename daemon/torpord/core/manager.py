@@ -43,7 +43,7 @@ from torpord.errors import (
     TorporError,
     some,
 )
-from torpord.storage.diskcache import DiskCache
+from torpord.storage.diskcache import DiskCache, cache_key
 from torpord.storage.gcpause import gc_paused
 from torpord.storage.layers import (
     DEFAULT_LAYER_PATTERNS,
@@ -735,6 +735,9 @@ class ModelManager:
         with gc_paused():  # (else collections walking its objects stop the loop too)
             checkpoint = open_checkpoint(path, allowed_roots=roots)
             plans = plan_layers(checkpoint, self.settings.patterns, self.settings.alignment)
+            if self.disk is not None:  # (remembered: the transitions use them on the loop)
+                for plan in plans:
+                    cache_key(checkpoint, plan)
             return checkpoint, [LayerState(plan) for plan in plans], layout_hash(plans)
 
     # -- shutdown --------------------------------------------------------------

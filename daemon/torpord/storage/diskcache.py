@@ -31,6 +31,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +92,26 @@ class FilesystemFull(ResourceExhausted):
     """The filesystem (or a quota) had no room for a write the budget allowed."""
 
 
+# Each plan's key, by id (dropped with the plan): computing one walks every
+# tensor of the layer, too much to do on the event loop at each transition
+# of a model with hundreds of thousands of tensors.
+_KEYS: dict[int, tuple[Checkpoint, str]] = {}
+
+
 def cache_key(checkpoint: Checkpoint, plan: LayerPlan) -> str:
+    """The key of a layer's copy: the source's identity and the layer's layout.
+    Remembered per plan (see manager._prepare, which takes them on a worker)."""
+    known = _KEYS.get(id(plan))
+    if known is not None and known[0] is checkpoint:
+        return known[1]
+    key = _cache_key(checkpoint, plan)
+    if known is None:
+        weakref.finalize(plan, _KEYS.pop, id(plan), None)
+    _KEYS[id(plan)] = (checkpoint, key)
+    return key
+
+
+def _cache_key(checkpoint: Checkpoint, plan: LayerPlan) -> str:
     identity = {
         "files": [[f.path, f.size, f.mtime_ns, f.inode, f.header_hash] for f in checkpoint.files],
         "layer": plan.name,
