@@ -9,7 +9,7 @@ from torpor.v1 import agent_pb2
 
 pytest.importorskip("torch")
 
-from torpor.agent.attach import _moved
+from torpor.agent._session import moved as _moved
 
 GPU0 = "GPU-00000000-0000-0000-0000-000000000000"
 GPU1 = "GPU-11111111-1111-1111-1111-111111111111"

@@ -68,7 +68,7 @@ def test_a_changed_layout_is_refused_never_remapped(daemon: Daemon) -> None:
         with attach("m", client=client) as model:
             address = model.ranges()["pre"][0]
             with pytest.raises(TorporError) as err:
-                model._resume(agent_pb2.Resume(layers=["pre"], layout_hash="0" * 16))
+                model._session.resume(agent_pb2.Resume(layers=["pre"], layout_hash="0" * 16))
             assert err.value.reason == "LAYOUT_CHANGED"
             assert model.ranges()["pre"][0] == address
 
@@ -79,7 +79,7 @@ def test_unload_ends_the_attachment(daemon: Daemon) -> None:
         client.load_model("m", str(ckpt))
         with attach("m", client=client) as model:
             client.unload_model("m")
-            model._listener.join(30)
+            model._session.listener.join(30)
             assert model.ended is not None and model.ended.reason == "MODEL_UNLOADED"
             assert not model.ready()
             with pytest.raises(TorporError) as err, model.use():
@@ -119,7 +119,7 @@ def test_a_daemon_that_dies_ends_the_attachment_and_its_mappings(daemon: Daemon)
         model = attach("m", client=client)
         try:
             daemon.proc.kill()  # no quiesce, no goodbye
-            model._listener.join(30)
+            model._session.listener.join(30)
             assert model.ended is not None and model.ended.code is grpc.StatusCode.UNAVAILABLE
             assert not model.ready()  # unmapped: the orphaned slabs are not kept alive here
             with pytest.raises(TorporError) as err, model.use():
@@ -144,7 +144,7 @@ def test_reattach_after_a_restart_maps_the_same_addresses(tmp_path: Path) -> Non
                 ranges = model.ranges()
                 state = model.state_dict()
                 first.kill()
-                model._listener.join(30)
+                model._session.listener.join(30)
                 assert model.ended is not None
                 second = Daemon(tmp_path)  # systemd's Restart=on-failure, the same socket
                 second.wait_ready()
@@ -159,7 +159,7 @@ def test_reattach_after_a_restart_maps_the_same_addresses(tmp_path: Path) -> Non
                         assert torch.equal(got, tensor.view(-1).view(torch.uint8)), name
                 # Unloaded and loaded with other weights: refused, never remapped.
                 client.unload_model("m")
-                model._listener.join(30)
+                model._session.listener.join(30)
                 client.load_model("m", str(other))
                 with pytest.raises(TorporError) as err:
                     model.reattach()
@@ -251,8 +251,8 @@ def test_an_agent_past_the_quiesce_deadline_ends_and_unmaps_once_let_go(
                 assert "did not let go of the weights within 1s" in asleep.last_transition.note
                 # The agent stops waiting too: its waiters learn why now, not
                 # when the engine finally lets go.
-                model._listener.join(30)
-                assert not model._listener.is_alive()
+                model._session.listener.join(30)
+                assert not model._session.listener.is_alive()
                 assert model.ended is not None and model.ended.reason == "QUIESCE_TIMEOUT"
                 with pytest.raises(TorporError) as err:
                     model.wait_layer(0, timeout=5)
@@ -335,5 +335,5 @@ def test_a_close_that_cannot_unmap_still_detaches(
         with pytest.raises(MappingError):
             model.close()
         assert settle_engines(client, "m", 0)  # the stream ended all the same
-        assert not model._listener.is_alive()
+        assert not model._session.listener.is_alive()
         assert "engine let go of every slab" not in daemon.log()  # (it could not)
