@@ -9,15 +9,15 @@ from pathlib import Path
 
 from torpor.socketpath import standard_socket_path
 
-from torpord.config.values import _unique
+from torpord.config.values import unique_paths
 
 
-def _default_socket() -> Path:
+def default_socket() -> Path:
     # The client's rule too (torpor.socketpath): one copy, so the two cannot disagree.
     return Path(standard_socket_path(os.environ, os.geteuid()))
 
 
-def _default_allowed_roots() -> tuple[Path, ...]:
+def default_allowed_roots() -> tuple[Path, ...]:
     if os.geteuid() == 0:
         return (Path("/var/lib/torpor/models"),)
     roots: list[Path] = []
@@ -25,10 +25,10 @@ def _default_allowed_roots() -> tuple[Path, ...]:
     with contextlib.suppress(RuntimeError):
         roots.append(Path.home())
     roots.append(Path(tempfile.gettempdir()))
-    return _unique(root.resolve() for root in roots)
+    return unique_paths(root.resolve() for root in roots)
 
 
-def _default_layer_patterns() -> tuple[tuple[str, ...], tuple[str, ...]]:
+def default_layer_patterns() -> tuple[tuple[str, ...], tuple[str, ...]]:
     # Imported here rather than at the top so that loading a config never
     # drags in the storage package's own imports before they are needed.
     from torpord.storage.layers import DEFAULT_LAYER_PATTERNS

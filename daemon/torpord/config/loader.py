@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from torpord.config.defaults import (
-    _default_allowed_roots,
-    _default_layer_patterns,
-    _default_socket,
+    default_allowed_roots,
+    default_layer_patterns,
+    default_socket,
 )
 from torpord.config.model import (
     BACKEND_KINDS,
@@ -40,26 +40,26 @@ from torpord.config.model import (
 )
 from torpord.config.tcpauth import TCP_KEYS, read_tcp_auth
 from torpord.config.values import (
-    _alignment,
-    _bool,
-    _choice,
-    _chunk_size,
-    _duration,
-    _gpu_uuid,
-    _host_devices,
-    _Invalid,
-    _io_threads,
-    _memory_share,
-    _optional_path,
-    _path,
-    _positive_size,
-    _show,
-    _size,
-    _socket_mode,
-    _socket_path,
-    _string,
-    _tcp,
-    _unique,
+    Invalid,
+    alignment_value,
+    bool_value,
+    choice,
+    chunk_size_value,
+    duration_value,
+    gpu_uuid,
+    host_devices,
+    io_threads,
+    memory_share,
+    optional_path,
+    path_value,
+    positive_size,
+    show,
+    size_value,
+    socket_mode_value,
+    socket_path_value,
+    string_value,
+    tcp_value,
+    unique_paths,
 )
 from torpord.storage.pipeline import DIRECT_MODES
 
@@ -117,7 +117,7 @@ class _Reader:
         self._check_keys("", data)
 
     def error(self, key: str, expected: str, got: object) -> ConfigError:
-        return ConfigError(self.where, key, f"expected {expected}, got {_show(got)}")
+        return ConfigError(self.where, key, f"expected {expected}, got {show(got)}")
 
     def table(self, name: str) -> Mapping[str, Any]:
         """The sub-table `name` (dotted), {} when absent; unknown keys in it are errors."""
@@ -138,7 +138,7 @@ class _Reader:
             return default
         try:
             return check(values[leaf])
-        except _Invalid as exc:
+        except Invalid as exc:
             raise self.error(key, exc.expected, values[leaf]) from None
 
     def get_list(self, key: str, check: Callable[[Any], _T]) -> tuple[_T, ...] | None:
@@ -154,7 +154,7 @@ class _Reader:
         for index, item in enumerate(items):
             try:
                 checked.append(check(item))
-            except _Invalid as exc:
+            except Invalid as exc:
                 raise self.error(f"{key}[{index}]", exc.expected, item) from None
         return tuple(checked)
 
@@ -206,7 +206,7 @@ def _read_file(path: Path) -> Mapping[str, Any]:
     version = data["version"]
     if isinstance(version, bool) or version != CONFIG_VERSION:
         expected = f"{CONFIG_VERSION} (the only version this torpord reads)"
-        raise ConfigError(where, "version", f"expected {expected}, got {_show(version)}")
+        raise ConfigError(where, "version", f"expected {expected}, got {show(version)}")
     return data
 
 
@@ -254,58 +254,58 @@ def load_config(
     where = _DEFAULTS_WHERE if path is None else str(path)
     r = _Reader(where, {} if path is None else _read_file(path))
 
-    allow_remote = r.get("server.allow_remote", _bool, False)
+    allow_remote = r.get("server.allow_remote", bool_value, False)
     server = ServerConfig(
         socket=r.get(
-            "server.socket", lambda v: _socket_path(v, relative_to_cwd=False), _default_socket()
+            "server.socket", lambda v: socket_path_value(v, relative_to_cwd=False), default_socket()
         ),
-        socket_mode=r.get("server.socket_mode", _socket_mode, 0o660),
-        tcp=r.get("server.tcp", lambda v: _tcp(v, allow_remote=allow_remote), None),
+        socket_mode=r.get("server.socket_mode", socket_mode_value, 0o660),
+        tcp=r.get("server.tcp", lambda v: tcp_value(v, allow_remote=allow_remote), None),
         allow_remote=allow_remote,
-        grace_period=r.get("server.grace_period", _duration, 10.0),
-        tcp_insecure=r.get("server.tcp_insecure", _bool, False),
-        token_file=r.get("server.token_file", _optional_path, None),
-        tls_cert=r.get("server.tls_cert", _optional_path, None),
-        tls_key=r.get("server.tls_key", _optional_path, None),
-        tls_client_ca=r.get("server.tls_client_ca", _optional_path, None),
+        grace_period=r.get("server.grace_period", duration_value, 10.0),
+        tcp_insecure=r.get("server.tcp_insecure", bool_value, False),
+        token_file=r.get("server.token_file", optional_path, None),
+        tls_cert=r.get("server.tls_cert", optional_path, None),
+        tls_key=r.get("server.tls_key", optional_path, None),
+        tls_client_ca=r.get("server.tls_client_ca", optional_path, None),
     )
     log = LogConfig(
-        level=r.get("log.level", _choice(LOG_LEVELS), "info"),
-        format=r.get("log.format", _choice(LOG_FORMATS), "auto"),
+        level=r.get("log.level", choice(LOG_LEVELS), "info"),
+        format=r.get("log.format", choice(LOG_FORMATS), "auto"),
     )
     backend = BackendConfig(
-        kind=r.get("backend.kind", _choice(BACKEND_KINDS), "auto"),
+        kind=r.get("backend.kind", choice(BACKEND_KINDS), "auto"),
         host=HostBackendConfig(
-            devices=r.get("backend.host.devices", _host_devices, 1),
-            device_capacity=r.get("backend.host.device_capacity", _positive_size, 4 * 2**30),
+            devices=r.get("backend.host.devices", host_devices, 1),
+            device_capacity=r.get("backend.host.device_capacity", positive_size, 4 * 2**30),
         ),
         cuda=CudaBackendConfig(
-            devices=tuple(dict.fromkeys(r.get_list("backend.cuda.devices", _gpu_uuid) or ())),
-            device_memory=r.get("backend.cuda.device_memory", _memory_share, 0.9),
-            pinned_chunk=r.get("backend.cuda.pinned_chunk", _positive_size, 2**30),
+            devices=tuple(dict.fromkeys(r.get_list("backend.cuda.devices", gpu_uuid) or ())),
+            device_memory=r.get("backend.cuda.device_memory", memory_share, 0.9),
+            pinned_chunk=r.get("backend.cuda.pinned_chunk", positive_size, 2**30),
             kernel_cache=r.get(
                 "backend.cuda.kernel_cache",
-                lambda v: None if v == "" else _path(v, relative_to_cwd=False),
+                lambda v: None if v == "" else path_value(v, relative_to_cwd=False),
                 None,
             ),
-            kernels=r.get("backend.cuda.kernels", _choice(CUDA_KERNELS), "auto"),
+            kernels=r.get("backend.cuda.kernels", choice(CUDA_KERNELS), "auto"),
         ),
     )
-    host_pool = HostPoolConfig(capacity=r.get("host_pool.capacity", _positive_size, 4 * 2**30))
+    host_pool = HostPoolConfig(capacity=r.get("host_pool.capacity", positive_size, 4 * 2**30))
 
-    roots = r.get_list("sources.allowed_roots", lambda v: _path(v, relative_to_cwd=False))
+    roots = r.get_list("sources.allowed_roots", lambda v: path_value(v, relative_to_cwd=False))
     if roots == ():
         raise r.error("sources.allowed_roots", "at least one absolute path", [])
     sources = SourcesConfig(
-        allowed_roots=_default_allowed_roots()
+        allowed_roots=default_allowed_roots()
         if roots is None
-        else _unique(root.resolve() for root in roots)
+        else unique_paths(root.resolve() for root in roots)
     )
 
-    blocks = r.get_list("layers.block_patterns", _string)
-    post = r.get_list("layers.post_patterns", _string)
+    blocks = r.get_list("layers.block_patterns", string_value)
+    post = r.get_list("layers.post_patterns", string_value)
     if blocks is None or post is None:
-        default_blocks, default_post = _default_layer_patterns()
+        default_blocks, default_post = default_layer_patterns()
         blocks = default_blocks if blocks is None else blocks
         post = default_post if post is None else post
     if not blocks:
@@ -314,13 +314,13 @@ def load_config(
     layers = LayersConfig(
         block_patterns=blocks,
         post_patterns=post,
-        alignment=r.get("layers.alignment", _alignment, MIN_ALIGNMENT),
+        alignment=r.get("layers.alignment", alignment_value, MIN_ALIGNMENT),
     )
 
     cache_path = r.get(
-        "disk_cache.path", lambda v: None if v == "" else _path(v, relative_to_cwd=False), None
+        "disk_cache.path", lambda v: None if v == "" else path_value(v, relative_to_cwd=False), None
     )
-    cache_capacity = r.get("disk_cache.capacity", _size, 0)
+    cache_capacity = r.get("disk_cache.capacity", size_value, 0)
     if cache_path is not None and cache_capacity == 0:
         raise r.error(
             "disk_cache.capacity",
@@ -330,16 +330,14 @@ def load_config(
     disk_cache = DiskCacheConfig(path=cache_path, capacity=cache_capacity)
 
     io = IoConfig(
-        chunk_size=r.get("io.chunk_size", _chunk_size, 32 * 2**20),
-        threads=r.get("io.threads", _io_threads, 8),
-        direct=r.get("io.direct", _choice(DIRECT_MODES), "auto"),
+        chunk_size=r.get("io.chunk_size", chunk_size_value, 32 * 2**20),
+        threads=r.get("io.threads", io_threads, 8),
+        direct=r.get("io.direct", choice(DIRECT_MODES), "auto"),
     )
 
     agents = AgentsConfig(
-        quiesce_timeout=r.get("agents.quiesce_timeout", _duration, 10.0),
-        on_quiesce_timeout=r.get(
-            "agents.on_quiesce_timeout", _choice(ON_QUIESCE_TIMEOUT), "detach"
-        ),
+        quiesce_timeout=r.get("agents.quiesce_timeout", duration_value, 10.0),
+        on_quiesce_timeout=r.get("agents.on_quiesce_timeout", choice(ON_QUIESCE_TIMEOUT), "detach"),
     )
 
     config = Config(
@@ -364,27 +362,27 @@ def load_config(
 def _flag(name: str, check: Callable[[Any], _T], value: Any) -> _T:
     try:
         return check(value)
-    except _Invalid as exc:
-        detail = f"expected {exc.expected}, got {_show(value)}"
+    except Invalid as exc:
+        detail = f"expected {exc.expected}, got {show(value)}"
         raise ConfigError(_FLAGS[name], None, detail) from None
 
 
 def _apply(config: Config, o: Overrides) -> Config:
     server, log, backend, sources = config.server, config.log, config.backend, config.sources
     if o.socket is not None:
-        socket = _flag("socket", lambda v: _socket_path(v, relative_to_cwd=True), o.socket)
+        socket = _flag("socket", lambda v: socket_path_value(v, relative_to_cwd=True), o.socket)
         server = replace(server, socket=socket)
     if o.tcp is not None:
-        tcp = _flag("tcp", lambda v: _tcp(v, allow_remote=server.allow_remote), o.tcp)
+        tcp = _flag("tcp", lambda v: tcp_value(v, allow_remote=server.allow_remote), o.tcp)
         server = replace(server, tcp=tcp)
     if o.backend is not None:
-        backend = replace(backend, kind=_flag("backend", _choice(BACKEND_KINDS), o.backend))
+        backend = replace(backend, kind=_flag("backend", choice(BACKEND_KINDS), o.backend))
     if o.log_level is not None:
-        log = replace(log, level=_flag("log_level", _choice(LOG_LEVELS), o.log_level))
+        log = replace(log, level=_flag("log_level", choice(LOG_LEVELS), o.log_level))
     if o.allowed_roots:
         roots = [
-            _flag("allowed_roots", lambda v: _path(v, relative_to_cwd=True), root)
+            _flag("allowed_roots", lambda v: path_value(v, relative_to_cwd=True), root)
             for root in o.allowed_roots
         ]
-        sources = SourcesConfig(allowed_roots=_unique(root.resolve() for root in roots))
+        sources = SourcesConfig(allowed_roots=unique_paths(root.resolve() for root in roots))
     return replace(config, server=server, log=log, backend=backend, sources=sources)

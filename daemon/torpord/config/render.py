@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torpord.config.loader import load_config
 from torpord.config.model import CONFIG_VERSION, MAX_HOST_DEVICES, MIN_ALIGNMENT
-from torpord.config.values import _BINARY
+from torpord.config.values import BINARY_UNITS
 
 
 def _toml_str(text: str) -> str:
@@ -28,7 +28,7 @@ def _toml_share(value: float | int) -> str:
 
 
 def _toml_size(n: int) -> str:
-    for name, unit in sorted(_BINARY.items(), key=lambda item: -item[1]):
+    for name, unit in sorted(BINARY_UNITS.items(), key=lambda item: -item[1]):
         if n and n % unit == 0:
             return f'"{n // unit}{name[0].upper()}iB"'
     return f'"{n}"'
