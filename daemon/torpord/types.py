@@ -1,4 +1,7 @@
-"""Small enums shared by the core, the backends and the server."""
+"""Small enums shared by the core, the backends and the server.
+
+A leaf module: it imports nothing of torpord, so every layer may use it.
+"""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ import pytest
 from torpord.backends import host as host_module
 from torpord.backends.base import SlabOwner
 from torpord.backends.host import HostBackend
-from torpord.core.types import Tier
 from torpord.errors import InvalidArgument, ResourceExhausted
+from torpord.types import Tier
 
 OWNER = SlabOwner("m", "layers.0")
 

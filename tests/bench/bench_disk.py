@@ -20,8 +20,8 @@ from pathlib import Path
 
 from torpord.backends.host import HostBackend
 from torpord.core.manager import ManagerSettings, ModelManager
-from torpord.core.types import Tier
 from torpord.storage.diskcache import DiskCache
+from torpord.types import Tier
 
 from tests.bench.common import GiB, big_checkpoint, evict, machine, parser, row
 
@@ -93,8 +93,8 @@ def main() -> None:
     out, back, total = asyncio.run(torpor(path, root, cache, args.runs))
     shutil.rmtree(cache, ignore_errors=True)
     # The same layer sizes, written and read plainly.
+    from torpord.storage.checkpoint import open_checkpoint
     from torpord.storage.layers import plan_layers
-    from torpord.storage.safetensors import open_checkpoint
 
     sizes = [p.size for p in plan_layers(open_checkpoint(path))]
     w, r = plain(root / "plain", sizes, args.runs)

@@ -70,7 +70,7 @@ class FirstLayer:
 async def wake_and_load(path: Path, root: Path, runs: int) -> dict[str, float]:
     from torpord.backends.cuda import CudaBackend
     from torpord.core.manager import ManagerSettings, ModelManager
-    from torpord.core.types import Tier
+    from torpord.types import Tier
 
     backend = CudaBackend(device_capacity=0.8, host_capacity=8 * GiB, kernels="required")
     backend.prepare()  # (as the daemon does at start: the kernels, compiled now)

@@ -18,7 +18,7 @@ import time
 
 from torpord.backends.host import HostBackend
 from torpord.core.manager import ManagerSettings, ModelManager
-from torpord.core.types import Tier
+from torpord.types import Tier
 
 from tests.bench.common import GiB, big_checkpoint, machine, parser, row
 

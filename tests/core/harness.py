@@ -7,9 +7,9 @@ from pathlib import Path
 from torpord.backends.host import HostBackend
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.core.model import ModelSnapshot
-from torpord.core.types import Tier
 from torpord.storage.diskcache import DATA_OFFSET, DiskCache
 from torpord.storage.layers import LayerPlan
+from torpord.types import Tier
 
 MiB = 2**20
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
-from torpord.core.types import ModelState, Tier
 from torpord.errors import FailedPrecondition, ResourceExhausted
 from torpord.storage import diskcache
 from torpord.storage.diskcache import DiskCache, DiskEntry
+from torpord.types import ModelState, Tier
 
 from tests.smallfs import small_filesystem
 

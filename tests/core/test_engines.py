@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from torpord.core.types import ModelState, Stage, Tier
 from torpord.errors import DataLoss
+from torpord.types import ModelState, Stage, Tier
 
 from .harness import Harness
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from torpor.testing import make_checkpoint
 from torpord.core.events import EventType
-from torpord.core.types import ModelState, Outcome, Stage, Tier
 from torpord.errors import (
     Aborted,
     AlreadyExists,
@@ -24,9 +23,10 @@ from torpord.errors import (
     Unavailable,
 )
 from torpord.storage import pipeline
+from torpord.storage.checkpoint import open_checkpoint
 from torpord.storage.layers import plan_layers
 from torpord.storage.pipeline import ReadOptions
-from torpord.storage.safetensors import open_checkpoint
+from torpord.types import ModelState, Outcome, Stage, Tier
 
 from .harness import Harness, MiB, tiers
 

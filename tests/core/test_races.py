@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint, write_safetensors
-from torpord.core.types import ModelState, Tier
 from torpord.errors import Aborted, NotFound, TorporError
+from torpord.types import ModelState, Tier
 
 from .harness import Harness, disk_harness
 

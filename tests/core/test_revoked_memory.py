@@ -22,9 +22,9 @@ from torpor.testing import make_checkpoint
 from torpor.v1 import agent_pb2
 from torpord.backends.host import HostBackend
 from torpord.core.manager import ManagerSettings, ModelManager
-from torpord.core.types import ModelState
 from torpord.errors import FailedPrecondition, PermissionDenied, ResourceExhausted
 from torpord.server.agents import AgentRegistry, Attachment
+from torpord.types import ModelState
 
 MiB = 2**20
 

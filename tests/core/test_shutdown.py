@@ -11,7 +11,7 @@ from torpor.testing import make_checkpoint
 from torpord.backends.base import Slab
 from torpord.backends.host import HostBackend
 from torpord.core.manager import ManagerSettings, ModelManager
-from torpord.core.types import ModelState
+from torpord.types import ModelState
 
 MiB = 2**20
 

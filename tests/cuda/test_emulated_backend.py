@@ -27,7 +27,7 @@ TWO_GPUS = textwrap.dedent(
     import json, os
     from torpord.backends.base import SlabOwner
     from torpord.backends.cuda import CudaBackend
-    from torpord.core.types import Tier
+    from torpord.types import Tier
     from torpord.cuda import driver
 
     backend = CudaBackend(device_capacity=256 << 20, host_capacity=64 << 20, host_chunk=16 << 20)
@@ -108,7 +108,7 @@ OUT_OF_MEMORY = textwrap.dedent(
     import json
     from torpord.backends.base import SlabOwner
     from torpord.backends.cuda import CudaBackend
-    from torpord.core.types import Tier
+    from torpord.types import Tier
     from torpord.errors import TorporError
 
     backend = CudaBackend(device_capacity=64 << 20, host_capacity=8 << 20, host_chunk=8 << 20)
@@ -159,7 +159,7 @@ CHUNKS = textwrap.dedent(
     import json, os, sys
     from torpord.backends.base import SlabOwner
     from torpord.backends.cuda import CudaBackend
-    from torpord.core.types import Tier
+    from torpord.types import Tier
     from torpord.cuda import driver
     from torpord.storage.checksum import slab_checksum
 

@@ -35,8 +35,8 @@ except Exception as err:  # no driver
 
 from torpord.backends.base import SlabOwner  # noqa: E402
 from torpord.backends.cuda import CudaBackend  # noqa: E402
-from torpord.core.types import Tier  # noqa: E402
 from torpord.storage.checksum import slab_checksum  # noqa: E402
+from torpord.types import Tier  # noqa: E402
 
 MiB = 1 << 20
 
@@ -196,9 +196,9 @@ def test_the_read_pipeline_loads_device_slabs_through_pinned_staging(
     dev = backend.device(backend.devices()[0].uuid)
     dev.methods.measured = None if path == "measured" else [(1 << 40, path)]
     from torpor.testing import make_checkpoint
+    from torpord.storage.checkpoint import open_checkpoint
     from torpord.storage.layers import plan_layers
     from torpord.storage.pipeline import ReadOptions, read_layers
-    from torpord.storage.safetensors import open_checkpoint
 
     ckpt = open_checkpoint(make_checkpoint(tmp_path / "m", layers=4, hidden=512, shards=2))
     plans = plan_layers(ckpt)

@@ -14,6 +14,7 @@ import pytest
 from torpor.testing import make_checkpoint
 from torpord.errors import DataLoss, ResourceExhausted, Unavailable
 from torpord.storage import diskcache
+from torpord.storage.checkpoint import open_checkpoint
 from torpord.storage.checksum import slab_checksum
 from torpord.storage.diskcache import (
     DATA_OFFSET,
@@ -23,7 +24,6 @@ from torpord.storage.diskcache import (
     cache_key,
 )
 from torpord.storage.layers import plan_layers
-from torpord.storage.safetensors import open_checkpoint
 
 from tests.smallfs import small_filesystem
 

@@ -10,12 +10,7 @@ import pytest
 from torpor.testing import write_safetensors
 from torpord.errors import InvalidArgument
 from torpord.storage import open_checkpoint
-from torpord.storage.safetensors import (
-    INDEX_FILE,
-    MAX_METADATA_ENTRIES,
-    MAX_SHARDS,
-    MAX_TENSORS,
-)
+from torpord.storage.safetensors import INDEX_FILE, MAX_METADATA_ENTRIES, MAX_SHARDS, MAX_TENSORS
 
 
 def many(path: Path, count: int, metadata: dict[str, str] | None = None) -> Path:

@@ -14,10 +14,11 @@ import pytest
 from torpor.testing import make_checkpoint
 from torpord.errors import FailedPrecondition, Unavailable
 from torpord.storage import pipeline
+from torpord.storage.checkpoint import open_checkpoint
 from torpord.storage.checksum import slab_checksum
 from torpord.storage.layers import LayerPlan, plan_layers
 from torpord.storage.pipeline import PlainStaging, ReadOptions, StopRequested, read_layers
-from torpord.storage.safetensors import Checkpoint, open_checkpoint
+from torpord.storage.safetensors import Checkpoint
 
 from .sinks import Sink
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from torpord.core.types import Tier
 from torpord.errors import InvalidArgument, ResourceExhausted
 from torpord.storage.checksum import slab_checksum
 from torpord.storage.pipeline import PlainStaging, SlabSink, Staging
+from torpord.types import Tier
 
 __all__ = ["Backend", "Budget", "DeviceInfo", "PoolInfo", "Slab", "SlabOwner"]
 

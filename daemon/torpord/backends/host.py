@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torpord.backends.base import Backend, Budget, DeviceInfo, PoolInfo, Slab
-from torpord.core.types import Tier
 from torpord.errors import InvalidArgument, ResourceExhausted
+from torpord.types import Tier
 
 __all__ = ["HostBackend"]
 

@@ -33,7 +33,6 @@ from torpord.core.model import (
 )
 from torpord.core.mover import Mover
 from torpord.core.requests import RequestLog
-from torpord.core.types import ModelState, Outcome, Stage, Tier, TransitionKind
 from torpord.errors import (
     Aborted,
     AlreadyExists,
@@ -43,6 +42,7 @@ from torpord.errors import (
     TorporError,
     some,
 )
+from torpord.storage.checkpoint import open_checkpoint
 from torpord.storage.diskcache import DiskCache, cache_key
 from torpord.storage.gcpause import gc_paused
 from torpord.storage.layers import (
@@ -52,8 +52,10 @@ from torpord.storage.layers import (
     plan_layers,
 )
 from torpord.storage.pipeline import ReadOptions
-from torpord.storage.safetensors import Checkpoint, check_unchanged, open_checkpoint
+from torpord.storage.reader import check_unchanged
+from torpord.storage.safetensors import Checkpoint
 from torpord.storage.sources import resolve_source
+from torpord.types import ModelState, Outcome, Stage, Tier, TransitionKind
 
 __all__ = ["ManagerSettings", "ModelManager"]
 

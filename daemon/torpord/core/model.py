@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from torpord.backends.base import Slab
-from torpord.core.types import ModelState, Outcome, Stage, Tier, TransitionKind
 from torpord.errors import TorporError
 from torpord.storage.diskcache import DiskEntry
 from torpord.storage.layers import LayerPlan
 from torpord.storage.safetensors import Checkpoint
 from torpord.timeline import Timeline
+from torpord.types import ModelState, Outcome, Stage, Tier, TransitionKind
 
 __all__ = [
     "LayerSnapshot",

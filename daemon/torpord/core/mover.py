@@ -24,7 +24,6 @@ import structlog
 
 from torpord.backends.base import Backend, Slab, SlabOwner
 from torpord.core.model import LayerState, Model, Progress
-from torpord.core.types import Stage, Tier
 from torpord.errors import (
     Aborted,
     DataLoss,
@@ -43,6 +42,7 @@ from torpord.storage.diskcache import (
 )
 from torpord.storage.pipeline import ReadOptions, StopRequested, read_layers
 from torpord.storage.reader import check_unchanged
+from torpord.types import Stage, Tier
 
 __all__ = ["Mover"]
 

@@ -36,7 +36,6 @@ from torpor.v1 import agent_pb2
 from torpord.backends.base import Slab
 from torpord.core.events import EventType
 from torpord.core.manager import ModelManager
-from torpord.core.types import ModelState, Tier
 from torpord.errors import (
     Aborted,
     FailedPrecondition,
@@ -47,6 +46,7 @@ from torpord.errors import (
     Unavailable,
     some,
 )
+from torpord.types import ModelState, Tier
 
 __all__ = ["AgentRegistry", "Attachment", "Ended", "Outbox"]
 

@@ -14,11 +14,11 @@ from torpor.v1 import common_pb2, models_pb2, node_pb2
 from torpord.backends.base import Backend
 from torpord.backends.nvml import Discovery
 from torpord.core.model import ModelSnapshot, ProgressSnapshot, TransitionRecord
-from torpord.core.types import ModelState, Outcome, Stage, Tier, TransitionKind
 from torpord.errors import InvalidArgument
 from torpord.storage.diskcache import DiskCache
 from torpord.storage.gcpause import gc_paused
 from torpord.storage.layers import LayerPlan
+from torpord.types import ModelState, Outcome, Stage, Tier, TransitionKind
 
 __all__ = ["model_to_proto", "node_to_proto", "prepare_full", "tier_from_proto"]
 

@@ -22,7 +22,6 @@ from torpord import __version__
 from torpord.backends.nvml import Discovery, discover
 from torpord.core.events import EventType
 from torpord.core.manager import ModelManager
-from torpord.core.types import Tier
 from torpord.errors import InvalidArgument
 from torpord.server.agents import AgentRegistry, Attachment, Ended
 from torpord.server.convert import (
@@ -33,6 +32,7 @@ from torpord.server.convert import (
     tier_from_proto,
 )
 from torpord.server.errors import translate_errors, translate_stream_errors
+from torpord.types import Tier
 
 __all__ = ["AgentService", "ModelService", "NodeService"]
 

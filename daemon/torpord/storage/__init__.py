@@ -1,5 +1,6 @@
 """Storage: strict safetensors parsing, source reads, and layer/slab planning."""
 
+from torpord.storage.checkpoint import open_checkpoint
 from torpord.storage.layers import (
     DEFAULT_LAYER_PATTERNS,
     MAX_LAYERS,
@@ -12,13 +13,7 @@ from torpord.storage.layers import (
     plan_layers,
 )
 from torpord.storage.reader import check_unchanged, read_tensors
-from torpord.storage.safetensors import (
-    DTYPES,
-    Checkpoint,
-    SourceFile,
-    TensorInfo,
-    open_checkpoint,
-)
+from torpord.storage.safetensors import DTYPES, Checkpoint, SourceFile, TensorInfo
 
 __all__ = [
     "DEFAULT_LAYER_PATTERNS",

@@ -4,9 +4,9 @@ A safetensors file is an 8-byte little-endian header length N, N bytes of
 UTF-8 JSON (tensor name -> {dtype, shape, data_offsets}, plus an optional
 `__metadata__` string map), then the data area. `torpord.storage.header`
 validates headers by the rules below; `torpord.storage.checkpoint` opens
-files and directories (re-exported here as `open_checkpoint`); tensor bytes
-are read on demand by `torpord.storage.reader` (re-exported as
-`read_tensors` and `check_unchanged`).
+files and directories (`open_checkpoint`); tensor bytes are read on demand
+by `torpord.storage.reader` (`read_tensors`, `check_unchanged`). This module
+imports neither: they import it.
 
 Validation matches the reference Rust crate (`Metadata::validate` in
 safetensors/src/tensor.rs) and is stricter in a few places, because a daemon
@@ -52,9 +52,6 @@ __all__ = [
     "Checkpoint",
     "SourceFile",
     "TensorInfo",
-    "check_unchanged",
-    "open_checkpoint",
-    "read_tensors",
 ]
 
 #: Item size in bits of every dtype safetensors 0.8 knows.
@@ -147,9 +144,3 @@ class Checkpoint:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_bytes", sum(t.nbytes for t in self.tensors))
-
-
-# Re-exported for the modules that import them from here. Imported last: they
-# need this module's dataclasses and functions, all defined above.
-from torpord.storage.checkpoint import open_checkpoint  # noqa: E402
-from torpord.storage.reader import check_unchanged, read_tensors  # noqa: E402

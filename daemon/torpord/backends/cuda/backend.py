@@ -17,11 +17,11 @@ from torpord.backends.cuda.memory import DeviceMemory, HostRange, Live, create, 
 from torpord.backends.cuda.staging import PinnedStaging, address_of
 from torpord.backends.cuda.windows import Windows
 from torpord.backends.cuda.writes import Writes
-from torpord.core.types import Tier
 from torpord.cuda import driver
 from torpord.cuda.driver import context
 from torpord.cuda.pinned import ALIGN, PinnedPool
 from torpord.errors import InvalidArgument
+from torpord.types import Tier
 
 __all__ = ["CudaBackend", "CudaSink"]
 

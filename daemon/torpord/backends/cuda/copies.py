@@ -14,10 +14,10 @@ from torpord.backends.base import Slab
 from torpord.backends.cuda.device import Device
 from torpord.backends.cuda.memory import Live
 from torpord.backends.cuda.windows import Windows
-from torpord.core.types import Tier
 from torpord.cuda.driver import check, context, cu
 from torpord.cuda.events import Event
 from torpord.cuda.pinned import PinnedPool
+from torpord.types import Tier
 
 __all__ = ["PIECE", "Copies"]
 
