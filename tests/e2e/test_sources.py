@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import subprocess
 from pathlib import Path
@@ -107,6 +108,9 @@ def test_fifos_are_refused_and_take_no_worker(daemon: Daemon) -> None:
         assert call.returncode != 0 and "InvalidArgument" in err, err
     good = make_checkpoint(daemon.models / "good", layers=2)
     assert load(daemon, good)["model"]["state"] == "MODEL_STATE_ACTIVE"
+    # And the daemon stops as ever (it used to hang here, workers blocked).
+    assert daemon.stop(signal.SIGTERM, timeout=60) == 0
+    assert not daemon.socket.exists()
 
 
 def many_tensors(path: Path, count: int) -> Path:
