@@ -16,9 +16,7 @@ import pytest
 
 from tests import emulator
 
-pytest.importorskip("cuda.bindings.driver")
-if (why := emulator.unavailable()) is not None:
-    pytest.skip(why, allow_module_level=True)
+emulator.require()
 
 MiB = 1 << 20
 

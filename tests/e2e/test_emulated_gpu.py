@@ -26,10 +26,8 @@ from .conftest import Daemon
 from .test_engines import Worker, reference, settle
 from .test_lifecycle import expected_layers
 
-pytest.importorskip("cuda.bindings.driver")
 torch = pytest.importorskip("torch")
-if (why := emulator.unavailable()) is not None:
-    pytest.skip(why, allow_module_level=True)
+emulator.require()
 
 from torpor import Client  # noqa: E402
 from torpor.examples.tinylm import TinyConfig, make_checkpoint  # noqa: E402

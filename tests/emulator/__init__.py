@@ -26,26 +26,62 @@ def active() -> bool:
     return "CUDAEMU_NODE" in os.environ
 
 
-def cuda_include() -> Path | None:
-    """The toolkit's include directory with cuda.h, or None."""
+# Set (by .ci/run) where the emulator must run: then a missing compiler or
+# cuda.h fails the tests that need it instead of skipping them.
+REQUIRED = "TORPOR_REQUIRE_EMULATOR"
+
+
+def toolkits() -> list[str]:
+    """Where a CUDA toolkit may be installed."""
     candidates = [os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", "")]
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(str(Path(nvcc).resolve().parent.parent))
-    candidates += ["/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]
-    for root in candidates:
+    return [*candidates, "/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]
+
+
+def cuda_include(candidates: list[str] | None = None) -> Path | None:
+    """The include directory with cuda.h, or None: a toolkit's (`candidates`,
+    by default `toolkits()`), else the dev extra's `nvidia-cuda-runtime`
+    wheel's (nvidia/cu13/include), so a machine without the toolkit has one."""
+    for root in toolkits() if candidates is None else candidates:
         if root and (Path(root) / "include" / "cuda.h").is_file():
             return Path(root) / "include"
+    try:
+        import nvidia  # the namespace package of NVIDIA's wheels
+    except ImportError:
+        return None
+    for root in nvidia.__path__:
+        for include in sorted(Path(root).glob("cu*/include")):
+            if (include / "cuda.h").is_file():
+                return include
     return None
 
 
 def unavailable() -> str | None:
-    """Why the emulator can't be built here, or None."""
+    """Why the emulator can't be built or loaded here, or None."""
     if shutil.which("gcc") is None and shutil.which("cc") is None:
         return "no C compiler"
     if cuda_include() is None:
         return "no cuda.h (the CUDA toolkit) to build the emulated driver against"
+    try:
+        import cuda.bindings.driver  # noqa: F401
+    except ImportError as err:
+        return f"cuda-bindings can't be imported ({err})"
     return None
+
+
+def require() -> None:
+    """For a test module that needs the emulator: skip it where the emulator
+    can't be built, saying why, or fail it where it must run ($REQUIRED)."""
+    import pytest
+
+    why = unavailable()
+    if why is None:
+        return
+    if os.environ.get(REQUIRED):
+        pytest.fail(f"the emulated driver must run here (${REQUIRED}), but: {why}", pytrace=False)
+    pytest.skip(why, allow_module_level=True)
 
 
 def build(directory: Path) -> Path:
