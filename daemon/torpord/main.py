@@ -21,9 +21,9 @@ from torpor.socketpath import UnsafeSocketDir
 from torpord import __version__, systemd
 from torpord.backends.factory import BackendUnavailable, build_backend
 from torpord.config import Config, ConfigError, Overrides, default_config_toml, load_config
+from torpord.core.attachments.registry import AgentRegistry
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.logs import configure_logging
-from torpord.server.agents import AgentRegistry
 from torpord.server.app import (
     DaemonAlreadyRunning,
     build_server,
@@ -170,28 +170,30 @@ class Daemon:
             disk=disk,
         )
         socket_path = cfg.server.socket
+        fd_socket = socket_path.with_name(socket_path.name + ".fds")
         agents = AgentRegistry(
             manager,
-            socket_path.with_name(socket_path.name + ".fds"),
             quiesce_timeout=cfg.agents.quiesce_timeout,
             on_quiesce_timeout=cfg.agents.on_quiesce_timeout,
         )
+        manager.use_engines(agents)
         try:
             server, health = build_server(
                 manager,
                 socket_path=socket_path,
                 tcp=cfg.server.tcp,
                 agents=agents,
+                fd_socket=fd_socket,
                 backend_reason=why,
                 tcp_auth=cfg.server.tcp_auth,
             )
-            fds = FdServer(agents, agents.fd_socket, asyncio.get_running_loop())
+            fds = FdServer(agents, fd_socket, asyncio.get_running_loop())
         except (DaemonAlreadyRunning, OSError, RuntimeError) as err:
             log.error("cannot listen", socket=str(socket_path), tcp=cfg.server.tcp, error=str(err))
             backend.close()
             return 1
         await server.start()
-        self._sockets = [socket_path, agents.fd_socket]
+        self._sockets = [socket_path, fd_socket]
         os.chmod(socket_path, cfg.server.socket_mode)
         fds.start(cfg.server.socket_mode)
         await set_serving(health, True)

@@ -76,7 +76,7 @@ async def wake_and_load(path: Path, root: Path, runs: int) -> dict[str, float]:
     backend.prepare()  # (as the daemon does at start: the kernels, compiled now)
     manager = ModelManager(backend, ManagerSettings(allowed_roots=(root,)))  # type: ignore[arg-type]
     engines = FirstLayer()
-    manager.engines = engines
+    manager.use_engines(engines)
     wakes, firsts, loads = [], [], []
     try:
         warm(files_of(path))

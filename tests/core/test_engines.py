@@ -50,7 +50,7 @@ async def test_sleep_quiesces_before_freeing_and_wake_resumes_in_forward_order(
     h: Harness, ckpt: Path
 ) -> None:
     engines = Recorder(h)
-    h.manager.engines = engines
+    h.manager.use_engines(engines)
     m = await h.manager.load("m", str(ckpt))
     names = tuple(layer.plan.name for layer in m.layers)
     held = h.device_used()
@@ -78,7 +78,7 @@ async def test_sleep_quiesces_before_freeing_and_wake_resumes_in_forward_order(
 
 async def test_offload_quiesces_just_the_layers_on_the_device(h: Harness, ckpt: Path) -> None:
     engines = Recorder(h)
-    h.manager.engines = engines
+    h.manager.use_engines(engines)
     await h.manager.load("m", str(ckpt))
     await h.manager.offload("m", ["layers.1", "layers.2"], Tier.HOST)
     await h.manager.offload("m", ["layers.2", "layers.3"], Tier.HOST)  # layers.2 is on HOST
@@ -95,7 +95,7 @@ async def test_offload_quiesces_just_the_layers_on_the_device(h: Harness, ckpt: 
 
 async def test_no_engines_no_quiesce_stage(h: Harness, ckpt: Path) -> None:
     engines = Recorder(h, engines=0)
-    h.manager.engines = engines
+    h.manager.use_engines(engines)
     await h.manager.load("m", str(ckpt))
     await h.manager.sleep("m", 1)
     assert engines.stages == []
@@ -103,7 +103,7 @@ async def test_no_engines_no_quiesce_stage(h: Harness, ckpt: Path) -> None:
 
 async def test_a_failed_wake_takes_back_what_it_announced(h: Harness, ckpt: Path) -> None:
     engines = Recorder(h)
-    h.manager.engines = engines
+    h.manager.use_engines(engines)
     await h.manager.load("m", str(ckpt))
     await h.manager.sleep("m", 1)
     layer = h.manager._models["m"].layers[3]
@@ -123,7 +123,7 @@ async def test_a_failed_wake_takes_back_what_it_announced(h: Harness, ckpt: Path
 
 async def test_engines_detached_on_the_way_are_noted(h: Harness, ckpt: Path) -> None:
     note = "engine (pid 42, rank 0) did not let go of the weights within 1s; detached"
-    h.manager.engines = Recorder(h, notes=[note])
+    h.manager.use_engines(Recorder(h, notes=[note]))
     await h.manager.load("m", str(ckpt))
     m = await h.manager.sleep("m", 1)
     assert m.state is ModelState.ASLEEP
@@ -134,7 +134,7 @@ async def test_a_failed_offload_gives_the_layers_back_to_the_engines(
     h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engines = Recorder(h)
-    h.manager.engines = engines
+    h.manager.use_engines(engines)
     await h.manager.load("m", str(ckpt))
     engines.log.clear()
 
@@ -176,7 +176,7 @@ async def test_a_wake_cancelled_twice_still_waits_for_engines_to_let_go(
     h: Harness, ckpt: Path
 ) -> None:
     engines = SlowToLetGo(h)
-    h.manager.engines = engines
+    h.manager.use_engines(engines)
     await h.manager.load("m", str(ckpt))
     await h.manager.sleep("m", 1)
     engines.resumed.clear()  # (the load announced its layers too)

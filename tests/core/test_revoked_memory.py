@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
-from torpor.v1 import agent_pb2
 from torpord.backends.host import HostBackend
+from torpord.core.attachments.attachment import Attachment
+from torpord.core.attachments.messages import Hello, Quiesce
+from torpord.core.attachments.registry import AgentRegistry
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.errors import FailedPrecondition, PermissionDenied, ResourceExhausted
-from torpord.server.agents import AgentRegistry, Attachment
 from torpord.types import ModelState
 
 MiB = 2**20
@@ -41,7 +42,8 @@ class Setup:
             devices=1, device_capacity=device_capacity, host_capacity=64 * MiB
         )
         self.manager = ModelManager(self.backend, ManagerSettings(allowed_roots=(tmp.resolve(),)))
-        self.registry = AgentRegistry(self.manager, tmp / "fds", quiesce_timeout=0.3)
+        self.registry = AgentRegistry(self.manager, quiesce_timeout=0.3)
+        self.manager.use_engines(self.registry)
         self.engines: list[subprocess.Popen[bytes]] = []
 
     def used(self) -> tuple[int, int]:
@@ -52,7 +54,7 @@ class Setup:
         """A real process, attached (by its own word: no fds taken yet)."""
         proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         self.engines.append(proc)
-        return self.registry.attach(agent_pb2.Hello(model_id=model_id, pid=proc.pid)), proc
+        return self.registry.attach(Hello(model_id=model_id, pid=proc.pid)), proc
 
     async def engine(self, model_id: str) -> tuple[Attachment, subprocess.Popen[bytes]]:
         """A real process that attached and took every slab's fd (as the agent
@@ -123,8 +125,8 @@ async def test_only_what_a_revoked_engine_still_maps_is_held(setup: Setup, tmp_p
     async def answer_once() -> None:  # lets go of what the first Quiesce asks, then hangs
         while True:
             item = await engine.outbox.get()
-            if isinstance(item, agent_pb2.AttachResponse) and item.HasField("quiesce"):
-                setup.registry.acknowledged(engine, item.quiesce.sequence)
+            if isinstance(item, Quiesce):
+                setup.registry.acknowledged(engine, item.sequence)
                 return
 
     answering = asyncio.create_task(answer_once())
@@ -204,7 +206,7 @@ async def test_after_release_an_attachment_takes_nothing_more(setup: Setup, tmp_
 async def test_without_a_pidfd_an_export_still_works_and_leaks_nothing(
     setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from torpord.server import agents
+    from torpord.core.attachments import registry as agents
 
     ckpt = make_checkpoint(tmp_path / "m", layers=2, hidden=256)
     await setup.manager.load("m", str(ckpt))

@@ -3,8 +3,9 @@
 The core never talks to engines itself: before it moves or frees memory that
 engines map, it asks them to let go (`quiesce`), and as each layer lands on
 the device it tells them (`resume`), so an engine can run layer i while later
-layers are still arriving. The server's agent registry implements this; a
-daemon without it (the core's own tests) has no engines.
+layers are still arriving. The agent registry (torpord.core.attachments)
+implements this, given to the manager by `ModelManager.use_engines`; a
+manager without it (the core's own tests) has no engines.
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ class ModelManager:
         self._validating: dict[str, Running] = {}
         # ... and what a retry without waiting waits for: the validation's end.
         self._validated: dict[str, asyncio.Future[None]] = {}
-        # The engines attached to models (the server's agent registry sets it).
+        # The engines attached to models (see use_engines).
         self.engines: Engines = NoEngines()
         # Per model being brought to the device: the layers not yet announced
         # to engines, in forward order, and those of them that have landed.
@@ -143,13 +143,18 @@ class ModelManager:
         # Per model in a transition: the layers engines were asked to let go of.
         self._quiesced: dict[str, list[str]] = {}
 
+    def use_engines(self, engines: Engines) -> None:
+        """Ask `engines` (the agent registry) to let go before memory they map
+        moves, and tell them as layers land; before this, there are none."""
+        self.engines = engines
+
     # -- reading -------------------------------------------------------------
 
     def get(self, model_id: str) -> ModelSnapshot:
         return self._model(model_id).snapshot()
 
     def find(self, model_id: str) -> Model | None:
-        """The live model (not a snapshot), for the agent registry: read it on
+        """The live model (not a snapshot), for the engine registry: read it on
         the event loop, never keep it."""
         return self._models.get(model_id)
 

@@ -22,8 +22,8 @@ from torpor.v1 import (
 )
 
 from torpord.config import TcpAuth
+from torpord.core.attachments.registry import AgentRegistry
 from torpord.core.manager import ModelManager
-from torpord.server.agents import AgentRegistry
 from torpord.server.auth import TokenAuth, tcp_credentials
 from torpord.server.boundary import RequestBounds
 from torpord.server.limits import MAX_MESSAGE_BYTES
@@ -115,6 +115,7 @@ def build_server(
     socket_path: Path,
     tcp: str | None,
     agents: AgentRegistry,
+    fd_socket: Path,
     backend_reason: str = "",
     tcp_auth: TcpAuth | None = None,
 ) -> tuple[grpc.aio.Server, Any]:
@@ -133,7 +134,7 @@ def build_server(
     )
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
     node_pb2_grpc.add_NodeServiceServicer_to_server(NodeService(manager, backend_reason), server)
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(agents), server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(agents, fd_socket), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -1,7 +1,7 @@
 """The fd socket: where an attached engine takes its slabs' file descriptors.
 
 One request per connection, in the format of torpord.server.fdwire (see
-torpord.server.agents for who may ask what); a request that does not parse
+torpord.core.attachments for who may ask what); a request that does not parse
 or is over its bounds is answered with an error, never a dead thread.
 
 Anyone in the socket's group can connect, so no connection costs more than
@@ -39,7 +39,7 @@ from torpord.server.limits import too_long
 from torpord.server.ratelog import LogBudget
 
 if TYPE_CHECKING:
-    from torpord.server.agents import AgentRegistry
+    from torpord.core.attachments.registry import AgentRegistry
 
 __all__ = ["FdServer"]
 

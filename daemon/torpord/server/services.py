@@ -6,9 +6,11 @@ import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from torpor.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -20,10 +22,12 @@ from torpor.v1 import (
 
 from torpord import __version__
 from torpord.backends.nvml import Discovery, discover
+from torpord.core.attachments.attachment import Attachment
+from torpord.core.attachments.messages import Ended, Hello, Quiesce, Resume
+from torpord.core.attachments.registry import AgentRegistry
 from torpord.core.events import EventType
 from torpord.core.manager import ModelManager
 from torpord.errors import InvalidArgument
-from torpord.server.agents import AgentRegistry, Attachment, Ended
 from torpord.server.convert import (
     is_full,
     model_to_proto,
@@ -193,11 +197,34 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
         return node_pb2.GetNodeResponse(node=node)
 
 
-class AgentService(agent_pb2_grpc.AgentServiceServicer):
-    """An engine's attachment lasts as long as its Attach stream."""
+def hello_from_proto(hello: agent_pb2.Hello) -> Hello:
+    return Hello(model_id=hello.model_id, pid=hello.pid, engine=hello.engine, rank=hello.rank)
 
-    def __init__(self, registry: AgentRegistry) -> None:
+
+def message_to_proto(message: Quiesce | Resume) -> agent_pb2.AttachResponse:
+    if isinstance(message, Resume):
+        return agent_pb2.AttachResponse(
+            resume=agent_pb2.Resume(
+                sequence=message.sequence,
+                layers=message.layers,
+                layout_hash=message.layout_hash,
+            )
+        )
+    timeout = Duration()
+    timeout.FromNanoseconds(int(message.timeout * 1e9))
+    return agent_pb2.AttachResponse(
+        quiesce=agent_pb2.Quiesce(sequence=message.sequence, layers=message.layers, timeout=timeout)
+    )
+
+
+class AgentService(agent_pb2_grpc.AgentServiceServicer):
+    """An engine's attachment lasts as long as its Attach stream; the
+    registry speaks domain messages, turned into torpor.v1 ones here. The
+    engine takes its slabs from the fd socket at `fd_socket`."""
+
+    def __init__(self, registry: AgentRegistry, fd_socket: Path) -> None:
         self._registry = registry
+        self._fd_socket = fd_socket
 
     @translate_stream_errors
     async def Attach(
@@ -206,15 +233,15 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("hello"):
             raise InvalidArgument("an Attach stream starts with a Hello", reason="HELLO_FIRST")
-        attachment = self._registry.attach(first.hello)
+        attachment = self._registry.attach(hello_from_proto(first.hello))
         reader = asyncio.create_task(self._read(request_iterator, attachment))
-        get: asyncio.Future[agent_pb2.AttachResponse | Ended] | None = None
+        get: asyncio.Future[Quiesce | Resume | Ended] | None = None
         try:
             yield agent_pb2.AttachResponse(
                 attached=agent_pb2.Attached(
                     attachment_id=attachment.id,
                     layout_hash=attachment.layout_hash,
-                    fd_socket=str(self._registry.fd_socket),
+                    fd_socket=str(self._fd_socket),
                     slab_kind=attachment.slab_kind,
                     device_index=attachment.device_index,
                     device=f"devices/{attachment.device}" if attachment.device else "",
@@ -229,7 +256,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 item = get.result()
                 if isinstance(item, Ended):
                     raise item.error
-                yield item
+                yield message_to_proto(item)
         finally:
             if get is not None:
                 get.cancel()

@@ -1,0 +1,28 @@
+"""What the engine registry needs of the rest of the daemon: the model
+lookup, the event bus and the backend (the model manager gives all three)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from torpord.backends.base import Backend
+from torpord.core.events import EventBus
+from torpord.core.model import Model, ModelSnapshot
+
+__all__ = ["EngineHost"]
+
+
+class EngineHost(Protocol):
+    @property
+    def backend(self) -> Backend: ...
+
+    @property
+    def bus(self) -> EventBus: ...
+
+    def get(self, model_id: str) -> ModelSnapshot:
+        """The model's snapshot; NotFound if there is no such model."""
+        ...
+
+    def find(self, model_id: str) -> Model | None:
+        """The live model (read it on the event loop, never keep it)."""
+        ...
