@@ -93,12 +93,42 @@ async def test_offload_quiesces_just_the_layers_on_the_device(h: Harness, ckpt: 
     ]
 
 
-async def test_no_engines_no_quiesce_stage(h: Harness, ckpt: Path) -> None:
-    engines = Recorder(h, engines=0)
+async def sleep_stages(h: Harness, ckpt: Path, engines: Recorder) -> list[Stage]:
+    """Load, then sleep: the stages the sleep's progress events showed a watcher."""
     h.manager.engines = engines
     await h.manager.load("m", str(ckpt))
+    sub = h.manager.bus.subscribe("m")
+    stages: list[Stage] = []
+
+    async def collect() -> None:
+        async for event in sub:
+            if event.model.progress is not None:
+                stages.append(event.model.progress.stage)
+
+    collector = asyncio.create_task(collect())
     await h.manager.sleep("m", 1)
+    await asyncio.sleep(0)
+    sub.close()
+    await collector
+    return stages
+
+
+async def test_no_engines_no_quiesce_stage(h: Harness, ckpt: Path) -> None:
+    engines = Recorder(h, engines=0)
+    stages = await sleep_stages(h, ckpt, engines)
+    assert stages and Stage.QUIESCE not in stages  # what a watcher sees
+    assert "quiesce" not in [call for call, _, _ in engines.log]  # no engine was asked
     assert engines.stages == []
+    m = h.manager.get("m")
+    assert m.last_transition is not None
+    assert Stage.QUIESCE not in [p.stage for p in m.last_transition.phases]
+
+
+async def test_an_attached_engine_shows_a_quiesce_stage(h: Harness, ckpt: Path) -> None:
+    """The check above can see a quiesce stage: with an engine attached, it does."""
+    engines = Recorder(h, engines=1)
+    stages = await sleep_stages(h, ckpt, engines)
+    assert Stage.QUIESCE in stages and engines.stages == [Stage.QUIESCE]
 
 
 async def test_a_failed_wake_takes_back_what_it_announced(h: Harness, ckpt: Path) -> None:
