@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
+from torpord.backends.base import Slab
+from torpord.backends.host import HostBackend
 from torpord.core.events import EventType
 from torpord.errors import (
     Aborted,
@@ -509,23 +511,37 @@ async def test_a_read_error_fails_the_load_and_frees_everything(h: Harness, ckpt
     assert h.device_used() == 0 and h.backend.host_pool().used == 0
 
 
+class RefusesOneDeviceFree(HostBackend):
+    """A driver that, once `refused` is a list, refuses to free the first
+    device slab it is asked to (and notes its size there)."""
+
+    refused: list[int] | None = None
+
+    def free(self, slab: Slab) -> None:
+        if self.refused == [] and slab.tier is Tier.DEVICE:
+            self.refused.append(slab.size)
+            raise RuntimeError("cuMemRelease failed: CUDA_ERROR_LAUNCH_FAILED")
+        super().free(slab)
+
+
 async def test_a_free_that_fails_after_a_move_keeps_the_model_in_its_new_slabs(
-    h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, ckpt: Path
 ) -> None:
     """A driver that refuses to free the old slabs of a finished move (a GPU
     after a sticky error, say): the move stands, the layers keep their new
     slabs, and what could not be freed stays accounted rather than referenced."""
+    h = Harness(tmp_path, backend=RefusesOneDeviceFree)
+    try:
+        await moved_with_one_free_refused(h, ckpt)
+    finally:
+        await h.close()
+
+
+async def moved_with_one_free_refused(h: Harness, ckpt: Path) -> None:
     await h.manager.load("m", str(ckpt))
-    real = h.backend.free
+    assert isinstance(h.backend, RefusesOneDeviceFree)
     refused: list[int] = []
-
-    def free(slab):  # type: ignore[no-untyped-def]
-        if slab.tier is Tier.DEVICE and not refused:
-            refused.append(slab.size)
-            raise RuntimeError("cuMemRelease failed: CUDA_ERROR_LAUNCH_FAILED")
-        real(slab)
-
-    monkeypatch.setattr(h.backend, "free", free)
+    h.backend.refused = refused
     asleep = await h.manager.sleep("m", 1)
     assert asleep.state is ModelState.ASLEEP and set(tiers(asleep)) == {Tier.HOST}
     # One old slab stayed: still accounted, referenced by no layer.
