@@ -6,7 +6,6 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from torpord.backends import host as host_module
 from torpord.backends.base import SlabOwner
 from torpord.backends.host import HostBackend
 from torpord.errors import InvalidArgument, ResourceExhausted
@@ -57,26 +56,21 @@ def test_too_much_takes_nothing(backend: HostBackend) -> None:
     assert backend.host_pool().used == 4000 and backend.host_pool().slab_count == 1
 
 
-def test_failure_part_way_frees_what_it_took(
-    backend: HostBackend, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real = backend._map
-    calls = 0
-
-    def failing(slab):  # type: ignore[no-untyped-def]
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise ResourceExhausted("no memfd for you")
-        return real(slab)
-
-    monkeypatch.setattr(backend, "_map", failing)
-    fds_before = set(os.listdir("/proc/self/fd"))
-    with pytest.raises(ResourceExhausted):
-        backend.allocate(Tier.HOST, None, [(100, OWNER), (100, OWNER), (100, OWNER)])
-    assert backend.host_pool().used == 0 and backend.host_pool().slab_count == 0
-    backend.drain()  # the freed slab's fd is closed in the background
-    assert set(os.listdir("/proc/self/fd")) <= fds_before
+def test_failure_part_way_frees_what_it_took() -> None:
+    # The budget admits a slab no address space can map: the second of three
+    # fails for real (mmap: ENOMEM) after the first was made.
+    huge = 1 << 62
+    backend = HostBackend(devices=1, device_capacity=1, host_capacity=huge + 1000)
+    try:
+        fds_before = set(os.listdir("/proc/self/fd"))
+        with pytest.raises(ResourceExhausted) as err:
+            backend.allocate(Tier.HOST, None, [(100, OWNER), (huge, OWNER), (100, OWNER)])
+        assert err.value.reason == "OUT_OF_MEMORY"
+        assert backend.host_pool().used == 0 and backend.host_pool().slab_count == 0
+        backend.drain()  # the freed slab's fd is closed in the background
+        assert set(os.listdir("/proc/self/fd")) <= fds_before
+    finally:
+        backend.close()
 
 
 def test_slabs_are_named_memfds_and_close_frees_them(backend: HostBackend) -> None:
@@ -90,19 +84,22 @@ def test_slabs_are_named_memfds_and_close_frees_them(backend: HostBackend) -> No
         os.fstat(fd)  # closed: the kernel frees the pages once nobody maps them
 
 
-def test_copy_moves_bytes_in_pieces(backend: HostBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(host_module, "_COPY_PIECE", 1000)
-    dev = backend.devices()[0].uuid
-    (src,) = backend.allocate(Tier.DEVICE, dev, [(4500, OWNER)])
-    (dst,) = backend.allocate(Tier.HOST, None, [(4500, OWNER)])
-    payload = os.urandom(4500)
-    with backend.view(src) as view:
-        view[:] = payload
-    pieces: list[int] = []
-    backend.copy(src, dst, pieces.append)
-    assert sorted(pieces) == [500, 1000, 1000, 1000, 1000]
-    with backend.view(dst) as view:
-        assert bytes(view) == payload
+def test_copy_moves_bytes_in_pieces() -> None:
+    backend = HostBackend(devices=1, device_capacity=10_000, host_capacity=5_000, copy_piece=1000)
+    try:
+        dev = backend.devices()[0].uuid
+        (src,) = backend.allocate(Tier.DEVICE, dev, [(4500, OWNER)])
+        (dst,) = backend.allocate(Tier.HOST, None, [(4500, OWNER)])
+        payload = os.urandom(4500)
+        with backend.view(src) as view:
+            view[:] = payload
+        pieces: list[int] = []
+        backend.copy(src, dst, pieces.append)
+        assert sorted(pieces) == [500, 1000, 1000, 1000, 1000]
+        with backend.view(dst) as view:
+            assert bytes(view) == payload
+    finally:
+        backend.close()
 
 
 def test_bad_tier_and_device(backend: HostBackend) -> None:

@@ -28,9 +28,15 @@ def expected_slab(plan: LayerPlan, files: list[str]) -> bytes:
 
 class Harness:
     def __init__(
-        self, tmp: Path, *, device_capacity: int = 64 * MiB, host_capacity: int = 64 * MiB
+        self,
+        tmp: Path,
+        *,
+        device_capacity: int = 64 * MiB,
+        host_capacity: int = 64 * MiB,
+        backend: type[HostBackend] = HostBackend,
     ):
-        self.backend = HostBackend(
+        """`backend`: the host backend, or a subclass that plays a failing driver."""
+        self.backend = backend(
             devices=2, device_capacity=device_capacity, host_capacity=host_capacity
         )
         self.manager = ModelManager(self.backend, ManagerSettings(allowed_roots=(tmp.resolve(),)))

@@ -13,6 +13,9 @@ from torpor.testing import make_checkpoint
 from torpord.errors import FailedPrecondition, ResourceExhausted
 from torpord.storage import diskcache
 from torpord.storage.diskcache import DiskCache, DiskEntry
+from torpord.storage.fileio import SystemIO
+from torpord.storage.pipeline import ReadOptions
+from torpord.storage.safetensors import SourceFile
 from torpord.types import ModelState, Tier
 
 from tests.smallfs import small_filesystem
@@ -229,20 +232,19 @@ async def test_a_load_over_a_corrupt_copy_from_a_previous_run_reads_the_source(
         await second.close()
 
 
-async def test_after_a_restart_a_load_reads_the_cached_layers(
-    tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+class NoSourceReads(SystemIO):
+    def open(self, src: SourceFile, direct: bool) -> int:
+        raise AssertionError(f"opened {src.path} to read although every layer is cached")
+
+
+async def test_after_a_restart_a_load_reads_the_cached_layers(tmp_path: Path, ckpt: Path) -> None:
     first = disk_harness(tmp_path)
     await first.manager.load("m", str(ckpt))
     await first.manager.offload("m", [], Tier.DISK)
     await first.close()
     second = disk_harness(tmp_path)  # a new daemon, the same cache directory
     try:
-
-        def no_source(*args, **kwargs):  # type: ignore[no-untyped-def]
-            raise AssertionError("read the source although every layer is cached")
-
-        monkeypatch.setattr("torpord.core.mover.read_layers", no_source)
+        second.manager.mover.read_options = ReadOptions(io=NoSourceReads())
         m = await second.manager.load("m", str(ckpt))
         assert m.state is ModelState.ACTIVE
         second.check_bytes("m")

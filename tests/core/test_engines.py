@@ -4,10 +4,12 @@ it announces as layers land, and what a failed wake takes back."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from torpord.backends.base import Slab
+from torpord.backends.host import HostBackend
 from torpord.errors import DataLoss
 from torpord.types import ModelState, Stage, Tier
 
@@ -93,12 +95,42 @@ async def test_offload_quiesces_just_the_layers_on_the_device(h: Harness, ckpt: 
     ]
 
 
-async def test_no_engines_no_quiesce_stage(h: Harness, ckpt: Path) -> None:
-    engines = Recorder(h, engines=0)
+async def sleep_stages(h: Harness, ckpt: Path, engines: Recorder) -> list[Stage]:
+    """Load, then sleep: the stages the sleep's progress events showed a watcher."""
     h.manager.use_engines(engines)
     await h.manager.load("m", str(ckpt))
+    sub = h.manager.bus.subscribe("m")
+    stages: list[Stage] = []
+
+    async def collect() -> None:
+        async for event in sub:
+            if event.model.progress is not None:
+                stages.append(event.model.progress.stage)
+
+    collector = asyncio.create_task(collect())
     await h.manager.sleep("m", 1)
+    await asyncio.sleep(0)
+    sub.close()
+    await collector
+    return stages
+
+
+async def test_no_engines_no_quiesce_stage(h: Harness, ckpt: Path) -> None:
+    engines = Recorder(h, engines=0)
+    stages = await sleep_stages(h, ckpt, engines)
+    assert stages and Stage.QUIESCE not in stages  # what a watcher sees
+    assert "quiesce" not in [call for call, _, _ in engines.log]  # no engine was asked
     assert engines.stages == []
+    m = h.manager.get("m")
+    assert m.last_transition is not None
+    assert Stage.QUIESCE not in [p.stage for p in m.last_transition.phases]
+
+
+async def test_an_attached_engine_shows_a_quiesce_stage(h: Harness, ckpt: Path) -> None:
+    """The check above can see a quiesce stage: with an engine attached, it does."""
+    engines = Recorder(h, engines=1)
+    stages = await sleep_stages(h, ckpt, engines)
+    assert Stage.QUIESCE in stages and engines.stages == [Stage.QUIESCE]
 
 
 async def test_a_failed_wake_takes_back_what_it_announced(h: Harness, ckpt: Path) -> None:
@@ -130,25 +162,37 @@ async def test_engines_detached_on_the_way_are_noted(h: Harness, ckpt: Path) -> 
     assert m.last_transition is not None and m.last_transition.note == note
 
 
+class FailingCopies(HostBackend):
+    """A driver whose copies fail once `failing` is set."""
+
+    failing = False
+
+    def copy(self, src: Slab, dst: Slab, on_bytes: Callable[[int], None] | None = None) -> None:
+        if self.failing:
+            raise OSError("copy failed")
+        super().copy(src, dst, on_bytes)
+
+
 async def test_a_failed_offload_gives_the_layers_back_to_the_engines(
-    h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, ckpt: Path
 ) -> None:
-    engines = Recorder(h)
-    h.manager.use_engines(engines)
-    await h.manager.load("m", str(ckpt))
-    engines.log.clear()
-
-    async def broken(*args: object, **kwargs: object) -> None:
-        raise OSError("copy failed")
-
-    monkeypatch.setattr(h.manager.mover, "copy", broken)
-    with pytest.raises(Exception):  # noqa: B017
-        await h.manager.offload("m", ["layers.1"], Tier.HOST)
-    assert [(call, layers) for call, layers, _ in engines.log] == [
-        ("quiesce", ("layers.1",)),
-        ("resume", ("layers.1",)),  # still on the device: the engines may map it again
-    ]
-    assert h.manager.get("m").state is ModelState.ACTIVE
+    h = Harness(tmp_path, backend=FailingCopies)
+    try:
+        engines = Recorder(h)
+        h.manager.use_engines(engines)
+        await h.manager.load("m", str(ckpt))
+        engines.log.clear()
+        assert isinstance(h.backend, FailingCopies)
+        h.backend.failing = True
+        with pytest.raises(Exception):  # noqa: B017
+            await h.manager.offload("m", ["layers.1"], Tier.HOST)
+        assert [(call, layers) for call, layers, _ in engines.log] == [
+            ("quiesce", ("layers.1",)),
+            ("resume", ("layers.1",)),  # still on the device: the engines may map it again
+        ]
+        assert h.manager.get("m").state is ModelState.ACTIVE
+    finally:
+        await h.close()
 
 
 class SlowToLetGo(Recorder):

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
+from torpord.backends.base import Slab
+from torpord.backends.host import HostBackend
 from torpord.core.events import EventType
 from torpord.errors import (
     Aborted,
@@ -22,8 +26,9 @@ from torpord.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from torpord.storage import pipeline
 from torpord.storage.checkpoint import open_checkpoint
+from torpord.storage.chunks import plan_chunks
+from torpord.storage.fileio import Buffer, SystemIO
 from torpord.storage.layers import plan_layers
 from torpord.storage.pipeline import ReadOptions
 from torpord.types import ModelState, Outcome, Stage, Tier
@@ -164,22 +169,21 @@ async def test_out_of_memory_changes_nothing(tmp_path: Path, ckpt: Path) -> None
         await tight.close()
 
 
-async def test_failed_read_frees_everything_and_names_a_reason(
-    h: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_failed_read_frees_everything_and_names_a_reason(h: Harness, tmp_path: Path) -> None:
     path = make_checkpoint(tmp_path / "one.safetensors", layers=4)
-    h.manager.mover.read_options = ReadOptions(chunk_bytes=4096, threads=1, direct="off")
-    real = pipeline._Run.finish_piece
-    pieces = 0
 
-    def shrink_midway(run, piece):  # type: ignore[no-untyped-def]
-        nonlocal pieces
-        pieces += 1
-        if pieces == 20:
-            os.truncate(path, 100)  # the file shrinks under the reader
-        real(run, piece)
+    class ShrinksMidway(SystemIO):
+        reads = 0
 
-    monkeypatch.setattr(pipeline._Run, "finish_piece", shrink_midway)
+        def preadv(self, fd: int, buffers: Sequence[Buffer], offset: int, flags: int = 0) -> int:
+            self.reads += 1
+            if self.reads == 20:
+                os.truncate(path, 100)  # the file shrinks under the reader
+            return super().preadv(fd, buffers, offset, flags)
+
+    h.manager.mover.read_options = ReadOptions(
+        chunk_bytes=4096, threads=1, direct="off", io=ShrinksMidway()
+    )
     with pytest.raises(FailedPrecondition) as err:
         await h.manager.load("m", str(path))
     assert err.value.reason == "SOURCE_CHANGED"
@@ -355,36 +359,37 @@ async def test_load_of_a_loading_model_waits_for_it(h: Harness, ckpt: Path) -> N
         await h.manager.load("m", str(ckpt))
 
 
-def slow_disk(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """A disk that barely moves: each chunk read takes 0.2 s. Returns the list
-    each read is counted in."""
-    reads: list[int] = []
-    real = pipeline._Run.read_chunk
+class SlowDisk(SystemIO):
+    """A disk that barely moves: each read takes `pause` seconds (and is
+    counted in `reads`)."""
 
-    def slow(*args):  # type: ignore[no-untyped-def]
-        reads.append(1)
-        time.sleep(0.2)
-        return real(*args)
+    def __init__(self, pause: float) -> None:
+        self.pause = pause
+        self.reads = 0
+        self.lock = threading.Lock()
 
-    monkeypatch.setattr(pipeline._Run, "read_chunk", slow)
-    return reads
+    def preadv(self, fd: int, buffers: Sequence[Buffer], offset: int, flags: int = 0) -> int:
+        with self.lock:
+            self.reads += 1
+        time.sleep(self.pause)
+        return super().preadv(fd, buffers, offset, flags)
 
 
-async def test_shutdown_stops_a_transition_inside_a_big_layer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_shutdown_stops_a_transition_inside_a_big_layer(tmp_path: Path) -> None:
     harness = Harness(tmp_path)
     ckpt = make_checkpoint(tmp_path / "one.safetensors", layers=1, hidden=256)
-    harness.manager.mover.read_options = ReadOptions(chunk_bytes=4096, threads=1, direct="off")
-    reads = slow_disk(monkeypatch)
+    disk = SlowDisk(0.2)
+    harness.manager.mover.read_options = ReadOptions(
+        chunk_bytes=4096, threads=1, direct="off", io=disk
+    )
     await harness.manager.load("m", str(ckpt), wait=False)
     task = harness.manager._models["m"].task
     await asyncio.sleep(0.05)
     await harness.manager.close(0.0)
     assert task is not None and task.done()
     assert isinstance(task.exception(), Aborted)
-    chunks = len(pipeline._chunks(harness_checkpoint(ckpt), harness_plans(ckpt), 4096))
-    assert chunks > 50 and len(reads) < 4  # it stopped at the next chunk, not after the model
+    chunks = len(plan_chunks(harness_checkpoint(ckpt), harness_plans(ckpt), 4096))
+    assert chunks > 50 and disk.reads < 4  # it stopped at the next chunk, not after the model
     assert harness.device_used() == 0 and harness.backend.host_pool().used == 0
     harness.backend.close()
 
@@ -445,19 +450,13 @@ async def test_transitions_report_their_phases(h: Harness, ckpt: Path) -> None:
     assert stages == [(Stage.TRANSFER, m.total_bytes), (Stage.VERIFY, m.total_bytes)]
 
 
-async def test_phases_are_wall_time_when_workers_overlap(
-    h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_phases_are_wall_time_when_workers_overlap(h: Harness, ckpt: Path) -> None:
     """Four readers at once: a phase's duration is the time any of them was in
     it, which fits in the transition; their summed (busy) time need not."""
-    h.manager.mover.read_options = ReadOptions(chunk_bytes=65536, threads=4, direct="off")
-    real = os.preadv
-
-    def slow(*args):  # type: ignore[no-untyped-def]
-        time.sleep(0.02)  # (a disk slow enough that the readers overlap)
-        return real(*args)
-
-    monkeypatch.setattr(os, "preadv", slow)
+    # (a disk slow enough that the readers overlap)
+    h.manager.mover.read_options = ReadOptions(
+        chunk_bytes=65536, threads=4, direct="off", io=SlowDisk(0.02)
+    )
     m = await h.manager.load("m", str(ckpt))
     t = m.last_transition
     assert t is not None and [p.stage for p in t.phases] == [Stage.READ, Stage.VERIFY]
@@ -491,21 +490,18 @@ async def test_freeing_transitions_move_nothing_and_say_what_they_freed(
         h.manager.get("m")
 
 
-async def test_a_read_error_fails_the_load_and_frees_everything(
-    h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    h.manager.mover.read_options = ReadOptions(chunk_bytes=4096, threads=2, direct="off")
-    real = os.preadv
-    calls = 0
+async def test_a_read_error_fails_the_load_and_frees_everything(h: Harness, ckpt: Path) -> None:
+    class FailsLater(SlowDisk):
+        def preadv(self, fd: int, buffers: Sequence[Buffer], offset: int, flags: int = 0) -> int:
+            with self.lock:
+                self.reads += 1
+                if self.reads > 30:
+                    raise OSError(errno.EIO, "Input/output error")
+            return SystemIO.preadv(self, fd, buffers, offset, flags)
 
-    def eio_later(*args):  # type: ignore[no-untyped-def]
-        nonlocal calls
-        calls += 1
-        if calls > 30:
-            raise OSError(errno.EIO, "Input/output error")
-        return real(*args)
-
-    monkeypatch.setattr(pipeline.os, "preadv", eio_later)
+    h.manager.mover.read_options = ReadOptions(
+        chunk_bytes=4096, threads=2, direct="off", io=FailsLater(0)
+    )
     with pytest.raises(Unavailable) as err:
         await h.manager.load("m", str(ckpt))
     assert err.value.reason == "SOURCE_READ_FAILED"
@@ -515,23 +511,37 @@ async def test_a_read_error_fails_the_load_and_frees_everything(
     assert h.device_used() == 0 and h.backend.host_pool().used == 0
 
 
+class RefusesOneDeviceFree(HostBackend):
+    """A driver that, once `refused` is a list, refuses to free the first
+    device slab it is asked to (and notes its size there)."""
+
+    refused: list[int] | None = None
+
+    def free(self, slab: Slab) -> None:
+        if self.refused == [] and slab.tier is Tier.DEVICE:
+            self.refused.append(slab.size)
+            raise RuntimeError("cuMemRelease failed: CUDA_ERROR_LAUNCH_FAILED")
+        super().free(slab)
+
+
 async def test_a_free_that_fails_after_a_move_keeps_the_model_in_its_new_slabs(
-    h: Harness, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, ckpt: Path
 ) -> None:
     """A driver that refuses to free the old slabs of a finished move (a GPU
     after a sticky error, say): the move stands, the layers keep their new
     slabs, and what could not be freed stays accounted rather than referenced."""
+    h = Harness(tmp_path, backend=RefusesOneDeviceFree)
+    try:
+        await moved_with_one_free_refused(h, ckpt)
+    finally:
+        await h.close()
+
+
+async def moved_with_one_free_refused(h: Harness, ckpt: Path) -> None:
     await h.manager.load("m", str(ckpt))
-    real = h.backend.free
+    assert isinstance(h.backend, RefusesOneDeviceFree)
     refused: list[int] = []
-
-    def free(slab):  # type: ignore[no-untyped-def]
-        if slab.tier is Tier.DEVICE and not refused:
-            refused.append(slab.size)
-            raise RuntimeError("cuMemRelease failed: CUDA_ERROR_LAUNCH_FAILED")
-        real(slab)
-
-    monkeypatch.setattr(h.backend, "free", free)
+    h.backend.refused = refused
     asleep = await h.manager.sleep("m", 1)
     assert asleep.state is ModelState.ASLEEP and set(tiers(asleep)) == {Tier.HOST}
     # One old slab stayed: still accounted, referenced by no layer.
@@ -545,11 +555,11 @@ async def test_a_free_that_fails_after_a_move_keeps_the_model_in_its_new_slabs(
 
 
 async def test_a_forced_unload_cancels_a_slow_load_and_frees_everything(
-    h: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    h: Harness, tmp_path: Path
 ) -> None:
     ckpt = make_checkpoint(tmp_path / "slow.safetensors", layers=1, hidden=256)
-    h.manager.mover.read_options = ReadOptions(chunk_bytes=4096, threads=1, direct="off")
-    reads = slow_disk(monkeypatch)
+    disk = SlowDisk(0.2)
+    h.manager.mover.read_options = ReadOptions(chunk_bytes=4096, threads=1, direct="off", io=disk)
     await h.manager.load("m", str(ckpt), wait=False)
     await asyncio.sleep(0.05)
     with pytest.raises(Aborted) as err:  # without force: refused, as ever
@@ -557,8 +567,8 @@ async def test_a_forced_unload_cancels_a_slow_load_and_frees_everything(
     assert err.value.reason == "TRANSITION_IN_PROGRESS"
     gone = await h.manager.unload("m", force=True)
     assert gone.model_id == "m" and "m" not in h.manager._models
-    assert len(reads) < 5  # the readers stopped at their next chunk, not after the model
+    assert disk.reads < 5  # the readers stopped at their next chunk, not after the model
     assert h.device_used() == 0 and h.backend.host_pool().used == 0
     # And the same id loads again.
-    monkeypatch.undo()  # (the disk is fast again)
+    disk.pause = 0  # (the disk is fast again)
     assert (await h.manager.load("m", str(ckpt))).state is ModelState.ACTIVE

@@ -15,7 +15,7 @@ import pytest
 from torpor.testing import make_checkpoint
 
 from .conftest import Daemon
-from .test_lifecycle import check_residency
+from .residency import check_residency
 
 MAGIC = b"TORPORSLAB\x00\x01"  # (the format's, written here as a stranger would)
 

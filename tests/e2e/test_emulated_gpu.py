@@ -23,8 +23,8 @@ import pytest
 from tests import emulator
 
 from .conftest import Daemon
-from .test_engines import Worker, reference, settle
-from .test_lifecycle import expected_layers
+from .engines import Worker, reference, settle
+from .residency import expected_layers
 
 torch = pytest.importorskip("torch")
 emulator.require()

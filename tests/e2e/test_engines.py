@@ -3,91 +3,30 @@ processes sleep, wake, offload and unload the model; engines that hang or die.""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from .conftest import Daemon
+from .engines import Worker, reference, settle
 
 torch = pytest.importorskip("torch")
 
 from safetensors.torch import load_file  # noqa: E402
 from torpor import Client  # noqa: E402
-from torpor.examples.tinylm import TinyConfig, TinyLM, make_checkpoint  # noqa: E402
+from torpor.examples.tinylm import TinyConfig, make_checkpoint  # noqa: E402
 from torpor.v1 import common_pb2  # noqa: E402
 
-WORKER = Path(__file__).with_name("engine_worker.py")
-PROMPT = list(b"Torpor keeps weights where engines expect them")
 SMALL = TinyConfig(layers=2, hidden=64, intermediate=176)
 # Big embedding and head (128 MiB each) around small blocks: a wake takes long
 # enough between the first block and the last layer to see progressive wake.
 WIDE = TinyConfig(layers=2, hidden=64, intermediate=176, vocab=1 << 20)
-
-
-class Worker:
-    """engine_worker.py attached to a model (`script`: another way to run it,
-    `env`: its environment, this process's if None)."""
-
-    def __init__(
-        self,
-        d: Daemon,
-        model_id: str,
-        *flags: str,
-        script: Path = WORKER,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(script), str(d.socket), model_id, *flags],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.hello = self.read()
-        assert self.hello.get("ready"), self.hello
-
-    def read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            _, err = self.proc.communicate(timeout=30)
-            raise AssertionError(f"worker exited {self.proc.returncode}:\n{err}")
-        value: dict[str, Any] = json.loads(line)
-        return value
-
-    def ask(self, command: str) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        while True:  # skip event lines
-            answer = self.read()
-            if "event" not in answer:
-                return answer
-
-    def quit(self) -> None:
-        if self.proc.poll() is None:
-            self.ask_nowait("quit")
-            self.proc.communicate(timeout=60)
-
-    def ask_nowait(self, command: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate(timeout=30)
 
 
 @pytest.fixture
@@ -114,17 +53,6 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("wide"), WIDE)
 
 
-def reference(path: Path) -> str:
-    """The logits' digest computed here, from the file, without Torpor."""
-    torch.set_num_threads(1)
-    state = load_file(str(path))
-    model = TinyLM(TinyConfig.from_state_dict(state))
-    model.load_state_dict(state, assign=True)
-    with torch.inference_mode():
-        logits = model(torch.tensor([PROMPT]))
-    return hashlib.sha256(logits.contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
 def used(client: Client) -> tuple[int, int]:
     node = client.get_node()
     return sum(d.used_bytes for d in node.devices), node.host_pool.used_bytes
@@ -132,15 +60,6 @@ def used(client: Client) -> tuple[int, int]:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def settle(check: Callable[[], bool], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_forward_passes_stay_bit_identical_across_50_sleeps_and_wakes(

@@ -5,14 +5,23 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from torpor.testing import make_checkpoint
 
-from .conftest import GRPCURL, Daemon
+from .conftest import Daemon
+from .failures import (
+    ALREADY_EXISTS,
+    DATA_LOSS,
+    FAILED_PRECONDITION,
+    INVALID_ARGUMENT,
+    NOT_FOUND,
+    PERMISSION_DENIED,
+    RESOURCE_EXHAUSTED,
+    fail,
+)
 
 
 def raw_safetensors(
@@ -22,36 +31,6 @@ def raw_safetensors(
     path.write_bytes(struct.pack("<Q", len(blob) if length is None else length) + blob + data)
     return path
 
-
-def fail(d: Daemon, method: str, data: dict[str, Any]) -> dict[str, Any]:
-    """Call through grpcurl expecting an error; its status as JSON."""
-    out = subprocess.run(
-        [
-            GRPCURL,
-            "-plaintext",
-            "-unix",
-            "-format-error",
-            "-d",
-            json.dumps(data),
-            str(d.socket),
-            f"torpor.v1.ModelService/{method}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode != 0, out.stdout
-    status: dict[str, Any] = json.loads(out.stderr)  # grpcurl writes the error there
-    info = status["details"][0]
-    assert info["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
-    assert info["domain"] == "torpor.dev"
-    status["reason"] = info["reason"]
-    status["metadata"] = info.get("metadata", {})
-    return status
-
-
-NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, INVALID_ARGUMENT = 5, 6, 7, 3
-FAILED_PRECONDITION, ABORTED, RESOURCE_EXHAUSTED, DATA_LOSS = 9, 10, 8, 15
 
 F16 = {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 8]}
 

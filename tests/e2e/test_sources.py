@@ -14,7 +14,7 @@ from torpor.testing import make_checkpoint
 from torpord.storage.safetensors import INDEX_FILE, MAX_TENSORS
 
 from .conftest import GRPCURL, Daemon
-from .test_errors import INVALID_ARGUMENT, PERMISSION_DENIED, fail
+from .failures import INVALID_ARGUMENT, PERMISSION_DENIED, fail
 
 SECRETS = ("db_password=hunter2", "api_key=SK-123456")
 

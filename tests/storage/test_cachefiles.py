@@ -16,7 +16,8 @@ from torpord.storage.cacheformat import encode_head
 from torpord.storage.checksum import KIND, slab_checksum
 from torpord.storage.diskcache import DATA_OFFSET, MAGIC, DiskCache, DiskEntry
 
-from .test_diskcache import Sink, put
+from .helpers import put
+from .sinks import Sink
 
 KEY = "5a" * 16
 OTHER = "5a" + "0f" * 15

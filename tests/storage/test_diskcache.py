@@ -7,7 +7,6 @@ import gc
 import json
 import os
 import struct
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -27,32 +26,8 @@ from torpord.storage.layers import plan_layers
 
 from tests.smallfs import small_filesystem
 
-
-class Sink:
-    def __init__(self, size: int, addressable: bool = True) -> None:
-        self.data = bytearray(size)
-        self.addressable = addressable
-
-    def view(self) -> memoryview | None:
-        return memoryview(self.data) if self.addressable else None
-
-    def write(self, offset: int, data: memoryview) -> None:
-        self.data[offset : offset + data.nbytes] = data
-
-    def write_many(self, pieces: Sequence[tuple[int, memoryview]]) -> None:
-        for offset, data in pieces:
-            self.write(offset, data)
-
-    def checksum(self) -> str:
-        return slab_checksum(self.data)
-
-
-def put(cache: DiskCache, key: str, payload: bytes) -> diskcache.DiskEntry:
-    room = cache.reserve([len(payload)], set())
-    try:
-        return cache.write(key, memoryview(payload), slab_checksum(payload), room)
-    finally:
-        cache.release(room)
+from .helpers import put
+from .sinks import Sink
 
 
 def files(root: Path) -> list[str]:

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from torpor.testing import make_checkpoint
 from torpord.errors import FailedPrecondition, Unavailable
-from torpord.storage import pipeline
 from torpord.storage.checkpoint import open_checkpoint
 from torpord.storage.checksum import slab_checksum
+from torpord.storage.fileio import Buffer, SystemIO
 from torpord.storage.layers import LayerPlan, plan_layers
 from torpord.storage.pipeline import PlainStaging, ReadOptions, StopRequested, read_layers
-from torpord.storage.safetensors import Checkpoint
+from torpord.storage.safetensors import Checkpoint, SourceFile
 
 from .sinks import Sink
 
@@ -88,20 +88,19 @@ def test_one_thread_completes_layers_in_forward_order(ckpt: Checkpoint) -> None:
     assert order == list(range(len(plans)))
 
 
-def test_a_filesystem_without_o_direct_falls_back_and_says_so(
-    ckpt: Checkpoint, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real_open = os.open
+class NoDirect(SystemIO):
+    """A filesystem that refuses to open for O_DIRECT."""
 
-    def no_direct(path, flags, *args):  # type: ignore[no-untyped-def]
-        if flags & os.O_DIRECT:
+    def open(self, src: SourceFile, direct: bool) -> int:
+        if direct:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
+        return super().open(src, direct)
 
-    monkeypatch.setattr(pipeline.os, "open", no_direct)
+
+def test_a_filesystem_without_o_direct_falls_back_and_says_so(ckpt: Checkpoint) -> None:
     plans = plan_layers(ckpt)
     sinks = [Sink(p.size) for p in plans]
-    notes = read_layers(ckpt, plans, sinks, ReadOptions(direct="on")).notes
+    notes = read_layers(ckpt, plans, sinks, ReadOptions(direct="on", io=NoDirect())).notes
     assert len(notes) == len(ckpt.files)
     assert all("O_DIRECT refused" in note and "buffered" in note for note in notes)
     for plan, sink in zip(plans, sinks, strict=True):
@@ -120,16 +119,19 @@ def test_a_truncated_file_is_source_changed(tmp_path: Path) -> None:
     assert err.value.reason == "SOURCE_CHANGED"
 
 
-def test_a_read_error_is_unavailable_and_names_the_offset(
-    ckpt: Checkpoint, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def eio(*args):  # type: ignore[no-untyped-def]
+class FailingDisk(SystemIO):
+    """A disk whose every read fails."""
+
+    def preadv(self, fd: int, buffers: Sequence[Buffer], offset: int, flags: int = 0) -> int:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(pipeline.os, "preadv", eio)
+
+def test_a_read_error_is_unavailable_and_names_the_offset(ckpt: Checkpoint) -> None:
     plans = plan_layers(ckpt)
     with pytest.raises(Unavailable) as err:
-        read_layers(ckpt, plans, [Sink(p.size) for p in plans], ReadOptions(threads=3))
+        read_layers(
+            ckpt, plans, [Sink(p.size) for p in plans], ReadOptions(threads=3, io=FailingDisk())
+        )
     assert err.value.reason == "SOURCE_READ_FAILED"
     assert "offset" in err.value.metadata and "Input/output error" in err.value.message
 
@@ -149,8 +151,38 @@ def test_should_stop_stops_between_chunks(ckpt: Checkpoint) -> None:
     assert 1 <= len(landed) < len(plans)
 
 
-def go_cold(ckpt: Checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Take the checkpoint out of the page cache, as a slow disk would see it.
+class Recorded(SystemIO):
+    """The kernel's reads, each noted: whether it went around the page cache."""
+
+    def __init__(self) -> None:
+        self.direct_fds: set[int] = set()
+        self.direct_reads = 0
+
+    def open(self, src: SourceFile, direct: bool) -> int:
+        fd = super().open(src, direct)
+        if direct:
+            self.direct_fds.add(fd)
+        return fd
+
+    def preadv(self, fd: int, buffers: Sequence[Buffer], offset: int, flags: int = 0) -> int:
+        if fd in self.direct_fds:
+            self.direct_reads += 1
+        return super().preadv(fd, buffers, offset, flags)
+
+
+class Cold(Recorded):
+    """A slow disk's view of a file not in the page cache: RWF_NOWAIT reads
+    answer EAGAIN (see go_cold)."""
+
+    def preadv(self, fd: int, buffers: Sequence[Buffer], offset: int, flags: int = 0) -> int:
+        if flags & os.RWF_NOWAIT:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return super().preadv(fd, buffers, offset, flags)
+
+
+def go_cold(ckpt: Checkpoint) -> Cold:
+    """Take the checkpoint out of the page cache, as a slow disk would see it;
+    returns the reads to make on it.
 
     The files are really evicted (fsync, then DONTNEED), but that alone doesn't
     make `RWF_NOWAIT` fail: since Linux 5.9 such a read starts readahead, and on
@@ -165,59 +197,45 @@ def go_cold(ckpt: Checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-    real = os.preadv
-
-    def preadv(fd, buffers, offset, *flags):  # type: ignore[no-untyped-def]
-        if flags and flags[0] & os.RWF_NOWAIT:
-            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
-        return real(fd, buffers, offset, *flags)
-
-    monkeypatch.setattr(pipeline.os, "preadv", preadv)
+    return Cold()
 
 
-def test_auto_reads_cached_bytes_straight_and_the_rest_direct(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_auto_reads_cached_bytes_straight_and_the_rest_direct(tmp_path: Path) -> None:
     ckpt = open_checkpoint(make_checkpoint(tmp_path / "m", layers=3, hidden=128, shards=2))
     plans = plan_layers(ckpt)
-    staged: list[int] = []
-    real = pipeline._Run._staged
-
-    def spy(run, f, fd, chunk, staging):  # type: ignore[no-untyped-def]
-        staged.append(fd)
-        return real(run, f, fd, chunk, staging)
-
-    monkeypatch.setattr(pipeline._Run, "_staged", spy)
+    warm = Recorded()
     sinks = [Sink(p.size) for p in plans]
-    read_layers(ckpt, plans, sinks, ReadOptions(chunk_bytes=65536))
-    assert staged == []  # just written: all in the page cache, read straight into the slabs
-    go_cold(ckpt, monkeypatch)
+    read_layers(ckpt, plans, sinks, ReadOptions(chunk_bytes=65536, io=warm))
+    assert warm.direct_reads == 0  # just written: all in the page cache, read straight in
+    cold = go_cold(ckpt)
     sinks = [Sink(p.size) for p in plans]
-    read_layers(ckpt, plans, sinks, ReadOptions(chunk_bytes=65536))
-    assert staged  # not cached: O_DIRECT through the staging buffer
+    read_layers(ckpt, plans, sinks, ReadOptions(chunk_bytes=65536, io=cold))
+    assert cold.direct_reads  # not cached: O_DIRECT through the staging buffer
     for plan, sink in zip(plans, sinks, strict=True):
         assert bytes(sink.data) == expected(ckpt, plan)
 
 
+class RefusesDirectReads(SystemIO):
+    """A filesystem that opens O_DIRECT but refuses the reads."""
+
+    def preadv(self, fd: int, buffers: Sequence[Buffer], offset: int, flags: int = 0) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return super().preadv(fd, buffers, offset, flags)
+
+
 def test_o_direct_refused_at_read_time_by_many_threads_never_mixes_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """A filesystem that opens O_DIRECT but refuses the reads: every worker falls
     back, and no read ever lands another file's bytes (fds stay open all run)."""
     ckpt = open_checkpoint(make_checkpoint(tmp_path / "m", layers=6, hidden=128, shards=4))
     plans = plan_layers(ckpt)
-    real = os.preadv
-
-    def refuse_direct(fd, buffers, offset, *flags):  # type: ignore[no-untyped-def]
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd, buffers, offset, *flags)
-
-    monkeypatch.setattr(pipeline.os, "preadv", refuse_direct)
+    io = RefusesDirectReads()
     for _ in range(20):
         sinks = [Sink(p.size) for p in plans]
         report = read_layers(
-            ckpt, plans, sinks, ReadOptions(chunk_bytes=1 << 20, threads=8, direct="on")
+            ckpt, plans, sinks, ReadOptions(chunk_bytes=1 << 20, threads=8, direct="on", io=io)
         )
         assert len(report.notes) == len(ckpt.files)  # one note a file
         for plan, sink in zip(plans, sinks, strict=True):
@@ -274,13 +292,11 @@ def test_cached_bytes_reach_device_slabs_through_staging_without_o_direct(
     assert staging.taken and sorted(staging.taken) == sorted(staging.given)
 
 
-def test_uncached_bytes_go_around_the_page_cache(
-    ckpt: Checkpoint, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    go_cold(ckpt, monkeypatch)
+def test_uncached_bytes_go_around_the_page_cache(ckpt: Checkpoint) -> None:
+    cold = go_cold(ckpt)
     plans = plan_layers(ckpt)
     sinks = [Sink(plan.size, addressable=False) for plan in plans]
-    report = read_layers(ckpt, plans, sinks, ReadOptions(chunk_bytes=65536, threads=2))
+    report = read_layers(ckpt, plans, sinks, ReadOptions(chunk_bytes=65536, threads=2, io=cold))
     assert report.cached_bytes == 0  # (read with O_DIRECT instead)
     for plan, sink in zip(plans, sinks, strict=True):
         assert bytes(sink.data) == expected(ckpt, plan), plan.name

@@ -84,8 +84,15 @@ class HostBackend(Backend):
     kind = "host"
 
     def __init__(
-        self, *, devices: int, device_capacity: int, host_capacity: int, copy_threads: int = 4
+        self,
+        *,
+        devices: int,
+        device_capacity: int,
+        host_capacity: int,
+        copy_threads: int = 4,
+        copy_piece: int = _COPY_PIECE,
     ) -> None:
+        """`copy_threads` copy the pieces (of `copy_piece` bytes) of one copy at once."""
         if devices < 1:
             raise InvalidArgument("the host backend needs at least one device")
         super().__init__()
@@ -97,6 +104,7 @@ class HostBackend(Backend):
         self._host = Budget("host pool", host_capacity)
         self._live: dict[Slab, _Mapping] = {}
         self._lock = threading.Lock()
+        self._copy_piece = max(1, copy_piece)
         self._copiers = concurrent.futures.ThreadPoolExecutor(
             max(1, copy_threads), thread_name_prefix="torpord-copy"
         )
@@ -206,12 +214,12 @@ class HostBackend(Backend):
         a, b = self._mapping(src).address, self._mapping(dst).address
 
         def piece(offset: int) -> None:
-            n = min(_COPY_PIECE, src.size - offset)
+            n = min(self._copy_piece, src.size - offset)
             ctypes.memmove(b + offset, a + offset, n)
             if on_bytes is not None:
                 on_bytes(n)
 
-        futures = [self._copiers.submit(piece, o) for o in range(0, src.size, _COPY_PIECE)]
+        futures = [self._copiers.submit(piece, o) for o in range(0, src.size, self._copy_piece)]
         # Wait for every piece, even after one failed: none may still be
         # writing when the caller frees the slabs.
         concurrent.futures.wait(futures)

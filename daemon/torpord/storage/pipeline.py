@@ -19,8 +19,12 @@ Where a filesystem refuses O_DIRECT the file falls back to buffered reads,
 and the returned notes say so (they go to the Load's progress and the log).
 
 Each layer's checksum (torpord.storage.checksum, of its whole slab, padding
-zeroed) is taken
-by the worker that completes the layer, and `on_layer` is told.
+zeroed) is taken by the worker that completes the layer, and `on_layer` is
+told.
+
+The chunks are cut by torpord.storage.chunks; the bytes go to the slab sinks
+and staging buffers of torpord.storage.targets; every open and read goes
+through `ReadOptions.io` (torpord.storage.fileio: the kernel's by default).
 """
 
 from __future__ import annotations
@@ -33,12 +37,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from torpord.errors import FailedPrecondition, Unavailable
+from torpord.errors import Unavailable
+from torpord.storage.chunks import BLOCK, Chunk, Piece, plan_chunks
+from torpord.storage.fileio import SYSTEM_IO, FileIO, OpenFile, read_failed, truncated
 from torpord.storage.layers import LayerPlan
-from torpord.storage.reader import open_for_read
 from torpord.storage.safetensors import Checkpoint
+from torpord.storage.targets import PlainStaging, SlabSink, Staging
 from torpord.timeline import Timeline
 
 __all__ = [
@@ -52,9 +57,6 @@ __all__ = [
 ]
 
 DIRECT_MODES = ("auto", "on", "off")
-# O_DIRECT wants the file offset, the length and the buffer address aligned to
-# the device's logical block; 4 KiB covers every device in use.
-BLOCK = 4096
 
 
 @dataclass
@@ -76,123 +78,7 @@ class ReadOptions:
     chunk_bytes: int = 32 * 2**20
     threads: int = 8
     direct: str = "auto"
-
-
-class Staging(Protocol):
-    """Where the workers' staging buffers come from: plain memory, or memory
-    the backend can copy to its device from directly (pinned on a GPU)."""
-
-    def take(self, size: int) -> mmap.mmap: ...
-
-    def give(self, buffer: mmap.mmap) -> None:
-        """The buffer is not used any more (every write from it returned)."""
-
-
-class PlainStaging:
-    def take(self, size: int) -> mmap.mmap:
-        return mmap.mmap(-1, size)
-
-    def give(self, buffer: mmap.mmap) -> None:
-        buffer.close()
-
-
-class SlabSink(Protocol):
-    """Where one layer's bytes go."""
-
-    def view(self) -> memoryview | None:
-        """A writable view of the whole slab if it is host memory, else None."""
-
-    def write(self, offset: int, data: memoryview) -> None:
-        """Copy data into the slab at offset (a host-to-device copy on a GPU)."""
-
-    def write_many(self, pieces: Sequence[tuple[int, memoryview]]) -> None:
-        """Each (offset, data) of one chunk into the slab, as `write` does."""
-
-    def checksum(self) -> str:
-        """The checksum (torpord.storage.checksum) of the whole slab, hex."""
-
-
-@dataclass(frozen=True)
-class _Piece:
-    layer: int  # index into the targets
-    file_offset: int
-    slab_offset: int
-    length: int
-
-
-@dataclass
-class _Chunk:
-    file_index: int
-    start: int  # aligned file offset
-    end: int  # aligned end; may pass the end of the file
-    pieces: list[_Piece] = field(default_factory=list)
-
-
-def _chunks(checkpoint: Checkpoint, plans: Sequence[LayerPlan], chunk_bytes: int) -> list[_Chunk]:
-    """Cut the tensors' file ranges into aligned chunks, in forward layer order."""
-    out: list[_Chunk] = []
-    for li, plan in enumerate(plans):
-        current: _Chunk | None = None
-        for packed in sorted(
-            plan.tensors, key=lambda p: (p.tensor.file_index, p.tensor.file_offset)
-        ):
-            t = packed.tensor
-            done = 0
-            while done < t.nbytes:
-                offset = t.file_offset + done
-                if (
-                    current is None
-                    or current.file_index != t.file_index
-                    or offset >= current.end
-                    or offset < current.start
-                ):
-                    start = offset - offset % BLOCK
-                    current = _Chunk(t.file_index, start, start + chunk_bytes)
-                    out.append(current)
-                length = min(t.nbytes - done, current.end - offset)
-                current.pieces.append(_Piece(li, offset, packed.slab_offset + done, length))
-                done += length
-    for chunk in out:
-        last = max(p.file_offset + p.length for p in chunk.pieces)
-        chunk.end = -(-last // BLOCK) * BLOCK  # read no further than needed
-    return out
-
-
-class _File:
-    """One source file's descriptors: buffered always, O_DIRECT where allowed."""
-
-    def __init__(self, checkpoint: Checkpoint, index: int, direct: str, notes: list[str]) -> None:
-        self.src = checkpoint.files[index]
-        # Both opens check that the path still leads to the file that was
-        # validated (and a regular file: nothing here can block on a FIFO).
-        self.fd = open_for_read(self.src, 0)
-        self.direct_fd: int | None = None
-        # Turned off (never the fds closed) while workers may be using them:
-        # a closed number could be reused by another open and read from.
-        self.direct_ok = False
-        self.nowait_ok = direct == "auto"
-        if direct != "off":
-            try:
-                self.direct_fd = open_for_read(self.src, 0, os.O_DIRECT)
-                self.direct_ok = True
-            except OSError as err:
-                self.no_direct(notes, err)
-            except BaseException:
-                os.close(self.fd)
-                raise
-
-    def no_direct(self, notes: list[str], err: OSError) -> None:
-        """Under the run's lock."""
-        if self.direct_ok or self.direct_fd is None:
-            self.direct_ok = self.nowait_ok = False
-            notes.append(
-                f"O_DIRECT refused for {self.src.path} ({err.strerror}): buffered reads instead"
-            )
-
-    def close(self) -> None:
-        os.close(self.fd)
-        if self.direct_fd is not None:
-            os.close(self.direct_fd)
+    io: FileIO = SYSTEM_IO  # the open and preadv calls (torpord.storage.fileio)
 
 
 class _Run:
@@ -215,19 +101,19 @@ class _Run:
         self.lock = threading.Lock()
         self.remaining = [sum(p.tensor.nbytes for p in plan.tensors) for plan in plans]
         self.views = [sink.view() for sink in sinks]
-        self.files: dict[int, _File] = {}
+        self.files: dict[int, OpenFile] = {}
         self.error: BaseException | None = None
 
-    def file(self, index: int) -> _File:
+    def file(self, index: int) -> OpenFile:
         with self.lock:
             f = self.files.get(index)
             if f is None:
-                f = self.files[index] = _File(
-                    self.checkpoint, index, self.options.direct, self.notes
+                f = self.files[index] = OpenFile(
+                    self.checkpoint, index, self.options.direct, self.notes, self.options.io
                 )
             return f
 
-    def finish_piece(self, piece: _Piece) -> None:
+    def finish_piece(self, piece: Piece) -> None:
         with self.lock:
             self.remaining[piece.layer] -= piece.length
             done = self.remaining[piece.layer] == 0
@@ -251,7 +137,7 @@ class _Run:
 
     # -- one chunk -------------------------------------------------------------
 
-    def read_chunk(self, chunk: _Chunk, staging: mmap.mmap | None) -> None:
+    def read_chunk(self, chunk: Chunk, staging: mmap.mmap | None) -> None:
         f = self.file(chunk.file_index)
         direct = self.options.direct
         if direct != "on" and all(self.views[p.layer] is not None for p in chunk.pieces):
@@ -275,7 +161,7 @@ class _Run:
             assert staging is not None
             self._staged(f, f.fd, chunk, staging)
 
-    def _straight_into_slabs(self, f: _File, chunk: _Chunk, flags: int) -> bool:
+    def _straight_into_slabs(self, f: OpenFile, chunk: Chunk, flags: int) -> bool:
         """preadv each piece into its slab; False if RWF_NOWAIT found a piece uncached."""
         for piece in chunk.pieces:
             view = self.views[piece.layer]
@@ -287,18 +173,18 @@ class _Run:
                 with view[piece.slab_offset + done : piece.slab_offset + piece.length] as target:
                     start = time.monotonic()
                     try:
-                        n = os.preadv(f.fd, [target], piece.file_offset + done, flags)
+                        n = f.io.preadv(f.fd, [target], piece.file_offset + done, flags)
                     except BlockingIOError:
                         return False
                     except OSError as err:
                         if flags and err.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                             f.nowait_ok = False  # this filesystem can't say what is cached
                             return False
-                        raise self._read_failed(f, piece.file_offset + done, err) from None
+                        raise read_failed(f, piece.file_offset + done, err) from None
                     finally:
                         self._count(self.report.read, start)
                 if n == 0:
-                    raise self._truncated(f, piece.file_offset + done)
+                    raise truncated(f, piece.file_offset + done)
                 if flags and n < piece.length - done:
                     return False  # partly cached: read the chunk the slow way
                 done += n
@@ -308,7 +194,7 @@ class _Run:
             self.finish_piece(piece)
         return True
 
-    def _staged_if_cached(self, f: _File, chunk: _Chunk, staging: mmap.mmap) -> bool:
+    def _staged_if_cached(self, f: OpenFile, chunk: Chunk, staging: mmap.mmap) -> bool:
         """Read the chunk into staging only if the page cache holds all of it
         (buffered, RWF_NOWAIT), then hand the pieces on; False otherwise."""
         size = chunk.end - chunk.start
@@ -318,14 +204,14 @@ class _Run:
             with memoryview(staging)[got:size] as target:
                 start = time.monotonic()
                 try:
-                    n = os.preadv(f.fd, [target], chunk.start + got, os.RWF_NOWAIT)
+                    n = f.io.preadv(f.fd, [target], chunk.start + got, os.RWF_NOWAIT)
                 except BlockingIOError:
                     return False
                 except OSError as err:
                     if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                         f.nowait_ok = False
                         return False
-                    raise self._read_failed(f, chunk.start + got, err) from None
+                    raise read_failed(f, chunk.start + got, err) from None
                 finally:
                     self._count(self.report.read, start)
             got += n
@@ -337,18 +223,18 @@ class _Run:
         self._deliver(f, chunk, staging, got)
         return True
 
-    def _staged(self, f: _File, fd: int, chunk: _Chunk, staging: mmap.mmap) -> None:
+    def _staged(self, f: OpenFile, fd: int, chunk: Chunk, staging: mmap.mmap) -> None:
         size = chunk.end - chunk.start
         got = 0
         while got < size:
             with memoryview(staging)[got:size] as target:
                 start = time.monotonic()
                 try:
-                    n = os.preadv(fd, [target], chunk.start + got)
+                    n = f.io.preadv(fd, [target], chunk.start + got)
                 except OSError as err:
                     if err.errno == errno.EINVAL:
                         raise
-                    raise self._read_failed(f, chunk.start + got, err) from None
+                    raise read_failed(f, chunk.start + got, err) from None
                 finally:
                     self._count(self.report.read, start)
             if n == 0:
@@ -358,14 +244,14 @@ class _Run:
                 break  # a short O_DIRECT read ends at the end of the file
         self._deliver(f, chunk, staging, got)
 
-    def _deliver(self, f: _File, chunk: _Chunk, staging: mmap.mmap, got: int) -> None:
+    def _deliver(self, f: OpenFile, chunk: Chunk, staging: mmap.mmap, got: int) -> None:
         """Write the pieces of a chunk read into staging (`got` bytes) to their
         slabs: one write_many per slab (a GPU maps the slab once, queues the
         copies and waits once)."""
-        by_layer: dict[int, list[_Piece]] = {}
+        by_layer: dict[int, list[Piece]] = {}
         for piece in chunk.pieces:
             if piece.file_offset - chunk.start + piece.length > got:
-                raise self._truncated(f, chunk.start + got)
+                raise truncated(f, chunk.start + got)
             by_layer.setdefault(piece.layer, []).append(piece)
         whole = memoryview(staging)
         try:
@@ -388,26 +274,9 @@ class _Run:
         finally:
             whole.release()
 
-    @staticmethod
-    def _read_failed(f: _File, offset: int, err: OSError) -> Unavailable:
-        return Unavailable(
-            f"{f.src.path}: read failed at offset {offset}: {err.strerror}",
-            reason="SOURCE_READ_FAILED",
-            metadata={"file": f.src.path, "offset": offset},
-        )
-
-    @staticmethod
-    def _truncated(f: _File, offset: int) -> FailedPrecondition:
-        return FailedPrecondition(
-            f"{f.src.path}: file ends at offset {offset}, before the tensor data it had when"
-            " it was opened (truncated?)",
-            reason="SOURCE_CHANGED",
-            metadata={"file": f.src.path, "offset": offset},
-        )
-
     # -- workers ---------------------------------------------------------------
 
-    def worker(self, work: queue.SimpleQueue[_Chunk | None]) -> None:
+    def worker(self, work: queue.SimpleQueue[Chunk | None]) -> None:
         staging = None
         try:
             if self.options.direct != "off" or not all(v is not None for v in self.views):
@@ -470,8 +339,8 @@ def read_layers(
     for li, left in enumerate(run.remaining):
         if left == 0:
             on_layer(li, sinks[li].checksum())
-    work: queue.SimpleQueue[_Chunk | None] = queue.SimpleQueue()
-    for chunk in _chunks(checkpoint, plans, options.chunk_bytes):
+    work: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
+    for chunk in plan_chunks(checkpoint, plans, options.chunk_bytes):
         work.put(chunk)
     workers = [
         threading.Thread(target=run.worker, args=(work,), name=f"torpord-read-{i}", daemon=True)
