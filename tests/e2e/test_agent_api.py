@@ -16,14 +16,16 @@ import grpc
 import pytest
 from torpor import Client
 from torpor.errors import TorporError
+from torpor.layout import layout_hash
 from torpor.testing import make_checkpoint
-from torpor.v1 import agent_pb2, common_pb2
+from torpor.v1 import agent_pb2, common_pb2, models_pb2
 
 from .conftest import Daemon
 
 torch = pytest.importorskip("torch")
 
 from torpor.agent import attach  # noqa: E402
+from torpor.agent._layout import Layout, layout_of  # noqa: E402
 
 
 def test_waiting_for_layers_and_deadlines(daemon: Daemon) -> None:
@@ -71,6 +73,51 @@ def test_a_changed_layout_is_refused_never_remapped(daemon: Daemon) -> None:
                 model._session.resume(agent_pb2.Resume(layers=["pre"], layout_hash="0" * 16))
             assert err.value.reason == "LAYOUT_CHANGED"
             assert model.ranges()["pre"][0] == address
+
+
+def test_the_agent_hashes_the_view_it_reserved_as_the_daemon_hashed_its_plan(
+    daemon: Daemon,
+) -> None:
+    """The agent checks the model's view against Attached's hash: the same
+    layout (several layers, dtypes and shapes) must give the daemon's hash."""
+    ckpt = make_checkpoint(daemon.models / "m.safetensors", layers=3, dtype="BF16", hidden=24)
+    with Client(socket=str(daemon.socket)) as client:
+        client.load_model("m", str(ckpt))
+        view = client.get_model("m", view=models_pb2.MODEL_VIEW_FULL)
+        with attach("m", client=client) as model:
+            assert len(model.layout_hash) == 16
+            assert layout_hash(layout_of(view)) == model.layout_hash
+
+
+def test_a_view_of_another_layout_is_refused_before_anything_is_reserved(
+    daemon: Daemon,
+) -> None:
+    """Between Attach and GetModel the model may be loaded again from another
+    checkpoint: the view then has another hash than the one attached with."""
+    with Client(socket=str(daemon.socket)) as client:
+        client.load_model("m", str(make_checkpoint(daemon.models / "m.safetensors", layers=2)))
+        other = make_checkpoint(daemon.models / "o.safetensors", layers=2, hidden=32)
+        client.load_model("o", str(other))
+        with attach("m", client=client) as model:
+            attached_hash = model.layout_hash
+        layout = Layout("o")
+        view = client.get_model("o", view=models_pb2.MODEL_VIEW_FULL)
+        with pytest.raises(TorporError) as err:
+            layout.reserve(
+                view, layout_hash=attached_hash, slab_kind="memfd", device="", device_index=0
+            )
+        assert err.value.reason == "LAYOUT_CHANGED"
+        assert layout.layers == [] and layout.ranges() == {}
+        # The view of the layout attached with is taken.
+        layout.reserve(
+            view,
+            layout_hash=layout_hash(layout_of(view)),
+            slab_kind="memfd",
+            device="",
+            device_index=0,
+        )
+        assert len(layout.layers) == len(view.layers)
+        layout.release()
 
 
 def test_unload_ends_the_attachment(daemon: Daemon) -> None:

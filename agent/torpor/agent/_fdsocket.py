@@ -1,23 +1,27 @@
-"""The agent's side of the daemon's fd socket: one length-prefixed JSON
-request per connection, answered with a JSON header and, for the slabs of an
+"""The agent's side of the daemon's fd socket: one request per connection
+(torpor.fdwire), answered with a header and, for the slabs of an
 attachment, their fds (SCM_RIGHTS)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
-import struct
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
+from torpor import fdwire
 from torpor.errors import TorporError
 
 __all__ = ["request_fds", "request_release"]
+
+# An answer lists the model's layers; this is far above any model's and
+# keeps a broken peer from making the agent read gigabytes.
+MAX_ANSWER = 1 << 28
+MAX_ANSWER_DEPTH = 8  # (a header nests 3 deep: an object of lists of objects)
 
 
 def request_fds(
@@ -66,7 +70,7 @@ def _ask_fd_socket(
     daemon's answer, or raises the error it answered with. A daemon too busy
     to take the connection (its backlog full, or FD_SOCKET_BUSY: it pushes
     out idle connections when too many wait) is asked again until `timeout`."""
-    body = json.dumps(request).encode()
+    message = fdwire.encode(request)
     deadline = time.monotonic() + timeout
     pause = 0.01
     while True:
@@ -74,37 +78,21 @@ def _ask_fd_socket(
             conn.settimeout(timeout)
             try:
                 conn.connect(fd_socket)
-                conn.sendall(struct.pack("<I", len(body)) + body)
-                answer = _recv_json(conn)
+                conn.sendall(message)
+                answer = fdwire.recv_message(conn, max_bytes=MAX_ANSWER, max_depth=MAX_ANSWER_DEPTH)
             except BlockingIOError:  # (a Unix socket's full backlog, with a timeout set)
-                answer = {"error": {"code": "UNAVAILABLE", "reason": "FD_SOCKET_BUSY",
-                                    "message": "the fd socket's backlog is full"}}  # fmt: skip
-            error = answer.get("error")
+                answer = fdwire.error_answer(
+                    "UNAVAILABLE", "FD_SOCKET_BUSY", "the fd socket's backlog is full"
+                )
+            error = fdwire.error_of(answer)
             if error is None:
                 yield conn, answer
                 return
-            if error["reason"] != "FD_SOCKET_BUSY" or time.monotonic() + pause > deadline:
+            if error.reason != "FD_SOCKET_BUSY" or time.monotonic() + pause > deadline:
                 raise TorporError(
-                    getattr(grpc.StatusCode, error["code"], grpc.StatusCode.UNKNOWN),
-                    error["reason"],
-                    error["message"],
+                    getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNKNOWN),
+                    error.reason,
+                    error.message,
                 )
         time.sleep(pause)
         pause = min(pause * 2, 0.5)
-
-
-def _recv_json(conn: socket.socket) -> dict[str, Any]:
-    def exact(n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            chunk = conn.recv(n - len(out))
-            if not chunk:
-                raise ConnectionError("the daemon closed the fd socket mid-message")
-            out += chunk
-        return out
-
-    (n,) = struct.unpack("<I", exact(4))
-    value = json.loads(exact(n))
-    if not isinstance(value, dict):
-        raise ValueError("bad answer on the fd socket")
-    return value

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
+from torpor import layout
 from torpor.agent.mapping import SlabRange
 from torpor.errors import TorporError
 from torpor.v1 import common_pb2
@@ -24,7 +25,7 @@ from torpor.v1 import common_pb2
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Layout", "layout_changed"]
+__all__ = ["Layout", "layout_changed", "layout_of"]
 
 
 @dataclass
@@ -47,11 +48,21 @@ class Layout:
         self._ordinal: int | None = None  # this process's CUDA number for the GPU
 
     def reserve(
-        self, model: common_pb2.Model, *, slab_kind: str, device: str, device_index: int
+        self,
+        model: common_pb2.Model,
+        *,
+        layout_hash: str,
+        slab_kind: str,
+        device: str,
+        device_index: int,
     ) -> None:
         """One address range per layer of `model` (its full view), reserved for
         the life of the attachment, and the tensors on them (valid whenever
-        their layer is mapped)."""
+        their layer is mapped). `layout_hash` is the one the daemon attached
+        with: a view of another layout (the model was loaded again between
+        the two) is LAYOUT_CHANGED, before anything is reserved."""
+        if layout_hash and layout.layout_hash(layout_of(model)) != layout_hash:
+            raise layout_changed(self.model_id)
         for index, layer in enumerate(model.layers):
             lay = _Layer(
                 layer.name,
@@ -136,6 +147,22 @@ class Layout:
             if lay is None or int(layer["size"]) != lay.range.size:
                 raise layout_changed(self.model_id, layer["name"])
             lay.range.map(fd)
+
+
+def layout_of(model: common_pb2.Model) -> tuple[layout.LayerLayout, ...]:
+    """The layout a model's full view describes (what torpor.layout hashes)."""
+    return tuple(
+        layout.LayerLayout(
+            layer.name,
+            layer.index,
+            layer.size_bytes,
+            tuple(
+                layout.TensorLayout(t.name, t.dtype, tuple(t.shape), t.slab_offset, t.size_bytes)
+                for t in layer.tensors
+            ),
+        )
+        for layer in model.layers
+    )
 
 
 def layout_changed(model_id: str, layer: str = "") -> TorporError:

@@ -80,6 +80,7 @@ class AttachedModel:
             self._session.attach()
             self._layout.reserve(
                 self.client.get_model(model_id, view=models_pb2.MODEL_VIEW_FULL),
+                layout_hash=self.layout_hash,
                 slab_kind=self.slab_kind,
                 device=self.device,
                 device_index=self.device_index,

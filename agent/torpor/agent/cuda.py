@@ -16,67 +16,41 @@ same addresses for tensors; tests/gpu runs it on a device.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from torpor.agent.dlpack import CUDA, byte_tensor
 from torpor.agent.mapping import MappingError, tensor_span
+from torpor.cudadriver import Driver
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["CudaSlabRange"]
 
-_contexts: dict[int, Any] = {}
-_lock = threading.Lock()
+
+def _failed(call: str, name: str) -> MappingError:
+    return MappingError(0, f"{call} failed: {name}")
 
 
-def _driver() -> Any:
-    try:
-        from cuda.bindings import driver
-    except ImportError as err:  # pragma: no cover - only on hosts without the extra
-        raise MappingError(
-            0, "the model's slabs are CUDA memory: install torpor[cuda12] or torpor[cuda13]"
-        ) from err
-    return driver
+def _unavailable(message: str) -> MappingError:
+    return MappingError(0, f"the model's slabs are CUDA memory: {message}")
 
 
-def _check(result: Any, what: str) -> Any:
-    """cuda-bindings returns (CUresult, value...): raise on an error, else the value."""
-    cu = _driver()
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if err != cu.CUresult.CUDA_SUCCESS:
-        _, name = cu.cuGetErrorName(err)
-        raise MappingError(0, f"{what} failed: {name.decode() if name else err}")
-    if not rest:
-        return None
-    return rest[0] if len(rest) == 1 else tuple(rest)
-
-
-def _context(device: int) -> None:
-    """Make the device's primary context (the one torch uses) current on
-    this thread: the agent's listener maps and unmaps on its own thread."""
-    cu = _driver()
-    with _lock:
-        ctx = _contexts.get(device)
-        if ctx is None:
-            _check(cu.cuInit(0), "cuInit")
-            dev = _check(cu.cuDeviceGet(device), "cuDeviceGet")
-            ctx = _check(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-            _contexts[device] = ctx
-    _check(cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+# The helpers shared with the daemon (torpor.cudadriver), with the agent's errors.
+_cuda = Driver(failed=_failed, unavailable=_unavailable)
+_driver = _cuda.module
+_check = _cuda.check
+# The device's primary context (the one torch uses), made current on this
+# thread: the agent's listener maps and unmaps on its own thread.
+_context = _cuda.context
 
 
 def ordinal_of(uuid: str) -> int:
     """This process's CUDA ordinal for the GPU named `uuid` (`GPU-...`, as
     NVML and the daemon name it): CUDA_VISIBLE_DEVICES may renumber GPUs."""
-    cu = _driver()
-    _check(cu.cuInit(0), "cuInit")
-    for ordinal in range(_check(cu.cuDeviceGetCount(), "cuDeviceGetCount")):
-        dev = _check(cu.cuDeviceGet(ordinal), "cuDeviceGet")
-        h = bytes(_check(cu.cuDeviceGetUuid(dev), "cuDeviceGetUuid").bytes).hex()
-        if f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}" == uuid:
+    for ordinal in range(_cuda.device_count()):
+        if _cuda.uuid(ordinal) == uuid:
             return ordinal
     raise MappingError(
         0,
@@ -91,27 +65,14 @@ class CudaSlabRange:
     def __init__(self, size: int, device: int) -> None:
         if size <= 0:
             raise ValueError("a slab range needs a positive size")
-        cu = _driver()
         _context(device)
         self.size = size
         self.device = device
-        prop = cu.CUmemAllocationProp()
-        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        prop.location.id = device
-        prop.requestedHandleTypes = (
-            cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
-        )
-        granularity = _check(
-            cu.cuMemGetAllocationGranularity(
-                prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
-            ),
-            "cuMemGetAllocationGranularity",
-        )
+        granularity = _cuda.granularity(device)
         # The daemon pads each slab to the same granularity: the mapping covers it.
         self.length = -(-size // granularity) * granularity
         self.address = int(
-            _check(cu.cuMemAddressReserve(self.length, 0, 0, 0), "cuMemAddressReserve")
+            _check(_driver().cuMemAddressReserve(self.length, 0, 0, 0), "cuMemAddressReserve")
         )
         self.mapped = False
         self._released = False

@@ -3,23 +3,31 @@
 Every call returns its value or raises CudaError naming the call and the
 driver's error. Contexts: the daemon uses each device's primary context (the
 one CuPy and torch use), made current on whichever worker thread calls in.
+The helpers the agent needs too (check, context, UUIDs, the slabs'
+allocation properties) are torpor.cudadriver's, with the daemon's errors.
 
 Importing this module needs neither cuda-bindings nor a GPU; calling it does.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any
 
+from torpor.cudadriver import Driver
+
 from torpord.errors import Unavailable
 
-__all__ = ["CudaError", "check", "context", "cu", "device_ordinals", "mem_info"]
-
-_lock = threading.Lock()
-_contexts: dict[int, Any] = {}
-_initialised = False
+__all__ = [
+    "CudaError",
+    "allocation_prop",
+    "check",
+    "context",
+    "cu",
+    "device_ordinals",
+    "granularity",
+    "mem_info",
+]
 
 
 class CudaError(Unavailable):
@@ -31,60 +39,26 @@ class CudaError(Unavailable):
         self.name = name
 
 
-def cu() -> Any:
-    """The `cuda.bindings.driver` module."""
-    try:
-        from cuda.bindings import driver
-    except ImportError as err:
-        raise Unavailable(
-            "the cuda backend needs cuda-bindings: install torpor[cuda12] or torpor[cuda13]",
-            reason="CUDA_UNAVAILABLE",
-        ) from err
-    return driver
+def _unavailable(message: str) -> Unavailable:
+    return Unavailable(message, reason="CUDA_UNAVAILABLE")
 
 
-def check(result: Any, call: str) -> Any:
-    """cuda-bindings returns (CUresult, value...): the value, or CudaError."""
-    driver = cu()
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if err != driver.CUresult.CUDA_SUCCESS:
-        name_err, name = driver.cuGetErrorName(err)
-        raise CudaError(call, name.decode() if name_err == 0 and name else str(err))
-    if not rest:
-        return None
-    return rest[0] if len(rest) == 1 else tuple(rest)
-
-
-def init() -> None:
-    global _initialised
-    with _lock:
-        if not _initialised:
-            try:
-                result = cu().cuInit(0)
-            except RuntimeError as err:  # cuda-bindings could not load libcuda
-                raise Unavailable(f"no NVIDIA driver: {err}", reason="CUDA_UNAVAILABLE") from err
-            check(result, "cuInit")
-            _initialised = True
-
-
-def context(ordinal: int) -> None:
-    """Make the device's primary context current on this thread."""
-    driver = cu()
-    init()
-    with _lock:
-        ctx = _contexts.get(ordinal)
-        if ctx is None:
-            dev = check(driver.cuDeviceGet(ordinal), "cuDeviceGet")
-            ctx = check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-            _contexts[ordinal] = ctx
-    check(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+# The helpers shared with the agent (torpor.cudadriver), with the daemon's errors.
+_driver = Driver(failed=CudaError, unavailable=_unavailable)
+cu = _driver.module
+check = _driver.check
+init = _driver.init
+context = _driver.context
+uuid_of = _driver.uuid
+allocation_prop = _driver.allocation_prop
+granularity = _driver.granularity
 
 
 def destroy_event(ordinal: int, event: Any) -> None:
     """Destroy an event of the device's primary context without taking the
     module's lock or changing this thread's current context (safe from a
     finaliser that runs inside another driver call)."""
-    ctx = _contexts.get(ordinal)
+    ctx = _driver.retained(ordinal)
     if ctx is None:
         return
     driver = cu()
@@ -118,22 +92,10 @@ def memcpy_batch(
     )
 
 
-def uuid_of(ordinal: int) -> str:
-    """`GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, as NVML and nvidia-smi print it."""
-    driver = cu()
-    init()
-    dev = check(driver.cuDeviceGet(ordinal), "cuDeviceGet")
-    raw = bytes(check(driver.cuDeviceGetUuid(dev), "cuDeviceGetUuid").bytes)
-    h = raw.hex()
-    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
-
-
 def device_ordinals() -> dict[str, int]:
     """Each visible device's UUID to its CUDA ordinal in this process (which
     CUDA_VISIBLE_DEVICES may renumber: never name a device by ordinal)."""
-    init()
-    count = check(cu().cuDeviceGetCount(), "cuDeviceGetCount")
-    return {uuid_of(i): i for i in range(count)}
+    return {uuid_of(i): i for i in range(_driver.device_count())}
 
 
 def mem_info(ordinal: int) -> tuple[int, int]:

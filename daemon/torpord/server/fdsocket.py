@@ -1,7 +1,8 @@
 """The fd socket: where an attached engine takes its slabs' file descriptors.
 
-One request per connection, in the format of torpord.server.fdwire (see
-torpord.core.attachments for who may ask what); a request that does not parse
+One request per connection, in the format of torpor.fdwire (checked by
+torpord.server.fdwire; see torpord.core.attachments for who may ask what);
+a request that does not parse
 or is over its bounds is answered with an error, never a dead thread.
 
 Anyone in the socket's group can connect, so no connection costs more than
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
+from torpor.fdwire import PREFIX_BYTES, frame_length
 
 from torpord.errors import InvalidArgument, TorporError, Unavailable
 from torpord.server.fdwire import MAX_REQUEST, FdRequest, parse_request, send_error, send_json
@@ -208,9 +210,9 @@ class FdServer:
         """Take what the connection has sent, without waiting for more; once
         its request is all there, check it and queue it for a worker."""
         buffer = waiting.buffer
-        size = struct.unpack_from("<I", buffer)[0] if len(buffer) >= 4 else -1
-        while size < 0 or len(buffer) < 4 + size:
-            want = 4 - len(buffer) if size < 0 else 4 + size - len(buffer)
+        size = frame_length(buffer) if len(buffer) >= PREFIX_BYTES else -1
+        while size < 0 or len(buffer) < PREFIX_BYTES + size:
+            want = PREFIX_BYTES - len(buffer) if size < 0 else PREFIX_BYTES + size - len(buffer)
             try:
                 chunk = waiting.conn.recv(min(want, 1 << 16))
             except BlockingIOError:
@@ -221,13 +223,13 @@ class FdServer:
                 self._drop(waiting, None)
                 return
             buffer += chunk
-            if size < 0 and len(buffer) == 4:
-                (size,) = struct.unpack_from("<I", buffer)
+            if size < 0 and len(buffer) == PREFIX_BYTES:
+                size = frame_length(buffer)
                 if size > MAX_REQUEST:
                     self._drop(waiting, too_long("the request", size, MAX_REQUEST))
                     return
         try:
-            request = parse_request(bytes(buffer[4:]))
+            request = parse_request(bytes(buffer[PREFIX_BYTES:]))
         except InvalidArgument as err:
             self._drop(waiting, err)
             return

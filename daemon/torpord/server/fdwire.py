@@ -1,30 +1,22 @@
-"""The fd socket's wire format: one request, one answer, both length-prefixed JSON.
+"""The daemon's side of the fd socket's wire format (torpor.fdwire, shared
+with the agent): what a request may hold, and answers from domain errors.
 
-A request is a 4-byte little-endian length, then that many bytes of a JSON
-object:
-
-    {"attachment_id": str, "model_id": str, "layers": [str, ...]}
-    {"attachment_id": str, "release": true}
-
-Unknown keys are ignored; known ones are checked for type and size (with the
-gRPC limits of torpord.server.limits) after the JSON is parsed within bounds
-(torpord.storage.boundedjson), and nothing of a refused request is quoted.
-The answer is one length-prefixed JSON object (an export's header, followed
-by its fds), or `{"error": {"code", "reason", "message"}}`.
+Unknown keys of a request are ignored; known ones are checked for type and
+size (with the gRPC limits of torpord.server.limits) after the JSON is
+parsed within bounds, and nothing of a refused request is quoted.
 """
 
 from __future__ import annotations
 
-import json
 import socket
-import struct
 from dataclasses import dataclass
 from typing import Any
+
+from torpor import fdwire
 
 from torpord.errors import InvalidArgument, TorporError, clip
 from torpord.server.errors import MAX_MESSAGE
 from torpord.server.limits import DEFAULT_STRING, MAX_NAME, MAX_NAMES, too_long, too_many
-from torpord.storage.boundedjson import BoundedJSONError, loads
 
 __all__ = ["MAX_REQUEST", "FdRequest", "parse_request", "send_error", "send_json"]
 
@@ -54,11 +46,9 @@ def parse_request(body: bytes) -> FdRequest:
     """The request in `body`, checked; InvalidArgument (BAD_REQUEST,
     FIELD_TOO_LONG, TOO_MANY_ITEMS) otherwise, quoting none of it."""
     try:
-        value = loads(body, max_bytes=MAX_REQUEST, max_depth=MAX_DEPTH)
-    except BoundedJSONError as err:  # (its message quotes nothing)
-        raise InvalidArgument(f"the request is not valid: {err}", reason="BAD_REQUEST") from None
-    if not isinstance(value, dict):
-        raise InvalidArgument("the request must be a JSON object", reason="BAD_REQUEST")
+        value = fdwire.decode(body, max_bytes=MAX_REQUEST, max_depth=MAX_DEPTH, what="the request")
+    except fdwire.FrameError as err:  # (its message quotes nothing)
+        raise InvalidArgument(str(err), reason="BAD_REQUEST") from None
     attachment_id = _string(value.get("attachment_id", ""), "attachment_id", MAX_ATTACHMENT_ID)
     model_id = _string(value.get("model_id", ""), "model_id", DEFAULT_STRING)
     release = value.get("release", False)
@@ -75,9 +65,8 @@ def parse_request(body: bytes) -> FdRequest:
 
 def send_error(conn: socket.socket, err: TorporError) -> None:
     message = clip(err.message, MAX_MESSAGE)  # (the same bound as a gRPC status's)
-    send_json(conn, {"error": {"code": err.code.value, "reason": err.reason, "message": message}})
+    send_json(conn, fdwire.error_answer(err.code.value, err.reason, message))
 
 
 def send_json(conn: socket.socket, value: dict[str, Any]) -> None:
-    body = json.dumps(value).encode()
-    conn.sendall(struct.pack("<I", len(body)) + body)
+    conn.sendall(fdwire.encode(value))

@@ -9,7 +9,7 @@ file is an entry only if every field is exactly as torpord writes it: the
 key is the file's name, the size a non-negative integer that with the header
 makes the file's length, the checksum 16 hex digits of this torpord's
 definition (torpord.storage.checksum). The meta is parsed within bounds
-(torpord.storage.boundedjson) and nothing it holds is ever quoted.
+(torpor.boundedjson) and nothing it holds is ever quoted.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import json
 import re
 import struct
 
-from torpord.storage.boundedjson import BoundedJSONError, loads
+from torpor.boundedjson import BoundedJSONError, loads
+
 from torpord.storage.checksum import KIND as CHECKSUM_KIND
 
 __all__ = ["DATA_OFFSET", "MAGIC", "BadEntry", "encode_head", "parse_head"]

@@ -4,7 +4,7 @@
 Every file is opened through `torpord.storage.sources` (checked against the
 allowed roots as opened, a regular file, read as that very inode) and
 parsed by `torpord.storage.safetensors`. The index is JSON read within
-bounds (`torpord.storage.boundedjson`). Limits hold for the checkpoint as a
+bounds (`torpor.boundedjson`). Limits hold for the checkpoint as a
 whole: MAX_TENSORS tensors, MAX_SHARDS files, and MAX_HEADER_BYTES of
 headers in all.
 
@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from torpor import boundedjson
 from xxhash import xxh3_64_hexdigest
 
 from torpord.errors import InvalidArgument
-from torpord.storage import boundedjson
 from torpord.storage.header import invalid, parse_header, read_header, too_large, unicode_ok
 from torpord.storage.safetensors import (
     INDEX_FILE,

@@ -8,8 +8,9 @@ import os
 import re
 from typing import NoReturn
 
+from torpor import boundedjson
+
 from torpord.errors import FailedPrecondition, InvalidArgument
-from torpord.storage import boundedjson
 from torpord.storage.safetensors import DTYPES, MAX_METADATA_ENTRIES, MAX_TENSORS, TensorInfo
 from torpord.storage.sources import ordinal, os_error
 

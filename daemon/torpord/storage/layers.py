@@ -10,11 +10,10 @@ so one layer's reads are as sequential as the source allows.
 from __future__ import annotations
 
 import functools
-import json
 import re
 from dataclasses import dataclass
 
-import xxhash
+from torpor import layout
 
 from torpord.errors import InvalidArgument
 from torpord.storage.safetensors import Checkpoint, TensorInfo
@@ -230,28 +229,24 @@ def plan_layers(
 
 
 def layout_hash(plans: tuple[LayerPlan, ...] | list[LayerPlan]) -> str:
-    """xxh3_64 hex of what an engine's views depend on: names, dtypes, shapes, offsets, sizes.
-
-    Source file positions are left out on purpose: the same layout read from
-    a re-sharded copy of the checkpoint is the same layout to an engine.
-    """
-    canonical = [
-        [
+    """The hash of what an engine's views depend on (torpor.layout, which the
+    agent checks against the model's view it reserved): names, dtypes,
+    shapes, offsets, sizes; not where the bytes come from."""
+    return layout.layout_hash(
+        layout.LayerLayout(
             p.name,
             p.index,
             p.size,
-            [
-                [
+            tuple(
+                layout.TensorLayout(
                     pt.tensor.name,
                     pt.tensor.dtype,
-                    list(pt.tensor.shape),
+                    tuple(pt.tensor.shape),
                     pt.slab_offset,
                     pt.tensor.nbytes,
-                ]
+                )
                 for pt in p.tensors
-            ],
-        ]
+            ),
+        )
         for p in plans
-    ]
-    encoded = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False)
-    return xxhash.xxh3_64_hexdigest(encoded.encode("utf-8"))
+    )

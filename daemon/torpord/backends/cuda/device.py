@@ -20,7 +20,6 @@ __all__ = [
     "STAGING_BUFFERS",
     "Device",
     "Staging",
-    "allocation_prop",
     "open_device",
     "release_device",
     "settle",
@@ -54,18 +53,6 @@ class Device:
     methods: TransferMethods = field(default_factory=TransferMethods)
 
 
-def allocation_prop(ordinal: int) -> Any:
-    """The properties of a slab's allocation on the device: pinned device
-    memory, exportable as a POSIX fd."""
-    d = cu()
-    prop = d.CUmemAllocationProp()
-    prop.type = d.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-    prop.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-    prop.location.id = ordinal
-    prop.requestedHandleTypes = d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
-    return prop
-
-
 def open_device(uuid: str, ordinal: int, capacity: float | int, opened: list[Device]) -> None:
     """The device, appended to `opened` as soon as it holds anything of the
     driver's (so release_device frees it with the rest on failure).
@@ -78,15 +65,7 @@ def open_device(uuid: str, ordinal: int, capacity: float | int, opened: list[Dev
     raw = check(d.cuDeviceGetName(256, dev), "cuDeviceGetName")
     name = bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
     device = Device(uuid, ordinal, name, Budget(f"device {uuid}", min(budget, total)))
-    device.granularity = int(
-        check(
-            d.cuMemGetAllocationGranularity(
-                allocation_prop(ordinal),
-                d.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM,
-            ),
-            "cuMemGetAllocationGranularity",
-        )
-    )
+    device.granularity = driver.granularity(ordinal)
     flags = d.CUstream_flags.CU_STREAM_NON_BLOCKING
     opened.append(device)
     device.h2d = check(d.cuStreamCreate(flags), "cuStreamCreate")

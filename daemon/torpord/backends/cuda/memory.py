@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from torpord.backends.base import Slab
-from torpord.backends.cuda.device import Device, allocation_prop
+from torpord.backends.cuda.device import Device
 from torpord.cuda import driver
-from torpord.cuda.driver import CudaError, check, context, cu
+from torpord.cuda.driver import CudaError, allocation_prop, check, context, cu
 from torpord.errors import InvalidArgument, ResourceExhausted
 
 __all__ = ["DeviceMemory", "HostRange", "Live", "create", "export", "release"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from torpord.storage.boundedjson import BoundedJSONError, depth, loads
+from torpor.boundedjson import BoundedJSONError, depth, loads
 
 
 def test_parses_plain_json() -> None:

@@ -1,7 +1,8 @@
 """JSON from files and sockets, parsed within bounds set before parsing.
 
 Everything the daemon parses as JSON (a checkpoint's index, a disk cache
-entry's meta, an fd-socket request) comes from someone who may be hostile.
+entry's meta, an fd-socket request) comes from someone who may be hostile;
+it lives in `torpor` so the fd socket's two ends (torpor.fdwire) share it.
 `loads` refuses input over `max_bytes` and nesting deeper than `max_depth`
 before the parser sees it (so no RecursionError, no deep recursion at all),
 rejects NaN/Infinity and duplicate keys, and says what is wrong with a
