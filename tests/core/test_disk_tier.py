@@ -184,6 +184,37 @@ async def test_a_lost_disk_copy_and_a_changed_source_is_source_changed(
         await h.close()
 
 
+async def test_a_disk_copy_with_other_bytes_and_a_changed_source_names_both_checksums(
+    tmp_path: Path, ckpt: Path
+) -> None:
+    # The cache holds, under the layer's key, a newer entry whose checksum is
+    # not the one the model knows for that layer (so not the bytes it had):
+    # refused and removed as CACHE_CORRUPT, and with the source changed too,
+    # the error names both checksums.
+    h = disk_harness(tmp_path)
+    try:
+        await h.manager.load("m", str(ckpt))
+        await h.manager.sleep("m", 2, disk_copy=True)
+        layer = h.manager.registry.models["m"].layers[1]
+        entry, disk = layer.disk, h.manager.disk
+        assert entry is not None and disk is not None
+        other = "0" * len(entry.checksum)
+        assert other != entry.checksum
+        room = disk.reserve([entry.size], set())
+        newer = disk.write(entry.key, memoryview(bytes(entry.size)), other, room)
+        disk.release(room)
+        touch_source(ckpt)  # no longer the one loaded
+        with pytest.raises(FailedPrecondition) as err:
+            await h.manager.wake("m")
+        assert err.value.reason == "SOURCE_CHANGED"
+        assert f"(checksum {other}, expected {entry.checksum})" in err.value.message
+        assert "layers.0" in err.value.message
+        assert disk.get(entry.key) is None and not newer.path.exists()
+        assert h.manager.get("m").state is ModelState.ASLEEP and h.device_used() == 0
+    finally:
+        await h.close()
+
+
 async def test_a_disk_copy_that_cant_be_read_right_now_is_kept(
     tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
