@@ -125,7 +125,7 @@ async def test_daemon_slabs_mapped_here_are_the_checkpoint_tensors(tmp_path) -> 
         await manager.load("m", str(path))
         reference = load_file(path)
         seen = 0
-        for layer in manager._models["m"].layers:
+        for layer in manager.registry.models["m"].layers:
             assert layer.slab is not None
             r = SlabRange(layer.plan.size)
             ranges.append(r)

@@ -36,7 +36,7 @@ async def torpor(path: Path, root: Path, cache: Path, runs: int) -> tuple[float,
         for _ in range(runs):
             for entry in list(disk._entries.values()):  # a fresh write each run
                 disk.remove(entry)
-            for layer in manager._models["bench"].layers:
+            for layer in manager.registry.models["bench"].layers:
                 layer.disk = None
             start = time.perf_counter()
             await manager.offload("bench", [], Tier.DISK)

@@ -44,7 +44,7 @@ class Harness:
     def check_bytes(self, model_id: str) -> None:
         """Every slab the model holds has exactly the checkpoint's bytes, and
         sits in the tier its layer reports."""
-        model = self.manager._models[model_id]
+        model = self.manager.registry.models[model_id]
         files = [f.path for f in model.checkpoint.files]
         for layer in model.layers:
             if layer.slab is None:

@@ -34,7 +34,9 @@ def touch_source(ckpt: Path) -> None:
 
 
 def disk_entries(h: Harness, model_id: str) -> list[DiskEntry]:
-    return [layer.disk for layer in h.manager._models[model_id].layers if layer.disk is not None]
+    return [
+        layer.disk for layer in h.manager.registry.models[model_id].layers if layer.disk is not None
+    ]
 
 
 async def test_offload_to_disk_and_back(tmp_path: Path, ckpt: Path) -> None:
@@ -74,7 +76,7 @@ async def test_sleep_level_2_with_a_disk_copy_wakes_without_the_source(
         await h.manager.load("m", str(path))
         expected = {
             layer.plan.name: expected_slab(layer.plan, [str(path)])
-            for layer in h.manager._models["m"].layers
+            for layer in h.manager.registry.models["m"].layers
         }
         m = await h.manager.sleep("m", 2, disk_copy=True)
         assert {layer.tier for layer in m.layers} == {Tier.DISK}
@@ -82,7 +84,7 @@ async def test_sleep_level_2_with_a_disk_copy_wakes_without_the_source(
         path.unlink()  # the source is gone
         m = await h.manager.wake("m")
         assert m.state is ModelState.ACTIVE
-        for layer in h.manager._models["m"].layers:
+        for layer in h.manager.registry.models["m"].layers:
             assert layer.slab is not None
             with h.backend.view(layer.slab) as view:
                 assert bytes(view) == expected[layer.plan.name]
@@ -116,7 +118,7 @@ async def test_a_corrupt_disk_copy_is_never_served(tmp_path: Path, ckpt: Path) -
     try:
         await h.manager.load("m", str(ckpt))
         await h.manager.offload("m", ["layers.2"], Tier.DISK)
-        entry = h.manager._models["m"].layers[3].disk
+        entry = h.manager.registry.models["m"].layers[3].disk
         assert entry is not None
         with open(entry.path, "r+b") as f:
             f.seek(-10, os.SEEK_END)
@@ -143,7 +145,7 @@ async def test_a_disk_copy_deleted_behind_the_daemon_falls_back_to_the_source(
             await h.manager.sleep("m", 2, disk_copy=True)
         else:
             await h.manager.offload("m", ["layers.0", "layers.4"], Tier.DISK)
-        lost = h.manager._models["m"].layers[1].disk
+        lost = h.manager.registry.models["m"].layers[1].disk
         assert lost is not None
         lost.path.unlink()
         if how == "wake":
@@ -153,7 +155,7 @@ async def test_a_disk_copy_deleted_behind_the_daemon_falls_back_to_the_source(
         assert m.state is ModelState.ACTIVE and set(tiers(m)) == {Tier.DEVICE}
         h.check_bytes("m")
         assert h.manager.disk is not None and h.manager.disk.get(lost.key) is None
-        assert h.manager._models["m"].layers[1].disk is None
+        assert h.manager.registry.models["m"].layers[1].disk is None
     finally:
         await h.close()
 
@@ -165,7 +167,7 @@ async def test_a_lost_disk_copy_and_a_changed_source_is_source_changed(
     try:
         await h.manager.load("m", str(ckpt))
         await h.manager.sleep("m", 2, disk_copy=True)
-        lost = h.manager._models["m"].layers[1].disk
+        lost = h.manager.registry.models["m"].layers[1].disk
         assert lost is not None
         lost.path.unlink()
         touch_source(ckpt)  # no longer the one loaded
@@ -178,6 +180,37 @@ async def test_a_lost_disk_copy_and_a_changed_source_is_source_changed(
         assert m.layers[1].tier is Tier.SOURCE
         assert {layer.tier for layer in m.layers[2:]} == {Tier.DISK}
         assert h.device_used() == 0
+    finally:
+        await h.close()
+
+
+async def test_a_disk_copy_with_other_bytes_and_a_changed_source_names_both_checksums(
+    tmp_path: Path, ckpt: Path
+) -> None:
+    # The cache holds, under the layer's key, a newer entry whose checksum is
+    # not the one the model knows for that layer (so not the bytes it had):
+    # refused and removed as CACHE_CORRUPT, and with the source changed too,
+    # the error names both checksums.
+    h = disk_harness(tmp_path)
+    try:
+        await h.manager.load("m", str(ckpt))
+        await h.manager.sleep("m", 2, disk_copy=True)
+        layer = h.manager.registry.models["m"].layers[1]
+        entry, disk = layer.disk, h.manager.disk
+        assert entry is not None and disk is not None
+        other = "0" * len(entry.checksum)
+        assert other != entry.checksum
+        room = disk.reserve([entry.size], set())
+        newer = disk.write(entry.key, memoryview(bytes(entry.size)), other, room)
+        disk.release(room)
+        touch_source(ckpt)  # no longer the one loaded
+        with pytest.raises(FailedPrecondition) as err:
+            await h.manager.wake("m")
+        assert err.value.reason == "SOURCE_CHANGED"
+        assert f"(checksum {other}, expected {entry.checksum})" in err.value.message
+        assert "layers.0" in err.value.message
+        assert disk.get(entry.key) is None and not newer.path.exists()
+        assert h.manager.get("m").state is ModelState.ASLEEP and h.device_used() == 0
     finally:
         await h.close()
 
@@ -205,7 +238,7 @@ async def test_a_disk_copy_that_cant_be_read_right_now_is_kept(
         assert m.state is ModelState.ACTIVE
         h.check_bytes("m")
         assert h.manager.disk is not None and h.manager.disk.used == used
-        assert all(layer.disk is not None for layer in h.manager._models["m"].layers)
+        assert all(layer.disk is not None for layer in h.manager.registry.models["m"].layers)
     finally:
         await h.close()
 
@@ -216,7 +249,7 @@ async def test_a_load_over_a_corrupt_copy_from_a_previous_run_reads_the_source(
     first = disk_harness(tmp_path)
     await first.manager.load("m", str(ckpt))
     await first.manager.offload("m", [], Tier.DISK)
-    entry = first.manager._models["m"].layers[2].disk
+    entry = first.manager.registry.models["m"].layers[2].disk
     await first.close()
     assert entry is not None
     with open(entry.path, "r+b") as f:
@@ -270,7 +303,7 @@ async def test_offload_to_disk_skips_layers_left_at_the_source(tmp_path: Path, c
     try:
         await h.manager.load("m", str(ckpt))
         await h.manager.offload("m", ["layers.0"], Tier.DISK)
-        layer = h.manager._models["m"].layers[1]
+        layer = h.manager.registry.models["m"].layers[1]
         assert layer.disk is not None
         with open(layer.disk.path, "r+b") as f:
             f.seek(-1, os.SEEK_END)
@@ -309,7 +342,7 @@ async def test_a_full_filesystem_evicts_unused_copies_and_failed_tries_leave_the
                 assert (cache_files(fs / "cache"), disk.used) == before
                 m = h.manager.get("b")
                 assert m.state is ModelState.ACTIVE and set(tiers(m)) == {Tier.DEVICE}
-                assert all(layer.disk is None for layer in h.manager._models["b"].layers)
+                assert all(layer.disk is None for layer in h.manager.registry.models["b"].layers)
             h.check_bytes("b")
             await h.manager.unload("a")  # a's copies: no model uses them now
             m = await h.manager.offload("b", [], Tier.DISK)

@@ -30,7 +30,7 @@ class Recorder:
         return self.engines
 
     async def quiesce(self, model_id: str, layers: Sequence[str]) -> list[str]:
-        model = self.h.manager._models[model_id]
+        model = self.h.manager.registry.models[model_id]
         if model.progress is not None:  # (not at shutdown)
             self.stages.append(model.progress.stage)
         self.log.append(("quiesce", tuple(layers), self.h.device_used()))
@@ -38,7 +38,7 @@ class Recorder:
         return self.notes
 
     def resume(self, model_id: str, layers: Sequence[str]) -> None:
-        model = self.h.manager._models[model_id]
+        model = self.h.manager.registry.models[model_id]
         for name in layers:  # announced only once the layer really is on the device
             layer = model.layer(name)
             assert layer is not None and layer.tier is Tier.DEVICE
@@ -138,7 +138,7 @@ async def test_a_failed_wake_takes_back_what_it_announced(h: Harness, ckpt: Path
     h.manager.use_engines(engines)
     await h.manager.load("m", str(ckpt))
     await h.manager.sleep("m", 1)
-    layer = h.manager._models["m"].layers[3]
+    layer = h.manager.registry.models["m"].layers[3]
     assert layer.slab is not None
     with h.backend.view(layer.slab) as view:
         view[7] ^= 0x10
@@ -209,7 +209,7 @@ class SlowToLetGo(Recorder):
         self.resumed.set()
 
     async def quiesce(self, model_id: str, layers: Sequence[str]) -> list[str]:
-        if self.h.manager._models[model_id].state is ModelState.WAKING:
+        if self.h.manager.registry.models[model_id].state is ModelState.WAKING:
             self.retracting.set()
             await self.gate.wait()
             self.log.append(("let go", tuple(layers), self.h.device_used()))
@@ -225,7 +225,7 @@ async def test_a_wake_cancelled_twice_still_waits_for_engines_to_let_go(
     await h.manager.sleep("m", 1)
     engines.resumed.clear()  # (the load announced its layers too)
     await h.manager.wake("m", wait=False)
-    task = h.manager._models["m"].task
+    task = h.manager.registry.models["m"].task
     assert task is not None
     await asyncio.wait_for(engines.resumed.wait(), 10)
     task.cancel()  # shutdown's cancellation, say

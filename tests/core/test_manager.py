@@ -240,7 +240,7 @@ async def test_concurrent_mutations_are_refused_not_interleaved(h: Harness, ckpt
         *(h.manager.unload("m") for _ in range(3)), return_exceptions=True
     )
     assert all(isinstance(r, Aborted) for r in results)
-    task = h.manager._models["m"].task
+    task = h.manager.registry.models["m"].task
     assert task is not None
     await task
     assert h.manager.get("m").state is ModelState.ACTIVE
@@ -383,7 +383,7 @@ async def test_shutdown_stops_a_transition_inside_a_big_layer(tmp_path: Path) ->
         chunk_bytes=4096, threads=1, direct="off", io=disk
     )
     await harness.manager.load("m", str(ckpt), wait=False)
-    task = harness.manager._models["m"].task
+    task = harness.manager.registry.models["m"].task
     await asyncio.sleep(0.05)
     await harness.manager.close(0.0)
     assert task is not None and task.done()
@@ -405,7 +405,7 @@ def harness_plans(path: Path):  # type: ignore[no-untyped-def]
 async def test_verified_wake_refuses_a_corrupt_host_copy(h: Harness, ckpt: Path) -> None:
     await h.manager.load("m", str(ckpt))
     await h.manager.sleep("m", 1)
-    layer = h.manager._models["m"].layers[3]
+    layer = h.manager.registry.models["m"].layers[3]
     assert layer.slab is not None
     with h.backend.view(layer.slab) as view:
         view[100] ^= 0x01  # one flipped bit in the pinned copy
@@ -428,7 +428,7 @@ async def test_verified_wake_refuses_a_corrupt_host_copy(h: Harness, ckpt: Path)
 async def test_offload_back_to_device_can_verify(h: Harness, ckpt: Path) -> None:
     await h.manager.load("m", str(ckpt))
     await h.manager.offload("m", ["post"], Tier.HOST)
-    post = h.manager._models["m"].layers[-1]
+    post = h.manager.registry.models["m"].layers[-1]
     assert post.slab is not None
     with h.backend.view(post.slab) as view:
         view[0] ^= 0xFF
@@ -546,7 +546,7 @@ async def moved_with_one_free_refused(h: Harness, ckpt: Path) -> None:
     assert asleep.state is ModelState.ASLEEP and set(tiers(asleep)) == {Tier.HOST}
     # One old slab stayed: still accounted, referenced by no layer.
     assert len(refused) == 1 and h.device_used() == refused[0]
-    model = h.manager._models["m"]
+    model = h.manager.registry.models["m"]
     assert all(layer.slab is not None and not layer.slab.freed for layer in model.layers)
     h.check_bytes("m")
     awake = await h.manager.wake("m")  # and it wakes as ever
@@ -566,7 +566,7 @@ async def test_a_forced_unload_cancels_a_slow_load_and_frees_everything(
         await h.manager.unload("m")
     assert err.value.reason == "TRANSITION_IN_PROGRESS"
     gone = await h.manager.unload("m", force=True)
-    assert gone.model_id == "m" and "m" not in h.manager._models
+    assert gone.model_id == "m" and "m" not in h.manager.registry.models
     assert disk.reads < 5  # the readers stopped at their next chunk, not after the model
     assert h.device_used() == 0 and h.backend.host_pool().used == 0
     # And the same id loads again.

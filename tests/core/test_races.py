@@ -59,9 +59,9 @@ async def test_forced_unload_at_any_point_rolls_back_and_frees(tmp_path: Path) -
     outcomes: dict[str, int] = {}
 
     async def awake() -> None:
-        if "m" not in m._models:
+        if "m" not in m.registry.models:
             await m.load("m", ckpt)
-        elif m._models["m"].state is not ModelState.ACTIVE:
+        elif m.registry.models["m"].state is not ModelState.ACTIVE:
             await m.wake("m")
 
     async def asleep(level: int) -> None:
@@ -94,7 +94,7 @@ async def test_forced_unload_at_any_point_rolls_back_and_frees(tmp_path: Path) -
             outcome = "unloaded"
         except NotFound:
             outcome = "gone already"  # (its own Unload finished first)
-        assert "m" not in m._models, (verb, m._models["m"].state)
+        assert "m" not in m.registry.models, (verb, m.registry.models["m"].state)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     assert h.device_used() == 0 and h.backend.host_pool().used == 0
     assert await settled_fds(before) == before
@@ -127,10 +127,10 @@ async def test_forced_unload_racing_a_load_from_its_very_start(tmp_path: Path) -
             causes.add(err.message.split(" of model")[0])
         except TorporError as err:  # pragma: no cover (a failure to show)
             pytest.fail(f"load ended with {err!r}")
-        assert "m" not in m._validating
+        assert "m" not in m.registry.validating
         if first:  # the Load ran after it, undisturbed (perhaps still running)
             await m.unload("m", force=True)
-        assert "m" not in m._models
+        assert "m" not in m.registry.models
     assert h.device_used() == 0 and h.backend.host_pool().used == 0
     assert await settled_fds(before) == before
     assert causes == {"cancelled by a forced unload"}
@@ -148,7 +148,7 @@ async def test_a_retry_without_waiting_during_validation_gets_the_model(tmp_path
     m = h.manager
     ckpt = many_tensors(tmp_path / "big.safetensors")
     first = asyncio.create_task(m.load("m", ckpt, request_id="r1"))
-    while "m" not in m._validating:
+    while "m" not in m.registry.validating:
         await asyncio.sleep(0)
     retry = await m.load("m", ckpt, request_id="r1", wait=False)  # (not NOT_FOUND)
     assert retry.model_id == "m" and retry.state in (ModelState.LOADING, ModelState.ACTIVE)
@@ -161,7 +161,7 @@ async def test_a_retry_of_a_call_cancelled_while_validating_is_told_so(tmp_path:
     m = h.manager
     ckpt = many_tensors(tmp_path / "big.safetensors")
     first = asyncio.create_task(m.load("m", ckpt, request_id="r1"))
-    while "m" not in m._validating:
+    while "m" not in m.registry.validating:
         await asyncio.sleep(0)
     retry = asyncio.create_task(m.load("m", ckpt, request_id="r1"))
     await asyncio.sleep(0)
@@ -171,6 +171,6 @@ async def test_a_retry_of_a_call_cancelled_while_validating_is_told_so(tmp_path:
     assert err.value.reason == "CANCELLED" and "send it again" in err.value.message
     with pytest.raises(asyncio.CancelledError):
         await first
-    assert "m" not in m._models and "m" not in m._validating
+    assert "m" not in m.registry.models and "m" not in m.registry.validating
     assert (await m.load("m", ckpt, request_id="r1")).state is ModelState.ACTIVE  # anew
     await h.close()

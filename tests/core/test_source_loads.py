@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from torpor.testing import make_checkpoint
-from torpord.core import manager as manager_module
+from torpord.core import registry as registry_module
 from torpord.errors import TorporError
 from torpord.storage.layers import layout_hash
 
@@ -113,7 +113,7 @@ async def test_parsing_and_planning_run_off_the_event_loop(
     threads: dict[str, int] = {}
 
     def recording(name: str) -> Callable[..., Any]:
-        real = getattr(manager_module, name)
+        real = getattr(registry_module, name)
 
         def record(*args: Any, **kwargs: Any) -> Any:
             threads[name] = threading.get_ident()
@@ -123,7 +123,7 @@ async def test_parsing_and_planning_run_off_the_event_loop(
 
     names = ("open_checkpoint", "plan_layers", "layout_hash")
     for name in names:
-        monkeypatch.setattr(manager_module, name, recording(name))
+        monkeypatch.setattr(registry_module, name, recording(name))
     h = Harness(tmp_path)
     try:
         model = await h.manager.load("m", str(make_checkpoint(tmp_path / "m", layers=2)))

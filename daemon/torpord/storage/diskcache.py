@@ -100,7 +100,7 @@ _KEYS: dict[int, tuple[Checkpoint, str]] = {}
 
 def cache_key(checkpoint: Checkpoint, plan: LayerPlan) -> str:
     """The key of a layer's copy: the source's identity and the layer's layout.
-    Remembered per plan (see manager._prepare, which takes them on a worker)."""
+    Remembered per plan (see core.registry.prepare, which takes them on a worker)."""
     known = _KEYS.get(id(plan))
     if known is not None and known[0] is checkpoint:
         return known[1]

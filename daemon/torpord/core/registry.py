@@ -1,0 +1,118 @@
+"""The models the daemon holds, by id, and the rules for ids and sources.
+
+The registry answers what exists and in what state (NOT_FOUND, ABORTED for a
+busy model, FAILED_PRECONDITION for a wrong state); it also keeps the Loads
+still validating their checkpoint, which hold an id before their model exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+from torpord.core.model import LayerState, Model, ModelSnapshot, Running
+from torpord.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from torpord.storage.checkpoint import open_checkpoint
+from torpord.storage.diskcache import cache_key
+from torpord.storage.gcpause import gc_paused
+from torpord.storage.layers import LayerPatterns, layout_hash, plan_layers
+from torpord.storage.safetensors import Checkpoint
+from torpord.types import ModelState
+
+__all__ = ["MODEL_ID", "Registry", "busy", "check_model_id", "prepare", "wrong_state"]
+
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.models: dict[str, Model] = {}
+        # Ids whose Load is still validating the checkpoint: the task of that call.
+        self.validating: dict[str, Running] = {}
+        # ... and what a retry without waiting waits for: the validation's end.
+        self.validated: dict[str, asyncio.Future[None]] = {}
+
+    def get(self, model_id: str) -> ModelSnapshot:
+        return self.model(model_id).snapshot()
+
+    def find(self, model_id: str) -> Model | None:
+        return self.models.get(model_id)
+
+    def snapshots(self) -> list[ModelSnapshot]:
+        return [self.models[k].snapshot() for k in sorted(self.models)]
+
+    def model(self, model_id: str) -> Model:
+        """The model (NOT_FOUND, or INVALID_MODEL_ID for an id none can have)."""
+        model = self.models.get(model_id)
+        if model is None:
+            check_model_id(model_id)
+            raise NotFound(
+                f"model {model_id!r} not found",
+                reason="MODEL_NOT_FOUND",
+                metadata={"model_id": model_id},
+            )
+        return model
+
+    def idle(self, model_id: str) -> Model:
+        """The model, if no transition of it is running (else ABORTED)."""
+        model = self.model(model_id)
+        if model.busy or model.state.transitional:
+            raise busy(model_id, model.state.value)
+        return model
+
+    def disk_keys(self) -> set[str]:
+        """Disk copies some model uses: never evicted to make room."""
+        return {
+            layer.disk.key
+            for model in self.models.values()
+            for layer in model.layers
+            if layer.disk is not None
+        }
+
+
+def prepare(
+    path: str,
+    allowed_roots: tuple[Path, ...],
+    patterns: LayerPatterns,
+    alignment: int,
+    *,
+    disk: bool,
+) -> tuple[Checkpoint, list[LayerState], str]:
+    """Open, validate and plan a source, and hash the layout engines will
+    map (blocking: on a worker thread)."""
+    roots = tuple(str(root) for root in allowed_roots)
+    with gc_paused():  # (else collections walking its objects stop the loop too)
+        checkpoint = open_checkpoint(path, allowed_roots=roots)
+        plans = plan_layers(checkpoint, patterns, alignment)
+        if disk:  # (remembered: the transitions use them on the loop)
+            for plan in plans:
+                cache_key(checkpoint, plan)
+        return checkpoint, [LayerState(plan) for plan in plans], layout_hash(plans)
+
+
+def check_model_id(model_id: str) -> None:
+    if not MODEL_ID.fullmatch(model_id):
+        raise InvalidArgument(
+            f"invalid model_id {model_id!r}: use 1 to 128 characters of [A-Za-z0-9._-],"
+            " starting with a letter or digit",
+            reason="INVALID_MODEL_ID",
+            metadata={"model_id": model_id},
+        )
+
+
+def busy(model_id: str, state: str) -> Aborted:
+    return Aborted(
+        f"model {model_id!r} is {state.lower()}; wait for that to finish",
+        reason="TRANSITION_IN_PROGRESS",
+        metadata={"model_id": model_id, "state": state},
+    )
+
+
+def wrong_state(model: Model, verb: str) -> FailedPrecondition:
+    hint = " (unload it)" if model.state is ModelState.FAILED else ""
+    return FailedPrecondition(
+        f"cannot {verb} model {model.model_id!r} while it is {model.state.value.lower()}{hint}",
+        reason="INVALID_STATE",
+        metadata={"model_id": model.model_id, "state": model.state.value},
+    )
