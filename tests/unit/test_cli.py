@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from google.protobuf import duration_pb2
 from torpor.cli import progress, render
+from torpor.cli.format import human_bytes
 from torpor.cli.main import main
-from torpor.cli.render import human_bytes
 from torpor.client import Client
 from torpor.v1 import common_pb2, models_pb2
 

@@ -52,3 +52,17 @@ def test_private_modules_are_imported_only_within_their_package() -> None:
             if not here_module.startswith(owner + "."):
                 found.append(f"{here}:{node.lineno}: {node.module} (private to {owner})")
     assert not found, "\n".join(found)
+
+
+MAX_LINES = 400
+
+
+def test_every_module_stays_small() -> None:
+    """A module past a few hundred lines holds two things (STYLE.md): split it
+    along its seam. Generated code (torpor.v1's *_pb2) is exempt."""
+    big = {
+        str(path.relative_to(ROOT)): lines
+        for path in sources()
+        if (lines := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert not big, f"over {MAX_LINES} lines: {big}"

@@ -13,7 +13,8 @@ import threading
 from types import TracebackType
 from typing import Self, TextIO
 
-from torpor.cli.render import freeing_text, human_bytes, kind_label, rate, stage_label
+from torpor.cli.format import human_bytes, kind_label, rate, stage_label
+from torpor.cli.render import freeing_text
 from torpor.client import Client, ModelWatch
 from torpor.v1 import common_pb2, models_pb2
 
