@@ -8,12 +8,13 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .conftest import Daemon
+from .observe import settle
+
+__all__ = ["PROMPT", "WORKER", "Worker", "reference", "settle"]
 
 WORKER = Path(__file__).with_name("engine_worker.py")
 PROMPT = list(b"Torpor keeps weights where engines expect them")
@@ -89,12 +90,3 @@ def reference(path: Path) -> str:
     with torch.inference_mode():
         logits = model(torch.tensor([PROMPT]))
     return hashlib.sha256(logits.contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def settle(check: Callable[[], bool], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True

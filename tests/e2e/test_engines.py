@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import Daemon
-from .engines import Worker, reference, settle
+from .engines import Worker, reference
+from .observe import open_fds, settle, used
 
 torch = pytest.importorskip("torch")
 
@@ -51,15 +52,6 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("wide"), WIDE)
-
-
-def used(client: Client) -> tuple[int, int]:
-    node = client.get_node()
-    return sum(d.used_bytes for d in node.devices), node.host_pool.used_bytes
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def test_forward_passes_stay_bit_identical_across_50_sleeps_and_wakes(

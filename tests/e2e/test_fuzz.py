@@ -16,8 +16,7 @@ import os
 import random
 import struct
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -29,6 +28,7 @@ from torpor.testing import make_checkpoint, write_safetensors
 from torpor.v1 import agent_pb2, common_pb2, models_pb2, node_pb2
 
 from .conftest import Daemon
+from .observe import fd_targets, open_fds, settle, used
 
 SECRET = "s3cr3t-Tok3n"
 # What a refusal may be; UNKNOWN, INTERNAL, UNIMPLEMENTED and the like never.
@@ -43,32 +43,6 @@ DOCUMENTED = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DATA_LOSS,
 }
-
-
-def used(client: Client) -> tuple[int, int]:
-    node = client.get_node()
-    return sum(d.used_bytes for d in node.devices), node.host_pool.used_bytes
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def fd_targets(pid: int) -> list[str]:
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-    return sorted(out)
-
-
-def settle(check: Callable[[], bool], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def warm_up(client: Client, source: str) -> None:
