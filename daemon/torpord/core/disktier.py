@@ -183,6 +183,14 @@ class DiskTier:
                 layer.disk = None
             raise
         gate = asyncio.Semaphore(DISK_WRITERS)
+        # Writers that found the filesystem full try again one at a time, each
+        # after evicting room for every layer of this call not yet written:
+        # writers evicting for themselves alone, at once, raced each other
+        # for the room freed and failed after all.
+        again = asyncio.Lock()
+
+        def unwritten() -> int:
+            return sum(DATA_OFFSET + layer.plan.size for layer in pending if layer.disk is None)
 
         async def one(layer: LayerState) -> None:
             async with gate:
@@ -192,7 +200,8 @@ class DiskTier:
                     try:
                         entry = await self._workers.blocking(self._write, key, layer, room)
                     except FilesystemFull:  # (the budget allowed it; the filesystem not)
-                        entry = await self._write_again(key, layer, room)
+                        async with again:
+                            entry = await self._write_again(key, layer, room, unwritten())
                 layer.disk = entry
                 progress.bytes_done += layer.plan.size
                 progress.layers_done += 1
@@ -214,10 +223,12 @@ class DiskTier:
         disk.release(room)
         return sum(layer.plan.size for layer in pending)
 
-    async def _write_again(self, key: str, layer: LayerState, room: Reservation) -> DiskEntry:
-        """After ENOSPC/EDQUOT: evict copies no model uses, then write once more."""
+    async def _write_again(
+        self, key: str, layer: LayerState, room: Reservation, needed: int
+    ) -> DiskEntry:
+        """After ENOSPC/EDQUOT: evict copies no model uses (`needed` bytes'
+        worth), then write once more."""
         assert self.disk is not None
-        needed = DATA_OFFSET + layer.plan.size
         evicted = self.disk.make_room(needed, self._in_use())
         try:
             return await self._workers.blocking(self._write, key, layer, room)
