@@ -8,6 +8,7 @@ from torpord.backends.host import HostBackend
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.core.model import ModelSnapshot
 from torpord.storage.diskcache import DATA_OFFSET, DiskCache
+from torpord.storage.fileio import SYSTEM_IO, FileIO
 from torpord.storage.layers import LayerPlan
 from torpord.types import Tier
 
@@ -71,7 +72,8 @@ def tiers(m: ModelSnapshot) -> list[Tier]:
     return [layer.tier for layer in m.layers]
 
 
-def disk_harness(tmp: Path, capacity: int = 64 * MiB) -> Harness:
+def disk_harness(tmp: Path, capacity: int = 64 * MiB, io: FileIO = SYSTEM_IO) -> Harness:
+    """A harness with a disk cache (its entries read through `io`)."""
     harness = Harness(tmp)
-    harness.manager.disk = harness.manager.mover.disk = DiskCache(tmp / "cache", capacity)
+    harness.manager.disk = harness.manager.mover.disk = DiskCache(tmp / "cache", capacity, io=io)
     return harness

@@ -6,14 +6,14 @@ import asyncio
 import errno
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
 from torpord.errors import FailedPrecondition, ResourceExhausted
-from torpord.storage import diskcache
 from torpord.storage.diskcache import DiskCache, DiskEntry
-from torpord.storage.fileio import SystemIO
+from torpord.storage.fileio import Buffer, SystemIO
 from torpord.storage.pipeline import ReadOptions
 from torpord.storage.safetensors import SourceFile
 from torpord.types import ModelState, Tier
@@ -215,26 +215,27 @@ async def test_a_disk_copy_with_other_bytes_and_a_changed_source_names_both_chec
         await h.close()
 
 
-async def test_a_disk_copy_that_cant_be_read_right_now_is_kept(
-    tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    h = disk_harness(tmp_path)
+class RunsOutOfFds(SystemIO):
+    """The cache's reads, failing with EMFILE while `out` is set."""
+
+    out = False
+
+    def preadv(self, fd: int, buffers: Sequence[Buffer], offset: int, flags: int = 0) -> int:
+        if self.out:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().preadv(fd, buffers, offset, flags)
+
+
+async def test_a_disk_copy_that_cant_be_read_right_now_is_kept(tmp_path: Path, ckpt: Path) -> None:
+    io = RunsOutOfFds()
+    h = disk_harness(tmp_path, io=io)
     try:
         await h.manager.load("m", str(ckpt))
         await h.manager.sleep("m", 2, disk_copy=True)
         used = h.manager.disk.used if h.manager.disk else 0
-
-        preadv = os.preadv
-        cache_dir = str(tmp_path / "cache")
-
-        def emfile(fd: int, *args):  # type: ignore[no-untyped-def]
-            if os.readlink(f"/proc/self/fd/{fd}").startswith(cache_dir):  # (not the source)
-                raise OSError(errno.EMFILE, "Too many open files")
-            return preadv(fd, *args)
-
-        with monkeypatch.context() as patch:
-            patch.setattr(diskcache.os, "preadv", emfile)
-            m = await h.manager.wake("m")  # from the source, unchanged
+        io.out = True
+        m = await h.manager.wake("m")  # from the source, unchanged
+        io.out = False
         assert m.state is ModelState.ACTIVE
         h.check_bytes("m")
         assert h.manager.disk is not None and h.manager.disk.used == used

@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from torpord.storage.diskcache import (
     FilesystemFull,
     cache_key,
 )
+from torpord.storage.fileio import Buffer, SystemIO
 from torpord.storage.layers import plan_layers
 
 from tests.smallfs import small_filesystem
@@ -197,16 +199,16 @@ def test_a_full_filesystem_is_disk_full_leaves_nothing_and_evicts_unused_copies(
         assert cache.used == used.file_bytes + entry.file_bytes
 
 
-def test_a_read_that_fails_is_unavailable_and_keeps_the_entry(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cache = DiskCache(tmp_path, 1 << 20)
-    entry = put(cache, "77" * 16, os.urandom(1000))
+class OutOfFds(SystemIO):
+    """A system out of file descriptors (for now): every read fails."""
 
-    def emfile(*args):  # type: ignore[no-untyped-def]
+    def preadv(self, fd: int, buffers: Sequence[Buffer], offset: int, flags: int = 0) -> int:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(diskcache.os, "preadv", emfile)
+
+def test_a_read_that_fails_is_unavailable_and_keeps_the_entry(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, 1 << 20, io=OutOfFds())
+    entry = put(cache, "77" * 16, os.urandom(1000))
     with pytest.raises(Unavailable) as err:
         cache.read_into(entry, Sink(1000), "layers.0")
     assert err.value.reason == "DISK_READ_FAILED"

@@ -42,6 +42,7 @@ import xxhash
 from torpord.errors import DataLoss, ResourceExhausted, Unavailable
 from torpord.storage.cachefiles import CacheDir, UnsafeCacheDir, entry_is_lost, printable
 from torpord.storage.cacheformat import DATA_OFFSET, MAGIC, BadEntry, encode_head
+from torpord.storage.fileio import SYSTEM_IO, FileIO
 from torpord.storage.layers import LayerPlan
 from torpord.storage.pipeline import SlabSink
 from torpord.storage.safetensors import Checkpoint
@@ -122,10 +123,13 @@ def _cache_key(checkpoint: Checkpoint, plan: LayerPlan) -> str:
 
 
 class DiskCache:
-    def __init__(self, root: Path, capacity: int) -> None:
-        """UnsafeCacheDir if `root` can't be used (see torpord.storage.cachefiles)."""
+    def __init__(self, root: Path, capacity: int, *, io: FileIO = SYSTEM_IO) -> None:
+        """UnsafeCacheDir if `root` can't be used (see torpord.storage.cachefiles).
+        Entries are read through `io`'s preadv (the read pipeline's seam: wrap
+        it to pace or count the cache's reads, or to play a failing disk)."""
         self.root = root
         self.capacity = capacity
+        self._io = io
         self._files = CacheDir(root)
         self._entries: dict[str, DiskEntry] = {}
         self._last_use: dict[str, float] = {}  # key -> when last written or read (LRU)
@@ -329,15 +333,18 @@ class DiskCache:
                     got = 0
                     while got < entry.size:
                         with view[got:] as rest:
-                            n = os.preadv(fd, [rest], DATA_OFFSET + got)
+                            n = self._io.preadv(fd, [rest], DATA_OFFSET + got)
                         if n == 0:
                             raise BadEntry(f"read {got} of {entry.size} bytes")
                         got += n
                 else:
                     for at in range(0, entry.size, _PIECE):
-                        piece = os.pread(fd, min(_PIECE, entry.size - at), DATA_OFFSET + at)
-                        if len(piece) < min(_PIECE, entry.size - at):
-                            raise BadEntry(f"read {at + len(piece)} of {entry.size} bytes")
+                        # (a fresh buffer each time, as pread gave: a device
+                        # sink may still be copying from the last one)
+                        piece = bytearray(min(_PIECE, entry.size - at))
+                        n = self._io.preadv(fd, [memoryview(piece)], DATA_OFFSET + at)
+                        if n < len(piece):
+                            raise BadEntry(f"read {at + n} of {entry.size} bytes")
                         sink.write(at, memoryview(piece))
             finally:
                 os.close(fd)
