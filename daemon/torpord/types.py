@@ -28,6 +28,7 @@ class ModelState(enum.Enum):
     UNLOADING = "UNLOADING"
     FAILED = "FAILED"
     UNLOADED = "UNLOADED"  # gone: only in the last snapshot of an unloaded model
+    PUBLISHING = "PUBLISHING"  # an image its engine is still writing
 
     @property
     def transitional(self) -> bool:
@@ -41,6 +42,7 @@ _TRANSITIONAL = frozenset(
         ModelState.SLEEPING,
         ModelState.WAKING,
         ModelState.UNLOADING,
+        ModelState.PUBLISHING,
     }
 )
 
@@ -51,6 +53,7 @@ class TransitionKind(enum.Enum):
     WAKE = "WAKE"
     OFFLOAD = "OFFLOAD"
     UNLOAD = "UNLOAD"
+    PUBLISH = "PUBLISH"
 
 
 class Stage(enum.Enum):

@@ -26,24 +26,28 @@ class AttachRequest(_message.Message):
     HELLO_FIELD_NUMBER: _builtins.int
     QUIESCE_ACK_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
     def quiesce_ack(self) -> Global___QuiesceAck: ...
     @_builtins.property
     def release(self) -> Global___Release: ...
+    @_builtins.property
+    def commit(self) -> Global___Commit: ...
     def __init__(
         self,
         *,
         hello: Global___Hello | None = ...,
         quiesce_ack: Global___QuiesceAck | None = ...,
         release: Global___Release | None = ...,
+        commit: Global___Commit | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "message", b"message", "quiesce_ack", b"quiesce_ack", "release", b"release"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "hello", b"hello", "message", b"message", "quiesce_ack", b"quiesce_ack", "release", b"release"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "message", b"message", "quiesce_ack", b"quiesce_ack", "release", b"release"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "hello", b"hello", "message", b"message", "quiesce_ack", b"quiesce_ack", "release", b"release"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "quiesce_ack", "release"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "quiesce_ack", "release", "commit"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -59,11 +63,22 @@ class Hello(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     ENGINE_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
+    PUBLISH_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     pid: _builtins.int
     """The engine's process id; checked against the socket peer's credentials."""
     engine: _builtins.str
     rank: _builtins.int
+    @_builtins.property
+    def publish(self) -> Global___Publish:
+        """Set to publish a new model (an image) instead of attaching to one: the
+        daemon creates `model_id` in state PUBLISHING with a writable DEVICE slab
+        per group, which only this process can take (through the fd socket) and
+        write; Commit seals them. An image with the same fingerprint already
+        there is ALREADY_EXISTS (reason IMAGE_EXISTS, metadata model_id): attach
+        to that one instead.
+        """
+
     def __init__(
         self,
         *,
@@ -71,14 +86,129 @@ class Hello(_message.Message):
         pid: _builtins.int = ...,
         engine: _builtins.str = ...,
         rank: _builtins.int = ...,
+        publish: Global___Publish | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["publish", b"publish"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "model_id", b"model_id", "pid", b"pid", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "model_id", b"model_id", "pid", b"pid", "publish", b"publish", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class Publish(_message.Message):
+    """What an engine publishes: its groups of tensors, in forward order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    fingerprint: _builtins.str
+    """The engine's string for everything that determined the bytes (model
+    files, versions, dtype, parallelism...): how a later start finds it.
+    """
+    device: _builtins.str
+    """`devices/{uuid}` or a bare uuid or index; empty: the daemon picks."""
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___PublishGroup]: ...
+    def __init__(
+        self,
+        *,
+        fingerprint: _builtins.str = ...,
+        groups: _abc.Iterable[Global___PublishGroup] | None = ...,
+        device: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "fingerprint", b"fingerprint", "groups", b"groups"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Publish: _TypeAlias = Publish  # noqa: Y015
+
+@_typing.final
+class PublishGroup(_message.Message):
+    """One slab: a group's name ("pre", "layers.N", "post", or the engine's own),
+    its size, and where each tensor sits in it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    size_bytes: _builtins.int
+    @_builtins.property
+    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___PublishTensor]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        tensors: _abc.Iterable[Global___PublishTensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "size_bytes", b"size_bytes", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishGroup: _TypeAlias = PublishGroup  # noqa: Y015
+
+@_typing.final
+class PublishTensor(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    SLAB_OFFSET_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    dtype: _builtins.str
+    """A safetensors dtype: F32, BF16, F8_E4M3, U8, BOOL, ..."""
+    slab_offset: _builtins.int
+    """Where the tensor starts in its group's slab: a multiple of 256."""
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        dtype: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        slab_offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "name", b"name", "shape", b"shape", "slab_offset", b"slab_offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishTensor: _TypeAlias = PublishTensor  # noqa: Y015
+
+@_typing.final
+class Commit(_message.Message):
+    """The publishing engine has written every slab and unmapped them: seal them
+    (no process can change the bytes from now on), checksum them, and make the
+    model ACTIVE. Answered with Published, or the stream ends with the error
+    (and the model is gone).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Commit: _TypeAlias = Commit  # noqa: Y015
 
 @_typing.final
 class Release(_message.Message):
@@ -133,28 +263,56 @@ class AttachResponse(_message.Message):
     ATTACHED_FIELD_NUMBER: _builtins.int
     QUIESCE_FIELD_NUMBER: _builtins.int
     RESUME_FIELD_NUMBER: _builtins.int
+    PUBLISHED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def attached(self) -> Global___Attached: ...
     @_builtins.property
     def quiesce(self) -> Global___Quiesce: ...
     @_builtins.property
     def resume(self) -> Global___Resume: ...
+    @_builtins.property
+    def published(self) -> Global___Published: ...
     def __init__(
         self,
         *,
         attached: Global___Attached | None = ...,
         quiesce: Global___Quiesce | None = ...,
         resume: Global___Resume | None = ...,
+        published: Global___Published | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "message", b"message", "quiesce", b"quiesce", "resume", b"resume"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "message", b"message", "published", b"published", "quiesce", b"quiesce", "resume", b"resume"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "message", b"message", "quiesce", b"quiesce", "resume", b"resume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "message", b"message", "published", b"published", "quiesce", b"quiesce", "resume", b"resume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["attached", "quiesce", "resume"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["attached", "quiesce", "resume", "published"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___AttachResponse: _TypeAlias = AttachResponse  # noqa: Y015
+
+@_typing.final
+class Published(_message.Message):
+    """The commit is done: the model is ACTIVE and its slabs are read-only; the
+    engine takes them again from the fd socket (read-only) and maps them at
+    the addresses it wrote them at.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYOUT_HASH_FIELD_NUMBER: _builtins.int
+    layout_hash: _builtins.str
+    def __init__(
+        self,
+        *,
+        layout_hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layout_hash", b"layout_hash"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Published: _TypeAlias = Published  # noqa: Y015
 
 @_typing.final
 class Attached(_message.Message):

@@ -86,6 +86,11 @@ class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState
     NOT_FOUND). Seen only in the answer of an UnloadModel that waited and in
     the REMOVED event, which show the model as it was last.
     """
+    MODEL_STATE_PUBLISHING: _ModelState.ValueType  # 11
+    """An image being published: its engine is writing its slabs (AgentService
+    Attach with Hello.publish). Nobody else can attach or act on it until the
+    engine commits; if the engine goes away first, the model is removed.
+    """
 
 class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
     """The lifecycle state of a model. States ending in -ING are transitional:
@@ -121,6 +126,11 @@ MODEL_STATE_UNLOADED: ModelState.ValueType  # 10
 NOT_FOUND). Seen only in the answer of an UnloadModel that waited and in
 the REMOVED event, which show the model as it was last.
 """
+MODEL_STATE_PUBLISHING: ModelState.ValueType  # 11
+"""An image being published: its engine is writing its slabs (AgentService
+Attach with Hello.publish). Nobody else can attach or act on it until the
+engine commits; if the engine goes away first, the model is removed.
+"""
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
 class _TransitionKind:
@@ -135,6 +145,8 @@ class _TransitionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Transi
     TRANSITION_KIND_WAKE: _TransitionKind.ValueType  # 3
     TRANSITION_KIND_OFFLOAD: _TransitionKind.ValueType  # 4
     TRANSITION_KIND_UNLOAD: _TransitionKind.ValueType  # 5
+    TRANSITION_KIND_PUBLISH: _TransitionKind.ValueType  # 6
+    """Sealing and checksumming the slabs an engine wrote (an image's commit)."""
 
 class TransitionKind(_TransitionKind, metaclass=_TransitionKindEnumTypeWrapper):
     """The kind of a state transition."""
@@ -145,6 +157,8 @@ TRANSITION_KIND_SLEEP: TransitionKind.ValueType  # 2
 TRANSITION_KIND_WAKE: TransitionKind.ValueType  # 3
 TRANSITION_KIND_OFFLOAD: TransitionKind.ValueType  # 4
 TRANSITION_KIND_UNLOAD: TransitionKind.ValueType  # 5
+TRANSITION_KIND_PUBLISH: TransitionKind.ValueType  # 6
+"""Sealing and checksumming the slabs an engine wrote (an image's commit)."""
 Global___TransitionKind: _TypeAlias = TransitionKind  # noqa: Y015
 
 class _Stage:
@@ -251,7 +265,7 @@ class Source(_message.Message):
     DATA_BYTES_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """The path given to LoadModel, resolved: a .safetensors file or a directory
-    of shards with a model.safetensors.index.json.
+    of shards with a model.safetensors.index.json. Empty for an image.
     """
     tensor_count: _builtins.int
     data_bytes: _builtins.int
@@ -593,6 +607,7 @@ class Model(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ENGINES_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`models/{model_id}`."""
     model_id: _builtins.str
@@ -608,6 +623,10 @@ class Model(_message.Message):
     """`devices/{uuid}`: the device the model's DEVICE slabs live on."""
     engines: _builtins.int
     """Engines attached to the model (AgentService.Attach streams)."""
+    fingerprint: _builtins.str
+    """An image's fingerprint (the publishing engine's string for everything
+    that determined its bytes); empty for a model loaded from a source.
+    """
     @_builtins.property
     def source(self) -> Global___Source: ...
     @_builtins.property
@@ -646,10 +665,11 @@ class Model(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         engines: _builtins.int = ...,
+        fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "create_time", b"create_time", "last_transition", b"last_transition", "progress", b"progress", "source", b"source", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "create_time", b"create_time", "device", b"device", "engines", b"engines", "last_transition", b"last_transition", "layers", b"layers", "model_id", b"model_id", "name", b"name", "progress", b"progress", "sleep_level", b"sleep_level", "source", b"source", "state", b"state", "state_message", b"state_message", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "create_time", b"create_time", "device", b"device", "engines", b"engines", "fingerprint", b"fingerprint", "last_transition", b"last_transition", "layers", b"layers", "model_id", b"model_id", "name", b"name", "progress", b"progress", "sleep_level", b"sleep_level", "source", b"source", "state", b"state", "state_message", b"state_message", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from torpor.v1 import common_pb2 as torpor_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16torpor/v1/models.proto\x12\ttorpor.v1\x1a\x16torpor/v1/common.proto\"\x8c\x01\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12$\n\x0btarget_tier\x18\x04 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"4\n\x11LoadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"i\n\x11SleepModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x05\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x11\n\tdisk_copy\x18\x05 \x01(\x08\"5\n\x12SleepModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"V\n\x10WakeModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06verify\x18\x04 \x01(\x08\"4\n\x11WakeModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"\x88\x01\n\x13OffloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12\x1d\n\x04tier\x18\x03 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0e\n\x06verify\x18\x06 \x01(\x08\"7\n\x14OffloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"W\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"6\n\x13UnloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"G\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\"\n\x04view\x18\x02 \x01(\x0e\x32\x14.torpor.v1.ModelView\"3\n\x10GetModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"7\n\x11ListModelsRequest\x12\"\n\x04view\x18\x01 \x01(\x0e\x32\x14.torpor.v1.ModelView\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"&\n\x12WatchModelsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"V\n\nModelEvent\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.torpor.v1.ModelEventType\x12\x1f\n\x05model\x18\x02 \x01(\x0b\x32\x10.torpor.v1.Model\",\n\x08Snapshot\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"u\n\x13WatchModelsResponse\x12\'\n\x08snapshot\x18\x01 \x01(\x0b\x32\x13.torpor.v1.SnapshotH\x00\x12,\n\x0bmodel_event\x18\x02 \x01(\x0b\x32\x15.torpor.v1.ModelEventH\x00\x42\x07\n\x05\x65vent*R\n\tModelView\x12\x1a\n\x16MODEL_VIEW_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_VIEW_BASIC\x10\x01\x12\x13\n\x0fMODEL_VIEW_FULL\x10\x02*\xa9\x01\n\x0eModelEventType\x12 \n\x1cMODEL_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_EVENT_TYPE_ADDED\x10\x01\x12\x1c\n\x18MODEL_EVENT_TYPE_CHANGED\x10\x02\x12\x1c\n\x18MODEL_EVENT_TYPE_REMOVED\x10\x03\x12\x1d\n\x19MODEL_EVENT_TYPE_PROGRESS\x10\x04\x32\xe8\x04\n\x0cModelService\x12\x46\n\tLoadModel\x12\x1b.torpor.v1.LoadModelRequest\x1a\x1c.torpor.v1.LoadModelResponse\x12I\n\nSleepModel\x12\x1c.torpor.v1.SleepModelRequest\x1a\x1d.torpor.v1.SleepModelResponse\x12\x46\n\tWakeModel\x12\x1b.torpor.v1.WakeModelRequest\x1a\x1c.torpor.v1.WakeModelResponse\x12O\n\x0cOffloadModel\x12\x1e.torpor.v1.OffloadModelRequest\x1a\x1f.torpor.v1.OffloadModelResponse\x12L\n\x0bUnloadModel\x12\x1d.torpor.v1.UnloadModelRequest\x1a\x1e.torpor.v1.UnloadModelResponse\x12\x43\n\x08GetModel\x12\x1a.torpor.v1.GetModelRequest\x1a\x1b.torpor.v1.GetModelResponse\x12I\n\nListModels\x12\x1c.torpor.v1.ListModelsRequest\x1a\x1d.torpor.v1.ListModelsResponse\x12N\n\x0bWatchModels\x12\x1d.torpor.v1.WatchModelsRequest\x1a\x1e.torpor.v1.WatchModelsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16torpor/v1/models.proto\x12\ttorpor.v1\x1a\x16torpor/v1/common.proto\"\x8c\x01\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12$\n\x0btarget_tier\x18\x04 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"4\n\x11LoadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"i\n\x11SleepModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x05\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x11\n\tdisk_copy\x18\x05 \x01(\x08\"5\n\x12SleepModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"V\n\x10WakeModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06verify\x18\x04 \x01(\x08\"4\n\x11WakeModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"\x88\x01\n\x13OffloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12\x1d\n\x04tier\x18\x03 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0e\n\x06verify\x18\x06 \x01(\x08\"7\n\x14OffloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"W\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"6\n\x13UnloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"G\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\"\n\x04view\x18\x02 \x01(\x0e\x32\x14.torpor.v1.ModelView\"3\n\x10GetModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"L\n\x11ListModelsRequest\x12\"\n\x04view\x18\x01 \x01(\x0e\x32\x14.torpor.v1.ModelView\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"&\n\x12WatchModelsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"V\n\nModelEvent\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.torpor.v1.ModelEventType\x12\x1f\n\x05model\x18\x02 \x01(\x0b\x32\x10.torpor.v1.Model\",\n\x08Snapshot\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"u\n\x13WatchModelsResponse\x12\'\n\x08snapshot\x18\x01 \x01(\x0b\x32\x13.torpor.v1.SnapshotH\x00\x12,\n\x0bmodel_event\x18\x02 \x01(\x0b\x32\x15.torpor.v1.ModelEventH\x00\x42\x07\n\x05\x65vent*R\n\tModelView\x12\x1a\n\x16MODEL_VIEW_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_VIEW_BASIC\x10\x01\x12\x13\n\x0fMODEL_VIEW_FULL\x10\x02*\xa9\x01\n\x0eModelEventType\x12 \n\x1cMODEL_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_EVENT_TYPE_ADDED\x10\x01\x12\x1c\n\x18MODEL_EVENT_TYPE_CHANGED\x10\x02\x12\x1c\n\x18MODEL_EVENT_TYPE_REMOVED\x10\x03\x12\x1d\n\x19MODEL_EVENT_TYPE_PROGRESS\x10\x04\x32\xe8\x04\n\x0cModelService\x12\x46\n\tLoadModel\x12\x1b.torpor.v1.LoadModelRequest\x1a\x1c.torpor.v1.LoadModelResponse\x12I\n\nSleepModel\x12\x1c.torpor.v1.SleepModelRequest\x1a\x1d.torpor.v1.SleepModelResponse\x12\x46\n\tWakeModel\x12\x1b.torpor.v1.WakeModelRequest\x1a\x1c.torpor.v1.WakeModelResponse\x12O\n\x0cOffloadModel\x12\x1e.torpor.v1.OffloadModelRequest\x1a\x1f.torpor.v1.OffloadModelResponse\x12L\n\x0bUnloadModel\x12\x1d.torpor.v1.UnloadModelRequest\x1a\x1e.torpor.v1.UnloadModelResponse\x12\x43\n\x08GetModel\x12\x1a.torpor.v1.GetModelRequest\x1a\x1b.torpor.v1.GetModelResponse\x12I\n\nListModels\x12\x1c.torpor.v1.ListModelsRequest\x1a\x1d.torpor.v1.ListModelsResponse\x12N\n\x0bWatchModels\x12\x1d.torpor.v1.WatchModelsRequest\x1a\x1e.torpor.v1.WatchModelsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'torpor.v1.models_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELVIEW']._serialized_start=1435
-  _globals['_MODELVIEW']._serialized_end=1517
-  _globals['_MODELEVENTTYPE']._serialized_start=1520
-  _globals['_MODELEVENTTYPE']._serialized_end=1689
+  _globals['_MODELVIEW']._serialized_start=1456
+  _globals['_MODELVIEW']._serialized_end=1538
+  _globals['_MODELEVENTTYPE']._serialized_start=1541
+  _globals['_MODELEVENTTYPE']._serialized_end=1710
   _globals['_LOADMODELREQUEST']._serialized_start=62
   _globals['_LOADMODELREQUEST']._serialized_end=202
   _globals['_LOADMODELRESPONSE']._serialized_start=204
@@ -61,17 +61,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELRESPONSE']._serialized_start=976
   _globals['_GETMODELRESPONSE']._serialized_end=1027
   _globals['_LISTMODELSREQUEST']._serialized_start=1029
-  _globals['_LISTMODELSREQUEST']._serialized_end=1084
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1086
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1140
-  _globals['_WATCHMODELSREQUEST']._serialized_start=1142
-  _globals['_WATCHMODELSREQUEST']._serialized_end=1180
-  _globals['_MODELEVENT']._serialized_start=1182
-  _globals['_MODELEVENT']._serialized_end=1268
-  _globals['_SNAPSHOT']._serialized_start=1270
-  _globals['_SNAPSHOT']._serialized_end=1314
-  _globals['_WATCHMODELSRESPONSE']._serialized_start=1316
-  _globals['_WATCHMODELSRESPONSE']._serialized_end=1433
-  _globals['_MODELSERVICE']._serialized_start=1692
-  _globals['_MODELSERVICE']._serialized_end=2308
+  _globals['_LISTMODELSREQUEST']._serialized_end=1105
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1107
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1161
+  _globals['_WATCHMODELSREQUEST']._serialized_start=1163
+  _globals['_WATCHMODELSREQUEST']._serialized_end=1201
+  _globals['_MODELEVENT']._serialized_start=1203
+  _globals['_MODELEVENT']._serialized_end=1289
+  _globals['_SNAPSHOT']._serialized_start=1291
+  _globals['_SNAPSHOT']._serialized_end=1335
+  _globals['_WATCHMODELSRESPONSE']._serialized_start=1337
+  _globals['_WATCHMODELSRESPONSE']._serialized_end=1454
+  _globals['_MODELSERVICE']._serialized_start=1713
+  _globals['_MODELSERVICE']._serialized_end=2329
 # @@protoc_insertion_point(module_scope)

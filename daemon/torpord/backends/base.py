@@ -272,9 +272,18 @@ class Backend(abc.ABC):
         calling on_bytes with each piece's size as it lands."""
 
     @abc.abstractmethod
-    def export(self, slab: Slab) -> int:
+    def export(self, slab: Slab, *, writable: bool = False) -> int:
         """A new file descriptor of the slab for one consumer (an engine), read-only
-        where the backend allows it. The caller sends it and closes it."""
+        where the backend allows it unless `writable` (the engine publishing an
+        image into it). The caller sends it and closes it."""
+
+    def seal(self, slab: Slab) -> None:
+        """From now on no process can change the slab's bytes, where the
+        backend can enforce it (blocking). A backend that can't (GPU memory
+        whose importers set their own access) leaves it to the checksum,
+        which verify checks. FailedPrecondition (STILL_MAPPED_WRITABLE) if a
+        writer still maps it."""
+        return
 
     @abc.abstractmethod
     def drain(self) -> None:

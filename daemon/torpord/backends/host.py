@@ -11,7 +11,10 @@ once no other process maps them.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
+import errno
+import fcntl
 import mmap
 import os
 import socket
@@ -21,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torpord.backends.base import Backend, Budget, DeviceInfo, PoolInfo, Slab
-from torpord.errors import InvalidArgument, ResourceExhausted
+from torpord.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from torpord.types import Tier
 
 __all__ = ["HostBackend"]
@@ -143,7 +146,8 @@ class HostBackend(Backend):
 
     def _map(self, slab: Slab) -> _Mapping:
         name = f"torpor:{slab.owner.model_id}:{slab.owner.layer}:{slab.tier.value.lower()}"
-        fd = os.memfd_create(name[:240], os.MFD_CLOEXEC)
+        # (Sealable: a published image's slabs are sealed once written.)
+        fd = os.memfd_create(name[:240], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             # A mapping cannot be empty; a slab of zero bytes still gets a page.
             length = max(slab.size, 1)
@@ -229,10 +233,43 @@ class HostBackend(Backend):
     def sink(self, slab: Slab) -> _HostSink:
         return _HostSink(self, slab)
 
-    def export(self, slab: Slab) -> int:
+    def export(self, slab: Slab, *, writable: bool = False) -> int:
         # A new open of the memfd, read-only: the engine can map the weights but
         # never write them, and each consumer holds its own open file.
-        return os.open(f"/proc/self/fd/{self._mapping(slab).fd}", os.O_RDONLY | os.O_CLOEXEC)
+        mode = os.O_RDWR if writable else os.O_RDONLY
+        return os.open(f"/proc/self/fd/{self._mapping(slab).fd}", mode | os.O_CLOEXEC)
+
+    def seal(self, slab: Slab) -> None:
+        """F_SEAL_WRITE: no write(), and no new shared writable mapping, by
+        anyone. The kernel refuses it (EBUSY) while any process still maps
+        the file shared and writable, the daemon included: so the daemon's
+        own mapping becomes a private one first (reads see the file; a write
+        of the daemon's would stay its own)."""
+        old = self._mapping(slab)
+        length = max(slab.size, 1)
+        mm = mmap.mmap(old.fd, length, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        anchor = (ctypes.c_char * length).from_buffer(mm)
+        del old.anchor
+        try:
+            old.mm.close()
+        except BufferError:  # (a view of it is alive: keep it; the seal fails)
+            old.anchor = (ctypes.c_char * len(old.mm)).from_buffer(old.mm)
+            del anchor
+            mm.close()
+            raise
+        with self._lock:
+            self._live[slab] = _Mapping(old.fd, mm, anchor)
+        try:
+            fcntl.fcntl(old.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW)
+        except OSError as err:
+            if err.errno != errno.EBUSY:
+                raise
+            raise FailedPrecondition(
+                f"slab {slab.owner.layer!r} of model {slab.owner.model_id!r} is still mapped"
+                " writable by a process: its writer must unmap it before the commit",
+                reason="STILL_MAPPED_WRITABLE",
+                metadata={"model_id": slab.owner.model_id, "layer": slab.owner.layer},
+            ) from None
 
     def fd(self, slab: Slab) -> int:
         """The slab's memfd (for exporting to agents)."""
@@ -244,6 +281,9 @@ def _release(fd: int) -> None:
     # (revoked) still maps them: its next access faults (SIGBUS) instead of
     # reading bytes the daemon no longer owns, and the memory is really free.
     try:
-        os.ftruncate(fd, 0)
+        # (EPERM: a writer sealed it against shrinking; the pages go when
+        # the last mapping does.)
+        with contextlib.suppress(PermissionError):
+            os.ftruncate(fd, 0)
     finally:
         os.close(fd)

@@ -122,6 +122,14 @@ class DiskTier:
         """Layers whose disk copy failed are read from the source, which must
         not have changed since load (as for a level-2 wake)."""
         names = ", ".join(layer.plan.name for layer, _ in fallen)
+        if model.fingerprint:  # an image: its disk copy was all there was
+            raise DataLoss(
+                f"the disk copy of image {model.model_id!r}'s layer(s) {names} failed"
+                f" ({fallen[0][1].message}), and an image has no source: unload it and"
+                " publish it again",
+                reason="IMAGE_LOST",
+                metadata={"model_id": model.model_id, "layers": names},
+            )
         for layer, err in fallen:
             log.warning(
                 "disk cache: reading a layer from the source instead",

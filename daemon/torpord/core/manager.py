@@ -25,6 +25,7 @@ from torpord.backends.base import Backend
 from torpord.core.announce import Announcer
 from torpord.core.engines import Engines
 from torpord.core.events import EventBus
+from torpord.core.images import Images
 from torpord.core.model import Model, ModelSnapshot
 from torpord.core.mover import Mover
 from torpord.core.registry import Registry
@@ -32,6 +33,7 @@ from torpord.core.requests import RequestLog
 from torpord.core.runner import Runner
 from torpord.core.verbs import ManagerSettings, Verbs
 from torpord.errors import Aborted
+from torpord.storage.catalogue import CatalogueGroup
 from torpord.storage.diskcache import DiskCache
 from torpord.types import Tier
 
@@ -78,6 +80,16 @@ class ModelManager:
             self.mover,
             self._executor,
         )
+        self.images = Images(
+            backend,
+            self.bus,
+            self.registry,
+            self._runner,
+            self._announcer,
+            self.mover,
+            self._executor,
+        )
+        self._verbs.images = self.images
 
     @property
     def engines(self) -> Engines:
@@ -107,8 +119,33 @@ class ModelManager:
         the event loop, never keep it."""
         return self.registry.find(model_id)
 
-    def list_models(self) -> list[ModelSnapshot]:
+    def list_models(self, fingerprint: str = "") -> list[ModelSnapshot]:
+        """Every model, or only the image with `fingerprint` (none or one)."""
+        if fingerprint:
+            found = self.images.find(fingerprint)
+            return [found] if found is not None else []
         return self.registry.snapshots()
+
+    # -- images (core/images.py) -------------------------------------------------
+
+    async def begin_publish(
+        self,
+        model_id: str,
+        fingerprint: str,
+        groups: Sequence[CatalogueGroup],
+        *,
+        device: str,
+        publisher: str,
+    ) -> Model:
+        return await self.images.begin(
+            model_id, fingerprint, groups, device=device, publisher=publisher
+        )
+
+    async def commit_publish(self, model_id: str, publisher: str) -> ModelSnapshot:
+        return await self.images.commit(model_id, publisher)
+
+    def abandon_publish(self, model_id: str, publisher: str) -> None:
+        self.images.abandon(model_id, publisher)
 
     # -- mutations (core/verbs.py) ---------------------------------------------
 

@@ -188,6 +188,11 @@ class ModelSnapshot:
     engines: int = 0
     layout_hash: str = ""  # of the layers' layout: what engines map (storage.layout_hash)
 
+    @property
+    def fingerprint(self) -> str:
+        """An image's fingerprint; empty for a model loaded from a source."""
+        return self.checkpoint.fingerprint
+
     def bytes_in(self, tier: Tier) -> int:
         return sum(layer.plan.size for layer in self.layers if layer.tier is tier)
 
@@ -236,6 +241,13 @@ class Model:
     # The layers' layout hash, computed once where the layers are planned (on
     # a worker: it reads every tensor, too many for the event loop).
     layout_hash: str = ""
+    # While an image is PUBLISHING: the attachment id of the engine writing it.
+    publisher: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        """An image's fingerprint; empty for a model loaded from a source."""
+        return self.checkpoint.fingerprint
 
     @property
     def task(self) -> asyncio.Task[ModelSnapshot] | None:

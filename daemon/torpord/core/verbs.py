@@ -14,12 +14,13 @@ from pathlib import Path
 from torpord.backends.base import Backend
 from torpord.core.announce import Announcer
 from torpord.core.events import EventBus, EventType
+from torpord.core.images import Images
 from torpord.core.model import LayerState, Model, ModelSnapshot, Running
 from torpord.core.mover import Mover
 from torpord.core.registry import Registry, busy, check_model_id, prepare, wrong_state
 from torpord.core.requests import RequestLog
 from torpord.core.runner import Call, Plan, Runner, current_task, retrieve
-from torpord.errors import AlreadyExists, FailedPrecondition, InvalidArgument, some
+from torpord.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, some
 from torpord.storage.layers import DEFAULT_LAYER_PATTERNS, LayerPatterns
 from torpord.storage.pipeline import ReadOptions
 from torpord.storage.reader import check_unchanged
@@ -61,6 +62,7 @@ class Verbs:
         self._announcer = announcer
         self._mover = mover
         self._executor = executor
+        self.images: Images | None = None  # (set by the manager: forced Unload of a publish)
 
     async def load(
         self,
@@ -190,6 +192,12 @@ class Verbs:
                 )
         elif model.state not in (ModelState.ACTIVE, ModelState.OFFLOADED):
             raise wrong_state(model, "sleep")
+        if level == 2 and model.fingerprint:  # (an image: only its disk copy can bring it back)
+            self._need_disk(
+                f"model {model_id!r} is an image: it has no source to reload from, so"
+                " level-2 sleep keeps a disk copy of it, and"
+            )
+            disk_copy = True
         if level == 1:  # what is on the device goes to HOST; what is in HOST stays
             held = [layer for layer in model.layers if layer.tier is Tier.DEVICE]
         else:
@@ -313,7 +321,15 @@ class Verbs:
         new = self._mover.allocate(model, moving, Tier.DEVICE)
 
         async def body() -> int:
-            if any(layer.tier is Tier.SOURCE for layer in moving):
+            lost = [layer.plan.name for layer in moving if layer.tier is Tier.SOURCE]
+            if lost and model.fingerprint:
+                raise DataLoss(
+                    f"model {model.model_id!r} is an image and its layer(s) {some(lost)} are"
+                    " in no memory and no disk copy: unload it and publish it again",
+                    reason="IMAGE_LOST",
+                    metadata={"model_id": model.model_id, "layers": some(lost)},
+                )
+            if lost:
                 change = await self._mover.blocking(check_unchanged, model.checkpoint)
                 if change is not None:
                     raise FailedPrecondition(
@@ -339,6 +355,8 @@ class Verbs:
             return unloaded
         if model_id in self._registry.validating:
             raise busy(model_id, "LOADING")
+        if force and self.images is not None and (gone := self.images.stop(model_id)):
+            return gone
         model = self._registry.idle(model_id)
 
         async def body() -> int:
@@ -360,11 +378,12 @@ class Verbs:
         )
         return await self._runner.start(model, plan, call)
 
-    def _need_disk(self) -> None:
+    def _need_disk(self, why: str = "") -> None:
         if self._mover.disk is None:
             raise FailedPrecondition(
-                "no disk cache is configured (disk_cache.path in torpord's config)",
-                reason="DISK_CACHE_DISABLED",
+                f"{why}{' n' if why else 'N'}o disk cache is configured"
+                " (disk_cache.path in torpord's config)",
+                reason="IMAGE_NEEDS_DISK_CACHE" if why else "DISK_CACHE_DISABLED",
             )
 
     def _prepare(self, path: str) -> tuple[Checkpoint, list[LayerState], str]:

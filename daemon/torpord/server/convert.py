@@ -180,6 +180,7 @@ def model_to_proto(m: ModelSnapshot, *, full: bool = False) -> common_pb2.Model:
         create_time=_timestamp(m.create_time),
         update_time=_timestamp(m.update_time),
         engines=m.engines,
+        fingerprint=m.checkpoint.fingerprint,
     )
     for layer in m.layers:
         # Added in place: a Layer built apart would be copied into the Model,

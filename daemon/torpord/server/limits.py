@@ -17,6 +17,8 @@ from google.protobuf.message import Message
 
 from torpord.core.requests import MAX_REQUEST_ID
 from torpord.errors import InvalidArgument
+from torpord.storage.catalogue import MAX_FINGERPRINT, MAX_GROUP_TENSORS
+from torpord.storage.layers import MAX_LAYERS
 
 __all__ = [
     "DEFAULT_ITEMS",
@@ -48,10 +50,15 @@ MAX_NAMES = 4096  # layers in one request: far more than any model has
 STRING_LIMITS: dict[str, int] = {
     "request_id": MAX_REQUEST_ID,
     "torpor.v1.LoadModelRequest.source": MAX_PATH,
+    "torpor.v1.Publish.fingerprint": MAX_FINGERPRINT,
+    "torpor.v1.ListModelsRequest.fingerprint": MAX_FINGERPRINT,
 }
 # Items of a repeated field, by full name (each item is checked as well).
 ITEM_LIMITS: dict[str, int] = {
     "torpor.v1.OffloadModelRequest.layers": MAX_NAMES,
+    "torpor.v1.Publish.groups": MAX_LAYERS,
+    # (A fused MoE block has a handful; unfused experts, a few hundred.)
+    "torpor.v1.PublishGroup.tensors": MAX_GROUP_TENSORS,
 }
 
 

@@ -23,7 +23,7 @@ from torpor.v1 import (
 from torpord import __version__
 from torpord.backends.nvml import Discovery, discover
 from torpord.core.attachments.attachment import Attachment
-from torpord.core.attachments.messages import Ended, Hello, Quiesce, Resume
+from torpord.core.attachments.messages import Ended, Hello, Publish, Published, Quiesce, Resume
 from torpord.core.attachments.registry import AgentRegistry
 from torpord.core.events import EventType
 from torpord.core.manager import ModelManager
@@ -36,6 +36,7 @@ from torpord.server.convert import (
     tier_from_proto,
 )
 from torpord.server.errors import translate_errors, translate_stream_errors
+from torpord.storage.catalogue import CatalogueGroup, CatalogueTensor
 from torpord.types import Tier
 
 __all__ = ["AgentService", "ModelService", "NodeService"]
@@ -132,7 +133,7 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
         self, request: models_pb2.ListModelsRequest, context: Context
     ) -> models_pb2.ListModelsResponse:
         full = is_full(request.view)
-        models = self._m.list_models()
+        models = self._m.list_models(request.fingerprint)
         if full:
             await prepare_full(models)
         return models_pb2.ListModelsResponse(models=[model_to_proto(m, full=full) for m in models])
@@ -198,10 +199,38 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
 
 
 def hello_from_proto(hello: agent_pb2.Hello) -> Hello:
-    return Hello(model_id=hello.model_id, pid=hello.pid, engine=hello.engine, rank=hello.rank)
+    publish = None
+    if hello.HasField("publish"):
+        p = hello.publish
+        publish = Publish(
+            p.fingerprint,
+            tuple(
+                CatalogueGroup(
+                    g.name,
+                    g.size_bytes,
+                    tuple(
+                        CatalogueTensor(t.name, t.dtype, tuple(t.shape), t.slab_offset)
+                        for t in g.tensors
+                    ),
+                )
+                for g in p.groups
+            ),
+            p.device,
+        )
+    return Hello(
+        model_id=hello.model_id,
+        pid=hello.pid,
+        engine=hello.engine,
+        rank=hello.rank,
+        publish=publish,
+    )
 
 
-def message_to_proto(message: Quiesce | Resume) -> agent_pb2.AttachResponse:
+def message_to_proto(message: Quiesce | Resume | Published) -> agent_pb2.AttachResponse:
+    if isinstance(message, Published):
+        return agent_pb2.AttachResponse(
+            published=agent_pb2.Published(layout_hash=message.layout_hash)
+        )
     if isinstance(message, Resume):
         return agent_pb2.AttachResponse(
             resume=agent_pb2.Resume(
@@ -233,9 +262,13 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("hello"):
             raise InvalidArgument("an Attach stream starts with a Hello", reason="HELLO_FIRST")
-        attachment = self._registry.attach(hello_from_proto(first.hello))
+        hello = hello_from_proto(first.hello)
+        if hello.publish is not None:
+            attachment = await self._registry.publish(hello)
+        else:
+            attachment = self._registry.attach(hello)
         reader = asyncio.create_task(self._read(request_iterator, attachment))
-        get: asyncio.Future[Quiesce | Resume | Ended] | None = None
+        get: asyncio.Future[Quiesce | Resume | Published | Ended] | None = None
         try:
             yield agent_pb2.AttachResponse(
                 attached=agent_pb2.Attached(
@@ -271,3 +304,5 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 self._registry.acknowledged(attachment, request.quiesce_ack.sequence)
             elif request.HasField("release"):
                 self._registry.released(attachment)
+            elif request.HasField("commit"):
+                self._registry.commit(attachment)

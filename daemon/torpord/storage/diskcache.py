@@ -113,12 +113,14 @@ def cache_key(checkpoint: Checkpoint, plan: LayerPlan) -> str:
 
 
 def _cache_key(checkpoint: Checkpoint, plan: LayerPlan) -> str:
-    identity = {
+    identity: dict[str, object] = {
         "files": [[f.path, f.size, f.mtime_ns, f.inode, f.header_hash] for f in checkpoint.files],
         "layer": plan.name,
         "size": plan.size,
         "tensors": [[p.tensor.name, p.slab_offset, p.tensor.nbytes] for p in plan.tensors],
     }
+    if checkpoint.fingerprint:  # an image has no files: its fingerprint is its identity
+        identity["image"] = checkpoint.fingerprint
     return xxhash.xxh3_128_hexdigest(json.dumps(identity, sort_keys=True).encode())
 
 

@@ -139,6 +139,9 @@ class Checkpoint:
     # __metadata__ of the first file; left out of the hash (a mapping proxy has
     # none) so checkpoints can still be set members and dict keys.
     metadata: Mapping[str, str] = field(hash=False)
+    # An image's fingerprint (torpord.storage.catalogue): its tensors are in
+    # no file, only in the slabs its engine wrote (and their disk copies).
+    fingerprint: str = ""
     # Summed once: every snapshot of a model shows it.
     data_bytes: int = field(init=False, hash=False, compare=False, repr=False)
 

@@ -242,7 +242,10 @@ class CudaBackend(Backend):
         device slabs' checksums are computed on the host, over a copy."""
         self._kernels.prepare()
 
-    def export(self, slab: Slab) -> int:
+    def export(self, slab: Slab, *, writable: bool = False) -> int:
+        # (One handle either way: what an importer may do is the access it
+        # sets on its mapping. The checksum taken at commit, which verify
+        # checks, is what holds a published image's bytes here.)
         memory = self._live.memory(slab)
         if not isinstance(memory, DeviceMemory):
             raise InvalidArgument("only device slabs are exported", reason="NOT_DEVICE_MEMORY")

@@ -36,6 +36,10 @@ class Attachment:
     # socket peer's, not just what Hello said); None before that.
     pidfd: int | None = None
     released: bool = False  # it said Release: it maps nothing, and takes nothing more
+    # It is publishing the model (an image): until its commit, it alone may
+    # take the slabs, and writable.
+    writer: bool = False
+    committing: asyncio.Task[None] | None = None
 
     def describe(self) -> str:
         who = f"engine {self.engine!r}" if self.engine else "engine"

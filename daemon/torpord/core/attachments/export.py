@@ -9,7 +9,7 @@ from typing import Any
 from torpord.core.attachments.attachment import Attachment
 from torpord.core.attachments.host import EngineHost
 from torpord.errors import FailedPrecondition, InvalidArgument, PermissionDenied, some
-from torpord.types import Tier
+from torpord.types import ModelState, Tier
 
 __all__ = ["export_slabs"]
 
@@ -40,6 +40,13 @@ def export_slabs(
     model = host.find(attachment.model_id)
     if model is None:
         raise FailedPrecondition(f"model {attachment.model_id!r} is gone", reason="MODEL_NOT_FOUND")
+    writable = model.state is ModelState.PUBLISHING
+    if writable and (model.busy or not (attachment.writer and model.publisher == attachment.id)):
+        raise FailedPrecondition(
+            f"model {model.model_id!r} is being published; only its publisher takes its slabs",
+            reason="MODEL_NOT_ACTIVE",
+            metadata={"model_id": model.model_id, "state": model.state.value},
+        )
     asked = [layer for layer in model.layers if not names or layer.plan.name in names]
     unknown = set(names) - {layer.plan.name for layer in asked}
     if unknown:
@@ -49,7 +56,7 @@ def export_slabs(
     try:
         for layer in layers:
             assert layer.slab is not None
-            fds.append(host.backend.export(layer.slab))
+            fds.append(host.backend.export(layer.slab, writable=writable))
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -62,5 +69,6 @@ def export_slabs(
         "layout_hash": attachment.layout_hash,
         "layers": [{"name": layer.plan.name, "size": layer.plan.size} for layer in layers],
         "absent": [layer.plan.name for layer in asked if layer.tier is not Tier.DEVICE],
+        "writable": writable,
     }
     return header, fds

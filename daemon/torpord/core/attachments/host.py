@@ -1,13 +1,16 @@
 """What the engine registry needs of the rest of the daemon: the model
-lookup, the event bus and the backend (the model manager gives all three)."""
+lookup, the event bus, the backend and publishing (the model manager gives
+all of them)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from torpord.backends.base import Backend
 from torpord.core.events import EventBus
 from torpord.core.model import Model, ModelSnapshot
+from torpord.storage.catalogue import CatalogueGroup
 
 __all__ = ["EngineHost"]
 
@@ -25,4 +28,25 @@ class EngineHost(Protocol):
 
     def find(self, model_id: str) -> Model | None:
         """The live model (read it on the event loop, never keep it)."""
+        ...
+
+    async def begin_publish(
+        self,
+        model_id: str,
+        fingerprint: str,
+        groups: Sequence[CatalogueGroup],
+        *,
+        device: str,
+        publisher: str,
+    ) -> Model:
+        """A new model, PUBLISHING, whose DEVICE slabs only `publisher` (an
+        attachment id) may write (see torpord.core.images)."""
+        ...
+
+    async def commit_publish(self, model_id: str, publisher: str) -> ModelSnapshot:
+        """Seal and checksum what the publisher wrote: the model is ACTIVE."""
+        ...
+
+    def abandon_publish(self, model_id: str, publisher: str) -> None:
+        """The publisher went away: an uncommitted model is removed."""
         ...

@@ -9,8 +9,9 @@ import collections
 from dataclasses import dataclass
 
 from torpord.errors import TorporError
+from torpord.storage.catalogue import CatalogueGroup
 
-__all__ = ["Ended", "Hello", "Outbox", "Quiesce", "Resume"]
+__all__ = ["Ended", "Hello", "Outbox", "Publish", "Published", "Quiesce", "Resume"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,24 @@ class Hello:
     pid: int
     engine: str = ""
     rank: int = 0
+    publish: Publish | None = None  # to publish model_id, not attach to it
+
+
+@dataclass(frozen=True)
+class Publish:
+    """What an engine publishes (see torpord.core.images)."""
+
+    fingerprint: str
+    groups: tuple[CatalogueGroup, ...]
+    device: str = ""
+
+
+@dataclass(frozen=True)
+class Published:
+    """The image the engine wrote is committed: sealed, checksummed, ACTIVE.
+    The engine maps it again, read-only, at the same addresses."""
+
+    layout_hash: str
 
 
 @dataclass(frozen=True)
@@ -50,7 +69,7 @@ class Ended:
     error: TorporError
 
 
-Message = Quiesce | Resume | Ended
+Message = Quiesce | Resume | Published | Ended
 
 
 class Outbox:

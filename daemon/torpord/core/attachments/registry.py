@@ -25,7 +25,7 @@ from torpord.core.attachments.attachment import Attachment
 from torpord.core.attachments.export import export_slabs
 from torpord.core.attachments.held import HeldMemory, kill
 from torpord.core.attachments.host import EngineHost
-from torpord.core.attachments.messages import Ended, Hello, Quiesce, Resume
+from torpord.core.attachments.messages import Ended, Hello, Published, Quiesce, Resume
 from torpord.core.events import EventType
 from torpord.errors import (
     Aborted,
@@ -157,22 +157,76 @@ class AgentRegistry:
                 reason="MODEL_NOT_ACTIVE",
                 metadata={"model_id": hello.model_id, "state": snapshot.state.value},
             )
-        backend = self._host.backend
-        attachment = Attachment(
-            secrets.token_hex(16),
-            hello.pid,
-            hello.model_id,
-            hello.engine,
-            hello.rank,
-            snapshot.layout_hash,
-            "cuda" if backend.kind == "cuda" else "memfd",
-            next((d.index for d in backend.devices() if d.uuid == snapshot.device), 0),
-            snapshot.device or "",
-        )
+        attachment = self._new(secrets.token_hex(16), hello, snapshot.layout_hash, snapshot.device)
         self._attachments[attachment.id] = attachment
         self._count_changed(hello.model_id)
         log.info("engine attached", model_id=hello.model_id, pid=hello.pid, engine=hello.engine)
         return attachment
+
+    async def publish(self, hello: Hello) -> Attachment:
+        """Attach the engine as the writer of a new model, an image (see
+        torpord.core.images): created PUBLISHING, its slabs writable by this
+        attachment alone until `commit`; removed if the engine goes first."""
+        assert hello.publish is not None
+        if hello.pid <= 0:
+            raise InvalidArgument("hello.pid must be the engine's process id", reason="INVALID_PID")
+        attachment_id = secrets.token_hex(16)
+        model = await self._host.begin_publish(
+            hello.model_id,
+            hello.publish.fingerprint,
+            hello.publish.groups,
+            device=hello.publish.device,
+            publisher=attachment_id,
+        )
+        attachment = self._new(attachment_id, hello, model.layout_hash, model.device)
+        attachment.writer = True
+        self._attachments[attachment.id] = attachment
+        self._count_changed(hello.model_id)
+        log.info("engine publishing", model_id=hello.model_id, pid=hello.pid, engine=hello.engine)
+        return attachment
+
+    def commit(self, attachment: Attachment) -> None:
+        """The writer has written and unmapped every slab: seal them (on a task
+        of its own, so the stream keeps being read). Published goes to the
+        engine when done; a failure ends its stream, and the model goes."""
+        if not attachment.writer or attachment.committing is not None:
+            self.revoke(
+                attachment.id,
+                FailedPrecondition(
+                    f"this engine is not publishing model {attachment.model_id!r}"
+                    " (or already committed it)",
+                    reason="NOT_PUBLISHING",
+                    metadata={"model_id": attachment.model_id},
+                ),
+            )
+            return
+        attachment.committing = asyncio.create_task(
+            self._commit(attachment), name=f"commit {attachment.model_id}"
+        )
+
+    async def _commit(self, attachment: Attachment) -> None:
+        try:
+            snapshot = await self._host.commit_publish(attachment.model_id, attachment.id)
+        except TorporError as err:
+            self.revoke(attachment.id, err)
+            return
+        attachment.mapped.clear()  # (it unmapped every slab before committing)
+        attachment.outbox.put(Published(snapshot.layout_hash))
+        log.info("image published", model_id=attachment.model_id, pid=attachment.pid)
+
+    def _new(self, attachment_id: str, hello: Hello, layout_hash: str, device: str) -> Attachment:
+        backend = self._host.backend
+        return Attachment(
+            attachment_id,
+            hello.pid,
+            hello.model_id,
+            hello.engine,
+            hello.rank,
+            layout_hash,
+            "cuda" if backend.kind == "cuda" else "memfd",
+            next((d.index for d in backend.devices() if d.uuid == device), 0),
+            device or "",
+        )
 
     def acknowledged(self, attachment: Attachment, sequence: int) -> None:
         layers = attachment.quiescing.pop(sequence, None)
@@ -242,6 +296,8 @@ class AgentRegistry:
         if attachment.pidfd is not None:
             os.close(attachment.pidfd)
             attachment.pidfd = None
+        if attachment.writer:  # (nothing, once committed)
+            self._host.abandon_publish(attachment.model_id, attachment.id)
         self._count_changed(attachment.model_id)
         log.info("engine detached", model_id=attachment.model_id, pid=attachment.pid)
 
