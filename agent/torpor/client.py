@@ -259,10 +259,11 @@ class Client:
         self,
         view: models_pb2.ModelView.ValueType = models_pb2.MODEL_VIEW_BASIC,
         *,
+        fingerprint: str = "",
         timeout: float | None = None,
     ) -> list[common_pb2.Model]:
-        """Every model, sorted by model_id."""
-        request = models_pb2.ListModelsRequest(view=view)
+        """Every model, sorted by model_id; or only the image with `fingerprint`."""
+        request = models_pb2.ListModelsRequest(view=view, fingerprint=fingerprint)
         return list(self._unary(self._models.ListModels, request, timeout).models)
 
     def get_model(

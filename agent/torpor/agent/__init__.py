@@ -6,8 +6,9 @@ whose tensors are views on them. Its errors are `TorporError` (from the
 daemon, or the agent's own: WEIGHTS_WITHDRAWN, LAYOUT_CHANGED, ...) and, for
 a range that cannot be mapped, `MappingError`.
 
-That, and `torpor.agent.modules` (putting the tensors in a torch module), is
-what engines use. The modules with a leading underscore are the agent's
+That, `torpor.agent.modules` (putting the tensors in a torch module) and
+`torpor.agent.publish` (publishing an engine's own final weights as an image
+that later starts map) are what engines use. The modules with a leading underscore are the agent's
 insides: the session with the daemon (`_session`, `_fdsocket`), the `use()`
 and quiesce gate (`_gate`), and the layout mapped into this process
 (`_layout`).

@@ -137,16 +137,18 @@ class Layout:
 
     # -- the daemon's slabs ----------------------------------------------------------
 
-    def map(self, sent: Sequence[Mapping[str, Any]], fds: Sequence[int]) -> None:
+    def map(
+        self, sent: Sequence[Mapping[str, Any]], fds: Sequence[int], *, writable: bool = False
+    ) -> None:
         """Map each slab the fd socket sent (its header's layers: name and
-        size, one fd each, in order) at its layer's range; the fds stay the
-        caller's. A layer this layout lacks, or of another size, is
-        LAYOUT_CHANGED: the tensors cannot be remapped."""
+        size, one fd each, in order) at its layer's range (`writable` while
+        publishing it); the fds stay the caller's. A layer this layout lacks,
+        or of another size, is LAYOUT_CHANGED: the tensors cannot be remapped."""
         for layer, fd in zip(sent, fds, strict=True):
             lay = self._layers.get(layer["name"])
             if lay is None or int(layer["size"]) != lay.range.size:
                 raise layout_changed(self.model_id, layer["name"])
-            lay.range.map(fd)
+            lay.range.map(fd, writable=writable)
 
 
 def layout_of(model: common_pb2.Model) -> tuple[layout.LayerLayout, ...]:

@@ -48,8 +48,12 @@ class Session:
         engine: str,
         rank: int,
         timeout: float,
+        publish: agent_pb2.Publish | None = None,
     ) -> None:
         self.model_id = model_id
+        # While publishing (until the commit): what the first Hello says.
+        self.publish = publish
+        self._published = threading.Event()
         self.client = client
         self.timeout = timeout
         self.on_quiesce: list[Callback] = []
@@ -84,7 +88,11 @@ class Session:
         self._requests.put(
             agent_pb2.AttachRequest(
                 hello=agent_pb2.Hello(
-                    model_id=self.model_id, pid=os.getpid(), engine=self._engine, rank=self._rank
+                    model_id=self.model_id,
+                    pid=os.getpid(),
+                    engine=self._engine,
+                    rank=self._rank,
+                    publish=self.publish,
                 )
             )
         )
@@ -180,7 +188,12 @@ class Session:
             if header.get("layout_hash", self.layout_hash) != self.layout_hash:
                 raise layout_changed(self.model_id)
             got = [str(layer["name"]) for layer in header["layers"]]
-            if not self._gate.apply(lambda: self._layout.map(header["layers"], fds)):
+            writable = bool(header.get("writable", False))
+            if writable and self.publish is None:  # (never: the daemon gives them to publishers)
+                raise layout_changed(self.model_id)
+            if not self._gate.apply(
+                lambda: self._layout.map(header["layers"], fds, writable=writable)
+            ):
                 return []  # closed meanwhile
             return got
         finally:
@@ -200,6 +213,8 @@ class Session:
                     self.quiesce(message.quiesce)
                 elif message.HasField("resume"):
                     self.resume(message.resume)
+                elif message.HasField("published"):
+                    self._published.set()
         except grpc.RpcError as err:
             ended = from_rpc_error(err)
         except TorporError as err:
@@ -219,6 +234,27 @@ class Session:
         log.info("attachment to %s ended: %s (%s)", self.model_id, ended.message, ended.reason)
         if idle:
             self.let_go_late()
+
+    def commit(self) -> None:
+        """Publishing: let go of the writable slabs (after the use() blocks
+        end), have the daemon seal and checksum them, and map them again,
+        read-only, at the same addresses. A refusal (the stream ends with
+        it) is raised, and the model is gone."""
+        if self.publish is None:
+            raise TorporError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "NOT_PUBLISHING",
+                f"this attachment is not publishing {self.model_id!r}",
+            )
+        with self._gate.quiescing():
+            self._gate.drain([], None)  # (the daemon can't seal what is mapped writable)
+            self._requests.put(agent_pb2.AttachRequest(commit=agent_pb2.Commit()))
+            # Checksumming takes a while for big images: as long as the stream lasts.
+            while not self._published.wait(0.05):
+                if self._gate.ended is not None:
+                    raise self._gate.ended
+        self.publish = None
+        self.map([])
 
     def quiesce(self, quiesce: agent_pb2.Quiesce) -> None:
         """Let go of the layers named (every layer if none): the engine's

@@ -36,7 +36,7 @@ from torpor.agent._layout import Layout
 from torpor.agent._session import Callback, Session
 from torpor.client import Client
 from torpor.errors import TorporError, from_rpc_error
-from torpor.v1 import models_pb2
+from torpor.v1 import agent_pb2, models_pb2
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,10 @@ class AttachedModel:
         engine: str = "",
         rank: int = 0,
         timeout: float = 60.0,
+        publish: agent_pb2.Publish | None = None,
     ) -> None:
+        """With `publish`, the model is created as an image that this process
+        writes (see torpor.agent.publish) instead of attached to."""
         self.model_id = model_id
         self.timeout = timeout
         self._own_client = client is None
@@ -75,6 +78,7 @@ class AttachedModel:
             engine=engine,
             rank=rank,
             timeout=timeout,
+            publish=publish,
         )
         try:
             self._session.attach()
@@ -120,6 +124,22 @@ class AttachedModel:
     @property
     def device_index(self) -> int:
         return self._session.device_index
+
+    @property
+    def publishing(self) -> bool:
+        """Whether this process is writing the model (an image) and has not
+        committed it yet: its tensors are writable until `commit`."""
+        return self._session.publish is not None
+
+    def commit(self) -> None:
+        """Publishing: the tensors hold the final bytes; have the daemon seal
+        and checksum them. After this they are read-only, at the same
+        addresses, and the model is an image like any other (see
+        torpor.agent.publish). On failure the model is gone."""
+        try:
+            self._session.commit()
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
 
     def reattach(self) -> None:
         """Attach again after the attachment ended (the daemon restarted and the
