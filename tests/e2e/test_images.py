@@ -89,6 +89,8 @@ def test_publish_then_attach_by_fingerprint(daemon: Daemon, client: Client) -> N
         assert all(layer.checksum for layer in model.layers)
         assert model.last_transition.kind == common_pb2.TRANSITION_KIND_PUBLISH
         assert find_image(FINGERPRINT, client=client) == "img"
+        shown = daemon.ctl("get", "img").stdout
+        assert f"fingerprint {FINGERPRINT}" in shown and "State:    active" in shown
         # A second engine maps the same slabs: no second copy.
         after_publish = used(client)
         with attach("img", client=client) as other:

@@ -177,7 +177,16 @@ def model_details(model: common_pb2.Model, *, tensors: bool = False) -> str:
             reason = f"{reason}: {model.state_message}" if reason else model.state_message
         pairs.append(("Reason", reason))
     pairs.append(("Device", device_label(model.device)))
-    if model.HasField("source"):
+    if model.fingerprint:  # an image: its engine wrote it; no source file
+        source = model.source
+        pairs.append(
+            (
+                "Image",
+                f"fingerprint {model.fingerprint} ({count(source.tensor_count, 'tensor')}, "
+                f"{human_bytes(source.data_bytes)})",
+            )
+        )
+    elif model.HasField("source"):
         source = model.source
         pairs.append(
             (
