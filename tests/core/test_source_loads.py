@@ -119,13 +119,14 @@ class ThreadsOf:
             self.threads.setdefault(name, set()).add(threading.get_ident())
 
     def __enter__(self) -> ThreadsOf:
+        self.before = sys.getprofile(), threading.getprofile()
         threading.setprofile(self)
         sys.setprofile(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        sys.setprofile(None)
-        threading.setprofile(None)  # (threads started meanwhile keep it until they end)
+        sys.setprofile(self.before[0])
+        threading.setprofile(self.before[1])  # (threads started meanwhile keep it until they end)
 
 
 async def test_parsing_and_planning_run_off_the_event_loop(tmp_path: Path) -> None:
