@@ -11,6 +11,7 @@ registry, the manager, the slabs, and the engine processes with their pidfds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from torpord.core.attachments.messages import Hello, Quiesce
 from torpord.core.attachments.registry import AgentRegistry
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.errors import FailedPrecondition, PermissionDenied, ResourceExhausted
+from torpord.storage import open_checkpoint, plan_layers
 from torpord.types import ModelState
 
 MiB = 2**20
@@ -66,16 +68,24 @@ class Setup:
         return attachment, proc
 
 
+@contextlib.asynccontextmanager
+async def started(tmp: Path, device_capacity: int = 8 * MiB) -> AsyncIterator[Setup]:
+    s = Setup(tmp, device_capacity)
+    try:
+        yield s
+    finally:
+        for proc in s.engines:
+            proc.kill()
+            proc.wait()
+        await s.registry.shutdown()
+        await s.manager.close(1.0)
+        s.backend.close()
+
+
 @pytest.fixture
 async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
-    s = Setup(tmp_path, device_capacity=8 * MiB)
-    yield s
-    for proc in s.engines:
-        proc.kill()
-        proc.wait()
-    await s.registry.shutdown()
-    await s.manager.close(1.0)
-    s.backend.close()
+    async with started(tmp_path) as s:
+        yield s
 
 
 async def until(check: object, timeout: float = 30) -> bool:
@@ -88,31 +98,35 @@ async def until(check: object, timeout: float = 30) -> bool:
 
 
 async def test_a_revoked_engines_memory_stays_used_until_its_process_exits(
-    setup: Setup, tmp_path: Path
+    tmp_path: Path,
 ) -> None:
     ckpt = make_checkpoint(tmp_path / "m", layers=4, hidden=256)
-    model = await setup.manager.load("m", str(ckpt))
-    size = sum(layer.plan.size for layer in model.layers)
-    assert setup.used() == (size, 0)
-    _, proc = await setup.engine("m")
+    # A device with room for the model and half again: waking needs the
+    # model's memory a second time while a dead engine's copy is held.
+    planned = sum(plan.size for plan in plan_layers(open_checkpoint(str(ckpt))))
+    async with started(tmp_path, device_capacity=planned + planned // 2) as setup:
+        model = await setup.manager.load("m", str(ckpt))
+        size = sum(layer.plan.size for layer in model.layers)
+        assert size == planned
+        assert setup.used() == (size, 0)
+        _, proc = await setup.engine("m")
 
-    model = await setup.manager.sleep("m", 1)
-    assert model.state is ModelState.ASLEEP
-    note = model.last_transition.note if model.last_transition else ""
-    assert f"pid {proc.pid}" in note
-    assert f"the {size} bytes it still maps stay in use until its process exits" in note
-    assert setup.used() == (size, size)  # freed by the daemon, not by the engine
-    # Waking needs that memory again: refused while the engine lives, saying why.
-    setup.backend._devices[0][1].capacity = size + size // 2
-    with pytest.raises(ResourceExhausted) as err:
-        await setup.manager.wake("m")
-    assert "held by engines that went away still mapping them" in err.value.message
-    assert err.value.metadata["held"] == str(size)
-    assert setup.manager.get("m").state is ModelState.ASLEEP
+        model = await setup.manager.sleep("m", 1)
+        assert model.state is ModelState.ASLEEP
+        note = model.last_transition.note if model.last_transition else ""
+        assert f"pid {proc.pid}" in note
+        assert f"the {size} bytes it still maps stay in use until its process exits" in note
+        assert setup.used() == (size, size)  # freed by the daemon, not by the engine
+        # Waking needs that memory again: refused while the engine lives, saying why.
+        with pytest.raises(ResourceExhausted) as err:
+            await setup.manager.wake("m")
+        assert "held by engines that went away still mapping them" in err.value.message
+        assert err.value.metadata["held"] == str(size)
+        assert setup.manager.get("m").state is ModelState.ASLEEP
 
-    proc.kill()
-    assert await until(lambda: setup.used() == (0, 0))
-    assert (await setup.manager.wake("m")).state is ModelState.ACTIVE
+        proc.kill()
+        assert await until(lambda: setup.used() == (0, 0))
+        assert (await setup.manager.wake("m")).state is ModelState.ACTIVE
 
 
 async def test_only_what_a_revoked_engine_still_maps_is_held(setup: Setup, tmp_path: Path) -> None:
@@ -204,18 +218,19 @@ async def test_after_release_an_attachment_takes_nothing_more(setup: Setup, tmp_
 
 
 async def test_without_a_pidfd_an_export_still_works_and_leaks_nothing(
-    setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    setup: Setup, tmp_path: Path
 ) -> None:
-    from torpord.core.attachments import registry as agents
-
+    """No pidfd to be had for the asking process (here: it exited and was
+    reaped before the daemon could open one, as when an engine dies between
+    its request and the answer; a kernel out of fds, or without pidfds,
+    fails the same way)."""
     ckpt = make_checkpoint(tmp_path / "m", layers=2, hidden=256)
     await setup.manager.load("m", str(ckpt))
     attachment, proc = setup.attached("m")
-
-    def no_pidfd(pid: int) -> int:
-        raise OSError(24, "Too many open files")
-
-    monkeypatch.setattr(agents.os, "pidfd_open", no_pidfd)
+    proc.kill()
+    proc.wait()
+    with pytest.raises(ProcessLookupError):  # (what the export meets)
+        os.pidfd_open(proc.pid)
     before = len(os.listdir("/proc/self/fd"))
     _, fds = await setup.registry.export(attachment.id, proc.pid, [])
     assert fds and attachment.pidfd is None  # no kill, no watch: but the engine has its fds

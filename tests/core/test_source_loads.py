@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-import pytest
 from torpor.testing import make_checkpoint
-from torpord.core import registry as registry_module
 from torpord.errors import TorporError
-from torpord.storage.layers import layout_hash
+from torpord.storage import layout_hash, open_checkpoint, plan_layers
 
 from .harness import Harness
 
@@ -105,32 +105,42 @@ async def test_a_component_changing_during_loads_gives_documented_codes(tmp_path
         await h.close()
 
 
-async def test_parsing_and_planning_run_off_the_event_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+class ThreadsOf:
+    """The threads each of some functions is called on, as a profiler sees
+    them: the interpreter's profiling hook, on this thread and on every
+    thread started while it watches. Nothing of the product is replaced."""
+
+    def __init__(self, *functions: Callable[..., Any]) -> None:
+        self.names = {f.__code__: f.__name__ for f in functions}
+        self.threads: dict[str, set[int]] = {}
+
+    def __call__(self, frame: FrameType, event: str, arg: object) -> None:
+        if event == "call" and (name := self.names.get(frame.f_code)) is not None:
+            self.threads.setdefault(name, set()).add(threading.get_ident())
+
+    def __enter__(self) -> ThreadsOf:
+        self.before = sys.getprofile(), threading.getprofile()
+        threading.setprofile(self)
+        sys.setprofile(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.setprofile(self.before[0])
+        threading.setprofile(self.before[1])  # (threads started meanwhile keep it until they end)
+
+
+async def test_parsing_and_planning_run_off_the_event_loop(tmp_path: Path) -> None:
     # All three are O(tensors): at the tensor limit, seconds of CPU that must not
-    # stop every other RPC. Each is wrapped to note the thread it runs on.
-    threads: dict[str, int] = {}
-
-    def recording(name: str) -> Callable[..., Any]:
-        real = getattr(registry_module, name)
-
-        def record(*args: Any, **kwargs: Any) -> Any:
-            threads[name] = threading.get_ident()
-            return real(*args, **kwargs)
-
-        return record
-
-    names = ("open_checkpoint", "plan_layers", "layout_hash")
-    for name in names:
-        monkeypatch.setattr(registry_module, name, recording(name))
-    h = Harness(tmp_path)
-    try:
-        model = await h.manager.load("m", str(make_checkpoint(tmp_path / "m", layers=2)))
-        loop_thread = threading.get_ident()
-        assert set(threads) == set(names)
-        assert loop_thread not in threads.values()
-        # The layout hash engines check is the one of the model's layers.
-        assert model.layout_hash == layout_hash([layer.plan for layer in model.layers])
-    finally:
-        await h.close()
+    # stop every other RPC. Each call's thread is noted.
+    steps = (open_checkpoint, plan_layers, layout_hash)
+    with ThreadsOf(*steps) as watched:
+        h = Harness(tmp_path)
+        try:
+            model = await h.manager.load("m", str(make_checkpoint(tmp_path / "m", layers=2)))
+        finally:
+            await h.close()
+    loop_thread = threading.get_ident()
+    assert set(watched.threads) == {step.__name__ for step in steps}
+    assert all(loop_thread not in threads for threads in watched.threads.values()), watched.threads
+    # The layout hash engines check is the one of the model's layers.
+    assert model.layout_hash == layout_hash([layer.plan for layer in model.layers])

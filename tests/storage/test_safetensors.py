@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from safetensors.numpy import save_file
 from torpor.testing import make_checkpoint, write_safetensors
 from torpord.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from torpord.storage import DTYPES, Checkpoint, check_unchanged, open_checkpoint, read_tensors
+from torpord.storage.fileio import Buffer, SystemIO
 from torpord.storage.safetensors import INDEX_FILE
 from torpord.storage.sources import ordinal
 
@@ -474,37 +476,45 @@ def test_truncated_after_open_is_source_changed(tmp_path: Path) -> None:
     assert str(path.resolve()) in info.value.message and "offset" in info.value.message
 
 
-def test_short_read_is_source_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class HalfThenEnd(SystemIO):
+    """A file that gives half of the first read asked, then ends (it shrank
+    under the reader); each read's offset noted."""
+
+    def __init__(self) -> None:
+        self.offsets: list[int] = []
+
+    def preadv(self, fd: int, buffers: Sequence[Buffer], offset: int, flags: int = 0) -> int:
+        self.offsets.append(offset)
+        if len(self.offsets) > 1:
+            return 0  # the file "ended" under us
+        half = memoryview(buffers[0])[: len(buffers[0]) // 2]
+        return super().preadv(fd, [half], offset, flags)
+
+
+def test_short_read_is_source_changed(tmp_path: Path) -> None:
     ckpt = open_checkpoint(make_checkpoint(tmp_path / "m.safetensors", layers=1))
     t = ckpt.tensors[1]
-    real = os.preadv
-    calls: list[int] = []
-
-    def half_then_eof(fd: int, buffers: list[memoryview], offset: int) -> int:
-        calls.append(offset)
-        if len(calls) > 1:
-            return 0  # the file "ended" under us
-        return real(fd, [buffers[0][: t.nbytes // 2]], offset)
-
-    monkeypatch.setattr(os, "preadv", half_then_eof)
+    io = HalfThenEnd()
     with pytest.raises(FailedPrecondition) as info:
-        read_tensors(ckpt, [(t, 0)], memoryview(bytearray(t.nbytes)))
+        read_tensors(ckpt, [(t, 0)], memoryview(bytearray(t.nbytes)), io=io)
     err = info.value
     assert err.reason == "SOURCE_CHANGED"
-    assert calls == [t.file_offset, t.file_offset + t.nbytes // 2]
+    assert io.offsets == [t.file_offset, t.file_offset + t.nbytes // 2]
     assert f"offset {t.file_offset + t.nbytes // 2}" in err.message and t.name in err.message
 
 
-def test_read_error_is_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ckpt = open_checkpoint(make_checkpoint(tmp_path / "m.safetensors", layers=1))
-    t = ckpt.tensors[0]
+class FailingDisk(SystemIO):
+    """A disk whose every read fails."""
 
-    def fail(fd: int, buffers: list[memoryview], offset: int) -> int:
+    def preadv(self, fd: int, buffers: Sequence[Buffer], offset: int, flags: int = 0) -> int:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(os, "preadv", fail)
+
+def test_read_error_is_unavailable(tmp_path: Path) -> None:
+    ckpt = open_checkpoint(make_checkpoint(tmp_path / "m.safetensors", layers=1))
+    t = ckpt.tensors[0]
     with pytest.raises(Unavailable) as info:
-        read_tensors(ckpt, [(t, 0)], memoryview(bytearray(t.nbytes)))
+        read_tensors(ckpt, [(t, 0)], memoryview(bytearray(t.nbytes)), io=FailingDisk())
     err = info.value
     assert err.reason == "SOURCE_READ_FAILED"
     assert os.strerror(errno.EIO) in err.message and f"offset {t.file_offset}" in err.message

@@ -1,12 +1,13 @@
 """Where the read pipeline's bytes come from: its seam with the kernel.
 
-The pipeline makes two calls on a source file: open it (buffered, or with
-O_DIRECT) and `preadv` from it. `FileIO` is those two calls; `SYSTEM_IO`,
-the default, makes them on the kernel. `ReadOptions.io` takes any other
-`FileIO`, usually one that wraps `SYSTEM_IO`, to stand between the daemon
-and its disks: to pace or count a node's reads, or to play a disk that
-stalls, fails, refuses O_DIRECT or shrinks under the reader (the tests do
-that through this seam, never through the pipeline's internals).
+The pipeline (and `read_tensors`, and the disk cache) make two calls on a
+file: open it (buffered, or with O_DIRECT) and `preadv` from it. `FileIO` is
+those two calls; `SYSTEM_IO`, the default, makes them on the kernel.
+`ReadOptions.io` (the `io` argument of the others) takes any other `FileIO`,
+usually one that wraps `SYSTEM_IO`, to stand between the daemon and its
+disks: to pace or count a node's reads, or to play a disk that stalls,
+fails, refuses O_DIRECT or shrinks under the reader (the tests do that
+through this seam, never through the readers' internals).
 
 A `FileIO` keeps the kernel's contract: `open` raises OSError where the
 filesystem refuses (EINVAL for O_DIRECT, say), and `preadv` returns the bytes
@@ -23,12 +24,27 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from torpord.errors import FailedPrecondition, Unavailable
-from torpord.storage.reader import open_for_read
 from torpord.storage.safetensors import Checkpoint, SourceFile
+from torpord.storage.sources import reopen
 
-__all__ = ["SYSTEM_IO", "Buffer", "FileIO", "OpenFile", "SystemIO", "read_failed", "truncated"]
+__all__ = [
+    "SYSTEM_IO",
+    "Buffer",
+    "FileIO",
+    "OpenFile",
+    "SystemIO",
+    "open_for_read",
+    "read_failed",
+    "truncated",
+]
 
 Buffer = memoryview | mmap.mmap
+
+
+def open_for_read(src: SourceFile, offset: int | None, flags: int = 0) -> int:
+    """A descriptor to read `src` (needed from `offset`, said in errors) if
+    its path still leads to the very file that was opened and checked."""
+    return reopen(src.path, src.identity, flags, offset)
 
 
 class FileIO(Protocol):

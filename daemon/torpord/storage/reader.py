@@ -4,6 +4,8 @@ Tensor bytes are read on demand with `preadv`, straight into the caller's
 buffer, so a 100 GB checkpoint never passes through page-cache mappings that
 we own. Every read first checks that the file is still the one that was
 opened, so a replaced or truncated shard never lands garbage in a slab.
+Both calls go through a `FileIO` (torpord.storage.fileio), the kernel's by
+default, as the read pipeline's do.
 """
 
 from __future__ import annotations
@@ -14,17 +16,11 @@ from collections.abc import Sequence
 import xxhash
 
 from torpord.errors import FailedPrecondition, TorporError, Unavailable
+from torpord.storage.fileio import SYSTEM_IO, FileIO, open_for_read
 from torpord.storage.header import read_header
 from torpord.storage.safetensors import Checkpoint, SourceFile, TensorInfo
-from torpord.storage.sources import reopen
 
-__all__ = ["check_unchanged", "open_for_read", "read_tensors"]
-
-
-def open_for_read(src: SourceFile, offset: int | None, flags: int = 0) -> int:
-    """A descriptor to read `src` (needed from `offset`, said in errors) if
-    its path still leads to the very file that was opened and checked."""
-    return reopen(src.path, src.identity, flags, offset)
+__all__ = ["check_unchanged", "read_tensors"]
 
 
 def _changes(src: SourceFile, max_header_bytes: int) -> str | None:
@@ -53,9 +49,14 @@ def check_unchanged(checkpoint: Checkpoint, *, max_header_bytes: int = 100 * 2**
 
 
 def read_tensors(
-    checkpoint: Checkpoint, items: Sequence[tuple[TensorInfo, int]], dest: memoryview
+    checkpoint: Checkpoint,
+    items: Sequence[tuple[TensorInfo, int]],
+    dest: memoryview,
+    *,
+    io: FileIO = SYSTEM_IO,
 ) -> int:
-    """Read each tensor's bytes into `dest[dest_offset:dest_offset + nbytes]`.
+    """Read each tensor's bytes into `dest[dest_offset:dest_offset + nbytes]`,
+    opening and reading its file through `io`.
 
     Reads go straight into `dest` (no intermediate copy) and release the GIL,
     so callers may run several of these on threads. Returns the bytes read.
@@ -74,12 +75,12 @@ def read_tensors(
             src = checkpoint.files[tensor.file_index]
             fd = fds.get(tensor.file_index)
             if fd is None:
-                fd = fds[tensor.file_index] = open_for_read(src, tensor.file_offset)
+                fd = fds[tensor.file_index] = io.open(src, False)
             done = 0
             while done < tensor.nbytes:
                 offset = tensor.file_offset + done
                 try:
-                    n = os.preadv(fd, [out[at + done : at + tensor.nbytes]], offset)
+                    n = io.preadv(fd, [out[at + done : at + tensor.nbytes]], offset)
                 except OSError as err:
                     raise Unavailable(
                         f"{src.path}: read of tensor {tensor.name!r} failed at offset {offset}: "
