@@ -5,7 +5,9 @@ process of its own and reports what it got (`out`: error names, sizes). By
 default it runs on the emulated driver (tests/emulator); with
 TORPOR_DRIVER=real it runs on this machine's real libcuda (device 0, device 1
 where a case needs two), and each outcome is recorded in
-$TORPOR_CONFORMANCE_OUT/conformance.json.
+$TORPOR_CONFORMANCE_OUT/conformance.json. tests/gpu/run.sh does that on a GPU
+machine; committed as tests/emulator/real-driver.json, the record is what
+`compare` holds the emulator to, except the DIFFERENCES below.
 
 Where a case's emulated mechanics have no real counterpart, the real run uses
 the real means to the same end (a large copy from page-locked memory keeps a
@@ -21,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ MiB = 1 << 20
 
 SWITCH = "TORPOR_DRIVER"  # "emulated" (the default) or "real"
 RESULTS = "TORPOR_CONFORMANCE_OUT"  # where a real run writes conformance.json
+RECORD = Path(__file__).parent / "real-driver.json"
 
 _mode = os.environ.get(SWITCH, "emulated")
 if _mode not in ("emulated", "real"):
@@ -41,7 +45,7 @@ if _mode not in ("emulated", "real"):
 REAL = _mode == "real"
 
 # Where the emulator knowingly differs from the real driver: "case.key" and
-# why. The real run doesn't assert these keys, and records why.
+# why. The real run doesn't assert these keys; `compare` doesn't compare them.
 DIFFERENCES = {
     "forbidden.offset_map": "the driver maps from an offset into an allocation; the "
     "emulator maps whole allocations only (as the daemon, PyTorch and NCCL do)",
@@ -241,4 +245,33 @@ def require_real() -> RealDriver:
     found = real_driver()
     if isinstance(found, str):
         pytest.skip(f"${SWITCH}=real: {found}", allow_module_level=True)
+    return found
+
+
+def recorded() -> dict[str, Any] | None:
+    """The committed record of the real driver's outcomes, if there is one."""
+    if not RECORD.is_file():
+        return None
+    record: dict[str, Any] = json.loads(RECORD.read_text())
+    return record
+
+
+def compare(record: dict[str, Any], emulated: Callable[[str], Outcome]) -> list[str]:
+    """Where the emulator (`emulated(name)` runs a case on it) returns other
+    than the real driver did in `record`, one line each; DIFFERENCES aside."""
+    found = []
+    for name, real in sorted(record["cases"].items()):
+        case = CASES.get(name)
+        if case is None or case.digest() != real["digest"]:
+            found.append(f"{name}: the case changed since it was recorded: record it again")
+            continue
+        got = emulated(name)
+        if got.returncode != real["returncode"]:
+            found.append(f"{name}: exit {got.returncode} here, {real['returncode']} on the driver")
+        for key in sorted(set(got.out) | set(real["out"])):
+            if f"{name}.{key}" in DIFFERENCES:
+                continue
+            mine, theirs = got.out.get(key, "(absent)"), real["out"].get(key, "(absent)")
+            if mine != theirs:
+                found.append(f"{name}.{key}: {mine!r} here, {theirs!r} on the driver")
     return found
