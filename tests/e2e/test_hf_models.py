@@ -6,6 +6,7 @@ clear refusal. Never a wrong output without an error."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from torpor import Client  # noqa: E402
 from torpor.agent import AttachedModel, attach  # noqa: E402
-from torpor.agent.modules import empty_parameters, load_module  # noqa: E402
+from torpor.agent.modules import empty_parameters, from_transformers, load_module  # noqa: E402
 
 IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
 SMALL = {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2}
@@ -107,6 +108,100 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Models]:
         d.kill()
 
 
+def assert_same_as_from_pretrained(model: AttachedModel, path: Path) -> Any:
+    """from_transformers on the daemon's model against from_pretrained on its
+    directory: the same output, bit for bit, from the daemon's tensors."""
+    config = transformers.AutoConfig.from_pretrained(path)
+    encoder = config.model_type == "bert"
+    reference = auto_class(config).from_pretrained(path).eval()
+    mine = from_transformers(config, model, model_class=auto_class(config))
+    ranges = model.ranges().values()
+    for name, p in mine.named_parameters():  # no copy: each in one of the slabs
+        assert any(a <= p.data_ptr() < a + n for a, n in ranges), name
+    with model.use(wait=False):
+        got = output(mine, encoder)
+    want = output(reference, encoder)
+    assert got.dtype == want.dtype
+    assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+    return mine
+
+
+@pytest.mark.parametrize(
+    ("family", "dtype"),
+    [
+        ("llama", torch.float32),
+        *[
+            (family, torch.bfloat16)
+            for family in (
+                "llama",
+                "qwen2",
+                "mistral",
+                "gpt2",
+                "gemma",
+                "gemma2",
+                "phi3",
+                "opt",
+                "bert",
+            )
+        ],
+    ],
+)
+def test_from_transformers_gives_what_from_pretrained_gives(
+    models: Models, family: str, dtype: torch.dtype
+) -> None:
+    name = f"{family}-{str(dtype).removeprefix('torch.')}"
+    path = models.save(name, configs()[family], dtype)
+    model = models.attach(name, path)
+    assert_same_as_from_pretrained(model, path)
+
+
+def tie_in_config(path: Path) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_a_checkpoint_with_two_tensors_is_never_tied_by_its_config(models: Models) -> None:
+    """The config says tied, the checkpoint holds a head that is not the
+    embedding: from_pretrained uses both; so must we (it re-tied them)."""
+    config = transformers.LlamaConfig(**SMALL, **ATTENTION, tie_word_embeddings=False)
+    path = models.save("two-tensors", config)
+    tie_in_config(path)
+    model = models.attach("two-tensors", path)
+    state = model.state_dict()
+    with model.use():
+        assert not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    mine = assert_same_as_from_pretrained(model, path)
+    assert mine.lm_head.weight.data_ptr() == state["lm_head.weight"].data_ptr()
+    assert mine.model.embed_tokens.weight.data_ptr() == (
+        state["model.embed_tokens.weight"].data_ptr()
+    )
+    assert "lm_head.weight" not in mine.all_tied_weights_keys  # as from_pretrained
+
+
+def test_a_tied_checkpoint_holding_only_the_head_ties_the_embedding_to_it(
+    models: Models,
+) -> None:
+    """from_pretrained ties symmetrically: the head is the tensor the
+    checkpoint has, and the embedding follows it."""
+    from safetensors.torch import load_file, save_file
+
+    config = transformers.LlamaConfig(**SMALL, **ATTENTION, tie_word_embeddings=True)
+    path = models.save("only-head", config)
+    for shard in path.glob("*.safetensors"):  # rename the embedding to the head
+        state = load_file(shard)
+        if "model.embed_tokens.weight" in state:
+            state["lm_head.weight"] = state.pop("model.embed_tokens.weight")
+            save_file(state, shard, metadata={"format": "pt"})
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = index["weight_map"].pop("model.embed_tokens.weight")
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    model = models.attach("only-head", path)
+    mine = assert_same_as_from_pretrained(model, path)
+    head = model.state_dict()["lm_head.weight"].data_ptr()
+    assert mine.model.embed_tokens.weight.data_ptr() == head
+
+
 def hub_bert(models: Models, name: str) -> Path:
     """A BERT checkpoint as the Hub has them (all-MiniLM-L6-v2 among them): one
     file that also holds the int64 `embeddings.position_ids` buffer, first."""
@@ -120,6 +215,26 @@ def hub_bert(models: Models, name: str) -> Path:
     (path / "model.safetensors.index.json").unlink()
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     return path
+
+
+def test_the_dtype_is_the_configs_not_the_first_tensors(models: Models) -> None:
+    path = hub_bert(models, "bert-hub")
+    model = models.attach("bert-hub", path)
+    assert next(iter(model.state_dict().values())).dtype == torch.int64
+    mine = assert_same_as_from_pretrained(model, path)
+    assert mine.dtype == torch.float32
+
+
+def test_a_config_dtype_other_than_the_checkpoints_is_refused(models: Models) -> None:
+    """from_pretrained casts to the config's dtype; the daemon's read-only
+    tensors cannot be cast, so the answer is an error, not other logits."""
+    path = models.save("cast", configs()["llama"], torch.bfloat16)
+    config = json.loads((path / "config.json").read_text())
+    config["dtype"] = "float32"
+    (path / "config.json").write_text(json.dumps(config))
+    model = models.attach("cast", path)
+    with pytest.raises(ValueError, match=r"'cast' has .* torch.bfloat16.* torch.float32"):
+        from_transformers(transformers.AutoConfig.from_pretrained(path), model)
 
 
 def empty(config: Any) -> Any:

@@ -17,6 +17,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from torpor.agent import hf
 from torpor.agent.attach import AttachedModel
 
 if TYPE_CHECKING:
@@ -225,31 +226,46 @@ def from_transformers(
     progressive: bool = True,
 ) -> Any:
     """A Hugging Face `transformers` model built from `config` whose weights
-    are the daemon's tensors (no copy of them in this process). With
-    `progressive`, its submodules wait for their layers (see wait_hooks);
-    the hooks are on the returned model's `torpor_hooks`."""
-    import torch
+    are the daemon's tensors (no copy of them in this process), giving what
+    `from_pretrained` gives on the same checkpoint, or a ValueError that
+    says why it cannot:
 
+    - built under the config's dtype (the checkpoint's most common floating
+      dtype when the config has none); a tensor of another dtype is
+      refused (transformers would cast it);
+    - weights the config ties are tied only when the checkpoint holds one
+      of them; two tensors stay two, as in `from_pretrained`;
+    - buffers transformers computes (BERT's `position_ids`) are the
+      module's own, as in `from_pretrained`; a parameter without a tensor
+      is refused.
+
+    With `progressive`, its submodules wait for their layers (see
+    wait_hooks); the hooks are on the returned model's `torpor_hooks`."""
     if model_class is None:
         from transformers import AutoModelForCausalLM
 
         model_class = AutoModelForCausalLM
     state = model.state_dict()
-    dtype = next(iter(state.values())).dtype if state else torch.float32
+    dtype = hf.config_dtype(config, state)
     with empty_parameters():
         # Auto classes have from_config; a concrete model class has _from_config.
         build = getattr(model_class, "from_config", None) or model_class._from_config
         module = build(config, dtype=dtype)
-    result = module.load_state_dict(state, strict=False, assign=True)
-    module.tie_weights()
-    meta = [name for name, p in module.named_parameters() if p.device.type == "meta"]
+    computed = hf.non_persistent_buffers(module)
+    tensors = {k: t for k, t in state.items() if k not in computed}
+    hf.check_dtypes(module, tensors, model.model_id)
+    loaded = assign(module, tensors, model_id=model.model_id, buffers=False)
+    hf.record_untied(module)
+    meta = [
+        name
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+        if t.device.type == "meta"
+    ]
     if meta:
         raise ValueError(
             f"the daemon's model {model.model_id!r} has no weights for {', '.join(meta[:5])}"
-            f"{' …' if len(meta) > 5 else ''} (unexpected: {list(result.unexpected_keys)[:5]})"
+            f"{' …' if len(meta) > 5 else ''} (unexpected: {loaded.unexpected_keys[:5]})"
         )
-    for param in module.parameters():
-        param.requires_grad_(False)
     module.eval()
     module.torpor_hooks = wait_hooks(module, model) if progressive else None
     return module
