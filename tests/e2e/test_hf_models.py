@@ -141,6 +141,7 @@ def assert_same_as_from_pretrained(model: AttachedModel, path: Path) -> Any:
                 "gemma2",
                 "phi3",
                 "opt",
+                "gpt_neox",
                 "bert",
             )
         ],
@@ -152,7 +153,23 @@ def test_from_transformers_gives_what_from_pretrained_gives(
     name = f"{family}-{str(dtype).removeprefix('torch.')}"
     path = models.save(name, configs()[family], dtype)
     model = models.attach(name, path)
-    assert_same_as_from_pretrained(model, path)
+    mine = assert_same_as_from_pretrained(model, path)
+    if family == "gpt_neox":  # checkpoint's embed_out, transformers' lm_head
+        assert "embed_out.weight" in model.state_dict()
+        assert mine.get_output_embeddings().weight.data_ptr() == (
+            model.state_dict()["embed_out.weight"].data_ptr()
+        )
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_a_model_whose_experts_transformers_fuses_is_refused(models: Models, family: str) -> None:
+    path = models.save(family, configs()[family])
+    model = models.attach(family, path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    with pytest.raises(ValueError, match=r"converts .* image") as refused:
+        from_transformers(config, model)
+    assert repr(family) in str(refused.value)
+    assert "experts.0." in str(refused.value)  # a tensor it names
 
 
 def tie_in_config(path: Path) -> None:

@@ -1,7 +1,7 @@
 """What `from_transformers` must know of how Hugging Face transformers loads
 a checkpoint, so that a module built on the daemon's tensors is the one
-`from_pretrained` would give: the dtype it builds under and the tensors it
-would not take as they are.
+`from_pretrained` would give: the dtype it builds under, the names it gives
+the checkpoint's tensors, and the tensors it would not take as they are.
 
 Nothing here reads a tensor's bytes: the daemon's weights may be asleep
 (their ranges fault on access) while an engine builds its module.
@@ -10,7 +10,7 @@ Nothing here reads a tensor's bytes: the daemon's weights may be asleep
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -20,9 +20,34 @@ if TYPE_CHECKING:
 __all__ = [
     "check_dtypes",
     "config_dtype",
+    "module_names",
     "non_persistent_buffers",
     "record_untied",
 ]
+
+# How transformers' own loader (5.x) renames and converts checkpoint keys; None
+# for a transformers that loads by name (4.x).
+_Loader = tuple[Callable[..., Any], Callable[..., Any], type, type, Callable[[str], Any]]
+
+
+def _loader() -> _Loader | None:
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            dot_natural_key,
+            rename_source_key,
+        )
+    except ImportError:
+        return None
+    return (
+        get_model_conversion_mapping,
+        rename_source_key,
+        WeightRenaming,
+        WeightConverter,
+        dot_natural_key,
+    )
 
 
 def config_dtype(config: Any, tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
@@ -48,6 +73,58 @@ def config_dtype(config: Any, tensors: Mapping[str, torch.Tensor]) -> torch.dtyp
         if t.dtype.is_floating_point and t.dtype.itemsize > 1  # (fp8, fp4: one byte)
     )
     return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def module_names(module: nn.Module, names: Iterable[str], model_id: str) -> dict[str, str]:
+    """Each checkpoint tensor's name in `module`, renamed as transformers'
+    `from_pretrained` renames it (GPT-NeoX's `embed_out` is `lm_head`, old
+    LayerNorm `gamma` is `weight`, a base model's prefix added or dropped).
+
+    ValueError when transformers converts a tensor rather than renames it
+    (Mixtral's and Qwen2-MoE's experts fused into 3-D parameters, split or
+    transposed weights): the module's layout is not the checkpoint's, so no
+    tensor of the checkpoint can be the module's own; the same when two
+    tensors would get one name."""
+    loader = _loader()
+    ordered = list(names)
+    if loader is None:
+        return {name: name for name in ordered}
+    conversions, rename, renaming, converter, natural = loader
+    transforms = conversions(module)
+    renamings = [t for t in transforms if isinstance(t, renaming)]
+    converters = [t for t in transforms if isinstance(t, converter)]
+    own = module.state_dict()
+    prefix = getattr(module, "base_model_prefix", None)
+    result: dict[str, str] = {}
+    converted: list[str] = []
+    # In transformers' key order: a group renaming acts only once it has seen
+    # its first key.
+    for name in sorted(ordered, key=natural):
+        new, pattern = rename(name, renamings, converters, prefix, own)
+        if new not in own and name in own:  # (as transformers: a key the module has as is)
+            new, pattern = rename(name, [], [], prefix, own)
+        if pattern is not None:
+            converted.append(name)
+        result[name] = new
+    if converted:
+        shown = ", ".join(converted[:3]) + (" …" if len(converted) > 3 else "")
+        raise ValueError(
+            f"the daemon's model {model_id!r} holds the checkpoint's layout, and "
+            f"{type(module).__name__} has another: transformers converts {shown} "
+            f"({len(converted)} tensors) into other parameters when it loads them "
+            "(fused experts, split or transposed weights), so they cannot be the "
+            "module's own tensors. Load this model through an image instead (an "
+            "engine publishes its converted weights into the daemon once)"
+        )
+    targets: dict[str, str] = {}
+    for name, new in result.items():
+        if new in targets:
+            raise ValueError(
+                f"the daemon's model {model_id!r} has two tensors, {targets[new]} and "
+                f"{name}, for one parameter {new} of {type(module).__name__}"
+            )
+        targets[new] = name
+    return result
 
 
 def non_persistent_buffers(module: nn.Module) -> set[str]:

@@ -233,6 +233,9 @@ def from_transformers(
     - built under the config's dtype (the checkpoint's most common floating
       dtype when the config has none); a tensor of another dtype is
       refused (transformers would cast it);
+    - tensor names as transformers renames them (GPT-NeoX's `embed_out`);
+      a model whose tensors transformers converts (fused MoE experts) is
+      refused: its parameters are not the checkpoint's tensors;
     - weights the config ties are tied only when the checkpoint holds one
       of them; two tensors stay two, as in `from_pretrained`;
     - buffers transformers computes (BERT's `position_ids`) are the
@@ -251,8 +254,9 @@ def from_transformers(
         # Auto classes have from_config; a concrete model class has _from_config.
         build = getattr(model_class, "from_config", None) or model_class._from_config
         module = build(config, dtype=dtype)
+    names = hf.module_names(module, state, model.model_id)
     computed = hf.non_persistent_buffers(module)
-    tensors = {k: t for k, t in state.items() if k not in computed}
+    tensors = {names[k]: t for k, t in state.items() if names[k] not in computed}
     hf.check_dtypes(module, tensors, model.model_id)
     loaded = assign(module, tensors, model_id=model.model_id, buffers=False)
     hf.record_untied(module)
