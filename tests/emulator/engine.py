@@ -23,15 +23,15 @@ os.environ["CUDAEMU_HOST_ACCESS"] = "1"  # (read by the driver at each cuMemSetA
 import torch
 from torpor.agent import cuda
 from torpor.agent.dlpack import CPU, byte_tensor
-from torpor.agent.mapping import tensor_span
+from torpor.agent.mapping import tensor_span, torch_shape
 
 
 def tensor(self: cuda.CudaSlabRange, offset: int, dtype: str, shape: Sequence[int]) -> torch.Tensor:
     tdtype, nbytes = tensor_span(dtype, shape, offset, self.size)
     if nbytes == 0:
-        return torch.empty(tuple(shape), dtype=tdtype)
+        return torch.empty(torch_shape(dtype, shape), dtype=tdtype)
     raw = byte_tensor(self.address + offset, nbytes, CPU, 0)
-    return raw.view(tdtype).reshape(tuple(shape))
+    return raw.view(tdtype).reshape(torch_shape(dtype, shape))
 
 
 cuda.CudaSlabRange.tensor = tensor  # type: ignore[method-assign]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from torpor.agent.dlpack import CUDA, byte_tensor
-from torpor.agent.mapping import MappingError, tensor_span
+from torpor.agent.mapping import MappingError, tensor_span, torch_shape
 from torpor.cudadriver import Driver
 
 if TYPE_CHECKING:
@@ -138,9 +138,9 @@ class CudaSlabRange:
         tdtype, nbytes = tensor_span(dtype, shape, offset, self.size)
         device = torch.device("cuda", self.device)
         if nbytes == 0:
-            return torch.empty(tuple(shape), dtype=tdtype, device=device)
+            return torch.empty(torch_shape(dtype, shape), dtype=tdtype, device=device)
         # Bytes first (every dtype, bf16 and fp8 included, is a view of them),
         # through DLPack naming the device: the range may not be mapped yet,
         # and torch must not ask the driver about the pointer.
         raw = byte_tensor(self.address + offset, nbytes, CUDA, self.device)
-        return raw.view(tdtype).reshape(tuple(shape))
+        return raw.view(tdtype).reshape(torch_shape(dtype, shape))

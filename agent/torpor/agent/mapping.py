@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MappingError", "SlabRange", "torch_dtype"]
+__all__ = ["MappingError", "SlabRange", "tensor_span", "torch_dtype", "torch_shape"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -120,10 +120,10 @@ class SlabRange:
 
         tdtype, nbytes = tensor_span(dtype, shape, offset, self.size)
         if nbytes == 0:
-            return torch.empty(tuple(shape), dtype=tdtype)
+            return torch.empty(torch_shape(dtype, shape), dtype=tdtype)
         raw = (ctypes.c_uint8 * nbytes).from_address(self.address + offset)
         flat = torch.frombuffer(raw, dtype=torch.uint8)
-        return flat.view(tdtype).reshape(tuple(shape))
+        return flat.view(tdtype).reshape(torch_shape(dtype, shape))
 
 
 def tensor_span(
@@ -135,15 +135,31 @@ def tensor_span(
 
     tdtype = torch_dtype(dtype)
     nbytes = torch.empty((), dtype=tdtype).element_size()
-    for dim in shape:
+    for dim in torch_shape(dtype, shape):
         nbytes *= dim
     if offset < 0 or offset + nbytes > size:
         raise ValueError(f"{nbytes} bytes at {offset} do not fit a {size}-byte slab")
     return tdtype, nbytes
 
 
+def torch_shape(dtype: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """The torch shape of a safetensors tensor: its own, except for F4, whose
+    torch dtype (float4_e2m1fn_x2) holds two values a byte, so its last
+    dimension is half the checkpoint's (as safetensors itself loads it);
+    ValueError for an F4 tensor whose last dimension is odd."""
+    if dtype != "F4":
+        return tuple(shape)
+    if not shape or shape[-1] % 2:
+        raise ValueError(
+            f"an F4 tensor of shape {list(shape)} has no torch shape: torch packs two"
+            " values a byte along the last dimension, which must be even"
+        )
+    return (*shape[:-1], shape[-1] // 2)
+
+
 def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype name."""
+    """The torch dtype of a safetensors dtype name; ValueError for one torch
+    has no dtype for (F6_E2M3, F6_E3M2 in torch 2.13)."""
     import torch
 
     table = {
@@ -151,8 +167,7 @@ def torch_dtype(name: str) -> torch.dtype:
         "F32": torch.float32,
         "F16": torch.float16,
         "BF16": torch.bfloat16,
-        "F8_E4M3": torch.float8_e4m3fn,
-        "F8_E5M2": torch.float8_e5m2,
+        "C64": torch.complex64,
         "I64": torch.int64,
         "I32": torch.int32,
         "I16": torch.int16,
@@ -163,9 +178,19 @@ def torch_dtype(name: str) -> torch.dtype:
         "U8": torch.uint8,
         "BOOL": torch.bool,
     }
-    e8m0 = getattr(torch, "float8_e8m0fnu", None)
-    if e8m0 is not None:
-        table["F8_E8M0"] = e8m0
+    # The narrow floats came one torch release at a time; those this torch
+    # lacks stay unmapped (ValueError below).
+    for safetensors_name, torch_name in (
+        ("F8_E4M3", "float8_e4m3fn"),
+        ("F8_E5M2", "float8_e5m2"),
+        ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+        ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+        ("F8_E8M0", "float8_e8m0fnu"),
+        ("F4", "float4_e2m1fn_x2"),
+    ):
+        value = getattr(torch, torch_name, None)
+        if isinstance(value, torch.dtype):
+            table[safetensors_name] = value
     try:
         return table[name]
     except KeyError:
