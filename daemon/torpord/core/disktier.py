@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from torpord.backends.base import Backend, Slab
+from torpord.core import imagedisk
 from torpord.core.model import LayerState, Model
 from torpord.core.observer import MoveObserver
 from torpord.core.workers import Workers
@@ -159,6 +160,12 @@ class DiskTier:
         model.progress.note = "; ".join(filter(None, [model.progress.note, note]))
         self.observer.progress(model, force=True)
 
+    async def forget_image(self, model: Model) -> None:
+        """Before an image is unloaded: remove its manifest, so that it does
+        not come back at the next start (Unavailable if it can't be)."""
+        if self.disk is not None:
+            await imagedisk.forget(model, self.disk, self._workers)
+
     def check_room(self, model: Model, layers: Sequence[LayerState]) -> None:
         """DISK_FULL now, holding nothing, unless the cache has room for the
         copies `write` would write (counting copies no model uses as room)."""
@@ -223,10 +230,13 @@ class DiskTier:
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
+            # An image whose every layer now has a copy survives a restart.
+            await imagedisk.keep(model, disk, self._workers)
         except BaseException:
             for layer in taken:
                 layer.disk = None
             disk.undo(room, self._in_use())
+            imagedisk.unkeep(model, disk)  # (as undo: a few syscalls, on the loop)
             raise
         disk.release(room)
         return sum(layer.plan.size for layer in pending)
