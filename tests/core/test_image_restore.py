@@ -195,3 +195,25 @@ async def test_two_manifests_of_one_model_id_restore_one(tmp_path: Path) -> None
         assert manifests(tmp_path) == [manifest_name(fingerprint)]
     finally:
         await h.close()
+
+
+async def test_an_image_published_again_with_other_bytes_gets_its_own_copies(
+    tmp_path: Path,
+) -> None:
+    """A fingerprint that does not capture everything (an engine's mistake)
+    must not make a later image reuse the copies of an earlier one."""
+    h = disk_harness(tmp_path)
+    try:
+        await publish(h, "img")
+        await h.manager.sleep("img", 2)
+        await h.manager.unload("img")  # (its copies stay in the cache, unused)
+        want = await publish(h, "img", FP, salt=b"other bytes")
+        await h.manager.sleep("img", 2)
+        await h.manager.wake("img", verify=True)
+        assert bytes_of(h, "img") == want
+        h, restored = await restarted(h, tmp_path)
+        assert restored == ["img"]
+        await h.manager.wake("img", verify=True)
+        assert bytes_of(h, "img") == want
+    finally:
+        await h.close()

@@ -173,7 +173,7 @@ class DiskTier:
         missing = [
             layer.plan.size
             for layer in layers
-            if layer.disk is None and self.disk.get(cache_key(model.checkpoint, layer.plan)) is None
+            if layer.disk is None and self._cached(model, layer) is None
         ]
         if missing:
             self.disk.check_room(missing, self._in_use())
@@ -189,7 +189,7 @@ class DiskTier:
         disk, progress = self.disk, model.progress
         taken = [layer for layer in layers if layer.disk is None]
         for layer in taken:
-            layer.disk = disk.get(cache_key(model.checkpoint, layer.plan))
+            layer.disk = self._cached(model, layer)
         pending = [layer for layer in taken if layer.disk is None]
         try:
             room = disk.reserve([layer.plan.size for layer in pending], self._in_use())
@@ -240,6 +240,16 @@ class DiskTier:
             raise
         disk.release(room)
         return sum(layer.plan.size for layer in pending)
+
+    def _cached(self, model: Model, layer: LayerState) -> DiskEntry | None:
+        """The copy the cache holds for the layer's key, if it has the layer's
+        bytes: an image published again under a fingerprint that did not
+        change with its bytes must not take the last one's copies."""
+        assert self.disk is not None
+        entry = self.disk.get(cache_key(model.checkpoint, layer.plan))
+        if entry is None or (layer.checksum and entry.checksum != layer.checksum):
+            return None
+        return entry
 
     async def _write_again(
         self, key: str, layer: LayerState, room: Reservation, needed: int
