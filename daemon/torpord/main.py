@@ -169,6 +169,8 @@ class Daemon:
             ),
             disk=disk,
         )
+        # Before anything listens: no request may meet an image half restored.
+        await manager.restore_images()
         socket_path = cfg.server.socket
         fd_socket = socket_path.with_name(socket_path.name + ".fds")
         agents = AgentRegistry(

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from torpord.backends.base import Backend, Slab
+from torpord.core import imagedisk
 from torpord.core.model import LayerState, Model
 from torpord.core.observer import MoveObserver
 from torpord.core.workers import Workers
@@ -159,6 +160,12 @@ class DiskTier:
         model.progress.note = "; ".join(filter(None, [model.progress.note, note]))
         self.observer.progress(model, force=True)
 
+    async def forget_image(self, model: Model) -> None:
+        """Before an image is unloaded: remove its manifest, so that it does
+        not come back at the next start (Unavailable if it can't be)."""
+        if self.disk is not None:
+            await imagedisk.forget(model, self.disk, self._workers)
+
     def check_room(self, model: Model, layers: Sequence[LayerState]) -> None:
         """DISK_FULL now, holding nothing, unless the cache has room for the
         copies `write` would write (counting copies no model uses as room)."""
@@ -166,7 +173,7 @@ class DiskTier:
         missing = [
             layer.plan.size
             for layer in layers
-            if layer.disk is None and self.disk.get(cache_key(model.checkpoint, layer.plan)) is None
+            if layer.disk is None and self._cached(model, layer) is None
         ]
         if missing:
             self.disk.check_room(missing, self._in_use())
@@ -182,7 +189,7 @@ class DiskTier:
         disk, progress = self.disk, model.progress
         taken = [layer for layer in layers if layer.disk is None]
         for layer in taken:
-            layer.disk = disk.get(cache_key(model.checkpoint, layer.plan))
+            layer.disk = self._cached(model, layer)
         pending = [layer for layer in taken if layer.disk is None]
         try:
             room = disk.reserve([layer.plan.size for layer in pending], self._in_use())
@@ -223,13 +230,26 @@ class DiskTier:
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
+            # An image whose every layer now has a copy survives a restart.
+            await imagedisk.keep(model, disk, self._workers)
         except BaseException:
             for layer in taken:
                 layer.disk = None
             disk.undo(room, self._in_use())
+            imagedisk.unkeep(model, disk)  # (as undo: a few syscalls, on the loop)
             raise
         disk.release(room)
         return sum(layer.plan.size for layer in pending)
+
+    def _cached(self, model: Model, layer: LayerState) -> DiskEntry | None:
+        """The copy the cache holds for the layer's key, if it has the layer's
+        bytes: an image published again under a fingerprint that did not
+        change with its bytes must not take the last one's copies."""
+        assert self.disk is not None
+        entry = self.disk.get(cache_key(model.checkpoint, layer.plan))
+        if entry is None or (layer.checksum and entry.checksum != layer.checksum):
+            return None
+        return entry
 
     async def _write_again(
         self, key: str, layer: LayerState, room: Reservation, needed: int

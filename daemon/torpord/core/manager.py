@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import structlog
 
 from torpord.backends.base import Backend
+from torpord.core import imagedisk
 from torpord.core.announce import Announcer
 from torpord.core.engines import Engines
 from torpord.core.events import EventBus
@@ -146,6 +147,15 @@ class ModelManager:
 
     def abandon_publish(self, model_id: str, publisher: str) -> None:
         self.images.abandon(model_id, publisher)
+
+    async def restore_images(self) -> list[str]:
+        """At start: register the images the disk cache keeps, asleep (see
+        core/imagedisk.py); the ids restored."""
+        if self.disk is None:
+            return []
+        return await imagedisk.restore(
+            self.registry, self.backend, self.bus, self.disk, self._executor
+        )
 
     # -- mutations (core/verbs.py) ---------------------------------------------
 

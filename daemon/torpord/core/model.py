@@ -243,6 +243,9 @@ class Model:
     layout_hash: str = ""
     # While an image is PUBLISHING: the attachment id of the engine writing it.
     publisher: str = ""
+    # An image whose manifest is in the disk cache: it comes back at the
+    # daemon's next start (core/imagedisk.py).
+    restorable: bool = False
 
     @property
     def fingerprint(self) -> str:

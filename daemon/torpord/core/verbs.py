@@ -360,6 +360,7 @@ class Verbs:
         model = self._registry.idle(model_id)
 
         async def body() -> int:
+            await self._mover.disk_tier.forget_image(model)  # (first: it may fail)
             await self._announcer.quiesce(model, model.layers)
             freed = await self._mover.drop(model, model.layers)
             del self._registry.models[model_id]

@@ -14,7 +14,8 @@ symbolic link is never followed, nor unlinked through) and O_NONBLOCK (a
 FIFO never blocks), after an lstat that refuses anything but a regular file
 (a device node is never even opened). Only regular files with our names in
 our two-level layout are ever removed; anything else found there is
-reported and left alone.
+reported and left alone. The folder `images` holds the manifests of images
+kept in the cache (torpord.storage.imagefiles): the scan leaves it to them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,17 @@ _SLAB = re.compile(r"(?P<key>[0-9a-f]{32})\.slab")
 # A write in progress: `<key>.<pid>.<random>.tmp` (older versions: `<key>.<pid>.<tid>.tmp`).
 _TMP = re.compile(r"(?P<key>[0-9a-f]{32})\.[0-9a-f]{1,24}\.[0-9a-f]{1,24}\.tmp")
 
-__all__ = ["CacheDir", "Found", "Skipped", "UnsafeCacheDir", "entry_is_lost", "printable"]
+__all__ = [
+    "IMAGES",
+    "CacheDir",
+    "Found",
+    "Skipped",
+    "UnsafeCacheDir",
+    "entry_is_lost",
+    "printable",
+]
+
+IMAGES = "images"  # (never an entries' folder: those are two hex digits)
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -285,6 +296,8 @@ class CacheDir:
             with os.scandir(root) as it:
                 names = sorted(entry.name for entry in it)
             for name in names:
+                if name == IMAGES:
+                    continue
                 if not _SUBDIR.fullmatch(name):
                     skipped.append(Skipped(printable(self.root / name), "not ours", False))
                     continue

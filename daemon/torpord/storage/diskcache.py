@@ -43,6 +43,7 @@ from torpord.errors import DataLoss, ResourceExhausted, Unavailable
 from torpord.storage.cachefiles import CacheDir, UnsafeCacheDir, entry_is_lost, printable
 from torpord.storage.cacheformat import DATA_OFFSET, MAGIC, BadEntry, encode_head
 from torpord.storage.fileio import SYSTEM_IO, FileIO
+from torpord.storage.imagefiles import ImageFiles
 from torpord.storage.layers import LayerPlan
 from torpord.storage.pipeline import SlabSink
 from torpord.storage.safetensors import Checkpoint
@@ -133,6 +134,7 @@ class DiskCache:
         self.capacity = capacity
         self._io = io
         self._files = CacheDir(root)
+        self.images = ImageFiles(self._files)  # (images kept in the cache: their manifests)
         self._entries: dict[str, DiskEntry] = {}
         self._last_use: dict[str, float] = {}  # key -> when last written or read (LRU)
         self._reserved = 0
