@@ -88,6 +88,7 @@ def test_publish_then_attach_by_fingerprint(daemon: Daemon, client: Client) -> N
         ]
         assert all(layer.checksum for layer in model.layers)
         assert model.last_transition.kind == common_pb2.TRANSITION_KIND_PUBLISH
+        assert model.last_transition.bytes == sum(layer.size_bytes for layer in model.layers) > 0
         assert find_image(FINGERPRINT, client=client) == "img"
         shown = daemon.ctl("get", "img").stdout
         assert f"fingerprint {FINGERPRINT}" in shown and "State:    active" in shown

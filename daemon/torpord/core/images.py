@@ -144,6 +144,8 @@ class Images:
             )
             for layer, checksum in zip(layers, sealed, strict=True):
                 layer.checksum = checksum
+                model.progress.bytes_done += layer.plan.size  # (checksummed: the record's bytes)
+                model.progress.layers_done += 1
             model.publisher = ""
             model.settle()
             return sum(layer.plan.size for layer in layers)
