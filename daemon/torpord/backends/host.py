@@ -203,6 +203,8 @@ class HostBackend(Backend):
             self.free(slab)
         self.drain()
         self._copiers.shutdown(wait=True)
+        # (Its idle thread would otherwise keep the daemon's exit waiting.)
+        self._reaper.shutdown(wait=True)
 
     # -- bytes -------------------------------------------------------------
 
