@@ -14,11 +14,14 @@ import asyncio
 import mmap
 import os
 import random
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
+from torpord.backends.base import Slab
+from torpord.backends.host import HostBackend
 from torpord.core.attachments.attachment import Attachment
 from torpord.core.attachments.messages import Ended, Hello, Publish, Published
 from torpord.core.attachments.registry import AgentRegistry
@@ -244,3 +247,47 @@ async def test_a_publishing_model_refuses_every_verb_but_a_forced_unload(s: Setu
     assert isinstance((await messages(attachment))[-1], Ended)
     await s.settled()
     assert s.h.device_used() == 0
+
+
+class OneSealFails(HostBackend):
+    """g0's seal fails at once; g1's waits until the test lets it go."""
+
+    def __init__(self, **kwargs: int) -> None:
+        super().__init__(**kwargs)
+        self.g1_may_go = threading.Event()
+        self.order: list[str] = []
+
+    def seal(self, slab: Slab) -> None:
+        if slab.owner.layer == "g0":
+            raise FailedPrecondition("g0 cannot be sealed", reason="STILL_MAPPED_WRITABLE")
+        if slab.owner.layer == "g1":
+            assert self.g1_may_go.wait(30)
+            self.order.append("g1 sealed")
+        super().seal(slab)
+
+
+async def test_a_failed_seal_waits_for_the_others_before_rolling_back(tmp_path: Path) -> None:
+    h = Harness(tmp_path, backend=OneSealFails)
+    backend = h.backend
+    assert isinstance(backend, OneSealFails)
+    m = h.manager
+    try:
+        await m.begin_publish("img", "fp", groups(), device="", publisher="me")
+        commit = asyncio.ensure_future(m.commit_publish("img", "me"))
+        commit.add_done_callback(lambda _: backend.order.append("commit done"))
+        await asyncio.sleep(0.05)  # (g0 has failed by now; g1 is still sealing)
+        backend.g1_may_go.set()
+        with pytest.raises(FailedPrecondition):
+            await commit
+        # The rollback (and a free after it) came after every seal ended.
+        assert backend.order == ["g1 sealed", "commit done"]
+        assert m.registry.models["img"].state is ModelState.FAILED
+        m.abandon_publish("img", "me")
+        for _ in range(1000):
+            if h.device_used() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert h.device_used() == 0
+    finally:
+        backend.g1_may_go.set()
+        await h.close()
