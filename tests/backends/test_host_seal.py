@@ -322,3 +322,19 @@ def test_seal_reports_other_errors(backend: HostBackend) -> None:
         backend.seal(slab)
     assert err.value.reason == "SEALS_LOCKED"
     backend.free(slab)
+
+
+def test_a_writer_that_locked_the_seals_still_gets_its_fds(backend: HostBackend) -> None:
+    # (Its next request for the slab must not become an internal error.)
+    slab = device_slab(backend)
+    first = backend.export(slab, writable=True)
+    fcntl.fcntl(first, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)
+    os.close(first)
+    again = backend.export(slab, writable=True)
+    try:
+        assert access_mode(again) == os.O_RDWR
+        with pytest.raises(PermissionError):
+            os.ftruncate(again, SIZE * 2)
+    finally:
+        os.close(again)
+    backend.free(slab)

@@ -245,7 +245,8 @@ class HostBackend(Backend):
         # writer (an image's publisher) may write, but never grow it: what it
         # added would be memory no budget charged.
         fd = self._mapping(slab).fd
-        if writable:
+        # (Once added, never again: the writer may have locked the seals since.)
+        if writable and not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_GROW:
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
         mode = os.O_RDWR if writable else os.O_RDONLY
         return os.open(f"/proc/self/fd/{fd}", mode | os.O_CLOEXEC)
