@@ -149,6 +149,10 @@ class HostBackend(Backend):
         # (Sealable: a published image's slabs are sealed once written.)
         fd = os.memfd_create(name[:240], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
+            # A memfd is created mode 0777: an engine of another user could open
+            # its read-only export again, writable, through /proc/self/fd (and
+            # write or truncate what every engine maps). Only its owner may.
+            os.fchmod(fd, 0o600)
             # A mapping cannot be empty; a slab of zero bytes still gets a page.
             length = max(slab.size, 1)
             os.ftruncate(fd, length)
@@ -199,6 +203,8 @@ class HostBackend(Backend):
             self.free(slab)
         self.drain()
         self._copiers.shutdown(wait=True)
+        # (Its idle thread would otherwise keep the daemon's exit waiting.)
+        self._reaper.shutdown(wait=True)
 
     # -- bytes -------------------------------------------------------------
 
@@ -235,19 +241,59 @@ class HostBackend(Backend):
 
     def export(self, slab: Slab, *, writable: bool = False) -> int:
         # A new open of the memfd, read-only: the engine can map the weights but
-        # never write them, and each consumer holds its own open file.
+        # never write them, and each consumer holds its own open file. A
+        # writer (an image's publisher) may write, but never grow it: what it
+        # added would be memory no budget charged.
+        fd = self._mapping(slab).fd
+        # (Once added, never again: the writer may have locked the seals since.)
+        if writable and not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_GROW:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
         mode = os.O_RDWR if writable else os.O_RDONLY
-        return os.open(f"/proc/self/fd/{self._mapping(slab).fd}", mode | os.O_CLOEXEC)
+        return os.open(f"/proc/self/fd/{fd}", mode | os.O_CLOEXEC)
 
     def seal(self, slab: Slab) -> None:
         """F_SEAL_WRITE: no write(), and no new shared writable mapping, by
-        anyone. The kernel refuses it (EBUSY) while any process still maps
-        the file shared and writable, the daemon included: so the daemon's
-        own mapping becomes a private one first (reads see the file; a write
-        of the daemon's would stay its own)."""
+        anyone; and no change of size (a writer that shrank it would fault the
+        daemon's next read). The kernel refuses it (EBUSY) while any process
+        still maps the file shared and writable, the daemon included: so the
+        daemon's own mapping becomes a private one first (reads see the file;
+        a write of the daemon's would stay its own)."""
+        fd = self._mapping(slab).fd
+        self._check_size(slab, fd)
+        self._map_private(slab)
+        seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
+        where = f"slab {slab.owner.layer!r} of model {slab.owner.model_id!r}"
+        metadata = {"model_id": slab.owner.model_id, "layer": slab.owner.layer}
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        except OSError as err:
+            if err.errno == errno.EBUSY:
+                raise FailedPrecondition(
+                    f"{where} is still mapped writable by a process: its writer must unmap"
+                    " it before the commit",
+                    reason="STILL_MAPPED_WRITABLE",
+                    metadata=metadata,
+                ) from None
+            # EPERM: a writer added F_SEAL_SEAL; fine if it sealed all of these.
+            if err.errno != errno.EPERM or fcntl.fcntl(fd, fcntl.F_GET_SEALS) & seals != seals:
+                raise FailedPrecondition(
+                    f"{where} cannot be sealed: its writer locked its seals (F_SEAL_SEAL)",
+                    reason="SEALS_LOCKED",
+                    metadata=metadata,
+                ) from None
+        self._check_size(slab, fd)  # (sealed: it stays so)
+
+    def _map_private(self, slab: Slab) -> None:
+        """The daemon's mapping of the slab, made private. (Its own function:
+        an error raised later must not keep the buffers alive in a frame its
+        traceback holds, or the slab could never be freed.)"""
         old = self._mapping(slab)
         length = max(slab.size, 1)
-        mm = mmap.mmap(old.fd, length, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            mm = mmap.mmap(old.fd, length, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        except ValueError:  # (shrunk meanwhile: "mmap length is greater than file size")
+            self._check_size(slab, old.fd)
+            raise
         anchor = (ctypes.c_char * length).from_buffer(mm)
         del old.anchor
         try:
@@ -259,17 +305,16 @@ class HostBackend(Backend):
             raise
         with self._lock:
             self._live[slab] = _Mapping(old.fd, mm, anchor)
-        try:
-            fcntl.fcntl(old.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW)
-        except OSError as err:
-            if err.errno != errno.EBUSY:
-                raise
+
+    def _check_size(self, slab: Slab, fd: int) -> None:
+        size = os.fstat(fd).st_size
+        if size != max(slab.size, 1):
             raise FailedPrecondition(
-                f"slab {slab.owner.layer!r} of model {slab.owner.model_id!r} is still mapped"
-                " writable by a process: its writer must unmap it before the commit",
-                reason="STILL_MAPPED_WRITABLE",
+                f"slab {slab.owner.layer!r} of model {slab.owner.model_id!r} was resized by"
+                f" its writer ({size} bytes, not {slab.size})",
+                reason="SLAB_RESIZED",
                 metadata={"model_id": slab.owner.model_id, "layer": slab.owner.layer},
-            ) from None
+            )
 
     def fd(self, slab: Slab) -> int:
         """The slab's memfd (for exporting to agents)."""

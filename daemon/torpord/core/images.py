@@ -139,10 +139,18 @@ class Images:
         async def body() -> int:
             assert model.progress is not None
             self._mover.set_stage(model, Stage.VERIFY)
+            # Every seal ends before the commit does, failed or cancelled: a
+            # plain gather would raise at the first failure while the others
+            # still remap slabs that the rollback then frees.
             sealed = await asyncio.gather(
-                *(self._mover.blocking(self._seal, layer) for layer in layers)
+                *(self._mover.blocking(self._seal, layer) for layer in layers),
+                return_exceptions=True,
             )
+            for result in sealed:
+                if isinstance(result, BaseException):
+                    raise result
             for layer, checksum in zip(layers, sealed, strict=True):
+                assert isinstance(checksum, str)
                 layer.checksum = checksum
                 model.progress.bytes_done += layer.plan.size  # (checksummed: the record's bytes)
                 model.progress.layers_done += 1

@@ -281,6 +281,10 @@ class Runner:
         log.info("cancelling a transition to unload", model_id=model_id, state=model.state.value)
         running.cancel(cause)
         await asyncio.wait([running.task])  # (it ends with its error, never cancelled)
+        if self._registry.find(model_id) is not model:
+            # Removed as it rolled back: an image whose commit this cancelled
+            # goes with its publisher (torpord.core.images). Unloaded, then.
+            return model.snapshot()
         return None
 
 

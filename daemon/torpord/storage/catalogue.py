@@ -77,15 +77,15 @@ def check_fingerprint(fingerprint: str) -> None:
         )
 
 
-def _tensor_bytes(t: CatalogueTensor, where: str) -> int:
+def _tensor_bytes(t: CatalogueTensor, where: str, **at: object) -> int:
     bits = DTYPES.get(t.dtype)
     if bits is None:
-        raise _bad(f"{where} has an unknown dtype {t.dtype[:32]!r}", dtype=t.dtype[:32])
+        raise _bad(f"{where} has an unknown dtype {t.dtype[:32]!r}", dtype=t.dtype[:32], **at)
     if len(t.shape) > MAX_RANK or any(d < 0 for d in t.shape):
-        raise _bad(f"{where} has a shape of more than {MAX_RANK} dims or a negative one")
+        raise _bad(f"{where} has a shape of more than {MAX_RANK} dims or a negative one", **at)
     total = math.prod(t.shape) * bits
     if total % 8:
-        raise _bad(f"{where}: {math.prod(t.shape)} {t.dtype} items are not whole bytes")
+        raise _bad(f"{where}: {math.prod(t.shape)} {t.dtype} items are not whole bytes", **at)
     return total // 8
 
 
@@ -134,12 +134,13 @@ def plan_image(
                     tensor=ti,
                 )
             if t.name in seen_tensors:
-                raise _bad(f"{where}: {t.name[:128]!r} is named twice", group=group.name)
+                raise _bad(f"{where}: {t.name[:128]!r} is named twice", group=group.name, tensor=ti)
             seen_tensors.add(t.name)
-            nbytes = _tensor_bytes(t, where)
+            nbytes = _tensor_bytes(t, where, group=group.name, tensor=ti)
             if t.slab_offset < 0 or t.slab_offset % MIN_ALIGNMENT:
                 raise _bad(
-                    f"{where} starts at {t.slab_offset}, not a multiple of {MIN_ALIGNMENT}",
+                    f"{where} starts at {t.slab_offset}, which is "
+                    + ("negative" if t.slab_offset < 0 else f"not a multiple of {MIN_ALIGNMENT}"),
                     group=group.name,
                     tensor=ti,
                 )
