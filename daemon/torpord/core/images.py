@@ -59,6 +59,8 @@ class Images:
         self._announcer = announcer
         self._mover = mover
         self._executor = executor
+        # Abandoned images' slabs being freed, on workers.
+        self.freeing: set[asyncio.Future[None]] = set()
 
     def find(self, fingerprint: str) -> ModelSnapshot | None:
         """The image with this fingerprint, if the daemon holds one."""
@@ -207,6 +209,8 @@ class Images:
         freeing = asyncio.get_running_loop().run_in_executor(
             self._executor, self._mover.free_all, slabs
         )
+        self.freeing.add(freeing)  # (shutdown waits for them: see ModelManager.close)
+        freeing.add_done_callback(self.freeing.discard)
         freeing.add_done_callback(_log_failure)
 
 

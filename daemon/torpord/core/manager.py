@@ -243,6 +243,8 @@ class ModelManager:
             if pending:
                 _, stuck = await asyncio.wait(pending, timeout=left())
         self.bus.close()
+        if self.images.freeing:  # (else the backend's close could free them twice)
+            await asyncio.wait(set(self.images.freeing), timeout=left())
         if stuck:
             names = sorted(task.get_name() for task in stuck)
             log.error(
