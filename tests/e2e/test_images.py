@@ -17,6 +17,7 @@ import grpc
 import pytest
 from torpor import Client
 from torpor.errors import TorporError
+from torpor.testing import make_checkpoint
 from torpor.v1 import common_pb2
 
 from .conftest import Daemon
@@ -224,6 +225,11 @@ def test_one_image_per_fingerprint_and_per_id(daemon: Daemon, client: Client) ->
         with pytest.raises(TorporError) as err:
             publish("img", "another-fingerprint", groups_of(want), client=client)
         assert err.value.reason == "MODEL_EXISTS"
+        # A Load into an image's id says what is there.
+        with pytest.raises(TorporError) as err:
+            client.load_model("img", str(make_checkpoint(daemon.models / "m.safetensors")))
+        assert err.value.reason == "MODEL_EXISTS"
+        assert f"an image with fingerprint {FINGERPRINT}" in err.value.message
         assert [m.model_id for m in client.list_models()] == ["img"]
 
 

@@ -253,6 +253,13 @@ class Model:
         return self.checkpoint.fingerprint
 
     @property
+    def source(self) -> str:
+        """What the model came from, in words: its source, or the image's fingerprint."""
+        if self.fingerprint:
+            return f"an image with fingerprint {self.fingerprint}"
+        return f"with source {self.checkpoint.path}"
+
+    @property
     def task(self) -> asyncio.Task[ModelSnapshot] | None:
         return self.running.task if self.running is not None else None
 

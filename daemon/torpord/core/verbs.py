@@ -89,7 +89,7 @@ class Verbs:
         if existing is not None:
             if existing.checkpoint.path != path:
                 raise AlreadyExists(
-                    f"model {model_id!r} already exists with source {existing.checkpoint.path}",
+                    f"model {model_id!r} already exists, {existing.source}",
                     reason="MODEL_EXISTS",
                     metadata={"model_id": model_id, "source": existing.checkpoint.path},
                 )
