@@ -39,6 +39,25 @@ def configs() -> dict[str, Any]:
             moe_intermediate_size=64,
             shared_expert_intermediate_size=64,
         ),
+        # Multi-head latent attention, a dense then a routed MoE layer, a
+        # persistent buffer, and parameters transformers keeps in float32.
+        "deepseek_v3": t.DeepseekV3Config(
+            **SMALL,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            q_lora_rank=32,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+        ),
     }
 
 
