@@ -22,36 +22,7 @@ from torpor import Client  # noqa: E402
 from torpor.agent import AttachedModel, attach  # noqa: E402
 from torpor.agent.modules import empty_parameters, from_transformers, load_module  # noqa: E402
 
-IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
-SMALL = {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2}
-ATTENTION = {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
-
-
-def configs() -> dict[str, Any]:
-    t = transformers
-    return {
-        "llama": t.LlamaConfig(**SMALL, **ATTENTION),
-        "qwen2": t.Qwen2Config(**SMALL, **ATTENTION),
-        "mistral": t.MistralConfig(**SMALL, **ATTENTION),
-        "gpt2": t.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4),
-        "gemma": t.GemmaConfig(**SMALL, **ATTENTION, head_dim=16),  # (tied)
-        "gemma2": t.Gemma2Config(**SMALL, **ATTENTION, head_dim=16),
-        "phi3": t.Phi3Config(**SMALL, **ATTENTION, pad_token_id=0),
-        "opt": t.OPTConfig(**SMALL, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64),
-        "gpt_neox": t.GPTNeoXConfig(**SMALL, intermediate_size=128, num_attention_heads=4),
-        "bert": t.BertConfig(**SMALL, intermediate_size=128, num_attention_heads=4),
-        "mixtral": t.MixtralConfig(
-            **SMALL, **ATTENTION, num_local_experts=4, num_experts_per_tok=2
-        ),
-        "qwen2_moe": t.Qwen2MoeConfig(
-            **SMALL,
-            **ATTENTION,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=64,
-            shared_expert_intermediate_size=64,
-        ),
-    }
+from .hfmodels import ATTENTION, SMALL, auto_class, configs, output, save  # noqa: E402
 
 
 class Models:
@@ -67,29 +38,12 @@ class Models:
 
     def save(self, name: str, config: Any, dtype: torch.dtype = torch.bfloat16) -> Path:
         """A random model of `config` as `save_pretrained` writes it, in shards."""
-        torch.manual_seed(0)
-        model = auto_class(config).from_config(config).to(dtype)
-        path = self.daemon.models / name
-        model.save_pretrained(path, max_shard_size="40KB")
-        assert len(list(path.glob("*.safetensors"))) > 1  # sharded
-        return path
+        return save(self.daemon.models / name, config, dtype)
 
     def attach(self, name: str, path: Path) -> AttachedModel:
         self.client.load_model(name, str(path))
         self.attached.append(attach(name, client=self.client))
         return self.attached[-1]
-
-
-def auto_class(config: Any) -> Any:
-    encoder = config.model_type == "bert"
-    return transformers.AutoModel if encoder else transformers.AutoModelForCausalLM
-
-
-def output(module: Any, encoder: bool) -> torch.Tensor:
-    with torch.inference_mode():
-        out = module(IDS)
-    result: torch.Tensor = out.last_hidden_state if encoder else out.logits
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,11 @@ whose tensors are views on them. Its errors are `TorporError` (from the
 daemon, or the agent's own: WEIGHTS_WITHDRAWN, LAYOUT_CHANGED, ...) and, for
 a range that cannot be mapped, `MappingError`.
 
-That, `torpor.agent.modules` (putting the tensors in a torch module) and
+That, `torpor.agent.modules` (putting the tensors in a torch module),
 `torpor.agent.publish` (publishing an engine's own final weights as an image
-that later starts map) are what engines use. The modules with a leading underscore are the agent's
+that later starts map) and `torpor.agent.hf_images` (a Hugging Face model of
+any architecture on an image, found by `torpor.agent.hf_fingerprint`) are
+what engines use. The modules with a leading underscore are the agent's
 insides: the session with the daemon (`_session`, `_fdsocket`), the `use()`
 and quiesce gate (`_gate`), and the layout mapped into this process
 (`_layout`).
