@@ -46,7 +46,14 @@ class Engine:
         pause_publish: bool = False,
         single_process: bool = True,
     ) -> None:
-        env = {**daemon.env, "PYTHONPATH": str(ROOT / "agent"), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **daemon.env,
+            "PYTHONPATH": str(ROOT / "agent"),
+            "PYTHONUNBUFFERED": "1",
+            # vLLM logs to stdout by default: to the log file instead, so
+            # stdout carries only the script's lines (and never fills up).
+            "VLLM_LOGGING_STREAM": "ext://sys.stderr",
+        }
         if single_process:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         else:

@@ -163,4 +163,29 @@ def test_requests_wait_through_sleep_and_wake(
             engine.send("generate")  # arrives while the weights are away: waits
         client.wake_model(image.model_id, verify=level == 2)
         assert engine.result()["tokens"] == reference["tokens"], (cycle, level)
+    # An engine that starts while the image sleeps wakes it and maps it.
+    client.sleep_model(image.model_id, level=2)
     assert engine.quit() == 0
+    later = start(engines, daemon, tmp_path, f"{llama}=torpor")
+    assert later.result()["tokens"] == reference["tokens"]
+    assert later.wait() == 0
+    woken = client.get_model(image.model_id)
+    assert woken.state == common_pb2.MODEL_STATE_ACTIVE
+    assert woken.last_transition.kind == common_pb2.TRANSITION_KIND_WAKE
+
+
+def test_an_engine_waits_for_another_publishing_its_image(
+    models: Path, daemon: Daemon, client: Client, engines: list[Engine], tmp_path: Path
+) -> None:
+    model = f"{models / 'mixtral'}=torpor"
+    first = start(engines, daemon, tmp_path, model, pause_publish=True, serve=True)
+    model_id = first.line("PUBLISHING ")
+    second = start(engines, daemon, tmp_path, model, serve=True)
+    waiting = f"torpor: waiting for image {model_id} (MODEL_STATE_PUBLISHING)"
+    assert settle(lambda: waiting in second.log.read_text(errors="replace"), timeout=90)
+    first.send("")  # the commit goes on
+    answer = first.result()["tokens"]
+    assert second.result()["tokens"] == answer
+    assert [m.model_id for m in client.list_models()] == [model_id]
+    assert client.get_model(model_id).engines == 2
+    assert first.quit() == 0 and second.quit() == 0

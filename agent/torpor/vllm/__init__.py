@@ -24,7 +24,8 @@ __all__ = ["LOAD_FORMAT", "register"]
 
 LOAD_FORMAT = "torpor"
 
-log = logging.getLogger("torpor.vllm")
+# Under vLLM's logger, so its handler shows these lines with its own.
+log = logging.getLogger("vllm.torpor")
 
 _registered = False
 

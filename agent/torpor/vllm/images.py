@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ImageFailed", "attach_image", "image_bytes", "publish_or_join"]
 
-log = logging.getLogger("torpor.vllm")
+# Under vLLM's logger, so its handler shows these lines with its own.
+log = logging.getLogger("vllm.torpor")
 
 _POLL_S = 0.1
 _WAKEABLE = (common_pb2.MODEL_STATE_ASLEEP, common_pb2.MODEL_STATE_OFFLOADED)
@@ -63,6 +64,7 @@ def attach_image(
     """Attach to the ACTIVE image with this fingerprint, waking it or waiting
     for its publisher first; None when there is none (any more)."""
     deadline = time.monotonic() + wait_s
+    said = ""
     while True:
         found = client.list_models(view=models_pb2.MODEL_VIEW_BASIC, fingerprint=fingerprint)
         if not found:
@@ -74,16 +76,24 @@ def attach_image(
             except TorporError as err:
                 if err.reason not in _RETRY:
                     raise
-                log.info("image %s changed under the attach (%s); again", model.model_id, err)
+                log.info(
+                    "torpor: image %s changed under the attach (%s); again", model.model_id, err
+                )
         elif model.state in _WAKEABLE:
-            log.info("waking image %s (%s)", model.model_id, _state_name(model.state))
+            log.info("torpor: waking image %s (%s)", model.model_id, _state_name(model.state))
             try:
                 client.wake_model(model.model_id)
             except TorporError as err:
                 if err.code.name not in ("ABORTED", "FAILED_PRECONDITION", "NOT_FOUND"):
                     raise
-                log.info("wake of %s refused (%s); looking again", model.model_id, err)
-        elif model.state not in _PASSING:
+                log.info("torpor: wake of %s refused (%s); looking again", model.model_id, err)
+        elif model.state in _PASSING:
+            if said != _state_name(model.state):
+                said = _state_name(model.state)
+                log.info(
+                    "torpor: waiting for image %s (%s)", model.model_id, _state_name(model.state)
+                )
+        else:
             raise ImageFailed(
                 f"load_format='torpor': the daemon's image {model.model_id!r} for this"
                 f" engine is {_state_name(model.state)}"
@@ -122,7 +132,7 @@ def publish_or_join(
                 ) from None
             if err.reason != "IMAGE_EXISTS":
                 raise
-        log.info("another engine published this image first; attaching to it")
+        log.info("torpor: another engine published this image first; attaching to it")
         attached = attach_image(client, fingerprint, wait_s=wait_s, rank=rank)
         if attached is not None:
             return attached

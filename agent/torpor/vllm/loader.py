@@ -47,7 +47,8 @@ from torpor.vllm.options import LoaderOptions
 
 __all__ = ["TorporModelLoader"]
 
-log = logging.getLogger("torpor.vllm")
+# Under vLLM's logger, so its handler shows these lines with its own.
+log = logging.getLogger("vllm.torpor")
 
 
 class TorporModelLoader(BaseModelLoader):  # type: ignore[misc]  # (vLLM: untyped here)
