@@ -45,6 +45,7 @@ class Engine:
         serve: bool = False,
         pause_publish: bool = False,
         single_process: bool = True,
+        extra: str | None = None,
     ) -> None:
         env = {
             **daemon.env,
@@ -61,6 +62,7 @@ class Engine:
         args = ["--socket", str(daemon.socket)]
         args += ["--serve"] if serve else []
         args += ["--pause-publish"] if pause_publish else []
+        args += ["--extra", extra] if extra is not None else []
         self.log = log
         self._stderr = open(log, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(

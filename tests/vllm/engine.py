@@ -29,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("runs", nargs="+", metavar="MODEL=FORMAT")
     parser.add_argument("--socket")
+    parser.add_argument("--extra", help="model_loader_extra_config (JSON) instead of --socket's")
     parser.add_argument("--serve", action="store_true")
     parser.add_argument("--pause-publish", action="store_true")
     args = parser.parse_args()
@@ -46,7 +47,10 @@ def main() -> None:
 
     for i, run in enumerate(args.runs):
         model, _, load_format = run.rpartition("=")
-        llm = engine(model, load_format, args.socket)
+        extra = {"socket": args.socket} if args.socket else {}
+        if args.extra is not None:
+            extra = json.loads(args.extra)
+        llm = engine(model, load_format, extra)
         tokens = generate(llm)
         say({"run": run, "tokens": tokens, **in_image(llm, load_format)})
         if i < len(args.runs) - 1:
@@ -60,14 +64,13 @@ def main() -> None:
             say({"tokens": generate(llm)})
 
 
-def engine(model: str, load_format: str, socket: str | None) -> Any:
+def engine(model: str, load_format: str, extra: dict[str, Any]) -> Any:
     from vllm import LLM
 
-    extra = {"socket": socket} if socket and load_format == "torpor" else {}
     return LLM(
         model=model,
         load_format=load_format,
-        model_loader_extra_config=extra,
+        model_loader_extra_config=extra if load_format == "torpor" else {},
         dtype="bfloat16",
         enforce_eager=True,
         skip_tokenizer_init=True,

@@ -9,6 +9,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from torpor import Client
@@ -23,11 +24,16 @@ require_vllm()
 MODELS = ("llama", "qwen2", "mixtral")
 
 
+def with_disk_cache(root: Path) -> Daemon:
+    """A daemon on `root` with a disk cache there (kept across restarts)."""
+    cache = root / "cache"
+    cache.mkdir(mode=0o700, exist_ok=True)
+    return Daemon(root, config=f'[disk_cache]\npath = "{cache}"\ncapacity = "64MiB"\n')
+
+
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    cache = tmp_path / "cache"
-    cache.mkdir(mode=0o700)
-    d = Daemon(tmp_path, config=f'[disk_cache]\npath = "{cache}"\ncapacity = "64MiB"\n')
+    d = with_disk_cache(tmp_path)
     try:
         d.wait_ready()
         yield d
@@ -41,7 +47,7 @@ def client(daemon: Daemon) -> Iterator[Client]:
         yield c
 
 
-def start(engines: list[Engine], daemon: Daemon, tmp_path: Path, *runs: str, **kw: bool) -> Engine:
+def start(engines: list[Engine], daemon: Daemon, tmp_path: Path, *runs: str, **kw: Any) -> Engine:
     engine = Engine(daemon, list(runs), tmp_path / f"engine-{len(engines)}.log", **kw)
     engines.append(engine)
     return engine
@@ -189,3 +195,37 @@ def test_an_engine_waits_for_another_publishing_its_image(
     assert [m.model_id for m in client.list_models()] == [model_id]
     assert client.get_model(model_id).engines == 2
     assert first.quit() == 0 and second.quit() == 0
+
+
+def test_an_engine_serves_on_across_a_daemon_restart(
+    models: Path, daemon: Daemon, client: Client, engines: list[Engine], tmp_path: Path
+) -> None:
+    engine = start(engines, daemon, tmp_path, f"{models / 'llama'}=torpor", serve=True)
+    answer = engine.result()["tokens"]
+    (image,) = client.list_models()
+    client.sleep_model(image.model_id, level=2)  # (a disk copy: the image outlives torpord)
+    client.wake_model(image.model_id)
+    assert daemon.stop() == 0
+    engine.send("generate")  # arrives while torpord is away: waits for the image
+    again = with_disk_cache(tmp_path)
+    try:
+        again.wait_ready()
+        assert engine.result()["tokens"] == answer
+        with Client(socket=str(again.socket)) as after:
+            back = after.get_model(image.model_id)
+            assert back.state == common_pb2.MODEL_STATE_ACTIVE and back.engines == 1
+        assert engine.quit() == 0
+    finally:
+        again.kill()
+
+
+def test_a_wrong_option_or_no_daemon_is_a_clear_start_failure(
+    models: Path, daemon: Daemon, client: Client, engines: list[Engine], tmp_path: Path
+) -> None:
+    llama = f"{models / 'llama'}=torpor"
+    typo = start(engines, daemon, tmp_path, llama, extra='{"sokcet": "/x"}')
+    nowhere = start(engines, daemon, tmp_path, llama, extra=f'{{"socket": "{tmp_path}/no.sock"}}')
+    assert typo.wait() != 0 and nowhere.wait() != 0
+    assert "unknown model_loader_extra_config key(s) ['sokcet']" in typo.log.read_text()
+    assert f"cannot reach torpord on socket {tmp_path}/no.sock" in nowhere.log.read_text()
+    assert client.list_models() == []

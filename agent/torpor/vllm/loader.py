@@ -109,7 +109,7 @@ class TorporModelLoader(BaseModelLoader):  # type: ignore[misc]  # (vLLM: untype
         except BaseException:
             client.close()
             raise
-        gate.guard(model, attached, client)
+        gate.guard(model, gate.Image(attached, client, fp, self.options.wait_s))
         return model.eval()
 
     # -- the two paths ---------------------------------------------------------------
