@@ -249,7 +249,7 @@ def test_the_docs_are_read_as_expected() -> None:
     """The parser finds the sequences this test is about (so it can't pass
     by finding nothing)."""
     readme = steps("README.md")
-    assert [e for s in readme for e in s.extras][:3] == ["daemon", "agent", "examples"]
+    assert [e for s in readme for e in s.extras][:4] == ["daemon", "agent", "vllm", "examples"]
     modules = {m for s in readme for m in s.modules}
     assert {"torpord.main", "torpor.testing", "torpor.cli.main"} <= modules
     assert {"torpor.examples.tinylm", "torpor.examples.engine", "torpor.agent"} <= modules
