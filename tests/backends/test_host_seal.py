@@ -171,31 +171,34 @@ def test_a_writable_mapping_in_another_process_fails_the_seal(backend: HostBacke
     assert backend.devices()[0].pool.used == 0
 
 
-def test_a_writer_cannot_grow_its_slab(backend: HostBackend) -> None:
-    # Growing would hold memory the budget never charged.
+def test_a_writer_cannot_change_its_slabs_size(backend: HostBackend) -> None:
+    # Growing would hold memory the budget never charged; shrinking would
+    # fault the daemon's next read of it (SIGBUS), and a writer that sealed
+    # it against shrinking itself would keep its pages past a free that the
+    # daemon believed took them back: the daemon seals both first.
     slab = device_slab(backend)
+    assert backend.frees_on_revocation(slab)
     fd = backend.export(slab, writable=True)
     try:
         with pytest.raises(PermissionError):
             os.ftruncate(fd, SIZE + (1 << 20))
         with pytest.raises(PermissionError):
             os.pwrite(fd, b"x", SIZE + 4096)
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 4096)
         assert os.fstat(fd).st_size == SIZE
     finally:
         os.close(fd)
+    assert not backend.frees_on_revocation(slab)
     backend.free(slab)
 
 
-def test_a_slab_shrunk_before_the_seal_is_refused_not_faulted(backend: HostBackend) -> None:
-    # The daemon reads the slab (its checksum) right after sealing: a writer
-    # that shrank it must get an error, not a daemon killed by SIGBUS.
+def test_a_slab_resized_before_the_seal_is_refused_not_faulted(backend: HostBackend) -> None:
+    # The daemon reads the slab (its checksum) right after sealing: a slab
+    # whose size changed (here through the daemon's own fd, as only a process
+    # that can open it again as root could) gets an error, not a SIGBUS.
     slab = device_slab(backend)
-    written(backend, slab)
-    fd = backend.export(slab, writable=True)
-    try:
-        os.ftruncate(fd, 4096)
-    finally:
-        os.close(fd)
+    os.ftruncate(backend.fd(slab), 4096)
     with pytest.raises(FailedPrecondition) as err:
         backend.seal(slab)
     assert err.value.reason == "SLAB_RESIZED"
@@ -219,15 +222,15 @@ def memfds(name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("sealed", [False, True])
-def test_free_lets_go_even_when_the_writer_sealed_shrinking(
+def test_a_freed_slab_its_writer_still_maps_stays_charged_until_it_lets_go(
     backend: HostBackend, sealed: bool
 ) -> None:
-    """A writer may add F_SEAL_SHRINK itself (and a commit's seal does): the
-    daemon's free can't truncate the memfd then, but still lets go of all it
-    held, so the memory goes when the last mapping does."""
+    """A writable export seals the memfd against shrinking (and so does a
+    commit's seal): the daemon's free can't truncate it, so its pages live
+    as long as the writer's mapping. The daemon lets go of all it held, and
+    the pool counts the pages held for the writer until it lets go."""
     slab = device_slab(backend)
     fd = backend.export(slab, writable=True)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
     writer = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     writer[:4] = b"mine"
     if sealed:
@@ -235,18 +238,27 @@ def test_free_lets_go_even_when_the_writer_sealed_shrinking(
         backend.seal(slab)
         writer = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
     name = "torpor:img:pre:device"
+
+    def pool() -> tuple[int, int]:
+        info = backend.devices()[0].pool
+        return info.used, info.held
+
     try:
         assert len(mapped(name)) == 2  # the daemon's mapping and the writer's
+        backend.held_by(slab, os.getpid(), "writer")  # (the core: it went away mapping it)
         backend.free(slab)
         backend.drain()
-        assert backend.devices()[0].pool.used == 0
-        # The writer's mapping still reads (nothing truncated it): no fault.
+        # The writer's mapping still reads (nothing truncated it): no fault;
+        # and the pages it keeps alive are counted, as held.
         assert writer[:4] == b"mine" and os.fstat(fd).st_size == SIZE
         assert len(mapped(name)) == 1  # the writer's alone
+        assert pool() == (SIZE, SIZE)
     finally:
         writer.close()
         os.close(fd)
     assert memfds(name) == []  # nothing refers to it: the kernel frees the pages
+    assert backend.let_go(os.getpid(), "writer") == SIZE
+    assert pool() == (0, 0)
 
 
 def mapped(name: str) -> list[str]:

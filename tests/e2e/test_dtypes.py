@@ -77,3 +77,30 @@ def test_a_model_of_every_dtype_attaches_with_the_checkpoints_bytes(daemon: Daem
                     expected, mine = f.get_tensor(key), state[key]
                     assert (mine.dtype, mine.shape) == (expected.dtype, expected.shape), key
                     assert torch.equal(mine.view(torch.uint8), expected.view(torch.uint8)), key
+
+
+def test_an_image_of_every_dtype_publishes_the_given_bytes(daemon: Daemon) -> None:
+    # F4's torch shape is half the safetensors one along the last dimension:
+    # the catalogue must say the safetensors shape, or the daemon's slab and
+    # the engine's view disagree with the tensor given.
+    from torpor.agent import publish
+
+    generator = torch.Generator().manual_seed(1)
+    given = {}
+    for dtype in TORCH_DTYPES:
+        size = torch.empty((), dtype=dtype).element_size()
+        raw = torch.randint(0, 256, (3, 8 * size), dtype=torch.uint8, generator=generator)
+        if dtype == torch.bool:
+            raw &= 1
+        given[f"x.{dtype}"] = raw.view(dtype)
+    with (
+        Client(socket=str(daemon.socket)) as client,
+        publish.publish("dtypes", "fp/dtypes", [("pre", given)], client=client) as model,
+    ):
+        state = model.state_dict()
+        assert set(state) == set(given)
+        with model.use():
+            for key, expected in given.items():
+                mine = state[key]
+                assert (mine.dtype, mine.shape) == (expected.dtype, expected.shape), key
+                assert torch.equal(mine.view(torch.uint8), expected.view(torch.uint8)), key

@@ -112,6 +112,15 @@ def groups_of(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, dict[str, 
     return out + ([("post", post)] if post else [])
 
 
+def _safetensors_shape(dtype: str, shape: tuple[int, ...]) -> list[int]:
+    """The catalogue's shape of a torch tensor (the inverse of
+    torpor.agent.mapping.torch_shape): its own, but for F4, whose torch
+    dtype packs two values a byte along the last dimension."""
+    if dtype == "F4" and shape:
+        return [*shape[:-1], shape[-1] * 2]
+    return list(shape)
+
+
 def publish_request(
     fingerprint: str,
     groups: Sequence[tuple[str, Mapping[str, torch.Tensor]]],
@@ -126,10 +135,11 @@ def publish_request(
         at = 0
         for tensor_name, tensor in tensors.items():
             at = -(-at // ALIGNMENT) * ALIGNMENT
+            dtype = safetensors_dtype(tensor.dtype)
             group.tensors.add(
                 name=tensor_name,
-                dtype=safetensors_dtype(tensor.dtype),
-                shape=list(tensor.shape),
+                dtype=dtype,
+                shape=_safetensors_shape(dtype, tuple(tensor.shape)),
                 slab_offset=at,
             )
             at += tensor.numel() * tensor.element_size()

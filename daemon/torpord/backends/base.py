@@ -203,14 +203,20 @@ class Backend(abc.ABC):
         """Return the slab's memory; freeing twice is a bug and raises.
         Implementations uncharge it with `_uncharge`."""
 
+    def frees_on_revocation(self, slab: Slab) -> bool:
+        """Whether freeing this slab takes its memory back even from an engine
+        that still maps it (`revocation_frees`, unless the backend knows
+        better of this slab)."""
+        return self.revocation_frees
+
     def held_by(self, slab: Slab, pid: int, attachment: str = "") -> None:
         """An engine (process `pid`, through `attachment`) may still map the
         slab after it was revoked or went away. Where freeing can't take the
-        memory back from it (`revocation_frees` is False), the slab's bytes stay
-        charged to its pool after `free`, as held, until every such holder has
-        let go (`let_go`) or its process has `exited`: the budget never counts
-        memory free that the driver doesn't."""
-        if self.revocation_frees:
+        memory back from it (`frees_on_revocation` is False), the slab's bytes
+        stay charged to its pool after `free`, as held, until every such holder
+        has let go (`let_go`) or its process has `exited`: the budget never
+        counts memory free that the driver doesn't."""
+        if self.frees_on_revocation(slab):
             return
         with self._holders_lock:
             if not slab.freed:  # (checked under the lock _uncharge takes)

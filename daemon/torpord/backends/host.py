@@ -242,14 +242,31 @@ class HostBackend(Backend):
     def export(self, slab: Slab, *, writable: bool = False) -> int:
         # A new open of the memfd, read-only: the engine can map the weights but
         # never write them, and each consumer holds its own open file. A
-        # writer (an image's publisher) may write, but never grow it: what it
-        # added would be memory no budget charged.
+        # writer (an image's publisher) may write, but never change the size:
+        # what it grew would be memory no budget charged, and a shrink it
+        # could add itself (F_SEAL_SHRINK) before we know, so we add it
+        # first: from then on the slab is one that no free can take back
+        # from a process mapping it (frees_on_revocation).
         fd = self._mapping(slab).fd
+        fixed = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
         # (Once added, never again: the writer may have locked the seals since.)
-        if writable and not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_GROW:
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
+        if writable and fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fixed != fixed:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fixed)
         mode = os.O_RDWR if writable else os.O_RDONLY
         return os.open(f"/proc/self/fd/{fd}", mode | os.O_CLOEXEC)
+
+    def frees_on_revocation(self, slab: Slab) -> bool:
+        """A free truncates the memfd, taking its pages back from any process
+        that maps it; but not a memfd sealed against shrinking (a published
+        image's, from its writable export on): its pages live as long as a
+        mapping does, so they must stay charged while an engine may hold one."""
+        if not self.revocation_frees:
+            return False
+        with self._lock:
+            mapping = self._live.get(slab)
+        if mapping is None:
+            return True  # (freed already: nothing to hold)
+        return not fcntl.fcntl(mapping.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
 
     def seal(self, slab: Slab) -> None:
         """F_SEAL_WRITE: no write(), and no new shared writable mapping, by
@@ -326,8 +343,8 @@ def _release(fd: int) -> None:
     # (revoked) still maps them: its next access faults (SIGBUS) instead of
     # reading bytes the daemon no longer owns, and the memory is really free.
     try:
-        # (EPERM: a writer sealed it against shrinking; the pages go when
-        # the last mapping does.)
+        # (EPERM: an image's slab, sealed against shrinking; the pages go when
+        # the last mapping does, and are counted held till then: held_by.)
         with contextlib.suppress(PermissionError):
             os.ftruncate(fd, 0)
     finally:

@@ -1,5 +1,5 @@
 """Memory an engine still maps after it was detached, where freeing can't
-take it back from its process (CUDA): counted as used, held for that
+take it back from its process (CUDA; a sealed memfd): counted as used, held for that
 process, until it lets go late or exits (watched by its pidfd)."""
 
 from __future__ import annotations
@@ -45,13 +45,17 @@ class HeldMemory:
         self._closing = False
 
     def hold(self, attachment: Attachment) -> int:
-        """Where freeing can't take memory back from a process (CUDA), keep
-        what the engine still maps counted until it lets go late or its
-        process exits; returns the bytes."""
+        """Where freeing can't take memory back from a process (CUDA, a sealed
+        memfd), keep what the engine still maps counted until it lets go late
+        or its process exits; returns the bytes."""
         backend = self._backend
-        held = [slab for slab in attachment.mapped.values() if not slab.freed]
+        held = [
+            slab
+            for slab in attachment.mapped.values()
+            if not slab.freed and not backend.frees_on_revocation(slab)
+        ]
         pidfd = attachment.pidfd
-        if not held or backend.revocation_frees or pidfd is None:
+        if not held or pidfd is None:
             return 0
         for slab in held:
             backend.held_by(slab, attachment.pid, attachment.id)

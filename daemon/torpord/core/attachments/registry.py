@@ -200,6 +200,9 @@ class AgentRegistry:
                 ),
             )
             return
+        # Its word, as a quiesce acknowledgement's: it maps none of them now
+        # (a writable mapping left would fail the seal).
+        attachment.mapped.clear()
         attachment.committing = asyncio.create_task(
             self._commit(attachment), name=f"commit {attachment.model_id}"
         )
@@ -210,7 +213,6 @@ class AgentRegistry:
         except TorporError as err:
             self.revoke(attachment.id, err)
             return
-        attachment.mapped.clear()  # (it unmapped every slab before committing)
         attachment.outbox.put(Published(snapshot.layout_hash))
         log.info("image published", model_id=attachment.model_id, pid=attachment.pid)
 
