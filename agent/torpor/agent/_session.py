@@ -27,7 +27,7 @@ from torpor.client import Client
 from torpor.errors import TorporError, from_rpc_error
 from torpor.v1 import agent_pb2, agent_pb2_grpc
 
-__all__ = ["Callback", "Session", "moved"]
+__all__ = ["Callback", "Session", "let_go_error", "moved"]
 
 # A library: stdlib logging, silent unless the engine configures it.
 log = logging.getLogger("torpor.agent")
@@ -139,6 +139,29 @@ class Session:
             )
             self._end_stream()
             raise
+
+    def let_go(self) -> bool:
+        """End the attachment here, keeping its ranges (see AttachedModel.let_go);
+        False, doing nothing, if it had ended already."""
+        with self._gate.quiescing():
+            for callback in self.on_quiesce:
+                try:
+                    callback([])
+                except Exception:
+                    log.exception("on_quiesce callback failed (model %s)", self.model_id)
+            self._gate.drain([], self.timeout)  # (every layer unmapped, none in use)
+            if self._gate.end(let_go_error(self.model_id)) is None:
+                return False
+        with self._lock:
+            self._said_release = True
+        # Release, then our end of the stream: the daemon detaches this engine,
+        # which then holds nothing, and ends the stream.
+        self._requests.put(agent_pb2.AttachRequest(release=agent_pb2.Release()))
+        self._requests.put(None)
+        if self.listener is not None and self.listener is not threading.current_thread():
+            self.listener.join(self.timeout)
+        self._call.cancel()
+        return True
 
     def close(self, *, released: bool, stream_over: bool) -> None:
         """End the stream as the engine detaches (the gate is closed already):
@@ -292,6 +315,15 @@ class Session:
                 callback(mapped)
             except Exception:
                 log.exception("on_resume callback failed (model %s)", self.model_id)
+
+
+def let_go_error(model_id: str) -> TorporError:
+    """Why an attachment that the engine let go of is over (until a reattach)."""
+    return TorporError(
+        grpc.StatusCode.CANCELLED,
+        "LET_GO",
+        f"this engine let go of {model_id!r}; reattach to use it again",
+    )
 
 
 def moved(

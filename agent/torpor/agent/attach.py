@@ -150,6 +150,18 @@ class AttachedModel:
         another kind of memory) DEVICE_CHANGED: attach anew instead."""
         self._session.reattach()
 
+    def let_go(self) -> None:
+        """Detach from the daemon for a while, keeping the address ranges: the
+        `on_quiesce` callbacks run, the use() blocks end (new ones wait, then
+        raise CANCELLED LET_GO), every layer is unmapped and the daemon
+        counts this engine out (a Sleep no longer waits for it, and it holds
+        no memory). `reattach` maps the same layout at the same addresses
+        again. An engine asked to sleep lets go this way while other
+        engines keep the model. Nothing happens if the attachment had ended
+        already; ABORTED QUIESCE_TIMEOUT if use() blocks still run after
+        `timeout`."""
+        self._session.let_go()
+
     # -- what the engine uses ------------------------------------------------------
 
     @property

@@ -9,7 +9,9 @@ as an image; every later start with the same fingerprint (same files, vLLM,
 dtype, quantization, parallelism, platform) maps that image: nothing read,
 nothing processed, one copy in memory however many engines use it. The
 daemon can put the image to sleep and wake it while vLLM serves (requests
-wait meanwhile). See torpor.vllm.loader.
+wait meanwhile). See torpor.vllm.loader. On a GPU with `--enable-sleep-mode`,
+vLLM's own sleep and wake (`LLM.sleep`, `/sleep`, `/wake_up`) go through
+the daemon too: torpor.vllm.sleep.
 
 `register` is vLLM's plugin entry point (`vllm.general_plugins`): vLLM calls
 it in each of its processes. This package imports vLLM only when it does,
@@ -31,10 +33,11 @@ _registered = False
 
 
 def register() -> None:
-    """Register the `torpor` load format with vLLM. Idempotent, no I/O, and it
-    never raises (an exception here would stop vLLM from starting at all,
-    even for engines that don't use Torpor): a failure is logged, and
-    `--load-format torpor` is then an unknown format."""
+    """Register the `torpor` load format and the `torpor` sleep-mode backend
+    (torpor.vllm.sleep) with vLLM. Idempotent, no I/O, and it never raises
+    (an exception here would stop vLLM from starting at all, even for
+    engines that don't use Torpor): a failure is logged, and `--load-format
+    torpor` is then an unknown format, or vLLM's sleep mode its own."""
     global _registered
     if _registered:
         return
@@ -47,3 +50,21 @@ def register() -> None:
         _registered = True
     except Exception:
         log.exception("torpor: could not register vLLM's load format %r", LOAD_FORMAT)
+    _register_sleep_backend()
+
+
+def _register_sleep_backend() -> None:
+    try:
+        from vllm.device_allocator.sleep_mode_backend import SleepModeBackendFactory
+    except ImportError:  # (a vLLM before 0.32 has none: its sleep mode is its own)
+        log.info("torpor: this vLLM has no sleep-mode backends; not registering one")
+        return
+    try:
+        # Lazy: the module is imported when a worker first sleeps with it.
+        SleepModeBackendFactory.register_backend(
+            LOAD_FORMAT, "torpor.vllm.sleep", "TorporSleepBackend"
+        )
+    except ValueError:
+        pass  # (registered already in this process)
+    except Exception:
+        log.exception("torpor: could not register vLLM's sleep-mode backend %r", LOAD_FORMAT)

@@ -31,6 +31,7 @@ import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,7 @@ from torpor.client import Client
 from torpor.errors import TorporError
 from torpor.v1 import common_pb2, models_pb2
 
-__all__ = ["GUARDED", "Image", "guard"]
+__all__ = ["GUARDED", "Image", "guard", "serving"]
 
 GUARDED = ("forward", "compute_logits", "embed_input_ids")
 
@@ -78,12 +79,22 @@ class Image:
                     continue
                 return call(*args, **kwargs)
 
+    def let_go(self) -> None:
+        """Detach, keeping the addresses, until `recover` (see
+        AttachedModel.let_go): a vLLM sleep while other engines use the image."""
+        with self._lock:
+            self.attached.let_go()
+
     def recover(self) -> None:
         """Attach again once the daemon has the image back (woken if asleep)."""
         with self._lock:
-            if self.attached.ended is None:
+            ended = self.attached.ended
+            if ended is None:
                 return  # (another thread did)
-            log.warning("torpor: lost the image (%s); waiting for it", self.attached.ended)
+            if ended.reason == "LET_GO":
+                log.info("torpor: attaching to image %s again", self.attached.model_id)
+            else:
+                log.warning("torpor: lost the image (%s); waiting for it", ended)
             deadline = time.monotonic() + self.wait_s
             said = ""
             while True:
@@ -130,9 +141,20 @@ def _guarded(call: Callable[..., Any], image: Image) -> Callable[..., Any]:
     return run
 
 
+# The images of the models this process serves (those still alive): what
+# vLLM's sleep backend, which vLLM makes with no arguments, acts on.
+_serving: weakref.WeakSet[Image] = weakref.WeakSet()
+
+
+def serving() -> list[Image]:
+    """The images of the models this process serves, in no particular order."""
+    return list(_serving)
+
+
 def guard(model: nn.Module, image: Image) -> None:
     """Run the model's weight-reading calls with the image's weights held,
     and keep the attachment (and its client) alive as long as the model."""
+    _serving.add(image)
     attached = image.attached
     for name in GUARDED:
         call = getattr(model, name, None)

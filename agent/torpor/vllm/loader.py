@@ -13,7 +13,9 @@ runs in its pre-processed mode (it only rebuilds kernels' Python state).
 The attachment stays on the model (`model.torpor_image`), so the image is
 mapped as long as the model lives; its forward, compute_logits and
 embed_input_ids run inside the agent's `use()` gate (torpor.vllm.gate), so
-the daemon can put the image to sleep and wake it while vLLM serves.
+the daemon can put the image to sleep and wake it while vLLM serves. On a
+GPU with `enable_sleep_mode`, vLLM's own sleep and wake go through the
+daemon too (torpor.vllm.sleep).
 
 This module imports vLLM: only `torpor.vllm.register` imports it, in a vLLM
 process.
@@ -42,7 +44,7 @@ from vllm.utils.torch_utils import set_default_torch_dtype
 from torpor.agent.attach import AttachedModel
 from torpor.agent.publish import groups_of
 from torpor.client import Client
-from torpor.vllm import fingerprint, gate, images, weights
+from torpor.vllm import fingerprint, gate, images, sleep, weights
 from torpor.vllm.options import LoaderOptions
 
 __all__ = ["TorporModelLoader"]
@@ -90,6 +92,8 @@ class TorporModelLoader(BaseModelLoader):  # type: ignore[misc]  # (vLLM: untype
     def load_model(
         self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = ""
     ) -> nn.Module:
+        # The worker's sleep mode (GPU) goes through the daemon: torpor.vllm.sleep.
+        sleep.select(vllm_config.model_config)
         described = self._describe(vllm_config, model_config)
         fp = fingerprint.fingerprint_of(described)
         model_id = fingerprint.model_id_of(described, fp, self.options.model_id)
