@@ -57,17 +57,25 @@ def gpu_used(libraries: Path, gpu_env: dict[str, str]) -> Callable[[], int]:
     return lambda: emulator.used(libraries, gpu_env["CUDAEMU_NODE"])
 
 
-@pytest.fixture
-def daemon(tmp_path: Path, gpu_env: dict[str, str]) -> Iterator[Daemon]:
-    cache = tmp_path / "cache"
+def started(root: Path, cache: Path, env: dict[str, str]) -> Daemon:
     d = Daemon(
-        tmp_path / "d",
+        root,
         config=f'[disk_cache]\npath = "{cache}"\ncapacity = "64MiB"\n',
         backend=BACKEND,
-        env=gpu_env,
+        env=env,
     )
     try:
         d.wait_ready()
+    except BaseException:
+        d.kill()
+        raise
+    return d
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, gpu_env: dict[str, str]) -> Iterator[Daemon]:
+    d = started(tmp_path / "d", tmp_path / "cache", gpu_env)
+    try:
         yield d
     finally:
         d.kill()
@@ -156,6 +164,12 @@ def test_an_image_published_on_the_gpu_is_mapped_read_only_and_kept_across_sleep
             assert gpu_used() == on_gpu
             assert publisher.ask("read") == first  # same bytes at the same addresses
             assert other.ask("read")["digest"] == given
+        # One layer out to the disk cache (read out of the GPU) and back, verified.
+        client.offload_model("img", ["layers.1"], common_pb2.TIER_DISK)
+        assert gpu_used() == on_gpu - 2 * GRANULE
+        client.offload_model("img", [], common_pb2.TIER_DEVICE, verify=True)
+        assert gpu_used() == on_gpu
+        assert publisher.ask("read") == first
         # Read-only after the commit, for the publisher as for anyone: a
         # write into the image faults (and the fault ends that process's context).
         assert other.ask("write") == {"write": "CUDA_ERROR_ILLEGAL_ADDRESS"}
@@ -220,3 +234,34 @@ def test_verify_catches_bytes_changed_behind_the_daemons_back(
         publisher.quit()
     client.unload_model("img")
     assert settle(lambda: nothing_left(client, gpu_used))
+
+
+def test_an_image_comes_back_to_the_gpu_after_a_restart_through_its_disk_copy(
+    daemon: Daemon, client: Client, gpu_used: Callable[[], int], tmp_path: Path
+) -> None:
+    publisher = imager(daemon, "img", "publish", FINGERPRINT, "4")
+    given = publisher.hello["given"]
+    on_gpu = padded(client.get_model("img"))
+    client.sleep_model("img", level=2)  # (its disk copy first)
+    publisher.quit()
+    assert daemon.stop() == 0
+    assert gpu_used() == 0
+
+    again = started(tmp_path / "again", tmp_path / "cache", daemon.env)
+    try:
+        with Client(socket=str(again.socket)) as other:
+            model = other.get_model("img")
+            assert model.state == common_pb2.MODEL_STATE_ASLEEP
+            assert (model.state_reason, model.fingerprint) == ("RESTORED", FINGERPRINT)
+            assert gpu_used() == 0
+            other.wake_model("img", verify=True)
+            assert gpu_used() == on_gpu
+            engine = imager(again, "img", "attach")
+            try:
+                assert engine.ask("read")["digest"] == given
+            finally:
+                engine.quit()
+            other.unload_model("img")
+            assert settle(lambda: nothing_left(other, gpu_used))
+    finally:
+        again.kill()
