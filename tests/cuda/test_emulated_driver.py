@@ -84,6 +84,22 @@ def test_a_copy_to_memory_without_access_faults(libraries: Path | None) -> None:
         assert "without that device's access" in done.stderr
 
 
+def test_a_read_only_mapping_reads_and_a_write_into_it_faults(libraries: Path | None) -> None:
+    """What the agent relies on for a model's slabs (an image's above all):
+    mapped with read access only, an engine's writes fault."""
+    done = run(libraries, "read_only")
+    assert done.returncode == 0, done.stderr
+    got = done.out
+    assert got["set_read"] == got["read"] == "CUDA_SUCCESS"
+    assert got["bytes"] == "gpu!"
+    # The write never lands quietly (refused, or a fault when it runs).
+    assert (got["write"], got["sync"]) != ("CUDA_SUCCESS", "CUDA_SUCCESS"), got
+    if not REAL:  # (the emulator faults when the copy runs, as for no access)
+        assert got["write"] == "CUDA_SUCCESS"
+        assert got["sync"] == "CUDA_ERROR_ILLEGAL_ADDRESS"
+        assert "without that device's access" in done.stderr
+
+
 def test_memory_returns_when_no_process_holds_or_maps_it(libraries: Path | None) -> None:
     done = run(libraries, "memory")
     assert done.returncode == 0, done.stderr

@@ -95,6 +95,7 @@ CASES = {
         emulator_only="CUDAEMU_HOST_ACCESS lets the CPU compute in a GPU's place; "
         "no real driver opens device memory to the CPU",
     ),
+    "read_only": Case(SCRIPTS["read_only"]),
     "peer_refused": Case(SCRIPTS["peer"], emulated={"CUDAEMU_PEER": "0"}, devices=2),
     "peer_granted": Case(SCRIPTS["peer"], emulated={"CUDAEMU_PEER": "1"}, devices=2),
 }

@@ -206,6 +206,35 @@ ok(d.cuMemcpyHtoDAsync(address, ctypes.addressof(src), 4096, stream))
 out["copy_from_1"] = name(d.cuStreamSynchronize(stream)[0])
 """
 
+# An importer's mapping with read access only (as the agent maps a model's
+# slabs): reads see the memory, a write into it faults (a copy's, as a
+# kernel's store would). PROT_READ is CUmemAccess_flags' "make the address
+# range read accessible".
+READ_ONLY = """
+ok(d.cuCtxSetCurrent(ctx))
+POSIX_FD = d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+handle, address = mapped(G)
+ok(d.cuMemcpyHtoD(address, b"gpu!", 4))
+fd = ok(d.cuMemExportToShareableHandle(handle, POSIX_FD, 0))
+imported = ok(d.cuMemImportFromShareableHandle(fd, POSIX_FD))
+os.close(fd)
+reader = int(ok(d.cuMemAddressReserve(G, 0, 0, 0)))
+ok(d.cuMemMap(reader, G, 0, imported, 0))
+ok(d.cuMemRelease(imported))
+desc = d.CUmemAccessDesc()
+desc.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+desc.location.id = 0
+desc.flags = d.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READ
+out["set_read"] = name(d.cuMemSetAccess(reader, G, [desc], 1)[0])
+back = ctypes.create_string_buffer(4)
+out["read"] = name(d.cuMemcpyDtoH(back, reader, 4)[0])
+out["bytes"] = back.raw.decode(errors="replace")
+stream = ok(d.cuStreamCreate(1))
+src = ctypes.create_string_buffer(b"evil", 4)
+out["write"] = name(d.cuMemcpyHtoDAsync(reader, ctypes.addressof(src), 4, stream)[0])
+out["sync"] = name(d.cuStreamSynchronize(stream)[0])
+"""
+
 SCRIPTS = {
     "forbidden": FORBIDDEN,
     "stream_order": STREAM_ORDER,
@@ -214,4 +243,5 @@ SCRIPTS = {
     "memory": MEMORY,
     "touch": TOUCH,
     "peer": PEER,
+    "read_only": READ_ONLY,
 }

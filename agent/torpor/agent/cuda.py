@@ -78,7 +78,8 @@ class CudaSlabRange:
         self._released = False
 
     def map(self, fd: int, *, writable: bool = False) -> None:
-        """Import the slab's fd and map it at this range (the fd stays the caller's)."""
+        """Import the slab's fd and map it at this range, read-only unless
+        `writable` (an image being published); the fd stays the caller's."""
         cu = _driver()
         self._check_live()
         _context(self.device)
@@ -96,8 +97,16 @@ class CudaSlabRange:
         access = cu.CUmemAccessDesc()
         access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         access.location.id = self.device
-        # Device memory can only be mapped read-write; the engine must not write.
-        access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        # Read-only but while publishing: a kernel's store into a model's
+        # weights faults instead of changing what every engine maps. (The
+        # importer sets its own access: a process that maps the fd READWRITE
+        # itself can write, and the checksums that verify checks catch it.)
+        flags = cu.CUmemAccess_flags
+        access.flags = (
+            flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+            if writable
+            else flags.CU_MEM_ACCESS_FLAGS_PROT_READ
+        )
         try:
             _check(cu.cuMemSetAccess(self.address, self.length, [access], 1), "cuMemSetAccess")
         except MappingError:
