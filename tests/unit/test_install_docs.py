@@ -35,8 +35,11 @@ SCRIPTS: dict[str, str] = PYPROJECT["project"]["scripts"]
 SOURCES = {"torpor": ROOT / "agent", "torpord": ROOT / "daemon", "tests": ROOT}
 # Imported only on a path the docs' CPU sequences don't take: the CUDA
 # modules (a GPU host's cuda12/cuda13 extra brings them) and
-# torpor.agent.modules.from_transformers (the engine's own transformers).
-GPU_OR_ENGINE_OWN = {"cuda", "cupy", "transformers"}
+# torpor.agent.modules.from_transformers (the engine's own transformers), and
+# vLLM: the README installs it first (scripts/vllm-env's .venv-vllm here), and
+# tests.bench.bench_vllm imports it only in the engines it runs with that
+# environment's python.
+GPU_OR_ENGINE_OWN = {"cuda", "cupy", "transformers", "vllm"}
 DOCS = ("README.md", "systemd/README.md")
 
 
