@@ -165,18 +165,18 @@ async def test_slabs_are_never_handed_out_writable_once_the_commit_began(s: Setu
         s.agents.commit(attachment)
         await pause(rng)
         model = s.m.registry.models["img"]
-        committing = model.busy or model.state is not ModelState.PUBLISHING
+        publishing = model.state is ModelState.PUBLISHING
         try:
             header, fds = await s.agents.export(attachment.id, PID, [])
         except FailedPrecondition as err:
+            # (Said Commit: while the model is PUBLISHING, no more fds.)
             assert err.reason == "MODEL_NOT_ACTIVE"
-            assert committing
+            assert publishing
         else:
             for fd in fds:
                 os.close(fd)
-            # (Writable only before the commit's transition started; the
-            # commit still seals: nothing is mapped.)
-            assert header["writable"] is not committing
+            # Committed by now: what it takes is read-only.
+            assert not publishing and header["writable"] is False
         said = await messages(attachment)
         assert isinstance(said[-1], Published), said
         s.agents.released(attachment)  # (it maps none of the fds it took: as the agent says)

@@ -41,9 +41,12 @@ def export_slabs(
     if model is None:
         raise FailedPrecondition(f"model {attachment.model_id!r} is gone", reason="MODEL_NOT_FOUND")
     writable = model.state is ModelState.PUBLISHING
-    if writable and (model.busy or not (attachment.writer and model.publisher == attachment.id)):
+    # (Once its engine said Commit, not even the publisher takes them writable.)
+    publishing = attachment.writer and model.publisher == attachment.id
+    if writable and (model.busy or attachment.committing is not None or not publishing):
         raise FailedPrecondition(
-            f"model {model.model_id!r} is being published; only its publisher takes its slabs",
+            f"model {model.model_id!r} is being published; only its publisher takes its"
+            " slabs, until it commits",
             reason="MODEL_NOT_ACTIVE",
             metadata={"model_id": model.model_id, "state": model.state.value},
         )
