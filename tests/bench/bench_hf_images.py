@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.bench.common import evict, machine, parser, warm
+from tests.bench.common import evict, machine, parser, private_memory, warm
 
 CONFIG = {
     "hidden_size": 2048,
@@ -59,15 +59,6 @@ def checkpoint(root: Path) -> Path:
         model.save_pretrained(path, max_shard_size="300MB")
         marker.touch()
     return path
-
-
-def private_memory() -> int:
-    total = 0
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            if line.startswith(("Private_Clean:", "Private_Dirty:")):
-                total += int(line.split()[1]) * 1024
-    return total
 
 
 def start(how: str, path: str, socket: str) -> None:

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.bench_hf_images import checkpoint
-from tests.bench.common import evict, machine, parser, warm
+from tests.bench.common import evict, machine, parser, private_memory, warm
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = [1, 5, 9, 30, 100, 7, 3, 200]
@@ -64,15 +64,6 @@ def vllm_python() -> Path:
     if not built.exists() and importlib.util.find_spec("vllm") is not None:
         return Path(sys.executable)
     return built
-
-
-def private_memory() -> int:
-    total = 0
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            if line.startswith(("Private_Clean:", "Private_Dirty:")):
-                total += int(line.split()[1]) * 1024
-    return total
 
 
 def start(load_format: str, path: str, socket: str) -> None:
