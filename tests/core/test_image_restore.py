@@ -34,14 +34,14 @@ async def publish(
         CatalogueGroup(name, 1024, (CatalogueTensor(f"{name}.w", "U8", (1024,), 0),))
         for name in GROUPS
     ]
-    model = await h.manager.begin_publish(
+    model = await h.manager.images.begin(
         model_id, fingerprint, catalogue, device="", publisher="engine"
     )
     for layer in model.layers:
         assert layer.slab is not None
         with h.backend.view(layer.slab) as view:
             view[:] = payload(fingerprint, layer.plan.name, salt)
-    await h.manager.commit_publish(model_id, "engine")
+    await h.manager.images.commit(model_id, "engine")
     return {name: payload(fingerprint, name, salt) for name in GROUPS}
 
 

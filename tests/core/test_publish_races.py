@@ -276,8 +276,8 @@ async def test_a_failed_seal_waits_for_the_others_before_rolling_back(tmp_path: 
     assert isinstance(backend, OneSealFails)
     m = h.manager
     try:
-        await m.begin_publish("img", "fp", groups(), device="", publisher="me")
-        commit = asyncio.ensure_future(m.commit_publish("img", "me"))
+        await m.images.begin("img", "fp", groups(), device="", publisher="me")
+        commit = asyncio.ensure_future(m.images.commit("img", "me"))
         commit.add_done_callback(lambda _: backend.order.append("commit done"))
         await asyncio.sleep(0.05)  # (g0 has failed by now; g1 is still sealing)
         backend.g1_may_go.set()
@@ -286,7 +286,7 @@ async def test_a_failed_seal_waits_for_the_others_before_rolling_back(tmp_path: 
         # The rollback (and a free after it) came after every seal ended.
         assert backend.order == ["g1 sealed", "commit done"]
         assert m.registry.models["img"].state is ModelState.FAILED
-        m.abandon_publish("img", "me")
+        m.images.abandon("img", "me")
         for _ in range(1000):
             if h.device_used() == 0:
                 break

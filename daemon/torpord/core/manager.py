@@ -34,7 +34,6 @@ from torpord.core.requests import RequestLog
 from torpord.core.runner import Runner
 from torpord.core.verbs import ManagerSettings, Verbs
 from torpord.errors import Aborted
-from torpord.storage.catalogue import CatalogueGroup
 from torpord.storage.diskcache import DiskCache
 from torpord.types import Tier
 
@@ -70,6 +69,15 @@ class ModelManager:
             disk_in_use=self.registry.disk_keys,
         )
         self._runner = Runner(backend, self.bus, self.registry, self.requests, self._announcer)
+        self.images = Images(
+            backend,
+            self.bus,
+            self.registry,
+            self._runner,
+            self._announcer,
+            self.mover,
+            self._executor,
+        )
         self._verbs = Verbs(
             backend,
             settings,
@@ -80,17 +88,8 @@ class ModelManager:
             self._announcer,
             self.mover,
             self._executor,
+            self.images,
         )
-        self.images = Images(
-            backend,
-            self.bus,
-            self.registry,
-            self._runner,
-            self._announcer,
-            self.mover,
-            self._executor,
-        )
-        self._verbs.images = self.images
 
     @property
     def engines(self) -> Engines:
@@ -127,26 +126,7 @@ class ModelManager:
             return [found] if found is not None else []
         return self.registry.snapshots()
 
-    # -- images (core/images.py) -------------------------------------------------
-
-    async def begin_publish(
-        self,
-        model_id: str,
-        fingerprint: str,
-        groups: Sequence[CatalogueGroup],
-        *,
-        device: str,
-        publisher: str,
-    ) -> Model:
-        return await self.images.begin(
-            model_id, fingerprint, groups, device=device, publisher=publisher
-        )
-
-    async def commit_publish(self, model_id: str, publisher: str) -> ModelSnapshot:
-        return await self.images.commit(model_id, publisher)
-
-    def abandon_publish(self, model_id: str, publisher: str) -> None:
-        self.images.abandon(model_id, publisher)
+    # -- images (publishing itself is `self.images`: core/images.py) -----------
 
     async def restore_images(self) -> list[str]:
         """At start: register the images the disk cache keeps, asleep (see

@@ -52,6 +52,7 @@ class Verbs:
         announcer: Announcer,
         mover: Mover,
         executor: concurrent.futures.Executor,
+        images: Images,
     ) -> None:
         self._backend = backend
         self._settings = settings
@@ -62,7 +63,7 @@ class Verbs:
         self._announcer = announcer
         self._mover = mover
         self._executor = executor
-        self.images: Images | None = None  # (set by the manager: forced Unload of a publish)
+        self._images = images  # (a forced Unload of an image still being published)
 
     async def load(
         self,
@@ -355,7 +356,7 @@ class Verbs:
             return unloaded
         if model_id in self._registry.validating:
             raise busy(model_id, "LOADING")
-        if force and self.images is not None and (gone := self.images.stop(model_id)):
+        if force and (gone := self._images.stop(model_id)):
             return gone
         model = self._registry.idle(model_id)
 

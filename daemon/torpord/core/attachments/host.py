@@ -4,13 +4,12 @@ all of them)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Protocol
 
 from torpord.backends.base import Backend
 from torpord.core.events import EventBus
+from torpord.core.images import Images
 from torpord.core.model import Model, ModelSnapshot
-from torpord.storage.catalogue import CatalogueGroup
 
 __all__ = ["EngineHost"]
 
@@ -30,23 +29,7 @@ class EngineHost(Protocol):
         """The live model (read it on the event loop, never keep it)."""
         ...
 
-    async def begin_publish(
-        self,
-        model_id: str,
-        fingerprint: str,
-        groups: Sequence[CatalogueGroup],
-        *,
-        device: str,
-        publisher: str,
-    ) -> Model:
-        """A new model, PUBLISHING, whose DEVICE slabs only `publisher` (an
-        attachment id) may write (see torpord.core.images)."""
-        ...
-
-    async def commit_publish(self, model_id: str, publisher: str) -> ModelSnapshot:
-        """Seal and checksum what the publisher wrote: the model is ACTIVE."""
-        ...
-
-    def abandon_publish(self, model_id: str, publisher: str) -> None:
-        """The publisher went away: an uncommitted model is removed."""
+    @property
+    def images(self) -> Images:
+        """Publishing: begin, commit, abandon (see torpord.core.images)."""
         ...

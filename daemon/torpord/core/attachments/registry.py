@@ -171,7 +171,7 @@ class AgentRegistry:
         if hello.pid <= 0:
             raise InvalidArgument("hello.pid must be the engine's process id", reason="INVALID_PID")
         attachment_id = secrets.token_hex(16)
-        model = await self._host.begin_publish(
+        model = await self._host.images.begin(
             hello.model_id,
             hello.publish.fingerprint,
             hello.publish.groups,
@@ -209,7 +209,7 @@ class AgentRegistry:
 
     async def _commit(self, attachment: Attachment) -> None:
         try:
-            snapshot = await self._host.commit_publish(attachment.model_id, attachment.id)
+            snapshot = await self._host.images.commit(attachment.model_id, attachment.id)
         except TorporError as err:
             self.revoke(attachment.id, err)
             return
@@ -299,7 +299,7 @@ class AgentRegistry:
             os.close(attachment.pidfd)
             attachment.pidfd = None
         if attachment.writer:  # (nothing, once committed)
-            self._host.abandon_publish(attachment.model_id, attachment.id)
+            self._host.images.abandon(attachment.model_id, attachment.id)
         self._count_changed(attachment.model_id)
         log.info("engine detached", model_id=attachment.model_id, pid=attachment.pid)
 
