@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from torpor import Client
 
 BIN = Path(sys.executable).parent
 GRPCURL = str(BIN / "grpcurl")
@@ -146,6 +147,15 @@ class Daemon:
             self.notify.close()
 
 
+def with_disk_cache(root: Path, **kw: Any) -> Daemon:
+    """A daemon on `root` with a 64 MiB disk cache in `root/cache` (kept
+    across restarts: another daemon on the same root finds it)."""
+    cache = root / "cache"
+    cache.mkdir(mode=0o700, exist_ok=True)
+    config = f'[disk_cache]\npath = "{cache}"\ncapacity = "64MiB"\n'
+    return Daemon(root, config=config, **kw)
+
+
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     d = Daemon(tmp_path)
@@ -154,3 +164,10 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         yield d
     finally:
         d.kill()
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[Client]:
+    """A client of the `daemon` fixture (whichever a module defines)."""
+    with Client(socket=str(daemon.socket)) as c:
+        yield c

@@ -81,12 +81,6 @@ def daemon(tmp_path: Path, gpu_env: dict[str, str]) -> Iterator[Daemon]:
         d.kill()
 
 
-@pytest.fixture
-def client(daemon: Daemon) -> Iterator[Client]:
-    with Client(socket=str(daemon.socket)) as c:
-        yield c
-
-
 def imager(d: Daemon, model_id: str, *args: str) -> Worker:
     return Worker(d, model_id, *args, script=IMAGER, env=d.env)
 

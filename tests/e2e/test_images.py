@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -20,7 +19,7 @@ from torpor.errors import TorporError
 from torpor.testing import make_checkpoint
 from torpor.v1 import common_pb2
 
-from .conftest import Daemon
+from .conftest import Daemon, with_disk_cache
 from .observe import settle, used
 
 torch = pytest.importorskip("torch")
@@ -62,12 +61,6 @@ def same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
     return got.keys() == want.keys() and all(
         got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want
     )
-
-
-@pytest.fixture
-def client(daemon: Daemon) -> Iterator[Client]:
-    with Client(socket=str(daemon.socket)) as c:
-        yield c
 
 
 def test_publish_then_attach_by_fingerprint(daemon: Daemon, client: Client) -> None:
@@ -178,9 +171,7 @@ def test_a_publisher_that_dies_before_committing_leaves_nothing(
 
 
 def test_level_2_and_disk_offload_go_through_the_disk_cache(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    cache.mkdir(mode=0o700)
-    d = Daemon(tmp_path, config=f'[disk_cache]\npath = "{cache}"\ncapacity = "64MiB"\n')
+    d = with_disk_cache(tmp_path)
     try:
         d.wait_ready()
         want = weights(2)

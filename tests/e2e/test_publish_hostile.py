@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -27,12 +26,6 @@ from .rawpublish import Stream, catalogue, publisher, write_all
 MiB = 1 << 20
 FP = "raw-engine/v1"
 GROUPS = [("pre", 4096), ("layers.0", 3 * 4096 + 17), ("post", 100)]
-
-
-@pytest.fixture
-def client(daemon: Daemon) -> Iterator[Client]:
-    with Client(socket=str(daemon.socket)) as c:
-        yield c
 
 
 def state(client: Client, model_id: str) -> int:

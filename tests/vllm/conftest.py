@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from ..e2e.conftest import Daemon
+from ..e2e.conftest import Daemon, with_disk_cache
+from ..e2e.conftest import client as client  # (a fixture: the tests here use it)
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -113,6 +114,17 @@ class Engine:
         if self.proc.poll() is None:
             self.proc.kill()
         self.wait()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon with a disk cache: an image's level-2 sleep needs one."""
+    d = with_disk_cache(tmp_path)
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.kill()
 
 
 @pytest.fixture(scope="session")

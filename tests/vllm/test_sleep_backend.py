@@ -8,7 +8,6 @@ in real vLLM, is in test_sleep_backend_vllm.py; a GPU run in tests/gpu."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -40,28 +39,6 @@ def weights(mib: int = 1) -> dict[str, torch.Tensor]:
         out[f"model.layers.{i}.qkv_proj.weight"] = torch.randn(n, generator=g)
     out["lm_head.weight"] = torch.randn(n, generator=g)
     return out
-
-
-def with_disk_cache(root: Path, **kw: str) -> Daemon:
-    cache = root / "cache"
-    cache.mkdir(mode=0o700, exist_ok=True)
-    return Daemon(root, config=f'[disk_cache]\npath = "{cache}"\ncapacity = "64MiB"\n', **kw)
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = with_disk_cache(tmp_path)
-    try:
-        d.wait_ready()
-        yield d
-    finally:
-        d.kill()
-
-
-@pytest.fixture
-def client(daemon: Daemon) -> Iterator[Client]:
-    with Client(socket=str(daemon.socket)) as c:
-        yield c
 
 
 class Recorder:

@@ -8,25 +8,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from ..e2e.conftest import Daemon
 from .conftest import HERE, ROOT, VLLM_PYTHON, require_vllm
 
 require_vllm()
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path)
-    try:
-        d.wait_ready()
-        yield d
-    finally:
-        d.kill()
 
 
 def test_vllm_finds_the_backend_and_the_loader_selects_it_on_cuda(

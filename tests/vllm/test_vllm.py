@@ -7,44 +7,19 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from torpor import Client
 from torpor.v1 import common_pb2
 
-from ..e2e.conftest import Daemon
+from ..e2e.conftest import Daemon, with_disk_cache
 from ..e2e.observe import settle, used
 from .conftest import Engine, require_vllm
 
 require_vllm()
 
 MODELS = ("llama", "qwen2", "mixtral")
-
-
-def with_disk_cache(root: Path) -> Daemon:
-    """A daemon on `root` with a disk cache there (kept across restarts)."""
-    cache = root / "cache"
-    cache.mkdir(mode=0o700, exist_ok=True)
-    return Daemon(root, config=f'[disk_cache]\npath = "{cache}"\ncapacity = "64MiB"\n')
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = with_disk_cache(tmp_path)
-    try:
-        d.wait_ready()
-        yield d
-    finally:
-        d.kill()
-
-
-@pytest.fixture
-def client(daemon: Daemon) -> Iterator[Client]:
-    with Client(socket=str(daemon.socket)) as c:
-        yield c
 
 
 def start(engines: list[Engine], daemon: Daemon, tmp_path: Path, *runs: str, **kw: Any) -> Engine:
