@@ -109,7 +109,7 @@ def plant_tmp_dir(p: Path, _: Path) -> Path:
 
 
 def plant_folder_link(p: Path, outside: Path) -> Path:
-    link = p.parent.parent / "ff"  # the folder of `outside`'s entry, as a symlink
+    link = p.parent.parent / outside.name[:2]  # the folder of `outside`'s entry, as a symlink
     link.symlink_to(outside.parent)
     return link
 
@@ -157,13 +157,16 @@ def test_junk_in_the_cache_dir_is_skipped_and_its_entries_still_serve(
     shutil.copytree(warm, cache, symlinks=True)
     valid = slab_files(cache)
     assert len(valid) == len(entries) == 5
+    # Two folder names no valid entry uses (entries' names are content hashes).
+    free = sorted({f"{i:02x}" for i in range(256)} - {p.split("/")[0] for p in valid})
+    theirs, ours = free[-1], free[-2]
     outside = tmp_path / "outside"
     outside.mkdir()
-    target = outside / f"{'ff' * 16}.slab"
+    target = outside / f"{theirs * 16}.slab"
     shutil.copyfile(cache / next(iter(valid)), target)  # a valid entry, elsewhere
-    (cache / "fe").mkdir(mode=0o700)
+    (cache / ours).mkdir(mode=0o700)
     plant, removed = JUNK[kind]
-    junk = plant(cache / "fe" / f"{'fe' * 16}.slab", target)
+    junk = plant(cache / ours / f"{ours * 16}.slab", target)
 
     d = Daemon(tmp_path, config=cache_config(cache), roots=(ckpt.parent,))
     try:
