@@ -20,13 +20,13 @@ from torpord.core.mover import Mover
 from torpord.core.registry import Registry, busy, check_model_id, prepare, wrong_state
 from torpord.core.requests import RequestLog
 from torpord.core.runner import Call, Plan, Runner, current_task, retrieve
-from torpord.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, some
+from torpord.core.todevice import to_device
+from torpord.errors import AlreadyExists, FailedPrecondition, InvalidArgument, some
 from torpord.storage.layers import DEFAULT_LAYER_PATTERNS, LayerPatterns
 from torpord.storage.pipeline import ReadOptions
-from torpord.storage.reader import check_unchanged
 from torpord.storage.safetensors import Checkpoint
 from torpord.storage.sources import resolve_source
-from torpord.types import ModelState, Tier, TransitionKind
+from torpord.types import Cause, ModelState, Tier, TransitionKind
 
 __all__ = ["ManagerSettings", "Verbs"]
 
@@ -74,6 +74,7 @@ class Verbs:
         target: Tier = Tier.DEVICE,
         wait: bool = True,
         request_id: str = "",
+        cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
         check_model_id(model_id)
         if target not in (Tier.DEVICE, Tier.HOST):
@@ -83,7 +84,7 @@ class Verbs:
                 metadata={"tier": target.value},
             )
         path = resolve_source(source, self._settings.allowed_roots)
-        call = Call(request_id, ("load", model_id, path, device, target), wait)
+        call = Call(request_id, ("load", model_id, path, device, target), wait, cause)
         if (earlier := self._requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._runner.replay(earlier, wait, model_id)
         existing = self._registry.models.get(model_id)
@@ -165,6 +166,7 @@ class Verbs:
         wait: bool = True,
         request_id: str = "",
         disk_copy: bool = False,
+        cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
         level = level or 1
         if level not in (1, 2):
@@ -177,7 +179,7 @@ class Verbs:
             raise InvalidArgument("disk_copy goes with sleep level 2", reason="INVALID_ARGUMENT")
         if disk_copy:
             self._need_disk()
-        call = Call(request_id, ("sleep", model_id, level, disk_copy), wait)
+        call = Call(request_id, ("sleep", model_id, level, disk_copy), wait, cause)
         if (earlier := self._requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._runner.replay(earlier, wait, model_id)
         model = self._registry.idle(model_id)
@@ -223,9 +225,15 @@ class Verbs:
         return await self._runner.start(model, plan, call)
 
     async def wake(
-        self, model_id: str, *, wait: bool = True, request_id: str = "", verify: bool = False
+        self,
+        model_id: str,
+        *,
+        wait: bool = True,
+        request_id: str = "",
+        verify: bool = False,
+        cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
-        call = Call(request_id, ("wake", model_id, verify), wait)
+        call = Call(request_id, ("wake", model_id, verify), wait, cause)
         if (earlier := self._requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._runner.replay(earlier, wait, model_id)
         model = self._registry.idle(model_id)
@@ -234,7 +242,15 @@ class Verbs:
         if model.state not in (ModelState.ASLEEP, ModelState.OFFLOADED):
             raise wrong_state(model, "wake")
         moving = [layer for layer in model.layers if layer.tier is not Tier.DEVICE]
-        plan = self._to_device(model, moving, TransitionKind.WAKE, ModelState.WAKING, verify)
+        plan = to_device(
+            self._mover,
+            self._announcer,
+            model,
+            moving,
+            TransitionKind.WAKE,
+            ModelState.WAKING,
+            verify,
+        )
         return await self._runner.start(model, plan, call)
 
     async def offload(
@@ -246,6 +262,7 @@ class Verbs:
         wait: bool = True,
         request_id: str = "",
         verify: bool = False,
+        cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
         if tier is Tier.DISK:
             self._need_disk()
@@ -256,7 +273,7 @@ class Verbs:
                 metadata={"tier": tier.value},
             )
         names = tuple(dict.fromkeys(layers))
-        call = Call(request_id, ("offload", model_id, names, tier, verify), wait)
+        call = Call(request_id, ("offload", model_id, names, tier, verify), wait, cause)
         if (earlier := self._requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._runner.replay(earlier, wait, model_id)
         model = self._registry.idle(model_id)
@@ -279,8 +296,14 @@ class Verbs:
         if not moving:
             return model.snapshot()
         if tier is Tier.DEVICE:
-            plan = self._to_device(
-                model, moving, TransitionKind.OFFLOAD, ModelState.OFFLOADING, verify
+            plan = to_device(
+                self._mover,
+                self._announcer,
+                model,
+                moving,
+                TransitionKind.OFFLOAD,
+                ModelState.OFFLOADING,
+                verify,
             )
             return await self._runner.start(model, plan, call)
         if tier is Tier.DISK:
@@ -310,46 +333,16 @@ class Verbs:
         plan = Plan(TransitionKind.OFFLOAD, ModelState.OFFLOADING, moving, body, new)
         return await self._runner.start(model, plan, call)
 
-    def _to_device(
-        self,
-        model: Model,
-        moving: list[LayerState],
-        kind: TransitionKind,
-        state: ModelState,
-        verify: bool,
-    ) -> Plan:
-        """Wake and Offload to DEVICE: bring `moving` back, from HOST or the source."""
-        new = self._mover.allocate(model, moving, Tier.DEVICE)
-
-        async def body() -> int:
-            lost = [layer.plan.name for layer in moving if layer.tier is Tier.SOURCE]
-            if lost and model.fingerprint:
-                raise DataLoss(
-                    f"model {model.model_id!r} is an image and its layer(s) {some(lost)} are"
-                    " in no memory and no disk copy: unload it and publish it again",
-                    reason="IMAGE_LOST",
-                    metadata={"model_id": model.model_id, "layers": some(lost)},
-                )
-            if lost:
-                change = await self._mover.blocking(check_unchanged, model.checkpoint)
-                if change is not None:
-                    raise FailedPrecondition(
-                        f"the source of model {model.model_id!r} changed since it was loaded:"
-                        f" {change}",
-                        reason="SOURCE_CHANGED",
-                        metadata={"model_id": model.model_id, "source": model.checkpoint.path},
-                    )
-            with self._announcer.in_forward_order(model, moving):
-                moved = await self._mover.move(model, moving, new, verify=verify)
-            model.settle()
-            return moved
-
-        return Plan(kind, state, moving, body, new)
-
     async def unload(
-        self, model_id: str, *, wait: bool = True, request_id: str = "", force: bool = False
+        self,
+        model_id: str,
+        *,
+        wait: bool = True,
+        request_id: str = "",
+        force: bool = False,
+        cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
-        call = Call(request_id, ("unload", model_id), wait)
+        call = Call(request_id, ("unload", model_id), wait, cause)
         if (earlier := self._requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._runner.replay(earlier, wait, model_id)
         if force and (unloaded := await self._runner.cancel(model_id, request_id)):
