@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["ModelState", "Outcome", "Stage", "Tier", "TransitionKind"]
+__all__ = ["Cause", "ModelState", "Outcome", "Stage", "Tier", "TransitionKind"]
 
 
 class Tier(enum.Enum):
@@ -70,3 +70,14 @@ class Outcome(enum.Enum):
     SUCCEEDED = "SUCCEEDED"
     ROLLED_BACK = "ROLLED_BACK"
     FAILED = "FAILED"
+
+
+class Cause(enum.Enum):
+    """Why a transition ran: a caller asked, or the daemon's policies decided."""
+
+    USER = "USER"  # a caller's Load, Sleep, Wake, Offload or Unload
+    ACQUIRE = "ACQUIRE"  # a router's Acquire: a request for the model arrived
+    IDLE = "IDLE"  # the model was not used for its idle timeout
+    PRESSURE = "PRESSURE"  # memory was needed for another model
+    PRELOAD = "PRELOAD"  # warmed ahead of predicted use
+    SCHEDULE = "SCHEDULE"  # a configured time window opened or closed

@@ -35,7 +35,7 @@ from torpord.core.runner import Runner
 from torpord.core.verbs import ManagerSettings, Verbs
 from torpord.errors import Aborted
 from torpord.storage.diskcache import DiskCache
-from torpord.types import Tier
+from torpord.types import Cause, Tier
 
 __all__ = ["ManagerSettings", "ModelManager"]
 
@@ -148,9 +148,16 @@ class ModelManager:
         target: Tier = Tier.DEVICE,
         wait: bool = True,
         request_id: str = "",
+        cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
         return await self._verbs.load(
-            model_id, source, device=device, target=target, wait=wait, request_id=request_id
+            model_id,
+            source,
+            device=device,
+            target=target,
+            wait=wait,
+            request_id=request_id,
+            cause=cause,
         )
 
     async def sleep(
@@ -161,15 +168,24 @@ class ModelManager:
         wait: bool = True,
         request_id: str = "",
         disk_copy: bool = False,
+        cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
         return await self._verbs.sleep(
-            model_id, level, wait=wait, request_id=request_id, disk_copy=disk_copy
+            model_id, level, wait=wait, request_id=request_id, disk_copy=disk_copy, cause=cause
         )
 
     async def wake(
-        self, model_id: str, *, wait: bool = True, request_id: str = "", verify: bool = False
+        self,
+        model_id: str,
+        *,
+        wait: bool = True,
+        request_id: str = "",
+        verify: bool = False,
+        cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
-        return await self._verbs.wake(model_id, wait=wait, request_id=request_id, verify=verify)
+        return await self._verbs.wake(
+            model_id, wait=wait, request_id=request_id, verify=verify, cause=cause
+        )
 
     async def offload(
         self,
@@ -180,15 +196,24 @@ class ModelManager:
         wait: bool = True,
         request_id: str = "",
         verify: bool = False,
+        cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
         return await self._verbs.offload(
-            model_id, layers, tier, wait=wait, request_id=request_id, verify=verify
+            model_id, layers, tier, wait=wait, request_id=request_id, verify=verify, cause=cause
         )
 
     async def unload(
-        self, model_id: str, *, wait: bool = True, request_id: str = "", force: bool = False
+        self,
+        model_id: str,
+        *,
+        wait: bool = True,
+        request_id: str = "",
+        force: bool = False,
+        cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
-        return await self._verbs.unload(model_id, wait=wait, request_id=request_id, force=force)
+        return await self._verbs.unload(
+            model_id, wait=wait, request_id=request_id, force=force, cause=cause
+        )
 
     # -- shutdown --------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from torpord.storage.diskcache import DiskEntry
 from torpord.storage.layers import LayerPlan
 from torpord.storage.safetensors import Checkpoint
 from torpord.timeline import Timeline
-from torpord.types import ModelState, Outcome, Stage, Tier, TransitionKind
+from torpord.types import Cause, ModelState, Outcome, Stage, Tier, TransitionKind
 
 __all__ = [
     "LayerSnapshot",
@@ -59,6 +59,7 @@ class ProgressSnapshot:
     bytes_per_second: float
     start_time: float
     note: str
+    cause: Cause = Cause.USER
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Progress:
     kind: TransitionKind
     bytes_total: int
     layers_total: int
+    cause: Cause = Cause.USER
     stage: Stage = Stage.PREPARE
     bytes_done: int = 0
     layers_done: int = 0
@@ -140,6 +142,7 @@ class Progress:
             self.rate(),
             self.start_time,
             self.note,
+            self.cause,
         )
 
 
@@ -156,6 +159,7 @@ class TransitionRecord:
     phases: tuple[PhaseRecord, ...] = ()
     note: str = ""  # what an operator should know about one that succeeded
     freed: int = 0  # memory let go of without moving it (Progress.bytes_freed)
+    cause: Cause = Cause.USER  # who decided it: a caller, or a policy (and which)
 
     @property
     def bytes_per_second(self) -> float:

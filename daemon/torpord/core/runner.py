@@ -33,7 +33,7 @@ from torpord.core.model import (
 from torpord.core.registry import Registry
 from torpord.core.requests import RequestLog
 from torpord.errors import Aborted, NotFound, TorporError
-from torpord.types import ModelState, Outcome, TransitionKind
+from torpord.types import Cause, ModelState, Outcome, TransitionKind
 
 __all__ = ["HEARTBEAT", "Body", "Call", "Plan", "Runner", "current_task", "retrieve"]
 
@@ -53,6 +53,7 @@ class Call:
     request_id: str
     fingerprint: Hashable  # the arguments, to recognise a retry
     wait: bool
+    cause: Cause = Cause.USER  # who asked: a caller, or a policy
 
 
 @dataclass
@@ -94,7 +95,10 @@ class Runner:
         """Enter the plan's state and run it as a task. Nothing here may await
         before the task exists: the model must never look idle while it changes."""
         model.progress = Progress(
-            plan.kind, sum(layer.plan.size for layer in plan.layers), len(plan.layers)
+            plan.kind,
+            sum(layer.plan.size for layer in plan.layers),
+            len(plan.layers),
+            call.cause,
         )
         before = (model.state, model.sleep_level)
         if plan.sleep_level is not None:
@@ -128,7 +132,13 @@ class Runner:
         running = model.running
         running.started = True
         started, clock = time.time(), time.monotonic()
-        bound = log.bind(model_id=model.model_id, transition=plan.kind.value, request_id=request_id)
+        cause = model.progress.cause
+        bound = log.bind(
+            model_id=model.model_id,
+            transition=plan.kind.value,
+            request_id=request_id,
+            cause=cause.value,
+        )
         bound.info("transition started", bytes=model.progress.bytes_total)
         heartbeat = asyncio.create_task(self._heartbeat(model))
         try:
@@ -154,6 +164,7 @@ class Runner:
                 err.message,
                 model.progress.phases(),
                 freed=model.progress.bytes_freed,
+                cause=cause,
             )
             self._finish(model, record)
             raise err from exc if err is not exc else None
@@ -170,6 +181,7 @@ class Runner:
             phases=model.progress.phases(),
             note=model.progress.note,
             freed=model.progress.bytes_freed,
+            cause=cause,
         )
         bound.info(
             "transition done",

@@ -73,6 +73,7 @@ def _progress(p: ProgressSnapshot) -> common_pb2.Progress:
         bytes_per_second=p.bytes_per_second,
         start_time=_timestamp(p.start_time),
         note=p.note,
+        cause=_enum(common_pb2.Cause, "CAUSE", p.cause.value),
     )
 
 
@@ -98,6 +99,7 @@ def _transition(t: TransitionRecord) -> common_pb2.Transition:
         ],
         note=t.note,
         freed_bytes=t.freed,
+        cause=_enum(common_pb2.Cause, "CAUSE", t.cause.value),
     )
 
 
