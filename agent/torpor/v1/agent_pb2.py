@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15torpor/v1/agent.proto\x12\ttorpor.v1\x1a\x1egoogle/protobuf/duration.proto\"\xb7\x01\n\rAttachRequest\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.torpor.v1.HelloH\x00\x12,\n\x0bquiesce_ack\x18\x02 \x01(\x0b\x32\x15.torpor.v1.QuiesceAckH\x00\x12%\n\x07release\x18\x03 \x01(\x0b\x32\x12.torpor.v1.ReleaseH\x00\x12#\n\x06\x63ommit\x18\x04 \x01(\x0b\x32\x11.torpor.v1.CommitH\x00\x42\t\n\x07message\"i\n\x05Hello\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12#\n\x07publish\x18\x05 \x01(\x0b\x32\x12.torpor.v1.Publish\"W\n\x07Publish\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\'\n\x06groups\x18\x02 \x03(\x0b\x32\x17.torpor.v1.PublishGroup\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"[\n\x0cPublishGroup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12)\n\x07tensors\x18\x03 \x03(\x0b\x32\x18.torpor.v1.PublishTensor\"P\n\rPublishTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0bslab_offset\x18\x04 \x01(\x03\"\x08\n\x06\x43ommit\"\t\n\x07Release\"\x1e\n\nQuiesceAck\x12\x10\n\x08sequence\x18\x01 \x01(\x03\"\xbb\x01\n\x0e\x41ttachResponse\x12\'\n\x08\x61ttached\x18\x01 \x01(\x0b\x32\x13.torpor.v1.AttachedH\x00\x12%\n\x07quiesce\x18\x02 \x01(\x0b\x32\x12.torpor.v1.QuiesceH\x00\x12#\n\x06resume\x18\x03 \x01(\x0b\x32\x11.torpor.v1.ResumeH\x00\x12)\n\tpublished\x18\x04 \x01(\x0b\x32\x14.torpor.v1.PublishedH\x00\x42\t\n\x07message\" \n\tPublished\x12\x13\n\x0blayout_hash\x18\x01 \x01(\t\"\x82\x01\n\x08\x41ttached\x12\x15\n\rattachment_id\x18\x01 \x01(\t\x12\x13\n\x0blayout_hash\x18\x02 \x01(\t\x12\x11\n\tfd_socket\x18\x03 \x01(\t\x12\x11\n\tslab_kind\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65vice_index\x18\x05 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"W\n\x07Quiesce\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"?\n\x06Resume\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t2Q\n\x0c\x41gentService\x12\x41\n\x06\x41ttach\x12\x18.torpor.v1.AttachRequest\x1a\x19.torpor.v1.AttachResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15torpor/v1/agent.proto\x12\ttorpor.v1\x1a\x1egoogle/protobuf/duration.proto\"\xe6\x01\n\rAttachRequest\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.torpor.v1.HelloH\x00\x12,\n\x0bquiesce_ack\x18\x02 \x01(\x0b\x32\x15.torpor.v1.QuiesceAckH\x00\x12%\n\x07release\x18\x03 \x01(\x0b\x32\x12.torpor.v1.ReleaseH\x00\x12#\n\x06\x63ommit\x18\x04 \x01(\x0b\x32\x11.torpor.v1.CommitH\x00\x12-\n\x08\x61\x63tivity\x18\x05 \x01(\x0b\x32\x19.torpor.v1.ActivityReportH\x00\x42\t\n\x07message\"i\n\x05Hello\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12#\n\x07publish\x18\x05 \x01(\x0b\x32\x12.torpor.v1.Publish\"W\n\x07Publish\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\'\n\x06groups\x18\x02 \x03(\x0b\x32\x17.torpor.v1.PublishGroup\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"[\n\x0cPublishGroup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12)\n\x07tensors\x18\x03 \x03(\x0b\x32\x18.torpor.v1.PublishTensor\"P\n\rPublishTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0bslab_offset\x18\x04 \x01(\x03\"\x08\n\x06\x43ommit\"W\n\x0e\x41\x63tivityReport\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\'\n\x04\x62usy\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06in_use\x18\x03 \x01(\x05\"\t\n\x07Release\"\x1e\n\nQuiesceAck\x12\x10\n\x08sequence\x18\x01 \x01(\x03\"\xbb\x01\n\x0e\x41ttachResponse\x12\'\n\x08\x61ttached\x18\x01 \x01(\x0b\x32\x13.torpor.v1.AttachedH\x00\x12%\n\x07quiesce\x18\x02 \x01(\x0b\x32\x12.torpor.v1.QuiesceH\x00\x12#\n\x06resume\x18\x03 \x01(\x0b\x32\x11.torpor.v1.ResumeH\x00\x12)\n\tpublished\x18\x04 \x01(\x0b\x32\x14.torpor.v1.PublishedH\x00\x42\t\n\x07message\" \n\tPublished\x12\x13\n\x0blayout_hash\x18\x01 \x01(\t\"\x82\x01\n\x08\x41ttached\x12\x15\n\rattachment_id\x18\x01 \x01(\t\x12\x13\n\x0blayout_hash\x18\x02 \x01(\t\x12\x11\n\tfd_socket\x18\x03 \x01(\t\x12\x11\n\tslab_kind\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65vice_index\x18\x05 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"W\n\x07Quiesce\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"?\n\x06Resume\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t2Q\n\x0c\x41gentService\x12\x41\n\x06\x41ttach\x12\x18.torpor.v1.AttachRequest\x1a\x19.torpor.v1.AttachResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,31 +33,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'torpor.v1.agent_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ATTACHREQUEST']._serialized_start=69
-  _globals['_ATTACHREQUEST']._serialized_end=252
-  _globals['_HELLO']._serialized_start=254
-  _globals['_HELLO']._serialized_end=359
-  _globals['_PUBLISH']._serialized_start=361
-  _globals['_PUBLISH']._serialized_end=448
-  _globals['_PUBLISHGROUP']._serialized_start=450
-  _globals['_PUBLISHGROUP']._serialized_end=541
-  _globals['_PUBLISHTENSOR']._serialized_start=543
-  _globals['_PUBLISHTENSOR']._serialized_end=623
-  _globals['_COMMIT']._serialized_start=625
-  _globals['_COMMIT']._serialized_end=633
-  _globals['_RELEASE']._serialized_start=635
-  _globals['_RELEASE']._serialized_end=644
-  _globals['_QUIESCEACK']._serialized_start=646
-  _globals['_QUIESCEACK']._serialized_end=676
-  _globals['_ATTACHRESPONSE']._serialized_start=679
-  _globals['_ATTACHRESPONSE']._serialized_end=866
-  _globals['_PUBLISHED']._serialized_start=868
-  _globals['_PUBLISHED']._serialized_end=900
-  _globals['_ATTACHED']._serialized_start=903
-  _globals['_ATTACHED']._serialized_end=1033
-  _globals['_QUIESCE']._serialized_start=1035
-  _globals['_QUIESCE']._serialized_end=1122
-  _globals['_RESUME']._serialized_start=1124
-  _globals['_RESUME']._serialized_end=1187
-  _globals['_AGENTSERVICE']._serialized_start=1189
-  _globals['_AGENTSERVICE']._serialized_end=1270
+  _globals['_ATTACHREQUEST']._serialized_end=299
+  _globals['_HELLO']._serialized_start=301
+  _globals['_HELLO']._serialized_end=406
+  _globals['_PUBLISH']._serialized_start=408
+  _globals['_PUBLISH']._serialized_end=495
+  _globals['_PUBLISHGROUP']._serialized_start=497
+  _globals['_PUBLISHGROUP']._serialized_end=588
+  _globals['_PUBLISHTENSOR']._serialized_start=590
+  _globals['_PUBLISHTENSOR']._serialized_end=670
+  _globals['_COMMIT']._serialized_start=672
+  _globals['_COMMIT']._serialized_end=680
+  _globals['_ACTIVITYREPORT']._serialized_start=682
+  _globals['_ACTIVITYREPORT']._serialized_end=769
+  _globals['_RELEASE']._serialized_start=771
+  _globals['_RELEASE']._serialized_end=780
+  _globals['_QUIESCEACK']._serialized_start=782
+  _globals['_QUIESCEACK']._serialized_end=812
+  _globals['_ATTACHRESPONSE']._serialized_start=815
+  _globals['_ATTACHRESPONSE']._serialized_end=1002
+  _globals['_PUBLISHED']._serialized_start=1004
+  _globals['_PUBLISHED']._serialized_end=1036
+  _globals['_ATTACHED']._serialized_start=1039
+  _globals['_ATTACHED']._serialized_end=1169
+  _globals['_QUIESCE']._serialized_start=1171
+  _globals['_QUIESCE']._serialized_end=1258
+  _globals['_RESUME']._serialized_start=1260
+  _globals['_RESUME']._serialized_end=1323
+  _globals['_AGENTSERVICE']._serialized_start=1325
+  _globals['_AGENTSERVICE']._serialized_end=1406
 # @@protoc_insertion_point(module_scope)

@@ -27,6 +27,7 @@ class AttachRequest(_message.Message):
     QUIESCE_ACK_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
     COMMIT_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -35,6 +36,8 @@ class AttachRequest(_message.Message):
     def release(self) -> Global___Release: ...
     @_builtins.property
     def commit(self) -> Global___Commit: ...
+    @_builtins.property
+    def activity(self) -> Global___ActivityReport: ...
     def __init__(
         self,
         *,
@@ -42,12 +45,13 @@ class AttachRequest(_message.Message):
         quiesce_ack: Global___QuiesceAck | None = ...,
         release: Global___Release | None = ...,
         commit: Global___Commit | None = ...,
+        activity: Global___ActivityReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "hello", b"hello", "message", b"message", "quiesce_ack", b"quiesce_ack", "release", b"release"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "commit", b"commit", "hello", b"hello", "message", b"message", "quiesce_ack", b"quiesce_ack", "release", b"release"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "hello", b"hello", "message", b"message", "quiesce_ack", b"quiesce_ack", "release", b"release"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "commit", b"commit", "hello", b"hello", "message", b"message", "quiesce_ack", b"quiesce_ack", "release", b"release"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "quiesce_ack", "release", "commit"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "quiesce_ack", "release", "commit", "activity"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -209,6 +213,38 @@ class Commit(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Commit: _TypeAlias = Commit  # noqa: Y015
+
+@_typing.final
+class ActivityReport(_message.Message):
+    """The engine's use() blocks since the last report, coalesced by the agent
+    (at most one report a second while the engine is used).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USES_FIELD_NUMBER: _builtins.int
+    BUSY_FIELD_NUMBER: _builtins.int
+    IN_USE_FIELD_NUMBER: _builtins.int
+    uses: _builtins.int
+    """use() blocks that ended, and their total time."""
+    in_use: _builtins.int
+    """use() blocks open now."""
+    @_builtins.property
+    def busy(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        uses: _builtins.int = ...,
+        busy: _duration_pb2.Duration | None = ...,
+        in_use: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "in_use", b"in_use", "uses", b"uses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivityReport: _TypeAlias = ActivityReport  # noqa: Y015
 
 @_typing.final
 class Release(_message.Message):

@@ -225,6 +225,44 @@ OUTCOME_FAILED: Outcome.ValueType  # 3
 """Failed and left the model FAILED."""
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
+class _Cause:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Cause.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CAUSE_UNSPECIFIED: _Cause.ValueType  # 0
+    CAUSE_USER: _Cause.ValueType  # 1
+    """A caller's Load, Sleep, Wake, Offload or Unload."""
+    CAUSE_ACQUIRE: _Cause.ValueType  # 2
+    """An AcquireModel: a request for the model arrived."""
+    CAUSE_IDLE: _Cause.ValueType  # 3
+    """The model was not used for its idle timeout."""
+    CAUSE_PRESSURE: _Cause.ValueType  # 4
+    """Memory was needed for another model, or sleepers were over the node's limit."""
+    CAUSE_PRELOAD: _Cause.ValueType  # 5
+    """Warmed ahead of the use its access history predicts."""
+    CAUSE_SCHEDULE: _Cause.ValueType  # 6
+    """One of the model's time windows is about to open."""
+
+class Cause(_Cause, metaclass=_CauseEnumTypeWrapper):
+    """Why a transition ran."""
+
+CAUSE_UNSPECIFIED: Cause.ValueType  # 0
+CAUSE_USER: Cause.ValueType  # 1
+"""A caller's Load, Sleep, Wake, Offload or Unload."""
+CAUSE_ACQUIRE: Cause.ValueType  # 2
+"""An AcquireModel: a request for the model arrived."""
+CAUSE_IDLE: Cause.ValueType  # 3
+"""The model was not used for its idle timeout."""
+CAUSE_PRESSURE: Cause.ValueType  # 4
+"""Memory was needed for another model, or sleepers were over the node's limit."""
+CAUSE_PRELOAD: Cause.ValueType  # 5
+"""Warmed ahead of the use its access history predicts."""
+CAUSE_SCHEDULE: Cause.ValueType  # 6
+"""One of the model's time windows is about to open."""
+Global___Cause: _TypeAlias = Cause  # noqa: Y015
+
 @_typing.final
 class SourceFile(_message.Message):
     """One file of a model's source."""
@@ -429,6 +467,7 @@ class Progress(_message.Message):
     BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
     kind: Global___TransitionKind.ValueType
     stage: Global___Stage.ValueType
     bytes_done: _builtins.int
@@ -443,6 +482,8 @@ class Progress(_message.Message):
     """Set when the read path could not use O_DIRECT and fell back to buffered
     reads, and similar notes an operator should see.
     """
+    cause: Global___Cause.ValueType
+    """Who decided the transition: a caller, or one of the daemon's policies."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -457,10 +498,11 @@ class Progress(_message.Message):
         bytes_per_second: _builtins.float = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         note: _builtins.str = ...,
+        cause: Global___Cause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_per_second", b"bytes_per_second", "bytes_total", b"bytes_total", "kind", b"kind", "layers_done", b"layers_done", "layers_total", b"layers_total", "note", b"note", "stage", b"stage", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_per_second", b"bytes_per_second", "bytes_total", b"bytes_total", "cause", b"cause", "kind", b"kind", "layers_done", b"layers_done", "layers_total", b"layers_total", "note", b"note", "stage", b"stage", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -530,6 +572,7 @@ class Transition(_message.Message):
     PHASES_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
     FREED_BYTES_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
     kind: Global___TransitionKind.ValueType
     outcome: Global___Outcome.ValueType
     bytes: _builtins.int
@@ -554,6 +597,8 @@ class Transition(_message.Message):
     and an unload. A move (level-1 sleep, wake, offload between HOST and
     DEVICE) counts its bytes in `bytes`, not here.
     """
+    cause: Global___Cause.ValueType
+    """Who decided the transition: a caller, or one of the daemon's policies."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -577,10 +622,11 @@ class Transition(_message.Message):
         phases: _abc.Iterable[Global___Phase] | None = ...,
         note: _builtins.str = ...,
         freed_bytes: _builtins.int = ...,
+        cause: Global___Cause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "bytes_per_second", b"bytes_per_second", "duration", b"duration", "freed_bytes", b"freed_bytes", "kind", b"kind", "message", b"message", "note", b"note", "outcome", b"outcome", "phases", b"phases", "reason", b"reason", "request_id", b"request_id", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "bytes_per_second", b"bytes_per_second", "cause", b"cause", "duration", b"duration", "freed_bytes", b"freed_bytes", "kind", b"kind", "message", b"message", "note", b"note", "outcome", b"outcome", "phases", b"phases", "reason", b"reason", "request_id", b"request_id", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -608,6 +654,9 @@ class Model(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ENGINES_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    REGISTERED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`models/{model_id}`."""
     model_id: _builtins.str
@@ -626,6 +675,10 @@ class Model(_message.Message):
     fingerprint: _builtins.str
     """An image's fingerprint (the publishing engine's string for everything
     that determined its bytes); empty for a model loaded from a source.
+    """
+    registered: _builtins.bool
+    """It has a catalogue entry (RegisterModel, or the config's [[catalogue]]):
+    Acquire can load it when it is not loaded; listed as UNLOADED then.
     """
     @_builtins.property
     def source(self) -> Global___Source: ...
@@ -647,6 +700,16 @@ class Model(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def activity(self) -> Global___Activity:
+        """How the model is used (engines' use() blocks, routers' reports and
+        Acquires).
+        """
+
+    @_builtins.property
+    def policy(self) -> Global___Policy:
+        """The policy the daemon applies to it (its own, else the config's defaults)."""
+
     def __init__(
         self,
         *,
@@ -666,11 +729,168 @@ class Model(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         engines: _builtins.int = ...,
         fingerprint: _builtins.str = ...,
+        activity: Global___Activity | None = ...,
+        policy: Global___Policy | None = ...,
+        registered: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "create_time", b"create_time", "last_transition", b"last_transition", "progress", b"progress", "source", b"source", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "bytes", b"bytes", "create_time", b"create_time", "last_transition", b"last_transition", "policy", b"policy", "progress", b"progress", "source", b"source", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "create_time", b"create_time", "device", b"device", "engines", b"engines", "fingerprint", b"fingerprint", "last_transition", b"last_transition", "layers", b"layers", "model_id", b"model_id", "name", b"name", "progress", b"progress", "sleep_level", b"sleep_level", "source", b"source", "state", b"state", "state_message", b"state_message", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "bytes", b"bytes", "create_time", b"create_time", "device", b"device", "engines", b"engines", "fingerprint", b"fingerprint", "last_transition", b"last_transition", "layers", b"layers", "model_id", b"model_id", "name", b"name", "policy", b"policy", "progress", b"progress", "registered", b"registered", "sleep_level", b"sleep_level", "source", b"source", "state", b"state", "state_message", b"state_message", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Model: _TypeAlias = Model  # noqa: Y015
+
+@_typing.final
+class Activity(_message.Message):
+    """What is known of a model's use."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAST_USE_TIME_FIELD_NUMBER: _builtins.int
+    IN_USE_FIELD_NUMBER: _builtins.int
+    USES_FIELD_NUMBER: _builtins.int
+    BUSY_FIELD_NUMBER: _builtins.int
+    USES_LAST_MINUTE_FIELD_NUMBER: _builtins.int
+    USES_LAST_HOUR_FIELD_NUMBER: _builtins.int
+    USES_LAST_DAY_FIELD_NUMBER: _builtins.int
+    in_use: _builtins.int
+    """use() blocks (and routers' requests) open now."""
+    uses: _builtins.int
+    """Uses since the daemon first saw the model."""
+    uses_last_minute: _builtins.int
+    uses_last_hour: _builtins.int
+    uses_last_day: _builtins.int
+    @_builtins.property
+    def last_use_time(self) -> _timestamp_pb2.Timestamp:
+        """When a use last began or ended; unset when it was never used."""
+
+    @_builtins.property
+    def busy(self) -> _duration_pb2.Duration:
+        """Total time in use."""
+
+    def __init__(
+        self,
+        *,
+        last_use_time: _timestamp_pb2.Timestamp | None = ...,
+        in_use: _builtins.int = ...,
+        uses: _builtins.int = ...,
+        busy: _duration_pb2.Duration | None = ...,
+        uses_last_minute: _builtins.int = ...,
+        uses_last_hour: _builtins.int = ...,
+        uses_last_day: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "last_use_time", b"last_use_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "in_use", b"in_use", "last_use_time", b"last_use_time", "uses", b"uses", "uses_last_day", b"uses_last_day", "uses_last_hour", b"uses_last_hour", "uses_last_minute", b"uses_last_minute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Activity: _TypeAlias = Activity  # noqa: Y015
+
+@_typing.final
+class Window(_message.Message):
+    """A weekly window in which a model is wanted: it is warmed to `tier` `lead`
+    before the window opens and kept there until it closes. Offsets count from
+    Monday 00:00 UTC; an `end` before `start` wraps past the week's end.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    LEAD_FIELD_NUMBER: _builtins.int
+    tier: Global___Tier.ValueType
+    """TIER_HOST (warm) or TIER_DEVICE (ready); unspecified means TIER_HOST."""
+    @_builtins.property
+    def start(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def end(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def lead(self) -> _duration_pb2.Duration:
+        """Unset: 5 minutes."""
+
+    def __init__(
+        self,
+        *,
+        start: _duration_pb2.Duration | None = ...,
+        end: _duration_pb2.Duration | None = ...,
+        tier: Global___Tier.ValueType = ...,
+        lead: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "lead", b"lead", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "lead", b"lead", "start", b"start", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Window: _TypeAlias = Window  # noqa: Y015
+
+@_typing.final
+class Policy(_message.Message):
+    """What the daemon's policies may do with one model. In a request, a field
+    left unset takes the default (the model's catalogue entry, else the
+    config's [policy.default]).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDLE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    IDLE_LEVEL_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    PINNED_FIELD_NUMBER: _builtins.int
+    EVICT_TO_FIELD_NUMBER: _builtins.int
+    WINDOWS_FIELD_NUMBER: _builtins.int
+    idle_level: _builtins.int
+    """The level an idle model sleeps at (1 or 2)."""
+    priority: _builtins.int
+    """Higher is kept longer when memory is needed."""
+    pinned: _builtins.bool
+    """Never evicted, never put to sleep by a policy."""
+    evict_to: Global___Tier.ValueType
+    """Where an evicted model goes: TIER_HOST (level-1 sleep), TIER_DISK
+    (level-2 sleep with a disk copy), TIER_SOURCE (level-2 sleep).
+    """
+    @_builtins.property
+    def idle_timeout(self) -> _duration_pb2.Duration:
+        """Sleep after this long without use; zero: never."""
+
+    @_builtins.property
+    def windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___Window]: ...
+    def __init__(
+        self,
+        *,
+        idle_timeout: _duration_pb2.Duration | None = ...,
+        idle_level: _builtins.int | None = ...,
+        priority: _builtins.int | None = ...,
+        pinned: _builtins.bool | None = ...,
+        evict_to: Global___Tier.ValueType | None = ...,
+        windows: _abc.Iterable[Global___Window] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_evict_to", b"_evict_to", "_idle_level", b"_idle_level", "_idle_timeout", b"_idle_timeout", "_pinned", b"_pinned", "_priority", b"_priority", "evict_to", b"evict_to", "idle_level", b"idle_level", "idle_timeout", b"idle_timeout", "pinned", b"pinned", "priority", b"priority"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_evict_to", b"_evict_to", "_idle_level", b"_idle_level", "_idle_timeout", b"_idle_timeout", "_pinned", b"_pinned", "_priority", b"_priority", "evict_to", b"evict_to", "idle_level", b"idle_level", "idle_timeout", b"idle_timeout", "pinned", b"pinned", "priority", b"priority", "windows", b"windows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__evict_to: _TypeAlias = _typing.Literal["evict_to"]  # noqa: Y015
+    _WhichOneofArgType__evict_to: _TypeAlias = _typing.Literal["_evict_to", b"_evict_to"]  # noqa: Y015
+    _WhichOneofReturnType__idle_level: _TypeAlias = _typing.Literal["idle_level"]  # noqa: Y015
+    _WhichOneofArgType__idle_level: _TypeAlias = _typing.Literal["_idle_level", b"_idle_level"]  # noqa: Y015
+    _WhichOneofReturnType__idle_timeout: _TypeAlias = _typing.Literal["idle_timeout"]  # noqa: Y015
+    _WhichOneofArgType__idle_timeout: _TypeAlias = _typing.Literal["_idle_timeout", b"_idle_timeout"]  # noqa: Y015
+    _WhichOneofReturnType__pinned: _TypeAlias = _typing.Literal["pinned"]  # noqa: Y015
+    _WhichOneofArgType__pinned: _TypeAlias = _typing.Literal["_pinned", b"_pinned"]  # noqa: Y015
+    _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
+    _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__evict_to) -> _WhichOneofReturnType__evict_to | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__idle_level) -> _WhichOneofReturnType__idle_level | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__idle_timeout) -> _WhichOneofReturnType__idle_timeout | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pinned) -> _WhichOneofReturnType__pinned | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
+
+Global___Policy: _TypeAlias = Policy  # noqa: Y015

@@ -22,56 +22,77 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from torpor.v1 import common_pb2 as torpor_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16torpor/v1/models.proto\x12\ttorpor.v1\x1a\x16torpor/v1/common.proto\"\x8c\x01\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12$\n\x0btarget_tier\x18\x04 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"4\n\x11LoadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"i\n\x11SleepModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x05\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x11\n\tdisk_copy\x18\x05 \x01(\x08\"5\n\x12SleepModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"V\n\x10WakeModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06verify\x18\x04 \x01(\x08\"4\n\x11WakeModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"\x88\x01\n\x13OffloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12\x1d\n\x04tier\x18\x03 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0e\n\x06verify\x18\x06 \x01(\x08\"7\n\x14OffloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"W\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"6\n\x13UnloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"G\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\"\n\x04view\x18\x02 \x01(\x0e\x32\x14.torpor.v1.ModelView\"3\n\x10GetModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"L\n\x11ListModelsRequest\x12\"\n\x04view\x18\x01 \x01(\x0e\x32\x14.torpor.v1.ModelView\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"&\n\x12WatchModelsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"V\n\nModelEvent\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.torpor.v1.ModelEventType\x12\x1f\n\x05model\x18\x02 \x01(\x0b\x32\x10.torpor.v1.Model\",\n\x08Snapshot\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"u\n\x13WatchModelsResponse\x12\'\n\x08snapshot\x18\x01 \x01(\x0b\x32\x13.torpor.v1.SnapshotH\x00\x12,\n\x0bmodel_event\x18\x02 \x01(\x0b\x32\x15.torpor.v1.ModelEventH\x00\x42\x07\n\x05\x65vent*R\n\tModelView\x12\x1a\n\x16MODEL_VIEW_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_VIEW_BASIC\x10\x01\x12\x13\n\x0fMODEL_VIEW_FULL\x10\x02*\xa9\x01\n\x0eModelEventType\x12 \n\x1cMODEL_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_EVENT_TYPE_ADDED\x10\x01\x12\x1c\n\x18MODEL_EVENT_TYPE_CHANGED\x10\x02\x12\x1c\n\x18MODEL_EVENT_TYPE_REMOVED\x10\x03\x12\x1d\n\x19MODEL_EVENT_TYPE_PROGRESS\x10\x04\x32\xe8\x04\n\x0cModelService\x12\x46\n\tLoadModel\x12\x1b.torpor.v1.LoadModelRequest\x1a\x1c.torpor.v1.LoadModelResponse\x12I\n\nSleepModel\x12\x1c.torpor.v1.SleepModelRequest\x1a\x1d.torpor.v1.SleepModelResponse\x12\x46\n\tWakeModel\x12\x1b.torpor.v1.WakeModelRequest\x1a\x1c.torpor.v1.WakeModelResponse\x12O\n\x0cOffloadModel\x12\x1e.torpor.v1.OffloadModelRequest\x1a\x1f.torpor.v1.OffloadModelResponse\x12L\n\x0bUnloadModel\x12\x1d.torpor.v1.UnloadModelRequest\x1a\x1e.torpor.v1.UnloadModelResponse\x12\x43\n\x08GetModel\x12\x1a.torpor.v1.GetModelRequest\x1a\x1b.torpor.v1.GetModelResponse\x12I\n\nListModels\x12\x1c.torpor.v1.ListModelsRequest\x1a\x1d.torpor.v1.ListModelsResponse\x12N\n\x0bWatchModels\x12\x1d.torpor.v1.WatchModelsRequest\x1a\x1e.torpor.v1.WatchModelsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16torpor/v1/models.proto\x12\ttorpor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x16torpor/v1/common.proto\"\xaf\x01\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12$\n\x0btarget_tier\x18\x04 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12!\n\x06policy\x18\x07 \x01(\x0b\x32\x11.torpor.v1.Policy\"4\n\x11LoadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"i\n\x11SleepModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x05\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x11\n\tdisk_copy\x18\x05 \x01(\x08\"5\n\x12SleepModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"V\n\x10WakeModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06verify\x18\x04 \x01(\x08\"4\n\x11WakeModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"\x88\x01\n\x13OffloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12\x1d\n\x04tier\x18\x03 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0e\n\x06verify\x18\x06 \x01(\x08\"7\n\x14OffloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"W\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"6\n\x13UnloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"G\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\"\n\x04view\x18\x02 \x01(\x0e\x32\x14.torpor.v1.ModelView\"3\n\x10GetModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"L\n\x11ListModelsRequest\x12\"\n\x04view\x18\x01 \x01(\x0e\x32\x14.torpor.v1.ModelView\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"&\n\x12WatchModelsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"V\n\nModelEvent\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.torpor.v1.ModelEventType\x12\x1f\n\x05model\x18\x02 \x01(\x0b\x32\x10.torpor.v1.Model\",\n\x08Snapshot\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"u\n\x13WatchModelsResponse\x12\'\n\x08snapshot\x18\x01 \x01(\x0b\x32\x13.torpor.v1.SnapshotH\x00\x12,\n\x0bmodel_event\x18\x02 \x01(\x0b\x32\x15.torpor.v1.ModelEventH\x00\x42\x07\n\x05\x65vent\";\n\x13\x41\x63quireModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"v\n\x14\x41\x63quireModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\x12\x0b\n\x03hit\x18\x02 \x01(\x08\x12\x30\n\rtime_to_ready\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x82\x01\n\x15ReportActivityRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08reporter\x18\x02 \x01(\t\x12\x0c\n\x04uses\x18\x03 \x01(\x03\x12\'\n\x04\x62usy\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06in_use\x18\x05 \x01(\x05\"\x18\n\x16ReportActivityResponse\"k\n\x14RegisterModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12!\n\x06policy\x18\x04 \x01(\x0b\x32\x11.torpor.v1.Policy\"8\n\x15RegisterModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"*\n\x16\x44\x65registerModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x19\n\x17\x44\x65registerModelResponse\"L\n\x15SetModelPolicyRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12!\n\x06policy\x18\x02 \x01(\x0b\x32\x11.torpor.v1.Policy\"9\n\x16SetModelPolicyResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model*R\n\tModelView\x12\x1a\n\x16MODEL_VIEW_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_VIEW_BASIC\x10\x01\x12\x13\n\x0fMODEL_VIEW_FULL\x10\x02*\xa9\x01\n\x0eModelEventType\x12 \n\x1cMODEL_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_EVENT_TYPE_ADDED\x10\x01\x12\x1c\n\x18MODEL_EVENT_TYPE_CHANGED\x10\x02\x12\x1c\n\x18MODEL_EVENT_TYPE_REMOVED\x10\x03\x12\x1d\n\x19MODEL_EVENT_TYPE_PROGRESS\x10\x04\x32\x95\x08\n\x0cModelService\x12\x46\n\tLoadModel\x12\x1b.torpor.v1.LoadModelRequest\x1a\x1c.torpor.v1.LoadModelResponse\x12I\n\nSleepModel\x12\x1c.torpor.v1.SleepModelRequest\x1a\x1d.torpor.v1.SleepModelResponse\x12\x46\n\tWakeModel\x12\x1b.torpor.v1.WakeModelRequest\x1a\x1c.torpor.v1.WakeModelResponse\x12O\n\x0cOffloadModel\x12\x1e.torpor.v1.OffloadModelRequest\x1a\x1f.torpor.v1.OffloadModelResponse\x12L\n\x0bUnloadModel\x12\x1d.torpor.v1.UnloadModelRequest\x1a\x1e.torpor.v1.UnloadModelResponse\x12\x43\n\x08GetModel\x12\x1a.torpor.v1.GetModelRequest\x1a\x1b.torpor.v1.GetModelResponse\x12I\n\nListModels\x12\x1c.torpor.v1.ListModelsRequest\x1a\x1d.torpor.v1.ListModelsResponse\x12N\n\x0bWatchModels\x12\x1d.torpor.v1.WatchModelsRequest\x1a\x1e.torpor.v1.WatchModelsResponse0\x01\x12O\n\x0c\x41\x63quireModel\x12\x1e.torpor.v1.AcquireModelRequest\x1a\x1f.torpor.v1.AcquireModelResponse\x12U\n\x0eReportActivity\x12 .torpor.v1.ReportActivityRequest\x1a!.torpor.v1.ReportActivityResponse\x12R\n\rRegisterModel\x12\x1f.torpor.v1.RegisterModelRequest\x1a .torpor.v1.RegisterModelResponse\x12X\n\x0f\x44\x65registerModel\x12!.torpor.v1.DeregisterModelRequest\x1a\".torpor.v1.DeregisterModelResponse\x12U\n\x0eSetModelPolicy\x12 .torpor.v1.SetModelPolicyRequest\x1a!.torpor.v1.SetModelPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'torpor.v1.models_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELVIEW']._serialized_start=1456
-  _globals['_MODELVIEW']._serialized_end=1538
-  _globals['_MODELEVENTTYPE']._serialized_start=1541
-  _globals['_MODELEVENTTYPE']._serialized_end=1710
-  _globals['_LOADMODELREQUEST']._serialized_start=62
-  _globals['_LOADMODELREQUEST']._serialized_end=202
-  _globals['_LOADMODELRESPONSE']._serialized_start=204
-  _globals['_LOADMODELRESPONSE']._serialized_end=256
-  _globals['_SLEEPMODELREQUEST']._serialized_start=258
-  _globals['_SLEEPMODELREQUEST']._serialized_end=363
-  _globals['_SLEEPMODELRESPONSE']._serialized_start=365
-  _globals['_SLEEPMODELRESPONSE']._serialized_end=418
-  _globals['_WAKEMODELREQUEST']._serialized_start=420
-  _globals['_WAKEMODELREQUEST']._serialized_end=506
-  _globals['_WAKEMODELRESPONSE']._serialized_start=508
-  _globals['_WAKEMODELRESPONSE']._serialized_end=560
-  _globals['_OFFLOADMODELREQUEST']._serialized_start=563
-  _globals['_OFFLOADMODELREQUEST']._serialized_end=699
-  _globals['_OFFLOADMODELRESPONSE']._serialized_start=701
-  _globals['_OFFLOADMODELRESPONSE']._serialized_end=756
-  _globals['_UNLOADMODELREQUEST']._serialized_start=758
-  _globals['_UNLOADMODELREQUEST']._serialized_end=845
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=847
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=901
-  _globals['_GETMODELREQUEST']._serialized_start=903
-  _globals['_GETMODELREQUEST']._serialized_end=974
-  _globals['_GETMODELRESPONSE']._serialized_start=976
-  _globals['_GETMODELRESPONSE']._serialized_end=1027
-  _globals['_LISTMODELSREQUEST']._serialized_start=1029
-  _globals['_LISTMODELSREQUEST']._serialized_end=1105
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1107
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1161
-  _globals['_WATCHMODELSREQUEST']._serialized_start=1163
-  _globals['_WATCHMODELSREQUEST']._serialized_end=1201
-  _globals['_MODELEVENT']._serialized_start=1203
-  _globals['_MODELEVENT']._serialized_end=1289
-  _globals['_SNAPSHOT']._serialized_start=1291
-  _globals['_SNAPSHOT']._serialized_end=1335
-  _globals['_WATCHMODELSRESPONSE']._serialized_start=1337
-  _globals['_WATCHMODELSRESPONSE']._serialized_end=1454
-  _globals['_MODELSERVICE']._serialized_start=1713
-  _globals['_MODELSERVICE']._serialized_end=2329
+  _globals['_MODELVIEW']._serialized_start=2238
+  _globals['_MODELVIEW']._serialized_end=2320
+  _globals['_MODELEVENTTYPE']._serialized_start=2323
+  _globals['_MODELEVENTTYPE']._serialized_end=2492
+  _globals['_LOADMODELREQUEST']._serialized_start=94
+  _globals['_LOADMODELREQUEST']._serialized_end=269
+  _globals['_LOADMODELRESPONSE']._serialized_start=271
+  _globals['_LOADMODELRESPONSE']._serialized_end=323
+  _globals['_SLEEPMODELREQUEST']._serialized_start=325
+  _globals['_SLEEPMODELREQUEST']._serialized_end=430
+  _globals['_SLEEPMODELRESPONSE']._serialized_start=432
+  _globals['_SLEEPMODELRESPONSE']._serialized_end=485
+  _globals['_WAKEMODELREQUEST']._serialized_start=487
+  _globals['_WAKEMODELREQUEST']._serialized_end=573
+  _globals['_WAKEMODELRESPONSE']._serialized_start=575
+  _globals['_WAKEMODELRESPONSE']._serialized_end=627
+  _globals['_OFFLOADMODELREQUEST']._serialized_start=630
+  _globals['_OFFLOADMODELREQUEST']._serialized_end=766
+  _globals['_OFFLOADMODELRESPONSE']._serialized_start=768
+  _globals['_OFFLOADMODELRESPONSE']._serialized_end=823
+  _globals['_UNLOADMODELREQUEST']._serialized_start=825
+  _globals['_UNLOADMODELREQUEST']._serialized_end=912
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=914
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=968
+  _globals['_GETMODELREQUEST']._serialized_start=970
+  _globals['_GETMODELREQUEST']._serialized_end=1041
+  _globals['_GETMODELRESPONSE']._serialized_start=1043
+  _globals['_GETMODELRESPONSE']._serialized_end=1094
+  _globals['_LISTMODELSREQUEST']._serialized_start=1096
+  _globals['_LISTMODELSREQUEST']._serialized_end=1172
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1174
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1228
+  _globals['_WATCHMODELSREQUEST']._serialized_start=1230
+  _globals['_WATCHMODELSREQUEST']._serialized_end=1268
+  _globals['_MODELEVENT']._serialized_start=1270
+  _globals['_MODELEVENT']._serialized_end=1356
+  _globals['_SNAPSHOT']._serialized_start=1358
+  _globals['_SNAPSHOT']._serialized_end=1402
+  _globals['_WATCHMODELSRESPONSE']._serialized_start=1404
+  _globals['_WATCHMODELSRESPONSE']._serialized_end=1521
+  _globals['_ACQUIREMODELREQUEST']._serialized_start=1523
+  _globals['_ACQUIREMODELREQUEST']._serialized_end=1582
+  _globals['_ACQUIREMODELRESPONSE']._serialized_start=1584
+  _globals['_ACQUIREMODELRESPONSE']._serialized_end=1702
+  _globals['_REPORTACTIVITYREQUEST']._serialized_start=1705
+  _globals['_REPORTACTIVITYREQUEST']._serialized_end=1835
+  _globals['_REPORTACTIVITYRESPONSE']._serialized_start=1837
+  _globals['_REPORTACTIVITYRESPONSE']._serialized_end=1861
+  _globals['_REGISTERMODELREQUEST']._serialized_start=1863
+  _globals['_REGISTERMODELREQUEST']._serialized_end=1970
+  _globals['_REGISTERMODELRESPONSE']._serialized_start=1972
+  _globals['_REGISTERMODELRESPONSE']._serialized_end=2028
+  _globals['_DEREGISTERMODELREQUEST']._serialized_start=2030
+  _globals['_DEREGISTERMODELREQUEST']._serialized_end=2072
+  _globals['_DEREGISTERMODELRESPONSE']._serialized_start=2074
+  _globals['_DEREGISTERMODELRESPONSE']._serialized_end=2099
+  _globals['_SETMODELPOLICYREQUEST']._serialized_start=2101
+  _globals['_SETMODELPOLICYREQUEST']._serialized_end=2177
+  _globals['_SETMODELPOLICYRESPONSE']._serialized_start=2179
+  _globals['_SETMODELPOLICYRESPONSE']._serialized_end=2236
+  _globals['_MODELSERVICE']._serialized_start=2495
+  _globals['_MODELSERVICE']._serialized_end=3540
 # @@protoc_insertion_point(module_scope)

@@ -94,6 +94,31 @@ class ModelServiceStub:
                 request_serializer=torpor_dot_v1_dot_models__pb2.WatchModelsRequest.SerializeToString,
                 response_deserializer=torpor_dot_v1_dot_models__pb2.WatchModelsResponse.FromString,
                 _registered_method=True)
+        self.AcquireModel = channel.unary_unary(
+                '/torpor.v1.ModelService/AcquireModel',
+                request_serializer=torpor_dot_v1_dot_models__pb2.AcquireModelRequest.SerializeToString,
+                response_deserializer=torpor_dot_v1_dot_models__pb2.AcquireModelResponse.FromString,
+                _registered_method=True)
+        self.ReportActivity = channel.unary_unary(
+                '/torpor.v1.ModelService/ReportActivity',
+                request_serializer=torpor_dot_v1_dot_models__pb2.ReportActivityRequest.SerializeToString,
+                response_deserializer=torpor_dot_v1_dot_models__pb2.ReportActivityResponse.FromString,
+                _registered_method=True)
+        self.RegisterModel = channel.unary_unary(
+                '/torpor.v1.ModelService/RegisterModel',
+                request_serializer=torpor_dot_v1_dot_models__pb2.RegisterModelRequest.SerializeToString,
+                response_deserializer=torpor_dot_v1_dot_models__pb2.RegisterModelResponse.FromString,
+                _registered_method=True)
+        self.DeregisterModel = channel.unary_unary(
+                '/torpor.v1.ModelService/DeregisterModel',
+                request_serializer=torpor_dot_v1_dot_models__pb2.DeregisterModelRequest.SerializeToString,
+                response_deserializer=torpor_dot_v1_dot_models__pb2.DeregisterModelResponse.FromString,
+                _registered_method=True)
+        self.SetModelPolicy = channel.unary_unary(
+                '/torpor.v1.ModelService/SetModelPolicy',
+                request_serializer=torpor_dot_v1_dot_models__pb2.SetModelPolicyRequest.SerializeToString,
+                response_deserializer=torpor_dot_v1_dot_models__pb2.SetModelPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -210,6 +235,46 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcquireModel(self, request, context):
+        """Make a model ready because a request for it arrived: returns at once
+        when it is ACTIVE; wakes it (ASLEEP, OFFLOADED) or loads it (a catalogue
+        entry) otherwise, evicting others by the node's policy when memory is
+        needed. Concurrent Acquires of one model share one transition.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportActivity(self, request, context):
+        """Report use of a model from outside an engine (a router that counts its
+        requests); engines' agents report on their Attach stream instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterModel(self, request, context):
+        """Add (or replace) a catalogue entry: what Acquire loads the id from,
+        and its policy. Changes nothing of a loaded model but its policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeregisterModel(self, request, context):
+        """Remove a catalogue entry (a loaded model stays loaded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModelPolicy(self, request, context):
+        """Change a loaded model's policy (pin it, say).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -252,6 +317,31 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.WatchModels,
                     request_deserializer=torpor_dot_v1_dot_models__pb2.WatchModelsRequest.FromString,
                     response_serializer=torpor_dot_v1_dot_models__pb2.WatchModelsResponse.SerializeToString,
+            ),
+            'AcquireModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireModel,
+                    request_deserializer=torpor_dot_v1_dot_models__pb2.AcquireModelRequest.FromString,
+                    response_serializer=torpor_dot_v1_dot_models__pb2.AcquireModelResponse.SerializeToString,
+            ),
+            'ReportActivity': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportActivity,
+                    request_deserializer=torpor_dot_v1_dot_models__pb2.ReportActivityRequest.FromString,
+                    response_serializer=torpor_dot_v1_dot_models__pb2.ReportActivityResponse.SerializeToString,
+            ),
+            'RegisterModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterModel,
+                    request_deserializer=torpor_dot_v1_dot_models__pb2.RegisterModelRequest.FromString,
+                    response_serializer=torpor_dot_v1_dot_models__pb2.RegisterModelResponse.SerializeToString,
+            ),
+            'DeregisterModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeregisterModel,
+                    request_deserializer=torpor_dot_v1_dot_models__pb2.DeregisterModelRequest.FromString,
+                    response_serializer=torpor_dot_v1_dot_models__pb2.DeregisterModelResponse.SerializeToString,
+            ),
+            'SetModelPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelPolicy,
+                    request_deserializer=torpor_dot_v1_dot_models__pb2.SetModelPolicyRequest.FromString,
+                    response_serializer=torpor_dot_v1_dot_models__pb2.SetModelPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -490,6 +580,141 @@ class ModelService:
             '/torpor.v1.ModelService/WatchModels',
             torpor_dot_v1_dot_models__pb2.WatchModelsRequest.SerializeToString,
             torpor_dot_v1_dot_models__pb2.WatchModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torpor.v1.ModelService/AcquireModel',
+            torpor_dot_v1_dot_models__pb2.AcquireModelRequest.SerializeToString,
+            torpor_dot_v1_dot_models__pb2.AcquireModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportActivity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torpor.v1.ModelService/ReportActivity',
+            torpor_dot_v1_dot_models__pb2.ReportActivityRequest.SerializeToString,
+            torpor_dot_v1_dot_models__pb2.ReportActivityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torpor.v1.ModelService/RegisterModel',
+            torpor_dot_v1_dot_models__pb2.RegisterModelRequest.SerializeToString,
+            torpor_dot_v1_dot_models__pb2.RegisterModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeregisterModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torpor.v1.ModelService/DeregisterModel',
+            torpor_dot_v1_dot_models__pb2.DeregisterModelRequest.SerializeToString,
+            torpor_dot_v1_dot_models__pb2.DeregisterModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torpor.v1.ModelService/SetModelPolicy',
+            torpor_dot_v1_dot_models__pb2.SetModelPolicyRequest.SerializeToString,
+            torpor_dot_v1_dot_models__pb2.SetModelPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -110,6 +110,24 @@ class ModelServiceStub:
     falls too far behind gets RESOURCE_EXHAUSTED (reason WATCH_OVERFLOW) and
     should watch again; the new snapshot makes that correct.
     """
+    AcquireModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.AcquireModelRequest, _models_pb2.AcquireModelResponse]
+    """Make a model ready because a request for it arrived: returns at once
+    when it is ACTIVE; wakes it (ASLEEP, OFFLOADED) or loads it (a catalogue
+    entry) otherwise, evicting others by the node's policy when memory is
+    needed. Concurrent Acquires of one model share one transition.
+    """
+    ReportActivity: _grpc.UnaryUnaryMultiCallable[_models_pb2.ReportActivityRequest, _models_pb2.ReportActivityResponse]
+    """Report use of a model from outside an engine (a router that counts its
+    requests); engines' agents report on their Attach stream instead.
+    """
+    RegisterModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.RegisterModelRequest, _models_pb2.RegisterModelResponse]
+    """Add (or replace) a catalogue entry: what Acquire loads the id from,
+    and its policy. Changes nothing of a loaded model but its policy.
+    """
+    DeregisterModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.DeregisterModelRequest, _models_pb2.DeregisterModelResponse]
+    """Remove a catalogue entry (a loaded model stays loaded)."""
+    SetModelPolicy: _grpc.UnaryUnaryMultiCallable[_models_pb2.SetModelPolicyRequest, _models_pb2.SetModelPolicyResponse]
+    """Change a loaded model's policy (pin it, say)."""
 
 @_typing.type_check_only
 class ModelServiceAsyncStub(ModelServiceStub):
@@ -193,6 +211,24 @@ class ModelServiceAsyncStub(ModelServiceStub):
     falls too far behind gets RESOURCE_EXHAUSTED (reason WATCH_OVERFLOW) and
     should watch again; the new snapshot makes that correct.
     """
+    AcquireModel: _aio.UnaryUnaryMultiCallable[_models_pb2.AcquireModelRequest, _models_pb2.AcquireModelResponse]  # type: ignore[assignment]
+    """Make a model ready because a request for it arrived: returns at once
+    when it is ACTIVE; wakes it (ASLEEP, OFFLOADED) or loads it (a catalogue
+    entry) otherwise, evicting others by the node's policy when memory is
+    needed. Concurrent Acquires of one model share one transition.
+    """
+    ReportActivity: _aio.UnaryUnaryMultiCallable[_models_pb2.ReportActivityRequest, _models_pb2.ReportActivityResponse]  # type: ignore[assignment]
+    """Report use of a model from outside an engine (a router that counts its
+    requests); engines' agents report on their Attach stream instead.
+    """
+    RegisterModel: _aio.UnaryUnaryMultiCallable[_models_pb2.RegisterModelRequest, _models_pb2.RegisterModelResponse]  # type: ignore[assignment]
+    """Add (or replace) a catalogue entry: what Acquire loads the id from,
+    and its policy. Changes nothing of a loaded model but its policy.
+    """
+    DeregisterModel: _aio.UnaryUnaryMultiCallable[_models_pb2.DeregisterModelRequest, _models_pb2.DeregisterModelResponse]  # type: ignore[assignment]
+    """Remove a catalogue entry (a loaded model stays loaded)."""
+    SetModelPolicy: _aio.UnaryUnaryMultiCallable[_models_pb2.SetModelPolicyRequest, _models_pb2.SetModelPolicyResponse]  # type: ignore[assignment]
+    """Change a loaded model's policy (pin it, say)."""
 
 class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
     """ModelService loads model weights into the node's memory and moves them
@@ -321,5 +357,53 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         falls too far behind gets RESOURCE_EXHAUSTED (reason WATCH_OVERFLOW) and
         should watch again; the new snapshot makes that correct.
         """
+
+    @_abc_1.abstractmethod
+    def AcquireModel(
+        self,
+        request: _models_pb2.AcquireModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_models_pb2.AcquireModelResponse, _abc.Awaitable[_models_pb2.AcquireModelResponse]]:
+        """Make a model ready because a request for it arrived: returns at once
+        when it is ACTIVE; wakes it (ASLEEP, OFFLOADED) or loads it (a catalogue
+        entry) otherwise, evicting others by the node's policy when memory is
+        needed. Concurrent Acquires of one model share one transition.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportActivity(
+        self,
+        request: _models_pb2.ReportActivityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_models_pb2.ReportActivityResponse, _abc.Awaitable[_models_pb2.ReportActivityResponse]]:
+        """Report use of a model from outside an engine (a router that counts its
+        requests); engines' agents report on their Attach stream instead.
+        """
+
+    @_abc_1.abstractmethod
+    def RegisterModel(
+        self,
+        request: _models_pb2.RegisterModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_models_pb2.RegisterModelResponse, _abc.Awaitable[_models_pb2.RegisterModelResponse]]:
+        """Add (or replace) a catalogue entry: what Acquire loads the id from,
+        and its policy. Changes nothing of a loaded model but its policy.
+        """
+
+    @_abc_1.abstractmethod
+    def DeregisterModel(
+        self,
+        request: _models_pb2.DeregisterModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_models_pb2.DeregisterModelResponse, _abc.Awaitable[_models_pb2.DeregisterModelResponse]]:
+        """Remove a catalogue entry (a loaded model stays loaded)."""
+
+    @_abc_1.abstractmethod
+    def SetModelPolicy(
+        self,
+        request: _models_pb2.SetModelPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_models_pb2.SetModelPolicyResponse, _abc.Awaitable[_models_pb2.SetModelPolicyResponse]]:
+        """Change a loaded model's policy (pin it, say)."""
 
 def add_ModelServiceServicer_to_server(servicer: ModelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

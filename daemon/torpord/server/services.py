@@ -27,7 +27,7 @@ from torpord.core.attachments.messages import Ended, Hello, Publish, Published, 
 from torpord.core.attachments.registry import AgentRegistry
 from torpord.core.events import EventType
 from torpord.core.manager import ModelManager
-from torpord.errors import InvalidArgument
+from torpord.errors import InvalidArgument, Unimplemented
 from torpord.server.convert import (
     is_full,
     model_to_proto,
@@ -161,6 +161,38 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
                 )
         finally:
             subscription.close()
+
+    # -- policies (issue 14: being built; answered UNIMPLEMENTED until then) ---
+
+    @translate_errors
+    async def AcquireModel(
+        self, request: models_pb2.AcquireModelRequest, context: Context
+    ) -> models_pb2.AcquireModelResponse:
+        raise Unimplemented("AcquireModel is not implemented yet")
+
+    @translate_errors
+    async def ReportActivity(
+        self, request: models_pb2.ReportActivityRequest, context: Context
+    ) -> models_pb2.ReportActivityResponse:
+        raise Unimplemented("ReportActivity is not implemented yet")
+
+    @translate_errors
+    async def RegisterModel(
+        self, request: models_pb2.RegisterModelRequest, context: Context
+    ) -> models_pb2.RegisterModelResponse:
+        raise Unimplemented("RegisterModel is not implemented yet")
+
+    @translate_errors
+    async def DeregisterModel(
+        self, request: models_pb2.DeregisterModelRequest, context: Context
+    ) -> models_pb2.DeregisterModelResponse:
+        raise Unimplemented("DeregisterModel is not implemented yet")
+
+    @translate_errors
+    async def SetModelPolicy(
+        self, request: models_pb2.SetModelPolicyRequest, context: Context
+    ) -> models_pb2.SetModelPolicyResponse:
+        raise Unimplemented("SetModelPolicy is not implemented yet")
 
 
 class NodeService(node_pb2_grpc.NodeServiceServicer):
