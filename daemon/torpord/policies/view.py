@@ -47,6 +47,7 @@ class ModelView:
     policy: ModelPolicy
     activity: ActivitySummary
     busy: bool = False  # a transition of it is running
+    since: float = 0.0  # when it entered its state (idle time counts from here if never used)
     engines: int = 0
     image: bool = False  # an engine-published image: level 2 needs a disk copy
     source: str = ""  # a catalogue entry's source (to load it), else ""
