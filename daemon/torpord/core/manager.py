@@ -119,6 +119,11 @@ class ModelManager:
         the event loop, never keep it."""
         return self.registry.find(model_id)
 
+    def known(self, model_id: str) -> bool:
+        """Whether `model_id` names a model the daemon holds (or, with a
+        catalogue, one it could load)."""
+        return model_id in self.registry.models
+
     def list_models(self, fingerprint: str = "") -> list[ModelSnapshot]:
         """Every model, or only the image with `fingerprint` (none or one)."""
         if fingerprint:
