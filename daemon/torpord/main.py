@@ -214,6 +214,7 @@ class Daemon:
             pid=os.getpid(),
         )
         systemd.ready(f"listening on {socket_path}")
+        manager.pilot.start()  # (it does nothing while the policy layer is off)
         await self._stop.wait()
 
         # Everything below ends within the grace period, whatever it waits
@@ -229,6 +230,7 @@ class Daemon:
         log.info("stopping: draining in-flight calls", grace_seconds=grace)
         systemd.stopping("draining")
         await set_serving(health, False)
+        await manager.pilot.stop()  # no policy starts anything while the daemon drains
         manager.bus.close()  # end Watch streams, so they do not hold the grace period
         # Engines let go of the weights before they are freed.
         await agents.shutdown(timeout=left(reserve))

@@ -23,12 +23,14 @@ import structlog
 
 from torpord.backends.base import Backend
 from torpord.core import imagedisk
+from torpord.core.acquire import Acquired, Acquirer
 from torpord.core.announce import Announcer
 from torpord.core.engines import Engines
 from torpord.core.events import EventBus
 from torpord.core.images import Images
 from torpord.core.model import Model, ModelSnapshot
 from torpord.core.mover import Mover
+from torpord.core.pilot import Pilot
 from torpord.core.registry import Registry
 from torpord.core.requests import RequestLog
 from torpord.core.runner import Runner
@@ -37,7 +39,7 @@ from torpord.errors import Aborted
 from torpord.storage.diskcache import DiskCache
 from torpord.types import Cause, Tier
 
-__all__ = ["ManagerSettings", "ModelManager"]
+__all__ = ["Acquired", "ManagerSettings", "ModelManager"]
 
 log = structlog.get_logger("torpord.core")
 
@@ -90,6 +92,9 @@ class ModelManager:
             self._executor,
             self.images,
         )
+        # The policies' decisions run (core/pilot.py); Acquire (core/acquire.py).
+        self.pilot = Pilot(self)
+        self._acquirer = Acquirer(self, self.pilot)
 
     @property
     def engines(self) -> Engines:
@@ -155,14 +160,18 @@ class ModelManager:
         request_id: str = "",
         cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
-        return await self._verbs.load(
+        return await self.pilot.with_room(
             model_id,
-            source,
-            device=device,
-            target=target,
-            wait=wait,
-            request_id=request_id,
-            cause=cause,
+            cause,
+            lambda: self._verbs.load(
+                model_id,
+                source,
+                device=device,
+                target=target,
+                wait=wait,
+                request_id=request_id,
+                cause=cause,
+            ),
         )
 
     async def sleep(
@@ -188,8 +197,12 @@ class ModelManager:
         verify: bool = False,
         cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
-        return await self._verbs.wake(
-            model_id, wait=wait, request_id=request_id, verify=verify, cause=cause
+        return await self.pilot.with_room(
+            model_id,
+            cause,
+            lambda: self._verbs.wake(
+                model_id, wait=wait, request_id=request_id, verify=verify, cause=cause
+            ),
         )
 
     async def offload(
@@ -203,8 +216,12 @@ class ModelManager:
         verify: bool = False,
         cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
-        return await self._verbs.offload(
-            model_id, layers, tier, wait=wait, request_id=request_id, verify=verify, cause=cause
+        return await self.pilot.with_room(
+            model_id,
+            cause,
+            lambda: self._verbs.offload(
+                model_id, layers, tier, wait=wait, request_id=request_id, verify=verify, cause=cause
+            ),
         )
 
     async def unload(
@@ -220,6 +237,10 @@ class ModelManager:
             model_id, wait=wait, request_id=request_id, force=force, cause=cause
         )
 
+    async def acquire(self, model_id: str, *, request_id: str = "") -> Acquired:
+        """Make the model ready for a request that arrived (core/acquire.py)."""
+        return await self._acquirer.acquire(model_id, request_id=request_id)
+
     # -- shutdown --------------------------------------------------------------
 
     async def close(self, grace: float, *, rollback: float = 5.0) -> bool:
@@ -231,6 +252,7 @@ class ModelManager:
         the answer is False."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace + rollback
+        await self.pilot.stop()  # (no policy starts anything from here on)
 
         def left() -> float:
             return max(0.0, deadline - loop.time())

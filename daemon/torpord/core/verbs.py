@@ -17,11 +17,13 @@ from torpord.core.events import EventBus, EventType
 from torpord.core.images import Images
 from torpord.core.model import LayerState, Model, ModelSnapshot, Running
 from torpord.core.mover import Mover
+from torpord.core.preempt import idle_for
 from torpord.core.registry import Registry, busy, check_model_id, prepare, wrong_state
 from torpord.core.requests import RequestLog
 from torpord.core.runner import Call, Plan, Runner, current_task, retrieve
 from torpord.core.todevice import to_device
 from torpord.errors import AlreadyExists, FailedPrecondition, InvalidArgument, some
+from torpord.policies.settings import PolicySettings
 from torpord.storage.layers import DEFAULT_LAYER_PATTERNS, LayerPatterns
 from torpord.storage.pipeline import ReadOptions
 from torpord.storage.safetensors import Checkpoint
@@ -38,6 +40,7 @@ class ManagerSettings:
     alignment: int = 256
     worker_threads: int = 4
     read: ReadOptions = field(default_factory=ReadOptions)
+    policy: PolicySettings = field(default_factory=PolicySettings)
 
 
 class Verbs:
@@ -182,7 +185,7 @@ class Verbs:
         call = Call(request_id, ("sleep", model_id, level, disk_copy), wait, cause)
         if (earlier := self._requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._runner.replay(earlier, wait, model_id)
-        model = self._registry.idle(model_id)
+        model = await idle_for(self._registry, model_id, cause)
         if model.state is ModelState.ASLEEP:
             if model.sleep_level == level:
                 return model.snapshot()
@@ -236,7 +239,7 @@ class Verbs:
         call = Call(request_id, ("wake", model_id, verify), wait, cause)
         if (earlier := self._requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._runner.replay(earlier, wait, model_id)
-        model = self._registry.idle(model_id)
+        model = await idle_for(self._registry, model_id, cause)
         if model.state is ModelState.ACTIVE:
             return model.snapshot()
         if model.state not in (ModelState.ASLEEP, ModelState.OFFLOADED):
@@ -276,7 +279,7 @@ class Verbs:
         call = Call(request_id, ("offload", model_id, names, tier, verify), wait, cause)
         if (earlier := self._requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._runner.replay(earlier, wait, model_id)
-        model = self._registry.idle(model_id)
+        model = await idle_for(self._registry, model_id, cause)
         unknown = [name for name in names if model.layer(name) is None]
         if unknown:
             known = [layer.plan.name for layer in model.layers]
@@ -351,7 +354,7 @@ class Verbs:
             raise busy(model_id, "LOADING")
         if force and (gone := self._images.stop(model_id)):
             return gone
-        model = self._registry.idle(model_id)
+        model = await idle_for(self._registry, model_id, cause)
 
         async def body() -> int:
             await self._mover.disk_tier.forget_image(model)  # (first: it may fail)

@@ -162,13 +162,20 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
         finally:
             subscription.close()
 
-    # -- policies (issue 14: being built; answered UNIMPLEMENTED until then) ---
+    # -- policies (issue 14) ---
 
     @translate_errors
     async def AcquireModel(
         self, request: models_pb2.AcquireModelRequest, context: Context
     ) -> models_pb2.AcquireModelResponse:
-        raise Unimplemented("AcquireModel is not implemented yet")
+        acquired = await self._m.acquire(request.model_id, request_id=request.request_id)
+        time_to_ready = Duration()
+        time_to_ready.FromNanoseconds(int(acquired.seconds * 1e9))
+        return models_pb2.AcquireModelResponse(
+            model=model_to_proto(acquired.snapshot),
+            hit=acquired.hit,
+            time_to_ready=time_to_ready,
+        )
 
     @translate_errors
     async def ReportActivity(
