@@ -23,7 +23,7 @@ import structlog
 
 from torpord.backends.base import Backend
 from torpord.core import imagedisk
-from torpord.core.acquire import Acquired, Acquirer
+from torpord.core.acquire import Acquired, Acquirer, Figure
 from torpord.core.announce import Announcer
 from torpord.core.engines import Engines
 from torpord.core.events import EventBus
@@ -240,6 +240,11 @@ class ModelManager:
     async def acquire(self, model_id: str, *, request_id: str = "") -> Acquired:
         """Make the model ready for a request that arrived (core/acquire.py)."""
         return await self._acquirer.acquire(model_id, request_id=request_id)
+
+    @property
+    def acquisitions(self) -> Sequence[Figure]:
+        """The last Acquires' hit and time to ready, oldest first."""
+        return tuple(self._acquirer.figures)
 
     # -- shutdown --------------------------------------------------------------
 

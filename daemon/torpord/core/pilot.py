@@ -59,6 +59,7 @@ class Pilot:
         self._room = asyncio.Lock()
         self._loop: asyncio.Task[None] | None = None
         self._acting: dict[str, asyncio.Task[None]] = {}  # model id -> the policy's action
+        self.rounds = 0  # housekeeping rounds done
 
     @property
     def settings(self) -> PolicySettings:
@@ -146,7 +147,11 @@ class Pilot:
             needed = int(err.metadata.get("asked", "0")) - room.free
             if needed <= 0:
                 return  # freed meanwhile: try again
-            decision = make_room(view, pool, needed, keep={model_id})
+            try:
+                decision = make_room(view, pool, needed, keep={model_id})
+            except Exception:  # (a bug in a decision: the caller gets the plain refusal)
+                log.exception("making room failed", model_id=model_id, pool=pool)
+                raise err from None
             if isinstance(decision, Refusal):
                 raise refused(err, decision) from None
             log.info(
@@ -185,11 +190,17 @@ class Pilot:
         if tasks:
             await asyncio.wait(tasks)
 
+    @property
+    def running(self) -> bool:
+        """Whether the housekeeping loop runs."""
+        return self._loop is not None and not self._loop.done()
+
     async def _housekeep(self) -> None:
         while True:
             await asyncio.sleep(self.settings.interval)
             if self.enabled:
                 self.housekeep_once()
+            self.rounds += 1
 
     def housekeep_once(self) -> list[asyncio.Task[None]]:
         """One round: start what `housekeeping` decides now; the tasks started."""
