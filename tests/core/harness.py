@@ -39,13 +39,15 @@ class Harness:
         backend: type[HostBackend] = HostBackend,
         devices: int = 2,
         policy: PolicySettings | None = None,
+        interval: float = 1.0,
     ):
         """`backend`: the host backend, or a subclass that plays a failing driver;
-        `policy`: the policy layer's settings (its defaults if None)."""
+        `policy`: the policy layer's settings (its defaults if None), and
+        `interval` the seconds between two rounds of its housekeeping."""
         self.backend = backend(
             devices=devices, device_capacity=device_capacity, host_capacity=host_capacity
         )
-        settings = ManagerSettings(allowed_roots=(tmp.resolve(),))
+        settings = ManagerSettings(allowed_roots=(tmp.resolve(),), policy_interval=interval)
         if policy is not None:
             settings = dataclasses.replace(settings, policy=policy)
         self.manager = ModelManager(self.backend, settings)

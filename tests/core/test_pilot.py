@@ -28,6 +28,7 @@ class Node:
     """A harness with one device fitting two of the checkpoints (and a half)."""
 
     def __init__(self, tmp: Path, policy: PolicySettings | None = None, host: int = 64 * MiB):
+        """(Housekeeping every 10 ms, when a test starts it.)"""
         self.paths = {
             name: make_checkpoint(tmp / name, layers=4, hidden=64, seed=i)
             for i, name in enumerate("abcd")
@@ -39,6 +40,7 @@ class Node:
             device_capacity=self.size * 5 // 2,
             host_capacity=host,
             policy=policy,
+            interval=0.01,
         )
         self.m = self.h.manager
 
@@ -154,7 +156,7 @@ async def test_with_the_policy_layer_off_a_full_device_refuses(tmp_path: Path) -
         await node.h.close()
 
 
-IDLE = PolicySettings(default=ModelPolicy(idle_timeout=0.05), interval=0.01, preload=False)
+IDLE = PolicySettings(default=ModelPolicy(idle_timeout=0.05), preload=False)
 
 
 async def test_idle_models_go_to_sleep(tmp_path: Path) -> None:

@@ -197,7 +197,7 @@ class Pilot:
 
     async def _housekeep(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.interval)
+            await asyncio.sleep(self._m.settings.policy_interval)
             if self.enabled:
                 self.housekeep_once()
             self.rounds += 1

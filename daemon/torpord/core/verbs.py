@@ -40,7 +40,9 @@ class ManagerSettings:
     alignment: int = 256
     worker_threads: int = 4
     read: ReadOptions = field(default_factory=ReadOptions)
+    # Config [policy] (and [policy.default] in policy.default).
     policy: PolicySettings = field(default_factory=PolicySettings)
+    policy_interval: float = 1.0  # seconds between two rounds of housekeeping
 
 
 class Verbs:

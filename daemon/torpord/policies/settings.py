@@ -64,5 +64,4 @@ class PolicySettings:
     max_sleeping_models: int = 0  # level-1 sleepers kept in host memory; 0 = no limit
     host_limit: int = 0  # bytes of host memory sleepers may hold; 0 = the pool's capacity
     preload: bool = True  # warm models predicted to be wanted, into free memory
-    interval: float = 1.0  # seconds between two rounds of the daemon's housekeeping
     default: ModelPolicy = field(default_factory=ModelPolicy)
