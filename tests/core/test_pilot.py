@@ -4,19 +4,20 @@ the host backend with one device that fits two models."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
 from torpord.core.registry import prepare
-from torpord.errors import ResourceExhausted
+from torpord.errors import ResourceExhausted, Unavailable
 from torpord.policies.settings import ModelPolicy, PolicySettings
 from torpord.storage.layers import DEFAULT_LAYER_PATTERNS
 from torpord.types import Cause, ModelState, Tier
 
 from .harness import Harness, MiB
-from .test_acquire import Gated
+from .test_acquire import Events, Gated
+from .test_engines import Recorder
 
 
 def model_bytes(tmp: Path, path: Path) -> int:
@@ -110,7 +111,10 @@ async def test_an_acquire_that_does_not_fit_evicts(node: Node) -> None:
     assert len(asleep) == 1
     got = await node.m.acquire(asleep[0])
     assert got.snapshot.state is ModelState.ACTIVE and not got.hit
-    assert len(evicted(node)) == 2 and node.device_used() <= node.capacity()
+    record = got.snapshot.last_transition
+    assert record is not None and record.cause is Cause.ACQUIRE
+    assert len(evicted(node)) == 1 and asleep[0] not in evicted(node)  # another one went
+    assert node.device_used() <= node.capacity()
 
 
 async def test_pinned_models_are_named_when_nothing_can_go(tmp_path: Path) -> None:
@@ -177,22 +181,41 @@ async def test_idle_models_go_to_sleep(tmp_path: Path) -> None:
         await node.h.close()
 
 
+class Refusing(Recorder):
+    """Engines that fail the first `failures` requests to let go."""
+
+    def __init__(self, h: Harness, failures: int) -> None:
+        super().__init__(h)
+        self.failures = failures
+
+    async def quiesce(self, model_id: str, layers: Sequence[str]) -> list[str]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise Unavailable("the engine could not let go", reason="TEST_REFUSED")
+        return await super().quiesce(model_id, layers)
+
+
 async def test_a_failed_action_leaves_the_loop_running(tmp_path: Path) -> None:
-    # A host pool too small for a's sleep: each round's try fails (logged,
-    # nothing changed) and the loop goes on.
-    node = Node(tmp_path, IDLE, host=4096)
+    # The idle sleep fails twice (rolled back, logged); later rounds try again.
+    node = Node(tmp_path, IDLE)
+    engines = Refusing(node.h, failures=2)
+    node.m.use_engines(engines)
+    events = Events(node.m)
     try:
         await node.load("a")
         node.m.pilot.start()
         for _ in range(1000):
-            if node.m.pilot.rounds >= 5:
+            if node.m.get("a").state is ModelState.ASLEEP:
                 break
             await asyncio.sleep(0.01)
-        assert node.m.pilot.rounds >= 5 and node.m.pilot.running
+        assert node.m.pilot.running and engines.failures == 0
         a = node.m.get("a")
-        assert a.state is ModelState.ACTIVE and a.last_transition is not None
-        assert a.last_transition.cause is Cause.USER  # its sleep never started
+        assert a.state is ModelState.ASLEEP and a.last_transition is not None
+        assert a.last_transition.cause is Cause.IDLE
+        assert events.started(ModelState.SLEEPING) == [Cause.IDLE] * 3
+        node.h.check_bytes("a")
     finally:
+        await events.close()
         await node.m.pilot.stop()
         assert not node.m.pilot.running
         await node.h.close()
