@@ -101,7 +101,7 @@ class Images:
             layer.slab = slab
         model.publisher = publisher
         model.set_state(ModelState.PUBLISHING)
-        self._registry.models[model_id] = model
+        self._registry.add(model)
         self._bus.publish(EventType.ADDED, model.snapshot())
         log.info(
             "publishing an image",
@@ -196,7 +196,7 @@ class Images:
         slabs = model.slabs()
         for layer in model.layers:
             layer.slab = None
-        del self._registry.models[model_id]
+        self._registry.remove(model_id)
         self._announcer.forget(model)
         model.set_state(
             ModelState.UNLOADED,

@@ -24,6 +24,7 @@ import structlog
 from torpord.backends.base import Backend
 from torpord.core import imagedisk
 from torpord.core.acquire import Acquired, Acquirer, Figure
+from torpord.core.activity import ActivityLog
 from torpord.core.announce import Announcer
 from torpord.core.engines import Engines
 from torpord.core.events import EventBus
@@ -31,7 +32,7 @@ from torpord.core.images import Images
 from torpord.core.model import Model, ModelSnapshot
 from torpord.core.mover import Mover
 from torpord.core.pilot import Pilot
-from torpord.core.registry import Registry
+from torpord.core.registry import Registry, check_model_id
 from torpord.core.requests import RequestLog
 from torpord.core.runner import Runner
 from torpord.core.verbs import ManagerSettings, Verbs
@@ -57,7 +58,9 @@ class ModelManager:
         self.settings = settings
         self.bus = bus or EventBus()
         self.requests = RequestLog()
-        self.registry = Registry()
+        # Each known model's use (engines' use() blocks, routers' reports).
+        self.activity = ActivityLog(self.known)
+        self.registry = Registry(self.activity)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             settings.worker_threads, thread_name_prefix="torpord-io"
         )
@@ -135,6 +138,23 @@ class ModelManager:
             found = self.images.find(fingerprint)
             return [found] if found is not None else []
         return self.registry.snapshots()
+
+    # -- activity (core/activity.py) ------------------------------------------
+
+    def report_activity(
+        self, model_id: str, reporter: str, uses: int, busy_seconds: float, in_use: int
+    ) -> None:
+        """`reporter` (an engine's attachment, a router) saw `uses` uses of
+        `model_id` end since its last report, busy for `busy_seconds` in all,
+        and has `in_use` open now (replacing what it said before).
+        INVALID_ARGUMENT INVALID_ACTIVITY for counts no reporter could make,
+        NOT_FOUND for a model the daemon doesn't know."""
+        check_model_id(model_id)
+        self.activity.record(model_id, reporter, uses, busy_seconds, in_use)
+
+    def forget_reporter(self, model_id: str, reporter: str) -> None:
+        """`reporter` is gone: its open uses of `model_id` end."""
+        self.activity.forget(model_id, reporter)
 
     # -- images (publishing itself is `self.images`: core/images.py) -----------
 

@@ -75,7 +75,7 @@ class Pilot:
         return self.settings.default
 
     def activity(self, model_id: str) -> ActivitySummary:
-        return ActivitySummary()
+        return self._m.activity.summary(model_id)
 
     def entries(self) -> Sequence[ModelView]:
         """Catalogue entries, as models not loaded."""
@@ -87,6 +87,7 @@ class Pilot:
 
     def used(self, model_id: str) -> None:
         """An Acquire: one use of the model, by the reporter "acquire"."""
+        self._m.activity.record(model_id, "acquire", 1, 0.0, 0)
 
     def view(self) -> NodeView:
         models = list(self._m.registry.models.values())

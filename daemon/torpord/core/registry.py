@@ -11,6 +11,7 @@ import asyncio
 import re
 from pathlib import Path
 
+from torpord.core.activity import ActivityLog
 from torpord.core.model import LayerState, Model, ModelSnapshot, Running
 from torpord.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from torpord.storage.checkpoint import open_checkpoint
@@ -26,8 +27,12 @@ MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, activity: ActivityLog | None = None) -> None:
         self.models: dict[str, Model] = {}
+        # Each model's use, kept by id (the manager's, which knows the catalogue).
+        if activity is None:
+            activity = ActivityLog(lambda model_id: model_id in self.models)
+        self.activity = activity
         # Ids whose Load is still validating the checkpoint: the task of that call.
         self.validating: dict[str, Running] = {}
         # ... and what a retry without waiting waits for: the validation's end.
@@ -41,6 +46,17 @@ class Registry:
 
     def snapshots(self) -> list[ModelSnapshot]:
         return [self.models[k].snapshot() for k in sorted(self.models)]
+
+    def add(self, model: Model) -> None:
+        """Hold `model` from now on, with its id's record of use."""
+        model.activity = self.activity.of(model.model_id)
+        self.models[model.model_id] = model
+
+    def remove(self, model_id: str) -> None:
+        """No longer hold `model_id` (its record of use goes unless the id is
+        still known: registered in the catalogue)."""
+        del self.models[model_id]
+        self.activity.release(model_id)
 
     def model(self, model_id: str) -> Model:
         """The model (NOT_FOUND, or INVALID_MODEL_ID for an id none can have)."""

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from torpord.backends.base import Backend
+from torpord.core.activity import ActivityLog
 from torpord.core.model import ModelSnapshot
 from torpord.core.registry import Registry
 from torpord.core.verbs import ManagerSettings
@@ -18,6 +19,7 @@ __all__ = ["Steered"]
 
 class Steered(Protocol):
     registry: Registry
+    activity: ActivityLog
     backend: Backend
     settings: ManagerSettings
 

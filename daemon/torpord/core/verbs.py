@@ -141,7 +141,7 @@ class Verbs:
         finally:
             del self._registry.validating[model_id], self._registry.validated[model_id]
             validated.set_result(None)
-        self._registry.models[model_id] = model
+        self._registry.add(model)
         self._bus.publish(EventType.ADDED, model.snapshot())
 
         async def body() -> int:
@@ -362,7 +362,7 @@ class Verbs:
             await self._mover.disk_tier.forget_image(model)  # (first: it may fail)
             await self._announcer.quiesce(model, model.layers)
             freed = await self._mover.drop(model, model.layers)
-            del self._registry.models[model_id]
+            self._registry.remove(model_id)
             self._announcer.forget(model)
             self._announcer.engines.unloaded(model_id)
             return freed
