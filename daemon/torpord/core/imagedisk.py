@@ -171,6 +171,7 @@ async def restore(
                 error=type(err).__name__,
             )
             continue
+        registry.adopt(model)
         registry.add(model)
         bus.publish(EventType.ADDED, model.snapshot())
         log.info(

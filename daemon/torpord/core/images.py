@@ -96,6 +96,7 @@ class Images:
         uuid = self._backend.resolve_device(device) if device else self._backend.pick_device()
         model = Model(model_id, checkpoint, uuid, [LayerState(plan) for plan in plans])
         model.layout_hash = layout
+        self._registry.adopt(model)
         slabs = self._mover.allocate(model, model.layers, Tier.DEVICE)  # (all or nothing)
         for layer, slab in zip(model.layers, slabs, strict=True):
             layer.slab = slab

@@ -36,7 +36,7 @@ from torpord.policies.actions import Action, Load, Offload, Refusal, Sleep, Unlo
 from torpord.policies.decide import housekeeping, make_room
 from torpord.policies.settings import ModelPolicy, PolicySettings
 from torpord.policies.view import ActivitySummary, ModelView, NodeView
-from torpord.types import Cause
+from torpord.types import Cause, ModelState
 
 __all__ = ["ROOM_ROUNDS", "Pilot"]
 
@@ -72,18 +72,38 @@ class Pilot:
     # -- the view --------------------------------------------------------------
 
     def policy(self, model: Model) -> ModelPolicy:
-        return self.settings.default
+        return model.policy
 
     def activity(self, model_id: str) -> ActivitySummary:
         return self._m.activity.summary(model_id)
 
     def entries(self) -> Sequence[ModelView]:
-        """Catalogue entries, as models not loaded."""
-        return ()
+        """Catalogue entries not loaded, as models UNLOADED. Their sizes are
+        not known until they are (their layers are planned at Load): room
+        for them is made when their Load finds the device full."""
+        loaded = self._m.registry.models
+        return [
+            ModelView(
+                model_id=entry.model_id,
+                state=ModelState.UNLOADED,
+                sleep_level=0,
+                device=entry.device or self._m.backend.pick_device(),
+                layers=(),
+                policy=entry.policy,
+                activity=self.activity(entry.model_id),
+                since=entry.create_time,
+                source=entry.source,
+                busy=entry.model_id in self._acting
+                or entry.model_id in self._m.registry.validating,
+            )
+            for entry in self._m.catalogue.entries()
+            if entry.model_id not in loaded
+        ]
 
     def entry(self, model_id: str) -> tuple[str, str] | None:
         """The catalogue's source and device for `model_id`, if it has it."""
-        return None
+        entry = self._m.catalogue.get(model_id)
+        return (entry.source, entry.device) if entry is not None else None
 
     def used(self, model_id: str) -> None:
         """An Acquire: one use of the model, by the reporter "acquire"."""

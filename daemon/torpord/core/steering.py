@@ -8,9 +8,10 @@ from typing import Protocol
 
 from torpord.backends.base import Backend
 from torpord.core.activity import ActivityLog
+from torpord.core.catalogue import Catalogue
 from torpord.core.model import ModelSnapshot
 from torpord.core.registry import Registry
-from torpord.core.verbs import ManagerSettings
+from torpord.core.settings import ManagerSettings
 from torpord.storage.diskcache import DiskCache
 from torpord.types import Cause, Tier
 
@@ -20,6 +21,7 @@ __all__ = ["Steered"]
 class Steered(Protocol):
     registry: Registry
     activity: ActivityLog
+    catalogue: Catalogue
     backend: Backend
     settings: ManagerSettings
 

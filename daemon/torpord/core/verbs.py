@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from torpord.backends.base import Backend
 from torpord.core.announce import Announcer
@@ -17,32 +15,19 @@ from torpord.core.events import EventBus, EventType
 from torpord.core.images import Images
 from torpord.core.model import LayerState, Model, ModelSnapshot, Running
 from torpord.core.mover import Mover
+from torpord.core.policy import PolicyOverrides
 from torpord.core.preempt import idle_for
 from torpord.core.registry import Registry, busy, check_model_id, prepare, wrong_state
 from torpord.core.requests import RequestLog
 from torpord.core.runner import Call, Plan, Runner, current_task, retrieve
+from torpord.core.settings import ManagerSettings
 from torpord.core.todevice import to_device
 from torpord.errors import AlreadyExists, FailedPrecondition, InvalidArgument, some
-from torpord.policies.settings import PolicySettings
-from torpord.storage.layers import DEFAULT_LAYER_PATTERNS, LayerPatterns
-from torpord.storage.pipeline import ReadOptions
 from torpord.storage.safetensors import Checkpoint
 from torpord.storage.sources import resolve_source
 from torpord.types import Cause, ModelState, Tier, TransitionKind
 
 __all__ = ["ManagerSettings", "Verbs"]
-
-
-@dataclass(frozen=True)
-class ManagerSettings:
-    allowed_roots: tuple[Path, ...]
-    patterns: LayerPatterns = DEFAULT_LAYER_PATTERNS
-    alignment: int = 256
-    worker_threads: int = 4
-    read: ReadOptions = field(default_factory=ReadOptions)
-    # Config [policy] (and [policy.default] in policy.default).
-    policy: PolicySettings = field(default_factory=PolicySettings)
-    policy_interval: float = 1.0  # seconds between two rounds of housekeeping
 
 
 class Verbs:
@@ -80,7 +65,9 @@ class Verbs:
         wait: bool = True,
         request_id: str = "",
         cause: Cause = Cause.USER,
+        policy: PolicyOverrides = PolicyOverrides(),  # noqa: B008 - frozen
     ) -> ModelSnapshot:
+        """`policy`: checked by the caller (core/policy.py check_policy)."""
         check_model_id(model_id)
         if target not in (Tier.DEVICE, Tier.HOST):
             raise InvalidArgument(
@@ -89,7 +76,7 @@ class Verbs:
                 metadata={"tier": target.value},
             )
         path = resolve_source(source, self._settings.allowed_roots)
-        call = Call(request_id, ("load", model_id, path, device, target), wait, cause)
+        call = Call(request_id, ("load", model_id, path, device, target, policy), wait, cause)
         if (earlier := self._requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._runner.replay(earlier, wait, model_id)
         existing = self._registry.models.get(model_id)
@@ -125,6 +112,7 @@ class Verbs:
             )
             model = Model(model_id, checkpoint, uuid or self._backend.pick_device(), layers)
             model.layout_hash = layout
+            self._registry.adopt(model, policy)
             new = self._mover.allocate(model, model.layers, target)
         except BaseException as exc:
             self._requests.forget(request_id)
