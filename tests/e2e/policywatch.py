@@ -13,6 +13,7 @@ from torpord.core.registry import prepare
 from torpord.storage.layers import DEFAULT_LAYER_PATTERNS
 
 from .conftest import GRPCURL, Daemon
+from .observe import settle
 
 
 class Watch:
@@ -37,6 +38,11 @@ class Watch:
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        # Subscribed once its first message (the snapshot) is in: from then
+        # on no change is missed.
+        if not settle(lambda: bool(self.messages)):
+            self.close()
+            raise AssertionError("WatchModels sent no snapshot")
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -70,6 +76,8 @@ class Watch:
         self.proc.terminate()
         self.proc.wait(30)
         self._reader.join(30)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
 
 
 def acquire(d: Daemon, model_id: str) -> dict[str, Any]:
