@@ -219,3 +219,21 @@ async def test_a_failed_action_leaves_the_loop_running(tmp_path: Path) -> None:
         await node.m.pilot.stop()
         assert not node.m.pilot.running
         await node.h.close()
+
+
+async def test_an_acquire_waits_for_models_in_use_a_load_does_not(node: Node) -> None:
+    await node.load("a", "b")
+    await node.m.sleep("a", 2)
+    await node.load("c")
+    for name in "bc":  # a router has a request running on each
+        node.m.report_activity(name, "router", 0, 0.0, 1)
+    with pytest.raises(ResourceExhausted) as err:  # a caller's Wake: refused at once
+        await node.m.wake("a")
+    assert "'b'" in err.value.metadata["in_use"] and "'c'" in err.value.metadata["in_use"]
+    waiting = asyncio.create_task(node.m.acquire("a"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiting.done()  # b and c are in use: the Acquire waits ...
+    node.m.report_activity("c", "router", 1, 0.1, 0)  # ... until the router is done with c
+    got = await waiting
+    assert got.snapshot.state is ModelState.ACTIVE and evicted(node) == ["c"]

@@ -66,13 +66,20 @@ def test_six_models_on_a_device_that_fits_two(tmp_path: Path) -> None:
     watch: Watch | None = None
     try:
         d.wait_ready()
+        workers = {name: Worker(d, name, script=ENGINE) for name in ENGINES}
         for name in MODELS:
             d.call(
                 "torpor.v1.ModelService/LoadModel",
                 {"model_id": name, "source": str(paths[name]), "wait": True},
             )
-            if name in ENGINES:
-                workers[name] = Worker(d, name, script=ENGINE)
+            for _ in range(5):  # (it may have gone idle meanwhile: acquire, try again)
+                if name not in workers:
+                    break
+                acquire(d, name)
+                if workers[name].ask("attach") == {"attached": True}:
+                    break
+            else:
+                raise AssertionError(f"the engine of {name} could not attach")
         watch = Watch(d)
         uses: dict[str, list[float]] = {name: [] for name in MODELS}
         answers: list[dict[str, Any]] = []

@@ -4,7 +4,9 @@ logits' digest; the daemon may sleep and wake the model in between.
 
     python trace_engine.py SOCKET MODEL
 
-Prints {"ready": true}; then per command: "run" → {"digest": ...}, or
+Prints {"ready": true} once started; attaches on "attach" ({"attached":
+true}, or {"error": reason} and another "attach" may follow); then per
+command: "run" → {"digest": ...}, or
 {"error": reason} (WEIGHTS_NOT_READY: they did not come back in time);
 "report" → what it saw; "quit".
 """
@@ -36,7 +38,15 @@ def main() -> None:
     socket, model_id = sys.argv[1:3]
     torch.set_num_threads(1)
     client = Client(socket=socket)
-    attached = attach(model_id, client=client, engine="trace")
+    say({"ready": True})  # (started: torch takes a while to import)
+    for _ in sys.stdin:  # "attach": the caller has just made the model ready
+        try:
+            attached = attach(model_id, client=client, engine="trace")
+            break
+        except TorporError as err:
+            say({"error": err.reason})
+    else:
+        return
     with empty_parameters():
         model = TinyLM(TinyConfig.from_state_dict(attached.state_dict()))
     load_module(model, attached)
@@ -53,7 +63,7 @@ def main() -> None:
 
     attached.on_quiesce(on_quiesce)
     attached.on_resume(on_resume)
-    say({"ready": True})
+    say({"attached": True})
     for line in sys.stdin:
         command = line.strip()
         if command == "run":

@@ -38,7 +38,7 @@ from torpord.policies.settings import ModelPolicy, PolicySettings
 from torpord.policies.view import ActivitySummary, ModelView, NodeView
 from torpord.types import Cause, ModelState
 
-__all__ = ["ROOM_ROUNDS", "Pilot"]
+__all__ = ["ACQUIRE_PATIENCE", "ROOM_ROUNDS", "Pilot"]
 
 log = structlog.get_logger("torpord.pilot")
 
@@ -46,6 +46,11 @@ T = TypeVar("T")
 
 # How often a call that found its pool full makes room and tries again.
 ROOM_ROUNDS = 4
+# How long an Acquire waits for models in use or in a transition to be let
+# go of (engines report the end of their use at most once a second), and
+# how often it looks meanwhile.
+ACQUIRE_PATIENCE = 5.0
+PATIENCE_STEP = 0.05
 # The metadata key of each reason a model could not be evicted.
 BLOCKER_KEYS = {"pinned": "pinned", "in use": "in_use", "in transition": "in_transition"}
 
@@ -146,20 +151,35 @@ class Pilot:
     ) -> T:
         """`attempt()`; when it finds its pool full (OUT_OF_MEMORY) and the
         caller is a caller (not a policy: evictions don't evict), make room
-        and try again. `attempt` must change nothing when it fails so."""
+        and try again. `attempt` must change nothing when it fails so.
+
+        An Acquire is patient: when only models in use or in a transition
+        block, it waits (up to ACQUIRE_PATIENCE seconds) for them to be let
+        go of, as a router would rather wait than fail; a caller's Load or
+        Wake is refused at once."""
         if not self.enabled or cause not in CALLERS:
             return await attempt()
-        for round_ in range(ROOM_ROUNDS):
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + (ACQUIRE_PATIENCE if cause is Cause.ACQUIRE else 0.0)
+        rounds = 0
+        while True:
             try:
                 return await attempt()
             except ResourceExhausted as err:
-                if err.reason != "OUT_OF_MEMORY" or round_ == ROOM_ROUNDS - 1:
+                if err.reason != "OUT_OF_MEMORY" or rounds == ROOM_ROUNDS - 1:
                     raise
                 pool = pool_of(err.metadata, (d.uuid for d in self._m.backend.devices()))
                 if pool is None:
                     raise
-                await self._make_room(model_id, pool, err)
-        raise AssertionError("unreachable")  # (the last round returns or raises)
+                try:
+                    await self._make_room(model_id, pool, err)
+                except ResourceExhausted as refusal:
+                    waiting = {"in_use", "in_transition"} & refusal.metadata.keys()
+                    if not waiting or clock() >= deadline:
+                        raise
+                    await asyncio.sleep(PATIENCE_STEP)  # (then look again)
+                    continue
+                rounds += 1
 
     async def _make_room(self, model_id: str, pool: str, err: ResourceExhausted) -> None:
         async with self._room:
