@@ -4,47 +4,17 @@ share one transition; a caller's call wins over a policy's transition."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
-from torpord.core.events import Event, EventType
-from torpord.core.manager import ModelManager
 from torpord.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from torpord.policies.settings import PolicySettings
 from torpord.types import Cause, ModelState, Outcome, Tier, TransitionKind
 
 from .harness import Harness
-from .test_engines import Recorder
-
-
-class Events:
-    """Every event of the manager's bus from now on, collected as it goes."""
-
-    def __init__(self, manager: ModelManager) -> None:
-        self.got: list[Event] = []
-        self._subscription = manager.bus.subscribe()
-        self._task = asyncio.create_task(self._collect())
-
-    async def _collect(self) -> None:
-        async for event in self._subscription:
-            self.got.append(event)
-
-    def started(self, state: ModelState) -> list[Cause]:
-        """The causes of the transitions that entered `state`, in order."""
-        return [
-            e.model.progress.cause
-            for e in self.got
-            if e.type is EventType.CHANGED
-            and e.model.state is state
-            and e.model.progress is not None
-        ]
-
-    async def close(self) -> None:
-        await asyncio.sleep(0)
-        self._subscription.close()
-        await asyncio.wait([self._task], timeout=5)
+from .pilotkit import Events, Gated
 
 
 @pytest.fixture
@@ -122,20 +92,6 @@ async def test_unknown_and_failed_models(h: Harness, tmp_path: Path) -> None:
     with pytest.raises(FailedPrecondition, match="FAILED") as err:
         await h.manager.acquire("m")
     assert err.value.metadata["state"] == "FAILED"
-
-
-class Gated(Recorder):
-    """Engines that hold a sleep in its quiesce stage until let go."""
-
-    def __init__(self, h: Harness) -> None:
-        super().__init__(h)
-        self.quiescing = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    async def quiesce(self, model_id: str, layers: Sequence[str]) -> list[str]:
-        self.quiescing.set()
-        await self.gate.wait()
-        return await super().quiesce(model_id, layers)
 
 
 @pytest.mark.parametrize("caller", ["wake", "acquire", "sleep2", "offload"])

@@ -16,7 +16,7 @@ from torpord.storage.layers import DEFAULT_LAYER_PATTERNS
 from torpord.types import Cause, ModelState, Tier
 
 from .harness import Harness, MiB
-from .test_acquire import Events, Gated
+from .pilotkit import Events, Gated
 from .test_engines import Recorder
 
 
