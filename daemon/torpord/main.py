@@ -19,10 +19,13 @@ import uvloop
 from torpor.socketpath import UnsafeSocketDir
 
 from torpord import __version__, systemd
+from torpord.backends.base import Backend
 from torpord.backends.factory import BackendUnavailable, build_backend
 from torpord.config import Config, ConfigError, Overrides, default_config_toml, load_config
 from torpord.core.attachments.registry import AgentRegistry
+from torpord.core.catalogue import Entry
 from torpord.core.manager import ManagerSettings, ModelManager
+from torpord.errors import InvalidArgument
 from torpord.logs import configure_logging
 from torpord.server.app import (
     DaemonAlreadyRunning,
@@ -130,6 +133,19 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _catalogue(cfg: Config, backend: Backend) -> tuple[Entry, ...]:
+    """The config's [[catalogue]] entries, each device resolved on `backend`."""
+    entries = []
+    for index, e in enumerate(cfg.catalogue):
+        try:
+            device = backend.resolve_device(e.device) if e.device else ""
+        except InvalidArgument as err:
+            where = str(cfg.file or "<defaults>")
+            raise ConfigError(where, f"catalogue[{index}].device", err.message) from None
+        entries.append(Entry(e.model_id, e.source, device, e.policy))
+    return tuple(entries)
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -159,6 +175,12 @@ class Daemon:
         except BackendUnavailable as err:
             log.error("cannot start", error=str(err))
             return 1
+        try:
+            catalogue = _catalogue(cfg, backend)
+        except ConfigError as err:  # (a device only the backend knows)
+            log.error("cannot start", error=str(err))
+            backend.close()
+            return 2
         manager = ModelManager(
             backend,
             ManagerSettings(
@@ -166,6 +188,9 @@ class Daemon:
                 patterns=LayerPatterns(cfg.layers.block_patterns, cfg.layers.post_patterns),
                 alignment=cfg.layers.alignment,
                 read=ReadOptions(cfg.io.chunk_size, cfg.io.threads, cfg.io.direct),
+                policy=cfg.policy.settings,
+                policy_interval=cfg.policy.interval,
+                catalogue=catalogue,
             ),
             disk=disk,
         )
@@ -214,6 +239,7 @@ class Daemon:
             pid=os.getpid(),
         )
         systemd.ready(f"listening on {socket_path}")
+        manager.pilot.start()  # (it does nothing while the policy layer is off)
         await self._stop.wait()
 
         # Everything below ends within the grace period, whatever it waits
@@ -229,6 +255,7 @@ class Daemon:
         log.info("stopping: draining in-flight calls", grace_seconds=grace)
         systemd.stopping("draining")
         await set_serving(health, False)
+        await manager.pilot.stop()  # no policy starts anything while the daemon drains
         manager.bus.close()  # end Watch streams, so they do not hold the grace period
         # Engines let go of the weights before they are freed.
         await agents.shutdown(timeout=left(reserve))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from torpord.backends.host import HostBackend
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.core.model import ModelSnapshot
+from torpord.policies.settings import PolicySettings
 from torpord.storage.diskcache import DATA_OFFSET, DiskCache
 from torpord.storage.fileio import SYSTEM_IO, FileIO
 from torpord.storage.layers import LayerPlan
@@ -35,12 +37,20 @@ class Harness:
         device_capacity: int = 64 * MiB,
         host_capacity: int = 64 * MiB,
         backend: type[HostBackend] = HostBackend,
+        devices: int = 2,
+        policy: PolicySettings | None = None,
+        interval: float = 1.0,
     ):
-        """`backend`: the host backend, or a subclass that plays a failing driver."""
+        """`backend`: the host backend, or a subclass that plays a failing driver;
+        `policy`: the policy layer's settings (its defaults if None), and
+        `interval` the seconds between two rounds of its housekeeping."""
         self.backend = backend(
-            devices=2, device_capacity=device_capacity, host_capacity=host_capacity
+            devices=devices, device_capacity=device_capacity, host_capacity=host_capacity
         )
-        self.manager = ModelManager(self.backend, ManagerSettings(allowed_roots=(tmp.resolve(),)))
+        settings = ManagerSettings(allowed_roots=(tmp.resolve(),), policy_interval=interval)
+        if policy is not None:
+            settings = dataclasses.replace(settings, policy=policy)
+        self.manager = ModelManager(self.backend, settings)
 
     def check_bytes(self, model_id: str) -> None:
         """Every slab the model holds has exactly the checkpoint's bytes, and

@@ -23,7 +23,7 @@ import grpc
 
 from torpor.errors import TorporError
 
-__all__ = ["Closing", "Gate", "Weights"]
+__all__ = ["Closing", "Gate", "Usage", "Weights"]
 
 
 class Weights(Protocol):
@@ -51,17 +51,39 @@ class Closing:
     failed: BaseException | None
 
 
+@dataclass(frozen=True)
+class Usage:
+    """The engine's use() blocks since the last `Gate.usage()`: how many
+    ended and their time summed, and how many are open now. Nested blocks
+    of one thread count as the outermost one."""
+
+    uses: int
+    busy_seconds: float
+    in_use: int
+
+
 class Gate:
     """The `use()` blocks of one attachment and what may end or interrupt them.
 
-    Thread-safe; `model_id` only names the model in errors.
+    Thread-safe; `model_id` only names the model in errors. It also counts
+    the blocks for the daemon's activity record (`usage`), under the lock
+    it takes anyway: `on_usage` is called when a count changes for the first
+    time since the last `usage()` (outside the lock), so a reporter needs
+    no polling.
     """
 
-    def __init__(self, model_id: str, weights: Weights) -> None:
+    def __init__(
+        self, model_id: str, weights: Weights, on_usage: Callable[[], None] | None = None
+    ) -> None:
         self.model_id = model_id
         self._weights = weights
         self._cond = threading.Condition()
         self._users = 0  # use() blocks running
+        self.on_usage = on_usage
+        self._open = 0  # outermost use() blocks running
+        self._uses = 0  # outermost blocks ended since the last usage()
+        self._busy = 0.0  # ... and their time
+        self._changed = False  # a count changed since the last usage()
         self._held = threading.local()  # .depth: this thread's use() blocks
         self._quiescing = False
         self._ended: TorporError | None = None  # why the attachment is over
@@ -125,16 +147,29 @@ class Gate:
                         f"the weights of {self.model_id!r} did not come back within {timeout:g}s",
                     )
             self._users += 1
+            first = False
+            if not depth:
+                self._open += 1
+                first, self._changed = not self._changed, True
         self._held.depth = depth + 1
+        if first and self.on_usage is not None:
+            self.on_usage()
         return depth
 
-    def leave(self, token: int) -> bool:
-        """End a use() block. True when it was the last block of an attachment
-        that has ended: the weights are let go of now (unmapped, or released
-        after a close) and the daemon may be told so."""
+    def leave(self, token: int, busy_seconds: float = 0.0) -> bool:
+        """End a use() block, which held the weights for `busy_seconds`. True
+        when it was the last block of an attachment that has ended: the
+        weights are let go of now (unmapped, or released after a close) and
+        the daemon may be told so."""
         self._held.depth = token
+        first = False
         with self._cond:
             self._users -= 1
+            if not token:
+                self._open -= 1
+                self._uses += 1
+                self._busy += busy_seconds
+                first, self._changed = not self._changed, True
             over = self._users == 0 and self._ended is not None
             if over:
                 if self._closed:
@@ -142,7 +177,18 @@ class Gate:
                 else:
                     self._weights.unmap()
             self._cond.notify_all()
+        if first and self.on_usage is not None:
+            self.on_usage()
         return over
+
+    def usage(self) -> Usage | None:
+        """The use() blocks since the last call, or None if nothing changed."""
+        with self._cond:
+            if not self._changed:
+                return None
+            usage = Usage(self._uses, self._busy, self._open)
+            self._uses, self._busy, self._changed = 0, 0.0, False
+        return usage
 
     # -- the daemon's side -----------------------------------------------------------
 

@@ -20,8 +20,9 @@ from typing import Any, cast
 
 import grpc
 
+from torpor.agent._activity import Reporter, report
 from torpor.agent._fdsocket import request_fds, request_release
-from torpor.agent._gate import Gate
+from torpor.agent._gate import Gate, Usage
 from torpor.agent._layout import Layout, layout_changed
 from torpor.client import Client
 from torpor.errors import TorporError, from_rpc_error
@@ -72,6 +73,12 @@ class Session:
         self.slab_kind = ""
         self.device = ""
         self.device_index = 0
+        # The use() blocks, reported on the stream (see torpor.agent._activity).
+        self._reporter = Reporter(f"torpor-activity-{model_id}", gate.usage, self._report)
+        gate.on_usage = self._reporter.poke
+
+    def _report(self, usage: Usage) -> None:
+        self._requests.put(report(usage))
 
     def attach(self) -> agent_pb2.Attached:
         """Open the stream; the daemon's answer, whose layout this session keeps."""
@@ -113,6 +120,7 @@ class Session:
             target=self._listen, name=f"torpor-agent-{self.model_id}", daemon=True
         )
         self.listener.start()
+        self._reporter.start()
 
     def reattach(self) -> None:
         """Attach again after the attachment ended (see AttachedModel.reattach)."""
@@ -154,6 +162,7 @@ class Session:
                 return False
         with self._lock:
             self._said_release = True
+        self._reporter.flush()  # (the blocks that ended; none is open now)
         # Release, then our end of the stream: the daemon detaches this engine,
         # which then holds nothing, and ends the stream.
         self._requests.put(agent_pb2.AttachRequest(release=agent_pb2.Release()))
@@ -168,7 +177,9 @@ class Session:
         say Release first if nothing stays mapped here, or say it on the fd
         socket if the stream was over already."""
         listener = self.listener
+        self._reporter.stop()
         if self._call is not None:
+            self._reporter.flush()  # the last report, before Release
             if released and not stream_over:
                 # Said last, so the daemon knows nothing stays mapped here (on a
                 # GPU it would otherwise count this process as holding memory).

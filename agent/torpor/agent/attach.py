@@ -24,6 +24,7 @@ run a layer as soon as it is back (progressive wake; see
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -207,12 +208,17 @@ class AttachedModel:
         let go wait until it ends. With `wait`, first wait until every layer
         is mapped; without, layers are awaited one by one (`wait_layer`, or the
         hooks of `torpor.agent.modules.wait_hooks`) as a progressive wake
-        brings them back."""
+        brings them back.
+
+        The daemon is told how the model is used (blocks ended, their time,
+        blocks open; nested blocks count once), at most once a second, so
+        its policies know what is idle."""
         token = self._gate.enter(wait=wait, timeout=timeout)
+        start = time.monotonic()  # (no system call: the vDSO's clock)
         try:
             yield
         finally:
-            if self._gate.leave(token):
+            if self._gate.leave(token, time.monotonic() - start):
                 self._session.let_go_late()
 
     def on_quiesce(self, callback: Callback) -> Callback:

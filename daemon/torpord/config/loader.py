@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import difflib
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +15,6 @@ from torpord.config.defaults import (
 )
 from torpord.config.model import (
     BACKEND_KINDS,
-    CONFIG_VERSION,
     CUDA_KERNELS,
     LOG_FORMATS,
     LOG_LEVELS,
@@ -38,6 +35,8 @@ from torpord.config.model import (
     ServerConfig,
     SourcesConfig,
 )
+from torpord.config.policy import MODEL_POLICY_KEYS, POLICY_KEYS, read_catalogue, read_policy
+from torpord.config.reader import Reader, read_file
 from torpord.config.tcpauth import TCP_KEYS, read_tcp_auth
 from torpord.config.values import (
     Invalid,
@@ -90,6 +89,8 @@ _SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
         "disk_cache",
         "io",
         "agents",
+        "policy",
+        "catalogue",
     ),
     "server": ("socket", "socket_mode", "tcp", "allow_remote", *TCP_KEYS, "grace_period"),
     "log": ("level", "format"),
@@ -102,115 +103,12 @@ _SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "disk_cache": ("path", "capacity"),
     "io": ("chunk_size", "threads", "direct"),
     "agents": ("quiesce_timeout", "on_quiesce_timeout"),
+    "policy": POLICY_KEYS,
+    "policy.default": MODEL_POLICY_KEYS,
 }
 
 
-# --------------------------------------------------------------------------- reading the file
-
-
-class _Reader:
-    """Typed access to one parsed file, raising ConfigErrors that name `where` and the key."""
-
-    def __init__(self, where: str, data: Mapping[str, Any]) -> None:
-        self.where = where
-        self.tables: dict[str, Mapping[str, Any]] = {"": data}
-        self._check_keys("", data)
-
-    def error(self, key: str, expected: str, got: object) -> ConfigError:
-        return ConfigError(self.where, key, f"expected {expected}, got {show(got)}")
-
-    def table(self, name: str) -> Mapping[str, Any]:
-        """The sub-table `name` (dotted), {} when absent; unknown keys in it are errors."""
-        if name in self.tables:
-            return self.tables[name]
-        parent, _, leaf = name.rpartition(".")
-        value = self.table(parent).get(leaf, {})
-        if not isinstance(value, dict):
-            raise self.error(name, "a table", value)
-        self._check_keys(name, value)
-        self.tables[name] = value
-        return value
-
-    def get(self, key: str, check: Callable[[Any], _T], default: _T) -> _T:
-        table, _, leaf = key.rpartition(".")
-        values = self.table(table)
-        if leaf not in values:
-            return default
-        try:
-            return check(values[leaf])
-        except Invalid as exc:
-            raise self.error(key, exc.expected, values[leaf]) from None
-
-    def get_list(self, key: str, check: Callable[[Any], _T]) -> tuple[_T, ...] | None:
-        """Each element checked, errors naming `key[i]`; None when the key is absent."""
-        table, _, leaf = key.rpartition(".")
-        values = self.table(table)
-        if leaf not in values:
-            return None
-        items = values[leaf]
-        if not isinstance(items, list):
-            raise self.error(key, "an array", items)
-        checked: list[_T] = []
-        for index, item in enumerate(items):
-            try:
-                checked.append(check(item))
-            except Invalid as exc:
-                raise self.error(f"{key}[{index}]", exc.expected, item) from None
-        return tuple(checked)
-
-    def _check_keys(self, table: str, values: Mapping[str, Any]) -> None:
-        known = _SCHEMA[table]
-        for key in values:
-            if key in known:
-                continue
-            dotted = f"{table}.{key}" if table else key
-            raise ConfigError(self.where, dotted, f"unknown key; {_suggest(key, table)}")
-
-
-def _suggest(key: str, table: str) -> str:
-    known = _SCHEMA[table]
-    close = difflib.get_close_matches(key, known, n=1)
-    if close:
-        return f'did you mean "{close[0]}"?'
-    # The right name in the wrong table ([server] level = ...) is a common slip.
-    elsewhere = [
-        f"{name}.{key}" if name else key
-        for name, keys in _SCHEMA.items()
-        if name != table and key in keys
-    ]
-    if elsewhere:
-        return f'did you mean "{elsewhere[0]}"?'
-    where = f"[{table}]" if table else "the top level"
-    return f"known keys in {where}: " + ", ".join(known)
-
-
-def _read_file(path: Path) -> Mapping[str, Any]:
-    where = str(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise ConfigError(where, None, f"cannot read the config file: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(where, None, f"expected UTF-8 text: {exc}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(where, None, f"invalid TOML: {exc}") from None
-    if "version" not in data:
-        raise ConfigError(
-            where,
-            "version",
-            f'expected {CONFIG_VERSION} (add "version = {CONFIG_VERSION}" at '
-            "the top of the file), got nothing",
-        )
-    version = data["version"]
-    if isinstance(version, bool) or version != CONFIG_VERSION:
-        expected = f"{CONFIG_VERSION} (the only version this torpord reads)"
-        raise ConfigError(where, "version", f"expected {expected}, got {show(version)}")
-    return data
-
-
-def _check_patterns(blocks: tuple[str, ...], post: tuple[str, ...], reader: _Reader) -> None:
+def _check_patterns(blocks: tuple[str, ...], post: tuple[str, ...], reader: Reader) -> None:
     """Every pattern compiles; every block pattern captures the block index, once.
 
     Checked here first so the error names the exact key (`layers.block_patterns[2]`)
@@ -252,7 +150,7 @@ def load_config(
     Overrides from flags are validated like the file's values, errors naming the flag.
     """
     where = _DEFAULTS_WHERE if path is None else str(path)
-    r = _Reader(where, {} if path is None else _read_file(path))
+    r = Reader(where, {} if path is None else read_file(path), _SCHEMA)
 
     allow_remote = r.get("server.allow_remote", bool_value, False)
     server = ServerConfig(
@@ -340,6 +238,8 @@ def load_config(
         on_quiesce_timeout=r.get("agents.on_quiesce_timeout", choice(ON_QUIESCE_TIMEOUT), "detach"),
     )
 
+    policy = read_policy(r, host_pool.capacity, disk=cache_path is not None)
+
     config = Config(
         file=path,
         server=server,
@@ -351,8 +251,18 @@ def load_config(
         disk_cache=disk_cache,
         io=io,
         agents=agents,
+        policy=policy,
     )
     config = _apply(config, overrides)
+    # After the overrides: --allowed-root decides where catalogue sources may be.
+    catalogue = read_catalogue(
+        where,
+        r.tables[""].get("catalogue"),
+        policy.settings.default,
+        config.sources.allowed_roots,
+        disk=cache_path is not None,
+    )
+    config = replace(config, catalogue=catalogue)
     # After the overrides: --tcp can turn the listener on, or off (then no file is read).
     tcp_where = _FLAGS["tcp"] if overrides.tcp else where
     auth = read_tcp_auth(config.server, where, tcp_where)

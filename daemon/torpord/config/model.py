@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
+
+from torpord.policies.settings import ModelPolicy, PolicySettings
 
 CONFIG_VERSION: Final = 1
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -12,6 +14,17 @@ LOG_FORMATS: Final = ("auto", "json", "console")
 BACKEND_KINDS: Final = ("auto", "host", "cuda")
 MAX_HOST_DEVICES: Final = 64
 MIN_ALIGNMENT: Final = 256
+
+# Bounds of per-model policies: the config's and the API's (core/policy.py).
+MAX_PRIORITY: Final = 1000  # priorities are -MAX_PRIORITY..MAX_PRIORITY
+MAX_IDLE_TIMEOUT: Final = 30 * 86400.0  # seconds
+MAX_WINDOWS: Final = 64  # per model, one per day a window names ("daily": 7)
+MAX_CATALOGUE: Final = 1024  # catalogue entries, config and RegisterModel together
+MAX_SLEEPING_MODELS: Final = 100_000
+MAX_POLICY_INTERVAL: Final = 3600.0  # seconds between two housekeeping rounds
+EVICTION_ORDERS: Final = ("cost", "lru", "lfu")
+GRANULARITIES: Final = ("model", "layers")
+EVICT_TIERS: Final = ("host", "disk", "source")
 
 
 class ConfigError(Exception):
@@ -151,6 +164,25 @@ class AgentsConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """`[policy]` and `[policy.default]`."""
+
+    settings: PolicySettings = field(default_factory=PolicySettings)
+    interval: float = 1.0  # seconds between two rounds of the daemon's housekeeping
+
+
+@dataclass(frozen=True)
+class CatalogueEntryConfig:
+    """One `[[catalogue]]` entry: a model Acquire can load, and its policy
+    (the entry's keys over `[policy.default]`)."""
+
+    model_id: str
+    source: str  # absolute, under an allowed root (checked as LoadModel checks it)
+    device: str  # a UUID or "devices/{uuid}" (checked at start); "" for any
+    policy: ModelPolicy
+
+
+@dataclass(frozen=True)
 class Config:
     file: Path | None  # None: the embedded defaults
     server: ServerConfig
@@ -162,6 +194,8 @@ class Config:
     disk_cache: DiskCacheConfig
     io: IoConfig
     agents: AgentsConfig
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    catalogue: tuple[CatalogueEntryConfig, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from torpord.config.loader import load_config
-from torpord.config.model import CONFIG_VERSION, MAX_HOST_DEVICES, MIN_ALIGNMENT
+from torpord.config.model import (
+    CONFIG_VERSION,
+    MAX_CATALOGUE,
+    MAX_HOST_DEVICES,
+    MAX_PRIORITY,
+    MIN_ALIGNMENT,
+)
 from torpord.config.values import BINARY_UNITS
 
 
@@ -51,6 +57,7 @@ def default_config_toml() -> str:
     """A commented config file holding the defaults for whoever runs this (root or not)."""
     c = load_config(None)
     s, lg, b, lay, dc = c.server, c.log, c.backend, c.layers, c.disk_cache
+    p, d = c.policy.settings, c.policy.settings.default
     return f"""\
 # torpord configuration. `version` is required (the format of this file);
 # every other key is optional, and the values shown are the defaults for the
@@ -157,4 +164,55 @@ quiesce_timeout = {_toml_duration(c.agents.quiesce_timeout)}
 # lets go or exits, so after "detach" the pools count it used, as held, until
 # then; "kill" gives it back at once.
 on_quiesce_timeout = "{c.agents.on_quiesce_timeout}"
+
+[policy]
+# The daemon's own decisions: idle models go to sleep, models are evicted
+# (instead of RESOURCE_EXHAUSTED) when a Load, Wake or Acquire needs room,
+# and models are warmed ahead of their windows. false: it only does what
+# callers ask.
+enabled = {"true" if p.enabled else "false"}
+# Who is evicted first: cost (keep what is expensive to bring back and likely
+# to be used soon) | lru (least recently used) | lfu (least often used).
+eviction = "{p.eviction.value}"
+# model (evict whole models) | layers (just enough layers, last first).
+granularity = "{p.granularity.value}"
+# Models asleep at level 1 (weights in host memory) kept at most; the coldest
+# beyond it go down to level 2 or disk. 0: no limit.
+max_sleeping_models = {p.max_sleeping_models}
+# Host memory sleepers may hold; "0": all of host_pool.capacity.
+host_limit = {_toml_size(p.host_limit)}
+# Warm the models their access history predicts, into free memory only.
+preload = {"true" if p.preload else "false"}
+# How often the daemon looks at idle timeouts, limits and windows.
+interval = {_toml_duration(c.policy.interval)}
+
+[policy.default]
+# Every model's policy unless its Load, its catalogue entry or SetModelPolicy
+# says otherwise. Sleep after this long without use ("0s": never)
+idle_timeout = {_toml_duration(d.idle_timeout)}
+# at this level (1: weights kept in host memory, 2: dropped).
+idle_level = {d.idle_level}
+# Higher is kept longer when memory is needed: -{MAX_PRIORITY}..{MAX_PRIORITY}.
+priority = {d.priority}
+# Never evicted, never put to sleep by the daemon.
+pinned = {"true" if d.pinned else "false"}
+# Where an evicted model goes: host (level-1 sleep) | disk (level-2 sleep with
+# a copy in the disk cache; needs disk_cache.path) | source (level-2 sleep).
+evict_to = "{d.evict_to.value.lower()}"
+
+# Models the daemon may load itself when an Acquire asks for them (at most
+# {MAX_CATALOGUE} entries, these and RegisterModel's together): an id, a source
+# under sources.allowed_roots, optionally a device, and any key of
+# [policy.default] for this model. `windows`: weekly times (UTC) the model is
+# wanted; it is warmed `lead` (default 5m) before each opens, to host memory
+# (default) or to the device. Days: Mon..Sun, ranges ("Fri-Mon"), lists
+# ("Mon,Thu") or "daily"; an end at or before the start runs into the next day.
+#
+# [[catalogue]]
+# id = "llama-8b"
+# source = "/var/lib/torpor/models/llama-3-8b"
+# device = ""
+# idle_timeout = "10m"
+# priority = 10
+# windows = ["Mon-Fri 08:00-18:00", "daily 20:00-02:00", "Sat 10:00-12:00 device lead 10m"]
 """

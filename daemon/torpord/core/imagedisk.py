@@ -171,7 +171,8 @@ async def restore(
                 error=type(err).__name__,
             )
             continue
-        registry.models[model.model_id] = model
+        registry.adopt(model)
+        registry.add(model)
         bus.publish(EventType.ADDED, model.snapshot())
         log.info(
             "restored an image from its disk copy: asleep at level 2",

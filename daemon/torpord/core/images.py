@@ -96,12 +96,13 @@ class Images:
         uuid = self._backend.resolve_device(device) if device else self._backend.pick_device()
         model = Model(model_id, checkpoint, uuid, [LayerState(plan) for plan in plans])
         model.layout_hash = layout
+        self._registry.adopt(model)
         slabs = self._mover.allocate(model, model.layers, Tier.DEVICE)  # (all or nothing)
         for layer, slab in zip(model.layers, slabs, strict=True):
             layer.slab = slab
         model.publisher = publisher
         model.set_state(ModelState.PUBLISHING)
-        self._registry.models[model_id] = model
+        self._registry.add(model)
         self._bus.publish(EventType.ADDED, model.snapshot())
         log.info(
             "publishing an image",
@@ -196,7 +197,7 @@ class Images:
         slabs = model.slabs()
         for layer in model.layers:
             layer.slab = None
-        del self._registry.models[model_id]
+        self._registry.remove(model_id)
         self._announcer.forget(model)
         model.set_state(
             ModelState.UNLOADED,

@@ -23,13 +23,19 @@ import structlog
 
 from torpord.backends.base import Backend
 from torpord.core import imagedisk
+from torpord.core.acquire import Acquired, Acquirer, Figure
+from torpord.core.activity import ActivityLog
 from torpord.core.announce import Announcer
+from torpord.core.catalogue import Catalogue
 from torpord.core.engines import Engines
 from torpord.core.events import EventBus
 from torpord.core.images import Images
 from torpord.core.model import Model, ModelSnapshot
 from torpord.core.mover import Mover
-from torpord.core.registry import Registry
+from torpord.core.pilot import Pilot
+from torpord.core.policy import PolicyOverrides, check_policy
+from torpord.core.registrar import Registrar
+from torpord.core.registry import Registry, check_model_id
 from torpord.core.requests import RequestLog
 from torpord.core.runner import Runner
 from torpord.core.verbs import ManagerSettings, Verbs
@@ -37,7 +43,7 @@ from torpord.errors import Aborted
 from torpord.storage.diskcache import DiskCache
 from torpord.types import Cause, Tier
 
-__all__ = ["ManagerSettings", "ModelManager"]
+__all__ = ["Acquired", "ManagerSettings", "ModelManager"]
 
 log = structlog.get_logger("torpord.core")
 
@@ -55,7 +61,11 @@ class ModelManager:
         self.settings = settings
         self.bus = bus or EventBus()
         self.requests = RequestLog()
-        self.registry = Registry()
+        # Models known by a source and a policy, loaded or not (core/catalogue.py).
+        self.catalogue = Catalogue(settings.policy.default, settings.catalogue)
+        # Each known model's use (engines' use() blocks, routers' reports).
+        self.activity = ActivityLog(self.known)
+        self.registry = Registry(self.activity, self.catalogue)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             settings.worker_threads, thread_name_prefix="torpord-io"
         )
@@ -90,6 +100,12 @@ class ModelManager:
             self._executor,
             self.images,
         )
+        self._registrar = Registrar(
+            self.catalogue, self.registry, self.bus, backend, settings.allowed_roots
+        )
+        # The policies' decisions run (core/pilot.py); Acquire (core/acquire.py).
+        self.pilot = Pilot(self)
+        self._acquirer = Acquirer(self, self.pilot)
 
     @property
     def engines(self) -> Engines:
@@ -112,7 +128,8 @@ class ModelManager:
     # -- reading -------------------------------------------------------------
 
     def get(self, model_id: str) -> ModelSnapshot:
-        return self.registry.get(model_id)
+        """A loaded model, or a registered one (UNLOADED); else NOT_FOUND."""
+        return self._registrar.get(model_id)
 
     def find(self, model_id: str) -> Model | None:
         """The live model (not a snapshot), for the engine registry: read it on
@@ -122,14 +139,58 @@ class ModelManager:
     def known(self, model_id: str) -> bool:
         """Whether `model_id` names a model the daemon holds (or, with a
         catalogue, one it could load)."""
-        return model_id in self.registry.models
+        return model_id in self.registry.models or model_id in self.catalogue
 
-    def list_models(self, fingerprint: str = "") -> list[ModelSnapshot]:
-        """Every model, or only the image with `fingerprint` (none or one)."""
+    def list_models(
+        self, fingerprint: str = "", *, registered: bool = False
+    ) -> list[ModelSnapshot]:
+        """Every loaded model (with `registered`, and every catalogue entry not
+        loaded, as UNLOADED), or only the image with `fingerprint` (none or one)."""
         if fingerprint:
             found = self.images.find(fingerprint)
             return [found] if found is not None else []
-        return self.registry.snapshots()
+        return self._registrar.snapshots(registered=registered)
+
+    # -- the catalogue and policies (core/registrar.py) --------------------------
+
+    def register(
+        self,
+        model_id: str,
+        source: str,
+        device: str = "",
+        policy: PolicyOverrides = PolicyOverrides(),  # noqa: B008 - frozen
+    ) -> ModelSnapshot:
+        """Add or replace a catalogue entry (a loaded model takes its policy)."""
+        return self._registrar.register(
+            model_id, source, device, policy, disk=self.disk is not None
+        )
+
+    def deregister(self, model_id: str) -> None:
+        """Remove a catalogue entry (NOT_FOUND: MODEL_NOT_REGISTERED); a loaded
+        model stays loaded."""
+        self._registrar.deregister(model_id)
+
+    def set_policy(self, model_id: str, policy: PolicyOverrides) -> ModelSnapshot:
+        """Set the fields `policy` sets on a model (loaded, in a transition or
+        not) and on its catalogue entry."""
+        return self._registrar.set_policy(model_id, policy, disk=self.disk is not None)
+
+    # -- activity (core/activity.py) ------------------------------------------
+
+    def report_activity(
+        self, model_id: str, reporter: str, uses: int, busy_seconds: float, in_use: int
+    ) -> None:
+        """`reporter` (an engine's attachment, a router) saw `uses` uses of
+        `model_id` end since its last report, busy for `busy_seconds` in all,
+        and has `in_use` open now (replacing what it said before).
+        INVALID_ARGUMENT INVALID_ACTIVITY for counts no reporter could make,
+        NOT_FOUND for a model the daemon doesn't know."""
+        check_model_id(model_id)
+        self.activity.record(model_id, reporter, uses, busy_seconds, in_use)
+
+    def forget_reporter(self, model_id: str, reporter: str) -> None:
+        """`reporter` is gone: its open uses of `model_id` end."""
+        self.activity.forget(model_id, reporter)
 
     # -- images (publishing itself is `self.images`: core/images.py) -----------
 
@@ -154,15 +215,29 @@ class ModelManager:
         wait: bool = True,
         request_id: str = "",
         cause: Cause = Cause.USER,
+        policy: PolicyOverrides = PolicyOverrides(),  # noqa: B008 - frozen
     ) -> ModelSnapshot:
-        return await self._verbs.load(
+        """`policy`: the fields set take precedence over the model's catalogue
+        entry's, which take precedence over the config's defaults. An empty
+        `source` loads a registered model from its entry (and its device,
+        unless `device` says otherwise)."""
+        check_policy(policy, disk=self.disk is not None)
+        entry = self.catalogue.get(model_id)
+        if not source and entry is not None:
+            source, device = entry.source, device or entry.device
+        return await self.pilot.with_room(
             model_id,
-            source,
-            device=device,
-            target=target,
-            wait=wait,
-            request_id=request_id,
-            cause=cause,
+            cause,
+            lambda: self._verbs.load(
+                model_id,
+                source,
+                device=device,
+                target=target,
+                wait=wait,
+                request_id=request_id,
+                cause=cause,
+                policy=policy,
+            ),
         )
 
     async def sleep(
@@ -188,8 +263,12 @@ class ModelManager:
         verify: bool = False,
         cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
-        return await self._verbs.wake(
-            model_id, wait=wait, request_id=request_id, verify=verify, cause=cause
+        return await self.pilot.with_room(
+            model_id,
+            cause,
+            lambda: self._verbs.wake(
+                model_id, wait=wait, request_id=request_id, verify=verify, cause=cause
+            ),
         )
 
     async def offload(
@@ -203,8 +282,12 @@ class ModelManager:
         verify: bool = False,
         cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
-        return await self._verbs.offload(
-            model_id, layers, tier, wait=wait, request_id=request_id, verify=verify, cause=cause
+        return await self.pilot.with_room(
+            model_id,
+            cause,
+            lambda: self._verbs.offload(
+                model_id, layers, tier, wait=wait, request_id=request_id, verify=verify, cause=cause
+            ),
         )
 
     async def unload(
@@ -220,6 +303,15 @@ class ModelManager:
             model_id, wait=wait, request_id=request_id, force=force, cause=cause
         )
 
+    async def acquire(self, model_id: str, *, request_id: str = "") -> Acquired:
+        """Make the model ready for a request that arrived (core/acquire.py)."""
+        return await self._acquirer.acquire(model_id, request_id=request_id)
+
+    @property
+    def acquisitions(self) -> Sequence[Figure]:
+        """The last Acquires' hit and time to ready, oldest first."""
+        return tuple(self._acquirer.figures)
+
     # -- shutdown --------------------------------------------------------------
 
     async def close(self, grace: float, *, rollback: float = 5.0) -> bool:
@@ -231,6 +323,7 @@ class ModelManager:
         the answer is False."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace + rollback
+        await self.pilot.stop()  # (no policy starts anything from here on)
 
         def left() -> float:
             return max(0.0, deadline - loop.time())

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 from torpord.backends.base import Slab
 from torpord.errors import TorporError
+from torpord.policies.activity import Activity
+from torpord.policies.settings import ModelPolicy
+from torpord.policies.view import ActivitySummary
 from torpord.storage.diskcache import DiskEntry
 from torpord.storage.layers import LayerPlan
 from torpord.storage.safetensors import Checkpoint
@@ -191,6 +194,9 @@ class ModelSnapshot:
     update_time: float
     engines: int = 0
     layout_hash: str = ""  # of the layers' layout: what engines map (storage.layout_hash)
+    activity: ActivitySummary = field(default_factory=ActivitySummary)  # its use, now
+    policy: ModelPolicy = field(default_factory=ModelPolicy)  # what the daemon's policies apply
+    registered: bool = False  # it has a catalogue entry
 
     @property
     def fingerprint(self) -> str:
@@ -250,6 +256,14 @@ class Model:
     # An image whose manifest is in the disk cache: it comes back at the
     # daemon's next start (core/imagedisk.py).
     restorable: bool = False
+    # Its use, shared with the manager's ActivityLog (which keeps it across
+    # an unload while the id is registered): set as the registry adds it.
+    activity: Activity = field(default_factory=Activity)
+    # Its policy (set at Load: the request's fields over its catalogue
+    # entry's over the config's defaults; SetModelPolicy changes it), and
+    # whether it has a catalogue entry. Both kept by the manager.
+    policy: ModelPolicy = field(default_factory=ModelPolicy)
+    registered: bool = False
 
     @property
     def fingerprint(self) -> str:
@@ -314,4 +328,7 @@ class Model:
             update_time=self.update_time,
             engines=self.engines,
             layout_hash=self.layout_hash,
+            activity=self.activity.summary(time.time()),
+            policy=self.policy,
+            registered=self.registered,
         )

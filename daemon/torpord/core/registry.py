@@ -11,7 +11,10 @@ import asyncio
 import re
 from pathlib import Path
 
+from torpord.core.activity import ActivityLog
+from torpord.core.catalogue import Catalogue
 from torpord.core.model import LayerState, Model, ModelSnapshot, Running
+from torpord.core.policy import PolicyOverrides
 from torpord.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from torpord.storage.checkpoint import open_checkpoint
 from torpord.storage.diskcache import cache_key
@@ -26,8 +29,16 @@ MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(
+        self, activity: ActivityLog | None = None, catalogue: Catalogue | None = None
+    ) -> None:
         self.models: dict[str, Model] = {}
+        # Each model's use, kept by id (the manager's, which knows the catalogue).
+        if activity is None:
+            activity = ActivityLog(lambda model_id: model_id in self.models)
+        self.activity = activity
+        # What models get their policy from, and whether they are registered.
+        self.catalogue = catalogue if catalogue is not None else Catalogue()
         # Ids whose Load is still validating the checkpoint: the task of that call.
         self.validating: dict[str, Running] = {}
         # ... and what a retry without waiting waits for: the validation's end.
@@ -41,6 +52,17 @@ class Registry:
 
     def snapshots(self) -> list[ModelSnapshot]:
         return [self.models[k].snapshot() for k in sorted(self.models)]
+
+    def add(self, model: Model) -> None:
+        """Hold `model` from now on, with its id's record of use."""
+        model.activity = self.activity.of(model.model_id)
+        self.models[model.model_id] = model
+
+    def remove(self, model_id: str) -> None:
+        """No longer hold `model_id` (its record of use goes unless the id is
+        still known: registered in the catalogue)."""
+        del self.models[model_id]
+        self.activity.release(model_id)
 
     def model(self, model_id: str) -> Model:
         """The model (NOT_FOUND, or INVALID_MODEL_ID for an id none can have)."""
@@ -60,6 +82,12 @@ class Registry:
         if model.busy or model.state.transitional:
             raise busy(model_id, model.state.value)
         return model
+
+    def adopt(self, model: Model, policy: PolicyOverrides = PolicyOverrides()) -> None:  # noqa: B008 - frozen
+        """Give a new model its policy (`policy`'s fields over its catalogue
+        entry's, else the defaults') and say whether it is registered."""
+        model.policy = policy.over(self.catalogue.policy_for(model.model_id))
+        model.registered = model.model_id in self.catalogue
 
     def disk_keys(self) -> set[str]:
         """Disk copies some model uses: never evicted to make room."""

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from torpord.backends.base import Backend
 from torpord.core.announce import Announcer
@@ -17,27 +15,19 @@ from torpord.core.events import EventBus, EventType
 from torpord.core.images import Images
 from torpord.core.model import LayerState, Model, ModelSnapshot, Running
 from torpord.core.mover import Mover
+from torpord.core.policy import PolicyOverrides
+from torpord.core.preempt import idle_for
 from torpord.core.registry import Registry, busy, check_model_id, prepare, wrong_state
 from torpord.core.requests import RequestLog
 from torpord.core.runner import Call, Plan, Runner, current_task, retrieve
+from torpord.core.settings import ManagerSettings
 from torpord.core.todevice import to_device
 from torpord.errors import AlreadyExists, FailedPrecondition, InvalidArgument, some
-from torpord.storage.layers import DEFAULT_LAYER_PATTERNS, LayerPatterns
-from torpord.storage.pipeline import ReadOptions
 from torpord.storage.safetensors import Checkpoint
 from torpord.storage.sources import resolve_source
 from torpord.types import Cause, ModelState, Tier, TransitionKind
 
 __all__ = ["ManagerSettings", "Verbs"]
-
-
-@dataclass(frozen=True)
-class ManagerSettings:
-    allowed_roots: tuple[Path, ...]
-    patterns: LayerPatterns = DEFAULT_LAYER_PATTERNS
-    alignment: int = 256
-    worker_threads: int = 4
-    read: ReadOptions = field(default_factory=ReadOptions)
 
 
 class Verbs:
@@ -75,7 +65,9 @@ class Verbs:
         wait: bool = True,
         request_id: str = "",
         cause: Cause = Cause.USER,
+        policy: PolicyOverrides = PolicyOverrides(),  # noqa: B008 - frozen
     ) -> ModelSnapshot:
+        """`policy`: checked by the caller (core/policy.py check_policy)."""
         check_model_id(model_id)
         if target not in (Tier.DEVICE, Tier.HOST):
             raise InvalidArgument(
@@ -84,7 +76,7 @@ class Verbs:
                 metadata={"tier": target.value},
             )
         path = resolve_source(source, self._settings.allowed_roots)
-        call = Call(request_id, ("load", model_id, path, device, target), wait, cause)
+        call = Call(request_id, ("load", model_id, path, device, target, policy), wait, cause)
         if (earlier := self._requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._runner.replay(earlier, wait, model_id)
         existing = self._registry.models.get(model_id)
@@ -120,6 +112,7 @@ class Verbs:
             )
             model = Model(model_id, checkpoint, uuid or self._backend.pick_device(), layers)
             model.layout_hash = layout
+            self._registry.adopt(model, policy)
             new = self._mover.allocate(model, model.layers, target)
         except BaseException as exc:
             self._requests.forget(request_id)
@@ -136,7 +129,7 @@ class Verbs:
         finally:
             del self._registry.validating[model_id], self._registry.validated[model_id]
             validated.set_result(None)
-        self._registry.models[model_id] = model
+        self._registry.add(model)
         self._bus.publish(EventType.ADDED, model.snapshot())
 
         async def body() -> int:
@@ -182,7 +175,7 @@ class Verbs:
         call = Call(request_id, ("sleep", model_id, level, disk_copy), wait, cause)
         if (earlier := self._requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._runner.replay(earlier, wait, model_id)
-        model = self._registry.idle(model_id)
+        model = await idle_for(self._registry, model_id, cause)
         if model.state is ModelState.ASLEEP:
             if model.sleep_level == level:
                 return model.snapshot()
@@ -236,7 +229,7 @@ class Verbs:
         call = Call(request_id, ("wake", model_id, verify), wait, cause)
         if (earlier := self._requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._runner.replay(earlier, wait, model_id)
-        model = self._registry.idle(model_id)
+        model = await idle_for(self._registry, model_id, cause)
         if model.state is ModelState.ACTIVE:
             return model.snapshot()
         if model.state not in (ModelState.ASLEEP, ModelState.OFFLOADED):
@@ -276,7 +269,7 @@ class Verbs:
         call = Call(request_id, ("offload", model_id, names, tier, verify), wait, cause)
         if (earlier := self._requests.lookup(request_id, call.fingerprint)) is not None:
             return await self._runner.replay(earlier, wait, model_id)
-        model = self._registry.idle(model_id)
+        model = await idle_for(self._registry, model_id, cause)
         unknown = [name for name in names if model.layer(name) is None]
         if unknown:
             known = [layer.plan.name for layer in model.layers]
@@ -351,13 +344,13 @@ class Verbs:
             raise busy(model_id, "LOADING")
         if force and (gone := self._images.stop(model_id)):
             return gone
-        model = self._registry.idle(model_id)
+        model = await idle_for(self._registry, model_id, cause)
 
         async def body() -> int:
             await self._mover.disk_tier.forget_image(model)  # (first: it may fail)
             await self._announcer.quiesce(model, model.layers)
             freed = await self._mover.drop(model, model.layers)
-            del self._registry.models[model_id]
+            self._registry.remove(model_id)
             self._announcer.forget(model)
             self._announcer.engines.unloaded(model_id)
             return freed

@@ -15,12 +15,20 @@ from torpord.backends.base import Backend
 from torpord.backends.nvml import Discovery
 from torpord.core.model import ModelSnapshot, ProgressSnapshot, TransitionRecord
 from torpord.errors import InvalidArgument
+from torpord.policies.view import ActivitySummary
 from torpord.storage.diskcache import DiskCache
 from torpord.storage.gcpause import gc_paused
 from torpord.storage.layers import LayerPlan
 from torpord.types import ModelState, Outcome, Stage, Tier, TransitionKind
 
-__all__ = ["model_to_proto", "node_to_proto", "prepare_full", "tier_from_proto"]
+__all__ = [
+    "activity_to_proto",
+    "duration_seconds",
+    "model_to_proto",
+    "node_to_proto",
+    "prepare_full",
+    "tier_from_proto",
+]
 
 # A layer's tensor list (MODEL_VIEW_FULL) as a serialized Layer holding only
 # `tensors`, per plan (by id, dropped with the plan). A plan never changes, so
@@ -41,6 +49,26 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromTimedelta(timedelta(seconds=seconds))
     return d
+
+
+def duration_seconds(d: duration_pb2.Duration) -> float:
+    """A request's Duration in seconds, whatever its fields hold (validating
+    it is the caller's: ToTimedelta would raise on out-of-range values)."""
+    return d.seconds + d.nanos / 1e9
+
+
+def activity_to_proto(a: ActivitySummary) -> common_pb2.Activity:
+    out = common_pb2.Activity(
+        in_use=a.in_use,
+        uses=a.uses,
+        busy=_duration(a.busy_seconds),
+        uses_last_minute=a.recent.get(60.0, 0),
+        uses_last_hour=a.recent.get(3600.0, 0),
+        uses_last_day=a.recent.get(86400.0, 0),
+    )
+    if a.last_use:  # (unset: never used)
+        out.last_use_time.CopyFrom(_timestamp(a.last_use))
+    return out
 
 
 def _enum(enum_type: Any, prefix: str, value: str) -> Any:
@@ -183,6 +211,7 @@ def model_to_proto(m: ModelSnapshot, *, full: bool = False) -> common_pb2.Model:
         update_time=_timestamp(m.update_time),
         engines=m.engines,
         fingerprint=m.checkpoint.fingerprint,
+        activity=activity_to_proto(m.activity),
     )
     for layer in m.layers:
         # Added in place: a Layer built apart would be copied into the Model,

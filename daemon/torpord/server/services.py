@@ -29,6 +29,7 @@ from torpord.core.events import EventType
 from torpord.core.manager import ModelManager
 from torpord.errors import InvalidArgument, Unimplemented
 from torpord.server.convert import (
+    duration_seconds,
     is_full,
     model_to_proto,
     node_to_proto,
@@ -162,19 +163,33 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
         finally:
             subscription.close()
 
-    # -- policies (issue 14: being built; answered UNIMPLEMENTED until then) ---
+    # -- policies (issue 14) ---
 
     @translate_errors
     async def AcquireModel(
         self, request: models_pb2.AcquireModelRequest, context: Context
     ) -> models_pb2.AcquireModelResponse:
-        raise Unimplemented("AcquireModel is not implemented yet")
+        acquired = await self._m.acquire(request.model_id, request_id=request.request_id)
+        time_to_ready = Duration()
+        time_to_ready.FromNanoseconds(int(acquired.seconds * 1e9))
+        return models_pb2.AcquireModelResponse(
+            model=model_to_proto(acquired.snapshot),
+            hit=acquired.hit,
+            time_to_ready=time_to_ready,
+        )
 
     @translate_errors
     async def ReportActivity(
         self, request: models_pb2.ReportActivityRequest, context: Context
     ) -> models_pb2.ReportActivityResponse:
-        raise Unimplemented("ReportActivity is not implemented yet")
+        self._m.report_activity(
+            request.model_id,
+            request.reporter,
+            request.uses,
+            duration_seconds(request.busy),
+            request.in_use,
+        )
+        return models_pb2.ReportActivityResponse()
 
     @translate_errors
     async def RegisterModel(
@@ -338,3 +353,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 self._registry.released(attachment)
             elif request.HasField("commit"):
                 self._registry.commit(attachment)
+            elif request.HasField("activity"):
+                report = request.activity
+                self._registry.activity(
+                    attachment, report.uses, duration_seconds(report.busy), report.in_use
+                )

@@ -40,6 +40,7 @@ class Attachment:
     # take the slabs, and writable.
     writer: bool = False
     committing: asyncio.Task[None] | None = None
+    misreported: bool = False  # an activity report of it was refused (logged once)
 
     def describe(self) -> str:
         who = f"engine {self.engine!r}" if self.engine else "engine"

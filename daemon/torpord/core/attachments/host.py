@@ -29,6 +29,16 @@ class EngineHost(Protocol):
         """The live model (read it on the event loop, never keep it)."""
         ...
 
+    def report_activity(
+        self, model_id: str, reporter: str, uses: int, busy_seconds: float, in_use: int
+    ) -> None:
+        """An engine's use() blocks (see ModelManager.report_activity)."""
+        ...
+
+    def forget_reporter(self, model_id: str, reporter: str) -> None:
+        """The engine is gone: its open use() blocks end."""
+        ...
+
     @property
     def images(self) -> Images:
         """Publishing: begin, commit, abandon (see torpord.core.images)."""

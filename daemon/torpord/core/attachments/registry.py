@@ -242,6 +242,36 @@ class AgentRegistry:
         if ack is not None and not ack.done():
             ack.set_result(True)
 
+    def activity(self, attachment: Attachment, uses: int, busy_seconds: float, in_use: int) -> None:
+        """The engine's use() blocks since its last report (coalesced by its
+        agent). A report no agent could make is logged and dropped: a
+        miscount never ends an engine's attachment."""
+        if self._attachments.get(attachment.id) is not attachment:
+            return  # detached already: its open uses were forgotten, and stay so
+        try:
+            self._host.report_activity(
+                attachment.model_id, attachment.id, uses, busy_seconds, in_use
+            )
+        except NotFound:
+            return  # (being unloaded: the attachment ends next)
+        except InvalidArgument as err:
+            if not attachment.misreported:  # (once: a broken agent would repeat it)
+                attachment.misreported = True
+                log.warning(
+                    "engine's activity report dropped",
+                    model_id=attachment.model_id,
+                    pid=attachment.pid,
+                    error=err.message,
+                )
+            return
+        log.debug(
+            "activity reported",
+            model_id=attachment.model_id,
+            pid=attachment.pid,
+            uses=uses,
+            in_use=in_use,
+        )
+
     def released(self, attachment: Attachment) -> None:
         """The engine unmapped everything and is detaching."""
         attachment.released = True
@@ -300,6 +330,7 @@ class AgentRegistry:
             attachment.pidfd = None
         if attachment.writer:  # (nothing, once committed)
             self._host.images.abandon(attachment.model_id, attachment.id)
+        self._host.forget_reporter(attachment.model_id, attachment.id)  # its uses end
         self._count_changed(attachment.model_id)
         log.info("engine detached", model_id=attachment.model_id, pid=attachment.pid)
 

@@ -1,0 +1,129 @@
+"""The daemon's record of each model's use: an `Activity` per model id.
+
+Engines report their `use()` blocks through their attachment (one reporter
+per attachment), routers through ReportActivity (one reporter per name), and
+each Acquire counts as a use. A model's record outlives an unload while its
+id is still known (registered in the catalogue), so a model that comes back
+keeps its history; it goes when its id is neither loaded nor registered.
+The clock is the wall clock (`time.time`): activity is compared with windows
+of the week and shown as timestamps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from torpord.errors import InvalidArgument, NotFound
+from torpord.policies.activity import Activity
+from torpord.policies.view import ActivitySummary
+
+__all__ = ["MAX_BUSY_SECONDS", "MAX_IN_USE", "MAX_REPORTER", "MAX_USES", "ActivityLog"]
+
+# Bounds of one report: past them a report is a bug or an attack, not a
+# count (a day of a thousand requests a second is 8.64e7 uses).
+MAX_USES = 10**9
+MAX_IN_USE = 10**6
+MAX_BUSY_SECONDS = 10**9  # about 31 years of use() time summed over blocks
+MAX_REPORTER = 128  # characters of a reporter's name
+_SWEEP_AT = 1024  # records past which those of ids no longer known are swept
+
+
+class ActivityLog:
+    """Each known model id's `Activity` (on the event loop).
+
+    `known(model_id)` says whether an id is loaded or registered (the
+    manager's `known`): reports about other ids are NOT_FOUND, and a record
+    whose id stops being known is dropped (`release`), so the number of
+    records never exceeds the number of ids the daemon knows."""
+
+    def __init__(
+        self, known: Callable[[str], bool], clock: Callable[[], float] = time.time
+    ) -> None:
+        self._known = known
+        self._clock = clock
+        self._records: dict[str, Activity] = {}
+        self._sweep_at = _SWEEP_AT
+
+    def of(self, model_id: str) -> Activity:
+        """The record of `model_id`, created empty the first time."""
+        record = self._records.get(model_id)
+        if record is None:
+            if len(self._records) >= self._sweep_at:
+                self._sweep()
+            record = self._records[model_id] = Activity()
+        return record
+
+    def _sweep(self) -> None:
+        # A safety net behind `release` (an id dropped without it): amortised,
+        # as the next sweep waits until the records have doubled.
+        for model_id in [m for m in self._records if not self._known(m)]:
+            del self._records[model_id]
+        self._sweep_at = max(_SWEEP_AT, 2 * len(self._records))
+
+    def summary(self, model_id: str) -> ActivitySummary:
+        record = self._records.get(model_id)
+        return record.summary(self._clock()) if record is not None else ActivitySummary()
+
+    def record(
+        self, model_id: str, reporter: str, uses: int, busy_seconds: float, in_use: int
+    ) -> None:
+        """A report about `model_id` (validated: INVALID_ARGUMENT reason
+        INVALID_ACTIVITY naming the field; NOT_FOUND for an id the daemon
+        doesn't know). A refused report changes nothing."""
+        check_report(reporter, uses, busy_seconds, in_use)
+        if not self._known(model_id):
+            raise NotFound(
+                f"model {model_id!r} not found",
+                reason="MODEL_NOT_FOUND",
+                metadata={"model_id": model_id},
+            )
+        self.of(model_id).record(self._clock(), reporter, uses, busy_seconds, in_use)
+
+    def forget(self, model_id: str, reporter: str) -> None:
+        """`reporter` is gone (an engine's attachment ended): its open uses end."""
+        record = self._records.get(model_id)
+        if record is not None:
+            record.forget(self._clock(), reporter)
+
+    def release(self, model_id: str) -> None:
+        """`model_id` may have stopped being known (unloaded, deregistered):
+        drop its record if so."""
+        if not self._known(model_id):
+            self._records.pop(model_id, None)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._records
+
+
+def check_report(reporter: str, uses: int, busy_seconds: float, in_use: int) -> None:
+    """INVALID_ARGUMENT INVALID_ACTIVITY (metadata `field`) for a report no
+    reporter could honestly make."""
+    if not reporter:
+        _invalid("reporter", "reporter must name who reports (an attachment, a router)")
+    if len(reporter) > MAX_REPORTER:
+        _invalid(
+            "reporter",
+            f"reporter is {len(reporter)} characters long; at most {MAX_REPORTER} are allowed",
+        )
+    if not 0 <= uses <= MAX_USES:
+        _invalid("uses", f"uses must be between 0 and {MAX_USES}, got {uses}")
+    if not 0 <= in_use <= MAX_IN_USE:
+        _invalid("in_use", f"in_use must be between 0 and {MAX_IN_USE}, got {in_use}")
+    if not (math.isfinite(busy_seconds) and 0 <= busy_seconds <= MAX_BUSY_SECONDS):
+        _invalid(
+            "busy",
+            f"busy must be a time between 0 and {MAX_BUSY_SECONDS} seconds, got {busy_seconds}s",
+        )
+
+
+def _invalid(field: str, message: str) -> None:
+    raise InvalidArgument(
+        f"invalid activity report: {message}",
+        reason="INVALID_ACTIVITY",
+        metadata={"field": field},
+    )

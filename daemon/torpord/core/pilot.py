@@ -1,0 +1,299 @@
+"""The daemon runs the policies' decisions.
+
+The pilot builds the node's view for the pure decisions of
+`torpord.policies` (core/nodeview.py) and runs the actions they return
+through the manager's verbs, each an ordinary transition with its cause:
+
+- memory pressure: a caller's Load, Wake or Offload (or an Acquire) that
+  finds its pool full evicts instead of refusing (`with_room`): the
+  evictions `make_room` chooses run (cause PRESSURE) and the call is tried
+  again, a bounded number of times (memory freed can be taken meanwhile).
+  RESOURCE_EXHAUSTED remains when nothing evictable makes room, its metadata
+  naming the models that block (pinned, in use, in transition);
+- housekeeping: every `interval` seconds, what `housekeeping` decides (idle
+  models to sleep, sleepers pushed down, preloads) runs, one action per
+  model at a time, each failure logged and retried by a later round.
+
+With the policy layer off (`[policy] enabled = false`) none of this runs:
+the daemon does what callers ask and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import structlog
+
+from torpord.core.model import Model, ModelSnapshot
+from torpord.core.nodeview import Bandwidths, build_view, pool_of
+from torpord.core.preempt import CALLERS
+from torpord.core.steering import Steered
+from torpord.errors import ResourceExhausted, TorporError, some
+from torpord.policies.actions import Action, Load, Offload, Refusal, Sleep, Unload, Wake
+from torpord.policies.decide import housekeeping, make_room
+from torpord.policies.settings import ModelPolicy, PolicySettings
+from torpord.policies.view import ActivitySummary, ModelView, NodeView
+from torpord.types import Cause, ModelState
+
+__all__ = ["ACQUIRE_PATIENCE", "ROOM_ROUNDS", "Pilot"]
+
+log = structlog.get_logger("torpord.pilot")
+
+T = TypeVar("T")
+
+# How often a call that found its pool full makes room and tries again.
+ROOM_ROUNDS = 4
+# How long an Acquire waits for models in use or in a transition to be let
+# go of (engines report the end of their use at most once a second), and
+# how often it looks meanwhile.
+ACQUIRE_PATIENCE = 5.0
+PATIENCE_STEP = 0.05
+# The metadata key of each reason a model could not be evicted.
+BLOCKER_KEYS = {"pinned": "pinned", "in use": "in_use", "in transition": "in_transition"}
+
+
+class Pilot:
+    def __init__(self, manager: Steered) -> None:
+        self._m = manager
+        self.bandwidths = Bandwidths()
+        # Making room is one at a time: two callers must not pick the same
+        # models to evict, nor count the same free bytes.
+        self._room = asyncio.Lock()
+        self._loop: asyncio.Task[None] | None = None
+        self._acting: dict[str, asyncio.Task[None]] = {}  # model id -> the policy's action
+        self.rounds = 0  # housekeeping rounds done
+
+    @property
+    def settings(self) -> PolicySettings:
+        return self._m.settings.policy
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.enabled
+
+    # -- the view --------------------------------------------------------------
+
+    def policy(self, model: Model) -> ModelPolicy:
+        return model.policy
+
+    def activity(self, model_id: str) -> ActivitySummary:
+        return self._m.activity.summary(model_id)
+
+    def entries(self) -> Sequence[ModelView]:
+        """Catalogue entries not loaded, as models UNLOADED. Their sizes are
+        not known until they are (their layers are planned at Load): room
+        for them is made when their Load finds the device full."""
+        loaded = self._m.registry.models
+        return [
+            ModelView(
+                model_id=entry.model_id,
+                state=ModelState.UNLOADED,
+                sleep_level=0,
+                device=entry.device or self._m.backend.pick_device(),
+                layers=(),
+                policy=entry.policy,
+                activity=self.activity(entry.model_id),
+                since=entry.create_time,
+                source=entry.source,
+                busy=entry.model_id in self._acting
+                or entry.model_id in self._m.registry.validating,
+            )
+            for entry in self._m.catalogue.entries()
+            if entry.model_id not in loaded
+        ]
+
+    def entry(self, model_id: str) -> tuple[str, str] | None:
+        """The catalogue's source and device for `model_id`, if it has it."""
+        entry = self._m.catalogue.get(model_id)
+        return (entry.source, entry.device) if entry is not None else None
+
+    def used(self, model_id: str) -> None:
+        """An Acquire: one use of the model, by the reporter "acquire"."""
+        self._m.activity.record(model_id, "acquire", 1, 0.0, 0)
+
+    def view(self) -> NodeView:
+        models = list(self._m.registry.models.values())
+        self.bandwidths.observe(models)
+        return build_view(
+            models,
+            self._m.backend,
+            self._m.disk,
+            self.settings,
+            self.bandwidths.current(),
+            policy=self.policy,
+            activity=self.activity,
+            extra=self.entries(),
+            acting=self._acting,
+        )
+
+    # -- actions ---------------------------------------------------------------
+
+    async def run(self, action: Action) -> ModelSnapshot:
+        """Run one action through the manager's verbs, with its cause."""
+        m, cause = self._m, action.cause
+        match action:
+            case Sleep(model_id, level, _, disk_copy):
+                return await m.sleep(model_id, level, disk_copy=disk_copy, cause=cause)
+            case Offload(model_id, layers, tier, _):
+                return await m.offload(model_id, layers, tier, cause=cause)
+            case Wake(model_id, _):
+                return await m.wake(model_id, cause=cause)
+            case Load(model_id, source, tier, _):
+                return await m.load(model_id, source, target=tier, cause=cause)
+            case Unload(model_id, _):
+                return await m.unload(model_id, cause=cause)
+
+    async def with_room(
+        self, model_id: str, cause: Cause, attempt: Callable[[], Awaitable[T]]
+    ) -> T:
+        """`attempt()`; when it finds its pool full (OUT_OF_MEMORY) and the
+        caller is a caller (not a policy: evictions don't evict), make room
+        and try again. `attempt` must change nothing when it fails so.
+
+        An Acquire is patient: when only models in use or in a transition
+        block, it waits (up to ACQUIRE_PATIENCE seconds) for them to be let
+        go of, as a router would rather wait than fail; a caller's Load or
+        Wake is refused at once."""
+        if not self.enabled or cause not in CALLERS:
+            return await attempt()
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + (ACQUIRE_PATIENCE if cause is Cause.ACQUIRE else 0.0)
+        rounds = 0
+        while True:
+            try:
+                return await attempt()
+            except ResourceExhausted as err:
+                if err.reason != "OUT_OF_MEMORY" or rounds == ROOM_ROUNDS - 1:
+                    raise
+                pool = pool_of(err.metadata, (d.uuid for d in self._m.backend.devices()))
+                if pool is None:
+                    raise
+                try:
+                    await self._make_room(model_id, pool, err)
+                except ResourceExhausted as refusal:
+                    waiting = {"in_use", "in_transition"} & refusal.metadata.keys()
+                    if not waiting or clock() >= deadline:
+                        raise
+                    await asyncio.sleep(PATIENCE_STEP)  # (then look again)
+                    continue
+                rounds += 1
+
+    async def _make_room(self, model_id: str, pool: str, err: ResourceExhausted) -> None:
+        async with self._room:
+            view = self.view()
+            room = view.host if pool == "host" else view.devices[pool]
+            needed = int(err.metadata.get("asked", "0")) - room.free
+            if needed <= 0:
+                return  # freed meanwhile: try again
+            try:
+                decision = make_room(view, pool, needed, keep={model_id})
+            except Exception:  # (a bug in a decision: the caller gets the plain refusal)
+                log.exception("making room failed", model_id=model_id, pool=pool)
+                raise err from None
+            if isinstance(decision, Refusal):
+                raise refused(err, decision) from None
+            log.info(
+                "making room",
+                model_id=model_id,
+                pool=pool,
+                needed=needed,
+                actions=[f"{type(a).__name__} {a.model_id}" for a in decision],
+            )
+            for action in decision:
+                try:
+                    await self.run(action)
+                except TorporError as failed:  # (the next round sees what is left)
+                    log.warning(
+                        "an eviction failed",
+                        model_id=action.model_id,
+                        action=type(action).__name__,
+                        reason=failed.reason,
+                        error=failed.message,
+                    )
+
+    # -- housekeeping ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the housekeeping loop (the daemon does; the core's tests may)."""
+        if self._loop is None:
+            self._loop = asyncio.create_task(self._housekeep(), name="housekeeping")
+
+    async def stop(self) -> None:
+        """Stop the loop and the actions' callers (the transitions they
+        started go on: the manager's close lets them finish or rolls them back)."""
+        tasks = [t for t in (self._loop, *self._acting.values()) if t is not None]
+        self._loop = None
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    @property
+    def running(self) -> bool:
+        """Whether the housekeeping loop runs."""
+        return self._loop is not None and not self._loop.done()
+
+    async def _housekeep(self) -> None:
+        while True:
+            await asyncio.sleep(self._m.settings.policy_interval)
+            if self.enabled:
+                self.housekeep_once()
+            self.rounds += 1
+
+    def housekeep_once(self) -> list[asyncio.Task[None]]:
+        """One round: start what `housekeeping` decides now; the tasks started."""
+        try:
+            actions = housekeeping(self.view())
+        except Exception:  # (a bug in a decision must not stop the daemon)
+            log.exception("housekeeping failed")
+            return []
+        started = []
+        for action in actions:
+            if action.model_id in self._acting:
+                continue  # one action per model at a time
+            task = asyncio.create_task(
+                self._act(action), name=f"{type(action).__name__} {action.model_id}"
+            )
+            self._acting[action.model_id] = task
+            task.add_done_callback(functools.partial(self._acted, action.model_id))
+            started.append(task)
+        return started
+
+    def _acted(self, model_id: str, task: asyncio.Task[None]) -> None:
+        if self._acting.get(model_id) is task:
+            del self._acting[model_id]
+
+    async def _act(self, action: Action) -> None:
+        bound = log.bind(
+            model_id=action.model_id, action=type(action).__name__, cause=action.cause.value
+        )
+        try:
+            await self.run(action)
+        except TorporError as err:
+            bound.info("a policy's action did not run", reason=err.reason, error=err.message)
+        except Exception:
+            bound.exception("a policy's action failed unexpectedly")
+
+
+def refused(err: ResourceExhausted, refusal: Refusal) -> ResourceExhausted:
+    """OUT_OF_MEMORY as the pool said, and why nothing evictable would make
+    room: the models that block, by why (bounded lists of ids)."""
+    by: dict[str, list[str]] = {}
+    for model_id, why in sorted(refusal.blocked.items()):
+        key = BLOCKER_KEYS.get(why)
+        if key is not None:
+            by.setdefault(key, []).append(model_id)
+    blockers = "; ".join(f"{key.replace('_', ' ')}: {some(ids)}" for key, ids in by.items())
+    return ResourceExhausted(
+        f"{err.message}; evicting what may be evicted would not make room"
+        + (f" (not evictable: {blockers})" if blockers else ""),
+        reason="OUT_OF_MEMORY",
+        metadata={
+            **err.metadata,
+            "short": refusal.short,
+            **{key: some(ids) for key, ids in by.items()},
+        },
+    )

@@ -1,0 +1,28 @@
+"""What the manager is told at start: where sources may be, how to plan and
+read them, the policies' settings and the catalogue's entries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torpord.core.catalogue import Entry
+from torpord.policies.settings import PolicySettings
+from torpord.storage.layers import DEFAULT_LAYER_PATTERNS, LayerPatterns
+from torpord.storage.pipeline import ReadOptions
+
+__all__ = ["ManagerSettings"]
+
+
+@dataclass(frozen=True)
+class ManagerSettings:
+    allowed_roots: tuple[Path, ...]
+    patterns: LayerPatterns = DEFAULT_LAYER_PATTERNS
+    alignment: int = 256
+    worker_threads: int = 4
+    read: ReadOptions = field(default_factory=ReadOptions)
+    # Config [policy] (and [policy.default] in policy.default).
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    policy_interval: float = 1.0  # seconds between two rounds of housekeeping
+    # Config [[catalogue]]: entries the catalogue starts with.
+    catalogue: tuple[Entry, ...] = ()

@@ -1,0 +1,239 @@
+"""The pilot: eviction under memory pressure and the housekeeping loop, on
+the host backend with one device that fits two models."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+from torpor.testing import make_checkpoint
+from torpord.core.registry import prepare
+from torpord.errors import ResourceExhausted, Unavailable
+from torpord.policies.settings import ModelPolicy, PolicySettings
+from torpord.storage.layers import DEFAULT_LAYER_PATTERNS
+from torpord.types import Cause, ModelState, Tier
+
+from .harness import Harness, MiB
+from .pilotkit import Events, Gated
+from .test_engines import Recorder
+
+
+def model_bytes(tmp: Path, path: Path) -> int:
+    _, layers, _ = prepare(str(path), (tmp.resolve(),), DEFAULT_LAYER_PATTERNS, 256, disk=False)
+    return sum(layer.plan.size for layer in layers)
+
+
+class Node:
+    """A harness with one device fitting two of the checkpoints (and a half)."""
+
+    def __init__(self, tmp: Path, policy: PolicySettings | None = None, host: int = 64 * MiB):
+        """(Housekeeping every 10 ms, when a test starts it.)"""
+        self.paths = {
+            name: make_checkpoint(tmp / name, layers=4, hidden=64, seed=i)
+            for i, name in enumerate("abcd")
+        }
+        self.size = model_bytes(tmp, self.paths["a"])
+        self.h = Harness(
+            tmp,
+            devices=1,
+            device_capacity=self.size * 5 // 2,
+            host_capacity=host,
+            policy=policy,
+            interval=0.01,
+        )
+        self.m = self.h.manager
+
+    async def load(self, *names: str) -> None:
+        for name in names:
+            await self.m.load(name, str(self.paths[name]))
+
+    def device_used(self) -> int:
+        return self.h.device_used()
+
+    def capacity(self) -> int:
+        return self.size * 5 // 2
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    n = Node(tmp_path)
+    yield n
+    await n.h.close()
+
+
+def evicted(n: Node) -> list[str]:
+    return [
+        s.model_id
+        for s in n.m.list_models()
+        if s.last_transition is not None and s.last_transition.cause is Cause.PRESSURE
+    ]
+
+
+async def test_a_load_that_does_not_fit_evicts_the_coldest(node: Node) -> None:
+    await node.load("a", "b")
+    await node.m.acquire("a")  # (a use: b is colder)
+    m = await node.m.load("c", str(node.paths["c"]), request_id="load-c")
+    assert m.state is ModelState.ACTIVE
+    assert evicted(node) == ["b"]
+    b = node.m.get("b")
+    assert (b.state, b.sleep_level) == (ModelState.ASLEEP, 1)  # evict_to HOST
+    assert node.device_used() <= node.capacity()
+    for name in "abc":
+        node.h.check_bytes(name)
+    # A retry of the same Load gets the first call's outcome: no stale refusal.
+    again = await node.m.load("c", str(node.paths["c"]), request_id="load-c")
+    assert again.state is ModelState.ACTIVE and evicted(node) == ["b"]
+
+
+async def test_a_wake_that_does_not_fit_evicts(node: Node) -> None:
+    await node.load("a", "b")
+    await node.m.sleep("a", 2)
+    await node.load("c")
+    m = await node.m.wake("a")
+    assert m.state is ModelState.ACTIVE and len(evicted(node)) == 1
+    assert node.device_used() <= node.capacity()
+    node.h.check_bytes("a")
+
+
+async def test_an_offload_to_the_device_that_does_not_fit_evicts(node: Node) -> None:
+    await node.load("a", "b")
+    await node.m.offload("a", (), Tier.HOST)
+    await node.load("c")
+    m = await node.m.offload("a", (), Tier.DEVICE)
+    assert m.state is ModelState.ACTIVE and len(evicted(node)) == 1
+
+
+async def test_an_acquire_that_does_not_fit_evicts(node: Node) -> None:
+    await node.load("a", "b", "c")  # (c evicted one already)
+    asleep = [s.model_id for s in node.m.list_models() if s.state is ModelState.ASLEEP]
+    assert len(asleep) == 1
+    got = await node.m.acquire(asleep[0])
+    assert got.snapshot.state is ModelState.ACTIVE and not got.hit
+    record = got.snapshot.last_transition
+    assert record is not None and record.cause is Cause.ACQUIRE
+    assert len(evicted(node)) == 1 and asleep[0] not in evicted(node)  # another one went
+    assert node.device_used() <= node.capacity()
+
+
+async def test_pinned_models_are_named_when_nothing_can_go(tmp_path: Path) -> None:
+    node = Node(tmp_path, PolicySettings(default=ModelPolicy(pinned=True)))
+    try:
+        await node.load("a", "b")
+        with pytest.raises(ResourceExhausted) as err:
+            await node.load("c")
+        assert err.value.reason == "OUT_OF_MEMORY"
+        assert "'a'" in err.value.metadata["pinned"] and "'b'" in err.value.metadata["pinned"]
+        assert {"asked", "free", "budget", "pool"} <= set(err.value.metadata)
+        assert "pinned" in err.value.message
+        assert [s.model_id for s in node.m.list_models()] == ["a", "b"]  # nothing changed
+        assert evicted(node) == []
+    finally:
+        await node.h.close()
+
+
+async def test_models_in_transition_are_named(node: Node) -> None:
+    engines = Gated(node.h)
+    node.m.use_engines(engines)
+    await node.load("a", "b")
+    await node.m.sleep("a", 1, wait=False)
+    await node.m.sleep("b", 1, wait=False)
+    await asyncio.wait_for(engines.quiescing.wait(), 10)
+    with pytest.raises(ResourceExhausted) as err:
+        await node.load("c")
+    assert "'a'" in err.value.metadata["in_transition"]
+    assert "'b'" in err.value.metadata["in_transition"]
+    engines.gate.set()
+
+
+async def test_with_the_policy_layer_off_a_full_device_refuses(tmp_path: Path) -> None:
+    node = Node(tmp_path, PolicySettings(enabled=False))
+    try:
+        await node.load("a", "b")
+        with pytest.raises(ResourceExhausted) as err:
+            await node.load("c")
+        assert err.value.reason == "OUT_OF_MEMORY" and "pinned" not in err.value.metadata
+        assert {s.state for s in node.m.list_models()} == {ModelState.ACTIVE}
+        node.m.pilot.housekeep_once()  # (off: nothing)
+    finally:
+        await node.h.close()
+
+
+IDLE = PolicySettings(default=ModelPolicy(idle_timeout=0.05), preload=False)
+
+
+async def test_idle_models_go_to_sleep(tmp_path: Path) -> None:
+    node = Node(tmp_path, IDLE)
+    try:
+        await node.load("a")
+        node.m.pilot.start()
+        for _ in range(1000):
+            if node.m.get("a").state is ModelState.ASLEEP:
+                break
+            await asyncio.sleep(0.01)
+        a = node.m.get("a")
+        assert a.state is ModelState.ASLEEP and a.last_transition is not None
+        assert a.last_transition.cause is Cause.IDLE and a.sleep_level == 1
+        node.h.check_bytes("a")
+    finally:
+        await node.m.pilot.stop()
+        await node.h.close()
+
+
+class Refusing(Recorder):
+    """Engines that fail the first `failures` requests to let go."""
+
+    def __init__(self, h: Harness, failures: int) -> None:
+        super().__init__(h)
+        self.failures = failures
+
+    async def quiesce(self, model_id: str, layers: Sequence[str]) -> list[str]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise Unavailable("the engine could not let go", reason="TEST_REFUSED")
+        return await super().quiesce(model_id, layers)
+
+
+async def test_a_failed_action_leaves_the_loop_running(tmp_path: Path) -> None:
+    # The idle sleep fails twice (rolled back, logged); later rounds try again.
+    node = Node(tmp_path, IDLE)
+    engines = Refusing(node.h, failures=2)
+    node.m.use_engines(engines)
+    events = Events(node.m)
+    try:
+        await node.load("a")
+        node.m.pilot.start()
+        for _ in range(1000):
+            if node.m.get("a").state is ModelState.ASLEEP:
+                break
+            await asyncio.sleep(0.01)
+        assert node.m.pilot.running and engines.failures == 0
+        a = node.m.get("a")
+        assert a.state is ModelState.ASLEEP and a.last_transition is not None
+        assert a.last_transition.cause is Cause.IDLE
+        assert events.started(ModelState.SLEEPING) == [Cause.IDLE] * 3
+        node.h.check_bytes("a")
+    finally:
+        await events.close()
+        await node.m.pilot.stop()
+        assert not node.m.pilot.running
+        await node.h.close()
+
+
+async def test_an_acquire_waits_for_models_in_use_a_load_does_not(node: Node) -> None:
+    await node.load("a", "b")
+    await node.m.sleep("a", 2)
+    await node.load("c")
+    for name in "bc":  # a router has a request running on each
+        node.m.report_activity(name, "router", 0, 0.0, 1)
+    with pytest.raises(ResourceExhausted) as err:  # a caller's Wake: refused at once
+        await node.m.wake("a")
+    assert "'b'" in err.value.metadata["in_use"] and "'c'" in err.value.metadata["in_use"]
+    waiting = asyncio.create_task(node.m.acquire("a"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiting.done()  # b and c are in use: the Acquire waits ...
+    node.m.report_activity("c", "router", 1, 0.1, 0)  # ... until the router is done with c
+    got = await waiting
+    assert got.snapshot.state is ModelState.ACTIVE and evicted(node) == ["c"]
