@@ -4,6 +4,7 @@ device ("gpu0") unless told, pools sized to what the models hold."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torpord.policies.actions import Action, Refusal
 from torpord.policies.settings import ModelPolicy, PolicySettings
@@ -92,15 +93,13 @@ def model(
     )
 
 
-def asleep(model_id: str, size: int = GB, level: int = 1, **kwargs: object) -> ModelView:
-    return model(model_id, size, state=ModelState.ASLEEP, level=level, **kwargs)  # type: ignore[arg-type]
+def asleep(model_id: str, size: int = GB, level: int = 1, **kwargs: Any) -> ModelView:
+    return model(model_id, size, state=ModelState.ASLEEP, level=level, **kwargs)
 
 
-def entry(model_id: str, size: int = GB, **kwargs: object) -> ModelView:
+def entry(model_id: str, size: int = GB, **kwargs: Any) -> ModelView:
     """A catalogue entry: known by its source, not loaded."""
-    return model(  # type: ignore[misc]
-        model_id, size, state=ModelState.UNLOADED, source=f"/models/{model_id}", **kwargs
-    )
+    return model(model_id, size, state=ModelState.UNLOADED, source=f"/models/{model_id}", **kwargs)
 
 
 def node(
