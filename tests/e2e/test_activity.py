@@ -233,7 +233,7 @@ def test_torporctl_shows_activity_and_causes(daemon: Daemon) -> None:
             {"model_id": "m", "reporter": "router", "uses": "7", "busy": "2s", "in_use": 1},
         )
         got = daemon.ctl("get", "m").stdout
-        assert "Activity:" in got and "in use 1" in got
+        assert "Usage:" in got and "in use 1" in got
         assert "7 uses in the last minute, 7 in the hour, 7 in the day (7 in all)" in got
         assert "busy 2.0s" in got
         assert "load (user) succeeded" in got  # the last transition and its cause

@@ -82,8 +82,8 @@ def test_get_shows_activity_and_the_last_transitions_cause() -> None:
     shown = dict(
         line.split(":", 1) for line in render.model_details(model).splitlines() if ":" in line
     )
-    assert shown["Activity"].strip().startswith("last use 20")
-    assert "m ago), 3 uses in the last minute" in shown["Activity"]
+    assert shown["Usage"].strip().startswith("last use 20")
+    assert "m ago), 3 uses in the last minute" in shown["Usage"]
     assert shown["Last"].strip() == "sleep (idle) succeeded"
 
 

@@ -213,7 +213,7 @@ def model_details(model: common_pb2.Model, *, tensors: bool = False) -> str:
     if model.engines:
         pairs.append(("Engines", f"{model.engines} attached"))
     if has_activity(model):
-        pairs.append(("Activity", activity_text(model)))
+        pairs.append(("Usage", activity_text(model)))
     if model.HasField("progress"):
         pairs.append(("Progress", progress_text(model.progress)))
         if model.progress.note:
