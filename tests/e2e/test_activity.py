@@ -213,3 +213,47 @@ def test_an_unloaded_model_forgets_its_use(daemon: Daemon) -> None:
     daemon.call("torpor.v1.ModelService/LoadModel", load)
     got = daemon.call("torpor.v1.ModelService/GetModel", {"model_id": "m"})["model"]["activity"]
     assert "uses" not in got  # (neither loaded nor registered in between: a new model)
+
+
+def test_torporctl_shows_activity_and_causes(daemon: Daemon) -> None:
+    ckpt = make_checkpoint(daemon.models / "m.safetensors", layers=2)
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "torpor.cli", "--socket", str(daemon.socket), "watch"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert watch.stdout is not None
+        lines.append(watch.stdout.readline())  # the snapshot: no models
+        daemon.ctl("load", "m", str(ckpt))
+        assert "never used" in daemon.ctl("get", "m").stdout
+        daemon.call(
+            "torpor.v1.ModelService/ReportActivity",
+            {"model_id": "m", "reporter": "router", "uses": "7", "busy": "2s", "in_use": 1},
+        )
+        got = daemon.ctl("get", "m").stdout
+        assert "Usage:" in got and "in use 1" in got
+        assert "7 uses in the last minute, 7 in the hour, 7 in the day (7 in all)" in got
+        assert "busy 2.0s" in got
+        assert "load (user) succeeded" in got  # the last transition and its cause
+        table = daemon.ctl("list").stdout.splitlines()
+        assert "LAST USE" in table[0]
+        column = table[0].index("LAST USE")
+        assert table[1][column:].startswith("in use")
+        daemon.call(
+            "torpor.v1.ModelService/ReportActivity", {"model_id": "m", "reporter": "router"}
+        )
+        table = daemon.ctl("list").stdout.splitlines()
+        cell = table[1][column:].split("  ")[0]
+        assert cell == "now" or cell.endswith("s ago"), table
+        daemon.ctl("sleep", "m")
+        while not any("last=sleep (user) succeeded" in line for line in lines):
+            line = watch.stdout.readline()
+            assert line, "the watch ended"
+            lines.append(line)
+    finally:
+        watch.kill()
+        watch.communicate(timeout=30)
+    assert any("load (user)" in line for line in lines)
+    assert any("transition=sleep (user)" in line for line in lines)

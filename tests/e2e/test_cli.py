@@ -31,7 +31,7 @@ def test_torporctl_drives_the_whole_lifecycle_and_watch_sees_it(daemon: Daemon) 
         assert "asleep (level 1)" in daemon.ctl("sleep", "demo").stdout
         daemon.ctl("wake", "demo")
         out = daemon.ctl("sleep", "demo", "--level", "2").stdout
-        assert "sleep succeeded in " in out and ", freed " in out
+        assert "sleep (user) succeeded in " in out and ", freed " in out
         assert "B/s" not in out  # it moved nothing: no rate
         daemon.ctl("wake", "demo")
         out = daemon.ctl("offload", "demo", "layers.1", "post", "--tier", "host").stdout

@@ -10,7 +10,9 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from torpor.v1 import common_pb2, models_pb2, node_pb2
 
 __all__ = [
+    "ago",
     "backend_label",
+    "cause_label",
     "count",
     "device_label",
     "event_label",
@@ -65,6 +67,16 @@ def timestamp(ts: timestamp_pb2.Timestamp) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def ago(seconds_past: float) -> str:
+    """`now`, `12s ago`, `5m ago`, `3h ago`, `2d ago` (a time this long past)."""
+    if seconds_past < 1:
+        return "now"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds_past >= size:
+            return f"{int(seconds_past // size)}{unit} ago"
+    return f"{int(seconds_past)}s ago"
+
+
 def count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -100,6 +112,11 @@ def stage_label(stage: int) -> str:
 
 def outcome_label(outcome: int) -> str:
     return _enum(common_pb2.Outcome, outcome, "OUTCOME_")
+
+
+def cause_label(cause: int) -> str:
+    """`user`, `idle`, `pressure`...; empty when unspecified (an older daemon)."""
+    return "" if cause == common_pb2.CAUSE_UNSPECIFIED else _enum(common_pb2.Cause, cause, "CAUSE_")
 
 
 def backend_label(backend: int) -> str:

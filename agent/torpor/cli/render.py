@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from torpor.cli.activity import activity_text, has_activity, kind_and_cause, last_use_cell
 from torpor.cli.format import (
     backend_label,
     count,
@@ -58,9 +59,9 @@ def freeing_text(progress: common_pb2.Progress) -> str | None:
 
 
 def progress_text(progress: common_pb2.Progress) -> str:
-    """`load read 1.0 GiB / 15.0 GiB (6%), 2/34 layers, 5.1 GB/s`, or
-    `unload release, freeing 40.3 MiB`."""
-    parts = [f"{kind_label(progress.kind)} {stage_label(progress.stage)}"]
+    """`load (user) read 1.0 GiB / 15.0 GiB (6%), 2/34 layers, 5.1 GB/s`, or
+    `unload (idle) release, freeing 40.3 MiB`."""
+    parts = [f"{kind_and_cause(progress.kind, progress.cause)} {stage_label(progress.stage)}"]
     freeing = freeing_text(progress)
     if freeing is not None:
         return f"{parts[0]}, {freeing}"
@@ -114,8 +115,12 @@ def _layers_on_device(model: common_pb2.Model) -> str:
 
 
 def model_table(models: Sequence[common_pb2.Model]) -> str:
-    """The `list` table. LAYERS is layers on the device / all layers."""
+    """The `list` table. LAYERS is layers on the device / all layers; LAST
+    USE (from a daemon that reports activity) `in use` or how long ago."""
     headers = ["MODEL", "STATE", "SLEEP", "DEVICE", "DEVICE BYTES", "HOST BYTES", "LAYERS", "LAST"]
+    use = any(has_activity(model) for model in models)
+    if use:
+        headers.insert(-1, "LAST USE")
     rows = [
         [
             model.model_id,
@@ -125,6 +130,7 @@ def model_table(models: Sequence[common_pb2.Model]) -> str:
             human_bytes(model.bytes.device_bytes),
             human_bytes(model.bytes.host_bytes),
             _layers_on_device(model),
+            *([last_use_cell(model)] if use else []),
             _last(model.last_transition) if model.HasField("last_transition") else "-",
         ]
         for model in models
@@ -206,6 +212,8 @@ def model_details(model: common_pb2.Model, *, tensors: bool = False) -> str:
     )
     if model.engines:
         pairs.append(("Engines", f"{model.engines} attached"))
+    if has_activity(model):
+        pairs.append(("Usage", activity_text(model)))
     if model.HasField("progress"):
         pairs.append(("Progress", progress_text(model.progress)))
         if model.progress.note:
@@ -231,7 +239,9 @@ def model_details(model: common_pb2.Model, *, tensors: bool = False) -> str:
 def _last_details(transition: common_pb2.Transition) -> str:
     """`load succeeded in 1.2s, 40.3 MiB at 35 MB/s`; a transition that only
     let memory go says `freed 40.3 MiB` and gives no rate."""
-    text = f"{kind_label(transition.kind)} {outcome_label(transition.outcome)}"
+    text = (
+        f"{kind_and_cause(transition.kind, transition.cause)} {outcome_label(transition.outcome)}"
+    )
     if transition.HasField("duration"):
         text += f" in {seconds(transition.duration)}"
     if transition.bytes:
@@ -351,6 +361,11 @@ def _model_summary(model: common_pb2.Model) -> str:
     )
     if model.state_reason:
         text += f"  reason={model.state_reason}"
+    if model.HasField("progress"):  # what is happening to it, and why
+        text += f"  transition={kind_and_cause(model.progress.kind, model.progress.cause)}"
+    elif model.HasField("last_transition"):
+        last = model.last_transition
+        text += f"  last={kind_and_cause(last.kind, last.cause)} {outcome_label(last.outcome)}"
     return text
 
 
