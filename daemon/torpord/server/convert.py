@@ -15,6 +15,7 @@ from torpord.backends.base import Backend
 from torpord.backends.nvml import Discovery
 from torpord.core.model import ModelSnapshot, ProgressSnapshot, TransitionRecord
 from torpord.errors import InvalidArgument
+from torpord.server.policyconvert import policy_to_proto
 from torpord.storage.diskcache import DiskCache
 from torpord.storage.gcpause import gc_paused
 from torpord.storage.layers import LayerPlan
@@ -172,7 +173,7 @@ def model_to_proto(m: ModelSnapshot, *, full: bool = False) -> common_pb2.Model:
         state_message=m.state_message,
         sleep_level=m.sleep_level,
         source=source,
-        device=f"devices/{m.device}",
+        device=f"devices/{m.device}" if m.device else "",
         bytes=common_pb2.TierBytes(
             device_bytes=m.bytes_in(Tier.DEVICE),
             host_bytes=m.bytes_in(Tier.HOST),
@@ -183,6 +184,8 @@ def model_to_proto(m: ModelSnapshot, *, full: bool = False) -> common_pb2.Model:
         update_time=_timestamp(m.update_time),
         engines=m.engines,
         fingerprint=m.checkpoint.fingerprint,
+        policy=policy_to_proto(m.policy),
+        registered=m.registered,
     )
     for layer in m.layers:
         # Added in place: a Layer built apart would be copied into the Model,
