@@ -13,19 +13,20 @@ of `Model`) and raises `TorporError` for every failure.
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Self, TypeVar
 
 import grpc
 
 from torpor.errors import DAEMON_UNAVAILABLE, TorporError, from_rpc_error
+from torpor.policy import make_policy
 from torpor.socketpath import DEFAULT_ROOT_SOCKET, default_socket_path
 from torpor.transport import SocketGuard, tcp_channel
 from torpor.v1 import common_pb2, models_pb2, models_pb2_grpc, node_pb2, node_pb2_grpc
+from torpor.watch import ModelWatch
 
-__all__ = ["DEFAULT_ROOT_SOCKET", "Client", "ModelWatch", "default_socket_path"]
+__all__ = ["DEFAULT_ROOT_SOCKET", "Client", "ModelWatch", "default_socket_path", "make_policy"]
 
 # Messages can be large: a MODEL_VIEW_FULL model lists every tensor, and a
 # big MoE checkpoint has tens of thousands of them.
@@ -40,63 +41,6 @@ _CHANNEL_OPTIONS: list[tuple[str, int]] = [
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
-
-
-class ModelWatch(Iterator[models_pb2.WatchModelsResponse]):
-    """A running WatchModels stream: iterate it for events, `cancel()` it to stop.
-
-    The first message is a snapshot of every (matching) model; every later one
-    is a model event. Iteration ends when the daemon ends the stream or after
-    `cancel()` (from any thread); any other failure raises `TorporError`.
-    """
-
-    def __init__(
-        self,
-        call: grpc.CallIterator[models_pb2.WatchModelsResponse],
-        target: str,
-    ) -> None:
-        self._call = call
-        self._iter = iter(call)
-        self._target = target
-        self._cancelled = threading.Event()
-
-    def __iter__(self) -> Self:
-        return self
-
-    def __next__(self) -> models_pb2.WatchModelsResponse:
-        try:
-            return next(self._iter)
-        except grpc.RpcError as err:
-            if self._cancelled.is_set() and _code(err) == grpc.StatusCode.CANCELLED:
-                raise StopIteration from None
-            raise from_rpc_error(err, target=self._target) from err
-
-    def cancel(self) -> None:
-        """Stop the stream; a blocked or later `next()` ends the iteration."""
-        self._cancelled.set()
-        self._call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it bare
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cancel()
-
-
-def _code(err: grpc.RpcError) -> grpc.StatusCode | None:
-    try:
-        return err.code()
-    except AttributeError:
-        return None
 
 
 class Client:
@@ -260,10 +204,14 @@ class Client:
         view: models_pb2.ModelView.ValueType = models_pb2.MODEL_VIEW_BASIC,
         *,
         fingerprint: str = "",
+        registered: bool = False,
         timeout: float | None = None,
     ) -> list[common_pb2.Model]:
-        """Every model, sorted by model_id; or only the image with `fingerprint`."""
-        request = models_pb2.ListModelsRequest(view=view, fingerprint=fingerprint)
+        """Every model, sorted by model_id; or only the image with `fingerprint`.
+        `registered`: also the catalogue's models not loaded (UNLOADED)."""
+        request = models_pb2.ListModelsRequest(
+            view=view, fingerprint=fingerprint, registered=registered
+        )
         return list(self._unary(self._models.ListModels, request, timeout).models)
 
     def get_model(
@@ -300,12 +248,15 @@ class Client:
         wait: bool = True,
         request_id: str = "",
         timeout: float | None = None,
+        policy: common_pb2.Policy | None = None,
     ) -> common_pb2.Model:
         """Read a checkpoint into slabs on `device` (a UUID; empty: the freest).
 
         `target_tier=TIER_HOST` preloads into the host pool and leaves the
         model asleep at level 1. The source path is sent as given; it is
-        resolved by the daemon, so pass an absolute path.
+        resolved by the daemon, so pass an absolute path ("": a registered
+        model's source). `policy` (see make_policy): its fields set win over
+        the model's catalogue entry's and the daemon's defaults.
         """
         request = models_pb2.LoadModelRequest(
             model_id=model_id,
@@ -314,6 +265,7 @@ class Client:
             target_tier=target_tier,
             wait=wait,
             request_id=request_id,
+            policy=policy,
         )
         return self._unary(self._models.LoadModel, request, timeout).model
 
@@ -390,3 +342,43 @@ class Client:
             model_id=model_id, wait=wait, request_id=request_id, force=force
         )
         return self._unary(self._models.UnloadModel, request, timeout).model
+
+    # -- the catalogue and policies ----------------------------------------------
+
+    def acquire_model(
+        self, model_id: str, *, request_id: str = "", timeout: float | None = None
+    ) -> models_pb2.AcquireModelResponse:
+        """Make a model ready because a request for it arrived: at once if it
+        is ACTIVE (`hit`), else woken or loaded (a registered model); the
+        answer says how long that took (`time_to_ready`)."""
+        request = models_pb2.AcquireModelRequest(model_id=model_id, request_id=request_id)
+        return self._unary(self._models.AcquireModel, request, timeout)
+
+    def register_model(
+        self,
+        model_id: str,
+        source: str | os.PathLike[str],
+        *,
+        device: str = "",
+        policy: common_pb2.Policy | None = None,
+        timeout: float | None = None,
+    ) -> common_pb2.Model:
+        """Add (or replace) the catalogue entry of `model_id`: what Acquire
+        loads it from, and its policy. A loaded model takes that policy."""
+        request = models_pb2.RegisterModelRequest(
+            model_id=model_id, source=os.fspath(source), device=device, policy=policy
+        )
+        return self._unary(self._models.RegisterModel, request, timeout).model
+
+    def deregister_model(self, model_id: str, *, timeout: float | None = None) -> None:
+        """Remove the catalogue entry of `model_id` (a loaded model stays loaded)."""
+        request = models_pb2.DeregisterModelRequest(model_id=model_id)
+        self._unary(self._models.DeregisterModel, request, timeout)
+
+    def set_model_policy(
+        self, model_id: str, policy: common_pb2.Policy, *, timeout: float | None = None
+    ) -> common_pb2.Model:
+        """Set the fields `policy` sets on a model (and its catalogue entry);
+        the others keep their values."""
+        request = models_pb2.SetModelPolicyRequest(model_id=model_id, policy=policy)
+        return self._unary(self._models.SetModelPolicy, request, timeout).model

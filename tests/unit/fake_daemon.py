@@ -129,6 +129,21 @@ class FakeModels(models_pb2_grpc.ModelServiceServicer):
         model.sleep_level = 0
         return models_pb2.WakeModelResponse(model=model)
 
+    def AcquireModel(
+        self, request: models_pb2.AcquireModelRequest, context: grpc.ServicerContext
+    ) -> models_pb2.AcquireModelResponse:
+        """A hit when the model is active; else it becomes active "in 1.5s"."""
+        self.requests.append(request)
+        model = self._get(request.model_id, context)
+        hit = model.state == common_pb2.MODEL_STATE_ACTIVE
+        model.state, model.sleep_level = common_pb2.MODEL_STATE_ACTIVE, 0
+        ready = (
+            duration_pb2.Duration(nanos=1000)
+            if hit
+            else duration_pb2.Duration(seconds=1, nanos=500_000_000)
+        )
+        return models_pb2.AcquireModelResponse(model=model, hit=hit, time_to_ready=ready)
+
     def OffloadModel(
         self, request: models_pb2.OffloadModelRequest, context: grpc.ServicerContext
     ) -> models_pb2.OffloadModelResponse:

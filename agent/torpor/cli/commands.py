@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 from collections.abc import Callable
 
@@ -18,6 +17,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from torpor.cli import progress, render
+from torpor.cli.catalogue import policy_from_args, source_path
 from torpor.client import Client
 from torpor.errors import TorporError
 from torpor.v1 import common_pb2, models_pb2, node_pb2
@@ -48,7 +48,7 @@ def cmd_node(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_list(client: Client, args: argparse.Namespace) -> int:
-    models = client.list_models()
+    models = client.list_models(registered=args.registered)
     response = models_pb2.ListModelsResponse(models=models)
     return _emit(args, response, lambda: render.model_table(models) if models else "No models.")
 
@@ -102,25 +102,18 @@ def _mutate(
     return _emit(args, wrap(model), lambda: text(model))
 
 
-def _source_path(source: str) -> str:
-    # The daemon resolves paths in its own working directory: send what the
-    # user meant. URIs (later: hf://, s3://) go as they are.
-    if "://" in source:
-        return source
-    return os.path.abspath(os.path.expanduser(source))
-
-
 def cmd_load(client: Client, args: argparse.Namespace) -> int:
     return _mutate(
         client,
         args,
         lambda: client.load_model(
             args.model_id,
-            _source_path(args.source),
+            source_path(args.source),
             device=args.device,
             target_tier=common_pb2.TIER_HOST if args.host else common_pb2.TIER_DEVICE,
             wait=args.wait,
             request_id=args.request_id,
+            policy=policy_from_args(args),
         ),
         lambda model: models_pb2.LoadModelResponse(model=model),
     )

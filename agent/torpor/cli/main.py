@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import grpc
 
+from torpor.cli.catalogue import HANDLERS as CATALOGUE_HANDLERS
+from torpor.cli.catalogue import add_commands, add_policy_flags
 from torpor.cli.commands import EXIT_INTERRUPTED, EXIT_UNAVAILABLE, HANDLERS
 from torpor.client import Client
 from torpor.errors import TorporError
@@ -138,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help, description=help, parents=[common])
 
     command("node", "show the node: devices, host pool, disk cache")
-    command("list", "list every model")
+    listing = command("list", "list every model")
+    listing.add_argument(
+        "--registered",
+        action="store_true",
+        help="also the catalogue's models that are not loaded (unloaded)",
+    )
 
     get = command("get", "show one model and where each of its layers is")
     get.add_argument("model_id", metavar="MODEL_ID")
@@ -146,13 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     load = command("load", "load a checkpoint (a .safetensors file or a directory)")
     load.add_argument("model_id", metavar="MODEL_ID")
-    load.add_argument("source", metavar="SOURCE", help="path; relative paths are made absolute")
+    load.add_argument(
+        "source",
+        metavar="SOURCE",
+        nargs="?",
+        default="",
+        help="path; relative paths are made absolute (none: a registered model's)",
+    )
     load.add_argument("--device", metavar="UUID", default="", help="default: the freest device")
     load.add_argument(
         "--host",
         action="store_true",
         help="preload into the host pool only (the model is asleep at level 1)",
     )
+    add_policy_flags(load)
     _add_mutation_options(load)
 
     sleep = command("sleep", "free a model's device memory")
@@ -207,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "watch", "print a snapshot, then every event, until Ctrl-C (or torpord stops: exit 3)"
     )
     watch.add_argument("model_id", metavar="MODEL_ID", nargs="?", default="")
+    add_commands(command)
     return parser
 
 
@@ -219,6 +234,8 @@ def _report(err: TorporError, args: argparse.Namespace) -> None:
             "  hint: remove that directory if it is not torpord's, or pick the socket"
             " with --socket or $TORPOR_SOCKET"
         )
+    elif err.code == grpc.StatusCode.UNIMPLEMENTED:
+        lines.append("  hint: this torpord does not offer that call yet (an older version?)")
     elif err.code == grpc.StatusCode.UNAUTHENTICATED:
         lines.append(
             "  hint: give torpord's token with --token-file or $TORPOR_TOKEN_FILE"
@@ -286,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(err, args)
         return _exit_code(err)
     try:
-        return HANDLERS[args.command](client, args)
+        return {**HANDLERS, **CATALOGUE_HANDLERS}[args.command](client, args)
     except TorporError as err:
         _report(err, args)
         return _exit_code(err)

@@ -23,6 +23,7 @@ from torpor.cli.format import (
     tier_label,
     timestamp,
 )
+from torpor.cli.policytext import policy_pairs
 from torpor.v1 import common_pb2, models_pb2, node_pb2
 
 __all__ = [
@@ -192,6 +193,8 @@ def model_details(model: common_pb2.Model, *, tensors: bool = False) -> str:
                 f"{human_bytes(source.data_bytes)})",
             )
         )
+    elif model.HasField("source") and not model.source.files:  # (registered, not loaded)
+        pairs.append(("Source", model.source.path))
     elif model.HasField("source"):
         source = model.source
         pairs.append(
@@ -214,6 +217,7 @@ def model_details(model: common_pb2.Model, *, tensors: bool = False) -> str:
         pairs.append(("Engines", f"{model.engines} attached"))
     if has_activity(model):
         pairs.append(("Usage", activity_text(model)))
+    pairs.extend(policy_pairs(model))
     if model.HasField("progress"):
         pairs.append(("Progress", progress_text(model.progress)))
         if model.progress.note:

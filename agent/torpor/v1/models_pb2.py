@@ -26,17 +26,17 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from torpor.v1 import common_pb2 as torpor_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16torpor/v1/models.proto\x12\ttorpor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x16torpor/v1/common.proto\"\xaf\x01\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12$\n\x0btarget_tier\x18\x04 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12!\n\x06policy\x18\x07 \x01(\x0b\x32\x11.torpor.v1.Policy\"4\n\x11LoadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"i\n\x11SleepModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x05\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x11\n\tdisk_copy\x18\x05 \x01(\x08\"5\n\x12SleepModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"V\n\x10WakeModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06verify\x18\x04 \x01(\x08\"4\n\x11WakeModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"\x88\x01\n\x13OffloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12\x1d\n\x04tier\x18\x03 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0e\n\x06verify\x18\x06 \x01(\x08\"7\n\x14OffloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"W\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"6\n\x13UnloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"G\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\"\n\x04view\x18\x02 \x01(\x0e\x32\x14.torpor.v1.ModelView\"3\n\x10GetModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"L\n\x11ListModelsRequest\x12\"\n\x04view\x18\x01 \x01(\x0e\x32\x14.torpor.v1.ModelView\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"&\n\x12WatchModelsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"V\n\nModelEvent\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.torpor.v1.ModelEventType\x12\x1f\n\x05model\x18\x02 \x01(\x0b\x32\x10.torpor.v1.Model\",\n\x08Snapshot\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"u\n\x13WatchModelsResponse\x12\'\n\x08snapshot\x18\x01 \x01(\x0b\x32\x13.torpor.v1.SnapshotH\x00\x12,\n\x0bmodel_event\x18\x02 \x01(\x0b\x32\x15.torpor.v1.ModelEventH\x00\x42\x07\n\x05\x65vent\";\n\x13\x41\x63quireModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"v\n\x14\x41\x63quireModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\x12\x0b\n\x03hit\x18\x02 \x01(\x08\x12\x30\n\rtime_to_ready\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x82\x01\n\x15ReportActivityRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08reporter\x18\x02 \x01(\t\x12\x0c\n\x04uses\x18\x03 \x01(\x03\x12\'\n\x04\x62usy\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06in_use\x18\x05 \x01(\x05\"\x18\n\x16ReportActivityResponse\"k\n\x14RegisterModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12!\n\x06policy\x18\x04 \x01(\x0b\x32\x11.torpor.v1.Policy\"8\n\x15RegisterModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"*\n\x16\x44\x65registerModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x19\n\x17\x44\x65registerModelResponse\"L\n\x15SetModelPolicyRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12!\n\x06policy\x18\x02 \x01(\x0b\x32\x11.torpor.v1.Policy\"9\n\x16SetModelPolicyResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model*R\n\tModelView\x12\x1a\n\x16MODEL_VIEW_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_VIEW_BASIC\x10\x01\x12\x13\n\x0fMODEL_VIEW_FULL\x10\x02*\xa9\x01\n\x0eModelEventType\x12 \n\x1cMODEL_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_EVENT_TYPE_ADDED\x10\x01\x12\x1c\n\x18MODEL_EVENT_TYPE_CHANGED\x10\x02\x12\x1c\n\x18MODEL_EVENT_TYPE_REMOVED\x10\x03\x12\x1d\n\x19MODEL_EVENT_TYPE_PROGRESS\x10\x04\x32\x95\x08\n\x0cModelService\x12\x46\n\tLoadModel\x12\x1b.torpor.v1.LoadModelRequest\x1a\x1c.torpor.v1.LoadModelResponse\x12I\n\nSleepModel\x12\x1c.torpor.v1.SleepModelRequest\x1a\x1d.torpor.v1.SleepModelResponse\x12\x46\n\tWakeModel\x12\x1b.torpor.v1.WakeModelRequest\x1a\x1c.torpor.v1.WakeModelResponse\x12O\n\x0cOffloadModel\x12\x1e.torpor.v1.OffloadModelRequest\x1a\x1f.torpor.v1.OffloadModelResponse\x12L\n\x0bUnloadModel\x12\x1d.torpor.v1.UnloadModelRequest\x1a\x1e.torpor.v1.UnloadModelResponse\x12\x43\n\x08GetModel\x12\x1a.torpor.v1.GetModelRequest\x1a\x1b.torpor.v1.GetModelResponse\x12I\n\nListModels\x12\x1c.torpor.v1.ListModelsRequest\x1a\x1d.torpor.v1.ListModelsResponse\x12N\n\x0bWatchModels\x12\x1d.torpor.v1.WatchModelsRequest\x1a\x1e.torpor.v1.WatchModelsResponse0\x01\x12O\n\x0c\x41\x63quireModel\x12\x1e.torpor.v1.AcquireModelRequest\x1a\x1f.torpor.v1.AcquireModelResponse\x12U\n\x0eReportActivity\x12 .torpor.v1.ReportActivityRequest\x1a!.torpor.v1.ReportActivityResponse\x12R\n\rRegisterModel\x12\x1f.torpor.v1.RegisterModelRequest\x1a .torpor.v1.RegisterModelResponse\x12X\n\x0f\x44\x65registerModel\x12!.torpor.v1.DeregisterModelRequest\x1a\".torpor.v1.DeregisterModelResponse\x12U\n\x0eSetModelPolicy\x12 .torpor.v1.SetModelPolicyRequest\x1a!.torpor.v1.SetModelPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16torpor/v1/models.proto\x12\ttorpor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x16torpor/v1/common.proto\"\xaf\x01\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12$\n\x0btarget_tier\x18\x04 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12!\n\x06policy\x18\x07 \x01(\x0b\x32\x11.torpor.v1.Policy\"4\n\x11LoadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"i\n\x11SleepModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x05\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x11\n\tdisk_copy\x18\x05 \x01(\x08\"5\n\x12SleepModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"V\n\x10WakeModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06verify\x18\x04 \x01(\x08\"4\n\x11WakeModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"\x88\x01\n\x13OffloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12\x1d\n\x04tier\x18\x03 \x01(\x0e\x32\x0f.torpor.v1.Tier\x12\x0c\n\x04wait\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0e\n\x06verify\x18\x06 \x01(\x08\"7\n\x14OffloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"W\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"6\n\x13UnloadModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"G\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\"\n\x04view\x18\x02 \x01(\x0e\x32\x14.torpor.v1.ModelView\"3\n\x10GetModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"`\n\x11ListModelsRequest\x12\"\n\x04view\x18\x01 \x01(\x0e\x32\x14.torpor.v1.ModelView\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nregistered\x18\x03 \x01(\x08\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"&\n\x12WatchModelsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"V\n\nModelEvent\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.torpor.v1.ModelEventType\x12\x1f\n\x05model\x18\x02 \x01(\x0b\x32\x10.torpor.v1.Model\",\n\x08Snapshot\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.torpor.v1.Model\"u\n\x13WatchModelsResponse\x12\'\n\x08snapshot\x18\x01 \x01(\x0b\x32\x13.torpor.v1.SnapshotH\x00\x12,\n\x0bmodel_event\x18\x02 \x01(\x0b\x32\x15.torpor.v1.ModelEventH\x00\x42\x07\n\x05\x65vent\";\n\x13\x41\x63quireModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"v\n\x14\x41\x63quireModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\x12\x0b\n\x03hit\x18\x02 \x01(\x08\x12\x30\n\rtime_to_ready\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x82\x01\n\x15ReportActivityRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08reporter\x18\x02 \x01(\t\x12\x0c\n\x04uses\x18\x03 \x01(\x03\x12\'\n\x04\x62usy\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06in_use\x18\x05 \x01(\x05\"\x18\n\x16ReportActivityResponse\"k\n\x14RegisterModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12!\n\x06policy\x18\x04 \x01(\x0b\x32\x11.torpor.v1.Policy\"8\n\x15RegisterModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model\"*\n\x16\x44\x65registerModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x19\n\x17\x44\x65registerModelResponse\"L\n\x15SetModelPolicyRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12!\n\x06policy\x18\x02 \x01(\x0b\x32\x11.torpor.v1.Policy\"9\n\x16SetModelPolicyResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.torpor.v1.Model*R\n\tModelView\x12\x1a\n\x16MODEL_VIEW_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_VIEW_BASIC\x10\x01\x12\x13\n\x0fMODEL_VIEW_FULL\x10\x02*\xa9\x01\n\x0eModelEventType\x12 \n\x1cMODEL_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_EVENT_TYPE_ADDED\x10\x01\x12\x1c\n\x18MODEL_EVENT_TYPE_CHANGED\x10\x02\x12\x1c\n\x18MODEL_EVENT_TYPE_REMOVED\x10\x03\x12\x1d\n\x19MODEL_EVENT_TYPE_PROGRESS\x10\x04\x32\x95\x08\n\x0cModelService\x12\x46\n\tLoadModel\x12\x1b.torpor.v1.LoadModelRequest\x1a\x1c.torpor.v1.LoadModelResponse\x12I\n\nSleepModel\x12\x1c.torpor.v1.SleepModelRequest\x1a\x1d.torpor.v1.SleepModelResponse\x12\x46\n\tWakeModel\x12\x1b.torpor.v1.WakeModelRequest\x1a\x1c.torpor.v1.WakeModelResponse\x12O\n\x0cOffloadModel\x12\x1e.torpor.v1.OffloadModelRequest\x1a\x1f.torpor.v1.OffloadModelResponse\x12L\n\x0bUnloadModel\x12\x1d.torpor.v1.UnloadModelRequest\x1a\x1e.torpor.v1.UnloadModelResponse\x12\x43\n\x08GetModel\x12\x1a.torpor.v1.GetModelRequest\x1a\x1b.torpor.v1.GetModelResponse\x12I\n\nListModels\x12\x1c.torpor.v1.ListModelsRequest\x1a\x1d.torpor.v1.ListModelsResponse\x12N\n\x0bWatchModels\x12\x1d.torpor.v1.WatchModelsRequest\x1a\x1e.torpor.v1.WatchModelsResponse0\x01\x12O\n\x0c\x41\x63quireModel\x12\x1e.torpor.v1.AcquireModelRequest\x1a\x1f.torpor.v1.AcquireModelResponse\x12U\n\x0eReportActivity\x12 .torpor.v1.ReportActivityRequest\x1a!.torpor.v1.ReportActivityResponse\x12R\n\rRegisterModel\x12\x1f.torpor.v1.RegisterModelRequest\x1a .torpor.v1.RegisterModelResponse\x12X\n\x0f\x44\x65registerModel\x12!.torpor.v1.DeregisterModelRequest\x1a\".torpor.v1.DeregisterModelResponse\x12U\n\x0eSetModelPolicy\x12 .torpor.v1.SetModelPolicyRequest\x1a!.torpor.v1.SetModelPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'torpor.v1.models_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELVIEW']._serialized_start=2238
-  _globals['_MODELVIEW']._serialized_end=2320
-  _globals['_MODELEVENTTYPE']._serialized_start=2323
-  _globals['_MODELEVENTTYPE']._serialized_end=2492
+  _globals['_MODELVIEW']._serialized_start=2258
+  _globals['_MODELVIEW']._serialized_end=2340
+  _globals['_MODELEVENTTYPE']._serialized_start=2343
+  _globals['_MODELEVENTTYPE']._serialized_end=2512
   _globals['_LOADMODELREQUEST']._serialized_start=94
   _globals['_LOADMODELREQUEST']._serialized_end=269
   _globals['_LOADMODELRESPONSE']._serialized_start=271
@@ -62,37 +62,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELRESPONSE']._serialized_start=1043
   _globals['_GETMODELRESPONSE']._serialized_end=1094
   _globals['_LISTMODELSREQUEST']._serialized_start=1096
-  _globals['_LISTMODELSREQUEST']._serialized_end=1172
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1174
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1228
-  _globals['_WATCHMODELSREQUEST']._serialized_start=1230
-  _globals['_WATCHMODELSREQUEST']._serialized_end=1268
-  _globals['_MODELEVENT']._serialized_start=1270
-  _globals['_MODELEVENT']._serialized_end=1356
-  _globals['_SNAPSHOT']._serialized_start=1358
-  _globals['_SNAPSHOT']._serialized_end=1402
-  _globals['_WATCHMODELSRESPONSE']._serialized_start=1404
-  _globals['_WATCHMODELSRESPONSE']._serialized_end=1521
-  _globals['_ACQUIREMODELREQUEST']._serialized_start=1523
-  _globals['_ACQUIREMODELREQUEST']._serialized_end=1582
-  _globals['_ACQUIREMODELRESPONSE']._serialized_start=1584
-  _globals['_ACQUIREMODELRESPONSE']._serialized_end=1702
-  _globals['_REPORTACTIVITYREQUEST']._serialized_start=1705
-  _globals['_REPORTACTIVITYREQUEST']._serialized_end=1835
-  _globals['_REPORTACTIVITYRESPONSE']._serialized_start=1837
-  _globals['_REPORTACTIVITYRESPONSE']._serialized_end=1861
-  _globals['_REGISTERMODELREQUEST']._serialized_start=1863
-  _globals['_REGISTERMODELREQUEST']._serialized_end=1970
-  _globals['_REGISTERMODELRESPONSE']._serialized_start=1972
-  _globals['_REGISTERMODELRESPONSE']._serialized_end=2028
-  _globals['_DEREGISTERMODELREQUEST']._serialized_start=2030
-  _globals['_DEREGISTERMODELREQUEST']._serialized_end=2072
-  _globals['_DEREGISTERMODELRESPONSE']._serialized_start=2074
-  _globals['_DEREGISTERMODELRESPONSE']._serialized_end=2099
-  _globals['_SETMODELPOLICYREQUEST']._serialized_start=2101
-  _globals['_SETMODELPOLICYREQUEST']._serialized_end=2177
-  _globals['_SETMODELPOLICYRESPONSE']._serialized_start=2179
-  _globals['_SETMODELPOLICYRESPONSE']._serialized_end=2236
-  _globals['_MODELSERVICE']._serialized_start=2495
-  _globals['_MODELSERVICE']._serialized_end=3540
+  _globals['_LISTMODELSREQUEST']._serialized_end=1192
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1194
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1248
+  _globals['_WATCHMODELSREQUEST']._serialized_start=1250
+  _globals['_WATCHMODELSREQUEST']._serialized_end=1288
+  _globals['_MODELEVENT']._serialized_start=1290
+  _globals['_MODELEVENT']._serialized_end=1376
+  _globals['_SNAPSHOT']._serialized_start=1378
+  _globals['_SNAPSHOT']._serialized_end=1422
+  _globals['_WATCHMODELSRESPONSE']._serialized_start=1424
+  _globals['_WATCHMODELSRESPONSE']._serialized_end=1541
+  _globals['_ACQUIREMODELREQUEST']._serialized_start=1543
+  _globals['_ACQUIREMODELREQUEST']._serialized_end=1602
+  _globals['_ACQUIREMODELRESPONSE']._serialized_start=1604
+  _globals['_ACQUIREMODELRESPONSE']._serialized_end=1722
+  _globals['_REPORTACTIVITYREQUEST']._serialized_start=1725
+  _globals['_REPORTACTIVITYREQUEST']._serialized_end=1855
+  _globals['_REPORTACTIVITYRESPONSE']._serialized_start=1857
+  _globals['_REPORTACTIVITYRESPONSE']._serialized_end=1881
+  _globals['_REGISTERMODELREQUEST']._serialized_start=1883
+  _globals['_REGISTERMODELREQUEST']._serialized_end=1990
+  _globals['_REGISTERMODELRESPONSE']._serialized_start=1992
+  _globals['_REGISTERMODELRESPONSE']._serialized_end=2048
+  _globals['_DEREGISTERMODELREQUEST']._serialized_start=2050
+  _globals['_DEREGISTERMODELREQUEST']._serialized_end=2092
+  _globals['_DEREGISTERMODELRESPONSE']._serialized_start=2094
+  _globals['_DEREGISTERMODELRESPONSE']._serialized_end=2119
+  _globals['_SETMODELPOLICYREQUEST']._serialized_start=2121
+  _globals['_SETMODELPOLICYREQUEST']._serialized_end=2197
+  _globals['_SETMODELPOLICYRESPONSE']._serialized_start=2199
+  _globals['_SETMODELPOLICYRESPONSE']._serialized_end=2256
+  _globals['_MODELSERVICE']._serialized_start=2515
+  _globals['_MODELSERVICE']._serialized_end=3560
 # @@protoc_insertion_point(module_scope)

@@ -429,18 +429,24 @@ class ListModelsRequest(_message.Message):
 
     VIEW_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
+    REGISTERED_FIELD_NUMBER: _builtins.int
     view: Global___ModelView.ValueType
     fingerprint: _builtins.str
     """Only the image with this fingerprint (none or one model); empty: every model."""
+    registered: _builtins.bool
+    """Also list every registered model that is not loaded (catalogue entries:
+    RegisterModel and the config's [[catalogue]]), as UNLOADED.
+    """
     def __init__(
         self,
         *,
         view: Global___ModelView.ValueType = ...,
         fingerprint: _builtins.str = ...,
+        registered: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "registered", b"registered", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -759,7 +765,9 @@ class SetModelPolicyRequest(_message.Message):
     model_id: _builtins.str
     @_builtins.property
     def policy(self) -> _common_pb2.Policy:
-        """Replaces the model's policy; unset fields take the defaults."""
+        """The fields set replace the model's (and its catalogue entry's); fields
+        left unset keep theirs. Windows given replace its windows.
+        """
 
     def __init__(
         self,

@@ -269,7 +269,8 @@ class ModelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetModelPolicy(self, request, context):
-        """Change a loaded model's policy (pin it, say).
+        """Change a model's policy (pin it, say): a loaded model's, even in the
+        middle of a transition, and its catalogue entry's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

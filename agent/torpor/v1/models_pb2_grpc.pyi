@@ -127,7 +127,9 @@ class ModelServiceStub:
     DeregisterModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.DeregisterModelRequest, _models_pb2.DeregisterModelResponse]
     """Remove a catalogue entry (a loaded model stays loaded)."""
     SetModelPolicy: _grpc.UnaryUnaryMultiCallable[_models_pb2.SetModelPolicyRequest, _models_pb2.SetModelPolicyResponse]
-    """Change a loaded model's policy (pin it, say)."""
+    """Change a model's policy (pin it, say): a loaded model's, even in the
+    middle of a transition, and its catalogue entry's.
+    """
 
 @_typing.type_check_only
 class ModelServiceAsyncStub(ModelServiceStub):
@@ -228,7 +230,9 @@ class ModelServiceAsyncStub(ModelServiceStub):
     DeregisterModel: _aio.UnaryUnaryMultiCallable[_models_pb2.DeregisterModelRequest, _models_pb2.DeregisterModelResponse]  # type: ignore[assignment]
     """Remove a catalogue entry (a loaded model stays loaded)."""
     SetModelPolicy: _aio.UnaryUnaryMultiCallable[_models_pb2.SetModelPolicyRequest, _models_pb2.SetModelPolicyResponse]  # type: ignore[assignment]
-    """Change a loaded model's policy (pin it, say)."""
+    """Change a model's policy (pin it, say): a loaded model's, even in the
+    middle of a transition, and its catalogue entry's.
+    """
 
 class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
     """ModelService loads model weights into the node's memory and moves them
@@ -404,6 +408,8 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _models_pb2.SetModelPolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_models_pb2.SetModelPolicyResponse, _abc.Awaitable[_models_pb2.SetModelPolicyResponse]]:
-        """Change a loaded model's policy (pin it, say)."""
+        """Change a model's policy (pin it, say): a loaded model's, even in the
+        middle of a transition, and its catalogue entry's.
+        """
 
 def add_ModelServiceServicer_to_server(servicer: ModelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

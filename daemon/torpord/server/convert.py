@@ -16,6 +16,7 @@ from torpord.backends.nvml import Discovery
 from torpord.core.model import ModelSnapshot, ProgressSnapshot, TransitionRecord
 from torpord.errors import InvalidArgument
 from torpord.policies.view import ActivitySummary
+from torpord.server.policyconvert import policy_to_proto
 from torpord.storage.diskcache import DiskCache
 from torpord.storage.gcpause import gc_paused
 from torpord.storage.layers import LayerPlan
@@ -200,7 +201,7 @@ def model_to_proto(m: ModelSnapshot, *, full: bool = False) -> common_pb2.Model:
         state_message=m.state_message,
         sleep_level=m.sleep_level,
         source=source,
-        device=f"devices/{m.device}",
+        device=f"devices/{m.device}" if m.device else "",
         bytes=common_pb2.TierBytes(
             device_bytes=m.bytes_in(Tier.DEVICE),
             host_bytes=m.bytes_in(Tier.HOST),
@@ -212,6 +213,8 @@ def model_to_proto(m: ModelSnapshot, *, full: bool = False) -> common_pb2.Model:
         engines=m.engines,
         fingerprint=m.checkpoint.fingerprint,
         activity=activity_to_proto(m.activity),
+        policy=policy_to_proto(m.policy),
+        registered=m.registered,
     )
     for layer in m.layers:
         # Added in place: a Layer built apart would be copied into the Model,

@@ -27,7 +27,7 @@ from torpord.core.attachments.messages import Ended, Hello, Publish, Published, 
 from torpord.core.attachments.registry import AgentRegistry
 from torpord.core.events import EventType
 from torpord.core.manager import ModelManager
-from torpord.errors import InvalidArgument, Unimplemented
+from torpord.errors import InvalidArgument
 from torpord.server.convert import (
     duration_seconds,
     is_full,
@@ -37,6 +37,7 @@ from torpord.server.convert import (
     tier_from_proto,
 )
 from torpord.server.errors import translate_errors, translate_stream_errors
+from torpord.server.policyconvert import policy_from_proto
 from torpord.storage.catalogue import CatalogueGroup, CatalogueTensor
 from torpord.types import Tier
 
@@ -68,6 +69,7 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
             target=tier_from_proto(request.target_tier, default=Tier.DEVICE, field="target_tier"),
             wait=request.wait,
             request_id=request.request_id,
+            policy=policy_from_proto(request.policy),
         )
         return models_pb2.LoadModelResponse(model=model_to_proto(model))
 
@@ -134,7 +136,7 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
         self, request: models_pb2.ListModelsRequest, context: Context
     ) -> models_pb2.ListModelsResponse:
         full = is_full(request.view)
-        models = self._m.list_models(request.fingerprint)
+        models = self._m.list_models(request.fingerprint, registered=request.registered)
         if full:
             await prepare_full(models)
         return models_pb2.ListModelsResponse(models=[model_to_proto(m, full=full) for m in models])
@@ -163,7 +165,7 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
         finally:
             subscription.close()
 
-    # -- policies (issue 14) ---
+    # -- policies (issue 14) ----------------------------------------------------
 
     @translate_errors
     async def AcquireModel(
@@ -195,19 +197,24 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
     async def RegisterModel(
         self, request: models_pb2.RegisterModelRequest, context: Context
     ) -> models_pb2.RegisterModelResponse:
-        raise Unimplemented("RegisterModel is not implemented yet")
+        model = self._m.register(
+            request.model_id, request.source, request.device, policy_from_proto(request.policy)
+        )
+        return models_pb2.RegisterModelResponse(model=model_to_proto(model))
 
     @translate_errors
     async def DeregisterModel(
         self, request: models_pb2.DeregisterModelRequest, context: Context
     ) -> models_pb2.DeregisterModelResponse:
-        raise Unimplemented("DeregisterModel is not implemented yet")
+        self._m.deregister(request.model_id)
+        return models_pb2.DeregisterModelResponse()
 
     @translate_errors
     async def SetModelPolicy(
         self, request: models_pb2.SetModelPolicyRequest, context: Context
     ) -> models_pb2.SetModelPolicyResponse:
-        raise Unimplemented("SetModelPolicy is not implemented yet")
+        model = self._m.set_policy(request.model_id, policy_from_proto(request.policy))
+        return models_pb2.SetModelPolicyResponse(model=model_to_proto(model))
 
 
 class NodeService(node_pb2_grpc.NodeServiceServicer):
