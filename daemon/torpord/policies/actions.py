@@ -56,7 +56,9 @@ Action = Sleep | Offload | Wake | Load | Unload
 @dataclass(frozen=True)
 class Refusal:
     """Why nothing evictable would make room: model id → why it can't go
-    ("pinned", "in use", "in transition", "asked for"), and the bytes still
+    ("pinned", "in use", "in transition", "asked for"; "nowhere to go" for an
+    image with neither host nor disk room, "failed" for a FAILED model holding
+    memory), and the bytes still
     missing. The daemon answers RESOURCE_EXHAUSTED with these as metadata."""
 
     pool: str

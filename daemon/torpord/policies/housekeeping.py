@@ -1,0 +1,256 @@
+"""What the daemon does on its own: idle sleep, sleeper limits, time windows
+and predicted preloading, in that order, as one plan.
+
+No step touches a pinned model, one in use, or one in a transition, and a
+model gets at most one action per call (the next call sees the result).
+
+1. IDLE: an ACTIVE or OFFLOADED model with `idle_timeout > 0`, unused for
+   at least that long (`now - max(last_use, since) >= idle_timeout`),
+   sleeps at its `idle_level`. Level 2 keeps a disk copy when the model is
+   an image (it has no source) or its evict_to is DISK; an image without
+   disk room sleeps at level 1 instead. Level 1 needs host room: what is
+   free, or made by pushing down level-1 sleepers less likely to be used;
+   failing that it sleeps at level 2 (an image only with disk room). A model
+   in a warm DEVICE window does not go idle; in a HOST window, only to
+   level 1. The likeliest idle models are handled first (they get the room).
+2. PRESSURE: past `max_sleeping_models` level-1 sleepers or `host_limit`
+   bytes held by them, the coldest (by the eviction order) are pushed down
+   to level 2, until both hold; a model that just went idle is pushed by
+   sleeping it at level 2 at once. Models in a warm window are not pushed.
+3. SCHEDULE: a model whose window is warm (schedule.py) is brought to the
+   window's tier: HOST = a catalogue entry is loaded there (a model already
+   loaded is warm enough; a level-2 sleeper stays: no verb brings it to the
+   host alone); DEVICE = Wake, or Load to DEVICE of a catalogue entry.
+   Into free memory, or by evicting models less likely to be used (never
+   one in use).
+4. PRELOAD (settings.preload): the models expected to be used at least
+   PRELOAD_MIN_USES times in the horizon (predict.py; for a Wake, within
+   its idle timeout too, so it is not woken only to fall asleep again) are
+   warmed, likeliest first, into free memory only: a sleeper or an
+   offloaded model is woken where its device has room, a catalogue entry
+   is loaded to HOST within the host's room and the sleeper limits. It
+   never evicts anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torpord.policies.actions import Action, Load, Sleep, Wake
+from torpord.policies.order import eviction_key, likelihood
+from torpord.policies.predict import HORIZON, expected_uses
+from torpord.policies.room import HOST, Plan, blocker, host_routes, take
+from torpord.policies.schedule import warm_window
+from torpord.policies.view import ModelView, NodeView
+from torpord.types import Cause, ModelState, Tier
+
+__all__ = ["PRELOAD_MIN_USES", "housekeeping"]
+
+# Preloading waits for at least this many expected uses in the horizon, so
+# one stray use an hour ago warms nothing (it reads about 0.5).
+PRELOAD_MIN_USES = 1.0
+
+
+def housekeeping(view: NodeView) -> Sequence[Action]:
+    """What the daemon does on its own at this moment: idle models to sleep
+    (IDLE), sleepers past `max_sleeping_models` or the host limit pushed down
+    (PRESSURE), models whose window opens warmed (SCHEDULE), models predicted
+    to be wanted warmed into free memory (PRELOAD). Never evicts a model in
+    use or more likely to be used than the one it makes room for."""
+    if not view.settings.enabled:
+        return ()
+    plan = Plan.start(view)
+    _idle(plan)
+    _limits(plan)
+    _windows(plan)
+    if view.settings.preload:
+        _preload(plan)
+    return tuple(plan.actions)
+
+
+def _free_to_act(plan: Plan, model: ModelView) -> bool:
+    return model.model_id not in plan.touched and blocker(model, ()) is None
+
+
+def _disk_copy(plan: Plan, model: ModelView, nbytes: int) -> bool | None:
+    """Whether a level-2 sleep of `model` keeps a disk copy (taking the disk
+    room), or None when it can't sleep at level 2 (an image, no disk room)."""
+    wanted = model.image or model.policy.evict_to is Tier.DISK
+    if wanted and plan.disk_free is not None and plan.disk_free >= nbytes:
+        plan.disk_free -= nbytes
+        return True
+    return None if model.image else False
+
+
+def _idle(plan: Plan) -> None:
+    view = plan.view
+    idle: list[tuple[float, str, ModelView, int]] = []
+    for model in view.models:
+        timeout = model.policy.idle_timeout
+        if model.state not in (ModelState.ACTIVE, ModelState.OFFLOADED) or timeout <= 0:
+            continue
+        if not _free_to_act(plan, model):
+            continue
+        if view.now - max(model.activity.last_use, model.since) < timeout:
+            continue
+        window = warm_window(model.policy, view.now)
+        if window is not None and window.tier is Tier.DEVICE:
+            continue
+        level = 1 if window is not None else model.policy.idle_level
+        idle.append((-likelihood(view, model), model.model_id, model, level))
+    for _, _, model, level in sorted(idle, key=lambda item: item[:2]):
+        _sleep(plan, model, level, deeper=level == 2 or warm_window(model.policy, view.now) is None)
+
+
+def _sleep(plan: Plan, model: ModelView, level: int, *, deeper: bool) -> None:
+    """Sleep `model` (IDLE) at `level`, or the other level where that can't be."""
+    view = plan.view
+    on_device, in_host = model.bytes_in(Tier.DEVICE), model.bytes_in(Tier.HOST)
+    if level == 1:
+        likely = likelihood(view, model)
+        trial = plan.copy()
+        if take(trial, HOST, on_device, eligible=lambda other: likelihood(view, other) < likely):
+            trial.release(model.device, on_device)
+            trial.add(Sleep(model.model_id, 1, Cause.IDLE))
+            plan.become(trial)
+            return
+        if not deeper:
+            return
+    trial = plan.copy()
+    copy = _disk_copy(trial, model, on_device + in_host)
+    if copy is not None:
+        trial.release(model.device, on_device)
+        trial.release(HOST, in_host)
+        trial.add(Sleep(model.model_id, 2, Cause.IDLE, disk_copy=copy))
+        plan.become(trial)
+    elif level == 2:  # an image with no disk room: level 1 will do
+        _sleep(plan, model, 1, deeper=False)
+
+
+def _limits(plan: Plan) -> None:
+    """Push the coldest level-1 sleepers down while there are too many."""
+    view = plan.view
+    most, limit = view.settings.max_sleeping_models, view.settings.host_limit
+    if most <= 0 and limit <= 0:
+        return
+    went_idle = {
+        action.model_id: index
+        for index, action in enumerate(plan.actions)
+        if isinstance(action, Sleep) and action.level == 1
+    }
+    count, held = 0, 0
+    pushable: list[tuple[tuple[float, float, float, str], ModelView, int]] = []
+    for model in view.models:
+        asleep = model.state is ModelState.ASLEEP and model.sleep_level == 1
+        new = model.model_id in went_idle
+        if not (asleep and model.model_id not in plan.touched) and not new:
+            continue
+        nbytes = model.bytes_in(Tier.HOST) + (model.bytes_in(Tier.DEVICE) if new else 0)
+        count, held = count + 1, held + nbytes
+        if not new and not _free_to_act(plan, model):
+            continue
+        if warm_window(model.policy, view.now) is not None:
+            continue
+        routes = host_routes(view, model)
+        to_tier = routes[0] if routes else Tier.SOURCE
+        key = eviction_key(
+            view, model, freed=nbytes, back=nbytes, now_tier=Tier.HOST, to_tier=to_tier
+        )
+        pushable.append((key, model, nbytes))
+    for _, model, nbytes in sorted(pushable, key=lambda item: item[0]):
+        if (most <= 0 or count <= most) and (limit <= 0 or held <= limit):
+            return
+        trial = plan.copy()
+        copy = _disk_copy(trial, model, nbytes)
+        if copy is None:
+            continue
+        index = went_idle.get(model.model_id)
+        if index is None:
+            trial.add(Sleep(model.model_id, 2, Cause.PRESSURE, disk_copy=copy))
+        else:
+            trial.actions[index] = Sleep(model.model_id, 2, Cause.IDLE, disk_copy=copy)
+        trial.release(HOST, nbytes)
+        plan.become(trial)
+        count, held = count - 1, held - nbytes
+
+
+def _windows(plan: Plan) -> None:
+    view = plan.view
+    for model in sorted(view.models, key=lambda model: model.model_id):
+        window = warm_window(model.policy, view.now)
+        if window is None or not _free_to_act(plan, model):
+            continue
+        catalogued = model.state is ModelState.UNLOADED and bool(model.source)
+        action: Action
+        if window.tier is Tier.DEVICE and catalogued:
+            pool, needed = model.device, model.total_bytes
+            action = Load(model.model_id, model.source, Tier.DEVICE, Cause.SCHEDULE)
+        elif window.tier is Tier.DEVICE and model.state in (
+            ModelState.ASLEEP,
+            ModelState.OFFLOADED,
+        ):
+            pool = model.device
+            needed = model.total_bytes - model.bytes_in(Tier.DEVICE)
+            action = Wake(model.model_id, Cause.SCHEDULE)
+        elif window.tier is not Tier.DEVICE and catalogued:
+            pool, needed = HOST, model.total_bytes
+            action = Load(model.model_id, model.source, Tier.HOST, Cause.SCHEDULE)
+        else:
+            continue
+        if pool != HOST and pool not in plan.device_free:
+            continue
+        likely = likelihood(view, model)
+        trial = plan.copy()
+        colder = lambda other, likely=likely: likelihood(view, other) < likely  # noqa: E731
+        if take(trial, pool, needed, keep={model.model_id}, eligible=colder):
+            if isinstance(action, Wake):
+                trial.release(HOST, model.bytes_in(Tier.HOST))
+            trial.add(action)
+            plan.become(trial)
+
+
+def _preload(plan: Plan) -> None:
+    view = plan.view
+    wanted: list[tuple[float, str, ModelView]] = []
+    for model in view.models:
+        if not _free_to_act(plan, model):
+            continue
+        horizon = HORIZON
+        if model.state is ModelState.UNLOADED:
+            if not model.source:
+                continue
+        elif model.state in (ModelState.ASLEEP, ModelState.OFFLOADED):
+            if model.policy.idle_timeout > 0:
+                horizon = min(horizon, model.policy.idle_timeout)
+        else:
+            continue
+        uses = expected_uses(model.activity, view.now, horizon)
+        if uses >= PRELOAD_MIN_USES:
+            wanted.append((-uses, model.model_id, model))
+    most, limit = view.settings.max_sleeping_models, view.settings.host_limit
+    sleepers = [
+        model
+        for model in view.models
+        if model.state is ModelState.ASLEEP and model.sleep_level == 1
+    ]
+    count = len(sleepers)
+    held = sum(model.bytes_in(Tier.HOST) for model in sleepers)
+    for _, _, model in sorted(wanted, key=lambda item: item[:2]):
+        if model.state is ModelState.UNLOADED:
+            nbytes = model.total_bytes
+            if nbytes > plan.host_free:
+                continue
+            if (most > 0 and count + 1 > most) or (limit > 0 and held + nbytes > limit):
+                continue
+            plan.host_free -= nbytes
+            count, held = count + 1, held + nbytes
+            plan.add(Load(model.model_id, model.source, Tier.HOST, Cause.PRELOAD))
+            continue
+        needed = model.total_bytes - model.bytes_in(Tier.DEVICE)
+        if needed > plan.device_free.get(model.device, 0):
+            continue
+        plan.device_free[model.device] -= needed
+        plan.release(HOST, model.bytes_in(Tier.HOST))
+        if model.state is ModelState.ASLEEP and model.sleep_level == 1:
+            count, held = count - 1, held - model.bytes_in(Tier.HOST)
+        plan.add(Wake(model.model_id, Cause.PRELOAD))
