@@ -6,6 +6,8 @@ memory):
 
 - `torpor`: PolicySettings() (cost-aware eviction to host, preloading) with
   an idle timeout of `TORPOR_IDLE_TIMEOUT` (see there).
+The baselines' settings are torpord.policies.baselines':
+
 - `keep-alive`: Ollama's: a model is unloaded after 5 minutes without use
   and the least recently used one is unloaded when room is needed; nothing
   is kept in host memory, every miss loads from the source.
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torpord.policies.settings import EvictionOrder, ModelPolicy, PolicySettings
+from torpord.policies.baselines import keep_alive, lru_sleep
+from torpord.policies.settings import ModelPolicy, PolicySettings
 from torpord.types import Tier
 
 __all__ = ["TORPOR_IDLE_TIMEOUT", "Contender", "contenders"]
@@ -47,22 +50,6 @@ class Contender:
 
 def torpor(idle_timeout: float = TORPOR_IDLE_TIMEOUT) -> PolicySettings:
     return PolicySettings(default=ModelPolicy(idle_timeout=idle_timeout, evict_to=Tier.HOST))
-
-
-def keep_alive() -> PolicySettings:
-    return PolicySettings(
-        eviction=EvictionOrder.LRU,
-        preload=False,
-        default=ModelPolicy(idle_timeout=300.0, idle_level=2, evict_to=Tier.SOURCE),
-    )
-
-
-def lru_sleep() -> PolicySettings:
-    return PolicySettings(
-        eviction=EvictionOrder.LRU,
-        preload=False,
-        default=ModelPolicy(idle_timeout=0.0, evict_to=Tier.HOST),
-    )
 
 
 def no_oversubscription() -> PolicySettings:
