@@ -80,10 +80,8 @@ PRESETS: dict[str, Generator] = {
     # The default: 60 models, a long tail, a few bursts, a mild day.
     "default": Generator(),
     # Groups of models wake together often: many short, intense bursts
-    # over a flatter popularity.
-    "bursty": Generator(
-        zipf=0.9, rate=0.05, group_size=6, burst_rate=8.0, burst_length=300.0, burst_rps=0.5
-    ),
+    # over a flatter popularity (a group of 4 takes about 70% of the device).
+    "bursty": Generator(zipf=0.9, rate=0.05, burst_rate=6.0, burst_length=300.0, burst_rps=0.4),
     # A strong daily cycle (busy days, quiet nights) with a steeper tail,
     # over two days.
     "diurnal": Generator(zipf=1.3, amplitude=0.9, burst_rate=0.5, days=2.0),
