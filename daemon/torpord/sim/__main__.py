@@ -1,0 +1,5 @@
+import sys
+
+from torpord.sim.cli import main
+
+sys.exit(main())
