@@ -169,6 +169,7 @@ class ModelManager:
         """Remove a catalogue entry (NOT_FOUND: MODEL_NOT_REGISTERED); a loaded
         model stays loaded."""
         self._registrar.deregister(model_id)
+        self.activity.release(model_id)  # (an id no longer known keeps no record)
 
     def set_policy(self, model_id: str, policy: PolicyOverrides) -> ModelSnapshot:
         """Set the fields `policy` sets on a model (loaded, in a transition or
