@@ -23,13 +23,14 @@ model gets at most one action per call (the next call sees the result).
    host alone); DEVICE = Wake, or Load to DEVICE of a catalogue entry.
    Into free memory, or by evicting models less likely to be used (never
    one in use).
-4. PRELOAD (settings.preload): the models expected to be used at least
-   PRELOAD_MIN_USES times in the horizon (predict.py; for a Wake, within
-   its idle timeout too, so it is not woken only to fall asleep again) are
-   warmed, likeliest first, into free memory only: a sleeper or an
-   offloaded model is woken where its device has room, a catalogue entry
-   is loaded to HOST within the host's room and the sleeper limits. It
-   never evicts anything.
+4. PRELOAD (settings.preload): the catalogue entries not loaded that are
+   expected to be used at least PRELOAD_MIN_USES times in the horizon
+   (predict.py) are loaded to HOST, likeliest first, within the host's free
+   room and the sleeper limits. It never evicts anything, and it never
+   wakes a sleeper: a caller's Sleep must hold until the caller (or a
+   request, through Acquire) wants the model back, and the simulator showed
+   predicted wakes queueing on the host-to-device link ahead of real
+   requests and filling the device room that misses then had to evict.
 """
 
 from __future__ import annotations
@@ -215,16 +216,9 @@ def _preload(plan: Plan) -> None:
     for model in view.models:
         if not _free_to_act(plan, model):
             continue
-        horizon = HORIZON
-        if model.state is ModelState.UNLOADED:
-            if not model.source:
-                continue
-        elif model.state in (ModelState.ASLEEP, ModelState.OFFLOADED):
-            if model.policy.idle_timeout > 0:
-                horizon = min(horizon, model.policy.idle_timeout)
-        else:
-            continue
-        uses = expected_uses(model.activity, view.now, horizon)
+        if model.state is not ModelState.UNLOADED or not model.source:
+            continue  # (only catalogue entries: see the module's docstring)
+        uses = expected_uses(model.activity, view.now, HORIZON)
         if uses >= PRELOAD_MIN_USES:
             wanted.append((-uses, model.model_id, model))
     most, limit = view.settings.max_sleeping_models, view.settings.host_limit
@@ -236,21 +230,11 @@ def _preload(plan: Plan) -> None:
     count = len(sleepers)
     held = sum(model.bytes_in(Tier.HOST) for model in sleepers)
     for _, _, model in sorted(wanted, key=lambda item: item[:2]):
-        if model.state is ModelState.UNLOADED:
-            nbytes = model.total_bytes
-            if nbytes > plan.host_free:
-                continue
-            if (most > 0 and count + 1 > most) or (limit > 0 and held + nbytes > limit):
-                continue
-            plan.host_free -= nbytes
-            count, held = count + 1, held + nbytes
-            plan.add(Load(model.model_id, model.source, Tier.HOST, Cause.PRELOAD))
+        nbytes = model.total_bytes
+        if nbytes > plan.host_free:
             continue
-        needed = model.total_bytes - model.bytes_in(Tier.DEVICE)
-        if needed > plan.device_free.get(model.device, 0):
+        if (most > 0 and count + 1 > most) or (limit > 0 and held + nbytes > limit):
             continue
-        plan.device_free[model.device] -= needed
-        plan.release(HOST, model.bytes_in(Tier.HOST))
-        if model.state is ModelState.ASLEEP and model.sleep_level == 1:
-            count, held = count - 1, held - model.bytes_in(Tier.HOST)
-        plan.add(Wake(model.model_id, Cause.PRELOAD))
+        plan.host_free -= nbytes
+        count, held = count + 1, held + nbytes
+        plan.add(Load(model.model_id, model.source, Tier.HOST, Cause.PRELOAD))
