@@ -181,7 +181,8 @@ granularity = "{p.granularity.value}"
 max_sleeping_models = {p.max_sleeping_models}
 # Host memory sleepers may hold; "0": all of host_pool.capacity.
 host_limit = {_toml_size(p.host_limit)}
-# Warm the models their access history predicts, into free memory only.
+# Load the catalogue entries their access history predicts into free host
+# memory (never evicting, never waking a sleeper).
 preload = {"true" if p.preload else "false"}
 # How often the daemon looks at idle timeouts, limits and windows.
 interval = {_toml_duration(c.policy.interval)}
