@@ -31,7 +31,9 @@ from torpord.config.model import (
     IoConfig,
     LayersConfig,
     LogConfig,
+    MetricsConfig,
     Overrides,
+    ScrubConfig,
     ServerConfig,
     SourcesConfig,
 )
@@ -91,6 +93,8 @@ _SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
         "agents",
         "policy",
         "catalogue",
+        "metrics",
+        "scrub",
     ),
     "server": ("socket", "socket_mode", "tcp", "allow_remote", *TCP_KEYS, "grace_period"),
     "log": ("level", "format"),
@@ -105,6 +109,8 @@ _SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "agents": ("quiesce_timeout", "on_quiesce_timeout"),
     "policy": POLICY_KEYS,
     "policy.default": MODEL_POLICY_KEYS,
+    "metrics": ("listen", "allow_remote"),
+    "scrub": ("rate", "interval"),
 }
 
 
@@ -240,6 +246,20 @@ def load_config(
 
     policy = read_policy(r, host_pool.capacity, disk=cache_path is not None)
 
+    metrics_remote = r.get("metrics.allow_remote", bool_value, False)
+    metrics = MetricsConfig(
+        listen=r.get(
+            "metrics.listen",
+            lambda v: tcp_value(v, allow_remote=metrics_remote, remote_key="metrics.allow_remote"),
+            None,
+        ),
+        allow_remote=metrics_remote,
+    )
+    scrub = ScrubConfig(
+        rate=r.get("scrub.rate", size_value, 256 * 2**20),
+        interval=r.get("scrub.interval", duration_value, 3600.0),
+    )
+
     config = Config(
         file=path,
         server=server,
@@ -252,6 +272,8 @@ def load_config(
         io=io,
         agents=agents,
         policy=policy,
+        metrics=metrics,
+        scrub=scrub,
     )
     config = _apply(config, overrides)
     # After the overrides: --allowed-root decides where catalogue sources may be.

@@ -172,6 +172,22 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """`[metrics]`: Prometheus's /metrics over HTTP."""
+
+    listen: str | None = None  # normalised "host:port", None when off
+    allow_remote: bool = False  # a non-loopback listen address, on purpose
+
+
+@dataclass(frozen=True)
+class ScrubConfig:
+    """`[scrub]`: background checks of sleeping models' host and disk copies."""
+
+    rate: int = 256 * 2**20  # bytes checked per second at most; 0: off
+    interval: float = 3600.0  # seconds before the same copy is checked again
+
+
+@dataclass(frozen=True)
 class CatalogueEntryConfig:
     """One `[[catalogue]]` entry: a model Acquire can load, and its policy
     (the entry's keys over `[policy.default]`)."""
@@ -196,6 +212,8 @@ class Config:
     agents: AgentsConfig
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     catalogue: tuple[CatalogueEntryConfig, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    scrub: ScrubConfig = field(default_factory=ScrubConfig)
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,21 @@ pinned = {"true" if d.pinned else "false"}
 # a copy in the disk cache; needs disk_cache.path) | source (level-2 sleep).
 evict_to = "{d.evict_to.value.lower()}"
 
+[metrics]
+# Prometheus metrics at http://HOST:PORT/metrics ("127.0.0.1:9400", say); ""
+# turns them off. Only a loopback address unless allow_remote = true: the
+# figures name every model on the node.
+listen = {_toml_str(c.metrics.listen or "")}
+allow_remote = {"true" if c.metrics.allow_remote else "false"}
+
+[scrub]
+# Sleeping models' copies in host memory and in the disk cache are checked
+# against their checksums in the background, at most this many bytes a second
+# ("0": never), so a copy that rotted is found before a wake would serve it.
+rate = {_toml_size(c.scrub.rate) if c.scrub.rate else '"0"'}
+# A copy is checked again after this long.
+interval = {_toml_duration(c.scrub.interval)}
+
 # Models the daemon may load itself when an Acquire asks for them (at most
 # {MAX_CATALOGUE} entries, these and RegisterModel's together): an id, a source
 # under sources.allowed_roots, optionally a device, and any key of

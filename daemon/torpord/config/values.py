@@ -244,7 +244,9 @@ def socket_path_value(value: Any, *, relative_to_cwd: bool) -> Path:
     return path
 
 
-def tcp_value(value: Any, *, allow_remote: bool) -> str | None:
+def tcp_value(
+    value: Any, *, allow_remote: bool, remote_key: str = "server.allow_remote"
+) -> str | None:
     """A normalised "host:port" / "[v6]:port", or None for ""."""
     expected = 'host:port such as "127.0.0.1:50051" or "[::1]:50051", or "" for off'
     if not isinstance(value, str):
@@ -269,7 +271,7 @@ def tcp_value(value: Any, *, allow_remote: bool) -> str | None:
     if not loopback and not allow_remote:
         raise Invalid(
             'a loopback host:port such as "127.0.0.1:50051" '
-            "(set server.allow_remote = true to listen on other addresses)"
+            f"(set {remote_key} = true to listen on other addresses)"
         )
     return f"[{host}]:{port}" if match.group(1) else f"{host}:{port}"
 

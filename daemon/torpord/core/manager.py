@@ -29,6 +29,7 @@ from torpord.core.announce import Announcer
 from torpord.core.catalogue import Catalogue
 from torpord.core.engines import Engines
 from torpord.core.events import EventBus
+from torpord.core.history import History
 from torpord.core.images import Images
 from torpord.core.model import Model, ModelSnapshot
 from torpord.core.mover import Mover
@@ -78,7 +79,10 @@ class ModelManager:
             disk,
             disk_in_use=self.registry.disk_keys,
         )
-        self._runner = Runner(backend, self.bus, self.registry, self.requests, self._announcer)
+        self.history = History()
+        self._runner = Runner(
+            backend, self.bus, self.registry, self.requests, self._announcer, self.history
+        )
         self.images = Images(
             backend,
             self.bus,

@@ -22,6 +22,7 @@ import structlog
 from torpord.backends.base import Backend, Slab
 from torpord.core.announce import Announcer
 from torpord.core.events import EventBus, EventType
+from torpord.core.history import Finished, History
 from torpord.core.model import (
     LayerState,
     Model,
@@ -78,8 +79,10 @@ class Runner:
         registry: Registry,
         requests: RequestLog,
         announcer: Announcer,
+        history: History,
     ) -> None:
         self._backend = backend
+        self._history = history
         self._bus = bus
         self._registry = registry
         self._requests = requests
@@ -167,6 +170,7 @@ class Runner:
                 cause=cause,
             )
             self._finish(model, record)
+            self._record(model, plan, before, record)
             raise err from exc if err is not exc else None
         finally:
             heartbeat.cancel()
@@ -190,6 +194,7 @@ class Runner:
             freed=record.freed,
             gb_per_s=round(record.bytes_per_second / 1e9, 3),
         )
+        self._record(model, plan, before, record)
         if plan.removes:
             model.progress = None
             model.last_transition = record
@@ -198,6 +203,17 @@ class Runner:
             self._bus.publish(EventType.REMOVED, snapshot)
             return snapshot
         return self._finish(model, record)
+
+    def _record(
+        self, model: Model, plan: Plan, before: tuple[ModelState, int], record: TransitionRecord
+    ) -> None:
+        if plan.kind is TransitionKind.SLEEP:
+            level = plan.sleep_level or 0
+        elif plan.kind is TransitionKind.WAKE:
+            level = before[1]
+        else:
+            level = 0
+        self._history.add(Finished(model.model_id, model.device, level, record))
 
     def _roll_back(
         self,
