@@ -531,6 +531,10 @@ class AcquireStats(_message.Message):
     model_id: _builtins.str
     """Empty for every model together."""
     count: _builtins.int
+    """Acquires that made their model ready (one that failed is not counted:
+    its error went to its caller, and the transition it ran, if any, is
+    counted in TransitionStats).
+    """
     hit_count: _builtins.int
     """Acquires that found the model ready: nothing had to move."""
     @_builtins.property
