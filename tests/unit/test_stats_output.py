@@ -75,7 +75,7 @@ def test_the_text_has_the_window_a_table_per_kind_and_the_acquires() -> None:
     text = stats_text(stats_to_proto(stats(), now=1000.0 + 720))
     assert text.split("\n") == [
         "History: 3 transitions since 1970-01-01T00:16:40Z (12m ago; 3 kept at most),"
-        " 4 acquires (1024 kept at most); full: older transitions were let go",
+        " 4 acquires (1024 kept at most); transitions full: each new one lets the oldest go",
         "",
         "wake",
         "MODEL  COUNT  FAILED    P50    P95    P99   MAX    MOVED      RATE",

@@ -92,7 +92,7 @@ def _window_line(w: node_pb2.StatsWindow) -> str:
         if most and n >= most
     ]
     if full:
-        line += f"; full: older {' and '.join(full)} were let go"
+        line += f"; {' and '.join(full)} full: each new one lets the oldest go"
     return line
 
 

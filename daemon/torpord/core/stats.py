@@ -114,7 +114,7 @@ class Window:
 
     start_time: float | None  # the oldest kept transition's start (epoch seconds)
     transitions: int  # kept
-    transition_capacity: int  # the most kept: when full, older ones were let go
+    transition_capacity: int  # the most kept: when full, each new one lets the oldest go
     acquires: int
     acquire_capacity: int
 
