@@ -72,7 +72,7 @@ def _model(model_id: str) -> str:
 
 def _window_line(w: node_pb2.StatsWindow) -> str:
     """`History: 6 transitions since 2026-05-01T10:00:00Z (12m ago; 4096 kept
-    at most), 1 acquire (1024 kept at most)`, and what a full history let go."""
+    at most), 1 acquire (1024 kept at most)`, and which history is full."""
     taken = w.end_time.seconds + w.end_time.nanos / 1e9 if w.HasField("end_time") else time.time()
     since = ""
     if w.HasField("start_time"):
