@@ -47,6 +47,11 @@ class History:
         self._ring: collections.deque[Finished] = collections.deque(maxlen=size)
         self._listeners: list[Listener] = []
 
+    @property
+    def capacity(self) -> int:
+        """The most transitions kept: once as many are, each added lets the oldest go."""
+        return self._ring.maxlen or 0
+
     def add(self, finished: Finished) -> None:
         self._ring.append(finished)
         for listener in list(self._listeners):
