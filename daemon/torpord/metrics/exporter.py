@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from torpord.core.acquire import Figure
 from torpord.core.counters import KEEP_MODELS
@@ -54,7 +55,10 @@ class Metrics:
         that are gone, now exported with their last values, are dropped."""
         body = generate_latest(self.registry)
         self.prune()
-        return body, CONTENT_TYPE_LATEST
+        # The text format every Prometheus reads (CONTENT_TYPE_LATEST says
+        # 1.0.0, which 2.x servers don't know; the names here are the same
+        # in both, and prometheus_client's own server answers 0.0.4 too).
+        return body, CONTENT_TYPE_PLAIN_0_0_4
 
     def prune(self) -> None:
         """Drop the series of model ids the daemon no longer knows."""
