@@ -27,6 +27,7 @@ from torpord.core.catalogue import Entry
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.errors import InvalidArgument
 from torpord.logs import configure_logging
+from torpord.metrics import MetricsServer, serve_metrics
 from torpord.server.app import (
     DaemonAlreadyRunning,
     build_server,
@@ -204,6 +205,18 @@ class Daemon:
             on_quiesce_timeout=cfg.agents.on_quiesce_timeout,
         )
         manager.use_engines(agents)
+        metrics: MetricsServer | None = None
+        if cfg.metrics.listen:
+            try:
+                _, metrics = await serve_metrics(manager, cfg.metrics.listen)
+            except OSError as err:
+                log.error(
+                    "cannot listen",
+                    error=f"{cfg.file or '<defaults>'}: metrics.listen {cfg.metrics.listen}:"
+                    f" {err.strerror or err}",
+                )
+                backend.close()
+                return 1
         try:
             server, health = build_server(
                 manager,
@@ -217,12 +230,16 @@ class Daemon:
             fds = FdServer(agents, fd_socket, asyncio.get_running_loop())
         except (DaemonAlreadyRunning, OSError, RuntimeError) as err:
             log.error("cannot listen", socket=str(socket_path), tcp=cfg.server.tcp, error=str(err))
+            if metrics is not None:
+                await metrics.close()
             backend.close()
             return 1
         await server.start()
         self._sockets = [socket_path, fd_socket]
         os.chmod(socket_path, cfg.server.socket_mode)
         fds.start(cfg.server.socket_mode)
+        if metrics is not None:
+            await metrics.start()
         await set_serving(health, True)
         self._install_signals()
         log.info(
@@ -231,6 +248,7 @@ class Daemon:
             socket=str(socket_path),
             tcp=cfg.server.tcp,
             tcp_auth=cfg.server.tcp_auth.mode if cfg.server.tcp_auth else None,
+            metrics=cfg.metrics.listen,
             backend=backend.kind,
             backend_reason=why,
             devices=[d.uuid for d in backend.devices()],
@@ -255,6 +273,8 @@ class Daemon:
         log.info("stopping: draining in-flight calls", grace_seconds=grace)
         systemd.stopping("draining")
         await set_serving(health, False)
+        if metrics is not None:  # (it reads the models, which are about to go)
+            await metrics.close()
         await manager.pilot.stop()  # no policy starts anything while the daemon drains
         manager.bus.close()  # end Watch streams, so they do not hold the grace period
         # Engines let go of the weights before they are freed.

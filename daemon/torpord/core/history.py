@@ -35,6 +35,8 @@ class Finished:
     # Seconds from the start until the first layer was on the device (a WAKE
     # or LOAD that put layers there), None otherwise.
     first_layer: float | None = None
+    # Where an OFFLOAD took its layers (DEVICE, HOST or DISK); None otherwise.
+    target: Tier | None = None
 
 
 Listener = Callable[[Finished], None]

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
 from torpord.backends.base import Backend
 from torpord.core import imagedisk
-from torpord.core.acquire import Acquired, Acquirer, Figure
+from torpord.core.acquire import Acquired, AcquireListener, Acquirer, Figure
 from torpord.core.activity import ActivityLog
 from torpord.core.announce import Announcer
 from torpord.core.catalogue import Catalogue
+from torpord.core.counters import Counters
 from torpord.core.engines import Engines
 from torpord.core.events import EventBus
 from torpord.core.history import History
@@ -71,6 +72,8 @@ class ModelManager:
             settings.worker_threads, thread_name_prefix="torpord-io"
         )
         self._announcer = Announcer(self.bus)
+        # Plain counts for the metrics: bytes moved, checksum failures, engines.
+        self.counters = Counters(self.known)
         self.mover = Mover(
             backend,
             self._executor,
@@ -78,6 +81,7 @@ class ModelManager:
             settings.read,
             disk,
             disk_in_use=self.registry.disk_keys,
+            counters=self.counters,
         )
         self.history = History()
         self._runner = Runner(
@@ -316,6 +320,11 @@ class ModelManager:
     def acquisitions(self) -> Sequence[Figure]:
         """The last Acquires' hit and time to ready, oldest first."""
         return tuple(self._acquirer.figures)
+
+    def listen_acquires(self, listener: AcquireListener) -> Callable[[], None]:
+        """Call `listener` once for each Acquire of a known model that ends from
+        now on (failed ones too); returns the function that stops it."""
+        return self._acquirer.listen(listener)
 
     # -- shutdown --------------------------------------------------------------
 

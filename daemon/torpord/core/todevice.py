@@ -48,4 +48,4 @@ def to_device(
         model.settle()
         return moved
 
-    return Plan(kind, state, moving, body, new)
+    return Plan(kind, state, moving, body, new, target=Tier.DEVICE)
