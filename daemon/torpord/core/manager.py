@@ -39,6 +39,7 @@ from torpord.core.registrar import Registrar
 from torpord.core.registry import Registry, check_model_id
 from torpord.core.requests import RequestLog
 from torpord.core.runner import Runner
+from torpord.core.scrubber import make_scrubber
 from torpord.core.verbs import ManagerSettings, Verbs
 from torpord.errors import Aborted
 from torpord.storage.diskcache import DiskCache
@@ -83,6 +84,10 @@ class ModelManager:
         self._runner = Runner(
             backend, self.bus, self.registry, self.requests, self._announcer, self.history
         )
+        # Background checks of the copies not on a device (None: [scrub] off).
+        self.scrubber = make_scrubber(settings, backend, self.registry, self.bus, self.mover)
+        if self.scrubber is not None:
+            self._runner.stand_aside = self.scrubber.stand_aside
         self.images = Images(
             backend,
             self.bus,
@@ -329,6 +334,8 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace + rollback
         await self.pilot.stop()  # (no policy starts anything from here on)
+        if self.scrubber is not None:  # (it lets go of every slab first)
+            await self.scrubber.stop()
 
         def left() -> float:
             return max(0.0, deadline - loop.time())

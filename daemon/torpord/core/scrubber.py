@@ -1,0 +1,388 @@
+"""Scrubbing: the copies of models' layers that are not on a device (host
+slabs, disk cache entries) checked against their checksums in the
+background, so a copy that rotted is found before a wake would serve it.
+
+The scrubber never competes with transitions and never reads memory that
+is being freed:
+- it reads at most `rate` bytes a second (a token bucket), one bounded piece
+  at a time, on a thread of its own, never on the event loop;
+- it checks only models at rest (ACTIVE, OFFLOADED, ASLEEP) and not in a
+  transition. Before each piece it checks, on the event loop, that the model
+  is still idle and the copy still the layer's; a transition that begins
+  waits for the piece being read (`stand_aside`, called by the runner before
+  a transition changes anything), then the check is abandoned. So a wake
+  waits for one piece at most, and every slab a transition frees is freed
+  after the scrubber has let go of it.
+The checksum (torpord.storage.checksum) is one digest per 1 MiB chunk,
+combined at the end, so pieces of whole chunks hash to the same result.
+
+What a corrupt copy does to its model is in core/corrupt.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+import xxhash
+
+from torpord.backends.base import Backend, Slab
+from torpord.core.corrupt import disk_copy_corrupt, host_copy_corrupt
+from torpord.core.events import EventBus, EventType
+from torpord.core.model import LayerState, Model
+from torpord.core.mover import Mover
+from torpord.core.registry import Registry
+from torpord.core.settings import ManagerSettings
+from torpord.core.workers import settle
+from torpord.storage.cachefiles import entry_is_lost
+from torpord.storage.cacheformat import BadEntry
+from torpord.storage.checksum import CHUNK, combine
+from torpord.storage.diskcache import DATA_OFFSET, DiskCache, DiskEntry
+from torpord.types import ModelState, Tier
+
+__all__ = ["PIECE", "Scrubber", "TokenBucket", "make_scrubber"]
+
+log = structlog.get_logger("torpord.scrub")
+
+PIECE = 8 * CHUNK  # bytes read at once: what a transition may have to wait for
+T = TypeVar("T")
+
+POLL = 1.0  # seconds between two walks when nothing is due sooner
+_AT_REST = frozenset({ModelState.ACTIVE, ModelState.OFFLOADED, ModelState.ASLEEP})
+
+
+class TokenBucket:
+    """At most `rate` units a second on average, in bursts of `burst`."""
+
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._tokens, self._at = burst, clock()
+
+    def take(self, n: int) -> float:
+        """Spend `n`: the seconds to wait before using them (0: now). What is
+        spent ahead of time is a debt the next takes wait for."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= n
+        return max(0.0, -self._tokens / self.rate)
+
+
+@dataclass(eq=False)
+class _Copy:
+    """One copy to check: a layer's host slab, or its disk entry."""
+
+    model: Model
+    index: int
+    layer: LayerState
+    slab: Slab | None = None
+    entry: DiskEntry | None = None
+
+    @property
+    def tier(self) -> Tier:
+        return Tier.HOST if self.slab is not None else Tier.DISK
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        if self.slab is not None:
+            return ("host", self.slab.id)
+        assert self.entry is not None
+        return ("disk", self.entry.key, self.entry.inode)
+
+    @property
+    def size(self) -> int:
+        return self.layer.plan.size
+
+
+class _Abandoned(Exception):
+    """The copy changed or its model began a transition: checked some other time."""
+
+
+class Scrubber:
+    def __init__(
+        self,
+        backend: Backend,
+        registry: Registry,
+        bus: EventBus,
+        disk: Callable[[], DiskCache | None],
+        free: Callable[[Sequence[Slab]], None],
+        *,
+        rate: int,
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """`free` frees slabs (blocking); `clock` and `sleep` pace it (tests
+        pass their own)."""
+        self._backend, self._registry, self._bus = backend, registry, bus
+        self._disk, self._free = disk, free
+        self.rate, self.interval = rate, interval
+        self._clock, self._sleep = clock, sleep
+        self.bucket = TokenBucket(rate, max(PIECE, rate), clock)
+        self.checked_bytes: dict[Tier, int] = {Tier.HOST: 0, Tier.DISK: 0}
+        self.corrupt: dict[Tier, int] = {Tier.HOST: 0, Tier.DISK: 0}
+        self._checked: dict[tuple[object, ...], float] = {}  # copy -> when last checked
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="torpord-scrub")
+        self._task: asyncio.Task[None] | None = None
+        self._current: _Copy | None = None
+        self._reading: asyncio.Future[Any] | None = None  # the piece being read
+        self._freeing: set[asyncio.Future[None]] = set()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="scrubber")
+        log.info("scrubbing copies", rate=self.rate, interval=self.interval)
+
+    async def stop(self) -> None:
+        """Stop, once the piece being read is done and the slabs of a corrupt
+        copy are freed: nothing of the scrubber's touches memory after this."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+        if self._freeing:
+            await asyncio.wait(set(self._freeing))
+        self._pool.shutdown(wait=True)
+
+    async def stand_aside(self, model: Model) -> None:
+        """Before a transition of `model` changes anything: wait for the piece
+        being read of its copy, if one is (the check is abandoned after it)."""
+        reading = self._reading
+        current = self._current
+        if reading is not None and current is not None and current.model is model:
+            await asyncio.wait([reading])
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                wait = await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # (never the daemon's end: try again later)
+                log.exception("scrubbing failed; trying again later")
+                wait = POLL
+            await self._sleep(wait)
+
+    # -- the walk ------------------------------------------------------------
+
+    def copies(self) -> Iterator[_Copy]:
+        """Every copy not on a device, of models at rest, in model order."""
+        for model_id in sorted(self._registry.models):
+            model = self._registry.models[model_id]
+            if model.state not in _AT_REST or model.busy:
+                continue
+            for index, layer in enumerate(model.layers):
+                if not layer.checksum:  # (nothing to check it against yet)
+                    continue
+                if layer.slab is not None and layer.slab.tier is Tier.HOST:
+                    yield _Copy(model, index, layer, slab=layer.slab)
+                if layer.disk is not None:
+                    yield _Copy(model, index, layer, entry=layer.disk)
+
+    async def sweep(self) -> float:
+        """Check every copy that is due; the seconds until the next is."""
+        copies = list(self.copies())
+        alive = {copy.key for copy in copies}
+        for key in set(self._checked) - alive:
+            del self._checked[key]
+        for copy in copies:
+            last = self._checked.get(copy.key)
+            if last is not None and self._clock() - last < self.interval:
+                continue
+            try:
+                await self.check(copy)
+            except _Abandoned:
+                continue
+        now = self._clock()
+        due = [last + self.interval - now for last in self._checked.values()]
+        return max(0.0, min([POLL, *due]))
+
+    def _still(self, copy: _Copy) -> bool:
+        """Whether `copy` is still its layer's, its model idle and at rest."""
+        model, layer = copy.model, copy.layer
+        if self._registry.find(model.model_id) is not model:
+            return False
+        if model.busy or model.state not in _AT_REST:
+            return False
+        if copy.slab is not None:
+            return layer.slab is copy.slab and not copy.slab.freed
+        disk = self._disk()
+        entry = copy.entry
+        return (
+            entry is not None
+            and layer.disk is entry
+            and disk is not None
+            and disk.get(entry.key) is entry
+        )
+
+    # -- one copy ------------------------------------------------------------
+
+    async def check(self, copy: _Copy) -> None:
+        """Read `copy` piece by piece at the rate, and act if it is corrupt
+        (_Abandoned if it changed or its model began a transition meanwhile)."""
+        expected = copy.layer.checksum or (copy.entry.checksum if copy.entry else "")
+        self._current = copy
+        fd: int | None = None
+        try:
+            if copy.entry is not None:
+                fd = await self._piece(copy, _open_entry, self._disk(), copy.entry)
+                if fd is None:  # (another file took its place: a newer copy)
+                    raise _Abandoned
+            digests: list[int] = []
+            for at in range(0, copy.size, PIECE):
+                n = min(PIECE, copy.size - at)
+                if (wait := self.bucket.take(n)) > 0:
+                    await self._sleep(wait)
+                if fd is None:
+                    digests += await self._piece(copy, _hash_slab, self._backend, copy.slab, at, n)
+                else:
+                    digests += await self._piece(copy, _hash_file, fd, copy.size, at, n)
+            actual = combine(digests)
+            problem = None if actual == expected else f"checksum {actual}, expected {expected}"
+        except _Corrupt as err:
+            problem = str(err)
+        finally:
+            self._current = None
+            if fd is not None:
+                os.close(fd)
+        self._checked[copy.key] = self._clock()
+        where = {
+            "model_id": copy.model.model_id,
+            "layer": copy.layer.plan.name,
+            "index": copy.index,
+            "tier": copy.tier.value.lower(),
+        }
+        if problem is not None:
+            self.corrupt[copy.tier] += 1
+        if not self._still(copy):  # (a transition began: the model is its now)
+            if problem is not None:
+                log.warning(
+                    "scrub: a copy does not match its checksum, but its model's transition"
+                    " began meanwhile: the transition's own checks see to it",
+                    problem=problem,
+                    **where,
+                )
+            raise _Abandoned
+        self.checked_bytes[copy.tier] += copy.size
+        if problem is not None:
+            log.warning(
+                "scrub: a copy does not match its checksum; it is refused", problem=problem, **where
+            )
+            self._refuse(copy, problem)
+
+    def _refuse(self, copy: _Copy, problem: str) -> None:
+        """What a corrupt copy does (core/corrupt.py), and who hears of it."""
+        if copy.slab is not None:
+            self._free_later(host_copy_corrupt(copy.model, copy.layer))
+            changed = [copy.model]
+        else:
+            disk = self._disk()
+            assert disk is not None and copy.entry is not None
+            disk.remove(copy.entry)
+            changed = disk_copy_corrupt(list(self._registry.models.values()), copy.entry, problem)
+        for model in changed:
+            self._bus.publish(EventType.CHANGED, model.snapshot())
+
+    def _free_later(self, slabs: Sequence[Slab]) -> None:
+        """Free `slabs` on the scrubber's thread (gigabytes take a while)."""
+        freeing = asyncio.get_running_loop().run_in_executor(self._pool, self._free, slabs)
+        self._freeing.add(freeing)
+        freeing.add_done_callback(self._freeing.discard)
+        freeing.add_done_callback(_log_failure)
+
+    async def _piece(self, copy: _Copy, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args) on the scrubber's thread, if `copy` is still to be read."""
+        if not self._still(copy):
+            raise _Abandoned
+        reading = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        self._reading = reading
+        try:
+            # (Even when stopped, it waits for the thread to let go first.)
+            return await settle(reading)
+        finally:
+            self._reading = None
+
+
+def make_scrubber(
+    settings: ManagerSettings, backend: Backend, registry: Registry, bus: EventBus, mover: Mover
+) -> Scrubber | None:
+    """The manager's scrubber; None when `[scrub] rate` is 0."""
+    if not settings.scrub_rate:
+        return None
+    return Scrubber(
+        backend,
+        registry,
+        bus,
+        lambda: mover.disk,
+        lambda slabs: mover.free_all(slabs, False),
+        rate=settings.scrub_rate,
+        interval=settings.scrub_interval,
+    )
+
+
+class _Corrupt(Exception):
+    """The copy can't be what its checksum says (the message says why)."""
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.error("scrub: freeing a corrupt host copy failed", error=str(exc))
+
+
+# -- on the scrubber's thread --------------------------------------------------
+
+
+def _digests(piece: memoryview) -> list[int]:
+    out = []
+    for at in range(0, piece.nbytes, CHUNK):
+        with piece[at : at + CHUNK] as chunk:
+            out.append(xxhash.xxh3_64_intdigest(chunk))
+    return out
+
+
+def _hash_slab(backend: Backend, slab: Slab, at: int, n: int) -> list[int]:
+    """The chunk digests of `n` bytes of a host slab from `at` (a whole number
+    of chunks, or the slab's end). The views are let go of before it returns."""
+    with backend.view(slab) as view, view[at : at + n] as piece:
+        return _digests(piece)
+
+
+def _open_entry(disk: DiskCache, entry: DiskEntry) -> int | None:
+    """An fd of `entry`'s file; None if another file has taken its place."""
+    try:
+        fd = disk.open_entry(entry)
+    except BadEntry as err:
+        raise _Corrupt(str(err)) from None
+    except OSError as err:
+        if not entry_is_lost(err):  # (the system is failing right now: later)
+            raise
+        raise _Corrupt(f"it is gone or unreadable: {err.strerror}") from None
+    st = os.fstat(fd)
+    if st.st_ino == entry.inode and st.st_size == entry.file_bytes:
+        return fd
+    os.close(fd)
+    if st.st_ino != entry.inode:
+        return None
+    raise _Corrupt(f"its file has {st.st_size} bytes, not {entry.file_bytes}")
+
+
+def _hash_file(fd: int, size: int, at: int, n: int) -> list[int]:
+    """The chunk digests of `n` bytes of an entry's slab from `at`."""
+    buf = bytearray(n)
+    with memoryview(buf) as view:
+        got = 0
+        while got < n:
+            with view[got:] as rest:
+                read = os.preadv(fd, [rest], DATA_OFFSET + at + got)
+            if read == 0:
+                raise _Corrupt(f"it ends after {at + got} of {size} bytes")
+            got += read
+        return _digests(view)
