@@ -334,11 +334,12 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace + rollback
         await self.pilot.stop()  # (no policy starts anything from here on)
-        if self.scrubber is not None:  # (it lets go of every slab first)
-            await self.scrubber.stop()
 
         def left() -> float:
             return max(0.0, deadline - loop.time())
+
+        # The scrubber lets go of every slab first (only a disk read can keep it).
+        scrubbed = self.scrubber is None or await self.scrubber.stop(left())
 
         running = [
             m.task
@@ -389,4 +390,4 @@ class ModelManager:
             self.engines.unloaded(model.model_id)
         self.registry.models.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        return True
+        return scrubbed

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
-import xxhash
 
 from torpord.backends.base import Backend, Slab
 from torpord.core.corrupt import disk_copy_corrupt, host_copy_corrupt
@@ -38,12 +37,11 @@ from torpord.core.events import EventBus, EventType
 from torpord.core.model import LayerState, Model
 from torpord.core.mover import Mover
 from torpord.core.registry import Registry
+from torpord.core.scrubread import Corrupt, hash_file, hash_slab, open_entry
 from torpord.core.settings import ManagerSettings
 from torpord.core.workers import settle
-from torpord.storage.cachefiles import entry_is_lost
-from torpord.storage.cacheformat import BadEntry
 from torpord.storage.checksum import CHUNK, combine
-from torpord.storage.diskcache import DATA_OFFSET, DiskCache, DiskEntry
+from torpord.storage.diskcache import DiskCache, DiskEntry
 from torpord.types import ModelState, Tier
 
 __all__ = ["PIECE", "Scrubber", "TokenBucket", "make_scrubber"]
@@ -51,9 +49,8 @@ __all__ = ["PIECE", "Scrubber", "TokenBucket", "make_scrubber"]
 log = structlog.get_logger("torpord.scrub")
 
 PIECE = 8 * CHUNK  # bytes read at once: what a transition may have to wait for
-T = TypeVar("T")
-
 POLL = 1.0  # seconds between two walks when nothing is due sooner
+T = TypeVar("T")
 _AT_REST = frozenset({ModelState.ACTIVE, ModelState.OFFLOADED, ModelState.ASLEEP})
 
 
@@ -142,15 +139,23 @@ class Scrubber:
         self._task = asyncio.create_task(self._run(), name="scrubber")
         log.info("scrubbing copies", rate=self.rate, interval=self.interval)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> bool:
         """Stop, once the piece being read is done and the slabs of a corrupt
-        copy are freed: nothing of the scrubber's touches memory after this."""
+        copy are freed: nothing of the scrubber's touches memory after this.
+        False if that took longer than `timeout` (a disk read that does not
+        return: its thread is left to the process's exit)."""
+        pending: set[asyncio.Future[Any]] = set(self._freeing)
         if self._task is not None:
             self._task.cancel()
-            await asyncio.wait([self._task])
-        if self._freeing:
-            await asyncio.wait(set(self._freeing))
+            pending.add(self._task)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=timeout)
+            if late:
+                log.error("scrub: a check did not stop in time; left to the process's exit")
+                self._pool.shutdown(wait=False)
+                return False
         self._pool.shutdown(wait=True)
+        return True
 
     async def stand_aside(self, model: Model) -> None:
         """Before a transition of `model` changes anything: wait for the piece
@@ -231,9 +236,11 @@ class Scrubber:
         expected = copy.layer.checksum or (copy.entry.checksum if copy.entry else "")
         self._current = copy
         fd: int | None = None
+        disk = self._disk()
         try:
             if copy.entry is not None:
-                fd = await self._piece(copy, _open_entry, self._disk(), copy.entry)
+                assert disk is not None  # (_still says so)
+                fd = await self._piece(copy, open_entry, disk, copy.entry)
                 if fd is None:  # (another file took its place: a newer copy)
                     raise _Abandoned
             digests: list[int] = []
@@ -242,12 +249,13 @@ class Scrubber:
                 if (wait := self.bucket.take(n)) > 0:
                     await self._sleep(wait)
                 if fd is None:
-                    digests += await self._piece(copy, _hash_slab, self._backend, copy.slab, at, n)
+                    digests += await self._piece(copy, hash_slab, self._backend, copy.slab, at, n)
                 else:
-                    digests += await self._piece(copy, _hash_file, fd, copy.size, at, n)
+                    assert disk is not None
+                    digests += await self._piece(copy, hash_file, disk.io, fd, copy.size, at, n)
             actual = combine(digests)
             problem = None if actual == expected else f"checksum {actual}, expected {expected}"
-        except _Corrupt as err:
+        except Corrupt as err:
             problem = str(err)
         finally:
             self._current = None
@@ -328,61 +336,6 @@ def make_scrubber(
     )
 
 
-class _Corrupt(Exception):
-    """The copy can't be what its checksum says (the message says why)."""
-
-
 def _log_failure(future: asyncio.Future[None]) -> None:
     if not future.cancelled() and (exc := future.exception()) is not None:
         log.error("scrub: freeing a corrupt host copy failed", error=str(exc))
-
-
-# -- on the scrubber's thread --------------------------------------------------
-
-
-def _digests(piece: memoryview) -> list[int]:
-    out = []
-    for at in range(0, piece.nbytes, CHUNK):
-        with piece[at : at + CHUNK] as chunk:
-            out.append(xxhash.xxh3_64_intdigest(chunk))
-    return out
-
-
-def _hash_slab(backend: Backend, slab: Slab, at: int, n: int) -> list[int]:
-    """The chunk digests of `n` bytes of a host slab from `at` (a whole number
-    of chunks, or the slab's end). The views are let go of before it returns."""
-    with backend.view(slab) as view, view[at : at + n] as piece:
-        return _digests(piece)
-
-
-def _open_entry(disk: DiskCache, entry: DiskEntry) -> int | None:
-    """An fd of `entry`'s file; None if another file has taken its place."""
-    try:
-        fd = disk.open_entry(entry)
-    except BadEntry as err:
-        raise _Corrupt(str(err)) from None
-    except OSError as err:
-        if not entry_is_lost(err):  # (the system is failing right now: later)
-            raise
-        raise _Corrupt(f"it is gone or unreadable: {err.strerror}") from None
-    st = os.fstat(fd)
-    if st.st_ino == entry.inode and st.st_size == entry.file_bytes:
-        return fd
-    os.close(fd)
-    if st.st_ino != entry.inode:
-        return None
-    raise _Corrupt(f"its file has {st.st_size} bytes, not {entry.file_bytes}")
-
-
-def _hash_file(fd: int, size: int, at: int, n: int) -> list[int]:
-    """The chunk digests of `n` bytes of an entry's slab from `at`."""
-    buf = bytearray(n)
-    with memoryview(buf) as view:
-        got = 0
-        while got < n:
-            with view[got:] as rest:
-                read = os.preadv(fd, [rest], DATA_OFFSET + at + got)
-            if read == 0:
-                raise _Corrupt(f"it ends after {at + got} of {size} bytes")
-            got += read
-        return _digests(view)

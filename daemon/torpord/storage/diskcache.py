@@ -323,6 +323,11 @@ class DiskCache:
             self._last_use[key] = time.time()
         return entry
 
+    @property
+    def io(self) -> FileIO:
+        """What entries are read through (the scrubber's reads too)."""
+        return self._io
+
     def open_entry(self, entry: DiskEntry) -> int:
         """A read-only fd of the file at `entry`'s place, its slab's bytes from
         DATA_OFFSET (to check them); the caller closes it. OSError or BadEntry
