@@ -348,6 +348,28 @@ async def test_a_corrupt_disk_copy_of_a_level_2_sleeper(
         await h.close()
 
 
+async def test_a_corrupt_entry_no_model_uses_is_removed(tmp_path: Path, ckpt: Path) -> None:
+    h = disk_harness(tmp_path, scrub_rate=1 << 40)
+    scrub, disk = h.manager.scrubber, h.manager.disk
+    assert scrub is not None and disk is not None
+    try:
+        await h.manager.load("m", str(ckpt))
+        await h.manager.offload("m", ["layers.0", "layers.1"], Tier.DISK)
+        await h.manager.unload("m")
+        left = sorted(disk.entries(), key=lambda e: e.key)
+        assert len(left) == 2  # (copies outlive their model: a load may take them)
+        os.truncate(left[0].path, DATA_OFFSET + 10)
+        await scrub.sweep()
+        assert disk.entries() == [left[1]] and not left[0].path.exists()
+        assert scrub.corrupt == {Tier.HOST: 0, Tier.DISK: 1}
+        assert scrub.checked_bytes[Tier.DISK] == left[1].size
+        m = await h.manager.load("m", str(ckpt), target=Tier.HOST)
+        assert m.state is ModelState.ASLEEP
+        h.check_bytes("m")
+    finally:
+        await h.close()
+
+
 class StuckScrubReads(SystemIO):
     """A disk whose reads on the scrubber's thread never return (until let go)."""
 

@@ -75,11 +75,12 @@ class TokenBucket:
 
 @dataclass(eq=False)
 class _Copy:
-    """One copy to check: a layer's host slab, or its disk entry."""
+    """One copy to check: a layer's host slab, or its disk entry; or an entry
+    no model uses (model and layer None), which a load may take."""
 
-    model: Model
+    model: Model | None
     index: int
-    layer: LayerState
+    layer: LayerState | None
     slab: Slab | None = None
     entry: DiskEntry | None = None
 
@@ -96,7 +97,29 @@ class _Copy:
 
     @property
     def size(self) -> int:
-        return self.layer.plan.size
+        if self.slab is not None:
+            return self.slab.size
+        assert self.entry is not None
+        return self.entry.size
+
+    @property
+    def expected(self) -> str:
+        if self.layer is not None and self.layer.checksum:
+            return self.layer.checksum
+        return self.entry.checksum if self.entry is not None else ""
+
+    def where(self) -> dict[str, object]:
+        """What a log line says of it (never what it holds)."""
+        tier = {"tier": self.tier.value.lower()}
+        if self.model is None or self.layer is None:
+            assert self.entry is not None
+            return {"entry": self.entry.key, **tier}
+        return {
+            "model_id": self.model.model_id,
+            "layer": self.layer.plan.name,
+            "index": self.index,
+            **tier,
+        }
 
 
 class _Abandoned(Exception):
@@ -191,6 +214,12 @@ class Scrubber:
                     yield _Copy(model, index, layer, slab=layer.slab)
                 if layer.disk is not None:
                     yield _Copy(model, index, layer, entry=layer.disk)
+        disk = self._disk()
+        if disk is not None:
+            used = self._registry.disk_keys()
+            for entry in sorted(disk.entries(), key=lambda e: e.key):
+                if entry.key not in used:
+                    yield _Copy(None, -1, None, entry=entry)
 
     async def sweep(self) -> float:
         """Check every copy that is due; the seconds until the next is."""
@@ -211,15 +240,23 @@ class Scrubber:
         return max(0.0, min([POLL, *due]))
 
     def _still(self, copy: _Copy) -> bool:
-        """Whether `copy` is still its layer's, its model idle and at rest."""
-        model, layer = copy.model, copy.layer
+        """Whether `copy` is still its layer's, its model idle and at rest (an
+        entry no model used: still in the cache, and still used by none)."""
+        model, layer, disk = copy.model, copy.layer, self._disk()
+        if model is None or layer is None:
+            entry = copy.entry
+            return (
+                entry is not None
+                and disk is not None
+                and disk.get(entry.key) is entry
+                and entry.key not in self._registry.disk_keys()
+            )
         if self._registry.find(model.model_id) is not model:
             return False
         if model.busy or model.state not in _AT_REST:
             return False
         if copy.slab is not None:
             return layer.slab is copy.slab and not copy.slab.freed
-        disk = self._disk()
         entry = copy.entry
         return (
             entry is not None
@@ -233,10 +270,11 @@ class Scrubber:
     async def check(self, copy: _Copy) -> None:
         """Read `copy` piece by piece at the rate, and act if it is corrupt
         (_Abandoned if it changed or its model began a transition meanwhile)."""
-        expected = copy.layer.checksum or (copy.entry.checksum if copy.entry else "")
+        expected = copy.expected
         self._current = copy
         fd: int | None = None
         disk = self._disk()
+        done = 0  # (bytes read: what checked_bytes counts)
         try:
             if copy.entry is not None:
                 assert disk is not None  # (_still says so)
@@ -253,6 +291,7 @@ class Scrubber:
                 else:
                     assert disk is not None
                     digests += await self._piece(copy, hash_file, disk.io, fd, copy.size, at, n)
+                done += n
             actual = combine(digests)
             problem = None if actual == expected else f"checksum {actual}, expected {expected}"
         except Corrupt as err:
@@ -261,25 +300,21 @@ class Scrubber:
             self._current = None
             if fd is not None:
                 os.close(fd)
-        self._checked[copy.key] = self._clock()
-        where = {
-            "model_id": copy.model.model_id,
-            "layer": copy.layer.plan.name,
-            "index": copy.index,
-            "tier": copy.tier.value.lower(),
-        }
+        where = copy.where()
         if problem is not None:
             self.corrupt[copy.tier] += 1
         if not self._still(copy):  # (a transition began: the model is its now)
             if problem is not None:
                 log.warning(
                     "scrub: a copy does not match its checksum, but its model's transition"
-                    " began meanwhile: the transition's own checks see to it",
+                    " began meanwhile: not acted on (a wake with verify refuses it; a copy"
+                    " still there is checked again at once)",
                     problem=problem,
                     **where,
                 )
-            raise _Abandoned
-        self.checked_bytes[copy.tier] += copy.size
+            raise _Abandoned  # (and checked again at the next walk)
+        self._checked[copy.key] = self._clock()
+        self.checked_bytes[copy.tier] += done
         if problem is not None:
             log.warning(
                 "scrub: a copy does not match its checksum; it is refused", problem=problem, **where
@@ -289,6 +324,7 @@ class Scrubber:
     def _refuse(self, copy: _Copy, problem: str) -> None:
         """What a corrupt copy does (core/corrupt.py), and who hears of it."""
         if copy.slab is not None:
+            assert copy.model is not None and copy.layer is not None
             self._free_later(host_copy_corrupt(copy.model, copy.layer))
             changed = [copy.model]
         else:

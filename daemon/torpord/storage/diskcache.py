@@ -323,6 +323,10 @@ class DiskCache:
             self._last_use[key] = time.time()
         return entry
 
+    def entries(self) -> list[DiskEntry]:
+        with self._lock:
+            return list(self._entries.values())
+
     @property
     def io(self) -> FileIO:
         """What entries are read through (the scrubber's reads too)."""
