@@ -16,6 +16,8 @@ from torpord.backends.base import Slab
 from torpord.backends.host import HostBackend
 from torpord.core.events import EventType
 from torpord.core.scrubber import PIECE, POLL, Scrubber, TokenBucket
+from torpord.errors import DataLoss
+from torpord.storage.catalogue import CatalogueGroup, CatalogueTensor
 from torpord.storage.diskcache import DATA_OFFSET
 from torpord.storage.fileio import Buffer, SystemIO
 from torpord.types import ModelState, Tier
@@ -307,6 +309,39 @@ async def test_a_corrupt_layer_offloaded_to_host(h: Harness, ckpt: Path) -> None
         await scrub.stop()
         h.backend.drain()
     assert h.backend.host_pool().used == 0
+
+
+async def test_a_corrupt_host_copy_of_an_image_says_it_is_lost(tmp_path: Path) -> None:
+    h = Harness(tmp_path, scrub_rate=1 << 40)
+    assert h.manager.scrubber is not None
+    try:
+        groups = [
+            CatalogueGroup(name, 4096, (CatalogueTensor(f"{name}.w", "U8", (4096,), 0),))
+            for name in ("pre", "layers.0", "post")
+        ]
+        model = await h.manager.images.begin("img", "fp", groups, device="", publisher="e")
+        for layer in model.layers:
+            assert layer.slab is not None
+            with h.backend.view(layer.slab) as view:
+                view[:] = layer.plan.name.encode().ljust(4096, b".")
+        await h.manager.images.commit("img", "e")
+        await h.manager.sleep("img", 1)
+        slab = model.layers[1].slab
+        assert slab is not None
+        corrupt(h, slab, 0)
+        await h.manager.scrubber.sweep()
+        m = h.manager.get("img")
+        assert (m.state, m.sleep_level, m.state_reason) == (
+            ModelState.ASLEEP,
+            2,
+            "HOST_COPY_CORRUPT",
+        )
+        assert "unload it and publish it again" in m.state_message
+        with pytest.raises(DataLoss) as err:  # (never the corrupt bytes)
+            await h.manager.wake("img")
+        assert err.value.reason == "IMAGE_LOST"
+    finally:
+        await h.close()
 
 
 @pytest.mark.parametrize("how", ["flipped", "truncated", "deleted"])

@@ -42,14 +42,14 @@ def _lost(model: Model) -> list[str]:
     return [layer.plan.name for layer in model.layers if layer.tier is Tier.SOURCE]
 
 
-def _then(model: Model, verb: str) -> str:
+def _then(model: Model, verb: str, what: str = "the layer") -> str:
     lost = _lost(model)
     if lost:
         return (
             f"; the model is an image, which has no source, and its layer(s) {some(lost)} now"
             " have no copy left: unload it and publish it again"
         )
-    return f"; {verb} reads it again from the disk cache or the source, and checks it"
+    return f"; {verb} reads {what} again from the disk cache or the source, checked"
 
 
 def host_copy_corrupt(model: Model, layer: LayerState) -> list[Slab]:
@@ -63,7 +63,7 @@ def host_copy_corrupt(model: Model, layer: LayerState) -> list[Slab]:
         model.sleep_level = 2
         message = (
             f"the host copy of layer {name} did not match its checksum: the model's host copy"
-            " was freed and it sleeps at level 2" + _then(model, "a wake")
+            " was freed and it sleeps at level 2" + _then(model, "a wake", "its weights")
         )
         model.set_state(ModelState.ASLEEP, HOST_COPY_CORRUPT, message)
         return slabs
@@ -87,17 +87,19 @@ def disk_copy_corrupt(models: list[Model], entry: DiskEntry, why: str) -> list[M
     for model in models:
         if model.busy:  # (its transition's read refuses the copy itself)
             continue
-        names = []
-        for layer in model.layers:
-            if layer.disk is not None and layer.disk.key == entry.key:
-                layer.disk = None
-                names.append(layer.plan.name)
-        if not names:
+        layers = [lay for lay in model.layers if lay.disk is not None and lay.disk.key == entry.key]
+        if not layers:
             continue
-        message = (
-            f"the disk copy of layer {', '.join(names)} is corrupt ({why}): it was removed"
-            " from the cache" + _then(model, "a wake")
-        )
-        model.set_state(model.state, DISK_COPY_CORRUPT, message)
+        for layer in layers:
+            layer.disk = None
+        names = ", ".join(layer.plan.name for layer in layers)
+        if _lost(model):
+            then = _then(model, "")
+        elif any(layer.slab is None for layer in layers):
+            then = "; a wake reads the layer from the source, checked"
+        else:
+            then = "; the layer's copy in memory is another, unaffected"
+        message = f"the disk copy of layer {names} is corrupt ({why}): it was removed"
+        model.set_state(model.state, DISK_COPY_CORRUPT, message + " from the cache" + then)
         changed.append(model)
     return changed
