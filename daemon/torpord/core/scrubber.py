@@ -149,7 +149,9 @@ class Scrubber:
         self.bucket = TokenBucket(rate, max(PIECE, rate), clock)
         self.checked_bytes: dict[Tier, int] = {Tier.HOST: 0, Tier.DISK: 0}
         self.corrupt: dict[Tier, int] = {Tier.HOST: 0, Tier.DISK: 0}
-        self._checked: dict[tuple[object, ...], float] = {}  # copy -> when last checked
+        # Copy -> when it was last checked, or first seen: a copy is checked
+        # an interval after it was made (or found at start), then each interval.
+        self._since: dict[tuple[object, ...], float] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="torpord-scrub")
         self._task: asyncio.Task[None] | None = None
         self._current: _Copy | None = None
@@ -202,11 +204,10 @@ class Scrubber:
     # -- the walk ------------------------------------------------------------
 
     def copies(self) -> Iterator[_Copy]:
-        """Every copy not on a device, of models at rest, in model order."""
+        """Every copy not on a device, in model order, then the disk entries
+        no model uses (those of models in a transition too: see `_still`)."""
         for model_id in sorted(self._registry.models):
             model = self._registry.models[model_id]
-            if model.state not in _AT_REST or model.busy:
-                continue
             for index, layer in enumerate(model.layers):
                 if not layer.checksum:  # (nothing to check it against yet)
                     continue
@@ -225,18 +226,20 @@ class Scrubber:
         """Check every copy that is due; the seconds until the next is."""
         copies = list(self.copies())
         alive = {copy.key for copy in copies}
-        for key in set(self._checked) - alive:
-            del self._checked[key]
+        for key in set(self._since) - alive:
+            del self._since[key]
         for copy in copies:
-            last = self._checked.get(copy.key)
-            if last is not None and self._clock() - last < self.interval:
+            since = self._since.setdefault(copy.key, self._clock())
+            if self._clock() - since < self.interval:
+                continue
+            if not self._still(copy):  # (its model is in a transition: later)
                 continue
             try:
                 await self.check(copy)
             except _Abandoned:
                 continue
         now = self._clock()
-        due = [last + self.interval - now for last in self._checked.values()]
+        due = [since + self.interval - now for since in self._since.values()]
         return max(0.0, min([POLL, *due]))
 
     def _still(self, copy: _Copy) -> bool:
@@ -313,7 +316,7 @@ class Scrubber:
                     **where,
                 )
             raise _Abandoned  # (and checked again at the next walk)
-        self._checked[copy.key] = self._clock()
+        self._since[copy.key] = self._clock()
         self.checked_bytes[copy.tier] += done
         if problem is not None:
             log.warning(
