@@ -146,7 +146,7 @@ class Scrubber:
         self._disk, self._free = disk, free
         self.rate, self.interval = rate, interval
         self._clock, self._sleep = clock, sleep
-        self.bucket = TokenBucket(rate, max(PIECE, rate), clock)
+        self.bucket = TokenBucket(rate, PIECE, clock)  # (bursts of one piece)
         self.checked_bytes: dict[Tier, int] = {Tier.HOST: 0, Tier.DISK: 0}
         self.corrupt: dict[Tier, int] = {Tier.HOST: 0, Tier.DISK: 0}
         # Copy -> when it was last checked, or first seen: a copy is checked
