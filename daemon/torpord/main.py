@@ -192,6 +192,8 @@ class Daemon:
                 policy=cfg.policy.settings,
                 policy_interval=cfg.policy.interval,
                 catalogue=catalogue,
+                scrub_rate=cfg.scrub.rate,
+                scrub_interval=cfg.scrub.interval,
             ),
             disk=disk,
         )
@@ -258,6 +260,8 @@ class Daemon:
         )
         systemd.ready(f"listening on {socket_path}")
         manager.pilot.start()  # (it does nothing while the policy layer is off)
+        if manager.scrubber is not None:
+            manager.scrubber.start()
         await self._stop.wait()
 
         # Everything below ends within the grace period, whatever it waits

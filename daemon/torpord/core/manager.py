@@ -40,6 +40,7 @@ from torpord.core.registrar import Registrar
 from torpord.core.registry import Registry, check_model_id
 from torpord.core.requests import RequestLog
 from torpord.core.runner import Runner
+from torpord.core.scrubber import make_scrubber
 from torpord.core.verbs import ManagerSettings, Verbs
 from torpord.errors import Aborted
 from torpord.storage.diskcache import DiskCache
@@ -87,6 +88,10 @@ class ModelManager:
         self._runner = Runner(
             backend, self.bus, self.registry, self.requests, self._announcer, self.history
         )
+        # Background checks of the copies not on a device (None: [scrub] off).
+        self.scrubber = make_scrubber(settings, backend, self.registry, self.bus, self.mover)
+        if self.scrubber is not None:
+            self._runner.stand_aside = self.scrubber.stand_aside
         self.images = Images(
             backend,
             self.bus,
@@ -342,6 +347,9 @@ class ModelManager:
         def left() -> float:
             return max(0.0, deadline - loop.time())
 
+        # The scrubber lets go of every slab first (only a disk read can keep it).
+        scrubbed = self.scrubber is None or await self.scrubber.stop(left())
+
         running = [
             m.task
             for m in self.registry.models.values()
@@ -391,4 +399,4 @@ class ModelManager:
             self.engines.unloaded(model.model_id)
         self.registry.models.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        return True
+        return scrubbed

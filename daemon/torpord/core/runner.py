@@ -88,6 +88,9 @@ class Runner:
         self._registry = registry
         self._requests = requests
         self._announcer = announcer
+        # Called before a transition changes anything: what reads the
+        # model's memory in the background (the scrubber) lets go of it.
+        self.stand_aside: Callable[[Model], Awaitable[None]] | None = None
 
     async def start(
         self,
@@ -148,6 +151,8 @@ class Runner:
         try:
             if running.cause is not None:  # cancelled before its first step
                 raise asyncio.CancelledError
+            if self.stand_aside is not None:
+                await self.stand_aside(model)
             await plan.body()
         except BaseException as exc:
             err = _as_domain_error(exc, running.cause)

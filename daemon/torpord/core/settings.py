@@ -26,3 +26,7 @@ class ManagerSettings:
     policy_interval: float = 1.0  # seconds between two rounds of housekeeping
     # Config [[catalogue]]: entries the catalogue starts with.
     catalogue: tuple[Entry, ...] = ()
+    # Config [scrub]: bytes a second the scrubber checks (0: no scrubber),
+    # and the seconds before it checks the same copy again.
+    scrub_rate: int = 0
+    scrub_interval: float = 3600.0
