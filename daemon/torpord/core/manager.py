@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import structlog
 
 from torpord.backends.base import Backend
 from torpord.core import imagedisk
-from torpord.core.acquire import Acquired, AcquireListener, Acquirer, Figure
+from torpord.core.acquire import Acquired, Acquirer, Figure
 from torpord.core.activity import ActivityLog
 from torpord.core.announce import Announcer
 from torpord.core.catalogue import Catalogue
@@ -118,7 +118,7 @@ class ModelManager:
         )
         # The policies' decisions run (core/pilot.py); Acquire (core/acquire.py).
         self.pilot = Pilot(self)
-        self._acquirer = Acquirer(self, self.pilot)
+        self.acquirer = Acquirer(self, self.pilot)
 
     @property
     def engines(self) -> Engines:
@@ -319,17 +319,12 @@ class ModelManager:
 
     async def acquire(self, model_id: str, *, request_id: str = "") -> Acquired:
         """Make the model ready for a request that arrived (core/acquire.py)."""
-        return await self._acquirer.acquire(model_id, request_id=request_id)
+        return await self.acquirer.acquire(model_id, request_id=request_id)
 
     @property
     def acquisitions(self) -> Sequence[Figure]:
         """The last Acquires' hit and time to ready, oldest first."""
-        return tuple(self._acquirer.figures)
-
-    def listen_acquires(self, listener: AcquireListener) -> Callable[[], None]:
-        """Call `listener` once for each Acquire of a known model that ends from
-        now on (failed ones too); returns the function that stops it."""
-        return self._acquirer.listen(listener)
+        return tuple(self.acquirer.figures)
 
     # -- shutdown --------------------------------------------------------------
 

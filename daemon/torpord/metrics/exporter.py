@@ -43,7 +43,7 @@ class Metrics:
         self._seen: set[str] = set()  # model ids with series (since the last prune)
         self._stops = [
             manager.history.listen(self._finished),
-            manager.listen_acquires(self._acquired),
+            manager.acquirer.listen(self._acquired),
         ]
 
     def collect(self) -> Iterator[Metric]:
