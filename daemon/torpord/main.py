@@ -239,6 +239,10 @@ class Daemon:
             pid=os.getpid(),
         )
         systemd.ready(f"listening on {socket_path}")
+        # From READY=1 (when systemd arms it) until the exit, drain included.
+        watchdog = systemd.Watchdog.from_env()
+        if watchdog is not None:
+            watchdog.start()
         manager.pilot.start()  # (it does nothing while the policy layer is off)
         await self._stop.wait()
 
@@ -268,6 +272,8 @@ class Daemon:
             self.abandoned = True
         self._remove_sockets()
         log.info("stopped", clean=clean)
+        if watchdog is not None:
+            await watchdog.stop()
         return 0
 
     def _remove_sockets(self) -> None:
