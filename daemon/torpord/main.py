@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import os
 import signal
 import sys
@@ -92,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"torpord: {args.config or 'embedded defaults'}: ok")
         return 0
     configure_logging(config.log.level, config.log.format)
+    # systemd's watchdog ends a stalled daemon with SIGABRT: each thread's
+    # stack goes to stderr (the journal) first, to show where it was stuck.
+    faulthandler.enable()
     daemon = Daemon(config)
     runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     code = runner.run(daemon.run())

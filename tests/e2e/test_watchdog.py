@@ -5,6 +5,7 @@ pings: tests/unit/test_systemd_watchdog.py, on a real loop and socket.)"""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 from .conftest import Daemon
@@ -50,3 +51,16 @@ def test_no_pings_for_another_process(tmp_path: Path) -> None:
     finally:
         d.kill()
 
+
+def test_the_watchdogs_abort_leaves_the_stacks_in_the_log(tmp_path: Path) -> None:
+    """systemd ends a daemon whose pings stopped with SIGABRT: the log (the
+    journal) shows where each thread was."""
+    d = Daemon(tmp_path)
+    try:
+        d.wait_ready()
+        assert d.stop(signal.SIGABRT) == -signal.SIGABRT
+        log = d.log()
+        assert "Fatal Python error: Aborted" in log, log
+        assert "main.py" in log and "in main" in log, log
+    finally:
+        d.kill()
