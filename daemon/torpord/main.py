@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import os
 import signal
 import sys
@@ -93,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"torpord: {args.config or 'embedded defaults'}: ok")
         return 0
     configure_logging(config.log.level, config.log.format)
+    # systemd's watchdog ends a stalled daemon with SIGABRT: each thread's
+    # stack goes to stderr (the journal) first, to show where it was stuck.
+    faulthandler.enable()
     daemon = Daemon(config)
     runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     code = runner.run(daemon.run())
@@ -259,6 +263,10 @@ class Daemon:
             pid=os.getpid(),
         )
         systemd.ready(f"listening on {socket_path}")
+        # From READY=1 (when systemd arms it) until the exit, drain included.
+        watchdog = systemd.Watchdog.from_env()
+        if watchdog is not None:
+            watchdog.start()
         manager.pilot.start()  # (it does nothing while the policy layer is off)
         if manager.scrubber is not None:
             manager.scrubber.start()
@@ -292,6 +300,8 @@ class Daemon:
             self.abandoned = True
         self._remove_sockets()
         log.info("stopped", clean=clean)
+        if watchdog is not None:
+            await watchdog.stop()
         return 0
 
     def _remove_sockets(self) -> None:
