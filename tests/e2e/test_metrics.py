@@ -12,11 +12,21 @@ from torpor import Client, TorporError
 from torpor.testing import make_checkpoint
 from torpor.v1 import common_pb2
 
+from ..unit.test_deploy import TARGET_LABELS, series_labels
 from .conftest import Daemon
 from .engines import Worker
 from .scrape import check_metrics, get, metrics_daemon, scrape, series, value
 
 HOLDER = Path(__file__).with_name("holder_engine.py")
+# Counters with a model label get their first series when the thing first
+# happens; this scrape saw no engine and no corrupt copy.
+QUIET_UNTIL_IT_HAPPENS = {
+    "torpor_quiesce_timeouts_total",
+    "torpor_engines_revoked_total",
+    "torpor_engine_attaches_total",
+    "torpor_engine_detaches_total",
+    "torpor_engines_attached",
+}
 DISK_CACHE = '[disk_cache]\npath = "{cache}"\ncapacity = "64MiB"\n'
 
 
@@ -73,6 +83,14 @@ def test_promtool_accepts_a_scrape_after_every_kind_of_transition(
     # The histograms' buckets run from 1 ms to 10 min.
     les = {s["le"] for s in series(samples, "torpor_load_duration_seconds_bucket")}
     assert {"0.001", "600.0", "+Inf"} <= les and len(les) == 19
+    # What the dashboard and the alert rules may query (tests/unit/test_deploy.py)
+    # is what a real scrape holds: every series' name and label names.
+    known = series_labels()
+    for name, labels in samples:
+        assert name in known, name
+        assert {k for k, _ in labels} | TARGET_LABELS == known[name], name
+    scraped = {name for name, _ in samples}
+    assert {n for n in known if n != "up"} - scraped <= QUIET_UNTIL_IT_HAPPENS
     head_status, head_headers, head_body = get(port, method="HEAD")
     assert head_status == 200 and head_body == b"" and int(head_headers["Content-Length"]) > 0
 
