@@ -447,3 +447,43 @@ async def test_shutdown_does_not_wait_for_a_disk_read_that_never_returns(
 
 async def test_no_scrubber_when_the_rate_is_0(h: Harness) -> None:
     assert h.manager.scrubber is None
+
+
+async def test_a_copy_found_corrupt_as_a_wake_begins_is_never_served(
+    tmp_path: Path, ckpt: Path
+) -> None:
+    # The wake begins while the scrubber reads the last piece of a corrupt
+    # copy: the scrubber can't act (the wake owns the model now), and the
+    # wake must not copy what it found corrupt to the device.
+    h = Harness(tmp_path, backend=HeldRead, scrub_rate=1 << 40, scrub_interval=0)
+    backend = h.backend
+    assert isinstance(backend, HeldRead) and h.manager.scrubber is not None
+    try:
+        await h.manager.load("m", str(ckpt))
+        await h.manager.sleep("m", 1)
+        model = h.manager.registry.models["m"]
+        slab = model.layers[0].slab  # (the first copy checked: one piece)
+        assert slab is not None and slab.size <= PIECE
+        corrupt(h, slab, 3)
+        h.manager.scrubber.start()
+        assert await asyncio.to_thread(backend.reading.wait, 30)
+        await h.manager.wake("m", wait=False)
+        backend.go.set()
+        assert model.task is not None
+        with pytest.raises(DataLoss) as err:
+            await model.task
+        assert err.value.reason == "CHECKSUM_MISMATCH"
+        assert model.state is ModelState.ASLEEP and h.manager.scrubber.corrupt[Tier.HOST] == 1
+        # At its next walk the scrubber refuses the copy; a wake then reads
+        # the layers again, checked.
+        for _ in range(500):
+            if model.state_reason == "HOST_COPY_CORRUPT":
+                break
+            await asyncio.sleep(0.01)
+        assert (model.state, model.sleep_level) == (ModelState.ASLEEP, 2)
+        m = await h.manager.wake("m")
+        assert m.state is ModelState.ACTIVE
+        h.check_bytes("m")
+    finally:
+        backend.go.set()
+        await h.close()

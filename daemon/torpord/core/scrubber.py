@@ -137,15 +137,18 @@ class Scrubber:
         *,
         rate: int,
         interval: float,
+        suspect: set[int] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        """`free` frees slabs (blocking); `clock` and `sleep` pace it (tests
-        pass their own)."""
+        """`free` frees slabs (blocking); `suspect` gets the ids of host slabs
+        found corrupt but taken by a transition first (the mover verifies any
+        copy from them); `clock` and `sleep` pace it (tests pass their own)."""
         self._backend, self._registry, self._bus = backend, registry, bus
         self._disk, self._free = disk, free
         self.rate, self.interval = rate, interval
         self._clock, self._sleep = clock, sleep
+        self._suspect = suspect if suspect is not None else set()
         self.bucket = TokenBucket(rate, PIECE, clock)  # (bursts of one piece)
         self.checked_bytes: dict[Tier, int] = {Tier.HOST: 0, Tier.DISK: 0}
         self.corrupt: dict[Tier, int] = {Tier.HOST: 0, Tier.DISK: 0}
@@ -228,6 +231,8 @@ class Scrubber:
         alive = {copy.key for copy in copies}
         for key in set(self._since) - alive:
             del self._since[key]
+        self._suspect.intersection_update(c.slab.id for c in copies if c.slab is not None)
+        copies.sort(key=lambda c: c.slab is None or c.slab.id not in self._suspect)  # (first)
         for copy in copies:
             since = self._since.setdefault(copy.key, self._clock())
             if self._clock() - since < self.interval:
@@ -308,10 +313,12 @@ class Scrubber:
             self.corrupt[copy.tier] += 1
         if not self._still(copy):  # (a transition began: the model is its now)
             if problem is not None:
+                if copy.slab is not None:
+                    self._suspect.add(copy.slab.id)
                 log.warning(
                     "scrub: a copy does not match its checksum, but its model's transition"
-                    " began meanwhile: not acted on (a wake with verify refuses it; a copy"
-                    " still there is checked again at once)",
+                    " began meanwhile: not acted on yet (any copy from it is verified; a copy"
+                    " still there is checked again first)",
                     problem=problem,
                     **where,
                 )
@@ -328,6 +335,7 @@ class Scrubber:
         """What a corrupt copy does (core/corrupt.py), and who hears of it."""
         if copy.slab is not None:
             assert copy.model is not None and copy.layer is not None
+            self._suspect.discard(copy.slab.id)
             self._free_later(host_copy_corrupt(copy.model, copy.layer))
             changed = [copy.model]
         else:
@@ -372,6 +380,7 @@ def make_scrubber(
         lambda slabs: mover.free_all(slabs, False),
         rate=settings.scrub_rate,
         interval=settings.scrub_interval,
+        suspect=mover.suspect,
     )
 
 
