@@ -11,6 +11,7 @@ holds little, for a while, and never blocks the other scrapes.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 
 import structlog
@@ -137,12 +138,12 @@ class MetricsServer:
             len(parts) != 3
             or parts[2] not in ("HTTP/1.0", "HTTP/1.1")
             or not parts[0].isalpha()
-            or not parts[1].startswith("/")
+            or (path := _path(parts[1])) is None
             or any(":" not in line or "\n" in line or "\r" in line for line in lines[1:])
         ):
             return _error(400, "malformed request")
-        method, target = parts[0], parts[1]
-        if target.split("?", 1)[0] != PATH:
+        method = parts[0]
+        if path != PATH:
             return _error(404, f"not found; the metrics are at {PATH}")
         if method not in ("GET", "HEAD"):
             status, headers, body = _error(405, "only GET and HEAD")
@@ -154,6 +155,21 @@ class MetricsServer:
             return _error(500, "collecting the metrics failed; see the daemon's log")
         headers = [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
         return 200, headers, (b"" if method == "HEAD" else body)
+
+
+# absolute-form (RFC 9112 3.2.2; what a client sends through a proxy): its
+# authority, then its path and query, if any
+_ABSOLUTE = re.compile(r"(?i:https?)://[A-Za-z0-9._~%!$&'()*+,;=:@\[\]-]+([/?][^#]*)?")
+
+
+def _path(target: str) -> str | None:
+    """The path of an origin-form or absolute-form request target (None: neither)."""
+    if target.startswith("/"):
+        return target.split("?", 1)[0]
+    match = _ABSOLUTE.fullmatch(target)
+    if match is None:
+        return None
+    return (match.group(1) or "").split("?", 1)[0] or "/"
 
 
 def _error(status: int, text: str) -> tuple[int, list[str], bytes]:
