@@ -3,8 +3,9 @@
 Not prometheus_client's start_http_server: its thread would read the core's
 live objects off the event loop. Each connection gets one response and is
 closed. A request's head is bounded (MAX_HEAD bytes) and must arrive within
-READ_TIMEOUT seconds, the response must be taken within WRITE_TIMEOUT, and
-at most MAX_CONNECTIONS are served at once, so a slow or hostile client
+READ_TIMEOUT seconds, the response must be taken within WRITE_TIMEOUT (and
+the client has LINGER more to close: see _linger), and at most
+MAX_CONNECTIONS are served at once, so a slow or hostile client
 holds little, for a while, and never blocks the other scrapes.
 """
 
@@ -23,6 +24,7 @@ log = structlog.get_logger("torpord.metrics")
 MAX_HEAD = 8192  # the request line and headers, in bytes
 READ_TIMEOUT = 10.0
 WRITE_TIMEOUT = 30.0
+LINGER = 2.0  # seconds a client has to close once it has the whole answer
 MAX_CONNECTIONS = 64
 PATH = "/metrics"
 
@@ -105,6 +107,8 @@ class MetricsServer:
                 writer.write(_response(status, headers, body))
                 async with asyncio.timeout(WRITE_TIMEOUT):
                     await writer.drain()
+                if status != 503:  # (those over the limit hold nothing longer)
+                    await _linger(reader, writer)
             answered = True
         except (OSError, TimeoutError, asyncio.CancelledError):
             pass  # (the client went away or would not take it; or the daemon stops)
@@ -170,6 +174,20 @@ def _path(target: str) -> str | None:
     if match is None:
         return None
     return (match.group(1) or "").split("?", 1)[0] or "/"
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """End the answer (FIN) and let the client close first, discarding what
+    it still sends, for LINGER seconds at most. Closing with bytes of the
+    client's unread (a body, a pipelined request) would reset the connection,
+    and a reset may drop the end of the answer the client has not read yet."""
+    writer.write_eof()
+    try:
+        async with asyncio.timeout(LINGER):
+            while await reader.read(65536):
+                pass
+    except (OSError, TimeoutError):
+        pass
 
 
 def _error(status: int, text: str) -> tuple[int, list[str], bytes]:
