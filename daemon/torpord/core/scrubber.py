@@ -309,8 +309,6 @@ class Scrubber:
             if fd is not None:
                 os.close(fd)
         where = copy.where()
-        if problem is not None:
-            self.corrupt[copy.tier] += 1
         if not self._still(copy):  # (a transition began: the model is its now)
             if problem is not None:
                 if copy.slab is not None:
@@ -325,7 +323,8 @@ class Scrubber:
             raise _Abandoned  # (and checked again at the next walk)
         self._since[copy.key] = self._clock()
         self.checked_bytes[copy.tier] += done
-        if problem is not None:
+        if problem is not None:  # (counted once: when refused, not when left to a transition)
+            self.corrupt[copy.tier] += 1
             log.warning(
                 "scrub: a copy does not match its checksum; it is refused", problem=problem, **where
             )
