@@ -160,6 +160,28 @@ async def test_a_model_in_a_transition_is_skipped(h: Harness, ckpt: Path) -> Non
         await s.stop()
 
 
+async def test_a_due_copy_of_a_busy_model_is_tried_again_a_poll_later(
+    h: Harness, ckpt: Path
+) -> None:
+    # (Not at once: the walk would spin on the event loop for as long as the
+    # transition runs, or for good for a model left FAILED holding copies.)
+    t = FakeTime()
+    s = scrubber(h, t, rate=1 << 40, interval=60)
+    try:
+        await h.manager.load("m", str(ckpt))
+        await h.manager.sleep("m", 1)
+        await s.sweep()  # (it sees its copies)
+        t.now += 60  # (and they are due)
+        await h.manager.wake("m", wait=False)
+        assert await s.sweep() == POLL
+        assert s.checked_bytes[Tier.HOST] == 0
+        task = h.manager.registry.models["m"].task
+        assert task is not None
+        await task
+    finally:
+        await s.stop()
+
+
 async def test_a_transition_that_begins_between_pieces_ends_the_check(tmp_path: Path) -> None:
     h = Harness(tmp_path, device_capacity=128 * MiB, host_capacity=128 * MiB)
     t = FakeTime()

@@ -226,25 +226,28 @@ class Scrubber:
                     yield _Copy(None, -1, None, entry=entry)
 
     async def sweep(self) -> float:
-        """Check every copy that is due; the seconds until the next is."""
+        """Check every copy that is due; the seconds until the next is (a due
+        copy it could not check, its model busy or not at rest: POLL)."""
         copies = list(self.copies())
         alive = {copy.key for copy in copies}
         for key in set(self._since) - alive:
             del self._since[key]
         self._suspect.intersection_update(c.slab.id for c in copies if c.slab is not None)
         copies.sort(key=lambda c: c.slab is None or c.slab.id not in self._suspect)  # (first)
+        later = set()  # (due, but not now)
         for copy in copies:
             since = self._since.setdefault(copy.key, self._clock())
             if self._clock() - since < self.interval:
                 continue
             if not self._still(copy):  # (its model is in a transition: later)
+                later.add(copy.key)
                 continue
             try:
                 await self.check(copy)
             except _Abandoned:
-                continue
+                later.add(copy.key)
         now = self._clock()
-        due = [since + self.interval - now for since in self._since.values()]
+        due = [since + self.interval - now for k, since in self._since.items() if k not in later]
         return max(0.0, min([POLL, *due]))
 
     def _still(self, copy: _Copy) -> bool:
