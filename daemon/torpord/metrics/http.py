@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -45,7 +45,7 @@ class MetricsServer:
 
     def __init__(
         self,
-        scrape: Callable[[], tuple[bytes, str]],
+        scrape: Callable[[], Awaitable[tuple[bytes, str]]],
         host: str,
         port: int,
         *,
@@ -153,7 +153,7 @@ class MetricsServer:
             status, headers, body = _error(405, "only GET and HEAD")
             return status, [*headers, "Allow: GET, HEAD"], body
         try:
-            body, content_type = self._scrape()
+            body, content_type = await self._scrape()
         except Exception:
             log.exception("collecting the metrics failed")
             return _error(500, "collecting the metrics failed; see the daemon's log")
