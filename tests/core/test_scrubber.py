@@ -471,15 +471,36 @@ async def test_no_scrubber_when_the_rate_is_0(h: Harness) -> None:
     assert h.manager.scrubber is None
 
 
+class HeldSlab(HostBackend):
+    """A host backend whose scrubber reads of the slab `held` stop, holding
+    their view: the first until `go`, any later one until `again`."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.held = -1
+        self.reads = 0
+        self.reading = threading.Event()
+        self.go = threading.Event()
+        self.again = threading.Event()
+
+    def view(self, slab: Slab) -> memoryview:
+        view = super().view(slab)
+        if threading.current_thread().name.startswith("torpord-scrub") and slab.id == self.held:
+            self.reads += 1
+            self.reading.set()
+            (self.go if self.reads == 1 else self.again).wait(30)
+        return view
+
+
 async def test_a_copy_found_corrupt_as_a_wake_begins_is_never_served(
     tmp_path: Path, ckpt: Path
 ) -> None:
     # The wake begins while the scrubber reads the last piece of a corrupt
     # copy: the scrubber can't act (the wake owns the model now), and the
     # wake must not copy what it found corrupt to the device.
-    h = Harness(tmp_path, backend=HeldRead, scrub_rate=1 << 40, scrub_interval=0)
+    h = Harness(tmp_path, backend=HeldSlab, scrub_rate=1 << 40, scrub_interval=0)
     backend = h.backend
-    assert isinstance(backend, HeldRead) and h.manager.scrubber is not None
+    assert isinstance(backend, HeldSlab) and h.manager.scrubber is not None
     try:
         await h.manager.load("m", str(ckpt))
         await h.manager.sleep("m", 1)
@@ -487,6 +508,7 @@ async def test_a_copy_found_corrupt_as_a_wake_begins_is_never_served(
         slab = model.layers[0].slab  # (the first copy checked: one piece)
         assert slab is not None and slab.size <= PIECE
         corrupt(h, slab, 3)
+        backend.held = slab.id
         h.manager.scrubber.start()
         assert await asyncio.to_thread(backend.reading.wait, 30)
         await h.manager.wake("m", wait=False)
@@ -496,17 +518,19 @@ async def test_a_copy_found_corrupt_as_a_wake_begins_is_never_served(
             await model.task
         assert err.value.reason == "CHECKSUM_MISMATCH"
         assert model.state is ModelState.ASLEEP
-        # At its next walk the scrubber refuses the copy; a wake then reads
-        # the layers again, checked.
-        for _ in range(500):
+        # Once the model is at rest, the scrubber refuses the copy at its next
+        # walk, on what it found (it does not read it again: its reads of that
+        # slab wait for good now). A wake then reads the layers again, checked.
+        for _ in range(1000):
             if model.state_reason == "HOST_COPY_CORRUPT":
                 break
             await asyncio.sleep(0.01)
         assert (model.state, model.sleep_level) == (ModelState.ASLEEP, 2)
-        assert h.manager.scrubber.corrupt[Tier.HOST] == 1  # (one copy, found twice)
+        assert h.manager.scrubber.corrupt[Tier.HOST] == 1 and backend.reads == 1
         m = await h.manager.wake("m")
         assert m.state is ModelState.ACTIVE
         h.check_bytes("m")
     finally:
         backend.go.set()
+        backend.again.set()
         await h.close()

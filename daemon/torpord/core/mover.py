@@ -56,10 +56,10 @@ class Mover:
         self.read_options = read_options or ReadOptions()
         self.workers = Workers(executor)
         self.counters = counters or Counters()
-        # Ids of host slabs the scrubber found corrupt but could not refuse
-        # (a transition took their model first): a copy from one is verified,
-        # whatever the caller asked, so it is never served.
-        self.suspect: set[int] = set()
+        # Host slabs the scrubber found corrupt (id -> what it found) but
+        # could not refuse yet (a transition took their model first): a copy
+        # from one is verified, whatever the caller asked, so it is never served.
+        self.suspect: dict[int, str] = {}
         self.disk_tier = DiskTier(
             backend, self.workers, self.observer, disk, disk_in_use, self.counters
         )
