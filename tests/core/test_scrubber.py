@@ -160,6 +160,28 @@ async def test_a_model_in_a_transition_is_skipped(h: Harness, ckpt: Path) -> Non
         await s.stop()
 
 
+async def test_a_due_copy_of_a_busy_model_is_tried_again_a_poll_later(
+    h: Harness, ckpt: Path
+) -> None:
+    # (Not at once: the walk would spin on the event loop for as long as the
+    # transition runs, or for good for a model left FAILED holding copies.)
+    t = FakeTime()
+    s = scrubber(h, t, rate=1 << 40, interval=60)
+    try:
+        await h.manager.load("m", str(ckpt))
+        await h.manager.sleep("m", 1)
+        await s.sweep()  # (it sees its copies)
+        t.now += 60  # (and they are due)
+        await h.manager.wake("m", wait=False)
+        assert await s.sweep() == POLL
+        assert s.checked_bytes[Tier.HOST] == 0
+        task = h.manager.registry.models["m"].task
+        assert task is not None
+        await task
+    finally:
+        await s.stop()
+
+
 async def test_a_transition_that_begins_between_pieces_ends_the_check(tmp_path: Path) -> None:
     h = Harness(tmp_path, device_capacity=128 * MiB, host_capacity=128 * MiB)
     t = FakeTime()
@@ -447,3 +469,68 @@ async def test_shutdown_does_not_wait_for_a_disk_read_that_never_returns(
 
 async def test_no_scrubber_when_the_rate_is_0(h: Harness) -> None:
     assert h.manager.scrubber is None
+
+
+class HeldSlab(HostBackend):
+    """A host backend whose scrubber reads of the slab `held` stop, holding
+    their view: the first until `go`, any later one until `again`."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.held = -1
+        self.reads = 0
+        self.reading = threading.Event()
+        self.go = threading.Event()
+        self.again = threading.Event()
+
+    def view(self, slab: Slab) -> memoryview:
+        view = super().view(slab)
+        if threading.current_thread().name.startswith("torpord-scrub") and slab.id == self.held:
+            self.reads += 1
+            self.reading.set()
+            (self.go if self.reads == 1 else self.again).wait(30)
+        return view
+
+
+async def test_a_copy_found_corrupt_as_a_wake_begins_is_never_served(
+    tmp_path: Path, ckpt: Path
+) -> None:
+    # The wake begins while the scrubber reads the last piece of a corrupt
+    # copy: the scrubber can't act (the wake owns the model now), and the
+    # wake must not copy what it found corrupt to the device.
+    h = Harness(tmp_path, backend=HeldSlab, scrub_rate=1 << 40, scrub_interval=0)
+    backend = h.backend
+    assert isinstance(backend, HeldSlab) and h.manager.scrubber is not None
+    try:
+        await h.manager.load("m", str(ckpt))
+        await h.manager.sleep("m", 1)
+        model = h.manager.registry.models["m"]
+        slab = model.layers[0].slab  # (the first copy checked: one piece)
+        assert slab is not None and slab.size <= PIECE
+        corrupt(h, slab, 3)
+        backend.held = slab.id
+        h.manager.scrubber.start()
+        assert await asyncio.to_thread(backend.reading.wait, 30)
+        await h.manager.wake("m", wait=False)
+        backend.go.set()
+        assert model.task is not None
+        with pytest.raises(DataLoss) as err:
+            await model.task
+        assert err.value.reason == "CHECKSUM_MISMATCH"
+        assert model.state is ModelState.ASLEEP
+        # Once the model is at rest, the scrubber refuses the copy at its next
+        # walk, on what it found (it does not read it again: its reads of that
+        # slab wait for good now). A wake then reads the layers again, checked.
+        for _ in range(1000):
+            if model.state_reason == "HOST_COPY_CORRUPT":
+                break
+            await asyncio.sleep(0.01)
+        assert (model.state, model.sleep_level) == (ModelState.ASLEEP, 2)
+        assert h.manager.scrubber.corrupt[Tier.HOST] == 1 and backend.reads == 1
+        m = await h.manager.wake("m")
+        assert m.state is ModelState.ACTIVE
+        h.check_bytes("m")
+    finally:
+        backend.go.set()
+        backend.again.set()
+        await h.close()

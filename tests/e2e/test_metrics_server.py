@@ -154,3 +154,31 @@ def test_a_port_in_use_stops_the_daemon_naming_metrics_listen(tmp_path: Path) ->
     assert "cannot listen" in log and f"metrics.listen 127.0.0.1:{port}" in log
     assert "in use" in log
     assert not d.socket.exists()  # (it stopped before the gRPC socket listened)
+
+
+def test_bytes_sent_after_the_request_do_not_cut_the_answer(node: tuple[Daemon, int]) -> None:
+    # (A GET with a body, or a client that sends ahead: the server reads only
+    # the head. Closing with bytes unread resets the connection, and a reset
+    # may drop the end of the answer before the client has read it.)
+    _, port = node
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: here\r\nContent-Length: 200000\r\n\r\n")
+        s.sendall(b"y" * 200_000)
+        answer = read_all(s)  # (ConnectionResetError if reset)
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert status_of(answer) == 200
+    length = [h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")]
+    assert len(body) == int(length[0].split(b":")[1]) and b"torpor_build_info{" in body
+
+
+def test_an_absolute_form_request_target_is_served(node: tuple[Daemon, int]) -> None:
+    # (RFC 9112 3.2.2: a server accepts it; a client talking through a proxy sends it.)
+    _, port = node
+    answer = raw(port, f"GET http://127.0.0.1:{port}/metrics HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status_of(answer) == 200 and b"torpor_build_info{" in answer
+    for target in (f"http://127.0.0.1:{port}/other", "HTTP://h", "http://h?metrics"):
+        answer = raw(port, f"GET {target} HTTP/1.1\r\n\r\n".encode())
+        assert status_of(answer) == 404, target
+    for target in ("ftp://x/metrics", "http:/metrics", "http:///metrics", "http://h#/metrics"):
+        answer = raw(port, f"GET {target} HTTP/1.1\r\n\r\n".encode())
+        assert status_of(answer) == 400, target

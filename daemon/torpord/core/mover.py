@@ -56,6 +56,10 @@ class Mover:
         self.read_options = read_options or ReadOptions()
         self.workers = Workers(executor)
         self.counters = counters or Counters()
+        # Host slabs the scrubber found corrupt (id -> what it found) but
+        # could not refuse yet (a transition took their model first): a copy
+        # from one is verified, whatever the caller asked, so it is never served.
+        self.suspect: dict[int, str] = {}
         self.disk_tier = DiskTier(
             backend, self.workers, self.observer, disk, disk_in_use, self.counters
         )
@@ -174,7 +178,9 @@ class Mover:
 
         with progress.phase(Stage.TRANSFER, size):
             await self.blocking(self._backend.copy, layer.slab, slab, on_bytes)
-        if not verify:
+        # (Asked after the copy: a scrub's verdict on the piece it was reading
+        # when this transition began is in by then.)
+        if not verify and layer.slab.id not in self.suspect:
             return
         with progress.phase(Stage.VERIFY, size):
             digest = await self.blocking(self._backend.checksum, slab)

@@ -137,15 +137,18 @@ class Scrubber:
         *,
         rate: int,
         interval: float,
+        suspect: dict[int, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        """`free` frees slabs (blocking); `clock` and `sleep` pace it (tests
-        pass their own)."""
+        """`free` frees slabs (blocking); `suspect` gets the host slabs found
+        corrupt but taken by a transition first (id -> what was found: the
+        mover verifies copies from them); `clock` and `sleep` pace it."""
         self._backend, self._registry, self._bus = backend, registry, bus
         self._disk, self._free = disk, free
         self.rate, self.interval = rate, interval
         self._clock, self._sleep = clock, sleep
+        self._suspect = suspect if suspect is not None else {}
         self.bucket = TokenBucket(rate, PIECE, clock)  # (bursts of one piece)
         self.checked_bytes: dict[Tier, int] = {Tier.HOST: 0, Tier.DISK: 0}
         self.corrupt: dict[Tier, int] = {Tier.HOST: 0, Tier.DISK: 0}
@@ -223,23 +226,34 @@ class Scrubber:
                     yield _Copy(None, -1, None, entry=entry)
 
     async def sweep(self) -> float:
-        """Check every copy that is due; the seconds until the next is."""
+        """Check every copy that is due; the seconds until the next is (a due
+        copy it could not check, its model busy or not at rest: POLL)."""
         copies = list(self.copies())
         alive = {copy.key for copy in copies}
         for key in set(self._since) - alive:
             del self._since[key]
+        live = {c.slab.id for c in copies if c.slab is not None}
+        for gone in [slab_id for slab_id in self._suspect if slab_id not in live]:
+            del self._suspect[gone]
+        copies.sort(key=lambda c: c.slab is None or c.slab.id not in self._suspect)  # (first)
+        later = set()  # (due, but not now)
         for copy in copies:
             since = self._since.setdefault(copy.key, self._clock())
-            if self._clock() - since < self.interval:
+            found = self._suspect.get(copy.slab.id) if copy.slab is not None else None
+            if found is None and self._clock() - since < self.interval:
                 continue
             if not self._still(copy):  # (its model is in a transition: later)
+                later.add(copy.key)
+                continue
+            if found is not None:  # (found before: a host copy at rest stays as it was)
+                self._verdict(copy, found, 0)
                 continue
             try:
                 await self.check(copy)
             except _Abandoned:
-                continue
+                later.add(copy.key)
         now = self._clock()
-        due = [since + self.interval - now for since in self._since.values()]
+        due = [since + self.interval - now for k, since in self._since.items() if k not in later]
         return max(0.0, min([POLL, *due]))
 
     def _still(self, copy: _Copy) -> bool:
@@ -303,31 +317,35 @@ class Scrubber:
             self._current = None
             if fd is not None:
                 os.close(fd)
-        where = copy.where()
-        if problem is not None:
-            self.corrupt[copy.tier] += 1
         if not self._still(copy):  # (a transition began: the model is its now)
             if problem is not None:
+                if copy.slab is not None:
+                    self._suspect[copy.slab.id] = problem
                 log.warning(
                     "scrub: a copy does not match its checksum, but its model's transition"
-                    " began meanwhile: not acted on (a wake with verify refuses it; a copy"
-                    " still there is checked again at once)",
+                    " began meanwhile: not acted on yet (any copy from it is verified; it is"
+                    " refused once its model is at rest, or a disk copy checked again)",
                     problem=problem,
-                    **where,
+                    **copy.where(),
                 )
             raise _Abandoned  # (and checked again at the next walk)
+        self._verdict(copy, problem, done)
+
+    def _verdict(self, copy: _Copy, problem: str | None, done: int) -> None:
+        """`copy`, its model at rest, was checked (`done` bytes read now)."""
         self._since[copy.key] = self._clock()
         self.checked_bytes[copy.tier] += done
-        if problem is not None:
-            log.warning(
-                "scrub: a copy does not match its checksum; it is refused", problem=problem, **where
-            )
+        if problem is not None:  # (counted once: when refused, not when left to a transition)
+            self.corrupt[copy.tier] += 1
+            message = "scrub: a copy does not match its checksum; it is refused"
+            log.warning(message, problem=problem, **copy.where())
             self._refuse(copy, problem)
 
     def _refuse(self, copy: _Copy, problem: str) -> None:
         """What a corrupt copy does (core/corrupt.py), and who hears of it."""
         if copy.slab is not None:
             assert copy.model is not None and copy.layer is not None
+            self._suspect.pop(copy.slab.id, None)
             self._free_later(host_copy_corrupt(copy.model, copy.layer))
             changed = [copy.model]
         else:
@@ -372,6 +390,7 @@ def make_scrubber(
         lambda slabs: mover.free_all(slabs, False),
         rate=settings.scrub_rate,
         interval=settings.scrub_interval,
+        suspect=mover.suspect,
     )
 
 

@@ -3,15 +3,17 @@
 Not prometheus_client's start_http_server: its thread would read the core's
 live objects off the event loop. Each connection gets one response and is
 closed. A request's head is bounded (MAX_HEAD bytes) and must arrive within
-READ_TIMEOUT seconds, the response must be taken within WRITE_TIMEOUT, and
-at most MAX_CONNECTIONS are served at once, so a slow or hostile client
+READ_TIMEOUT seconds, the response must be taken within WRITE_TIMEOUT (and
+the client has LINGER more to close: see _linger), and at most
+MAX_CONNECTIONS are served at once, so a slow or hostile client
 holds little, for a while, and never blocks the other scrapes.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import re
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -22,6 +24,7 @@ log = structlog.get_logger("torpord.metrics")
 MAX_HEAD = 8192  # the request line and headers, in bytes
 READ_TIMEOUT = 10.0
 WRITE_TIMEOUT = 30.0
+LINGER = 2.0  # seconds a client has to close once it has the whole answer
 MAX_CONNECTIONS = 64
 PATH = "/metrics"
 
@@ -42,7 +45,7 @@ class MetricsServer:
 
     def __init__(
         self,
-        scrape: Callable[[], tuple[bytes, str]],
+        scrape: Callable[[], Awaitable[tuple[bytes, str]]],
         host: str,
         port: int,
         *,
@@ -104,6 +107,8 @@ class MetricsServer:
                 writer.write(_response(status, headers, body))
                 async with asyncio.timeout(WRITE_TIMEOUT):
                     await writer.drain()
+                if status != 503:  # (those over the limit hold nothing longer)
+                    await _linger(reader, writer)
             answered = True
         except (OSError, TimeoutError, asyncio.CancelledError):
             pass  # (the client went away or would not take it; or the daemon stops)
@@ -137,23 +142,52 @@ class MetricsServer:
             len(parts) != 3
             or parts[2] not in ("HTTP/1.0", "HTTP/1.1")
             or not parts[0].isalpha()
-            or not parts[1].startswith("/")
+            or (path := _path(parts[1])) is None
             or any(":" not in line or "\n" in line or "\r" in line for line in lines[1:])
         ):
             return _error(400, "malformed request")
-        method, target = parts[0], parts[1]
-        if target.split("?", 1)[0] != PATH:
+        method = parts[0]
+        if path != PATH:
             return _error(404, f"not found; the metrics are at {PATH}")
         if method not in ("GET", "HEAD"):
             status, headers, body = _error(405, "only GET and HEAD")
             return status, [*headers, "Allow: GET, HEAD"], body
         try:
-            body, content_type = self._scrape()
+            body, content_type = await self._scrape()
         except Exception:
             log.exception("collecting the metrics failed")
             return _error(500, "collecting the metrics failed; see the daemon's log")
         headers = [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
         return 200, headers, (b"" if method == "HEAD" else body)
+
+
+# absolute-form (RFC 9112 3.2.2; what a client sends through a proxy): its
+# authority, then its path and query, if any
+_ABSOLUTE = re.compile(r"(?i:https?)://[A-Za-z0-9._~%!$&'()*+,;=:@\[\]-]+([/?][^#]*)?")
+
+
+def _path(target: str) -> str | None:
+    """The path of an origin-form or absolute-form request target (None: neither)."""
+    if target.startswith("/"):
+        return target.split("?", 1)[0]
+    match = _ABSOLUTE.fullmatch(target)
+    if match is None:
+        return None
+    return (match.group(1) or "").split("?", 1)[0] or "/"
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """End the answer (FIN) and let the client close first, discarding what
+    it still sends, for LINGER seconds at most. Closing with bytes of the
+    client's unread (a body, a pipelined request) would reset the connection,
+    and a reset may drop the end of the answer the client has not read yet."""
+    writer.write_eof()
+    try:
+        async with asyncio.timeout(LINGER):
+            while await reader.read(65536):
+                pass
+    except (OSError, TimeoutError):
+        pass
 
 
 def _error(status: int, text: str) -> tuple[int, list[str], bytes]:

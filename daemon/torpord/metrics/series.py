@@ -103,6 +103,12 @@ class CounterFamily(_Family):
         for key in [k for k in self.values if k[0] in model_ids]:
             del self.values[key]
 
+    def frozen(self) -> CounterFamily:
+        """A copy of it as it is now (for a scrape rendered off the event loop)."""
+        copy = CounterFamily(self.name, self.documentation, self.labels)
+        copy.values = dict(self.values)
+        return copy
+
     def collect(self) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
         for key, value in sorted(self.values.items()):
@@ -128,6 +134,14 @@ class HistogramFamily(_Family):
     def forget(self, model_ids: set[str]) -> None:
         for key in [k for k in self.series if k[0] in model_ids]:
             del self.series[key]
+
+    def frozen(self) -> HistogramFamily:
+        """A copy of it as it is now (for a scrape rendered off the event loop)."""
+        copy = HistogramFamily(self.name, self.documentation, self.labels)
+        for key, series in self.series.items():
+            copy.series[key] = frozen = _Histogram()
+            frozen.counts, frozen.sum = list(series.counts), series.sum
+        return copy
 
     def collect(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)

@@ -114,6 +114,10 @@ class Transitions:
         for family in self.families:
             yield family.collect()
 
+    def frozen(self) -> list[CounterFamily | HistogramFamily]:
+        """Copies of the families as they are now (cheap: their counts only)."""
+        return [family.frozen() for family in self.families]
+
     def models(self) -> set[str]:
         return {model for family in self.families for model in family.models()}
 

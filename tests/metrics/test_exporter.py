@@ -1,0 +1,46 @@
+"""The exporter: a scrape's figures are taken on the event loop, and turned
+into text on a thread while the loop goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from torpor.testing import make_checkpoint
+from torpord.backends.host import HostBackend
+from torpord.core.manager import ManagerSettings, ModelManager
+from torpord.metrics import Metrics
+
+
+async def test_a_scrape_is_rendered_off_the_event_loop_from_a_copy(tmp_path: Path) -> None:
+    backend = HostBackend(devices=1, device_capacity=2**26, host_capacity=2**26)
+    manager = ModelManager(backend, ManagerSettings(allowed_roots=(tmp_path.resolve(),)))
+    rendering, go = threading.Event(), threading.Event()
+
+    def render(registry: CollectorRegistry) -> bytes:
+        rendering.set()
+        # (On the event loop this would wait in vain: the loop sets `go`.)
+        assert go.wait(30), "the event loop stood still while the scrape rendered"
+        return generate_latest(registry)
+
+    metrics = Metrics(manager, render=render)
+    try:
+        await manager.load("m", str(make_checkpoint(tmp_path / "m", layers=2, hidden=64)))
+        scrape = asyncio.create_task(metrics.scrape())
+        assert await asyncio.to_thread(rendering.wait, 30)
+        # The loop goes on meanwhile, and what changes now is not in this scrape.
+        await manager.sleep("m", 1)
+        go.set()
+        body, _ = await scrape
+        text = body.decode()
+        assert 'torpor_models{state="active"} 1.0' in text
+        assert 'kind="load"' in text and 'kind="sleep"' not in text
+        body, _ = await metrics.scrape()
+        assert 'kind="sleep"' in body.decode()
+    finally:
+        go.set()
+        metrics.close()
+        await manager.close(1.0)
+        backend.close()
