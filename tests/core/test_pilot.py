@@ -237,3 +237,30 @@ async def test_an_acquire_waits_for_models_in_use_a_load_does_not(node: Node) ->
     node.m.report_activity("c", "router", 1, 0.1, 0)  # ... until the router is done with c
     got = await waiting
     assert got.snapshot.state is ModelState.ACTIVE and evicted(node) == ["c"]
+
+
+async def test_an_acquire_stages_a_level_2_sleeper_in_host_memory_before_evicting(
+    node: Node,
+) -> None:
+    await node.load("c")
+    await node.m.sleep("c", 2)
+    await node.load("a", "b")  # the device is full: room must be made for c
+    events = Events(node.m)
+    got = await node.m.acquire("c")
+    await events.close()
+    assert got.snapshot.state is ModelState.ACTIVE
+    node.h.check_bytes("c")
+    # c's weights were read into host memory (a level-1 sleep of it) while a
+    # and b still held the device, and only then was room made and c woken.
+    moves = [
+        (e.model.model_id, e.model.state, e.model.progress.cause)
+        for e in events.got
+        if e.model is not None
+        and e.model.progress is not None
+        and e.model.state in (ModelState.SLEEPING, ModelState.WAKING)
+    ]
+    firsts = list(dict.fromkeys(moves))
+    assert firsts[0] == ("c", ModelState.SLEEPING, Cause.ACQUIRE)
+    assert firsts[-1] == ("c", ModelState.WAKING, Cause.ACQUIRE)
+    assert [m for m, state, cause in firsts[1:-1]] in (["a"], ["b"])
+    assert all(cause is Cause.PRESSURE for _, _, cause in firsts[1:-1])

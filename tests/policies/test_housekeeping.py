@@ -173,6 +173,26 @@ def test_a_window_loads_a_catalogue_entry_to_the_host_before_it_opens() -> None:
     assert list(housekeeping(node(entry("nightly", policy=policy), now=MONDAY - 7200))) == []
 
 
+def test_a_host_window_reads_a_level_2_sleeper_back_to_the_host() -> None:
+    policy = ModelPolicy(windows=(SUNDAY_NIGHT,))
+    at = MONDAY - 3600 - 60
+
+    def decide(*others: ModelView, host: int = 8 * GB) -> list[object]:
+        sleeper = asleep("nightly", 2 * GB, level=2, policy=policy)
+        return list(housekeeping(node(sleeper, *others, host=host, now=at, settings=QUIET)))
+
+    assert decide() == [Sleep("nightly", 1, SCHEDULE)]
+    # Host room is made by pushing down a less likely sleeper, never a likelier one.
+    cold = asleep("cold", 2 * GB, act=activity(last_use=at - 5000))
+    assert decide(cold, host=2 * GB) == [Sleep("cold", 2, PRESSURE), Sleep("nightly", 1, SCHEDULE)]
+    assert decide(asleep("hot", 2 * GB, act=used(100)), host=2 * GB) == []
+    # Outside the window nothing moves; a level-1 sleeper is warm enough.
+    view = node(asleep("nightly", 2 * GB, level=2, policy=policy), now=MONDAY - 7200)
+    assert list(housekeeping(view)) == []
+    view = node(asleep("nightly", 2 * GB, policy=policy), now=at, settings=QUIET)
+    assert list(housekeeping(view)) == []
+
+
 def test_a_device_window_wakes_by_evicting_only_less_likely_idle_models() -> None:
     window = Window(start=9 * 3600, end=17 * 3600, tier=Tier.DEVICE, lead=600)
     policy = ModelPolicy(windows=(window,))

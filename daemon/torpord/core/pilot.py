@@ -33,7 +33,7 @@ from torpord.core.preempt import CALLERS
 from torpord.core.steering import Steered
 from torpord.errors import ResourceExhausted, TorporError, some
 from torpord.policies.actions import Action, Load, Offload, Refusal, Sleep, Unload, Wake
-from torpord.policies.decide import housekeeping, make_room
+from torpord.policies.decide import acquire, housekeeping, make_room
 from torpord.policies.settings import ModelPolicy, PolicySettings
 from torpord.policies.view import ActivitySummary, ModelView, NodeView
 from torpord.types import Cause, ModelState
@@ -213,6 +213,49 @@ class Pilot:
                         reason=failed.reason,
                         error=failed.message,
                     )
+
+    async def stage(self, model_id: str) -> bool:
+        """Acquire's staging (policies/stage.py): when room must be made on
+        the device for a model read from its source or a disk copy, read it
+        into host memory first (pushing colder sleepers down for the room),
+        so the device is held only for the copy from there. Whether it did;
+        False changes nothing the caller relies on: it wakes the model as
+        it would have (a failed staging step is logged, not raised)."""
+        if not self.enabled:
+            return False
+        async with self._room:
+            try:
+                decision = acquire(self.view(), model_id)
+            except TorporError:
+                return False
+            staged = (
+                not isinstance(decision, Refusal)
+                and bool(decision)
+                and isinstance(decision[-1], Sleep | Load)
+                and decision[-1].model_id == model_id
+            )
+            if not staged:
+                return False
+            assert not isinstance(decision, Refusal)
+            *room, step = decision
+            for action in room:
+                if not await self._try(action):
+                    return False
+        return await self._try(step)
+
+    async def _try(self, action: Action) -> bool:
+        try:
+            await self.run(action)
+        except TorporError as failed:
+            log.info(
+                "a staging step did not run",
+                model_id=action.model_id,
+                action=type(action).__name__,
+                reason=failed.reason,
+                error=failed.message,
+            )
+            return False
+        return True
 
     # -- housekeeping ------------------------------------------------------------
 
