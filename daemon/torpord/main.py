@@ -190,6 +190,7 @@ class Daemon:
                 read=ReadOptions(cfg.io.chunk_size, cfg.io.threads, cfg.io.direct),
                 policy=cfg.policy.settings,
                 policy_interval=cfg.policy.interval,
+                acquire_patience=cfg.policy.acquire_patience,
                 catalogue=catalogue,
             ),
             disk=disk,

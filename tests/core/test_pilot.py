@@ -4,6 +4,7 @@ the host backend with one device that fits two models."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -237,6 +238,25 @@ async def test_an_acquire_waits_for_models_in_use_a_load_does_not(node: Node) ->
     node.m.report_activity("c", "router", 1, 0.1, 0)  # ... until the router is done with c
     got = await waiting
     assert got.snapshot.state is ModelState.ACTIVE and evicted(node) == ["c"]
+
+
+async def test_an_acquire_without_patience_is_refused_at_once(node: Node) -> None:
+    node.m.settings = dataclasses.replace(node.m.settings, acquire_patience=0.0)
+    await node.load("a", "b")
+    await node.m.sleep("a", 2)
+    await node.load("c")
+    for name in "bc":
+        node.m.report_activity(name, "router", 0, 0.0, 1)
+    refused = asyncio.create_task(node.m.acquire("a"))  # [policy] acquire_patience = "0s"
+    for _ in range(200):
+        if refused.done():
+            break
+        await asyncio.sleep(0)
+    node.m.report_activity("c", "router", 1, 0.1, 0)  # (a patient one would take c now)
+    with pytest.raises(ResourceExhausted) as err:
+        await refused
+    assert "'b'" in err.value.metadata["in_use"] and "'c'" in err.value.metadata["in_use"]
+    assert node.m.get("a").state is ModelState.ASLEEP
 
 
 async def test_an_acquire_stages_a_level_2_sleeper_in_host_memory_before_evicting(

@@ -233,6 +233,18 @@ def test_preloading_loads_likely_catalogue_entries_to_the_host() -> None:
     assert list(housekeeping(view)) == [Load("likely", "/models/likely", Tier.HOST, PRELOAD)]
 
 
+def test_the_preload_threshold_is_a_setting() -> None:
+    likely = entry("likely", act=activity(recent={60.0: 2, 3600.0: 3, 86400.0: 3}))  # ~41/h
+    stray = entry("stray", act=activity(recent={3600.0: 1, 86400.0: 1}))  # ~0.5/h
+    picky = PolicySettings(preload_min_uses=100.0)
+    assert list(housekeeping(node(likely, stray, settings=picky))) == []
+    eager = PolicySettings(preload_min_uses=0.1)
+    assert [a.model_id for a in housekeeping(node(likely, stray, settings=eager))] == [
+        "likely",
+        "stray",
+    ]
+
+
 def test_preloading_never_loads_more_than_fits_likeliest_first() -> None:
     view = node(
         entry("a", 3 * GB, act=used(10)),

@@ -4,9 +4,10 @@ A router calls it as each request arrives. An ACTIVE model is ready at
 once (a hit); an ASLEEP or OFFLOADED one wakes; a catalogue entry not
 loaded is loaded; room is made by the eviction policy (the pilot's
 `with_room`). A sleeper read from its source or a disk copy, when room
-must be made for it, is read into host memory first (the pilot's `stage`),
-so the models evicted for it serve until the fast copy from there. Concurrent Acquires of one model share one transition, and
-one that finds a caller's transition running (a Wake, say) waits for it and
+must be made for it, is read into host memory first (the pilot's
+`stage`), so the models evicted for it serve until the fast copy from
+there. Concurrent Acquires of one model share one transition, and one
+that finds a caller's transition running (a Wake, say) waits for it and
 then makes the model ready from where it left it. Each Acquire counts as a
 use of the model, and its time to ready and whether it was a hit are kept
 (the last few) and logged.

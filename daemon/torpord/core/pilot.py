@@ -38,7 +38,7 @@ from torpord.policies.settings import ModelPolicy, PolicySettings
 from torpord.policies.view import ActivitySummary, ModelView, NodeView
 from torpord.types import Cause, ModelState
 
-__all__ = ["ACQUIRE_PATIENCE", "ROOM_ROUNDS", "Pilot"]
+__all__ = ["ROOM_ROUNDS", "Pilot"]
 
 log = structlog.get_logger("torpord.pilot")
 
@@ -46,10 +46,9 @@ T = TypeVar("T")
 
 # How often a call that found its pool full makes room and tries again.
 ROOM_ROUNDS = 4
-# How long an Acquire waits for models in use or in a transition to be let
-# go of (engines report the end of their use at most once a second), and
-# how often it looks meanwhile.
-ACQUIRE_PATIENCE = 5.0
+# How often an Acquire looks again while it waits for models in use or in
+# a transition to be let go of (for up to ManagerSettings.acquire_patience:
+# engines report the end of their use at most once a second).
 PATIENCE_STEP = 0.05
 # The metadata key of each reason a model could not be evicted.
 BLOCKER_KEYS = {"pinned": "pinned", "in use": "in_use", "in transition": "in_transition"}
@@ -154,13 +153,14 @@ class Pilot:
         and try again. `attempt` must change nothing when it fails so.
 
         An Acquire is patient: when only models in use or in a transition
-        block, it waits (up to ACQUIRE_PATIENCE seconds) for them to be let
+        block, it waits (up to `acquire_patience` seconds) for them to be let
         go of, as a router would rather wait than fail; a caller's Load or
         Wake is refused at once."""
         if not self.enabled or cause not in CALLERS:
             return await attempt()
         clock = asyncio.get_running_loop().time
-        deadline = clock() + (ACQUIRE_PATIENCE if cause is Cause.ACQUIRE else 0.0)
+        patience = self._m.settings.acquire_patience if cause is Cause.ACQUIRE else 0.0
+        deadline = clock() + patience
         rounds = 0
         while True:
             try:

@@ -54,9 +54,10 @@ def acquire(view: NodeView, model_id: str) -> Sequence[Action] | Refusal:
     (): the caller waits for that transition to end and asks again, so
     concurrent Acquires share one transition rather than racing it.
     A model whose weights are on its source or a disk copy, when room must
-    be made for it on the device, is staged instead (`settings.staging`) (stage.py): the actions read it
-    into host memory (a Load to HOST, or a Sleep at level 1 of a level-2
-    sleeper), and the caller asks again when they are done.
+    be made for it on the device, is staged instead (`settings.staging`,
+    stage.py): the actions read it into host memory (a Load to HOST, or a
+    Sleep at level 1 of a level-2 sleeper), and the caller asks again when
+    they are done.
     A Refusal when nothing evictable makes room (the model itself is kept:
     "asked for"). Raises NotFound for a model the view lacks,
     FailedPrecondition for one that can't be made ready (FAILED, or UNLOADED
