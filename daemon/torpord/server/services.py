@@ -6,6 +6,7 @@ import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +214,8 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
     async def SetModelPolicy(
         self, request: models_pb2.SetModelPolicyRequest, context: Context
     ) -> models_pb2.SetModelPolicyResponse:
-        model = self._m.set_policy(request.model_id, policy_from_proto(request.policy))
+        policy = replace(policy_from_proto(request.policy), clear_windows=request.clear_windows)
+        model = self._m.set_policy(request.model_id, policy)
         return models_pb2.SetModelPolicyResponse(model=model_to_proto(model))
 
 
