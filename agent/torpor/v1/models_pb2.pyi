@@ -638,7 +638,11 @@ class ReportActivityRequest(_message.Message):
     uses: _builtins.int
     """Requests (uses) that ended since the last report, and their busy time."""
     in_use: _builtins.int
-    """Requests open now."""
+    """Requests open now. They count as open (the model is not evicted or put
+    to sleep) for 60 seconds unless this reporter reports again: a router
+    with requests open reports at least every 30 seconds (the same in_use
+    refreshes them), and one that vanished lets go of its models.
+    """
     @_builtins.property
     def busy(self) -> _duration_pb2.Duration: ...
     def __init__(

@@ -23,6 +23,7 @@ from torpor.v1 import (
 
 from torpord import __version__
 from torpord.backends.nvml import Discovery, discover
+from torpord.core.activity import OPEN_USE_LEASE
 from torpord.core.attachments.attachment import Attachment
 from torpord.core.attachments.messages import Ended, Hello, Publish, Published, Quiesce, Resume
 from torpord.core.attachments.registry import AgentRegistry
@@ -191,6 +192,7 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
             request.uses,
             duration_seconds(request.busy),
             request.in_use,
+            lease=OPEN_USE_LEASE,  # (a router that vanished lets go)
         )
         return models_pb2.ReportActivityResponse()
 
