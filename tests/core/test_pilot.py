@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
+from torpord.core.policy import PolicyOverrides
 from torpord.core.registry import prepare
 from torpord.errors import ResourceExhausted, Unavailable
-from torpord.policies.settings import ModelPolicy, PolicySettings
+from torpord.policies.settings import ModelPolicy, PolicySettings, Window
 from torpord.storage.layers import DEFAULT_LAYER_PATTERNS
 from torpord.types import Cause, ModelState, Tier
 
@@ -284,3 +285,20 @@ async def test_an_acquire_stages_a_level_2_sleeper_in_host_memory_before_evictin
     assert firsts[-1] == ("c", ModelState.WAKING, Cause.ACQUIRE)
     assert [m for m, state, cause in firsts[1:-1]] in (["a"], ["b"])
     assert all(cause is Cause.PRESSURE for _, _, cause in firsts[1:-1])
+
+
+async def test_a_host_window_brings_a_level_2_sleepers_weights_to_the_host(node: Node) -> None:
+    await node.load("a")
+    await node.m.sleep("a", 2)
+    assert node.h.backend.host_pool().used == 0
+    always = Window(start=0, end=604000, tier=Tier.HOST, lead=86400)  # warm the whole week
+    node.m.set_policy("a", PolicyOverrides(windows=(always,)))
+    started = node.m.pilot.housekeep_once()
+    assert len(started) == 1
+    await asyncio.wait(started)
+    a = node.m.get("a")
+    assert (a.state, a.sleep_level) == (ModelState.ASLEEP, 1)
+    assert {layer.tier for layer in a.layers} == {Tier.HOST}
+    assert a.last_transition is not None and a.last_transition.cause is Cause.SCHEDULE
+    node.h.check_bytes("a")
+    assert node.m.pilot.housekeep_once() == []  # warm now: nothing more to do
