@@ -197,6 +197,18 @@ class Client:
         """The node: devices, host pool, disk cache, allowed roots."""
         return self._unary(self._node.GetNode, node_pb2.GetNodeRequest(), timeout).node
 
+    def get_stats(
+        self,
+        model_id: str = "",
+        kind: common_pb2.TransitionKind.ValueType = common_pb2.TRANSITION_KIND_UNSPECIFIED,
+        *,
+        timeout: float | None = None,
+    ) -> node_pb2.GetStatsResponse:
+        """Counts and P50/P95/P99 durations of recent transitions and Acquires
+        (of every model and each, or only `model_id`'s; only `kind`'s)."""
+        request = node_pb2.GetStatsRequest(model_id=model_id, kind=kind)
+        return self._unary(self._node.GetStats, request, timeout)
+
     # -- reading models --------------------------------------------------------
 
     def list_models(
@@ -379,13 +391,10 @@ class Client:
         self,
         model_id: str,
         policy: common_pb2.Policy,
-        *,
         clear_windows: bool = False,
         timeout: float | None = None,
     ) -> common_pb2.Model:
-        """Set the fields `policy` sets on a model (and its catalogue entry);
-        the others keep their values. `clear_windows`: remove its windows."""
-        request = models_pb2.SetModelPolicyRequest(
-            model_id=model_id, policy=policy, clear_windows=clear_windows
-        )
+        """Set `policy`'s fields on a model and its entry; `clear_windows` drops its windows."""
+        request = models_pb2.SetModelPolicyRequest(model_id=model_id, policy=policy)
+        request.clear_windows = clear_windows
         return self._unary(self._models.SetModelPolicy, request, timeout).model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ from torpord.core.catalogue import Entry
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.errors import InvalidArgument
 from torpord.logs import configure_logging
+from torpord.metrics import MetricsServer, serve_metrics
 from torpord.server.app import (
     DaemonAlreadyRunning,
     build_server,
@@ -92,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"torpord: {args.config or 'embedded defaults'}: ok")
         return 0
     configure_logging(config.log.level, config.log.format)
+    # systemd's watchdog ends a stalled daemon with SIGABRT: each thread's
+    # stack goes to stderr (the journal) first, to show where it was stuck.
+    faulthandler.enable()
     daemon = Daemon(config)
     runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     code = runner.run(daemon.run())
@@ -192,6 +197,8 @@ class Daemon:
                 policy_interval=cfg.policy.interval,
                 acquire_patience=cfg.policy.acquire_patience,
                 catalogue=catalogue,
+                scrub_rate=cfg.scrub.rate,
+                scrub_interval=cfg.scrub.interval,
             ),
             disk=disk,
         )
@@ -205,6 +212,18 @@ class Daemon:
             on_quiesce_timeout=cfg.agents.on_quiesce_timeout,
         )
         manager.use_engines(agents)
+        metrics: MetricsServer | None = None
+        if cfg.metrics.listen:
+            try:
+                _, metrics = await serve_metrics(manager, cfg.metrics.listen)
+            except OSError as err:
+                log.error(
+                    "cannot listen",
+                    error=f"{cfg.file or '<defaults>'}: metrics.listen {cfg.metrics.listen}:"
+                    f" {err.strerror or err}",
+                )
+                backend.close()
+                return 1
         try:
             server, health = build_server(
                 manager,
@@ -218,12 +237,16 @@ class Daemon:
             fds = FdServer(agents, fd_socket, asyncio.get_running_loop())
         except (DaemonAlreadyRunning, OSError, RuntimeError) as err:
             log.error("cannot listen", socket=str(socket_path), tcp=cfg.server.tcp, error=str(err))
+            if metrics is not None:
+                await metrics.close()
             backend.close()
             return 1
         await server.start()
         self._sockets = [socket_path, fd_socket]
         os.chmod(socket_path, cfg.server.socket_mode)
         fds.start(cfg.server.socket_mode)
+        if metrics is not None:
+            await metrics.start()
         await set_serving(health, True)
         self._install_signals()
         log.info(
@@ -232,6 +255,7 @@ class Daemon:
             socket=str(socket_path),
             tcp=cfg.server.tcp,
             tcp_auth=cfg.server.tcp_auth.mode if cfg.server.tcp_auth else None,
+            metrics=cfg.metrics.listen,
             backend=backend.kind,
             backend_reason=why,
             devices=[d.uuid for d in backend.devices()],
@@ -240,7 +264,13 @@ class Daemon:
             pid=os.getpid(),
         )
         systemd.ready(f"listening on {socket_path}")
+        # From READY=1 (when systemd arms it) until the exit, drain included.
+        watchdog = systemd.Watchdog.from_env()
+        if watchdog is not None:
+            watchdog.start()
         manager.pilot.start()  # (it does nothing while the policy layer is off)
+        if manager.scrubber is not None:
+            manager.scrubber.start()
         await self._stop.wait()
 
         # Everything below ends within the grace period, whatever it waits
@@ -256,6 +286,8 @@ class Daemon:
         log.info("stopping: draining in-flight calls", grace_seconds=grace)
         systemd.stopping("draining")
         await set_serving(health, False)
+        if metrics is not None:  # (it reads the models, which are about to go)
+            await metrics.close()
         await manager.pilot.stop()  # no policy starts anything while the daemon drains
         manager.bus.close()  # end Watch streams, so they do not hold the grace period
         # Engines let go of the weights before they are freed.
@@ -269,6 +301,8 @@ class Daemon:
             self.abandoned = True
         self._remove_sockets()
         log.info("stopped", clean=clean)
+        if watchdog is not None:
+            await watchdog.stop()
         return 0
 
     def _remove_sockets(self) -> None:

@@ -9,16 +9,29 @@ daemon calls these unconditionally.
 
 A failed send never raises: losing a status line must not take the daemon
 down, and systemd's own timeouts already handle a READY that never arrives.
+
+With `WatchdogSec=`, `Watchdog` pings from a task on the daemon's event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
+import time
 
 from torpord.logs import get_logger
 
-__all__ = ["notify", "ready", "status", "stopping", "watchdog", "watchdog_usec"]
+__all__ = [
+    "Watchdog",
+    "notify",
+    "ready",
+    "status",
+    "stopping",
+    "watchdog",
+    "watchdog_usec",
+]
 
 _log = get_logger(__name__)
 
@@ -101,3 +114,73 @@ def watchdog_usec() -> int | None:
     except ValueError:
         return None
     return usec if usec > 0 else None
+
+
+class Watchdog:
+    """Pings systemd's watchdog from the event loop while the loop keeps time.
+
+    The pings come from a task on the daemon's own loop, not from a thread:
+    a loop that is blocked (a call that never returns, a spin without an
+    await) sends none, and systemd kills and restarts the daemon once
+    `timeout` has passed without one. A loop that is stalled most of the
+    time would still get a ping out between two stalls, so a wake-up that
+    comes later than half the timeout sends nothing (and is counted in
+    `skipped`): a stall of more than three quarters of the timeout always
+    ends in a restart, one of under half never does.
+
+    Start it after READY=1, not before: systemd arms the watchdog when the
+    start-up completes, and a ping during start-up would arm it early, while
+    the backend pins the host pool (minutes) with the loop blocked.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        # Two chances per half timeout, the rate sd_watchdog_enabled(3) asks for.
+        self.interval = timeout / 4
+        self.lag_limit = timeout / 2
+        self.pings = 0
+        self.skipped = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_env(cls) -> Watchdog | None:
+        """A watchdog for `$WATCHDOG_USEC`, or None if systemd expects no pings from us."""
+        usec = watchdog_usec()
+        return None if usec is None else cls(usec / 1_000_000)
+
+    def start(self) -> None:
+        """Ping now and then every `interval`, from the running loop, until `stop`."""
+        if self._task is None:
+            _log.info("systemd watchdog on", timeout_seconds=self.timeout)
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="systemd-watchdog"
+            )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _ping(self) -> None:
+        if watchdog():
+            self.pings += 1
+
+    async def _run(self) -> None:
+        self._ping()
+        while True:
+            # time.monotonic, not loop.time: uvloop's clock is read once per
+            # loop iteration, so it can't see a stall inside the iteration.
+            due = time.monotonic() + self.interval
+            await asyncio.sleep(self.interval)
+            late = time.monotonic() - due
+            if late > self.lag_limit:
+                self.skipped += 1
+                _log.warning(
+                    "the event loop stalled: no watchdog ping for this late wake-up",
+                    late_seconds=round(late, 3),
+                    watchdog_seconds=self.timeout,
+                )
+                continue
+            self._ping()

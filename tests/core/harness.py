@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from torpord.backends.host import HostBackend
 from torpord.core.manager import ManagerSettings, ModelManager
@@ -40,14 +41,22 @@ class Harness:
         devices: int = 2,
         policy: PolicySettings | None = None,
         interval: float = 1.0,
+        scrub_rate: int = 0,
+        scrub_interval: float = 3600.0,
     ):
         """`backend`: the host backend, or a subclass that plays a failing driver;
         `policy`: the policy layer's settings (its defaults if None), and
-        `interval` the seconds between two rounds of its housekeeping."""
+        `interval` the seconds between two rounds of its housekeeping;
+        `scrub_rate` and `scrub_interval`: config [scrub] (0: no scrubber)."""
         self.backend = backend(
             devices=devices, device_capacity=device_capacity, host_capacity=host_capacity
         )
-        settings = ManagerSettings(allowed_roots=(tmp.resolve(),), policy_interval=interval)
+        settings = ManagerSettings(
+            allowed_roots=(tmp.resolve(),),
+            policy_interval=interval,
+            scrub_rate=scrub_rate,
+            scrub_interval=scrub_interval,
+        )
         if policy is not None:
             settings = dataclasses.replace(settings, policy=policy)
         self.manager = ModelManager(self.backend, settings)
@@ -82,8 +91,8 @@ def tiers(m: ModelSnapshot) -> list[Tier]:
     return [layer.tier for layer in m.layers]
 
 
-def disk_harness(tmp: Path, capacity: int = 64 * MiB, io: FileIO = SYSTEM_IO) -> Harness:
-    """A harness with a disk cache (its entries read through `io`)."""
-    harness = Harness(tmp)
+def disk_harness(tmp: Path, capacity: int = 64 * MiB, io: FileIO = SYSTEM_IO, **kw: Any) -> Harness:
+    """A harness with a disk cache (its entries read through `io`); `kw`: Harness's."""
+    harness = Harness(tmp, **kw)
     harness.manager.disk = harness.manager.mover.disk = DiskCache(tmp / "cache", capacity, io=io)
     return harness

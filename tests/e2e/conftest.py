@@ -41,10 +41,12 @@ class Daemon:
         backend: str | None = None,
         env: dict[str, str] | None = None,
         server: str = "",
+        launcher: tuple[str, ...] = (),
     ) -> None:
         """`backend`: the config's [backend] tables (two emulated host devices
         if None); `env`: the daemon's environment (this process's if None);
-        `server`: more lines for its [server] table."""
+        `server`: more lines for its [server] table; `launcher`: a command
+        that execs its arguments (the daemon's command line)."""
         self.root = root
         self.socket = root / "run" / "torpor.sock"
         self.models = root / "models"
@@ -73,7 +75,7 @@ class Daemon:
         env = {**self.env, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "torpord", "--config", str(self.config_path), *args],
+            [*launcher, sys.executable, "-m", "torpord", "--config", str(self.config_path), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,

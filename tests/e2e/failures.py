@@ -13,7 +13,9 @@ NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, INVALID_ARGUMENT = 5, 6, 7, 3
 FAILED_PRECONDITION, ABORTED, RESOURCE_EXHAUSTED, DATA_LOSS = 9, 10, 8, 15
 
 
-def fail(d: Daemon, method: str, data: dict[str, Any]) -> dict[str, Any]:
+def fail(
+    d: Daemon, method: str, data: dict[str, Any], service: str = "ModelService"
+) -> dict[str, Any]:
     """Call through grpcurl expecting an error; its status as JSON."""
     out = subprocess.run(
         [
@@ -24,7 +26,7 @@ def fail(d: Daemon, method: str, data: dict[str, Any]) -> dict[str, Any]:
             "-d",
             json.dumps(data),
             str(d.socket),
-            f"torpor.v1.ModelService/{method}",
+            f"torpor.v1.{service}/{method}",
         ],
         capture_output=True,
         text=True,

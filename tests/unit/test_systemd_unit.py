@@ -43,6 +43,10 @@ def test_unit_keeps_its_essentials() -> None:
     assert d["Restart"] == ["on-failure"]
     assert d["RestartSec"] == ["2"]
     assert d["KillSignal"] == ["SIGTERM"]
+    # The daemon pings from its event loop (torpord.systemd.Watchdog).
+    assert d["WatchdogSec"] == ["2min"]
+    assert "WatchdogSignal" not in d  # SIGABRT: faulthandler logs the stacks
+    assert d["LimitCORE"] == ["0"]  # no dump of the pinned pool on that abort
     assert (d["User"], d["Group"]) == (["torpor"], ["torpor"])
     # Each of these would cut the daemon off from the GPU or from CUDA's JIT.
     for breaks_gpu in ("MemoryDenyWriteExecute", "PrivateDevices", "DeviceAllow", "ProtectClock"):

@@ -19,6 +19,8 @@ import grpc
 from torpor.cli.catalogue import HANDLERS as CATALOGUE_HANDLERS
 from torpor.cli.catalogue import add_commands, add_policy_flags
 from torpor.cli.commands import EXIT_INTERRUPTED, EXIT_UNAVAILABLE, HANDLERS
+from torpor.cli.stats import HANDLERS as STATS_HANDLERS
+from torpor.cli.stats import add_command as add_stats_command
 from torpor.client import Client
 from torpor.errors import TorporError
 from torpor.transport import UNSAFE_SOCKET_DIR
@@ -222,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.add_argument("model_id", metavar="MODEL_ID", nargs="?", default="")
     add_commands(command)
+    add_stats_command(command)
     return parser
 
 
@@ -303,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(err, args)
         return _exit_code(err)
     try:
-        return {**HANDLERS, **CATALOGUE_HANDLERS}[args.command](client, args)
+        return {**HANDLERS, **CATALOGUE_HANDLERS, **STATS_HANDLERS}[args.command](client, args)
     except TorporError as err:
         _report(err, args)
         return _exit_code(err)

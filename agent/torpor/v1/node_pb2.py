@@ -22,33 +22,48 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from torpor.v1 import common_pb2 as torpor_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14torpor/v1/node.proto\x12\ttorpor.v1\"\xb1\x01\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x03\x12\x12\n\nused_bytes\x18\x06 \x01(\x03\x12\x12\n\nfree_bytes\x18\x07 \x01(\x03\x12\x12\n\nslab_count\x18\x08 \x01(\x05\x12\x12\n\nheld_bytes\x18\t \x01(\x03\"^\n\x08HostPool\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x03\x12\x12\n\nused_bytes\x18\x02 \x01(\x03\x12\x12\n\nfree_bytes\x18\x03 \x01(\x03\x12\x12\n\nslab_count\x18\x04 \x01(\x05\"V\n\tDiskCache\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x03\x12\x12\n\nused_bytes\x18\x04 \x01(\x03\"\xbd\x02\n\x04Node\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x07\x62\x61\x63kend\x18\x03 \x01(\x0e\x32\x12.torpor.v1.Backend\x12\"\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x11.torpor.v1.Device\x12&\n\thost_pool\x18\x05 \x01(\x0b\x32\x13.torpor.v1.HostPool\x12(\n\ndisk_cache\x18\x06 \x01(\x0b\x32\x14.torpor.v1.DiskCache\x12\x13\n\x0bmodel_count\x18\x07 \x01(\x05\x12\x15\n\rallowed_roots\x18\x08 \x03(\t\x12\x1c\n\x04gpus\x18\t \x03(\x0b\x32\x0e.torpor.v1.Gpu\x12\x15\n\rgpu_discovery\x18\n \x01(\t\x12\x16\n\x0e\x62\x61\x63kend_reason\x18\x0b \x01(\t\"\x96\x02\n\x03Gpu\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x03\x12\x19\n\x11memory_free_bytes\x18\x06 \x01(\x03\x12\x17\n\x0fpcie_generation\x18\x07 \x01(\x05\x12\x12\n\npcie_width\x18\x08 \x01(\x05\x12\x1b\n\x13pcie_max_generation\x18\t \x01(\x05\x12\x16\n\x0epcie_max_width\x18\n \x01(\x05\x12(\n\tprocesses\x18\x0b \x03(\x0b\x32\x15.torpor.v1.GpuProcess\"4\n\nGpuProcess\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x19\n\x11used_memory_bytes\x18\x02 \x01(\x03\"\x10\n\x0eGetNodeRequest\"0\n\x0fGetNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.torpor.v1.Node*F\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x42\x41\x43KEND_HOST\x10\x01\x12\x10\n\x0c\x42\x41\x43KEND_CUDA\x10\x02\x32O\n\x0bNodeService\x12@\n\x07GetNode\x12\x19.torpor.v1.GetNodeRequest\x1a\x1a.torpor.v1.GetNodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14torpor/v1/node.proto\x12\ttorpor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16torpor/v1/common.proto\"\xb1\x01\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x03\x12\x12\n\nused_bytes\x18\x06 \x01(\x03\x12\x12\n\nfree_bytes\x18\x07 \x01(\x03\x12\x12\n\nslab_count\x18\x08 \x01(\x05\x12\x12\n\nheld_bytes\x18\t \x01(\x03\"^\n\x08HostPool\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x03\x12\x12\n\nused_bytes\x18\x02 \x01(\x03\x12\x12\n\nfree_bytes\x18\x03 \x01(\x03\x12\x12\n\nslab_count\x18\x04 \x01(\x05\"V\n\tDiskCache\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x03\x12\x12\n\nused_bytes\x18\x04 \x01(\x03\"\xbd\x02\n\x04Node\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x07\x62\x61\x63kend\x18\x03 \x01(\x0e\x32\x12.torpor.v1.Backend\x12\"\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x11.torpor.v1.Device\x12&\n\thost_pool\x18\x05 \x01(\x0b\x32\x13.torpor.v1.HostPool\x12(\n\ndisk_cache\x18\x06 \x01(\x0b\x32\x14.torpor.v1.DiskCache\x12\x13\n\x0bmodel_count\x18\x07 \x01(\x05\x12\x15\n\rallowed_roots\x18\x08 \x03(\t\x12\x1c\n\x04gpus\x18\t \x03(\x0b\x32\x0e.torpor.v1.Gpu\x12\x15\n\rgpu_discovery\x18\n \x01(\t\x12\x16\n\x0e\x62\x61\x63kend_reason\x18\x0b \x01(\t\"\x96\x02\n\x03Gpu\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x03\x12\x19\n\x11memory_free_bytes\x18\x06 \x01(\x03\x12\x17\n\x0fpcie_generation\x18\x07 \x01(\x05\x12\x12\n\npcie_width\x18\x08 \x01(\x05\x12\x1b\n\x13pcie_max_generation\x18\t \x01(\x05\x12\x16\n\x0epcie_max_width\x18\n \x01(\x05\x12(\n\tprocesses\x18\x0b \x03(\x0b\x32\x15.torpor.v1.GpuProcess\"4\n\nGpuProcess\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x19\n\x11used_memory_bytes\x18\x02 \x01(\x03\"\x10\n\x0eGetNodeRequest\"0\n\x0fGetNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.torpor.v1.Node\"L\n\x0fGetStatsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.torpor.v1.TransitionKind\"\x96\x01\n\x10GetStatsResponse\x12/\n\x0btransitions\x18\x01 \x03(\x0b\x32\x1a.torpor.v1.TransitionStats\x12)\n\x08\x61\x63quires\x18\x02 \x03(\x0b\x32\x17.torpor.v1.AcquireStats\x12&\n\x06window\x18\x03 \x01(\x0b\x32\x16.torpor.v1.StatsWindow\"\xe7\x01\n\rDurationStats\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12&\n\x03p50\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03p95\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03p99\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04mean\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03max\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xe6\x01\n\x0fTransitionStats\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.torpor.v1.TransitionKind\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x17\n\x0fsucceeded_count\x18\x04 \x01(\x05\x12\x14\n\x0c\x66\x61iled_count\x18\x05 \x01(\x05\x12*\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x18.torpor.v1.DurationStats\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\x12\x1f\n\x17median_bytes_per_second\x18\x08 \x01(\x01\"s\n\x0c\x41\x63quireStats\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x11\n\thit_count\x18\x03 \x01(\x05\x12/\n\rtime_to_ready\x18\x04 \x01(\x0b\x32\x18.torpor.v1.DurationStats\"\xd3\x01\n\x0bStatsWindow\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10transition_count\x18\x03 \x01(\x05\x12\x1b\n\x13transition_capacity\x18\x04 \x01(\x05\x12\x15\n\racquire_count\x18\x05 \x01(\x05\x12\x18\n\x10\x61\x63quire_capacity\x18\x06 \x01(\x05*F\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x42\x41\x43KEND_HOST\x10\x01\x12\x10\n\x0c\x42\x41\x43KEND_CUDA\x10\x02\x32\x94\x01\n\x0bNodeService\x12@\n\x07GetNode\x12\x19.torpor.v1.GetNodeRequest\x1a\x1a.torpor.v1.GetNodeResponse\x12\x43\n\x08GetStats\x12\x1a.torpor.v1.GetStatsRequest\x1a\x1b.torpor.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'torpor.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BACKEND']._serialized_start=1122
-  _globals['_BACKEND']._serialized_end=1192
-  _globals['_DEVICE']._serialized_start=36
-  _globals['_DEVICE']._serialized_end=213
-  _globals['_HOSTPOOL']._serialized_start=215
-  _globals['_HOSTPOOL']._serialized_end=309
-  _globals['_DISKCACHE']._serialized_start=311
-  _globals['_DISKCACHE']._serialized_end=397
-  _globals['_NODE']._serialized_start=400
-  _globals['_NODE']._serialized_end=717
-  _globals['_GPU']._serialized_start=720
-  _globals['_GPU']._serialized_end=998
-  _globals['_GPUPROCESS']._serialized_start=1000
-  _globals['_GPUPROCESS']._serialized_end=1052
-  _globals['_GETNODEREQUEST']._serialized_start=1054
-  _globals['_GETNODEREQUEST']._serialized_end=1070
-  _globals['_GETNODERESPONSE']._serialized_start=1072
-  _globals['_GETNODERESPONSE']._serialized_end=1120
-  _globals['_NODESERVICE']._serialized_start=1194
-  _globals['_NODESERVICE']._serialized_end=1273
+  _globals['_BACKEND']._serialized_start=2240
+  _globals['_BACKEND']._serialized_end=2310
+  _globals['_DEVICE']._serialized_start=125
+  _globals['_DEVICE']._serialized_end=302
+  _globals['_HOSTPOOL']._serialized_start=304
+  _globals['_HOSTPOOL']._serialized_end=398
+  _globals['_DISKCACHE']._serialized_start=400
+  _globals['_DISKCACHE']._serialized_end=486
+  _globals['_NODE']._serialized_start=489
+  _globals['_NODE']._serialized_end=806
+  _globals['_GPU']._serialized_start=809
+  _globals['_GPU']._serialized_end=1087
+  _globals['_GPUPROCESS']._serialized_start=1089
+  _globals['_GPUPROCESS']._serialized_end=1141
+  _globals['_GETNODEREQUEST']._serialized_start=1143
+  _globals['_GETNODEREQUEST']._serialized_end=1159
+  _globals['_GETNODERESPONSE']._serialized_start=1161
+  _globals['_GETNODERESPONSE']._serialized_end=1209
+  _globals['_GETSTATSREQUEST']._serialized_start=1211
+  _globals['_GETSTATSREQUEST']._serialized_end=1287
+  _globals['_GETSTATSRESPONSE']._serialized_start=1290
+  _globals['_GETSTATSRESPONSE']._serialized_end=1440
+  _globals['_DURATIONSTATS']._serialized_start=1443
+  _globals['_DURATIONSTATS']._serialized_end=1674
+  _globals['_TRANSITIONSTATS']._serialized_start=1677
+  _globals['_TRANSITIONSTATS']._serialized_end=1907
+  _globals['_ACQUIRESTATS']._serialized_start=1909
+  _globals['_ACQUIRESTATS']._serialized_end=2024
+  _globals['_STATSWINDOW']._serialized_start=2027
+  _globals['_STATSWINDOW']._serialized_end=2238
+  _globals['_NODESERVICE']._serialized_start=2313
+  _globals['_NODESERVICE']._serialized_end=2461
 # @@protoc_insertion_point(module_scope)

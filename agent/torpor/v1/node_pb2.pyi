@@ -5,9 +5,12 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from torpor.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -344,3 +347,261 @@ class GetNodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetNodeResponse: _TypeAlias = GetNodeResponse  # noqa: Y015
+
+@_typing.final
+class GetStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """Only this model's figures (no every-model figures then); empty for
+    every model's. History outlives a model: an unloaded model's
+    transitions still count, and an id with no history gets empty figures,
+    not NOT_FOUND. An id no model can have is INVALID_ARGUMENT
+    (INVALID_MODEL_ID).
+    """
+    kind: _common_pb2.TransitionKind.ValueType
+    """Only this kind's figures, and then no Acquires; UNSPECIFIED for every
+    kind. A value this daemon does not know is INVALID_ARGUMENT
+    (INVALID_TRANSITION_KIND).
+    """
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        kind: _common_pb2.TransitionKind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model_id", b"model_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetStatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSITIONS_FIELD_NUMBER: _builtins.int
+    ACQUIRES_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransitionStats]:
+        """Per kind for every model together (model_id empty), then per model
+        (sorted by id) and kind, kinds in TransitionKind's order. Kinds with no
+        finished transition are left out.
+        """
+
+    @_builtins.property
+    def acquires(self) -> _containers.RepeatedCompositeFieldContainer[Global___AcquireStats]:
+        """Every model's together (model_id empty), then per model (sorted by id);
+        models with no Acquire are left out.
+        """
+
+    @_builtins.property
+    def window(self) -> Global___StatsWindow:
+        """What the figures cover (the whole history, whatever the filters)."""
+
+    def __init__(
+        self,
+        *,
+        transitions: _abc.Iterable[Global___TransitionStats] | None = ...,
+        acquires: _abc.Iterable[Global___AcquireStats] | None = ...,
+        window: Global___StatsWindow | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquires", b"acquires", "transitions", b"transitions", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015
+
+@_typing.final
+class DurationStats(_message.Message):
+    """Quantiles of some durations, by linear interpolation between the closest
+    ranks (numpy.percentile's default): with one sample every figure is that
+    sample.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    P50_FIELD_NUMBER: _builtins.int
+    P95_FIELD_NUMBER: _builtins.int
+    P99_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """The samples: never 0 (the message is left unset instead)."""
+    @_builtins.property
+    def p50(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def p95(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def p99(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def mean(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def max(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        p50: _duration_pb2.Duration | None = ...,
+        p95: _duration_pb2.Duration | None = ...,
+        p99: _duration_pb2.Duration | None = ...,
+        mean: _duration_pb2.Duration | None = ...,
+        max: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max", b"max", "mean", b"mean", "p50", b"p50", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "max", b"max", "mean", b"mean", "p50", b"p50", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DurationStats: _TypeAlias = DurationStats  # noqa: Y015
+
+@_typing.final
+class TransitionStats(_message.Message):
+    """One kind of transition of one model, or of every model together."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_COUNT_FIELD_NUMBER: _builtins.int
+    FAILED_COUNT_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    MEDIAN_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """Empty for every model together."""
+    kind: _common_pb2.TransitionKind.ValueType
+    count: _builtins.int
+    """Finished, whatever the outcome or cause."""
+    succeeded_count: _builtins.int
+    failed_count: _builtins.int
+    """Rolled back or failed (Outcome): count = succeeded_count + failed_count."""
+    bytes: _builtins.int
+    """Bytes the succeeded ones moved (Transition.bytes)."""
+    median_bytes_per_second: _builtins.float
+    """The median of the succeeded ones' Transition.bytes_per_second, of those
+    that moved bytes; 0 when none did.
+    """
+    @_builtins.property
+    def duration(self) -> Global___DurationStats:
+        """Of the succeeded ones; unset when none succeeded."""
+
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        kind: _common_pb2.TransitionKind.ValueType = ...,
+        count: _builtins.int = ...,
+        succeeded_count: _builtins.int = ...,
+        failed_count: _builtins.int = ...,
+        duration: Global___DurationStats | None = ...,
+        bytes: _builtins.int = ...,
+        median_bytes_per_second: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "count", b"count", "duration", b"duration", "failed_count", b"failed_count", "kind", b"kind", "median_bytes_per_second", b"median_bytes_per_second", "model_id", b"model_id", "succeeded_count", b"succeeded_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransitionStats: _TypeAlias = TransitionStats  # noqa: Y015
+
+@_typing.final
+class AcquireStats(_message.Message):
+    """The Acquires (ModelService.AcquireModel) of one model, or of every model
+    together.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    HIT_COUNT_FIELD_NUMBER: _builtins.int
+    TIME_TO_READY_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """Empty for every model together."""
+    count: _builtins.int
+    """Acquires that made their model ready (one that failed is not counted:
+    its error went to its caller, and the transition it ran, if any, is
+    counted in TransitionStats).
+    """
+    hit_count: _builtins.int
+    """Acquires that found the model ready: nothing had to move."""
+    @_builtins.property
+    def time_to_ready(self) -> Global___DurationStats:
+        """From each Acquire's arrival until its model was ready, hits included."""
+
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        count: _builtins.int = ...,
+        hit_count: _builtins.int = ...,
+        time_to_ready: Global___DurationStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time_to_ready", b"time_to_ready"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "hit_count", b"hit_count", "model_id", b"model_id", "time_to_ready", b"time_to_ready"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcquireStats: _TypeAlias = AcquireStats  # noqa: Y015
+
+@_typing.final
+class StatsWindow(_message.Message):
+    """The history the figures come from. When a count reaches its capacity the
+    history is full: each new entry lets the oldest go, so the figures cover
+    only the recent part of the daemon's life.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    TRANSITION_COUNT_FIELD_NUMBER: _builtins.int
+    TRANSITION_CAPACITY_FIELD_NUMBER: _builtins.int
+    ACQUIRE_COUNT_FIELD_NUMBER: _builtins.int
+    ACQUIRE_CAPACITY_FIELD_NUMBER: _builtins.int
+    transition_count: _builtins.int
+    """Finished transitions kept, of every model and kind, and the most kept."""
+    transition_capacity: _builtins.int
+    acquire_count: _builtins.int
+    """Acquires kept, and the most kept. Acquires carry no time: they may
+    cover a different span from the transitions.
+    """
+    acquire_capacity: _builtins.int
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The start of the oldest transition kept; unset when none is."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When the figures were taken."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        transition_count: _builtins.int = ...,
+        transition_capacity: _builtins.int = ...,
+        acquire_count: _builtins.int = ...,
+        acquire_capacity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire_capacity", b"acquire_capacity", "acquire_count", b"acquire_count", "end_time", b"end_time", "start_time", b"start_time", "transition_capacity", b"transition_capacity", "transition_count", b"transition_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatsWindow: _TypeAlias = StatsWindow  # noqa: Y015

@@ -40,6 +40,11 @@ class NodeServiceStub:
                 request_serializer=torpor_dot_v1_dot_node__pb2.GetNodeRequest.SerializeToString,
                 response_deserializer=torpor_dot_v1_dot_node__pb2.GetNodeResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/torpor.v1.NodeService/GetStats',
+                request_serializer=torpor_dot_v1_dot_node__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=torpor_dot_v1_dot_node__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -52,6 +57,18 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Figures over the daemon's recent history: how many transitions of each
+        kind finished and failed, and the P50/P95/P99 of their durations, for
+        every model together and per model; and the Acquires' hits and time to
+        ready. The history is the last 4096 finished transitions and the last
+        1024 Acquires since the daemon started (GetStatsResponse.window says
+        what it covers); Prometheus (/metrics) keeps longer series.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +76,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.GetNode,
                     request_deserializer=torpor_dot_v1_dot_node__pb2.GetNodeRequest.FromString,
                     response_serializer=torpor_dot_v1_dot_node__pb2.GetNodeResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=torpor_dot_v1_dot_node__pb2.GetStatsRequest.FromString,
+                    response_serializer=torpor_dot_v1_dot_node__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +111,33 @@ class NodeService:
             '/torpor.v1.NodeService/GetNode',
             torpor_dot_v1_dot_node__pb2.GetNodeRequest.SerializeToString,
             torpor_dot_v1_dot_node__pb2.GetNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torpor.v1.NodeService/GetStats',
+            torpor_dot_v1_dot_node__pb2.GetStatsRequest.SerializeToString,
+            torpor_dot_v1_dot_node__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

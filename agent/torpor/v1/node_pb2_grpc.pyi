@@ -34,6 +34,14 @@ class NodeServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> NodeServiceAsyncStub: ...
     GetNode: _grpc.UnaryUnaryMultiCallable[_node_pb2.GetNodeRequest, _node_pb2.GetNodeResponse]
+    GetStats: _grpc.UnaryUnaryMultiCallable[_node_pb2.GetStatsRequest, _node_pb2.GetStatsResponse]
+    """Figures over the daemon's recent history: how many transitions of each
+    kind finished and failed, and the P50/P95/P99 of their durations, for
+    every model together and per model; and the Acquires' hits and time to
+    ready. The history is the last 4096 finished transitions and the last
+    1024 Acquires since the daemon started (GetStatsResponse.window says
+    what it covers); Prometheus (/metrics) keeps longer series.
+    """
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -41,6 +49,14 @@ class NodeServiceAsyncStub(NodeServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetNode: _aio.UnaryUnaryMultiCallable[_node_pb2.GetNodeRequest, _node_pb2.GetNodeResponse]  # type: ignore[assignment]
+    GetStats: _aio.UnaryUnaryMultiCallable[_node_pb2.GetStatsRequest, _node_pb2.GetStatsResponse]  # type: ignore[assignment]
+    """Figures over the daemon's recent history: how many transitions of each
+    kind finished and failed, and the P50/P95/P99 of their durations, for
+    every model together and per model; and the Acquires' hits and time to
+    ready. The history is the last 4096 finished transitions and the last
+    1024 Acquires since the daemon started (GetStatsResponse.window says
+    what it covers); Prometheus (/metrics) keeps longer series.
+    """
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     """NodeService describes the node: its devices, its pools and the daemon."""
@@ -51,5 +67,19 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.GetNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.GetNodeResponse, _abc.Awaitable[_node_pb2.GetNodeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetStats(
+        self,
+        request: _node_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.GetStatsResponse, _abc.Awaitable[_node_pb2.GetStatsResponse]]:
+        """Figures over the daemon's recent history: how many transitions of each
+        kind finished and failed, and the P50/P95/P99 of their durations, for
+        every model together and per model; and the Acquires' hits and time to
+        ready. The history is the last 4096 finished transitions and the last
+        1024 Acquires since the daemon started (GetStatsResponse.window says
+        what it covers); Prometheus (/metrics) keeps longer series.
+        """
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -221,11 +221,12 @@ listen = {_toml_str(c.metrics.listen or "")}
 allow_remote = {"true" if c.metrics.allow_remote else "false"}
 
 [scrub]
-# Sleeping models' copies in host memory and in the disk cache are checked
-# against their checksums in the background, at most this many bytes a second
-# ("0": never), so a copy that rotted is found before a wake would serve it.
+# The copies of models' layers that are not on a device (a sleeping model's
+# host copy, layers offloaded to host, disk cache entries) are checked against
+# their checksums in the background, at most this many bytes a second ("0":
+# never), so a copy that rotted is found and refused before a wake serves it.
 rate = {_toml_size(c.scrub.rate) if c.scrub.rate else '"0"'}
-# A copy is checked again after this long.
+# A copy is first checked this long after it was made, then again each time.
 interval = {_toml_duration(c.scrub.interval)}
 
 # Models the daemon may load itself when an Acquire asks for them (at most

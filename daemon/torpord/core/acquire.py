@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -31,7 +32,7 @@ from torpord.core.steering import Steered
 from torpord.errors import Aborted, FailedPrecondition, InvalidArgument
 from torpord.types import Cause, ModelState
 
-__all__ = ["FIGURES_KEPT", "Acquired", "Acquirer", "Figure"]
+__all__ = ["FIGURES_KEPT", "AcquireListener", "Acquired", "Acquirer", "Figure"]
 
 log = structlog.get_logger("torpord.pilot")
 
@@ -55,12 +56,33 @@ class Figure:
     seconds: float
 
 
+# Told of each Acquire of a known model as it ends: its figure, and whether
+# it made the model ready (False: it failed; its seconds are until then).
+AcquireListener = Callable[[Figure, bool], None]
+
+
 class Acquirer:
     def __init__(self, manager: Steered, pilot: Pilot) -> None:
         self._m = manager
         self._pilot = pilot
         self._readying: dict[str, asyncio.Task[ModelSnapshot]] = {}
         self.figures: deque[Figure] = deque(maxlen=FIGURES_KEPT)
+        self._listeners: list[AcquireListener] = []
+
+    def listen(self, listener: AcquireListener) -> Callable[[], None]:
+        """Tell `listener` of each Acquire that ends from now on (on the event
+        loop's thread: it must not block); returns the function that stops it."""
+        self._listeners.append(listener)
+
+        def stop() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return stop
+
+    def _tell(self, figure: Figure, ready: bool) -> None:
+        for listener in list(self._listeners):
+            listener(figure, ready)
 
     async def acquire(self, model_id: str, *, request_id: str = "") -> Acquired:
         clock = time.monotonic()
@@ -70,17 +92,23 @@ class Acquirer:
             self._m.registry.model(model_id)  # NOT_FOUND (or INVALID_MODEL_ID)
         self._pilot.used(model_id)
         hit = model is not None and model.state is ModelState.ACTIVE and not model.busy
-        if hit:
-            snapshot = model.snapshot() if model is not None else self._m.registry.get(model_id)
-        else:
-            task = self._readying.get(model_id)
-            if task is None:
-                task = asyncio.create_task(self._ready(model_id), name=f"acquire {model_id}")
-                self._readying[model_id] = task
-                task.add_done_callback(lambda _: self._readying.pop(model_id, None))
-            snapshot = await asyncio.shield(task)
+        try:
+            if hit:
+                snapshot = model.snapshot() if model is not None else self._m.registry.get(model_id)
+            else:
+                task = self._readying.get(model_id)
+                if task is None:
+                    task = asyncio.create_task(self._ready(model_id), name=f"acquire {model_id}")
+                    self._readying[model_id] = task
+                    task.add_done_callback(lambda _: self._readying.pop(model_id, None))
+                snapshot = await asyncio.shield(task)
+        except Exception:  # (a caller that went away is not a failure of the Acquire)
+            self._tell(Figure(model_id, False, time.monotonic() - clock), False)
+            raise
         seconds = time.monotonic() - clock
-        self.figures.append(Figure(model_id, hit, seconds))
+        figure = Figure(model_id, hit, seconds)
+        self.figures.append(figure)
+        self._tell(figure, True)
         log.info(
             "acquired",
             model_id=model_id,

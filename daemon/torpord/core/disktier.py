@@ -16,6 +16,7 @@ import structlog
 
 from torpord.backends.base import Backend, Slab
 from torpord.core import imagedisk
+from torpord.core.counters import Counters
 from torpord.core.model import LayerState, Model
 from torpord.core.observer import MoveObserver
 from torpord.core.workers import Workers
@@ -35,7 +36,7 @@ from torpord.storage.diskcache import (
     cache_key,
 )
 from torpord.storage.reader import check_unchanged
-from torpord.types import Stage
+from torpord.types import Stage, Tier
 
 __all__ = ["DiskTier"]
 
@@ -53,6 +54,7 @@ class DiskTier:
         observer: MoveObserver,
         disk: DiskCache | None,
         in_use: Callable[[], set[str]],
+        counters: Counters,
     ) -> None:
         self._backend = backend
         self._workers = workers
@@ -60,6 +62,7 @@ class DiskTier:
         self.disk = disk
         # The keys of the disk copies models use: never evicted, never removed.
         self._in_use = in_use
+        self.counters = counters
 
     def has_copy(self, model: Model, layer: LayerState) -> bool:
         """Whether a layer not in memory comes from the disk cache: its own copy
@@ -103,6 +106,8 @@ class DiskTier:
                         self.disk.read_into, entry, self._backend.sink(slab), layer.plan.name
                     )
             except (DataLoss, Unavailable) as err:
+                if err.reason == "CACHE_CORRUPT":  # (its bytes, or its size, were not the copy's)
+                    self.counters.checksum_failed(Tier.DISK)
                 if isinstance(err, DataLoss):
                     layer.disk = None  # (Unavailable: the copy is kept for later)
                 fallen.append((layer, err))
@@ -112,6 +117,8 @@ class DiskTier:
             layer.slab = slab
             progress.bytes_done += layer.plan.size
             progress.layers_done += 1
+            progress.arrived(Tier.DISK, slab.tier, layer.plan.size)
+            self.counters.moved_bytes(Tier.DISK, slab.tier, layer.plan.size)
             self.observer.landed(model, layer)
             self.observer.progress(model)
         if fallen:
@@ -220,6 +227,8 @@ class DiskTier:
                 layer.disk = entry
                 progress.bytes_done += layer.plan.size
                 progress.layers_done += 1
+                assert layer.slab is not None
+                self.counters.moved_bytes(layer.slab.tier, Tier.DISK, layer.plan.size)
                 self.observer.progress(model)
 
         try:

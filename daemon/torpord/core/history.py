@@ -35,6 +35,8 @@ class Finished:
     # Seconds from the start until the first layer was on the device (a WAKE
     # or LOAD that put layers there), None otherwise.
     first_layer: float | None = None
+    # Where an OFFLOAD took its layers (DEVICE, HOST or DISK); None otherwise.
+    target: Tier | None = None
 
 
 Listener = Callable[[Finished], None]
@@ -46,6 +48,11 @@ class History:
     def __init__(self, size: int = HISTORY_SIZE) -> None:
         self._ring: collections.deque[Finished] = collections.deque(maxlen=size)
         self._listeners: list[Listener] = []
+
+    @property
+    def capacity(self) -> int:
+        """The most transitions kept: once as many are, each added lets the oldest go."""
+        return self._ring.maxlen or 0
 
     def add(self, finished: Finished) -> None:
         self._ring.append(finished)

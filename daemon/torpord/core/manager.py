@@ -27,6 +27,7 @@ from torpord.core.acquire import Acquired, Acquirer, Figure
 from torpord.core.activity import ActivityLog
 from torpord.core.announce import Announcer
 from torpord.core.catalogue import Catalogue
+from torpord.core.counters import Counters
 from torpord.core.engines import Engines
 from torpord.core.events import EventBus
 from torpord.core.history import History
@@ -39,6 +40,7 @@ from torpord.core.registrar import Registrar
 from torpord.core.registry import Registry, check_model_id
 from torpord.core.requests import RequestLog
 from torpord.core.runner import Runner
+from torpord.core.scrubber import make_scrubber
 from torpord.core.verbs import ManagerSettings, Verbs
 from torpord.errors import Aborted
 from torpord.storage.diskcache import DiskCache
@@ -71,6 +73,8 @@ class ModelManager:
             settings.worker_threads, thread_name_prefix="torpord-io"
         )
         self._announcer = Announcer(self.bus)
+        # Plain counts for the metrics: bytes moved, checksum failures, engines.
+        self.counters = Counters(self.known)
         self.mover = Mover(
             backend,
             self._executor,
@@ -78,11 +82,16 @@ class ModelManager:
             settings.read,
             disk,
             disk_in_use=self.registry.disk_keys,
+            counters=self.counters,
         )
         self.history = History()
         self._runner = Runner(
             backend, self.bus, self.registry, self.requests, self._announcer, self.history
         )
+        # Background checks of the copies not on a device (None: [scrub] off).
+        self.scrubber = make_scrubber(settings, backend, self.registry, self.bus, self.mover)
+        if self.scrubber is not None:
+            self._runner.stand_aside = self.scrubber.stand_aside
         self.images = Images(
             backend,
             self.bus,
@@ -109,7 +118,7 @@ class ModelManager:
         )
         # The policies' decisions run (core/pilot.py); Acquire (core/acquire.py).
         self.pilot = Pilot(self)
-        self._acquirer = Acquirer(self, self.pilot)
+        self.acquirer = Acquirer(self, self.pilot)
 
     @property
     def engines(self) -> Engines:
@@ -183,24 +192,16 @@ class ModelManager:
     # -- activity (core/activity.py) ------------------------------------------
 
     def report_activity(
-        self,
-        model_id: str,
-        reporter: str,
-        uses: int,
-        busy_seconds: float,
-        in_use: int,
-        *,
-        lease: float | None = None,
+        self, model_id: str, reporter: str, uses: int, busy: float, in_use: int, lease: float = 0
     ) -> None:
         """`reporter` (an engine's attachment, a router) saw `uses` uses of
-        `model_id` end since its last report, busy for `busy_seconds` in all,
-        and has `in_use` open now (replacing what it said before).
+        `model_id` end since its last report, busy for `busy` seconds in all,
+        and has `in_use` open now (replacing what it said before) for `lease`
+        seconds unless it reports again (0: until it is forgotten).
         INVALID_ARGUMENT INVALID_ACTIVITY for counts no reporter could make,
-        NOT_FOUND for a model the daemon doesn't know. `lease`: seconds the
-        open uses count unless the reporter reports again (a router's; None:
-        until it is forgotten, as an engine's attachment is when it ends)."""
+        NOT_FOUND for a model the daemon doesn't know."""
         check_model_id(model_id)
-        self.activity.record(model_id, reporter, uses, busy_seconds, in_use, lease=lease)
+        self.activity.record(model_id, reporter, uses, busy, in_use, lease=lease or None)
 
     def forget_reporter(self, model_id: str, reporter: str) -> None:
         """`reporter` is gone: its open uses of `model_id` end."""
@@ -319,12 +320,12 @@ class ModelManager:
 
     async def acquire(self, model_id: str, *, request_id: str = "") -> Acquired:
         """Make the model ready for a request that arrived (core/acquire.py)."""
-        return await self._acquirer.acquire(model_id, request_id=request_id)
+        return await self.acquirer.acquire(model_id, request_id=request_id)
 
     @property
     def acquisitions(self) -> Sequence[Figure]:
         """The last Acquires' hit and time to ready, oldest first."""
-        return tuple(self._acquirer.figures)
+        return tuple(self.acquirer.figures)
 
     # -- shutdown --------------------------------------------------------------
 
@@ -341,6 +342,9 @@ class ModelManager:
 
         def left() -> float:
             return max(0.0, deadline - loop.time())
+
+        # The scrubber lets go of every slab first (only a disk read can keep it).
+        scrubbed = self.scrubber is None or await self.scrubber.stop(left())
 
         running = [
             m.task
@@ -391,4 +395,4 @@ class ModelManager:
             self.engines.unloaded(model.model_id)
         self.registry.models.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        return True
+        return scrubbed

@@ -99,6 +99,21 @@ class Progress:
     # Stage -> when workers were in it, and the bytes they handled there.
     phase_times: dict[Stage, Timeline] = field(default_factory=dict)
     phase_bytes: dict[Stage, int] = field(default_factory=dict)
+    # Bytes that arrived in a new slab by the tier they came from, and
+    # seconds from the start until the first one landed on the device (for
+    # the metrics: where a wake came from, how soon an engine could start).
+    sources: dict[Tier, int] = field(default_factory=dict)
+    first_layer: float | None = None
+
+    def arrived(self, source: Tier, target: Tier, nbytes: int) -> None:
+        """A layer of `nbytes` arrived in its new slab in `target`, from `source`."""
+        self.sources[source] = self.sources.get(source, 0) + nbytes
+        if target is Tier.DEVICE and self.first_layer is None:
+            self.first_layer = self.elapsed()
+
+    def main_source(self) -> Tier | None:
+        """The tier most of the bytes that arrived came from (None: none did)."""
+        return max(self.sources, key=self.sources.__getitem__, default=None)
 
     @contextlib.contextmanager
     def phase(self, stage: Stage, nbytes: int) -> Iterator[None]:

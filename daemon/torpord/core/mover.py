@@ -22,6 +22,7 @@ from typing import TypeVar
 import structlog
 
 from torpord.backends.base import Backend, Slab, SlabOwner
+from torpord.core.counters import Counters
 from torpord.core.disktier import DiskTier
 from torpord.core.model import LayerState, Model, Progress
 from torpord.core.observer import MoveObserver, NoObserver
@@ -48,12 +49,16 @@ class Mover:
         disk: DiskCache | None = None,
         *,
         disk_in_use: Callable[[], set[str]] = set,
+        counters: Counters | None = None,
     ) -> None:
         self._backend = backend
         self.observer: MoveObserver = observer or NoObserver()
         self.read_options = read_options or ReadOptions()
         self.workers = Workers(executor)
-        self.disk_tier = DiskTier(backend, self.workers, self.observer, disk, disk_in_use)
+        self.counters = counters or Counters()
+        self.disk_tier = DiskTier(
+            backend, self.workers, self.observer, disk, disk_in_use, self.counters
+        )
 
     @property
     def disk(self) -> DiskCache | None:
@@ -98,6 +103,7 @@ class Mover:
             if not layer.checksum:
                 layer.checksum = digest
             elif digest != layer.checksum:
+                self.counters.checksum_failed(Tier.SOURCE)
                 mismatch.append(
                     FailedPrecondition(
                         f"layer {layer.plan.name} of the source {model.checkpoint.path} no"
@@ -111,6 +117,8 @@ class Mover:
                 return
             layer.slab = slabs[index]
             progress.layers_done += 1
+            progress.arrived(Tier.SOURCE, layer.slab.tier, layer.plan.size)
+            self.counters.moved_bytes(Tier.SOURCE, layer.slab.tier, layer.plan.size)
             self.observer.landed(model, layer)
             self.observer.progress(model)
 
@@ -171,6 +179,7 @@ class Mover:
         with progress.phase(Stage.VERIFY, size):
             digest = await self.blocking(self._backend.checksum, slab)
         if digest != layer.checksum:
+            self.counters.checksum_failed(layer.tier)
             raise DataLoss(
                 f"layer {layer.plan.name} of model {model.model_id!r} arrived with"
                 f" checksum {digest}, expected {layer.checksum}: its {layer.tier.value}"
@@ -228,7 +237,10 @@ class Mover:
                 if layer.slab is slab:  # read from the disk or the source above
                     continue
                 await self.copy(model, layer, slab, verify=verify)
+                came_from = layer.tier
                 layer.slab = slab
+                progress.arrived(came_from, slab.tier, layer.plan.size)
+                self.counters.moved_bytes(came_from, slab.tier, layer.plan.size)
                 done += layer.plan.size
                 progress.bytes_done = done  # exact, whatever the pieces added up to
                 progress.layers_done += 1

@@ -34,7 +34,7 @@ from torpord.core.model import (
 from torpord.core.registry import Registry
 from torpord.core.requests import RequestLog
 from torpord.errors import Aborted, NotFound, TorporError
-from torpord.types import Cause, ModelState, Outcome, TransitionKind
+from torpord.types import Cause, ModelState, Outcome, Tier, TransitionKind
 
 __all__ = ["HEARTBEAT", "Body", "Call", "Plan", "Runner", "current_task", "retrieve"]
 
@@ -69,6 +69,7 @@ class Plan:
     sleep_level: int | None = None  # shown while it runs
     fail_to: ModelState | None = None  # the state a failure leaves (default: the one before)
     removes: bool = False
+    target: Tier | None = None  # where an Offload takes its layers (for the metrics)
 
 
 class Runner:
@@ -87,6 +88,9 @@ class Runner:
         self._registry = registry
         self._requests = requests
         self._announcer = announcer
+        # Called before a transition changes anything: what reads the
+        # model's memory in the background (the scrubber) lets go of it.
+        self.stand_aside: Callable[[Model], Awaitable[None]] | None = None
 
     async def start(
         self,
@@ -147,6 +151,8 @@ class Runner:
         try:
             if running.cause is not None:  # cancelled before its first step
                 raise asyncio.CancelledError
+            if self.stand_aside is not None:
+                await self.stand_aside(model)
             await plan.body()
         except BaseException as exc:
             err = _as_domain_error(exc, running.cause)
@@ -213,7 +219,13 @@ class Runner:
             level = before[1]
         else:
             level = 0
-        self._history.add(Finished(model.model_id, model.device, level, record))
+        source, first_layer = None, None
+        progress = model.progress  # (None once a failed transition is finished)
+        if plan.kind in (TransitionKind.LOAD, TransitionKind.WAKE) and progress is not None:
+            source, first_layer = progress.main_source(), progress.first_layer
+        self._history.add(
+            Finished(model.model_id, model.device, level, record, source, first_layer, plan.target)
+        )
 
     def _roll_back(
         self,

@@ -29,3 +29,7 @@ class ManagerSettings:
     acquire_patience: float = 5.0
     # Config [[catalogue]]: entries the catalogue starts with.
     catalogue: tuple[Entry, ...] = ()
+    # Config [scrub]: bytes a second the scrubber checks (0: no scrubber),
+    # and the seconds before it checks the same copy again.
+    scrub_rate: int = 0
+    scrub_interval: float = 3600.0

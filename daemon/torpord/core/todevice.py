@@ -35,7 +35,7 @@ def to_device(
         model.settle()
         return moved
 
-    return Plan(kind, state, moving, body, new)
+    return Plan(kind, state, moving, body, new, target=Tier.DEVICE)
 
 
 def to_host(mover: Mover, model: Model) -> Plan:

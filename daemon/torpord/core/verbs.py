@@ -308,7 +308,9 @@ class Verbs:
                 model.settle()
                 return freed
 
-            plan = Plan(TransitionKind.OFFLOAD, ModelState.OFFLOADING, moving, to_disk)
+            plan = Plan(
+                TransitionKind.OFFLOAD, ModelState.OFFLOADING, moving, to_disk, target=Tier.DISK
+            )
             return await self._runner.start(model, plan, call)
         new = self._mover.allocate(model, moving, tier)
 
@@ -318,7 +320,7 @@ class Verbs:
             model.settle()
             return moved
 
-        plan = Plan(TransitionKind.OFFLOAD, ModelState.OFFLOADING, moving, body, new)
+        plan = Plan(TransitionKind.OFFLOAD, ModelState.OFFLOADING, moving, body, new, target=tier)
         return await self._runner.start(model, plan, call)
 
     async def unload(

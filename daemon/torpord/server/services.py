@@ -23,12 +23,14 @@ from torpor.v1 import (
 
 from torpord import __version__
 from torpord.backends.nvml import Discovery, discover
+from torpord.core.acquire import FIGURES_KEPT
 from torpord.core.activity import OPEN_USE_LEASE
 from torpord.core.attachments.attachment import Attachment
 from torpord.core.attachments.messages import Ended, Hello, Publish, Published, Quiesce, Resume
 from torpord.core.attachments.registry import AgentRegistry
 from torpord.core.events import EventType
 from torpord.core.manager import ModelManager
+from torpord.core.stats import summarise
 from torpord.errors import InvalidArgument
 from torpord.server.convert import (
     duration_seconds,
@@ -40,6 +42,7 @@ from torpord.server.convert import (
 )
 from torpord.server.errors import translate_errors, translate_stream_errors
 from torpord.server.policyconvert import policy_from_proto
+from torpord.server.statsconvert import kind_from_proto, stats_to_proto
 from torpord.storage.catalogue import CatalogueGroup, CatalogueTensor
 from torpord.types import Tier
 
@@ -254,6 +257,21 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
         )
         node.backend_reason = self._backend_reason
         return node_pb2.GetNodeResponse(node=node)
+
+    @translate_errors
+    async def GetStats(
+        self, request: node_pb2.GetStatsRequest, context: Context
+    ) -> node_pb2.GetStatsResponse:
+        history = self._m.history
+        stats = summarise(
+            history.recent(),
+            self._m.acquisitions,
+            transition_capacity=history.capacity,
+            acquire_capacity=FIGURES_KEPT,
+            model_id=request.model_id,
+            kind=kind_from_proto(request.kind),
+        )
+        return stats_to_proto(stats, time.time())
 
 
 def hello_from_proto(hello: agent_pb2.Hello) -> Hello:

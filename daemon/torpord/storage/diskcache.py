@@ -323,6 +323,21 @@ class DiskCache:
             self._last_use[key] = time.time()
         return entry
 
+    def entries(self) -> list[DiskEntry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    @property
+    def io(self) -> FileIO:
+        """What entries are read through (the scrubber's reads too)."""
+        return self._io
+
+    def open_entry(self, entry: DiskEntry) -> int:
+        """A read-only fd of the file at `entry`'s place, its slab's bytes from
+        DATA_OFFSET (to check them); the caller closes it. OSError or BadEntry
+        if it can't be had."""
+        return self._files.open_entry(entry.key)
+
     def read_into(self, entry: DiskEntry, sink: SlabSink, layer: str) -> None:
         """Fill a slab from its entry and check the checksum. An entry gone,
         corrupt or unreadable for good is removed and refused with DATA_LOSS;

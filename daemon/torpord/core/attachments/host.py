@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from torpord.backends.base import Backend
+from torpord.core.counters import Counters
 from torpord.core.events import EventBus
 from torpord.core.images import Images
 from torpord.core.model import Model, ModelSnapshot
@@ -20,6 +21,11 @@ class EngineHost(Protocol):
 
     @property
     def bus(self) -> EventBus: ...
+
+    @property
+    def counters(self) -> Counters:
+        """Counts for the metrics (engines attached, detached, revoked)."""
+        ...
 
     def get(self, model_id: str) -> ModelSnapshot:
         """The model's snapshot; NotFound if there is no such model."""

@@ -105,6 +105,7 @@ class AgentRegistry:
                 f"{attachment.describe()} did not let go of the weights within {limit:g}s; detached"
             ) + self._unresponsive(attachment)
             log.warning("engine revoked", model_id=model_id, pid=attachment.pid, note=note)
+            self._host.counters.quiesce_timed_out(model_id)
             self.revoke(
                 attachment.id,
                 Aborted(
@@ -159,6 +160,7 @@ class AgentRegistry:
             )
         attachment = self._new(secrets.token_hex(16), hello, snapshot.layout_hash, snapshot.device)
         self._attachments[attachment.id] = attachment
+        self._host.counters.attached(hello.model_id)
         self._count_changed(hello.model_id)
         log.info("engine attached", model_id=hello.model_id, pid=hello.pid, engine=hello.engine)
         return attachment
@@ -181,6 +183,7 @@ class AgentRegistry:
         attachment = self._new(attachment_id, hello, model.layout_hash, model.device)
         attachment.writer = True
         self._attachments[attachment.id] = attachment
+        self._host.counters.attached(hello.model_id)
         self._count_changed(hello.model_id)
         log.info("engine publishing", model_id=hello.model_id, pid=hello.pid, engine=hello.engine)
         return attachment
@@ -331,6 +334,7 @@ class AgentRegistry:
         if attachment.writer:  # (nothing, once committed)
             self._host.images.abandon(attachment.model_id, attachment.id)
         self._host.forget_reporter(attachment.model_id, attachment.id)  # its uses end
+        self._host.counters.detached(attachment.model_id)
         self._count_changed(attachment.model_id)
         log.info("engine detached", model_id=attachment.model_id, pid=attachment.pid)
 
@@ -341,6 +345,8 @@ class AgentRegistry:
         attachment = self._attachments.get(attachment_id)
         if attachment is None:
             return
+        if error.reason not in ("MODEL_UNLOADED", "SHUTTING_DOWN"):  # (as asked: not lost)
+            self._host.counters.revoked(attachment.model_id)
         self.detach(attachment_id)
         attachment.outbox.put(Ended(error))
 

@@ -1,0 +1,380 @@
+"""Scrubbing: the copies of models' layers that are not on a device (host
+slabs, disk cache entries) checked against their checksums in the
+background, so a copy that rotted is found before a wake would serve it.
+
+The scrubber never competes with transitions and never reads memory that
+is being freed:
+- it reads at most `rate` bytes a second (a token bucket), one bounded piece
+  at a time, on a thread of its own, never on the event loop;
+- it checks only models at rest (ACTIVE, OFFLOADED, ASLEEP) and not in a
+  transition. Before each piece it checks, on the event loop, that the model
+  is still idle and the copy still the layer's; a transition that begins
+  waits for the piece being read (`stand_aside`, called by the runner before
+  a transition changes anything), then the check is abandoned. So a wake
+  waits for one piece at most, and every slab a transition frees is freed
+  after the scrubber has let go of it.
+The checksum (torpord.storage.checksum) is one digest per 1 MiB chunk,
+combined at the end, so pieces of whole chunks hash to the same result.
+
+What a corrupt copy does to its model is in core/corrupt.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+
+from torpord.backends.base import Backend, Slab
+from torpord.core.corrupt import disk_copy_corrupt, host_copy_corrupt
+from torpord.core.events import EventBus, EventType
+from torpord.core.model import LayerState, Model
+from torpord.core.mover import Mover
+from torpord.core.registry import Registry
+from torpord.core.scrubread import Corrupt, hash_file, hash_slab, open_entry
+from torpord.core.settings import ManagerSettings
+from torpord.core.workers import settle
+from torpord.storage.checksum import CHUNK, combine
+from torpord.storage.diskcache import DiskCache, DiskEntry
+from torpord.types import ModelState, Tier
+
+__all__ = ["PIECE", "Scrubber", "TokenBucket", "make_scrubber"]
+
+log = structlog.get_logger("torpord.scrub")
+
+PIECE = 8 * CHUNK  # bytes read at once: what a transition may have to wait for
+POLL = 1.0  # seconds between two walks when nothing is due sooner
+T = TypeVar("T")
+_AT_REST = frozenset({ModelState.ACTIVE, ModelState.OFFLOADED, ModelState.ASLEEP})
+
+
+class TokenBucket:
+    """At most `rate` units a second on average, in bursts of `burst`."""
+
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._tokens, self._at = burst, clock()
+
+    def take(self, n: int) -> float:
+        """Spend `n`: the seconds to wait before using them (0: now). What is
+        spent ahead of time is a debt the next takes wait for."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= n
+        return max(0.0, -self._tokens / self.rate)
+
+
+@dataclass(eq=False)
+class _Copy:
+    """One copy to check: a layer's host slab, or its disk entry; or an entry
+    no model uses (model and layer None), which a load may take."""
+
+    model: Model | None
+    index: int
+    layer: LayerState | None
+    slab: Slab | None = None
+    entry: DiskEntry | None = None
+
+    @property
+    def tier(self) -> Tier:
+        return Tier.HOST if self.slab is not None else Tier.DISK
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        if self.slab is not None:
+            return ("host", self.slab.id)
+        assert self.entry is not None
+        return ("disk", self.entry.key, self.entry.inode)
+
+    @property
+    def size(self) -> int:
+        if self.slab is not None:
+            return self.slab.size
+        assert self.entry is not None
+        return self.entry.size
+
+    @property
+    def expected(self) -> str:
+        if self.layer is not None and self.layer.checksum:
+            return self.layer.checksum
+        return self.entry.checksum if self.entry is not None else ""
+
+    def where(self) -> dict[str, object]:
+        """What a log line says of it (never what it holds)."""
+        tier = {"tier": self.tier.value.lower()}
+        if self.model is None or self.layer is None:
+            assert self.entry is not None
+            return {"entry": self.entry.key, **tier}
+        return {
+            "model_id": self.model.model_id,
+            "layer": self.layer.plan.name,
+            "index": self.index,
+            **tier,
+        }
+
+
+class _Abandoned(Exception):
+    """The copy changed or its model began a transition: checked some other time."""
+
+
+class Scrubber:
+    def __init__(
+        self,
+        backend: Backend,
+        registry: Registry,
+        bus: EventBus,
+        disk: Callable[[], DiskCache | None],
+        free: Callable[[Sequence[Slab]], None],
+        *,
+        rate: int,
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """`free` frees slabs (blocking); `clock` and `sleep` pace it (tests
+        pass their own)."""
+        self._backend, self._registry, self._bus = backend, registry, bus
+        self._disk, self._free = disk, free
+        self.rate, self.interval = rate, interval
+        self._clock, self._sleep = clock, sleep
+        self.bucket = TokenBucket(rate, PIECE, clock)  # (bursts of one piece)
+        self.checked_bytes: dict[Tier, int] = {Tier.HOST: 0, Tier.DISK: 0}
+        self.corrupt: dict[Tier, int] = {Tier.HOST: 0, Tier.DISK: 0}
+        # Copy -> when it was last checked, or first seen: a copy is checked
+        # an interval after it was made (or found at start), then each interval.
+        self._since: dict[tuple[object, ...], float] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="torpord-scrub")
+        self._task: asyncio.Task[None] | None = None
+        self._current: _Copy | None = None
+        self._reading: asyncio.Future[Any] | None = None  # the piece being read
+        self._freeing: set[asyncio.Future[None]] = set()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="scrubber")
+        log.info("scrubbing copies", rate=self.rate, interval=self.interval)
+
+    async def stop(self, timeout: float | None = None) -> bool:
+        """Stop, once the piece being read is done and the slabs of a corrupt
+        copy are freed: nothing of the scrubber's touches memory after this.
+        False if that took longer than `timeout` (a disk read that does not
+        return: its thread is left to the process's exit)."""
+        pending: set[asyncio.Future[Any]] = set(self._freeing)
+        if self._task is not None:
+            self._task.cancel()
+            pending.add(self._task)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=timeout)
+            if late:
+                log.error("scrub: a check did not stop in time; left to the process's exit")
+                self._pool.shutdown(wait=False)
+                return False
+        self._pool.shutdown(wait=True)
+        return True
+
+    async def stand_aside(self, model: Model) -> None:
+        """Before a transition of `model` changes anything: wait for the piece
+        being read of its copy, if one is (the check is abandoned after it)."""
+        reading = self._reading
+        current = self._current
+        if reading is not None and current is not None and current.model is model:
+            await asyncio.wait([reading])
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                wait = await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # (never the daemon's end: try again later)
+                log.exception("scrubbing failed; trying again later")
+                wait = POLL
+            await self._sleep(wait)
+
+    # -- the walk ------------------------------------------------------------
+
+    def copies(self) -> Iterator[_Copy]:
+        """Every copy not on a device, in model order, then the disk entries
+        no model uses (those of models in a transition too: see `_still`)."""
+        for model_id in sorted(self._registry.models):
+            model = self._registry.models[model_id]
+            for index, layer in enumerate(model.layers):
+                if not layer.checksum:  # (nothing to check it against yet)
+                    continue
+                if layer.slab is not None and layer.slab.tier is Tier.HOST:
+                    yield _Copy(model, index, layer, slab=layer.slab)
+                if layer.disk is not None:
+                    yield _Copy(model, index, layer, entry=layer.disk)
+        disk = self._disk()
+        if disk is not None:
+            used = self._registry.disk_keys()
+            for entry in sorted(disk.entries(), key=lambda e: e.key):
+                if entry.key not in used:
+                    yield _Copy(None, -1, None, entry=entry)
+
+    async def sweep(self) -> float:
+        """Check every copy that is due; the seconds until the next is."""
+        copies = list(self.copies())
+        alive = {copy.key for copy in copies}
+        for key in set(self._since) - alive:
+            del self._since[key]
+        for copy in copies:
+            since = self._since.setdefault(copy.key, self._clock())
+            if self._clock() - since < self.interval:
+                continue
+            if not self._still(copy):  # (its model is in a transition: later)
+                continue
+            try:
+                await self.check(copy)
+            except _Abandoned:
+                continue
+        now = self._clock()
+        due = [since + self.interval - now for since in self._since.values()]
+        return max(0.0, min([POLL, *due]))
+
+    def _still(self, copy: _Copy) -> bool:
+        """Whether `copy` is still its layer's, its model idle and at rest (an
+        entry no model used: still in the cache, and still used by none)."""
+        model, layer, disk = copy.model, copy.layer, self._disk()
+        if model is None or layer is None:
+            entry = copy.entry
+            return (
+                entry is not None
+                and disk is not None
+                and disk.get(entry.key) is entry
+                and entry.key not in self._registry.disk_keys()
+            )
+        if self._registry.find(model.model_id) is not model:
+            return False
+        if model.busy or model.state not in _AT_REST:
+            return False
+        if copy.slab is not None:
+            return layer.slab is copy.slab and not copy.slab.freed
+        entry = copy.entry
+        return (
+            entry is not None
+            and layer.disk is entry
+            and disk is not None
+            and disk.get(entry.key) is entry
+        )
+
+    # -- one copy ------------------------------------------------------------
+
+    async def check(self, copy: _Copy) -> None:
+        """Read `copy` piece by piece at the rate, and act if it is corrupt
+        (_Abandoned if it changed or its model began a transition meanwhile)."""
+        expected = copy.expected
+        self._current = copy
+        fd: int | None = None
+        disk = self._disk()
+        done = 0  # (bytes read: what checked_bytes counts)
+        try:
+            if copy.entry is not None:
+                assert disk is not None  # (_still says so)
+                fd = await self._piece(copy, open_entry, disk, copy.entry)
+                if fd is None:  # (another file took its place: a newer copy)
+                    raise _Abandoned
+            digests: list[int] = []
+            for at in range(0, copy.size, PIECE):
+                n = min(PIECE, copy.size - at)
+                if (wait := self.bucket.take(n)) > 0:
+                    await self._sleep(wait)
+                if fd is None:
+                    digests += await self._piece(copy, hash_slab, self._backend, copy.slab, at, n)
+                else:
+                    assert disk is not None
+                    digests += await self._piece(copy, hash_file, disk.io, fd, copy.size, at, n)
+                done += n
+            actual = combine(digests)
+            problem = None if actual == expected else f"checksum {actual}, expected {expected}"
+        except Corrupt as err:
+            problem = str(err)
+        finally:
+            self._current = None
+            if fd is not None:
+                os.close(fd)
+        where = copy.where()
+        if problem is not None:
+            self.corrupt[copy.tier] += 1
+        if not self._still(copy):  # (a transition began: the model is its now)
+            if problem is not None:
+                log.warning(
+                    "scrub: a copy does not match its checksum, but its model's transition"
+                    " began meanwhile: not acted on (a wake with verify refuses it; a copy"
+                    " still there is checked again at once)",
+                    problem=problem,
+                    **where,
+                )
+            raise _Abandoned  # (and checked again at the next walk)
+        self._since[copy.key] = self._clock()
+        self.checked_bytes[copy.tier] += done
+        if problem is not None:
+            log.warning(
+                "scrub: a copy does not match its checksum; it is refused", problem=problem, **where
+            )
+            self._refuse(copy, problem)
+
+    def _refuse(self, copy: _Copy, problem: str) -> None:
+        """What a corrupt copy does (core/corrupt.py), and who hears of it."""
+        if copy.slab is not None:
+            assert copy.model is not None and copy.layer is not None
+            self._free_later(host_copy_corrupt(copy.model, copy.layer))
+            changed = [copy.model]
+        else:
+            disk = self._disk()
+            assert disk is not None and copy.entry is not None
+            disk.remove(copy.entry)
+            changed = disk_copy_corrupt(list(self._registry.models.values()), copy.entry, problem)
+        for model in changed:
+            self._bus.publish(EventType.CHANGED, model.snapshot())
+
+    def _free_later(self, slabs: Sequence[Slab]) -> None:
+        """Free `slabs` on the scrubber's thread (gigabytes take a while)."""
+        freeing = asyncio.get_running_loop().run_in_executor(self._pool, self._free, slabs)
+        self._freeing.add(freeing)
+        freeing.add_done_callback(self._freeing.discard)
+        freeing.add_done_callback(_log_failure)
+
+    async def _piece(self, copy: _Copy, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args) on the scrubber's thread, if `copy` is still to be read."""
+        if not self._still(copy):
+            raise _Abandoned
+        reading = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        self._reading = reading
+        try:
+            # (Even when stopped, it waits for the thread to let go first.)
+            return await settle(reading)
+        finally:
+            self._reading = None
+
+
+def make_scrubber(
+    settings: ManagerSettings, backend: Backend, registry: Registry, bus: EventBus, mover: Mover
+) -> Scrubber | None:
+    """The manager's scrubber; None when `[scrub] rate` is 0."""
+    if not settings.scrub_rate:
+        return None
+    return Scrubber(
+        backend,
+        registry,
+        bus,
+        lambda: mover.disk,
+        lambda slabs: mover.free_all(slabs, False),
+        rate=settings.scrub_rate,
+        interval=settings.scrub_interval,
+    )
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.error("scrub: freeing a corrupt host copy failed", error=str(exc))

@@ -1,0 +1,111 @@
+"""The daemon's metrics: one private registry over its state and history.
+
+Label cardinality stays bounded: labels are model ids, devices, tiers and
+transition kinds, causes, levels and outcomes, never layers or requests.
+A model unloaded for good (neither loaded nor in the catalogue) has its
+series in the next scrape one last time (so its last transitions, its
+unload among them, are counted), then they are dropped; Prometheus marks
+them stale. Should nobody scrape, they are dropped once more than
+KEEP_MODELS models' series are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import structlog
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from torpord.core.acquire import Figure
+from torpord.core.counters import KEEP_MODELS
+from torpord.core.history import Finished
+from torpord.core.manager import ModelManager
+from torpord.metrics.http import MetricsServer
+from torpord.metrics.state import State
+from torpord.metrics.transitions import Transitions
+
+__all__ = ["Metrics", "serve_metrics"]
+
+log = structlog.get_logger("torpord.metrics")
+
+
+class Metrics:
+    """The collector of one manager's metrics; `scrape` renders them."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self._m = manager
+        self._state = State(manager)
+        self.transitions = Transitions()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        self._seen: set[str] = set()  # model ids with series (since the last prune)
+        self._stops = [
+            manager.history.listen(self._finished),
+            manager.acquirer.listen(self._acquired),
+        ]
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._state.collect()
+        yield from self.transitions.collect()
+
+    def scrape(self) -> tuple[bytes, str]:
+        """The exposition (and its content type); then the series of models
+        that are gone, now exported with their last values, are dropped."""
+        body = generate_latest(self.registry)
+        self.prune()
+        # The text format every Prometheus reads (CONTENT_TYPE_LATEST says
+        # 1.0.0, which 2.x servers don't know; the names here are the same
+        # in both, and prometheus_client's own server answers 0.0.4 too).
+        return body, CONTENT_TYPE_PLAIN_0_0_4
+
+    def prune(self) -> None:
+        """Drop the series of model ids the daemon no longer knows."""
+        counters = self._m.counters
+        gone = {
+            model_id
+            for model_id in self.transitions.models() | counters.models()
+            if not self._m.known(model_id)
+        }
+        if gone:
+            self.transitions.forget(gone)
+            for model_id in gone:
+                counters.forget(model_id)
+        self._seen = self.transitions.models()
+
+    def close(self) -> None:
+        for stop in self._stops:
+            stop()
+
+    def _finished(self, finished: Finished) -> None:
+        self.transitions.finished(finished)
+        self._bound(finished.model_id)
+
+    def _acquired(self, figure: Figure, ready: bool) -> None:
+        self.transitions.acquired(figure, ready)
+        self._bound(figure.model_id)
+
+    def _bound(self, model_id: str) -> None:
+        self._seen.add(model_id)
+        if len(self._seen) > KEEP_MODELS:  # (nobody scrapes)
+            self.prune()
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+async def serve_metrics(manager: ModelManager, listen: str) -> tuple[Metrics, MetricsServer]:
+    """Bind `listen` ("host:port", as the config gives it) for the manager's
+    metrics; OSError if it can't be had. It answers once started."""
+    metrics = Metrics(manager)
+    host, port = _host_port(listen)
+    server = MetricsServer(metrics.scrape, host, port)
+    try:
+        await server.bind()
+    except BaseException:
+        metrics.close()
+        raise
+    return metrics, server

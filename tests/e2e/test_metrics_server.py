@@ -1,0 +1,156 @@
+"""The /metrics HTTP server of a real torpord: what it refuses, what a slow
+or hostile client gets, and its config: off, loopback only, a port taken."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from torpord import __version__
+
+from .conftest import Daemon
+from .scrape import get, metrics_daemon, scrape, value
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[Daemon, int]]:
+    d, port = metrics_daemon(tmp_path)
+    try:
+        yield d, port
+    finally:
+        d.kill()
+
+
+def raw(port: int, data: bytes) -> bytes:
+    """Send `data` as it is, and read the answer until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(data)
+        return read_all(s)
+
+
+def read_all(s: socket.socket) -> bytes:
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+    return got
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b"\r\n", 1)[0].split(b" ")[1])
+
+
+def test_other_paths_methods_and_malformed_requests_are_refused(
+    node: tuple[Daemon, int],
+) -> None:
+    _, port = node
+    assert get(port, "/")[0] == 404
+    assert get(port, "/metrics/x")[0] == 404
+    status, headers, _ = get(port, method="POST")
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
+    assert get(port, method="DELETE")[0] == 405
+    for garbage in (
+        b"GARBAGE\r\n\r\n",
+        b"GET /metrics\r\n\r\n",
+        b"GET /metrics HTTP/9.9\r\n\r\n",
+        b"GET metrics HTTP/1.1\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n",
+        b"GET /m\xe9trics HTTP/1.1\r\n\r\n",
+    ):
+        answer = raw(port, garbage)
+        assert status_of(answer) == 400, garbage
+        assert answer.split(b"\r\n\r\n", 1)[1].startswith(b"400 Bad Request")
+    # A well-formed request by hand gets the metrics, and the connection closes.
+    answer = raw(port, b"GET /metrics?x=1 HTTP/1.0\r\nHost: here\r\n\r\n")
+    assert status_of(answer) == 200 and b"\r\nConnection: close\r\n" in answer
+    assert b"torpor_build_info{" in answer
+
+
+def test_an_oversized_request_is_refused(node: tuple[Daemon, int]) -> None:
+    _, port = node
+    big = b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"
+    assert status_of(raw(port, big)) == 431
+    assert get(port)[0] == 200  # (and the server goes on)
+
+
+def test_a_silent_client_is_dropped_and_blocks_no_scrape(node: tuple[Daemon, int]) -> None:
+    _, port = node
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=60) as silent,
+        socket.create_connection(("127.0.0.1", port), timeout=60) as half,
+    ):
+        half.sendall(b"GET /metrics HTTP/1.1\r\nHost: he")  # and nothing more
+        for _ in range(3):  # others are served meanwhile
+            assert value(scrape(port), "torpor_build_info", version=__version__, backend="host")
+        # Each is answered 408 and closed after the read timeout.
+        assert status_of(read_all(silent)) == 408
+        assert status_of(read_all(half)) == 408
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as empty:
+        empty.shutdown(socket.SHUT_WR)  # connects, sends nothing, and closes
+        assert read_all(empty) == b""
+    assert get(port)[0] == 200
+
+
+def listening_tcp(pid: int) -> list[str]:
+    """The TCP sockets process `pid` listens on (their local addresses, hex)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink()
+        except OSError:
+            continue
+        if str(target).startswith("socket:["):
+            inodes.add(str(target)[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                found.append(fields[1])
+    return found
+
+
+def test_metrics_are_off_unless_listen_is_set(tmp_path: Path) -> None:
+    off = Daemon(tmp_path / "off", config='[metrics]\nlisten = ""\n')
+    try:
+        off.wait_ready()
+        assert listening_tcp(off.proc.pid) == []
+    finally:
+        off.kill()
+    on, port = metrics_daemon(tmp_path / "on")
+    try:
+        assert listening_tcp(on.proc.pid) == [f"0100007F:{port:04X}"]
+    finally:
+        on.kill()
+
+
+def test_a_non_loopback_listen_needs_allow_remote(tmp_path: Path) -> None:
+    config = tmp_path / "torpord.toml"
+    config.write_text('version = 1\n[metrics]\nlisten = "0.0.0.0:9400"\n')
+    cmd = [sys.executable, "-m", "torpord", "--config", str(config), "--check-config"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "metrics.listen" in out.stderr and "metrics.allow_remote = true" in out.stderr
+    config.write_text('version = 1\n[metrics]\nlisten = "0.0.0.0:9400"\nallow_remote = true\n')
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_a_port_in_use_stops_the_daemon_naming_metrics_listen(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        d = Daemon(tmp_path, config=f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        try:
+            code = d.proc.wait(60)
+        finally:
+            d.kill()
+    assert code == 1
+    log = d.log()
+    assert "cannot listen" in log and f"metrics.listen 127.0.0.1:{port}" in log
+    assert "in use" in log
+    assert not d.socket.exists()  # (it stopped before the gRPC socket listened)
