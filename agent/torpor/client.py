@@ -388,9 +388,13 @@ class Client:
         self._unary(self._models.DeregisterModel, request, timeout)
 
     def set_model_policy(
-        self, model_id: str, policy: common_pb2.Policy, *, timeout: float | None = None
+        self,
+        model_id: str,
+        policy: common_pb2.Policy,
+        clear_windows: bool = False,
+        timeout: float | None = None,
     ) -> common_pb2.Model:
-        """Set the fields `policy` sets on a model (and its catalogue entry);
-        the others keep their values."""
+        """Set `policy`'s fields on a model and its entry; `clear_windows` drops its windows."""
         request = models_pb2.SetModelPolicyRequest(model_id=model_id, policy=policy)
+        request.clear_windows = clear_windows
         return self._unary(self._models.SetModelPolicy, request, timeout).model

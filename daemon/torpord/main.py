@@ -195,6 +195,7 @@ class Daemon:
                 read=ReadOptions(cfg.io.chunk_size, cfg.io.threads, cfg.io.direct),
                 policy=cfg.policy.settings,
                 policy_interval=cfg.policy.interval,
+                acquire_patience=cfg.policy.acquire_patience,
                 catalogue=catalogue,
                 scrub_rate=cfg.scrub.rate,
                 scrub_interval=cfg.scrub.interval,

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from torpord.core.activity import MAX_REPORTER, ActivityLog
+from torpord.core.activity import MAX_REPORTER, OPEN_USE_LEASE, ActivityLog
 from torpord.errors import InvalidArgument, NotFound
 
 from .harness import Harness
@@ -123,3 +123,16 @@ async def test_bad_ids_are_invalid(h: Harness) -> None:
     with pytest.raises(InvalidArgument) as err:
         h.manager.report_activity("../etc", "router", 1, 0.0, 0)
     assert err.value.reason == "INVALID_MODEL_ID"
+
+
+def test_a_reporters_lease_ends_its_open_uses_unless_it_reports_again() -> None:
+    clock = Clock()
+    log = ActivityLog({"a"}.__contains__, clock)
+    log.record("a", "router", uses=0, busy_seconds=0.0, in_use=2, lease=OPEN_USE_LEASE)
+    log.record("a", "engine-1", uses=0, busy_seconds=0.0, in_use=1)  # an attachment's: no lease
+    clock.now += OPEN_USE_LEASE / 2
+    log.record("a", "router", uses=1, busy_seconds=1.0, in_use=2, lease=OPEN_USE_LEASE)
+    clock.now += OPEN_USE_LEASE * 0.9
+    assert log.summary("a").in_use == 3  # refreshed in time
+    clock.now += OPEN_USE_LEASE * 0.2
+    assert log.summary("a").in_use == 1  # the router vanished: its uses ended

@@ -95,11 +95,10 @@ async def test_repeated_calls_are_no_ops(h: Harness, ckpt: Path) -> None:
     assert (m.state, m.sleep_level) == (ModelState.ASLEEP, 1)
     m = await h.manager.sleep("m", 2)  # deepens: frees the HOST slabs
     assert m.sleep_level == 2 and h.backend.host_pool().used == 0
-    with pytest.raises(FailedPrecondition) as err:
-        await h.manager.sleep("m", 1)
-    assert err.value.reason == "INVALID_STATE"
     m = await h.manager.sleep("m", 2)
     assert m.sleep_level == 2
+    m = await h.manager.sleep("m", 1)  # lightens: its weights back in HOST (see below)
+    assert m.sleep_level == 1 and h.backend.host_pool().used > 0
 
 
 async def test_load_to_host_is_a_warm_preload(h: Harness, ckpt: Path) -> None:
@@ -572,3 +571,36 @@ async def test_a_forced_unload_cancels_a_slow_load_and_frees_everything(
     # And the same id loads again.
     disk.pause = 0  # (the disk is fast again)
     assert (await h.manager.load("m", str(ckpt))).state is ModelState.ACTIVE
+
+
+async def test_level1_sleep_of_a_level2_sleeper_reads_its_weights_into_host(
+    h: Harness, tmp_path: Path
+) -> None:
+    path = make_checkpoint(tmp_path / "one.safetensors", layers=2)
+    await h.manager.load("m", str(path))
+    size = h.device_used()
+    await h.manager.sleep("m", 2)
+    assert h.backend.host_pool().used == 0
+    m = await h.manager.sleep("m", 1)
+    assert (m.state, m.sleep_level) == (ModelState.ASLEEP, 1)
+    assert set(tiers(m)) == {Tier.HOST}
+    assert h.device_used() == 0 and h.backend.host_pool().used == size
+    m = await h.manager.wake("m")
+    assert m.state is ModelState.ACTIVE and set(tiers(m)) == {Tier.DEVICE}
+    h.check_bytes("m")
+
+
+async def test_level1_sleep_of_a_level2_sleeper_refuses_a_changed_source(
+    h: Harness, tmp_path: Path
+) -> None:
+    path = make_checkpoint(tmp_path / "one.safetensors", layers=2)
+    await h.manager.load("m", str(path))
+    await h.manager.sleep("m", 2)
+    with open(path, "ab") as f:
+        f.write(b"\0" * 16)
+    with pytest.raises(FailedPrecondition) as err:
+        await h.manager.sleep("m", 1)
+    assert err.value.reason == "SOURCE_CHANGED"
+    m = h.manager.get("m")
+    assert (m.state, m.sleep_level) == (ModelState.ASLEEP, 2)
+    assert h.device_used() == 0 and h.backend.host_pool().used == 0

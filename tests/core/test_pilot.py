@@ -4,14 +4,16 @@ the host backend with one device that fits two models."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
+from torpord.core.policy import PolicyOverrides
 from torpord.core.registry import prepare
 from torpord.errors import ResourceExhausted, Unavailable
-from torpord.policies.settings import ModelPolicy, PolicySettings
+from torpord.policies.settings import ModelPolicy, PolicySettings, Window
 from torpord.storage.layers import DEFAULT_LAYER_PATTERNS
 from torpord.types import Cause, ModelState, Tier
 
@@ -237,3 +239,66 @@ async def test_an_acquire_waits_for_models_in_use_a_load_does_not(node: Node) ->
     node.m.report_activity("c", "router", 1, 0.1, 0)  # ... until the router is done with c
     got = await waiting
     assert got.snapshot.state is ModelState.ACTIVE and evicted(node) == ["c"]
+
+
+async def test_an_acquire_without_patience_is_refused_at_once(node: Node) -> None:
+    node.m.settings = dataclasses.replace(node.m.settings, acquire_patience=0.0)
+    await node.load("a", "b")
+    await node.m.sleep("a", 2)
+    await node.load("c")
+    for name in "bc":
+        node.m.report_activity(name, "router", 0, 0.0, 1)
+    refused = asyncio.create_task(node.m.acquire("a"))  # [policy] acquire_patience = "0s"
+    for _ in range(200):
+        if refused.done():
+            break
+        await asyncio.sleep(0)
+    node.m.report_activity("c", "router", 1, 0.1, 0)  # (a patient one would take c now)
+    with pytest.raises(ResourceExhausted) as err:
+        await refused
+    assert "'b'" in err.value.metadata["in_use"] and "'c'" in err.value.metadata["in_use"]
+    assert node.m.get("a").state is ModelState.ASLEEP
+
+
+async def test_an_acquire_stages_a_level_2_sleeper_in_host_memory_before_evicting(
+    node: Node,
+) -> None:
+    await node.load("c")
+    await node.m.sleep("c", 2)
+    await node.load("a", "b")  # the device is full: room must be made for c
+    events = Events(node.m)
+    got = await node.m.acquire("c")
+    await events.close()
+    assert got.snapshot.state is ModelState.ACTIVE
+    node.h.check_bytes("c")
+    # c's weights were read into host memory (a level-1 sleep of it) while a
+    # and b still held the device, and only then was room made and c woken.
+    moves = [
+        (e.model.model_id, e.model.state, e.model.progress.cause)
+        for e in events.got
+        if e.model is not None
+        and e.model.progress is not None
+        and e.model.state in (ModelState.SLEEPING, ModelState.WAKING)
+    ]
+    firsts = list(dict.fromkeys(moves))
+    assert firsts[0] == ("c", ModelState.SLEEPING, Cause.ACQUIRE)
+    assert firsts[-1] == ("c", ModelState.WAKING, Cause.ACQUIRE)
+    assert [m for m, state, cause in firsts[1:-1]] in (["a"], ["b"])
+    assert all(cause is Cause.PRESSURE for _, _, cause in firsts[1:-1])
+
+
+async def test_a_host_window_brings_a_level_2_sleepers_weights_to_the_host(node: Node) -> None:
+    await node.load("a")
+    await node.m.sleep("a", 2)
+    assert node.h.backend.host_pool().used == 0
+    always = Window(start=0, end=604000, tier=Tier.HOST, lead=86400)  # warm the whole week
+    node.m.set_policy("a", PolicyOverrides(windows=(always,)))
+    started = node.m.pilot.housekeep_once()
+    assert len(started) == 1
+    await asyncio.wait(started)
+    a = node.m.get("a")
+    assert (a.state, a.sleep_level) == (ModelState.ASLEEP, 1)
+    assert {layer.tier for layer in a.layers} == {Tier.HOST}
+    assert a.last_transition is not None and a.last_transition.cause is Cause.SCHEDULE
+    node.h.check_bytes("a")
+    assert node.m.pilot.housekeep_once() == []  # warm now: nothing more to do

@@ -188,3 +188,31 @@ def test_a_catalogue_device_the_backend_does_not_have_stops_the_start(tmp_path: 
         assert "catalogue[0].device" in d.log() and "unknown device" in d.log()
     finally:
         d.kill()
+
+
+def test_set_model_policy_clears_windows_and_refuses_clear_with_windows(daemon: Daemon) -> None:
+    got = daemon.call(M + "GetModel", {"model_id": "nightly"})["model"]
+    assert len(policy(got)["windows"]) == 8
+    both = fail(
+        daemon,
+        "SetModelPolicy",
+        {
+            "model_id": "nightly",
+            "clear_windows": True,
+            "policy": {"windows": [{"start": "0s", "end": "3600s"}]},
+        },
+    )
+    assert (both["code"], both["reason"]) == (INVALID_ARGUMENT, "INVALID_POLICY")
+    assert both["metadata"]["field"] == "clear_windows"
+    assert daemon.call(M + "GetModel", {"model_id": "nightly"})["model"] == got  # unchanged
+    # An empty list of windows is no change (proto3 can't tell it from none) ...
+    kept = daemon.call(
+        M + "SetModelPolicy", {"model_id": "nightly", "policy": {"windows": [], "priority": 6}}
+    )["model"]
+    assert len(policy(kept)["windows"]) == 8 and policy(kept)["priority"] == 6
+    # ... clear_windows removes them, and only them.
+    cleared = daemon.call(M + "SetModelPolicy", {"model_id": "nightly", "clear_windows": True})
+    assert "windows" not in policy(cleared["model"])
+    assert policy(cleared["model"])["priority"] == 6 and policy(cleared["model"])["pinned"]
+    again = daemon.call(M + "GetModel", {"model_id": "nightly"})["model"]
+    assert "windows" not in policy(again)

@@ -34,6 +34,15 @@ def test_the_catalogue_and_policy_commands_end_to_end(daemon: Daemon) -> None:
     assert "priority 9, evicted to source" in out
     shown = json.loads(daemon.ctl("--json", "policy", "demo").stdout)["model"]
     assert shown["policy"]["idle_level"] == 2 and shown["registered"] is True
+    assert len(shown["policy"]["windows"]) == 6
+    out = daemon.ctl("policy", "demo", "--clear-windows").stdout
+    assert "Windows:" not in out and "priority 9, evicted to source" in out
+    shown = json.loads(daemon.ctl("--json", "policy", "demo").stdout)["model"]
+    assert "windows" not in shown["policy"]
+    both = daemon.ctl(
+        "policy", "demo", "--clear-windows", "--window", "daily 01:00-02:00", check=False
+    )
+    assert both.returncode == 1 and "INVALID_POLICY" in both.stderr
     assert daemon.ctl("deregister", "demo").stdout == "Deregistered model 'demo'\n"
     got = daemon.ctl("get", "demo").stdout
     assert "Registered" not in got and "evicted to source" in got

@@ -137,14 +137,15 @@ def test_user_errors_have_their_codes_and_change_nothing(daemon: Daemon, tmp_pat
     daemon.call("torpor.v1.ModelService/SleepModel", {"model_id": "m", "level": 2, "wait": True})
     status = fail(daemon, "OffloadModel", {"model_id": "m", "tier": "TIER_DEVICE"})
     assert (status["code"], status["reason"]) == (FAILED_PRECONDITION, "INVALID_STATE")
-    status = fail(daemon, "SleepModel", {"model_id": "m", "level": 1})
-    assert status["code"] == FAILED_PRECONDITION
 
-    # A source changed since Load: a level-2 wake refuses it.
+    # A source changed since Load: a level-2 wake refuses it, and so does a
+    # level-1 sleep (which would read it back into HOST).
     data = bytearray(ckpt.read_bytes())
     data[-1] ^= 0x55
     ckpt.write_bytes(bytes(data))
     status = fail(daemon, "WakeModel", {"model_id": "m", "wait": True})
+    assert (status["code"], status["reason"]) == (FAILED_PRECONDITION, "SOURCE_CHANGED")
+    status = fail(daemon, "SleepModel", {"model_id": "m", "level": 1, "wait": True})
     assert (status["code"], status["reason"]) == (FAILED_PRECONDITION, "SOURCE_CHANGED")
     m = daemon.call("torpor.v1.ModelService/GetModel", {"model_id": "m"})["model"]
     assert (m["state"], m["sleep_level"], m["state_reason"]) == (

@@ -54,12 +54,42 @@ def test_an_offloaded_model_needs_room_for_its_missing_layers_only() -> None:
     assert actions(acquire(view, "a")) == [Sleep("b", 1, PRESSURE), Wake("a", ACQUIRE)]
 
 
-def test_a_catalogue_entry_is_loaded_to_the_device() -> None:
+def test_a_catalogue_entry_that_fits_is_loaded_to_the_device() -> None:
+    view = node(entry("new", 2 * GB), model("old"), device=3 * GB)
+    assert actions(acquire(view, "new")) == [Load("new", "/models/new", Tier.DEVICE, ACQUIRE)]
+
+
+def test_a_catalogue_entry_that_needs_room_is_staged_in_host_memory_first() -> None:
+    # Read from its source into host memory while "old" keeps serving; the
+    # caller asks again when that is done, and then room is made.
     view = node(entry("new", 2 * GB), model("old"), device=2 * GB)
-    assert actions(acquire(view, "new")) == [
-        Sleep("old", 1, PRESSURE),
-        Load("new", "/models/new", Tier.DEVICE, ACQUIRE),
-    ]
+    assert actions(acquire(view, "new")) == [Load("new", "/models/new", Tier.HOST, ACQUIRE)]
+    staged = node(asleep("new", 2 * GB), model("old"), device=2 * GB)
+    assert actions(acquire(staged, "new")) == [Sleep("old", 1, PRESSURE), Wake("new", ACQUIRE)]
+
+
+def test_a_level_2_sleeper_that_needs_room_is_read_back_to_host_first() -> None:
+    view = node(asleep("a", 2 * GB, level=2), model("old"), device=2 * GB, host=4 * GB)
+    assert actions(acquire(view, "a")) == [Sleep("a", 1, ACQUIRE)]
+    # The host full of a colder sleeper: it is pushed down first.
+    full = node(
+        asleep("a", 2 * GB, level=2),
+        model("old", act=used(5)),
+        asleep("cold", 2 * GB, act=used(0.1)),
+        device=2 * GB,
+        host=2 * GB,
+    )
+    assert actions(acquire(full, "a")) == [Sleep("cold", 2, PRESSURE), Sleep("a", 1, ACQUIRE)]
+
+
+def test_without_host_room_it_is_read_straight_to_the_device() -> None:
+    view = node(asleep("a", 2 * GB, level=2), model("old"), device=2 * GB, host=0)
+    assert actions(acquire(view, "a")) == [Sleep("old", 2, PRESSURE), Wake("a", ACQUIRE)]
+
+
+def test_a_sleeper_needing_no_room_is_woken_straight_from_its_source() -> None:
+    view = node(asleep("a", 2 * GB, level=2), device=2 * GB)
+    assert actions(acquire(view, "a")) == [Wake("a", ACQUIRE)]
 
 
 def test_no_room_is_a_refusal_naming_the_blockers() -> None:

@@ -10,6 +10,7 @@ from torpord.policies.activity import MAX_REPORTERS, WEEKLY_HALF_LIFE, Activity
 MONDAY = 4 * 86400.0  # 1970-01-05 00:00 UTC, a Monday
 HOUR = 3600.0
 WEEK = 7 * 86400.0
+T = MONDAY + 1000.0  # a clock for the lease tests
 
 
 def test_nothing_recorded() -> None:
@@ -209,3 +210,27 @@ def test_a_non_finite_clock_is_refused() -> None:
             activity.record(now, "a", uses=1, busy_seconds=0.0, in_use=0)
         with pytest.raises(ValueError):
             activity.summary(now)
+
+
+def test_open_uses_with_a_lease_end_when_it_runs_out_unless_refreshed() -> None:
+    a = Activity()
+    a.record(T, "router", 0, 0.0, 2, open_until=T + 60)
+    a.record(T, "engine", 0, 0.0, 1)  # no lease: open until forgotten
+    assert a.summary(T + 59.9).in_use == 3
+    gone = a.summary(T + 60)
+    assert (gone.in_use, gone.last_use) == (1, T + 60)  # the router's ended at its lease's end
+    a.record(T + 100, "router", 0, 0.0, 1, open_until=T + 160)
+    a.record(T + 150, "router", 1, 0.5, 1, open_until=T + 210)  # refreshed
+    assert a.summary(T + 200).in_use == 2
+    a.record(T + 205, "router", 0, 0.0, 0, open_until=T + 265)  # closed: nothing to expire
+    assert a.summary(T + 1000).in_use == 1
+    assert a.summary(T + 1000).last_use == T + 205
+
+
+def test_a_report_without_a_lease_drops_the_old_one() -> None:
+    a = Activity()
+    a.record(T, "r", 0, 0.0, 1, open_until=T + 10)
+    a.record(T + 5, "r", 0, 0.0, 1)
+    assert a.summary(T + 100).in_use == 1
+    with pytest.raises(ValueError):
+        a.record(T, "r", 0, 0.0, 1, open_until=math.inf)

@@ -173,6 +173,26 @@ def test_a_window_loads_a_catalogue_entry_to_the_host_before_it_opens() -> None:
     assert list(housekeeping(node(entry("nightly", policy=policy), now=MONDAY - 7200))) == []
 
 
+def test_a_host_window_reads_a_level_2_sleeper_back_to_the_host() -> None:
+    policy = ModelPolicy(windows=(SUNDAY_NIGHT,))
+    at = MONDAY - 3600 - 60
+
+    def decide(*others: ModelView, host: int = 8 * GB) -> list[object]:
+        sleeper = asleep("nightly", 2 * GB, level=2, policy=policy)
+        return list(housekeeping(node(sleeper, *others, host=host, now=at, settings=QUIET)))
+
+    assert decide() == [Sleep("nightly", 1, SCHEDULE)]
+    # Host room is made by pushing down a less likely sleeper, never a likelier one.
+    cold = asleep("cold", 2 * GB, act=activity(last_use=at - 5000))
+    assert decide(cold, host=2 * GB) == [Sleep("cold", 2, PRESSURE), Sleep("nightly", 1, SCHEDULE)]
+    assert decide(asleep("hot", 2 * GB, act=used(100)), host=2 * GB) == []
+    # Outside the window nothing moves; a level-1 sleeper is warm enough.
+    view = node(asleep("nightly", 2 * GB, level=2, policy=policy), now=MONDAY - 7200)
+    assert list(housekeeping(view)) == []
+    view = node(asleep("nightly", 2 * GB, policy=policy), now=at, settings=QUIET)
+    assert list(housekeeping(view)) == []
+
+
 def test_a_device_window_wakes_by_evicting_only_less_likely_idle_models() -> None:
     window = Window(start=9 * 3600, end=17 * 3600, tier=Tier.DEVICE, lead=600)
     policy = ModelPolicy(windows=(window,))
@@ -211,6 +231,18 @@ def test_preloading_loads_likely_catalogue_entries_to_the_host() -> None:
         entry("never"),
     )
     assert list(housekeeping(view)) == [Load("likely", "/models/likely", Tier.HOST, PRELOAD)]
+
+
+def test_the_preload_threshold_is_a_setting() -> None:
+    likely = entry("likely", act=activity(recent={60.0: 2, 3600.0: 3, 86400.0: 3}))  # ~41/h
+    stray = entry("stray", act=activity(recent={3600.0: 1, 86400.0: 1}))  # ~0.5/h
+    picky = PolicySettings(preload_min_uses=100.0)
+    assert list(housekeeping(node(likely, stray, settings=picky))) == []
+    eager = PolicySettings(preload_min_uses=0.1)
+    assert [a.model_id for a in housekeeping(node(likely, stray, settings=eager))] == [
+        "likely",
+        "stray",
+    ]
 
 
 def test_preloading_never_loads_more_than_fits_likeliest_first() -> None:

@@ -36,6 +36,7 @@ def test_generate_then_run_writes_the_table_and_the_plot(tmp_path: Path) -> None
     rows = [line for line in table.read_text().splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in rows[1:]] == [
         "torpor",
+        "torpor-layers",
         "keep-alive",
         "lru-sleep",
         "no-oversub",

@@ -15,7 +15,7 @@ from torpord.policies.activity import Activity
 from torpord.policies.settings import ModelPolicy, PolicySettings
 from torpord.policies.view import Bandwidth, NodeView
 from torpord.sim.engine import Decisions, Outcome, simulate
-from torpord.sim.node import PolicyViolation
+from torpord.sim.node import PolicyViolation, SimNode
 from torpord.sim.spec import GiB, ModelSpec, NodeSpec
 from torpord.sim.trace import Request
 from torpord.types import Cause, ModelState, Tier
@@ -179,3 +179,23 @@ class Overfiller(Evictor):
 def test_an_action_the_daemon_would_refuse_stops_the_run(decisions: Decisions, says: str) -> None:
     with pytest.raises(PolicyViolation, match=says):
         run(node({"a": 4, "b": 4}, 4), [(0, "a", 100), (10, "b", 1)], decisions=decisions)
+
+
+def test_a_level_1_sleep_of_a_level_2_sleeper_reads_it_into_host_memory() -> None:
+    spec = node({"a": 8}, 10)
+    sim = SimNode(spec, NEVER, Activity)
+    a = sim.models["a"]
+    sim.done(sim.commit(Load("a", "", Tier.DEVICE, Cause.USER)), 0.0)
+    sim.done(sim.commit(Sleep("a", 2, Cause.USER)), 1.0)
+    assert (a.level, sim.used[Tier.HOST]) == (2, 0)
+    lift = sim.commit(Sleep("a", 1, Cause.SCHEDULE))
+    assert (lift.link, lift.seconds) == ("source", pytest.approx(8 * GiB / BW.source_to_device))
+    sim.done(lift, 2.0)
+    assert (a.state, a.level, sim.used[Tier.HOST], sim.used[Tier.DEVICE]) == (
+        ModelState.ASLEEP,
+        1,
+        8 * GiB,
+        0,
+    )
+    with pytest.raises(PolicyViolation, match="can't sleep at that level"):
+        sim.commit(Sleep("a", 1, Cause.SCHEDULE))  # (level 1 already)

@@ -42,6 +42,7 @@ def test_defaults() -> None:
     config = load_config(None)
     assert config.policy.settings == PolicySettings()
     assert config.policy.interval == 1.0
+    assert config.policy.acquire_patience == 5.0
     assert config.catalogue == ()
 
 
@@ -60,7 +61,10 @@ granularity = "layers"
 max_sleeping_models = 4
 host_limit = "2GiB"
 preload = false
+preload_min_uses = 2.5
+staging = false
 interval = "250ms"
+acquire_patience = "30s"
 [policy.default]
 idle_timeout = "5m"
 idle_level = 2
@@ -89,9 +93,12 @@ source = "{models / "qwen.safetensors"}"
         max_sleeping_models=4,
         host_limit=2 * 2**30,
         preload=False,
+        preload_min_uses=2.5,
+        staging=False,
         default=default,
     )
     assert config.policy.interval == 0.25
+    assert config.policy.acquire_patience == 30.0
     llama, qwen = config.catalogue
     assert (llama.model_id, llama.device) == ("llama", "GPU-1234")
     weekdays = tuple(Window(d * 24 * H + 8 * H, d * 24 * H + 18 * H) for d in range(5))
@@ -118,6 +125,11 @@ BAD = [
     ('[policy]\nhost_limit = "5GiB"\n', "host_limit: expected a byte size up to host_pool"),
     ('[policy]\nhost_limit = "lots"\n', 'policy.host_limit: expected a byte size like "8GiB"'),
     ('[policy]\ninterval = "0s"\n', 'policy.interval: expected a duration from "10ms"'),
+    ('[policy]\nacquire_patience = "11m"\n', 'acquire_patience: expected a duration of at most'),
+    ('[policy]\nacquire_patience = "soon"\n', "policy.acquire_patience: expected a duration"),
+    ("[policy]\npreload_min_uses = 0\n", "policy.preload_min_uses: expected a number of uses"),
+    ('[policy]\npreload_min_uses = "1"\n', 'above 0 and at most 1e+06, got "1"'),
+    ("[policy]\nstaging = 1\n", "policy.staging: expected true or false, got 1"),
     ("[policy]\nidle_timeout = 5\n", 'did you mean "policy.default.idle_timeout"?'),
     ('[policy.default]\nidle_timeout = "31d"\n', "policy.default.idle_timeout: expected a"),
     ('[policy.default]\nidle_timeout = "45000m"\n', "duration of at most 30 days"),

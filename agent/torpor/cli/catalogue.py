@@ -127,6 +127,11 @@ def add_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None
     policy = command("policy", "show a model's policy, or set the fields the flags give")
     policy.add_argument("model_id", metavar="MODEL_ID")
     add_policy_flags(policy)
+    policy.add_argument(
+        "--clear-windows",
+        action="store_true",
+        help="remove every time window of the model (not with --window)",
+    )
 
 
 def _print(args: argparse.Namespace, message: Message, text: Callable[[], str]) -> int:
@@ -170,11 +175,13 @@ def cmd_deregister(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_policy(client: Client, args: argparse.Namespace) -> int:
     policy = policy_from_args(args)
-    if policy is None:  # nothing to set: show it
+    if policy is None and not args.clear_windows:  # nothing to set: show it
         model = client.get_model(args.model_id)
         got: Message = models_pb2.GetModelResponse(model=model)
     else:
-        model = client.set_model_policy(args.model_id, policy)
+        model = client.set_model_policy(
+            args.model_id, policy or common_pb2.Policy(), clear_windows=args.clear_windows
+        )
         got = models_pb2.SetModelPolicyResponse(model=model)
     return _print(args, got, lambda: render.model_details(model))
 

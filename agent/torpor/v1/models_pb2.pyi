@@ -638,7 +638,11 @@ class ReportActivityRequest(_message.Message):
     uses: _builtins.int
     """Requests (uses) that ended since the last report, and their busy time."""
     in_use: _builtins.int
-    """Requests open now."""
+    """Requests open now. They count as open (the model is not evicted or put
+    to sleep) for 60 seconds unless this reporter reports again: a router
+    with requests open reports at least every 30 seconds (the same in_use
+    refreshes them), and one that vanished lets go of its models.
+    """
     @_builtins.property
     def busy(self) -> _duration_pb2.Duration: ...
     def __init__(
@@ -762,7 +766,13 @@ class SetModelPolicyRequest(_message.Message):
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    CLEAR_WINDOWS_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
+    clear_windows: _builtins.bool
+    """Remove every time window of the model (and of its catalogue entry): an
+    empty `policy.windows` can't say so. With windows given it is
+    INVALID_ARGUMENT (INVALID_POLICY).
+    """
     @_builtins.property
     def policy(self) -> _common_pb2.Policy:
         """The fields set replace the model's (and its catalogue entry's); fields
@@ -774,10 +784,11 @@ class SetModelPolicyRequest(_message.Message):
         *,
         model_id: _builtins.str = ...,
         policy: _common_pb2.Policy | None = ...,
+        clear_windows: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "policy", b"policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clear_windows", b"clear_windows", "model_id", b"model_id", "policy", b"policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -164,9 +164,10 @@ class ModelServiceServicer:
 
         Sleeping an ASLEEP model at the level it sleeps at does nothing and
         returns the model. Level 2 on a model asleep at level 1 frees its HOST
-        slabs. Level 1 on a model asleep at level 2 is FAILED_PRECONDITION (wake
-        it instead). Not enough free HOST memory for level 1 is
-        RESOURCE_EXHAUSTED and leaves the model as it was.
+        slabs. Level 1 on a model asleep at level 2 reads its weights back into
+        HOST (from its disk copy or its source, checked unchanged as a wake
+        checks it), ready for a fast WakeModel. Not enough free HOST memory for
+        level 1 is RESOURCE_EXHAUSTED and leaves the model as it was.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -69,9 +69,10 @@ class ModelServiceStub:
 
     Sleeping an ASLEEP model at the level it sleeps at does nothing and
     returns the model. Level 2 on a model asleep at level 1 frees its HOST
-    slabs. Level 1 on a model asleep at level 2 is FAILED_PRECONDITION (wake
-    it instead). Not enough free HOST memory for level 1 is
-    RESOURCE_EXHAUSTED and leaves the model as it was.
+    slabs. Level 1 on a model asleep at level 2 reads its weights back into
+    HOST (from its disk copy or its source, checked unchanged as a wake
+    checks it), ready for a fast WakeModel. Not enough free HOST memory for
+    level 1 is RESOURCE_EXHAUSTED and leaves the model as it was.
     """
     WakeModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.WakeModelRequest, _models_pb2.WakeModelResponse]
     """Brings every layer back to the model's device, in forward layer order.
@@ -172,9 +173,10 @@ class ModelServiceAsyncStub(ModelServiceStub):
 
     Sleeping an ASLEEP model at the level it sleeps at does nothing and
     returns the model. Level 2 on a model asleep at level 1 frees its HOST
-    slabs. Level 1 on a model asleep at level 2 is FAILED_PRECONDITION (wake
-    it instead). Not enough free HOST memory for level 1 is
-    RESOURCE_EXHAUSTED and leaves the model as it was.
+    slabs. Level 1 on a model asleep at level 2 reads its weights back into
+    HOST (from its disk copy or its source, checked unchanged as a wake
+    checks it), ready for a fast WakeModel. Not enough free HOST memory for
+    level 1 is RESOURCE_EXHAUSTED and leaves the model as it was.
     """
     WakeModel: _aio.UnaryUnaryMultiCallable[_models_pb2.WakeModelRequest, _models_pb2.WakeModelResponse]  # type: ignore[assignment]
     """Brings every layer back to the model's device, in forward layer order.
@@ -284,9 +286,10 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Sleeping an ASLEEP model at the level it sleeps at does nothing and
         returns the model. Level 2 on a model asleep at level 1 frees its HOST
-        slabs. Level 1 on a model asleep at level 2 is FAILED_PRECONDITION (wake
-        it instead). Not enough free HOST memory for level 1 is
-        RESOURCE_EXHAUSTED and leaves the model as it was.
+        slabs. Level 1 on a model asleep at level 2 reads its weights back into
+        HOST (from its disk copy or its source, checked unchanged as a wake
+        checks it), ready for a fast WakeModel. Not enough free HOST memory for
+        level 1 is RESOURCE_EXHAUSTED and leaves the model as it was.
         """
 
     @_abc_1.abstractmethod

@@ -22,6 +22,8 @@ MAX_WINDOWS: Final = 64  # per model, one per day a window names ("daily": 7)
 MAX_CATALOGUE: Final = 1024  # catalogue entries, config and RegisterModel together
 MAX_SLEEPING_MODELS: Final = 100_000
 MAX_POLICY_INTERVAL: Final = 3600.0  # seconds between two housekeeping rounds
+MAX_ACQUIRE_PATIENCE: Final = 600.0  # seconds an Acquire may wait for models in use
+MAX_PRELOAD_MIN_USES: Final = 1e6  # expected uses in the next hour
 EVICTION_ORDERS: Final = ("cost", "lru", "lfu")
 GRANULARITIES: Final = ("model", "layers")
 EVICT_TIERS: Final = ("host", "disk", "source")
@@ -169,6 +171,9 @@ class PolicyConfig:
 
     settings: PolicySettings = field(default_factory=PolicySettings)
     interval: float = 1.0  # seconds between two rounds of the daemon's housekeeping
+    # Seconds an Acquire waits for models in use or in a transition to be let
+    # go of before it answers RESOURCE_EXHAUSTED (0: at once).
+    acquire_patience: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,11 @@ from torpord.config.model import (
     EVICT_TIERS,
     EVICTION_ORDERS,
     GRANULARITIES,
+    MAX_ACQUIRE_PATIENCE,
     MAX_CATALOGUE,
     MAX_IDLE_TIMEOUT,
     MAX_POLICY_INTERVAL,
+    MAX_PRELOAD_MIN_USES,
     MAX_PRIORITY,
     MAX_SLEEPING_MODELS,
     MAX_WINDOWS,
@@ -59,6 +61,8 @@ __all__ = [
     "interval_value",
     "max_sleeping_value",
     "model_policy",
+    "patience_value",
+    "preload_min_uses_value",
     "priority_value",
     "read_catalogue",
     "read_policy",
@@ -71,7 +75,10 @@ POLICY_KEYS: Final = (
     "max_sleeping_models",
     "host_limit",
     "preload",
+    "preload_min_uses",
+    "staging",
     "interval",
+    "acquire_patience",
     "default",
 )
 MODEL_POLICY_KEYS: Final = ("idle_timeout", "idle_level", "priority", "pinned", "evict_to")
@@ -124,6 +131,25 @@ def interval_value(value: Any) -> float:
     if not 0.01 <= seconds <= MAX_POLICY_INTERVAL:
         raise Invalid(f'a duration from "10ms" to "{MAX_POLICY_INTERVAL / 60:g}m", like "1s"')
     return seconds
+
+
+def patience_value(value: Any) -> float:
+    seconds = duration_value(value)
+    if seconds > MAX_ACQUIRE_PATIENCE:
+        raise Invalid(f'a duration of at most "{MAX_ACQUIRE_PATIENCE / 60:g}m" ("0s": no wait)')
+    return seconds
+
+
+def preload_min_uses_value(value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value <= MAX_PRELOAD_MIN_USES
+    ):
+        raise Invalid(
+            f"a number of uses in the next hour, above 0 and at most {MAX_PRELOAD_MIN_USES:g}"
+        )
+    return float(value)
 
 
 _CHECKS: Final[Mapping[str, Callable[[Any], Any]]] = {
@@ -185,9 +211,15 @@ def read_policy(r: Reader, host_capacity: int, *, disk: bool) -> PolicyConfig:
         max_sleeping_models=r.get("policy.max_sleeping_models", max_sleeping_value, 0),
         host_limit=host_limit,
         preload=r.get("policy.preload", bool_value, True),
+        preload_min_uses=r.get("policy.preload_min_uses", preload_min_uses_value, 1.0),
+        staging=r.get("policy.staging", bool_value, True),
         default=default,
     )
-    return PolicyConfig(settings, r.get("policy.interval", interval_value, 1.0))
+    return PolicyConfig(
+        settings,
+        r.get("policy.interval", interval_value, 1.0),
+        r.get("policy.acquire_patience", patience_value, 5.0),
+    )
 
 
 # --------------------------------------------------------------------------- [[catalogue]]

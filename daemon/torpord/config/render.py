@@ -182,10 +182,22 @@ max_sleeping_models = {p.max_sleeping_models}
 # Host memory sleepers may hold; "0": all of host_pool.capacity.
 host_limit = {_toml_size(p.host_limit)}
 # Load the catalogue entries their access history predicts into free host
-# memory (never evicting, never waking a sleeper).
+# memory (never evicting, never waking a sleeper)
 preload = {"true" if p.preload else "false"}
+# when they are expected to be used at least this often in the next hour
+# (from recent use and the same hour in past weeks; one use an hour ago
+# reads about 0.5).
+preload_min_uses = {p.preload_min_uses:g}
+# An Acquire of a model on its source or disk copy that needs room made on
+# the device reads it into host memory first, so the models evicted for it
+# serve until the fast copy from there. false: read straight to the device.
+staging = {"true" if p.staging else "false"}
 # How often the daemon looks at idle timeouts, limits and windows.
 interval = {_toml_duration(c.policy.interval)}
+# How long an Acquire waits for models in use or in a transition to be let
+# go of when only they could make room, before RESOURCE_EXHAUSTED ("0s": it
+# answers at once, as a Load or Wake does).
+acquire_patience = {_toml_duration(c.policy.acquire_patience)}
 
 [policy.default]
 # Every model's policy unless its Load, its catalogue entry or SetModelPolicy

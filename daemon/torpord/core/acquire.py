@@ -3,8 +3,11 @@
 A router calls it as each request arrives. An ACTIVE model is ready at
 once (a hit); an ASLEEP or OFFLOADED one wakes; a catalogue entry not
 loaded is loaded; room is made by the eviction policy (the pilot's
-`with_room`). Concurrent Acquires of one model share one transition, and
-one that finds a caller's transition running (a Wake, say) waits for it and
+`with_room`). A sleeper read from its source or a disk copy, when room
+must be made for it, is read into host memory first (the pilot's
+`stage`), so the models evicted for it serve until the fast copy from
+there. Concurrent Acquires of one model share one transition, and one
+that finds a caller's transition running (a Wake, say) waits for it and
 then makes the model ready from where it left it. Each Acquire counts as a
 use of the model, and its time to ready and whether it was a hit are kept
 (the last few) and logged.
@@ -156,6 +159,8 @@ class Acquirer:
                 )
             if model.state.transitional:  # (an image being published: no task to wait for)
                 raise busy(model_id, model.state.value)
+            if await self._pilot.stage(model_id):
+                continue  # (in host memory now: woken from there next round)
             try:
                 await m.wake(model_id, cause=Cause.ACQUIRE)
             except Aborted as err:

@@ -19,7 +19,14 @@ from torpord.errors import InvalidArgument, NotFound
 from torpord.policies.activity import Activity
 from torpord.policies.view import ActivitySummary
 
-__all__ = ["MAX_BUSY_SECONDS", "MAX_IN_USE", "MAX_REPORTER", "MAX_USES", "ActivityLog"]
+__all__ = [
+    "MAX_BUSY_SECONDS",
+    "MAX_IN_USE",
+    "MAX_REPORTER",
+    "MAX_USES",
+    "OPEN_USE_LEASE",
+    "ActivityLog",
+]
 
 # Bounds of one report: past them a report is a bug or an attack, not a
 # count (a day of a thousand requests a second is 8.64e7 uses).
@@ -27,6 +34,12 @@ MAX_USES = 10**9
 MAX_IN_USE = 10**6
 MAX_BUSY_SECONDS = 10**9  # about 31 years of use() time summed over blocks
 MAX_REPORTER = 128  # characters of a reporter's name
+# Seconds a router's open uses (ReportActivity in_use) count without a
+# newer report from it: one that vanished stops holding its models in use
+# (policies evict and sleep no model in use). Routers report at least every
+# half of it (proto/torpor/v1/models.proto says so). Engines' attachments
+# need none: their uses end when the attachment does.
+OPEN_USE_LEASE = 60.0
 _SWEEP_AT = 1024  # records past which those of ids no longer known are swept
 
 
@@ -67,11 +80,20 @@ class ActivityLog:
         return record.summary(self._clock()) if record is not None else ActivitySummary()
 
     def record(
-        self, model_id: str, reporter: str, uses: int, busy_seconds: float, in_use: int
+        self,
+        model_id: str,
+        reporter: str,
+        uses: int,
+        busy_seconds: float,
+        in_use: int,
+        *,
+        lease: float | None = None,
     ) -> None:
         """A report about `model_id` (validated: INVALID_ARGUMENT reason
         INVALID_ACTIVITY naming the field; NOT_FOUND for an id the daemon
-        doesn't know). A refused report changes nothing."""
+        doesn't know). A refused report changes nothing. `lease`: seconds
+        its open uses count unless `reporter` reports again (None: until it
+        is forgotten)."""
         check_report(reporter, uses, busy_seconds, in_use)
         if not self._known(model_id):
             raise NotFound(
@@ -79,7 +101,9 @@ class ActivityLog:
                 reason="MODEL_NOT_FOUND",
                 metadata={"model_id": model_id},
             )
-        self.of(model_id).record(self._clock(), reporter, uses, busy_seconds, in_use)
+        now = self._clock()
+        until = None if lease is None else now + lease
+        self.of(model_id).record(now, reporter, uses, busy_seconds, in_use, open_until=until)
 
     def forget(self, model_id: str, reporter: str) -> None:
         """`reporter` is gone (an engine's attachment ended): its open uses end."""

@@ -192,15 +192,16 @@ class ModelManager:
     # -- activity (core/activity.py) ------------------------------------------
 
     def report_activity(
-        self, model_id: str, reporter: str, uses: int, busy_seconds: float, in_use: int
+        self, model_id: str, reporter: str, uses: int, busy: float, in_use: int, lease: float = 0
     ) -> None:
         """`reporter` (an engine's attachment, a router) saw `uses` uses of
-        `model_id` end since its last report, busy for `busy_seconds` in all,
-        and has `in_use` open now (replacing what it said before).
+        `model_id` end since its last report, busy for `busy` seconds in all,
+        and has `in_use` open now (replacing what it said before) for `lease`
+        seconds unless it reports again (0: until it is forgotten).
         INVALID_ARGUMENT INVALID_ACTIVITY for counts no reporter could make,
         NOT_FOUND for a model the daemon doesn't know."""
         check_model_id(model_id)
-        self.activity.record(model_id, reporter, uses, busy_seconds, in_use)
+        self.activity.record(model_id, reporter, uses, busy, in_use, lease=lease or None)
 
     def forget_reporter(self, model_id: str, reporter: str) -> None:
         """`reporter` is gone: its open uses of `model_id` end."""

@@ -33,12 +33,12 @@ from torpord.core.preempt import CALLERS
 from torpord.core.steering import Steered
 from torpord.errors import ResourceExhausted, TorporError, some
 from torpord.policies.actions import Action, Load, Offload, Refusal, Sleep, Unload, Wake
-from torpord.policies.decide import housekeeping, make_room
+from torpord.policies.decide import acquire, housekeeping, make_room
 from torpord.policies.settings import ModelPolicy, PolicySettings
 from torpord.policies.view import ActivitySummary, ModelView, NodeView
 from torpord.types import Cause, ModelState
 
-__all__ = ["ACQUIRE_PATIENCE", "ROOM_ROUNDS", "Pilot"]
+__all__ = ["ROOM_ROUNDS", "Pilot"]
 
 log = structlog.get_logger("torpord.pilot")
 
@@ -46,10 +46,9 @@ T = TypeVar("T")
 
 # How often a call that found its pool full makes room and tries again.
 ROOM_ROUNDS = 4
-# How long an Acquire waits for models in use or in a transition to be let
-# go of (engines report the end of their use at most once a second), and
-# how often it looks meanwhile.
-ACQUIRE_PATIENCE = 5.0
+# How often an Acquire looks again while it waits for models in use or in
+# a transition to be let go of (for up to ManagerSettings.acquire_patience:
+# engines report the end of their use at most once a second).
 PATIENCE_STEP = 0.05
 # The metadata key of each reason a model could not be evicted.
 BLOCKER_KEYS = {"pinned": "pinned", "in use": "in_use", "in transition": "in_transition"}
@@ -154,13 +153,14 @@ class Pilot:
         and try again. `attempt` must change nothing when it fails so.
 
         An Acquire is patient: when only models in use or in a transition
-        block, it waits (up to ACQUIRE_PATIENCE seconds) for them to be let
+        block, it waits (up to `acquire_patience` seconds) for them to be let
         go of, as a router would rather wait than fail; a caller's Load or
         Wake is refused at once."""
         if not self.enabled or cause not in CALLERS:
             return await attempt()
         clock = asyncio.get_running_loop().time
-        deadline = clock() + (ACQUIRE_PATIENCE if cause is Cause.ACQUIRE else 0.0)
+        patience = self._m.settings.acquire_patience if cause is Cause.ACQUIRE else 0.0
+        deadline = clock() + patience
         rounds = 0
         while True:
             try:
@@ -213,6 +213,49 @@ class Pilot:
                         reason=failed.reason,
                         error=failed.message,
                     )
+
+    async def stage(self, model_id: str) -> bool:
+        """Acquire's staging (policies/stage.py): when room must be made on
+        the device for a model read from its source or a disk copy, read it
+        into host memory first (pushing colder sleepers down for the room),
+        so the device is held only for the copy from there. Whether it did;
+        False changes nothing the caller relies on: it wakes the model as
+        it would have (a failed staging step is logged, not raised)."""
+        if not self.enabled:
+            return False
+        async with self._room:
+            try:
+                decision = acquire(self.view(), model_id)
+            except TorporError:
+                return False
+            staged = (
+                not isinstance(decision, Refusal)
+                and bool(decision)
+                and isinstance(decision[-1], Sleep | Load)
+                and decision[-1].model_id == model_id
+            )
+            if not staged:
+                return False
+            assert not isinstance(decision, Refusal)
+            *room, step = decision
+            for action in room:
+                if not await self._try(action):
+                    return False
+        return await self._try(step)
+
+    async def _try(self, action: Action) -> bool:
+        try:
+            await self.run(action)
+        except TorporError as failed:
+            log.info(
+                "a staging step did not run",
+                model_id=action.model_id,
+                action=type(action).__name__,
+                reason=failed.reason,
+                error=failed.message,
+            )
+            return False
+        return True
 
     # -- housekeeping ------------------------------------------------------------
 

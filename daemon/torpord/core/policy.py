@@ -28,7 +28,8 @@ EVICT_TO = (Tier.HOST, Tier.DISK, Tier.SOURCE)
 @dataclass(frozen=True)
 class PolicyOverrides:
     """The fields a request set (None: unset). `windows` empty: unset (a
-    request can't tell an empty list from none)."""
+    request can't tell an empty list from none); `clear_windows` removes
+    them (SetModelPolicy's flag)."""
 
     idle_timeout: float | None = None
     idle_level: int | None = None
@@ -36,6 +37,7 @@ class PolicyOverrides:
     pinned: bool | None = None
     evict_to: Tier | None = None
     windows: tuple[Window, ...] = ()
+    clear_windows: bool = False
 
     def over(self, base: ModelPolicy) -> ModelPolicy:
         """`base` with the fields this sets."""
@@ -50,7 +52,7 @@ class PolicyOverrides:
             )
             if value is not None
         }
-        if self.windows:
+        if self.windows or self.clear_windows:
             fields["windows"] = self.windows
         return replace(base, **fields)
 
@@ -98,6 +100,13 @@ def check_policy(policy: PolicyOverrides, *, disk: bool) -> None:
             " (disk_cache.path in torpord's config); use HOST or SOURCE",
             reason="DISK_CACHE_DISABLED",
             metadata={"field": "policy.evict_to"},
+        )
+    if policy.clear_windows and policy.windows:
+        raise InvalidArgument(
+            "clear_windows: clearing a model's windows and setting them in the same"
+            " request contradict each other; give one or the other",
+            reason="INVALID_POLICY",
+            metadata={"field": "clear_windows", "value": "true"},
         )
     if len(policy.windows) > MAX_WINDOWS:
         raise _invalid(

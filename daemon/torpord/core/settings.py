@@ -24,6 +24,9 @@ class ManagerSettings:
     # Config [policy] (and [policy.default] in policy.default).
     policy: PolicySettings = field(default_factory=PolicySettings)
     policy_interval: float = 1.0  # seconds between two rounds of housekeeping
+    # Seconds an Acquire waits for models in use or in a transition to be
+    # let go of (config [policy] acquire_patience).
+    acquire_patience: float = 5.0
     # Config [[catalogue]]: entries the catalogue starts with.
     catalogue: tuple[Entry, ...] = ()
     # Config [scrub]: bytes a second the scrubber checks (0: no scrubber),

@@ -21,7 +21,7 @@ from torpord.core.registry import Registry, busy, check_model_id, prepare, wrong
 from torpord.core.requests import RequestLog
 from torpord.core.runner import Call, Plan, Runner, current_task, retrieve
 from torpord.core.settings import ManagerSettings
-from torpord.core.todevice import to_device
+from torpord.core.todevice import to_device, to_host
 from torpord.errors import AlreadyExists, FailedPrecondition, InvalidArgument, some
 from torpord.storage.safetensors import Checkpoint
 from torpord.storage.sources import resolve_source
@@ -179,13 +179,8 @@ class Verbs:
         if model.state is ModelState.ASLEEP:
             if model.sleep_level == level:
                 return model.snapshot()
-            if model.sleep_level > level:
-                raise FailedPrecondition(
-                    f"model {model_id!r} is asleep at level 2 and holds no weights;"
-                    " wake it instead of sleeping it at level 1",
-                    reason="INVALID_STATE",
-                    metadata={"model_id": model_id, "state": model.state.value, "sleep_level": 2},
-                )
+            if model.sleep_level > level:  # its weights back to host memory
+                return await self._runner.start(model, to_host(self._mover, model), call)
         elif model.state not in (ModelState.ACTIVE, ModelState.OFFLOADED):
             raise wrong_state(model, "sleep")
         if level == 2 and model.fingerprint:  # (an image: only its disk copy can bring it back)

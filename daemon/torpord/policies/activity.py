@@ -121,9 +121,21 @@ class Activity:
     A reporter's `in_use` replaces its previous report's; `in_use` of the
     model is the sum over reporters. A reporter that never reports 0 again
     keeps its uses open until it is forgotten (the daemon forgets an
-    engine's attachment when it ends)."""
+    engine's attachment when it ends) or, when its report gave a lease
+    (`open_until`), until the lease runs out without a newer report: a
+    router that vanished can't hold a model in use for ever."""
 
-    __slots__ = ("_busy", "_in_use", "_last_use", "_open", "_rings", "_uses", "_weekly")
+    __slots__ = (
+        "_busy",
+        "_expiry",
+        "_in_use",
+        "_last_use",
+        "_next_expiry",
+        "_open",
+        "_rings",
+        "_uses",
+        "_weekly",
+    )
 
     def __init__(self) -> None:
         self._last_use = 0.0
@@ -132,24 +144,45 @@ class Activity:
         self._in_use = 0  # the sum of _open's values
         # Reporters with uses open → how many; least recently reported first.
         self._open: dict[str, int] = {}
+        # Reporters whose open uses end at a time unless reported again.
+        self._expiry: dict[str, float] = {}
+        self._next_expiry = math.inf  # the earliest of them
         self._rings = tuple(_Ring(width, size) for width, size in _RINGS)
         self._weekly = _Weekly()
 
     def record(
-        self, now: float, reporter: str, uses: int, busy_seconds: float, in_use: int
+        self,
+        now: float,
+        reporter: str,
+        uses: int,
+        busy_seconds: float,
+        in_use: int,
+        *,
+        open_until: float | None = None,
     ) -> None:
         """Add `uses` ended uses taking `busy_seconds` in all, and set
-        `reporter`'s open uses to `in_use`. Raises ValueError for negative
-        counts or a non-finite time (callers validate their input first)."""
+        `reporter`'s open uses to `in_use`, until it reports again or is
+        forgotten, or (`open_until`) until that time at the latest. Raises
+        ValueError for negative counts or a non-finite time (callers
+        validate their input first)."""
         _check_clock(now)
         if uses < 0 or in_use < 0 or not math.isfinite(busy_seconds) or busy_seconds < 0:
             raise ValueError("uses, busy_seconds and in_use must be finite and >= 0")
+        if open_until is not None and not math.isfinite(open_until):
+            raise ValueError("open_until must be finite")
+        self._expire(now)
         before = self._open.pop(reporter, 0)
+        self._expiry.pop(reporter, None)
         if in_use:
             self._open[reporter] = in_use  # (re)inserted last: most recent
+            if open_until is not None:
+                self._expiry[reporter] = open_until
+                self._next_expiry = min(self._next_expiry, open_until)
             if len(self._open) > MAX_REPORTERS:
                 # Never `reporter` itself: it was just put last.
-                self._in_use -= self._open.pop(next(iter(self._open)))
+                oldest = next(iter(self._open))
+                self._in_use -= self._open.pop(oldest)
+                self._expiry.pop(oldest, None)
         self._in_use += in_use - before
         if uses or in_use or before:
             # A use ended, began, ended or is still open: the model is used now.
@@ -164,13 +197,28 @@ class Activity:
     def forget(self, now: float, reporter: str) -> None:
         """`reporter` went away: its open uses end now."""
         _check_clock(now)
+        self._end(reporter, now)
+
+    def _end(self, reporter: str, at: float) -> None:
+        self._expiry.pop(reporter, None)
         before = self._open.pop(reporter, 0)
         if before:
             self._in_use -= before
-            self._last_use = max(self._last_use, now)
+            self._last_use = max(self._last_use, at)
+
+    def _expire(self, now: float) -> None:
+        """End the open uses whose lease ran out (at its end). O(1) until
+        the earliest lease is due, then O(reporters with one)."""
+        if now < self._next_expiry:
+            return
+        for reporter, until in list(self._expiry.items()):
+            if until <= now:
+                self._end(reporter, until)
+        self._next_expiry = min(self._expiry.values(), default=math.inf)
 
     def summary(self, now: float) -> ActivitySummary:
         _check_clock(now)
+        self._expire(now)
         recent = {}
         for window, ring in zip(WINDOWS, self._rings, strict=True):
             ring.advance(now)

@@ -8,11 +8,12 @@ that only the policy differs:
   unloaded (a level-2 sleep: its weights are dropped and read again from
   the source when wanted, which is what a reload costs), and a model that
   does not fit unloads the least recently used ones (LRU, to SOURCE). No
-  host tier, no preloading.
+  host tier, no preloading, no staging (a model is read straight to the GPU).
 - `lru_sleep()`: sleep instead of unload, as llm-d's FMA-like setups do:
   no idle timeout; a model that does not fit puts the least recently used
   ones to sleep at level 1 (to HOST), and a full host pushes its least
-  recently used sleepers down to level 2. No preloading.
+  recently used sleepers down to level 2. No preloading, no staging (vLLM's
+  wake from level 2 reloads the weights straight into GPU memory).
 
 (An image has no source to reload from: these send it to the disk copy
 or the host, as every policy here does.)
@@ -34,6 +35,7 @@ def keep_alive(seconds: float = KEEP_ALIVE_SECONDS) -> PolicySettings:
         eviction=EvictionOrder.LRU,
         granularity=Granularity.MODEL,
         preload=False,
+        staging=False,
         default=ModelPolicy(idle_timeout=seconds, idle_level=2, evict_to=Tier.SOURCE),
     )
 
@@ -44,5 +46,6 @@ def lru_sleep() -> PolicySettings:
         eviction=EvictionOrder.LRU,
         granularity=Granularity.MODEL,
         preload=False,
+        staging=False,
         default=ModelPolicy(idle_timeout=0.0, idle_level=1, evict_to=Tier.HOST),
     )

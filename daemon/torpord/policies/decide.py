@@ -17,6 +17,7 @@ from torpord.errors import FailedPrecondition, InvalidArgument, NotFound
 from torpord.policies.actions import Action, Load, Refusal, Wake
 from torpord.policies.housekeeping import housekeeping
 from torpord.policies.room import Plan, free_up
+from torpord.policies.stage import stage
 from torpord.policies.view import NodeView
 from torpord.types import Cause, ModelState, Tier
 
@@ -52,6 +53,11 @@ def acquire(view: NodeView, model_id: str) -> Sequence[Action] | Refusal:
     A model in a transition (busy, or in a transitional state) also gets
     (): the caller waits for that transition to end and asks again, so
     concurrent Acquires share one transition rather than racing it.
+    A model whose weights are on its source or a disk copy, when room must
+    be made for it on the device, is staged instead (`settings.staging`,
+    stage.py): the actions read it into host memory (a Load to HOST, or a
+    Sleep at level 1 of a level-2 sleeper), and the caller asks again when
+    they are done.
     A Refusal when nothing evictable makes room (the model itself is kept:
     "asked for"). Raises NotFound for a model the view lacks,
     FailedPrecondition for one that can't be made ready (FAILED, or UNLOADED
@@ -91,4 +97,7 @@ def acquire(view: NodeView, model_id: str) -> Sequence[Action] | Refusal:
     refusal = free_up(plan, model.device, needed - pool.free)
     if refusal is not None:
         return refusal
+    staging = view.settings.staging and bool(plan.actions)
+    if staging and (staged := stage(view, model, Cause.ACQUIRE)) is not None:
+        return staged  # (the caller asks again when it is in host memory)
     return (*plan.actions, action)

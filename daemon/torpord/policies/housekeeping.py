@@ -18,13 +18,14 @@ model gets at most one action per call (the next call sees the result).
    to level 2, until both hold; a model that just went idle is pushed by
    sleeping it at level 2 at once. Models in a warm window are not pushed.
 3. SCHEDULE: a model whose window is warm (schedule.py) is brought to the
-   window's tier: HOST = a catalogue entry is loaded there (a model already
-   loaded is warm enough; a level-2 sleeper stays: no verb brings it to the
-   host alone); DEVICE = Wake, or Load to DEVICE of a catalogue entry.
+   window's tier: HOST = a catalogue entry is loaded there, a level-2
+   sleeper's weights are read back there (Sleep at level 1); a model with
+   its weights in memory is warm enough; DEVICE = Wake, or Load to DEVICE
+   of a catalogue entry.
    Into free memory, or by evicting models less likely to be used (never
    one in use).
 4. PRELOAD (settings.preload): the catalogue entries not loaded that are
-   expected to be used at least PRELOAD_MIN_USES times in the horizon
+   expected to be used at least `settings.preload_min_uses` times in the horizon
    (predict.py) are loaded to HOST, likeliest first, within the host's free
    room and the sleeper limits. It never evicts anything, and it never
    wakes a sleeper: a caller's Sleep must hold until the caller (or a
@@ -42,14 +43,11 @@ from torpord.policies.order import eviction_key, likelihood
 from torpord.policies.predict import HORIZON, expected_uses
 from torpord.policies.room import HOST, Plan, blocker, host_routes, take
 from torpord.policies.schedule import warm_window
+from torpord.policies.stage import far_bytes
 from torpord.policies.view import ModelView, NodeView
 from torpord.types import Cause, ModelState, Tier
 
-__all__ = ["PRELOAD_MIN_USES", "housekeeping"]
-
-# Preloading waits for at least this many expected uses in the horizon, so
-# one stray use an hour ago warms nothing (it reads about 0.5).
-PRELOAD_MIN_USES = 1.0
+__all__ = ["housekeeping"]
 
 
 def housekeeping(view: NodeView) -> Sequence[Action]:
@@ -196,6 +194,11 @@ def _windows(plan: Plan) -> None:
         elif window.tier is not Tier.DEVICE and catalogued:
             pool, needed = HOST, model.total_bytes
             action = Load(model.model_id, model.source, Tier.HOST, Cause.SCHEDULE)
+        elif window.tier is not Tier.DEVICE and model.state is ModelState.ASLEEP:
+            pool, needed = HOST, far_bytes(model)
+            if model.sleep_level != 2 or needed <= 0:
+                continue
+            action = Sleep(model.model_id, 1, Cause.SCHEDULE)
         else:
             continue
         if pool != HOST and pool not in plan.device_free:
@@ -219,7 +222,7 @@ def _preload(plan: Plan) -> None:
         if model.state is not ModelState.UNLOADED or not model.source:
             continue  # (only catalogue entries: see the module's docstring)
         uses = expected_uses(model.activity, view.now, HORIZON)
-        if uses >= PRELOAD_MIN_USES:
+        if uses >= view.settings.preload_min_uses:
             wanted.append((-uses, model.model_id, model))
     most, limit = view.settings.max_sleeping_models, view.settings.host_limit
     sleepers = [

@@ -80,7 +80,19 @@ class PoolView:
 class Bandwidth:
     """Bytes per second of each path, measured (the daemon's recent
     transitions) or configured (the simulator): the cost of bringing a
-    model back from where it would go."""
+    model back from where it would go.
+
+    The defaults are assumptions, not measurements: no GPU host has run
+    the benchmarks yet. 20 GB/s is pinned copies over PCIe 4.0 x16 (about
+    25 GB/s achievable; PCIe 5.0 doubles it), 3 GB/s one NVMe drive's
+    sequential reads, 2 GB/s a source read with a cold page cache (local
+    NVMe through the reader's checks, or a network store). The project's
+    only measured rates are from a development VM without a GPU, where
+    "device" memory is host memory (README, Benchmarks): wake from level
+    1 2.6 GB/s, DISK to device 1.2 GB/s, Load from a cold source 0.9 GB/s.
+    The daemon replaces each default with its own measurements as
+    transitions run; the simulator takes other rates from its spec
+    (`bandwidth_gb_per_s`)."""
 
     host_to_device: float = 20e9
     device_to_host: float = 20e9

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from torpor.v1 import (
 from torpord import __version__
 from torpord.backends.nvml import Discovery, discover
 from torpord.core.acquire import FIGURES_KEPT
+from torpord.core.activity import OPEN_USE_LEASE
 from torpord.core.attachments.attachment import Attachment
 from torpord.core.attachments.messages import Ended, Hello, Publish, Published, Quiesce, Resume
 from torpord.core.attachments.registry import AgentRegistry
@@ -193,6 +195,7 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
             request.uses,
             duration_seconds(request.busy),
             request.in_use,
+            lease=OPEN_USE_LEASE,  # (a router that vanished lets go)
         )
         return models_pb2.ReportActivityResponse()
 
@@ -216,7 +219,8 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
     async def SetModelPolicy(
         self, request: models_pb2.SetModelPolicyRequest, context: Context
     ) -> models_pb2.SetModelPolicyResponse:
-        model = self._m.set_policy(request.model_id, policy_from_proto(request.policy))
+        policy = replace(policy_from_proto(request.policy), clear_windows=request.clear_windows)
+        model = self._m.set_policy(request.model_id, policy)
         return models_pb2.SetModelPolicyResponse(model=model_to_proto(model))
 
 

@@ -104,7 +104,7 @@ def _node(g: Generator, rng: np.random.Generator) -> NodeSpec:
         device=device,
         host=round(total * g.host_share),
         disk=None if g.disk_gib is None else round(g.disk_gib * GiB),
-        bandwidth=Bandwidth(),
+        bandwidth=Bandwidth(),  # (assumed rates: see Bandwidth's docstring)
         start=MONDAY,
     )
 

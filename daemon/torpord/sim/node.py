@@ -198,10 +198,17 @@ class SimNode:
         bw = self.spec.bandwidth
         every = range(len(m.tiers))
         if isinstance(action, Sleep):
-            if m.state not in _SLEEPABLE or (
-                m.state is ModelState.ASLEEP and action.level <= m.level
+            lifting = m.state is ModelState.ASLEEP and m.level == 2 and action.level == 1
+            if not lifting and (
+                m.state not in _SLEEPABLE
+                or (m.state is ModelState.ASLEEP and action.level <= m.level)
             ):
                 raise PolicyViolation(f"{what}: a {m.state.value} model can't sleep at that level")
+            if lifting:  # its weights read back into host memory
+                away = [i for i in every if m.tiers[i] in (Tier.SOURCE, Tier.DISK)]
+                seconds, link = self._to_device_seconds(m, away)
+                self._move(m, away, Tier.HOST)
+                return Transfer(m, action, link, seconds, ModelState.ASLEEP, 1)
             if action.level == 1:
                 seconds = m.bytes_in(Tier.DEVICE) / bw.device_to_host
                 self._move(m, on_device, Tier.HOST)
