@@ -319,7 +319,8 @@ class Scrubber:
                 os.close(fd)
         if not self._still(copy):  # (a transition began: the model is its now)
             if problem is not None:
-                if copy.slab is not None:
+                if copy.slab is not None:  # (counted now: the rollback may refuse it first)
+                    self.corrupt[Tier.HOST] += 1
                     self._suspect[copy.slab.id] = problem
                 log.warning(
                     "scrub: a copy does not match its checksum, but its model's transition"
@@ -335,8 +336,8 @@ class Scrubber:
         """`copy`, its model at rest, was checked (`done` bytes read now)."""
         self._since[copy.key] = self._clock()
         self.checked_bytes[copy.tier] += done
-        if problem is not None:  # (counted once: when refused, not when left to a transition)
-            self.corrupt[copy.tier] += 1
+        if problem is not None:  # (a copy left to a transition was counted when found)
+            self.corrupt[copy.tier] += copy.slab is None or copy.slab.id not in self._suspect
             message = "scrub: a copy does not match its checksum; it is refused"
             log.warning(message, problem=problem, **copy.where())
             self._refuse(copy, problem)
