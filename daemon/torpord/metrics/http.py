@@ -68,7 +68,8 @@ class _Connection:
 
 
 class MetricsServer:
-    """Serves `scrape()` (the body and its content type) at GET/HEAD /metrics."""
+    """Serves `scrape()` (the body and its content type) at GET/HEAD /metrics;
+    `on_close` is called once it is closed (the collector stops listening)."""
 
     def __init__(
         self,
@@ -77,8 +78,10 @@ class MetricsServer:
         port: int,
         *,
         read_timeout: float = READ_TIMEOUT,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self._scrape = scrape
+        self._on_close = on_close
         self._host = host
         self._port = port
         self._read_timeout = read_timeout
@@ -107,16 +110,21 @@ class MetricsServer:
         return port
 
     async def close(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        handlers = set(self._connections)
-        for task in handlers:
-            task.cancel()
-        if handlers:
-            await asyncio.wait(handlers, timeout=1.0)
-        await self._server.wait_closed()
-        self._server = None
+        on_close, self._on_close = self._on_close, None
+        try:
+            if self._server is None:
+                return
+            self._server.close()
+            handlers = set(self._connections)
+            for task in handlers:
+                task.cancel()
+            if handlers:
+                await asyncio.wait(handlers, timeout=1.0)
+            await self._server.wait_closed()
+            self._server = None
+        finally:
+            if on_close is not None:
+                on_close()
 
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
