@@ -408,32 +408,53 @@ async def test_verified_wake_refuses_a_corrupt_host_copy(h: Harness, ckpt: Path)
     assert layer.slab is not None
     with h.backend.view(layer.slab) as view:
         view[100] ^= 0x01  # one flipped bit in the pinned copy
+    events = h.manager.bus.subscribe("m")
     with pytest.raises(DataLoss) as err:
         await h.manager.wake("m", verify=True)
     assert err.value.reason == "CHECKSUM_MISMATCH"
     assert err.value.metadata["layer"] == "layers.2"
+    # The corrupt host copy is refused as the scrubber refuses one: the model
+    # sleeps at level 2, its host copy freed, so no later call can serve it.
     m = h.manager.get("m")
-    assert (m.state, m.sleep_level, m.state_reason) == (ModelState.ASLEEP, 1, "CHECKSUM_MISMATCH")
+    assert (m.state, m.sleep_level, m.state_reason) == (ModelState.ASLEEP, 2, "HOST_COPY_CORRUPT")
+    assert "layers.2" in m.state_message and "source" in m.state_message
+    assert set(tiers(m)) == {Tier.SOURCE}
     assert h.device_used() == 0  # nothing corrupt (or anything else) went to the device
+    h.backend.drain()
+    assert h.backend.host_pool().used == 0
     assert m.last_transition is not None
+    assert m.last_transition.reason == "CHECKSUM_MISMATCH"
     assert [p.stage for p in m.last_transition.phases] == [Stage.TRANSFER, Stage.VERIFY]
-    # Level 2 drops the bad copy; the wake reads (and checks) the source again.
-    await h.manager.sleep("m", 2)
-    m = await h.manager.wake("m", verify=True)
-    assert m.state is ModelState.ACTIVE
+    events.close()
+    seen = [(e.model.state, e.model.state_reason) async for e in events]
+    assert seen[-1] == (ModelState.ASLEEP, "HOST_COPY_CORRUPT")
+    # A retry without verify reads (and checks) the source: never the bad copy.
+    m = await h.manager.wake("m")
+    assert m.state is ModelState.ACTIVE and m.state_reason == ""
     h.check_bytes("m")
+    assert "refused" in err.value.message
 
 
 async def test_offload_back_to_device_can_verify(h: Harness, ckpt: Path) -> None:
     await h.manager.load("m", str(ckpt))
-    await h.manager.offload("m", ["post"], Tier.HOST)
+    await h.manager.offload("m", ["layers.0", "post"], Tier.HOST)
     post = h.manager.registry.models["m"].layers[-1]
     assert post.slab is not None
     with h.backend.view(post.slab) as view:
         view[0] ^= 0xFF
-    with pytest.raises(DataLoss):
+    with pytest.raises(DataLoss) as err:
         await h.manager.offload("m", [], Tier.DEVICE, verify=True)
-    assert h.manager.get("m").state is ModelState.OFFLOADED
+    assert err.value.reason == "CHECKSUM_MISMATCH"
+    # Only the corrupt layer's host copy is refused; the other stays in host memory.
+    m = h.manager.get("m")
+    assert (m.state, m.state_reason) == (ModelState.OFFLOADED, "HOST_COPY_CORRUPT")
+    assert "post" in m.state_message
+    assert tiers(m)[1] is Tier.HOST and tiers(m)[-1] is Tier.SOURCE
+    assert post.slab is None
+    # Without verify now: the layer comes from the source, checked.
+    m = await h.manager.offload("m", [], Tier.DEVICE)
+    assert m.state is ModelState.ACTIVE
+    h.check_bytes("m")
 
 
 async def test_transitions_report_their_phases(h: Harness, ckpt: Path) -> None:

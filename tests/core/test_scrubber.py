@@ -4,6 +4,7 @@ stands aside for transitions (core/scrubber.py, core/corrupt.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from torpord.core.events import EventType
 from torpord.core.scrubber import PIECE, POLL, Scrubber, TokenBucket
 from torpord.errors import DataLoss
 from torpord.storage.catalogue import CatalogueGroup, CatalogueTensor
-from torpord.storage.diskcache import DATA_OFFSET
+from torpord.storage.diskcache import DATA_OFFSET, DiskCache, DiskEntry
 from torpord.storage.fileio import Buffer, SystemIO
 from torpord.types import ModelState, Tier
 
@@ -465,6 +466,56 @@ async def test_shutdown_does_not_wait_for_a_disk_read_that_never_returns(
     finally:
         io.go.set()
         h.backend.close()
+
+
+class HeldOpen(DiskCache):
+    """A disk cache whose entries the scrubber opens only once let go."""
+
+    def __init__(self, root: Path, capacity: int) -> None:
+        super().__init__(root, capacity)
+        self.opening = threading.Event()
+        self.go = threading.Event()
+
+    def open_entry(self, entry: DiskEntry) -> int:
+        if threading.current_thread().name.startswith("torpord-scrub"):
+            self.opening.set()
+            self.go.wait(30)
+        return super().open_entry(entry)
+
+
+def open_fds_of(path: Path) -> list[str]:
+    """This process's fds open on `path`."""
+    fds = Path("/proc/self/fd")
+    out = []
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == str(path):
+                out.append(fd.name)
+    return out
+
+
+async def test_a_scrubber_stopped_while_it_opens_a_disk_copy_closes_it(
+    tmp_path: Path, ckpt: Path
+) -> None:
+    h = Harness(tmp_path, scrub_rate=1 << 40, scrub_interval=0)
+    scrub = h.manager.scrubber
+    assert scrub is not None
+    disk = h.manager.disk = h.manager.mover.disk = HeldOpen(tmp_path / "cache", 64 * MiB)
+    try:
+        await h.manager.load("m", str(ckpt))
+        await h.manager.sleep("m", 2, disk_copy=True)
+        entry = h.manager.registry.models["m"].layers[0].disk
+        assert entry is not None
+        scrub.start()
+        assert await asyncio.to_thread(disk.opening.wait, 30)
+        stopping = asyncio.ensure_future(scrub.stop())  # (the daemon stops)
+        await asyncio.sleep(0)
+        disk.go.set()  # (the open returns after the scrubber was told to stop)
+        assert await stopping
+        assert open_fds_of(entry.path) == []
+    finally:
+        disk.go.set()
+        await h.close()
 
 
 async def test_no_scrubber_when_the_rate_is_0(h: Harness) -> None:

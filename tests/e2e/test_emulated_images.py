@@ -221,8 +221,9 @@ def test_verify_catches_bytes_changed_behind_the_daemons_back(
         )
         assert err.value.metadata["layer"] == "layers.1"
         model = client.get_model("img")
+        # The corrupt host copy is refused: the image sleeps at level 2 now.
         assert model.state == common_pb2.MODEL_STATE_ASLEEP
-        assert model.state_reason == "CHECKSUM_MISMATCH"
+        assert (model.state_reason, model.sleep_level) == ("HOST_COPY_CORRUPT", 2)
         assert gpu_used() == 0  # nothing of it was made active
     finally:
         publisher.quit()

@@ -186,7 +186,9 @@ def test_verified_wake_of_a_corrupted_host_slab_is_data_loss(daemon: Daemon) -> 
     status = fail(daemon, "WakeModel", {"model_id": "v", "wait": True, "verify": True})
     assert (status["code"], status["reason"]) == (DATA_LOSS, "CHECKSUM_MISMATCH")
     assert status["metadata"]["layer"] == "layers.1" and "layers.1" in status["message"]
+    # The corrupt host copy is refused: the model sleeps at level 2 now.
     m = call("torpor.v1.ModelService/GetModel", {"model_id": "v"})["model"]
-    assert (m["state"], m["state_reason"]) == ("MODEL_STATE_ASLEEP", "CHECKSUM_MISMATCH")
+    assert (m["state"], m["state_reason"]) == ("MODEL_STATE_ASLEEP", "HOST_COPY_CORRUPT")
+    assert m["sleep_level"] == 2
     node = call("torpor.v1.NodeService/GetNode")["node"]
     assert all("used_bytes" not in dev for dev in node["devices"])

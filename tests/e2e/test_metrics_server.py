@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from torpord import __version__
+from torpord.metrics.http import MAX_CONNECTIONS
 
 from .conftest import Daemon
 from .scrape import get, metrics_daemon, scrape, value
@@ -37,6 +38,14 @@ def read_all(s: socket.socket) -> bytes:
     while chunk := s.recv(65536):
         got += chunk
     return got
+
+
+def unanswered(s: socket.socket) -> bool:
+    """Whether the server closed `s` without a word (or reset it)."""
+    try:
+        return read_all(s) == b""
+    except ConnectionResetError:
+        return True
 
 
 def status_of(answer: bytes) -> int:
@@ -91,6 +100,34 @@ def test_a_silent_client_is_dropped_and_blocks_no_scrape(node: tuple[Daemon, int
     with socket.create_connection(("127.0.0.1", port), timeout=60) as empty:
         empty.shutdown(socket.SHUT_WR)  # connects, sends nothing, and closes
         assert read_all(empty) == b""
+    assert get(port)[0] == 200
+
+
+def test_connections_held_without_a_request_do_not_keep_scrapes_out(
+    node: tuple[Daemon, int],
+) -> None:
+    # A local user holds every connection the server allows, each with a
+    # request head it never finishes, and takes back each one it loses: a
+    # real scrape still gets through, each time in the place of the one that
+    # has waited longest, and only that one.
+    _, port = node
+
+    def hold() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", port), timeout=60)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: he")  # and nothing more
+        return s
+
+    held = [hold() for _ in range(MAX_CONNECTIONS)]
+    try:
+        for _ in range(3):
+            assert value(scrape(port), "torpor_build_info", version=__version__, backend="host")
+            held.append(hold())
+        assert [unanswered(s) for s in held[:3]] == [True] * 3  # dropped, oldest first
+        # The next was kept: it gets its answer when its time to send is up.
+        assert status_of(read_all(held[3])) == 408
+    finally:
+        for s in held:
+            s.close()
     assert get(port)[0] == 200
 
 

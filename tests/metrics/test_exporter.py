@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from torpor.testing import make_checkpoint
 from torpord.backends.host import HostBackend
 from torpord.core.manager import ManagerSettings, ModelManager
-from torpord.metrics import Metrics
+from torpord.metrics import Metrics, serve_metrics
 
 
 async def test_a_scrape_is_rendered_off_the_event_loop_from_a_copy(tmp_path: Path) -> None:
@@ -42,5 +42,25 @@ async def test_a_scrape_is_rendered_off_the_event_loop_from_a_copy(tmp_path: Pat
     finally:
         go.set()
         metrics.close()
+        await manager.close(1.0)
+        backend.close()
+
+
+async def test_closing_the_server_stops_the_collector(tmp_path: Path) -> None:
+    # (What the daemon closes at its end: the collector must stop listening
+    # to the manager's history and Acquires then, not live on with it.)
+    backend = HostBackend(devices=1, device_capacity=2**26, host_capacity=2**26)
+    manager = ModelManager(backend, ManagerSettings(allowed_roots=(tmp_path.resolve(),)))
+    metrics, server = await serve_metrics(manager, "127.0.0.1:0")
+    try:
+        await server.start()
+        await manager.load("m", str(make_checkpoint(tmp_path / "m", layers=2, hidden=64)))
+        await server.close()
+        await manager.sleep("m", 1)
+        text = (await metrics.scrape())[0].decode()
+        assert 'kind="load"' in text
+        assert 'kind="sleep"' not in text
+    finally:
+        await server.close()
         await manager.close(1.0)
         backend.close()

@@ -226,8 +226,11 @@ class WakeModelRequest(_message.Message):
     verify: _builtins.bool
     """Check every slab that lands on the device against the checksum taken at
     load. A mismatch fails the wake with DATA_LOSS (reason CHECKSUM_MISMATCH,
-    naming the layer); the model stays as it was, with that reason. Slabs read
-    again from the source (level 2) are always checked.
+    naming the layer) and nothing corrupt is made active; the corrupt host
+    copy is refused, never served again: a level-1 sleeper sleeps at level 2,
+    an offloaded layer falls back to its disk copy or source (state reason
+    HOST_COPY_CORRUPT). Slabs read again from the disk cache or the source
+    are always checked.
     """
     def __init__(
         self,

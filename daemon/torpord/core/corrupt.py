@@ -17,8 +17,13 @@ lifecycle, with a state reason that says what happened and what a wake does:
   and every idle model using it serves that layer from the source, reason
   DISK_COPY_CORRUPT.
 
+A host copy a transition found corrupt (a verified copy from it) is refused
+the same way once that transition has rolled back (`refuse_suspect`), so no
+later call serves it, verified or not.
+
 Everything here runs on the event loop, on a model that is not in a
-transition; freeing the slabs is the caller's (on a worker).
+transition (or whose transition has just rolled back); freeing the slabs is
+the caller's.
 """
 
 from __future__ import annotations
@@ -29,7 +34,13 @@ from torpord.errors import some
 from torpord.storage.diskcache import DiskEntry
 from torpord.types import ModelState, Tier
 
-__all__ = ["DISK_COPY_CORRUPT", "HOST_COPY_CORRUPT", "disk_copy_corrupt", "host_copy_corrupt"]
+__all__ = [
+    "DISK_COPY_CORRUPT",
+    "HOST_COPY_CORRUPT",
+    "disk_copy_corrupt",
+    "host_copy_corrupt",
+    "refuse_suspect",
+]
 
 HOST_COPY_CORRUPT = "HOST_COPY_CORRUPT"
 DISK_COPY_CORRUPT = "DISK_COPY_CORRUPT"
@@ -77,6 +88,23 @@ def host_copy_corrupt(model: Model, layer: LayerState) -> list[Slab]:
         f" layer is in its {where} now" + _then(model, "a wake or an offload to DEVICE")
     )
     model.set_state(model.state, HOST_COPY_CORRUPT, message)
+    return slabs
+
+
+def refuse_suspect(model: Model, suspect: dict[int, str]) -> list[Slab]:
+    """`model`'s host slabs in `suspect` (id -> what was found: by a verified
+    copy from one, or by the scrubber while a transition held the model),
+    its transition having just rolled back: each is refused as the scrubber
+    refuses one, and forgotten. Returns the slabs to free."""
+    if model.state not in (ModelState.ASLEEP, ModelState.OFFLOADED):
+        return []  # (FAILED: it holds what it holds until it is unloaded)
+    slabs: list[Slab] = []
+    for layer in model.layers:
+        slab = layer.slab
+        if slab is not None and slab.tier is Tier.HOST and slab.id in suspect:
+            slabs += host_copy_corrupt(model, layer)
+    for slab in slabs:
+        suspect.pop(slab.id, None)
     return slabs
 
 

@@ -88,6 +88,7 @@ class ModelManager:
         self._runner = Runner(
             backend, self.bus, self.registry, self.requests, self._announcer, self.history
         )
+        self._runner.suspect = self.mover.suspect
         # Background checks of the copies not on a device (None: [scrub] off).
         self.scrubber = make_scrubber(settings, backend, self.registry, self.bus, self.mover)
         if self.scrubber is not None:

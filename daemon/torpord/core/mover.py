@@ -56,9 +56,12 @@ class Mover:
         self.read_options = read_options or ReadOptions()
         self.workers = Workers(executor)
         self.counters = counters or Counters()
-        # Host slabs the scrubber found corrupt (id -> what it found) but
-        # could not refuse yet (a transition took their model first): a copy
-        # from one is verified, whatever the caller asked, so it is never served.
+        # Host slabs found corrupt (id -> what was found) but not refused yet:
+        # by the scrubber as a transition took their model, or by a verified
+        # copy from them. A copy from one is verified, whatever the caller
+        # asked, so it is never served; the runner refuses them once the
+        # transition has rolled back (core/corrupt.py), the scrubber at its
+        # next walk once their model is at rest.
         self.suspect: dict[int, str] = {}
         self.disk_tier = DiskTier(
             backend, self.workers, self.observer, disk, disk_in_use, self.counters
@@ -186,10 +189,14 @@ class Mover:
             digest = await self.blocking(self._backend.checksum, slab)
         if digest != layer.checksum:
             self.counters.checksum_failed(layer.tier)
+            refused = ""
+            if layer.slab.tier is Tier.HOST:  # (kept: refused once this has rolled back)
+                self.suspect[layer.slab.id] = f"checksum {digest}, expected {layer.checksum}"
+                refused = " and is refused (the model's state says what a wake does now)"
             raise DataLoss(
                 f"layer {layer.plan.name} of model {model.model_id!r} arrived with"
                 f" checksum {digest}, expected {layer.checksum}: its {layer.tier.value}"
-                " copy is corrupt; nothing corrupt was made active",
+                f" copy is corrupt{refused}; nothing corrupt was made active",
                 reason="CHECKSUM_MISMATCH",
                 metadata={
                     "model_id": model.model_id,

@@ -21,6 +21,7 @@ import structlog
 
 from torpord.backends.base import Backend, Slab
 from torpord.core.announce import Announcer
+from torpord.core.corrupt import refuse_suspect
 from torpord.core.events import EventBus, EventType
 from torpord.core.history import Finished, History
 from torpord.core.model import (
@@ -91,6 +92,9 @@ class Runner:
         # Called before a transition changes anything: what reads the
         # model's memory in the background (the scrubber) lets go of it.
         self.stand_aside: Callable[[Model], Awaitable[None]] | None = None
+        # Host slabs found corrupt, not refused yet (the mover's `suspect`):
+        # those of a model whose transition rolled back are refused then.
+        self.suspect: dict[int, str] = {}
 
     async def start(
         self,
@@ -245,6 +249,21 @@ class Runner:
         if plan.fail_to is None:
             model.sleep_level = before[1]
         model.set_state(plan.fail_to or before[0], err.reason, err.message)
+        # A host copy found corrupt (this transition's verified copy from it
+        # failed, say) is refused now, not left for a later call to serve.
+        refused = refuse_suspect(model, self.suspect)
+        if refused:
+            bound.warning(
+                "a host copy found corrupt is refused",
+                reason=model.state_reason,
+                sleep_level=model.sleep_level,
+                slabs=len(refused),
+            )
+        for slab in refused:  # (nothing maps a host slab: an engine maps the device's)
+            try:
+                self._backend.free(slab)
+            except Exception:  # (it stays accounted; the rollback goes on)
+                bound.exception("freeing a corrupt host copy failed")
         if plan.removes:
             self._announcer.done(model)
         else:

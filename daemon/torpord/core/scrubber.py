@@ -39,6 +39,7 @@ from torpord.core.mover import Mover
 from torpord.core.registry import Registry
 from torpord.core.scrubread import Corrupt, hash_file, hash_slab, open_entry
 from torpord.core.settings import ManagerSettings
+from torpord.core.tokenbucket import TokenBucket
 from torpord.core.workers import settle
 from torpord.storage.checksum import CHUNK, combine
 from torpord.storage.diskcache import DiskCache, DiskEntry
@@ -52,25 +53,6 @@ PIECE = 8 * CHUNK  # bytes read at once: what a transition may have to wait for
 POLL = 1.0  # seconds between two walks when nothing is due sooner
 T = TypeVar("T")
 _AT_REST = frozenset({ModelState.ACTIVE, ModelState.OFFLOADED, ModelState.ASLEEP})
-
-
-class TokenBucket:
-    """At most `rate` units a second on average, in bursts of `burst`."""
-
-    def __init__(
-        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.rate, self.burst, self._clock = rate, burst, clock
-        self._tokens, self._at = burst, clock()
-
-    def take(self, n: int) -> float:
-        """Spend `n`: the seconds to wait before using them (0: now). What is
-        spent ahead of time is a debt the next takes wait for."""
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        self._tokens -= n
-        return max(0.0, -self._tokens / self.rate)
 
 
 @dataclass(eq=False)
@@ -295,7 +277,7 @@ class Scrubber:
         try:
             if copy.entry is not None:
                 assert disk is not None  # (_still says so)
-                fd = await self._piece(copy, open_entry, disk, copy.entry)
+                fd = await self._piece(copy, open_entry, disk, copy.entry, undo=_close)
                 if fd is None:  # (another file took its place: a newer copy)
                     raise _Abandoned
             digests: list[int] = []
@@ -319,7 +301,8 @@ class Scrubber:
                 os.close(fd)
         if not self._still(copy):  # (a transition began: the model is its now)
             if problem is not None:
-                if copy.slab is not None:
+                if copy.slab is not None:  # (counted now: the rollback may refuse it first)
+                    self.corrupt[Tier.HOST] += 1
                     self._suspect[copy.slab.id] = problem
                 log.warning(
                     "scrub: a copy does not match its checksum, but its model's transition"
@@ -335,8 +318,8 @@ class Scrubber:
         """`copy`, its model at rest, was checked (`done` bytes read now)."""
         self._since[copy.key] = self._clock()
         self.checked_bytes[copy.tier] += done
-        if problem is not None:  # (counted once: when refused, not when left to a transition)
-            self.corrupt[copy.tier] += 1
+        if problem is not None:  # (a copy left to a transition was counted when found)
+            self.corrupt[copy.tier] += copy.slab is None or copy.slab.id not in self._suspect
             message = "scrub: a copy does not match its checksum; it is refused"
             log.warning(message, problem=problem, **copy.where())
             self._refuse(copy, problem)
@@ -363,8 +346,15 @@ class Scrubber:
         freeing.add_done_callback(self._freeing.discard)
         freeing.add_done_callback(_log_failure)
 
-    async def _piece(self, copy: _Copy, fn: Callable[..., T], *args: object) -> T:
-        """fn(*args) on the scrubber's thread, if `copy` is still to be read."""
+    async def _piece(
+        self,
+        copy: _Copy,
+        fn: Callable[..., T],
+        *args: object,
+        undo: Callable[[T], object] | None = None,
+    ) -> T:
+        """fn(*args) on the scrubber's thread, if `copy` is still to be read;
+        `undo` undoes what it returned if the scrubber is stopped meanwhile."""
         if not self._still(copy):
             raise _Abandoned
         reading = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -372,6 +362,10 @@ class Scrubber:
         try:
             # (Even when stopped, it waits for the thread to let go first.)
             return await settle(reading)
+        except asyncio.CancelledError:
+            if undo is not None and not reading.cancelled() and reading.exception() is None:
+                undo(reading.result())  # (an fd no one else will close)
+            raise
         finally:
             self._reading = None
 
@@ -392,6 +386,11 @@ def make_scrubber(
         interval=settings.scrub_interval,
         suspect=mover.suspect,
     )
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
 
 
 def _log_failure(future: asyncio.Future[None]) -> None:

@@ -1,10 +1,20 @@
 """The scrubber's reads, on its own thread: the chunk digests of a piece of
 a host slab or of a disk cache entry (torpord.storage.checksum: one digest
 per 1 MiB chunk, so the digests of pieces of whole chunks, in order, combine
-to the slab's checksum)."""
+to the slab's checksum).
+
+A disk copy is checked on the disk, not in the page cache: each piece's
+pages are dropped from the cache before it is read (a cached copy would be
+checked in RAM, where it may be fine while the disk's is not) and after (a
+full pass must not push the node's other files out of the cache), and the
+kernel reads no further ahead than asked. Where the filesystem keeps no
+page cache of its own (tmpfs: the pages are the file), that does nothing,
+and there is no other copy to check.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import xxhash
@@ -50,6 +60,7 @@ def open_entry(disk: DiskCache, entry: DiskEntry) -> int | None:
         raise Corrupt(f"it is gone or unreadable: {err.strerror}") from None
     st = os.fstat(fd)
     if st.st_ino == entry.inode and st.st_size == entry.file_bytes:
+        _advise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # (no read-ahead past a piece)
         return fd
     os.close(fd)
     if st.st_ino != entry.inode:
@@ -58,14 +69,26 @@ def open_entry(disk: DiskCache, entry: DiskEntry) -> int | None:
 
 
 def hash_file(io: FileIO, fd: int, size: int, at: int, n: int) -> list[int]:
-    """The chunk digests of `n` bytes of an entry's slab from `at`."""
+    """The chunk digests of `n` bytes of an entry's slab from `at`, read from
+    the disk, and not left in the page cache."""
     buf = bytearray(n)
-    with memoryview(buf) as view:
-        got = 0
-        while got < n:
-            with view[got:] as rest:
-                read = io.preadv(fd, [rest], DATA_OFFSET + at + got)
-            if read == 0:
-                raise Corrupt(f"it ends after {at + got} of {size} bytes")
-            got += read
-        return _digests(view)
+    start = DATA_OFFSET + at
+    _advise(fd, start, n, os.POSIX_FADV_DONTNEED)
+    try:
+        with memoryview(buf) as view:
+            got = 0
+            while got < n:
+                with view[got:] as rest:
+                    read = io.preadv(fd, [rest], start + got)
+                if read == 0:
+                    raise Corrupt(f"it ends after {at + got} of {size} bytes")
+                got += read
+            return _digests(view)
+    finally:
+        _advise(fd, start, n, os.POSIX_FADV_DONTNEED)
+
+
+def _advise(fd: int, offset: int, n: int, advice: int) -> None:
+    # Advice only: where the kernel refuses it, the read is still right.
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, offset, n, advice)

@@ -127,10 +127,11 @@ def _host_port(listen: str) -> tuple[str, int]:
 
 async def serve_metrics(manager: ModelManager, listen: str) -> tuple[Metrics, MetricsServer]:
     """Bind `listen` ("host:port", as the config gives it) for the manager's
-    metrics; OSError if it can't be had. It answers once started."""
+    metrics; OSError if it can't be had. It answers once started; closing
+    it closes the collector too."""
     metrics = Metrics(manager)
     host, port = _host_port(listen)
-    server = MetricsServer(metrics.scrape, host, port)
+    server = MetricsServer(metrics.scrape, host, port, on_close=metrics.close)
     try:
         await server.bind()
     except BaseException:

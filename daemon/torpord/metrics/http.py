@@ -5,8 +5,17 @@ live objects off the event loop. Each connection gets one response and is
 closed. A request's head is bounded (MAX_HEAD bytes) and must arrive within
 READ_TIMEOUT seconds, the response must be taken within WRITE_TIMEOUT (and
 the client has LINGER more to close: see _linger), and at most
-MAX_CONNECTIONS are served at once, so a slow or hostile client
-holds little, for a while, and never blocks the other scrapes.
+MAX_CONNECTIONS are open at once, so a slow or hostile client holds
+little, for a while.
+
+Nor can such clients keep the scrapes out by holding every connection: at
+the limit, a new connection takes the place of the one that has been
+waiting longest without a complete request head (then of one that has its
+whole answer and has not closed yet, then of the one slowest to take its
+answer), which is dropped. A client that sends its request at once and
+reads the answer is served however many others hold connections; only when
+every connection is being answered (collecting the figures) is a new one
+refused with 503.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -40,8 +50,26 @@ _REASONS = {
 }
 
 
+# What a connection is doing, and in which order those that may be dropped
+# for a new one are (the lowest first; then the one in it longest).
+_HEAD, _LINGER, _WRITE, _COLLECT = 0, 1, 2, 3
+_DROPPABLE = (_HEAD, _LINGER, _WRITE)
+
+
+@dataclass(eq=False)
+class _Connection:
+    task: asyncio.Task[None]
+    writer: asyncio.StreamWriter
+    doing: int
+    since: float  # (the loop's clock) when it began doing that
+
+    def now_doing(self, doing: int) -> None:
+        self.doing, self.since = doing, asyncio.get_running_loop().time()
+
+
 class MetricsServer:
-    """Serves `scrape()` (the body and its content type) at GET/HEAD /metrics."""
+    """Serves `scrape()` (the body and its content type) at GET/HEAD /metrics;
+    `on_close` is called once it is closed (the collector stops listening)."""
 
     def __init__(
         self,
@@ -50,13 +78,15 @@ class MetricsServer:
         port: int,
         *,
         read_timeout: float = READ_TIMEOUT,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self._scrape = scrape
+        self._on_close = on_close
         self._host = host
         self._port = port
         self._read_timeout = read_timeout
         self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], _Connection] = {}
 
     async def bind(self) -> None:
         """Listen (OSError if the address can't be had), not yet answering."""
@@ -80,46 +110,70 @@ class MetricsServer:
         return port
 
     async def close(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        if self._handlers:
-            await asyncio.wait(self._handlers, timeout=1.0)
-        await self._server.wait_closed()
-        self._server = None
+        on_close, self._on_close = self._on_close, None
+        try:
+            if self._server is None:
+                return
+            self._server.close()
+            handlers = set(self._connections)
+            for task in handlers:
+                task.cancel()
+            if handlers:
+                await asyncio.wait(handlers, timeout=1.0)
+            await self._server.wait_closed()
+            self._server = None
+        finally:
+            if on_close is not None:
+                on_close()
 
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._handlers.add(task)
+        connection = _Connection(task, writer, _HEAD, asyncio.get_running_loop().time())
         answered = False
         status: int | None
         try:
-            if len(self._handlers) > MAX_CONNECTIONS:
+            if len(self._connections) >= MAX_CONNECTIONS and not self._drop_one():
                 status, headers, body = _error(503, "too many connections; try again")
             else:
-                status, headers, body = await self._answer(reader)
+                self._connections[task] = connection
+                status, headers, body = await self._answer(reader, connection)
             if status is not None:
                 # (drain returns once all of it is with the kernel, not before)
                 writer.transport.set_write_buffer_limits(high=0)
                 writer.write(_response(status, headers, body))
+                connection.now_doing(_WRITE)
                 async with asyncio.timeout(WRITE_TIMEOUT):
                     await writer.drain()
                 if status != 503:  # (those over the limit hold nothing longer)
+                    connection.now_doing(_LINGER)
                     await _linger(reader, writer)
             answered = True
         except (OSError, TimeoutError, asyncio.CancelledError):
-            pass  # (the client went away or would not take it; or the daemon stops)
+            pass  # (the client went away or would not take it; dropped; or the daemon stops)
         finally:
-            self._handlers.discard(task)
+            self._connections.pop(task, None)
             if answered:
                 writer.close()
             else:
                 writer.transport.abort()
 
-    async def _answer(self, reader: asyncio.StreamReader) -> tuple[int | None, list[str], bytes]:
+    def _drop_one(self) -> bool:
+        """Make room for a new connection: drop the one that has been waiting
+        longest for its request head (then one lingering, then one writing).
+        False if every one is being answered."""
+        droppable = [c for c in self._connections.values() if c.doing in _DROPPABLE]
+        if not droppable:
+            return False
+        victim = min(droppable, key=lambda c: (c.doing, c.since))
+        del self._connections[victim.task]  # (its fd is closed now, its task ends soon)
+        victim.writer.transport.abort()
+        victim.task.cancel()
+        return True
+
+    async def _answer(
+        self, reader: asyncio.StreamReader, connection: _Connection
+    ) -> tuple[int | None, list[str], bytes]:
         """The status, headers and body for the request `reader` brings
         (no status: nothing to answer, the client sent nothing)."""
         try:
@@ -133,6 +187,7 @@ class MetricsServer:
             return _error(400, "the request ended before its headers did")
         except asyncio.LimitOverrunError:
             return _error(431, f"the request line and headers exceed {MAX_HEAD} bytes")
+        connection.now_doing(_COLLECT)  # (not dropped for another while it is answered)
         try:
             lines = head[:-4].decode("ascii").split("\r\n")
         except UnicodeDecodeError:
