@@ -64,3 +64,44 @@ async def test_closing_the_server_stops_the_collector(tmp_path: Path) -> None:
         await server.close()
         await manager.close(1.0)
         backend.close()
+
+
+async def test_scrapes_that_arrive_during_a_render_share_the_next_one(tmp_path: Path) -> None:
+    backend = HostBackend(devices=1, device_capacity=2**26, host_capacity=2**26)
+    manager = ModelManager(backend, ManagerSettings(allowed_roots=(tmp_path.resolve(),)))
+    rendering, go = threading.Event(), threading.Event()
+    renders = 0
+
+    def render(registry: CollectorRegistry) -> bytes:
+        nonlocal renders
+        renders += 1
+        rendering.set()
+        assert go.wait(30)
+        return generate_latest(registry)
+
+    metrics = Metrics(manager, render=render)
+    try:
+        await manager.load("m", str(make_checkpoint(tmp_path / "m", layers=2, hidden=64)))
+        first = asyncio.create_task(metrics.scrape())
+        assert await asyncio.to_thread(rendering.wait, 30)
+        # Ten more arrive while the first renders; one goes away; the model
+        # sleeps after they all arrived but before their render begins.
+        later = [asyncio.create_task(metrics.scrape()) for _ in range(10)]
+        await asyncio.sleep(0)
+        later[0].cancel()
+        await manager.sleep("m", 1)
+        go.set()
+        assert 'kind="sleep"' not in (await first)[0].decode()
+        bodies = {(await scrape)[0] for scrape in later[1:]}
+        assert renders == 2
+        # One render served them all, with figures taken after they arrived.
+        assert len(bodies) == 1 and 'kind="sleep"' in bodies.pop().decode()
+        assert later[0].cancelled()
+        # A scrape after those renders gets a render of its own.
+        await metrics.scrape()
+        assert renders == 3
+    finally:
+        go.set()
+        metrics.close()
+        await manager.close(1.0)
+        backend.close()

@@ -44,7 +44,8 @@ class Metrics:
         """`render` turns a registry into the text format (on a thread)."""
         self._m = manager
         self._render = render
-        self._rendering = asyncio.Lock()  # (one scrape renders at a time)
+        self._rendering = asyncio.Lock()  # (one render at a time)
+        self._next: asyncio.Task[bytes] | None = None  # the render scrapes now wait for
         self._state = State(manager)
         self.transitions = Transitions()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -66,16 +67,28 @@ class Metrics:
         The figures are taken on the event loop, the only thread that reads
         the live objects, in a copy; rendering them as text (some 10 us a
         sample: seconds for a node of a thousand models) runs on a thread,
-        one scrape at a time, while the loop serves everything else."""
-        async with self._rendering:
-            snapshot = CollectorRegistry(auto_describe=False)
-            snapshot.register(_Frozen([*self._state.collect(), *self.transitions.frozen()]))
-            self.prune()
-            body = await asyncio.to_thread(self._render, snapshot)
+        one render at a time, while the loop serves everything else.
+        Scrapes that arrive while one renders share the next render, whose
+        figures are taken after they all arrived: many scrapers cost two
+        renders, not one each."""
+        pending = self._next
+        if pending is None:
+            pending = self._next = asyncio.create_task(self._render_next())
+            pending.add_done_callback(_retrieve)
+        # (Shielded: a scraper that goes away must not cancel the others' render.)
+        body = await asyncio.shield(pending)
         # The text format every Prometheus reads (CONTENT_TYPE_LATEST says
         # 1.0.0, which 2.x servers don't know; the names here are the same
         # in both, and prometheus_client's own server answers 0.0.4 too).
         return body, CONTENT_TYPE_PLAIN_0_0_4
+
+    async def _render_next(self) -> bytes:
+        async with self._rendering:
+            self._next = None  # (who arrives from now on waits for the render after)
+            snapshot = CollectorRegistry(auto_describe=False)
+            snapshot.register(_Frozen([*self._state.collect(), *self.transitions.frozen()]))
+            self.prune()
+            return await asyncio.to_thread(self._render, snapshot)
 
     def prune(self) -> None:
         """Drop the series of model ids the daemon no longer knows."""
@@ -123,6 +136,12 @@ class _Frozen:
 def _host_port(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _retrieve(task: asyncio.Task[bytes]) -> None:
+    # (Every scraper may have gone: the render's failure is theirs, not the loop's.)
+    if not task.cancelled():
+        task.exception()
 
 
 async def serve_metrics(manager: ModelManager, listen: str) -> tuple[Metrics, MetricsServer]:
