@@ -17,6 +17,9 @@ model gets at most one action per call (the next call sees the result).
    bytes held by them, the coldest (by the eviction order) are pushed down
    to level 2, until both hold; a model that just went idle is pushed by
    sleeping it at level 2 at once. Models in a warm window are not pushed.
+   A pushed model keeps a disk copy where room.host_routes says so (an
+   image; evict_to DISK; evict_to HOST when the disk cache is faster than
+   the source) and the disk cache has room; an image without it stays.
 3. SCHEDULE: a model whose window is warm (schedule.py) is brought to the
    window's tier: HOST = a catalogue entry is loaded there, a level-2
    sleeper's weights are read back there (Sleep at level 1); a model with
@@ -71,10 +74,14 @@ def _free_to_act(plan: Plan, model: ModelView) -> bool:
     return model.model_id not in plan.touched and blocker(model, ()) is None
 
 
-def _disk_copy(plan: Plan, model: ModelView, nbytes: int) -> bool | None:
+def _disk_copy(plan: Plan, model: ModelView, nbytes: int, *, pushed: bool = False) -> bool | None:
     """Whether a level-2 sleep of `model` keeps a disk copy (taking the disk
-    room), or None when it can't sleep at level 2 (an image, no disk room)."""
-    wanted = model.image or model.policy.evict_to is Tier.DISK
+    room), or None when it can't sleep at level 2 (an image, no disk room).
+    A level-1 sleeper `pushed` down goes where room.host_routes says."""
+    if pushed:
+        wanted = Tier.DISK in host_routes(plan.view, model)
+    else:
+        wanted = model.image or model.policy.evict_to is Tier.DISK
     if wanted and plan.disk_free is not None and plan.disk_free >= nbytes:
         plan.disk_free -= nbytes
         return True
@@ -160,7 +167,7 @@ def _limits(plan: Plan) -> None:
         if (most <= 0 or count <= most) and (limit <= 0 or held <= limit):
             return
         trial = plan.copy()
-        copy = _disk_copy(trial, model, nbytes)
+        copy = _disk_copy(trial, model, nbytes, pushed=True)
         if copy is None:
             continue
         index = went_idle.get(model.model_id)

@@ -14,8 +14,12 @@ Where an evicted model goes (`routes`), by its policy's `evict_to`:
   goes to DISK where there is a disk cache, else HOST, and never to level 2
   without a disk copy.
 - from the host (a level-1 sleeper pushed down): level 2, with a disk copy
-  when it is an image or its evict_to is DISK (an image without disk room
-  can't be pushed down).
+  when it is an image, its evict_to is DISK, or its evict_to is HOST and
+  the disk cache brings it back to the device faster than its source (its
+  owner wanted it kept warm: the disk copy is the warmest place left).
+  Only with disk room, and never by evicting other disk entries; without
+  room it goes to its source (an image can't be pushed down). SOURCE
+  never keeps a disk copy: the operator asked for none.
 
 With Granularity.LAYERS a device's last victim offloads just enough of its
 layers (last first) to HOST instead of going whole.
@@ -147,11 +151,28 @@ def _device_routes(view: NodeView, model: ModelView) -> tuple[Tier, ...]:
 
 
 def host_routes(view: NodeView, model: ModelView) -> tuple[Tier, ...]:
+    """Where a level-1 sleeper pushed down to level 2 may go, preferred
+    first (DISK: with a disk copy, where the disk cache has room; SOURCE:
+    without); () = nowhere."""
     if model.image:
         return (Tier.DISK,) if view.disk is not None else ()
-    if model.policy.evict_to is Tier.DISK and view.disk is not None:
+    if view.disk is not None and _disk_wanted(view, model):
         return (Tier.DISK, Tier.SOURCE)
     return (Tier.SOURCE,)
+
+
+def _disk_wanted(view: NodeView, model: ModelView) -> bool:
+    """Whether a pushed-down sleeper (not an image) should keep a disk copy."""
+    to = model.policy.evict_to
+    if to is Tier.DISK:
+        return True
+    if to is Tier.SOURCE:
+        return False
+    nbytes = model.total_bytes  # (HOST, or what _device_routes reads as HOST)
+    bandwidth = view.bandwidth
+    return bandwidth.seconds_to_device(Tier.DISK, nbytes) < bandwidth.seconds_to_device(
+        Tier.SOURCE, nbytes
+    )
 
 
 def _candidates(
