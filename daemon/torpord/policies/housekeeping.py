@@ -10,14 +10,19 @@ model gets at most one action per call (the next call sees the result).
    an image (it has no source) or its evict_to is DISK; an image without
    disk room sleeps at level 1 instead. Level 1 needs host room: what is
    free, or made by pushing down level-1 sleepers less likely to be used;
-   failing that it sleeps at level 2 (an image only with disk room). A model
+   failing that it sleeps at level 2 (an image only with disk room), with
+   a disk copy where room.disk_copy_wanted says so (as a pushed-down
+   sleeper: evict_to HOST too, when the disk cache is faster than the
+   source) and the disk cache has room. An idle_level of 2 is the owner's
+   choice to let the model go cold when idle: evict_to HOST (the tier for
+   evictions) keeps no disk copy there, only evict_to DISK does. A model
    in a warm DEVICE window does not go idle; in a HOST window, only to
    level 1. The likeliest idle models are handled first (they get the room).
 2. PRESSURE: past `max_sleeping_models` level-1 sleepers or `host_limit`
    bytes held by them, the coldest (by the eviction order) are pushed down
    to level 2, until both hold; a model that just went idle is pushed by
    sleeping it at level 2 at once. Models in a warm window are not pushed.
-   A pushed model keeps a disk copy where room.host_routes says so (an
+   A pushed model keeps a disk copy where room.disk_copy_wanted says so (an
    image; evict_to DISK; evict_to HOST when the disk cache is faster than
    the source) and the disk cache has room; an image without it stays.
 3. SCHEDULE: a model whose window is warm (schedule.py) is brought to the
@@ -44,7 +49,7 @@ from collections.abc import Sequence
 from torpord.policies.actions import Action, Load, Sleep, Wake
 from torpord.policies.order import eviction_key, likelihood
 from torpord.policies.predict import HORIZON, expected_uses
-from torpord.policies.room import HOST, Plan, blocker, host_routes, take
+from torpord.policies.room import HOST, Plan, blocker, disk_copy_wanted, host_routes, take
 from torpord.policies.schedule import warm_window
 from torpord.policies.stage import far_bytes
 from torpord.policies.view import ModelView, NodeView
@@ -74,12 +79,15 @@ def _free_to_act(plan: Plan, model: ModelView) -> bool:
     return model.model_id not in plan.touched and blocker(model, ()) is None
 
 
-def _disk_copy(plan: Plan, model: ModelView, nbytes: int, *, pushed: bool = False) -> bool | None:
+def _disk_copy(plan: Plan, model: ModelView, nbytes: int, *, fell: bool) -> bool | None:
     """Whether a level-2 sleep of `model` keeps a disk copy (taking the disk
     room), or None when it can't sleep at level 2 (an image, no disk room).
-    A level-1 sleeper `pushed` down goes where room.host_routes says."""
-    if pushed:
-        wanted = Tier.DISK in host_routes(plan.view, model)
+    A model that `fell` to level 2 because level 1 can't be (a level-1
+    sleeper pushed down, an idle model with no host room) keeps one where
+    room.disk_copy_wanted says so; one asked for at level 2 only as an
+    image or with evict_to DISK."""
+    if fell:
+        wanted = disk_copy_wanted(plan.view, model)
     else:
         wanted = model.image or model.policy.evict_to is Tier.DISK
     if wanted and plan.disk_free is not None and plan.disk_free >= nbytes:
@@ -123,7 +131,7 @@ def _sleep(plan: Plan, model: ModelView, level: int, *, deeper: bool) -> None:
         if not deeper:
             return
     trial = plan.copy()
-    copy = _disk_copy(trial, model, on_device + in_host)
+    copy = _disk_copy(trial, model, on_device + in_host, fell=level == 1)
     if copy is not None:
         trial.release(model.device, on_device)
         trial.release(HOST, in_host)
@@ -167,7 +175,7 @@ def _limits(plan: Plan) -> None:
         if (most <= 0 or count <= most) and (limit <= 0 or held <= limit):
             return
         trial = plan.copy()
-        copy = _disk_copy(trial, model, nbytes, pushed=True)
+        copy = _disk_copy(trial, model, nbytes, fell=True)
         if copy is None:
             continue
         index = went_idle.get(model.model_id)

@@ -8,18 +8,20 @@ Refusal and leaves it unchanged (all or nothing, like a transition).
 Where an evicted model goes (`routes`), by its policy's `evict_to`:
 
 - from a device: HOST = level-1 sleep (host room is made first by pushing
-  level-1 sleepers down, see below; when none can be, level 2 instead);
-  DISK = level-2 sleep with a disk copy (needs disk room; without it, level
-  2 from the source); SOURCE = level-2 sleep. An image has no source: it
-  goes to DISK where there is a disk cache, else HOST, and never to level 2
-  without a disk copy.
+  level-1 sleepers down, see below; when none can be, level 2 instead,
+  with a disk copy where `disk_copy_wanted` says so and the disk cache has
+  room); DISK = level-2 sleep with a disk copy (needs disk room; without
+  it, level 2 from the source); SOURCE = level-2 sleep. An image has no
+  source: it goes to DISK where there is a disk cache, else HOST, and
+  never to level 2 without a disk copy.
 - from the host (a level-1 sleeper pushed down): level 2, with a disk copy
-  when it is an image, its evict_to is DISK, or its evict_to is HOST and
-  the disk cache brings it back to the device faster than its source (its
-  owner wanted it kept warm: the disk copy is the warmest place left).
-  Only with disk room, and never by evicting other disk entries; without
-  room it goes to its source (an image can't be pushed down). SOURCE
-  never keeps a disk copy: the operator asked for none.
+  where `disk_copy_wanted` says so: it is an image, its evict_to is DISK,
+  or its evict_to is HOST and the disk cache brings it back to the device
+  faster than its source (its owner wanted it kept warm: the disk copy is
+  the warmest place left). Only with disk room, and never by evicting
+  other disk entries; without room it goes to its source (an image can't
+  be pushed down). SOURCE never keeps a disk copy: the operator asked for
+  none.
 
 With Granularity.LAYERS a device's last victim offloads just enough of its
 layers (last first) to HOST instead of going whole.
@@ -47,6 +49,7 @@ __all__ = [
     "Eligible",
     "Plan",
     "blocker",
+    "disk_copy_wanted",
     "free_up",
     "host_routes",
     "take",
@@ -142,7 +145,9 @@ def _device_routes(view: NodeView, model: ModelView) -> tuple[Tier, ...]:
     if to is Tier.DISK and view.disk is None:
         to = Tier.HOST if model.image else Tier.SOURCE
     if to is Tier.HOST:
-        if not model.image:
+        if not model.image:  # (no host room: level 2, with a disk copy if wanted)
+            if disk_copy_wanted(view, model):
+                return (Tier.HOST, Tier.DISK, Tier.SOURCE)
             return (Tier.HOST, Tier.SOURCE)
         return (Tier.HOST, Tier.DISK) if view.disk is not None else (Tier.HOST,)
     if to is Tier.DISK:
@@ -156,13 +161,22 @@ def host_routes(view: NodeView, model: ModelView) -> tuple[Tier, ...]:
     without); () = nowhere."""
     if model.image:
         return (Tier.DISK,) if view.disk is not None else ()
-    if view.disk is not None and _disk_wanted(view, model):
+    if disk_copy_wanted(view, model):
         return (Tier.DISK, Tier.SOURCE)
     return (Tier.SOURCE,)
 
 
-def _disk_wanted(view: NodeView, model: ModelView) -> bool:
-    """Whether a pushed-down sleeper (not an image) should keep a disk copy."""
+def disk_copy_wanted(view: NodeView, model: ModelView) -> bool:
+    """Whether `model`, going to level 2 where level 1 was wanted but can't
+    be (a level-1 sleeper pushed down; a device victim, or an idle model,
+    with no host room for level 1), should keep a disk copy: an image (it
+    has no source), evict_to DISK, or evict_to HOST when the disk cache
+    brings it back to the device faster than its source. Never evict_to
+    SOURCE, nor without a disk cache. The caller checks the disk room."""
+    if view.disk is None:
+        return False
+    if model.image:
+        return True
     to = model.policy.evict_to
     if to is Tier.DISK:
         return True

@@ -48,8 +48,10 @@ class ModelPolicy:
     idle_level: int = 1  # the sleep level an idle model goes to (1 or 2)
     priority: int = 0  # higher is kept longer; compared before the eviction order
     pinned: bool = False  # never evicted, never put to sleep by a policy
-    # Where an evicted model goes: HOST (level-1 sleep), DISK (level-2 sleep
-    # with a disk copy), SOURCE (level-2 sleep, reloaded from its source).
+    # Where an evicted model goes: HOST (level-1 sleep; with no host room,
+    # level 2 with a disk copy where the disk cache is faster than the
+    # source and has room, room.py), DISK (level-2 sleep with a disk copy),
+    # SOURCE (level-2 sleep, reloaded from its source).
     evict_to: Tier = Tier.HOST
     windows: tuple[Window, ...] = ()
 
