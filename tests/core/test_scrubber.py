@@ -18,6 +18,7 @@ from torpord.backends.host import HostBackend
 from torpord.core.events import EventType
 from torpord.core.scrubber import PIECE, POLL, TokenBucket
 from torpord.errors import DataLoss
+from torpord.metrics.state import State
 from torpord.storage.catalogue import CatalogueGroup, CatalogueTensor
 from torpord.storage.diskcache import DATA_OFFSET, DiskCache, DiskEntry
 from torpord.storage.fileio import Buffer, SystemIO
@@ -40,6 +41,12 @@ def host_bytes(h: Harness, model_id: str) -> int:
 def corrupt(h: Harness, slab: Slab, at: int) -> None:
     with h.backend.view(slab) as view:
         view[at] ^= 0xFF
+
+
+def checksum_failures(h: Harness) -> dict[str, float]:
+    """torpor_checksum_failures_total by tier, as /metrics has it."""
+    (family,) = [f for f in State(h.manager).collect() if f.name == "torpor_checksum_failures"]
+    return {sample.labels["tier"]: sample.value for sample in family.samples}
 
 
 async def freed(h: Harness) -> None:
@@ -514,6 +521,8 @@ async def test_a_copy_found_corrupt_as_a_wake_begins_is_never_served(
             await asyncio.sleep(0.01)
         assert (model.state, model.sleep_level) == (ModelState.ASLEEP, 2)
         assert h.manager.scrubber.corrupt[Tier.HOST] == 1 and backend.reads == 1
+        # One corrupt copy, found by the scrubber then by the wake's verify: counted once.
+        assert checksum_failures(h) == {"source": 0, "disk": 0, "host": 1, "device": 0}
         m = await h.manager.wake("m")
         assert m.state is ModelState.ACTIVE
         h.check_bytes("m")

@@ -250,8 +250,10 @@ class Scrubber:
         if not self._still(copy):  # (a transition began: the model is its now)
             if problem is not None:
                 if copy.slab is not None:  # (counted now: the rollback may refuse it first)
-                    self.corrupt[Tier.HOST] += 1
-                    self._suspect[copy.slab.id] = problem
+                    # (Unless the transition's verified copy found it first:
+                    # whoever adds a copy to `suspect` counts it, once.)
+                    self.corrupt[Tier.HOST] += copy.slab.id not in self._suspect
+                    self._suspect.setdefault(copy.slab.id, problem)
                 log.warning(
                     "scrub: a copy does not match its checksum, but its model's transition"
                     " began meanwhile: not acted on yet (any copy from it is verified; it is"
