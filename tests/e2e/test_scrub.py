@@ -1,6 +1,8 @@
 """Scrubbing under a real torpord: copies corrupted behind its back (a host
 slab through /proc/<pid>/fd, a disk cache file) are found before any wake,
-the model says so, and a wake serves the source's bytes."""
+the model says so, and a wake serves the source's bytes. The copies are
+corrupted as soon as the sleep returns: before the scrubber's first check of
+them (core/scrubplan.py's SETTLE seconds on), which is then the one that finds it."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from torpor.testing import make_checkpoint
 from .conftest import Daemon
 from .residency import check_residency
 
-SCRUB = '[scrub]\nrate = "1GiB"\ninterval = "100ms"\n'
+# The default interval (1h): a new copy is checked within seconds all the same.
+SCRUB = '[scrub]\nrate = "1GiB"\n'
 MODEL_VIEW = {"view": "MODEL_VIEW_FULL"}
 
 

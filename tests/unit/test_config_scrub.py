@@ -25,6 +25,9 @@ def test_defaults() -> None:
         ('rate = "1GiB"\ninterval = "10m"', 2**30, 600.0),
         ("rate = 1048576\ninterval = 2.5", 2**20, 2.5),
         ('rate = "0"', 0, 3600.0),  # off
+        ("rate = 0", 0, 3600.0),  # off
+        ('rate = "0MiB"', 0, 3600.0),  # off
+        ('rate = "1.5"', 1, 3600.0),  # (at least a byte a second: rounded down)
         ('interval = "500ms"', 256 * 2**20, 0.5),
     ],
 )
@@ -48,6 +51,19 @@ def test_errors_name_the_key_and_the_value(tmp_path: Path, body: str, key: str, 
         load(tmp_path, f"[scrub]\n{body}\n")
     assert info.value.key == key
     assert got in str(info.value).rpartition(", got ")[2]
+
+
+@pytest.mark.parametrize("rate", ['"0.5"', '"0.9B"', '".0001KB"', '"0.0000000001GiB"'])
+def test_a_rate_under_a_byte_a_second_is_refused_not_taken_for_off(
+    tmp_path: Path, rate: str
+) -> None:
+    # (Rounded down, it would be 0: scrubbing silently off.)
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, f"[scrub]\nrate = {rate}\n")
+    assert info.value.key == "scrub.rate"
+    expected, _, got = str(info.value).rpartition(", got ")
+    assert got == rate
+    assert '"0" (off)' in expected and "at least one byte a second" in expected
 
 
 def test_unknown_key_is_refused(tmp_path: Path) -> None:

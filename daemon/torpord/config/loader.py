@@ -54,6 +54,7 @@ from torpord.config.values import (
     optional_path,
     path_value,
     positive_size,
+    rate_value,
     show,
     size_value,
     socket_mode_value,
@@ -256,7 +257,7 @@ def load_config(
         allow_remote=metrics_remote,
     )
     scrub = ScrubConfig(
-        rate=r.get("scrub.rate", size_value, 256 * 2**20),
+        rate=r.get("scrub.rate", rate_value, 256 * 2**20),
         interval=r.get("scrub.interval", duration_value, 3600.0),
     )
 

@@ -189,7 +189,9 @@ class ScrubConfig:
     """`[scrub]`: background checks of sleeping models' host and disk copies."""
 
     rate: int = 256 * 2**20  # bytes checked per second at most; 0: off
-    interval: float = 3600.0  # seconds before the same copy is checked again
+    # Seconds from a clean check of a copy to the next (a new copy is checked
+    # within seconds: core/scrubplan.py).
+    interval: float = 3600.0
 
 
 @dataclass(frozen=True)

@@ -224,9 +224,12 @@ allow_remote = {"true" if c.metrics.allow_remote else "false"}
 # The copies of models' layers that are not on a device (a sleeping model's
 # host copy, layers offloaded to host, disk cache entries) are checked against
 # their checksums in the background, at most this many bytes a second ("0":
-# never), so a copy that rotted is found and refused before a wake serves it.
+# never; otherwise at least one), so a copy that rotted is found and refused
+# before a wake serves it.
 rate = {_toml_size(c.scrub.rate) if c.scrub.rate else '"0"'}
-# A copy is first checked this long after it was made, then again each time.
+# A new copy is checked a few seconds after it is made (5 s, or this if
+# shorter), ahead of any re-check; a copy found clean is checked again this
+# long after.
 interval = {_toml_duration(c.scrub.interval)}
 
 # Models the daemon may load itself when an Acquire asks for them (at most

@@ -125,6 +125,16 @@ def positive_size(value: Any) -> int:
     return size
 
 
+def rate_value(value: Any) -> int:
+    """Bytes a second: 0 (off), or at least one. A fraction of a byte is
+    refused rather than rounded down to 0, which would turn the thing off."""
+    rate = size_value(value)
+    match = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
+    if rate == 0 and match is not None and Decimal(match.group(1)) != 0:
+        raise Invalid('"0" (off) or at least one byte a second, like "256MiB"')
+    return rate
+
+
 def duration_value(value: Any) -> float:
     try:
         return parse_duration(value)

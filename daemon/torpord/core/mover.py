@@ -61,7 +61,8 @@ class Mover:
         # copy from them. A copy from one is verified, whatever the caller
         # asked, so it is never served; the runner refuses them once the
         # transition has rolled back (core/corrupt.py), the scrubber at its
-        # next walk once their model is at rest.
+        # next walk once their model is at rest. Each was counted in the
+        # checksum failures by whoever found it first, and only then.
         self.suspect: dict[int, str] = {}
         self.disk_tier = DiskTier(
             backend, self.workers, self.observer, disk, disk_in_use, self.counters
@@ -188,10 +189,14 @@ class Mover:
         with progress.phase(Stage.VERIFY, size):
             digest = await self.blocking(self._backend.checksum, slab)
         if digest != layer.checksum:
-            self.counters.checksum_failed(layer.tier)
+            # (One corrupt copy counts once: a host copy in `suspect` was
+            # counted by whoever put it there, the scrubber say.)
+            if layer.slab.tier is not Tier.HOST or layer.slab.id not in self.suspect:
+                self.counters.checksum_failed(layer.tier)
             refused = ""
             if layer.slab.tier is Tier.HOST:  # (kept: refused once this has rolled back)
-                self.suspect[layer.slab.id] = f"checksum {digest}, expected {layer.checksum}"
+                found = f"checksum {digest}, expected {layer.checksum}"
+                self.suspect.setdefault(layer.slab.id, found)
                 refused = " and is refused (the model's state says what a wake does now)"
             raise DataLoss(
                 f"layer {layer.plan.name} of model {model.model_id!r} arrived with"

@@ -16,7 +16,9 @@ is being freed:
 The checksum (torpord.storage.checksum) is one digest per 1 MiB chunk,
 combined at the end, so pieces of whole chunks hash to the same result.
 
-What a corrupt copy does to its model is in core/corrupt.py.
+Which copies there are and when each is due (a new copy within seconds,
+then each `interval`) is in core/scrubplan.py; what a corrupt copy does to
+its model is in core/corrupt.py.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ import asyncio
 import concurrent.futures
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -34,15 +35,16 @@ import structlog
 from torpord.backends.base import Backend, Slab
 from torpord.core.corrupt import disk_copy_corrupt, host_copy_corrupt
 from torpord.core.events import EventBus, EventType
-from torpord.core.model import LayerState, Model
+from torpord.core.model import Model
 from torpord.core.mover import Mover
 from torpord.core.registry import Registry
+from torpord.core.scrubplan import Copy, Key, Schedule, copies
 from torpord.core.scrubread import Corrupt, hash_file, hash_slab, open_entry
 from torpord.core.settings import ManagerSettings
 from torpord.core.tokenbucket import TokenBucket
 from torpord.core.workers import settle
 from torpord.storage.checksum import CHUNK, combine
-from torpord.storage.diskcache import DiskCache, DiskEntry
+from torpord.storage.diskcache import DiskCache
 from torpord.types import ModelState, Tier
 
 __all__ = ["PIECE", "Scrubber", "TokenBucket", "make_scrubber"]
@@ -53,55 +55,6 @@ PIECE = 8 * CHUNK  # bytes read at once: what a transition may have to wait for
 POLL = 1.0  # seconds between two walks when nothing is due sooner
 T = TypeVar("T")
 _AT_REST = frozenset({ModelState.ACTIVE, ModelState.OFFLOADED, ModelState.ASLEEP})
-
-
-@dataclass(eq=False)
-class _Copy:
-    """One copy to check: a layer's host slab, or its disk entry; or an entry
-    no model uses (model and layer None), which a load may take."""
-
-    model: Model | None
-    index: int
-    layer: LayerState | None
-    slab: Slab | None = None
-    entry: DiskEntry | None = None
-
-    @property
-    def tier(self) -> Tier:
-        return Tier.HOST if self.slab is not None else Tier.DISK
-
-    @property
-    def key(self) -> tuple[object, ...]:
-        if self.slab is not None:
-            return ("host", self.slab.id)
-        assert self.entry is not None
-        return ("disk", self.entry.key, self.entry.inode)
-
-    @property
-    def size(self) -> int:
-        if self.slab is not None:
-            return self.slab.size
-        assert self.entry is not None
-        return self.entry.size
-
-    @property
-    def expected(self) -> str:
-        if self.layer is not None and self.layer.checksum:
-            return self.layer.checksum
-        return self.entry.checksum if self.entry is not None else ""
-
-    def where(self) -> dict[str, object]:
-        """What a log line says of it (never what it holds)."""
-        tier = {"tier": self.tier.value.lower()}
-        if self.model is None or self.layer is None:
-            assert self.entry is not None
-            return {"entry": self.entry.key, **tier}
-        return {
-            "model_id": self.model.model_id,
-            "layer": self.layer.plan.name,
-            "index": self.index,
-            **tier,
-        }
 
 
 class _Abandoned(Exception):
@@ -134,12 +87,10 @@ class Scrubber:
         self.bucket = TokenBucket(rate, PIECE, clock)  # (bursts of one piece)
         self.checked_bytes: dict[Tier, int] = {Tier.HOST: 0, Tier.DISK: 0}
         self.corrupt: dict[Tier, int] = {Tier.HOST: 0, Tier.DISK: 0}
-        # Copy -> when it was last checked, or first seen: a copy is checked
-        # an interval after it was made (or found at start), then each interval.
-        self._since: dict[tuple[object, ...], float] = {}
+        self.schedule = Schedule(interval, clock)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="torpord-scrub")
         self._task: asyncio.Task[None] | None = None
-        self._current: _Copy | None = None
+        self._current: Copy | None = None
         self._reading: asyncio.Future[Any] | None = None  # the piece being read
         self._freeing: set[asyncio.Future[None]] = set()
 
@@ -188,57 +139,54 @@ class Scrubber:
 
     # -- the walk ------------------------------------------------------------
 
-    def copies(self) -> Iterator[_Copy]:
-        """Every copy not on a device, in model order, then the disk entries
-        no model uses (those of models in a transition too: see `_still`)."""
-        for model_id in sorted(self._registry.models):
-            model = self._registry.models[model_id]
-            for index, layer in enumerate(model.layers):
-                if not layer.checksum:  # (nothing to check it against yet)
-                    continue
-                if layer.slab is not None and layer.slab.tier is Tier.HOST:
-                    yield _Copy(model, index, layer, slab=layer.slab)
-                if layer.disk is not None:
-                    yield _Copy(model, index, layer, entry=layer.disk)
-        disk = self._disk()
-        if disk is not None:
-            used = self._registry.disk_keys()
-            for entry in sorted(disk.entries(), key=lambda e: e.key):
-                if entry.key not in used:
-                    yield _Copy(None, -1, None, entry=entry)
-
     async def sweep(self) -> float:
-        """Check every copy that is due; the seconds until the next is (a due
-        copy it could not check, its model busy or not at rest: POLL)."""
-        copies = list(self.copies())
-        alive = {copy.key for copy in copies}
-        for key in set(self._since) - alive:
-            del self._since[key]
-        live = {c.slab.id for c in copies if c.slab is not None}
+        """Check the copies that are due, in the schedule's order (walking
+        them again each POLL seconds: a copy made meanwhile may go first);
+        the seconds until the next is due (a due copy it could not check,
+        its model busy or not at rest: POLL)."""
+        later: set[Key] = set()  # (due, but not now)
+        done: set[Key] = set()  # (checked in this sweep: once a sweep, even at interval 0)
+        while due := self._due(later | done):
+            walked = self._clock()
+            for copy in due:
+                if not self._still(copy):  # (its model is in a transition: later)
+                    later.add(copy.key)
+                elif copy.slab is not None and self._suspected(copy):
+                    # (found before: a host copy at rest stays as it was)
+                    self._verdict(copy, self._suspect[copy.slab.id], 0)
+                    done.add(copy.key)
+                else:
+                    try:
+                        await self.check(copy)
+                        done.add(copy.key)
+                    except _Abandoned:
+                        later.add(copy.key)
+                if self._clock() - walked >= POLL:
+                    break
+        return self.schedule.wait(later, POLL)
+
+    def _due(self, skip: set[Key]) -> list[Copy]:
+        """The copies due now and not in `skip`, the first to check first: host
+        copies found corrupt before (no reading), then the schedule's order."""
+        walked = list(copies(self._registry, self._disk()))
+        self.schedule.track({copy.key for copy in walked})
+        live = {c.slab.id for c in walked if c.slab is not None}
         for gone in [slab_id for slab_id in self._suspect if slab_id not in live]:
             del self._suspect[gone]
-        copies.sort(key=lambda c: c.slab is None or c.slab.id not in self._suspect)  # (first)
-        later = set()  # (due, but not now)
-        for copy in copies:
-            since = self._since.setdefault(copy.key, self._clock())
-            found = self._suspect.get(copy.slab.id) if copy.slab is not None else None
-            if found is None and self._clock() - since < self.interval:
-                continue
-            if not self._still(copy):  # (its model is in a transition: later)
-                later.add(copy.key)
-                continue
-            if found is not None:  # (found before: a host copy at rest stays as it was)
-                self._verdict(copy, found, 0)
-                continue
-            try:
-                await self.check(copy)
-            except _Abandoned:
-                later.add(copy.key)
         now = self._clock()
-        due = [since + self.interval - now for k, since in self._since.items() if k not in later]
-        return max(0.0, min([POLL, *due]))
+        due = [
+            copy
+            for copy in walked
+            if copy.key not in skip
+            and (self._suspected(copy) or self.schedule.due(copy.key) <= now)
+        ]
+        due.sort(key=lambda copy: (not self._suspected(copy), self.schedule.rank(copy.key)))
+        return due
 
-    def _still(self, copy: _Copy) -> bool:
+    def _suspected(self, copy: Copy) -> bool:
+        return copy.slab is not None and copy.slab.id in self._suspect
+
+    def _still(self, copy: Copy) -> bool:
         """Whether `copy` is still its layer's, its model idle and at rest (an
         entry no model used: still in the cache, and still used by none)."""
         model, layer, disk = copy.model, copy.layer, self._disk()
@@ -266,7 +214,7 @@ class Scrubber:
 
     # -- one copy ------------------------------------------------------------
 
-    async def check(self, copy: _Copy) -> None:
+    async def check(self, copy: Copy) -> None:
         """Read `copy` piece by piece at the rate, and act if it is corrupt
         (_Abandoned if it changed or its model began a transition meanwhile)."""
         expected = copy.expected
@@ -302,8 +250,10 @@ class Scrubber:
         if not self._still(copy):  # (a transition began: the model is its now)
             if problem is not None:
                 if copy.slab is not None:  # (counted now: the rollback may refuse it first)
-                    self.corrupt[Tier.HOST] += 1
-                    self._suspect[copy.slab.id] = problem
+                    # (Unless the transition's verified copy found it first:
+                    # whoever adds a copy to `suspect` counts it, once.)
+                    self.corrupt[Tier.HOST] += copy.slab.id not in self._suspect
+                    self._suspect.setdefault(copy.slab.id, problem)
                 log.warning(
                     "scrub: a copy does not match its checksum, but its model's transition"
                     " began meanwhile: not acted on yet (any copy from it is verified; it is"
@@ -314,9 +264,9 @@ class Scrubber:
             raise _Abandoned  # (and checked again at the next walk)
         self._verdict(copy, problem, done)
 
-    def _verdict(self, copy: _Copy, problem: str | None, done: int) -> None:
+    def _verdict(self, copy: Copy, problem: str | None, done: int) -> None:
         """`copy`, its model at rest, was checked (`done` bytes read now)."""
-        self._since[copy.key] = self._clock()
+        self.schedule.checked(copy.key)
         self.checked_bytes[copy.tier] += done
         if problem is not None:  # (a copy left to a transition was counted when found)
             self.corrupt[copy.tier] += copy.slab is None or copy.slab.id not in self._suspect
@@ -324,7 +274,7 @@ class Scrubber:
             log.warning(message, problem=problem, **copy.where())
             self._refuse(copy, problem)
 
-    def _refuse(self, copy: _Copy, problem: str) -> None:
+    def _refuse(self, copy: Copy, problem: str) -> None:
         """What a corrupt copy does (core/corrupt.py), and who hears of it."""
         if copy.slab is not None:
             assert copy.model is not None and copy.layer is not None
@@ -348,7 +298,7 @@ class Scrubber:
 
     async def _piece(
         self,
-        copy: _Copy,
+        copy: Copy,
         fn: Callable[..., T],
         *args: object,
         undo: Callable[[T], object] | None = None,

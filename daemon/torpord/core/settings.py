@@ -30,6 +30,6 @@ class ManagerSettings:
     # Config [[catalogue]]: entries the catalogue starts with.
     catalogue: tuple[Entry, ...] = ()
     # Config [scrub]: bytes a second the scrubber checks (0: no scrubber),
-    # and the seconds before it checks the same copy again.
+    # and the seconds from a clean check of a copy to the next.
     scrub_rate: int = 0
     scrub_interval: float = 3600.0
