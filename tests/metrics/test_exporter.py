@@ -10,8 +10,12 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 from torpor.testing import make_checkpoint
 from torpord.backends.host import HostBackend
+from torpord.core.counters import KEEP_MODELS
+from torpord.core.history import Finished
 from torpord.core.manager import ManagerSettings, ModelManager
+from torpord.core.model import TransitionRecord
 from torpord.metrics import Metrics, serve_metrics
+from torpord.types import Outcome, TransitionKind
 
 
 async def test_a_scrape_is_rendered_off_the_event_loop_from_a_copy(tmp_path: Path) -> None:
@@ -166,6 +170,35 @@ async def test_the_node_families_are_there_at_zero_before_anything_happens(
         assert 'torpor_node_acquires_total{result="hit"} 0.0' in text
         node = [line for line in text.splitlines() if line.startswith("torpor_node_")]
         assert len(node) > 100 and not [line for line in node if "model=" in line]
+    finally:
+        metrics.close()
+        await manager.close(1.0)
+        backend.close()
+
+
+async def test_unscraped_gone_models_past_keep_models_go_first_gone_first(
+    tmp_path: Path,
+) -> None:
+    # (Ids that come and go while nobody scrapes: kept within their time,
+    # their series would grow without end.)
+    backend = HostBackend(devices=1, device_capacity=2**26, host_capacity=2**26)
+    manager = ModelManager(backend, ManagerSettings(allowed_roots=(tmp_path.resolve(),)))
+    now = [0.0]
+    metrics = Metrics(manager, keep_unloaded=600.0, clock=lambda: now[0])
+    unload = TransitionRecord(TransitionKind.UNLOAD, Outcome.SUCCEEDED, 0.0, 0.001, 0)
+    try:
+        for i in range(KEEP_MODELS + 50):
+            manager.history.add(Finished(f"m{i}", "", 0, unload))  # (ids it does not know)
+            now[0] += 0.01
+        kept = metrics.transitions.models()
+        assert len(kept) <= KEEP_MODELS + 1
+        assert f"m{KEEP_MODELS + 49}" in kept and "m0" not in kept
+        text = (await metrics.scrape())[0].decode()
+        assert (
+            'torpor_node_transitions_total{cause="user",kind="unload",outcome="succeeded"} '
+            + (f"{KEEP_MODELS + 50}.0")
+            in text
+        )
     finally:
         metrics.close()
         await manager.close(1.0)
