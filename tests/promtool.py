@@ -1,6 +1,7 @@
-"""promtool (Debian's `prometheus` package) for the tests that need it.
+"""promtool and prometheus (Debian's `prometheus` package) for the tests
+that need them.
 
-Where it is missing the test is skipped, unless $TORPOR_REQUIRE_PROMTOOL is
+Where one is missing the test is skipped, unless $TORPOR_REQUIRE_PROMTOOL is
 1 (CI, whose .ci/run installs it): then it fails, so that those tests can't
 be skipped there unnoticed.
 """
@@ -12,17 +13,26 @@ import shutil
 
 import pytest
 
-__all__ = ["REQUIRED", "promtool"]
+__all__ = ["REQUIRED", "prometheus", "promtool"]
 
 REQUIRED = "TORPOR_REQUIRE_PROMTOOL"
 
 
 def promtool() -> str:
     """promtool's path; or skip (fail where $TORPOR_REQUIRE_PROMTOOL=1)."""
-    found = shutil.which("promtool")
+    return _found("promtool")
+
+
+def prometheus() -> str:
+    """The Prometheus server's path; or skip (fail where $TORPOR_REQUIRE_PROMTOOL=1)."""
+    return _found("prometheus")
+
+
+def _found(command: str) -> str:
+    found = shutil.which(command)
     if found is None:
-        why = "promtool is not installed (Debian: apt-get install prometheus)"
+        why = f"{command} is not installed (Debian: apt-get install prometheus)"
         if os.environ.get(REQUIRED) == "1":
-            pytest.fail(f"promtool must run here ({REQUIRED}=1): {why}")
+            pytest.fail(f"{command} must run here ({REQUIRED}=1): {why}")
         pytest.skip(why)
     return found

@@ -215,7 +215,9 @@ class Daemon:
         metrics: MetricsServer | None = None
         if cfg.metrics.listen:
             try:
-                _, metrics = await serve_metrics(manager, cfg.metrics.listen)
+                _, metrics = await serve_metrics(
+                    manager, cfg.metrics.listen, cfg.metrics.keep_unloaded
+                )
             except OSError as err:
                 log.error(
                     "cannot listen",

@@ -241,28 +241,54 @@ def test_acquires_are_counted_by_result(node: tuple[Daemon, int]) -> None:
     assert all(("model", "nobody") not in labels for (_, labels) in samples)
 
 
-def test_an_unloaded_models_series_are_scraped_once_more_then_dropped(
-    node: tuple[Daemon, int],
-) -> None:
+def test_an_unloaded_models_series_stay_for_every_scraper(node: tuple[Daemon, int]) -> None:
     d, port = node
     ckpt = make_checkpoint(d.models / "m", layers=4)
     with Client(socket=str(d.socket)) as c:
         c.load_model("gone", ckpt)
-        c.load_model("kept", ckpt)
-        c.register_model("registered", ckpt)
-        c.load_model("registered", "")
-        for model_id in ("gone", "registered"):
-            c.unload_model(model_id)
-    last = scrape(port)
-    unload = {"model": "gone", "kind": "unload", "outcome": "succeeded", "cause": "user"}
-    assert value(last, "torpor_transitions_total", **unload) == 1  # its unload is counted
-    assert value(last, "torpor_models", state="unloaded") == 1  # (the catalogue entry)
-    after = scrape(port)
-    assert not [labels for (_, labels) in after if ("model", "gone") in labels]
-    kept = {"model": "kept", "kind": "load", "outcome": "succeeded", "cause": "user"}
-    assert value(after, "torpor_transitions_total", **kept) == 1
-    registered = {**unload, "model": "registered"}
-    assert value(after, "torpor_transitions_total", **registered) == 1  # still known
+        c.unload_model("gone")
+        unload = {"model": "gone", "kind": "unload", "outcome": "succeeded", "cause": "user"}
+        # Two Prometheus servers (an HA pair) scrape in turn: both see its
+        # last values (for [metrics] keep_unloaded, 10 minutes by default).
+        for _ in range(3):
+            assert value(scrape(port), "torpor_transitions_total", **unload) == 1
+        # Loaded again under the same id, it goes on with its series.
+        c.load_model("gone", ckpt)
+    load = {**unload, "kind": "load"}
+    again = scrape(port)
+    assert value(again, "torpor_transitions_total", **load) == 2
+    assert value(again, "torpor_transitions_total", **unload) == 1
+
+
+def test_with_keep_unloaded_0s_a_models_series_are_scraped_once_more_then_dropped(
+    tmp_path: Path,
+) -> None:
+    d, port = metrics_daemon(tmp_path, 'keep_unloaded = "0s"\n')
+    try:
+        ckpt = make_checkpoint(d.models / "m", layers=4)
+        with Client(socket=str(d.socket)) as c:
+            c.load_model("gone", ckpt)
+            c.load_model("kept", ckpt)
+            c.register_model("registered", ckpt)
+            c.load_model("registered", "")
+            for model_id in ("gone", "registered"):
+                c.unload_model(model_id)
+        last = scrape(port)
+        unload = {"model": "gone", "kind": "unload", "outcome": "succeeded", "cause": "user"}
+        assert value(last, "torpor_transitions_total", **unload) == 1  # its unload is counted
+        assert value(last, "torpor_models", state="unloaded") == 1  # (the catalogue entry)
+        after = scrape(port)
+        assert not [labels for (_, labels) in after if ("model", "gone") in labels]
+        kept = {"model": "kept", "kind": "load", "outcome": "succeeded", "cause": "user"}
+        assert value(after, "torpor_transitions_total", **kept) == 1
+        registered = {**unload, "model": "registered"}
+        assert value(after, "torpor_transitions_total", **registered) == 1  # still known
+        # The node's series keep every one.
+        node_load = {"kind": "load", "outcome": "succeeded", "cause": "user"}
+        assert value(after, "torpor_node_transitions_total", **node_load) == 3
+        assert value(after, "torpor_node_load_duration_seconds_count") == 3
+    finally:
+        d.kill()
 
 
 def test_concurrent_scrapes_all_get_the_metrics(node: tuple[Daemon, int]) -> None:

@@ -219,3 +219,22 @@ def test_an_absolute_form_request_target_is_served(node: tuple[Daemon, int]) -> 
     for target in ("ftp://x/metrics", "http:/metrics", "http:///metrics", "http://h#/metrics"):
         answer = raw(port, f"GET {target} HTTP/1.1\r\n\r\n".encode())
         assert status_of(answer) == 400, target
+
+
+def test_bare_lf_line_ends_are_accepted(node: tuple[Daemon, int]) -> None:
+    # (RFC 9112 2.2: a recipient may take a bare LF as a line's end; what
+    # `printf 'GET /metrics HTTP/1.1\nHost: x\n\n' | nc` sends.)
+    _, port = node
+    for request in (
+        b"GET /metrics HTTP/1.1\nHost: x\n\n",
+        b"GET /metrics HTTP/1.1\r\nHost: x\n\r\n",  # (mixed)
+        b"\r\n\nGET /metrics HTTP/1.0\n\n",  # (empty lines before the request line)
+    ):
+        answer = raw(port, request)
+        assert status_of(answer) == 200 and b"torpor_build_info{" in answer, request
+    assert status_of(raw(port, b"GET /nothing HTTP/1.1\n\n")) == 404
+    # A CR that ends no line is still refused.
+    assert status_of(raw(port, b"GET /metrics HTTP/1.1\nHost: x\ry\n\n")) == 400
+    # And the head is bounded however its lines end.
+    many = b"GET /metrics HTTP/1.1\n" + b"X-A: b\n" * 2000 + b"\n"
+    assert status_of(raw(port, many)) == 431

@@ -53,3 +53,22 @@ def test_forget_drops_every_series_of_the_models_and_only_theirs() -> None:
     assert got[("t_things_total", "kind=x,model=b")] == 1
     assert not [k for k in got if "model=a" in k[1]]
     assert ("t_things_created", "kind=x,model=b") not in got  # (no _created samples)
+
+
+def test_a_node_family_starts_at_zero_and_forgets_nothing() -> None:
+    c = CounterFamily("t_node_things", "t", ["kind"])
+    h = HistogramFamily("t_node_seconds", "t", [])
+    c.zero("x")
+    h.zero()
+    got = render(c, h)
+    assert got[("t_node_things_total", "kind=x")] == 0
+    assert got[("t_node_seconds_count", "")] == 0
+    assert got[("t_node_seconds_bucket", "le=+Inf")] == 0
+    c.inc("x")
+    h.observe(1.0)
+    for family in (c, h):
+        family.forget({"x", ""})
+        assert family.models() == set()
+    got = render(c, h)
+    assert got[("t_node_things_total", "kind=x")] == 1
+    assert got[("t_node_seconds_count", "")] == 1

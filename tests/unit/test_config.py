@@ -18,6 +18,7 @@ from torpord.config import (
     parse_duration,
     parse_size,
 )
+from torpord.config.model import MetricsConfig, ScrubConfig
 from torpord.storage.layers import DEFAULT_LAYER_PATTERNS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -475,6 +476,9 @@ def test_the_systemd_config_parses(as_user: Path) -> None:
     assert config.backend.kind == "auto"
     assert config.log.format == "json"
     assert config.host_pool.capacity > 0
+    # deploy/README.md scrapes the metrics there; loopback only.
+    assert config.metrics == MetricsConfig("127.0.0.1:9400", False, 600.0)
+    assert config.scrub == ScrubConfig()  # (shown with its defaults)
 
 
 @pytest.mark.parametrize("who", ["as_root", "as_user"])

@@ -20,7 +20,21 @@ def write(tmp_path: Path, body: str) -> Path:
 def test_metrics_are_off_by_default(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "")).metrics == MetricsConfig(None, False)
     assert load_config(write(tmp_path, '[metrics]\nlisten = ""\n')).metrics.listen is None
-    assert tomllib.loads(default_config_toml())["metrics"] == {"listen": "", "allow_remote": False}
+    assert tomllib.loads(default_config_toml())["metrics"] == {
+        "listen": "",
+        "allow_remote": False,
+        "keep_unloaded": "600s",
+    }
+
+
+def test_an_unloaded_models_series_are_kept_ten_minutes_unless_configured(
+    tmp_path: Path,
+) -> None:
+    assert load_config(write(tmp_path, "")).metrics.keep_unloaded == 600.0
+    body = '[metrics]\nkeep_unloaded = "30s"\n'
+    assert load_config(write(tmp_path, body)).metrics.keep_unloaded == 30.0
+    body = '[metrics]\nkeep_unloaded = "0s"\n'  # (gone after the next scrape)
+    assert load_config(write(tmp_path, body)).metrics.keep_unloaded == 0.0
 
 
 @pytest.mark.parametrize(
@@ -59,6 +73,7 @@ def test_server_allow_remote_does_not_open_the_metrics(tmp_path: Path) -> None:
         ("listen = 9400", "metrics.listen", "host:port"),
         ('allow_remote = "yes"', "metrics.allow_remote", "true or false"),
         ('port = "9400"', "metrics.port", "unknown key"),
+        ('keep_unloaded = "soon"', "metrics.keep_unloaded", "duration"),
     ],
 )
 def test_bad_metrics_settings_name_the_key(

@@ -39,6 +39,14 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
         ("torpor_acquire_ready_seconds", "histogram", "model hit"),
         ("torpor_transitions_total", "counter", "model kind outcome cause"),
         ("torpor_acquires_total", "counter", "model result"),
+        ("torpor_node_load_duration_seconds", "histogram", ""),
+        ("torpor_node_wake_duration_seconds", "histogram", "level source"),
+        ("torpor_node_wake_first_layer_seconds", "histogram", "level source"),
+        ("torpor_node_sleep_duration_seconds", "histogram", "level"),
+        ("torpor_node_offload_duration_seconds", "histogram", "tier"),
+        ("torpor_node_acquire_ready_seconds", "histogram", "hit"),
+        ("torpor_node_transitions_total", "counter", "kind outcome cause"),
+        ("torpor_node_acquires_total", "counter", "result"),
         ("torpor_moved_bytes_total", "counter", "path"),
         ("torpor_checksum_failures_total", "counter", "tier"),
         ("torpor_scrub_bytes_total", "counter", "tier"),
@@ -245,14 +253,30 @@ def test_the_dashboard_shows_every_metric() -> None:
 
 
 def test_the_dashboard_shows_the_issues_figures() -> None:
-    """Switch rate and wake P95/P99, with ordinary PromQL."""
+    """Switch rate, wake and cold-start P95/P99, with ordinary PromQL over
+    the node's series (a per-model series' first event is no increase)."""
     exprs = [expr for _, expr in dashboard_exprs()]
-    assert any("rate(torpor_transitions_total" in e and 'outcome="succeeded"' in e for e in exprs)
+    assert any(
+        "rate(torpor_node_transitions_total" in e and 'outcome="succeeded"' in e for e in exprs
+    )
     for q in ("0.95", "0.99"):
-        assert any(
-            f"histogram_quantile({q}," in e and "torpor_wake_duration_seconds_bucket" in e
-            for e in exprs
-        ), q
+        for histogram in ("wake_duration", "load_duration"):
+            assert any(
+                f"histogram_quantile({q}," in e and f"torpor_node_{histogram}_seconds_bucket" in e
+                for e in exprs
+            ), (q, histogram)
+
+
+def test_panels_sum_over_models_only_with_the_nodes_series() -> None:
+    """A per-model family (one with a torpor_node_* twin) is only queried
+    for the models of the Model menu, model by model; sums over every model
+    read the node's series (a per-model series' first event is no increase)."""
+    twins = {n.replace("torpor_node_", "torpor_", 1) for n in METRICS if "_node_" in n}
+    assert len(twins) == 8 and twins <= set(METRICS)
+    for where, expr in dashboard_exprs():
+        for name, labels in selectors(expr):
+            if re.sub(r"_(bucket|count|sum)$", "", name) in twins:
+                assert "model" in labels and "model" in grouping_labels(expr), (where, expr)
 
 
 # --- the alert rules ----------------------------------------------------------

@@ -110,7 +110,7 @@ _SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "agents": ("quiesce_timeout", "on_quiesce_timeout"),
     "policy": POLICY_KEYS,
     "policy.default": MODEL_POLICY_KEYS,
-    "metrics": ("listen", "allow_remote"),
+    "metrics": ("listen", "allow_remote", "keep_unloaded"),
     "scrub": ("rate", "interval"),
 }
 
@@ -255,6 +255,7 @@ def load_config(
             None,
         ),
         allow_remote=metrics_remote,
+        keep_unloaded=r.get("metrics.keep_unloaded", duration_value, 600.0),
     )
     scrub = ScrubConfig(
         rate=r.get("scrub.rate", rate_value, 256 * 2**20),

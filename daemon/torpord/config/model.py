@@ -182,6 +182,8 @@ class MetricsConfig:
 
     listen: str | None = None  # normalised "host:port", None when off
     allow_remote: bool = False  # a non-loopback listen address, on purpose
+    # Seconds a model unloaded for good keeps its series (torpord.metrics.exporter).
+    keep_unloaded: float = 600.0
 
 
 @dataclass(frozen=True)

@@ -219,6 +219,9 @@ evict_to = "{d.evict_to.value.lower()}"
 # figures name every model on the node.
 listen = {_toml_str(c.metrics.listen or "")}
 allow_remote = {"true" if c.metrics.allow_remote else "false"}
+# A model unloaded for good keeps its series this long, last values and all,
+# so that every Prometheus scraping the node (an HA pair) sees them.
+keep_unloaded = {_toml_duration(c.metrics.keep_unloaded)}
 
 [scrub]
 # The copies of models' layers that are not on a device (a sleeping model's

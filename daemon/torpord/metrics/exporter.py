@@ -2,16 +2,22 @@
 
 Label cardinality stays bounded: labels are model ids, devices, tiers and
 transition kinds, causes, levels and outcomes, never layers or requests.
-A model unloaded for good (neither loaded nor in the catalogue) has its
-series in the next scrape one last time (so its last transitions, its
-unload among them, are counted), then they are dropped; Prometheus marks
-them stale. Should nobody scrape, they are dropped once more than
-KEEP_MODELS models' series are kept.
+A model unloaded for good (neither loaded nor in the catalogue) keeps its
+series, last values and all, for `keep_unloaded` seconds (`[metrics]
+keep_unloaded`, KEEP_UNLOADED by default) from the first scrape that finds
+it gone, so that every Prometheus scraping the node (an HA pair) counts its
+last transitions, its unload among them; the first scrape after that
+drops them and Prometheus marks them stale. A model loaded again meanwhile
+under the same id goes on with its series. Past KEEP_MODELS models with
+series, those gone longest are dropped sooner (ids that come and go can't
+grow them without end, scraped or not). The node's series
+(`torpor_node_*`) are never dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 
 import structlog
@@ -28,7 +34,11 @@ from torpord.metrics.series import CounterFamily, HistogramFamily
 from torpord.metrics.state import State
 from torpord.metrics.transitions import Transitions
 
-__all__ = ["Metrics", "serve_metrics"]
+__all__ = ["KEEP_UNLOADED", "Metrics", "serve_metrics"]
+
+# Seconds a model unloaded for good keeps its series (the default of
+# [metrics] keep_unloaded): a few scrapes of every Prometheus of a pair.
+KEEP_UNLOADED = 600.0
 
 log = structlog.get_logger("torpord.metrics")
 
@@ -40,10 +50,17 @@ class Metrics:
         self,
         manager: ModelManager,
         render: Callable[[CollectorRegistry], bytes] = generate_latest,
+        *,
+        keep_unloaded: float = KEEP_UNLOADED,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`render` turns a registry into the text format (on a thread)."""
+        """`render` turns a registry into the text format (on a thread);
+        `keep_unloaded`: seconds, by `clock`, a model gone keeps its series."""
         self._m = manager
         self._render = render
+        self._keep_unloaded = keep_unloaded
+        self._clock = clock
+        self._gone: dict[str, float] = {}  # model id -> when a prune first found it gone
         self._rendering = asyncio.Lock()  # (one render at a time)
         self._next: asyncio.Task[bytes] | None = None  # the render scrapes now wait for
         self._state = State(manager)
@@ -62,7 +79,8 @@ class Metrics:
 
     async def scrape(self) -> tuple[bytes, str]:
         """The exposition (and its content type); then the series of models
-        that are gone, now exported with their last values, are dropped.
+        gone for longer than keep_unloaded, now exported with their last
+        values one last time, are dropped.
 
         The figures are taken on the event loop, the only thread that reads
         the live objects, in a copy; rendering them as text (some 10 us a
@@ -91,17 +109,27 @@ class Metrics:
             return await asyncio.to_thread(self._render, snapshot)
 
     def prune(self) -> None:
-        """Drop the series of model ids the daemon no longer knows."""
-        counters = self._m.counters
-        gone = {
-            model_id
-            for model_id in self.transitions.models() | counters.models()
+        """Drop the series of model ids the daemon has not known for
+        keep_unloaded seconds; and, past KEEP_MODELS models with series,
+        of those it does not know that went first."""
+        now, counters = self._clock(), self._m.counters
+        with_series = self.transitions.models() | counters.models()
+        # (A model known again is no longer gone: its series go on.)
+        self._gone = {
+            model_id: self._gone.get(model_id, now)
+            for model_id in with_series
             if not self._m.known(model_id)
         }
-        if gone:
-            self.transitions.forget(gone)
-            for model_id in gone:
+        drop = {m for m, since in self._gone.items() if now - since >= self._keep_unloaded}
+        excess = len(with_series) - len(drop) - KEEP_MODELS
+        if excess > 0:
+            kept = sorted((since, m) for m, since in self._gone.items() if m not in drop)
+            drop.update(m for _, m in kept[:excess])
+        if drop:
+            self.transitions.forget(drop)
+            for model_id in drop:
                 counters.forget(model_id)
+                del self._gone[model_id]
         self._seen = self.transitions.models()
 
     def close(self) -> None:
@@ -117,6 +145,8 @@ class Metrics:
         self._bound(figure.model_id)
 
     def _bound(self, model_id: str) -> None:
+        # (It is back, or going now: its time gone starts at the next prune.)
+        self._gone.pop(model_id, None)
         self._seen.add(model_id)
         if len(self._seen) > KEEP_MODELS:  # (nobody scrapes)
             self.prune()
@@ -144,11 +174,13 @@ def _retrieve(task: asyncio.Task[bytes]) -> None:
         task.exception()
 
 
-async def serve_metrics(manager: ModelManager, listen: str) -> tuple[Metrics, MetricsServer]:
+async def serve_metrics(
+    manager: ModelManager, listen: str, keep_unloaded: float = KEEP_UNLOADED
+) -> tuple[Metrics, MetricsServer]:
     """Bind `listen` ("host:port", as the config gives it) for the manager's
     metrics; OSError if it can't be had. It answers once started; closing
     it closes the collector too."""
-    metrics = Metrics(manager)
+    metrics = Metrics(manager, keep_unloaded=keep_unloaded)
     host, port = _host_port(listen)
     server = MetricsServer(metrics.scrape, host, port, on_close=metrics.close)
     try:

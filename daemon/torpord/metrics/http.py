@@ -178,18 +178,18 @@ class MetricsServer:
         (no status: nothing to answer, the client sent nothing)."""
         try:
             async with asyncio.timeout(self._read_timeout):
-                head = await reader.readuntil(b"\r\n\r\n")
+                head = await _read_head(reader)
+            if not head:
+                return None, [], b""
         except TimeoutError:
             return _error(408, "the request did not arrive in time")
-        except asyncio.IncompleteReadError as err:
-            if not err.partial:
-                return None, [], b""
+        except asyncio.IncompleteReadError:
             return _error(400, "the request ended before its headers did")
         except asyncio.LimitOverrunError:
             return _error(431, f"the request line and headers exceed {MAX_HEAD} bytes")
         connection.now_doing(_COLLECT)  # (not dropped for another while it is answered)
         try:
-            lines = head[:-4].decode("ascii").split("\r\n")
+            lines = [line.decode("ascii") for line in head]
         except UnicodeDecodeError:
             return _error(400, "the request is not ASCII")
         parts = lines[0].split(" ")
@@ -214,6 +214,32 @@ class MetricsServer:
             return _error(500, "collecting the metrics failed; see the daemon's log")
         headers = [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
         return 200, headers, (b"" if method == "HEAD" else body)
+
+
+async def _read_head(reader: asyncio.StreamReader) -> list[bytes]:
+    """The request line and header lines, without their ends: CRLF, or a
+    bare LF (RFC 9112 2.2 lets a recipient take one as a line's end; curl
+    sends CRLF, `printf ... | nc` often LF). Empty lines before the request
+    line are skipped (2.2 again). None at all if the stream ends before a
+    byte came; IncompleteReadError if it ends later, before the head does;
+    LimitOverrunError past MAX_HEAD bytes."""
+    lines: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as err:
+            if size or err.partial:
+                raise
+            return []
+        size += len(line)
+        if size > MAX_HEAD:
+            raise asyncio.LimitOverrunError("the request head is too long", size)
+        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if line:
+            lines.append(line)
+        elif lines:
+            return lines
 
 
 # absolute-form (RFC 9112 3.2.2; what a client sends through a proxy): its

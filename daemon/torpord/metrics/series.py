@@ -5,6 +5,11 @@ Kept as plain counts rather than prometheus_client's Counter and Histogram:
 they are only touched on the event loop's thread, a model's series are
 dropped by one dict operation when it goes for good, and a scrape emits
 exactly the series it should (no `_created` samples).
+
+A family whose first label is `model` is per model: its series appear at a
+model's first event and go when the model does. Any other family is the
+node's: `zero` creates its series at 0 up front, and they are never dropped,
+so that rate() and increase() see every event from the first one on.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Iterator, Sequence
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
-__all__ = ["BUCKETS", "CounterFamily", "HistogramFamily"]
+__all__ = ["BUCKETS", "CounterFamily", "HistogramFamily", "label_value"]
 
 # Seconds: 1 ms .. 10 min (the contract with the dashboard and the alerts).
 BUCKETS = (
@@ -65,14 +70,21 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
+def label_value(value: object) -> str:
+    """An enum's (or any value's) label value: its value, lower case."""
+    return str(getattr(value, "value", value)).lower()
+
+
 class _Family:
     def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
-        assert labels and labels[0] == "model", "the model id is every family's first label"
         self.name = name
         self.documentation = documentation
         self.labels = list(labels)
+        self.per_model = bool(labels) and labels[0] == "model"
 
     def models(self) -> set[str]:
+        if not self.per_model:
+            return set()
         return {key[0] for key in self._keys()}
 
     def _keys(self) -> Iterator[Labels]:
@@ -96,12 +108,18 @@ class CounterFamily(_Family):
         assert len(labels) == len(self.labels)
         self.values[labels] = self.values.get(labels, 0) + 1
 
+    def zero(self, *labels: str) -> None:
+        """Export the series `labels` at 0 until something counts."""
+        assert len(labels) == len(self.labels)
+        self.values.setdefault(labels, 0)
+
     def _keys(self) -> Iterator[Labels]:
         return iter(self.values)
 
     def forget(self, model_ids: set[str]) -> None:
-        for key in [k for k in self.values if k[0] in model_ids]:
-            del self.values[key]
+        if self.per_model:
+            for key in [k for k in self.values if k[0] in model_ids]:
+                del self.values[key]
 
     def frozen(self) -> CounterFamily:
         """A copy of it as it is now (for a scrape rendered off the event loop)."""
@@ -128,12 +146,18 @@ class HistogramFamily(_Family):
             series = self.series[labels] = _Histogram()
         series.observe(max(0.0, value))
 
+    def zero(self, *labels: str) -> None:
+        """Export the series `labels`, every bucket at 0, until something is observed."""
+        assert len(labels) == len(self.labels)
+        self.series.setdefault(labels, _Histogram())
+
     def _keys(self) -> Iterator[Labels]:
         return iter(self.series)
 
     def forget(self, model_ids: set[str]) -> None:
-        for key in [k for k in self.series if k[0] in model_ids]:
-            del self.series[key]
+        if self.per_model:
+            for key in [k for k in self.series if k[0] in model_ids]:
+                del self.series[key]
 
     def frozen(self) -> HistogramFamily:
         """A copy of it as it is now (for a scrape rendered off the event loop)."""

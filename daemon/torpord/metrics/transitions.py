@@ -3,7 +3,8 @@
 
 Durations are observed for SUCCEEDED transitions only (a rolled-back wake's
 time says nothing about how long wakes take); every outcome is counted in
-`torpor_transitions_total`.
+`torpor_transitions_total`. Each is counted twice: in the model's series
+and in the node's (`torpor_node_*`, metrics/node.py), which never go.
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ from prometheus_client.core import Metric
 
 from torpord.core.acquire import Figure
 from torpord.core.history import Finished
-from torpord.metrics.series import CounterFamily, HistogramFamily
+from torpord.metrics.node import NodeFamilies
+from torpord.metrics.series import CounterFamily, HistogramFamily, label_value
 from torpord.types import Outcome, TransitionKind
 
 __all__ = ["Transitions"]
-
-
-def _lower(value: object) -> str:
-    return str(getattr(value, "value", value)).lower()
 
 
 class Transitions:
@@ -77,46 +75,52 @@ class Transitions:
             self.transitions,
             self.acquires,
         )
+        self.node = NodeFamilies()
 
     # -- the listeners (on the event loop's thread) -------------------------------
 
     def finished(self, f: Finished) -> None:
-        record = f.record
-        model = f.model_id
-        self.transitions.inc(
-            model, _lower(record.kind), _lower(record.outcome), _lower(record.cause)
-        )
+        record, model, node = f.record, f.model_id, self.node
+        labels = (label_value(record.kind), label_value(record.outcome), label_value(record.cause))
+        self.transitions.inc(model, *labels)
+        node.transitions.inc(*labels)
         if record.outcome is not Outcome.SUCCEEDED:
             return
         seconds = record.duration
         if record.kind is TransitionKind.LOAD:
             self.load.observe(seconds, model)
+            node.load.observe(seconds)
         elif record.kind is TransitionKind.WAKE:
-            level, source = str(f.level), _lower(f.source) if f.source else "none"
+            level, source = str(f.level), label_value(f.source) if f.source else "none"
             self.wake.observe(seconds, model, level, source)
+            node.wake.observe(seconds, level, source)
             if f.first_layer is not None:
                 self.wake_first_layer.observe(f.first_layer, model, level, source)
+                node.wake_first_layer.observe(f.first_layer, level, source)
         elif record.kind is TransitionKind.SLEEP:
             self.sleep.observe(seconds, model, str(f.level))
+            node.sleep.observe(seconds, str(f.level))
         elif record.kind is TransitionKind.OFFLOAD and f.target is not None:
-            self.offload.observe(seconds, model, _lower(f.target))
+            self.offload.observe(seconds, model, label_value(f.target))
+            node.offload.observe(seconds, label_value(f.target))
 
     def acquired(self, figure: Figure, ready: bool) -> None:
-        if not ready:
-            self.acquires.inc(figure.model_id, "failed")
-            return
-        self.acquires.inc(figure.model_id, "hit" if figure.hit else "waited")
-        self.acquire_ready.observe(figure.seconds, figure.model_id, _lower(figure.hit))
+        result = "failed" if not ready else "hit" if figure.hit else "waited"
+        self.acquires.inc(figure.model_id, result)
+        self.node.acquires.inc(result)
+        if ready:
+            self.acquire_ready.observe(figure.seconds, figure.model_id, label_value(figure.hit))
+            self.node.acquire_ready.observe(figure.seconds, label_value(figure.hit))
 
     # -- the registry's collector ------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
-        for family in self.families:
+        for family in (*self.families, *self.node.families):
             yield family.collect()
 
     def frozen(self) -> list[CounterFamily | HistogramFamily]:
         """Copies of the families as they are now (cheap: their counts only)."""
-        return [family.frozen() for family in self.families]
+        return [family.frozen() for family in (*self.families, *self.node.families)]
 
     def models(self) -> set[str]:
         return {model for family in self.families for model in family.models()}
