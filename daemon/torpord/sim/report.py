@@ -19,7 +19,7 @@ class Figures:
     name: str
     requests: int
     hit_rate: float
-    mean: float  # time-to-ready, seconds (hits count as 0)
+    mean: float  # time-to-ready, seconds (hits count as 0; retries included)
     p50: float
     p95: float
     p99: float
@@ -30,7 +30,9 @@ class Figures:
     preloads: int
     switches_per_hour: float  # loads and wakes per simulated hour
     gib_hours: float  # GPU memory·time
-    refusals: int
+    refusals: int  # RESOURCE_EXHAUSTED answers (each retry counts)
+    refused: int  # requests refused at least once
+    refused_share: float  # of all requests
     unserved: int
 
 
@@ -61,6 +63,8 @@ def figures(o: Outcome) -> Figures:
         switches_per_hour=(o.loads + o.wakes) / hours,
         gib_hours=o.device_byte_seconds / GiB / 3600,
         refusals=o.refusals,
+        refused=o.refused,
+        refused_share=o.refused / o.requests if o.requests else 0.0,
         unserved=o.unserved,
     )
 
@@ -69,7 +73,7 @@ def table(rows: Sequence[Figures]) -> str:
     """A markdown table, one row per policy."""
     head = (
         "| policy | hit rate | TTR mean s | P50 s | P95 s | P99 s | loads | wakes | evictions "
-        "| idle sleeps | preloads | switches/h | GPU GiB·h | refusals | unserved |"
+        "| idle sleeps | preloads | switches/h | GPU GiB·h | refusals | refused ≥1 | unserved |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for f in rows:
@@ -77,7 +81,7 @@ def table(rows: Sequence[Figures]) -> str:
             f"| {f.name} | {f.hit_rate:.1%} | {f.mean:.3f} | {f.p50:.3f} | {f.p95:.3f} "
             f"| {f.p99:.3f} | {f.loads} | {f.wakes} | {f.evictions} | {f.idle_sleeps} "
             f"| {f.preloads} | {f.switches_per_hour:.1f} | {f.gib_hours:.0f} | {f.refusals} "
-            f"| {f.unserved} |"
+            f"| {f.refused} ({f.refused_share:.1%}) | {f.unserved} |"
         )
     return "\n".join(lines) + "\n"
 
