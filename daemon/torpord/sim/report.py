@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +92,8 @@ class PlotUnavailable(RuntimeError):
 
 
 def plot(rows: Sequence[Figures], outcomes: Sequence[Outcome], path: Path, title: str) -> None:
-    """Time-to-ready percentiles, their distribution, hit rate and GPU
-    memory·time per policy, as one PNG."""
+    """Time-to-ready percentiles, their distribution, hit rate, requests
+    refused at least once and GPU memory·time per policy, as one PNG."""
     try:
         import matplotlib
 
@@ -104,7 +105,7 @@ def plot(rows: Sequence[Figures], outcomes: Sequence[Outcome], path: Path, title
         ) from None
     names = [f.name for f in rows]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    fig.suptitle(title)
+    fig.suptitle("\n".join(textwrap.wrap(title, 120)))
     ax = axes[0][0]
     width = 0.8 / max(len(rows), 1)
     for i, f in enumerate(rows):
@@ -125,8 +126,13 @@ def plot(rows: Sequence[Figures], outcomes: Sequence[Outcome], path: Path, title
     ax.set_xlabel("time to ready, s")
     ax.set_ylabel("share of requests")
     ax.legend()
-    axes[1][0].bar(names, [f.hit_rate * 100 for f in rows])
-    axes[1][0].set_ylabel("hit rate, %")
+    ax = axes[1][0]
+    at = range(len(rows))
+    ax.bar([k - 0.2 for k in at], [f.hit_rate * 100 for f in rows], 0.4, label="hit")
+    ax.bar([k + 0.2 for k in at], [f.refused_share * 100 for f in rows], 0.4, label="refused ≥1")
+    ax.set_xticks(list(at), names)
+    ax.set_ylabel("share of requests, %")
+    ax.legend()
     axes[1][1].bar(names, [f.gib_hours for f in rows])
     axes[1][1].set_ylabel("GPU memory·time, GiB·h")
     fig.tight_layout()
