@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from torpord.policies.actions import Action, Load, Refusal, Sleep, Wake
+from torpord.policies.room import IN_TRANSITION, IN_USE, PINNED
 from torpord.policies.view import ModelView, NodeView
 from torpord.types import Cause, ModelState, Tier
 
@@ -20,6 +21,17 @@ def _evictable(m: ModelView) -> bool:
     return (
         not m.busy and not m.activity.in_use and not m.policy.pinned and m.bytes_in(Tier.DEVICE) > 0
     )
+
+
+def _blocked(view: NodeView, model_id: str) -> dict[str, str]:
+    """Why the models on the device that could not go stay (as the real
+    policies say it: the daemon waits for those in use or in transition)."""
+    out: dict[str, str] = {}
+    for m in view.models:
+        if m.model_id != model_id and m.bytes_in(Tier.DEVICE) > 0 and not _evictable(m):
+            why = IN_TRANSITION if m.busy else IN_USE
+            out[m.model_id] = PINNED if m.policy.pinned else why
+    return out
 
 
 def acquire(view: NodeView, model_id: str) -> Sequence[Action] | Refusal:
@@ -41,7 +53,7 @@ def acquire(view: NodeView, model_id: str) -> Sequence[Action] | Refusal:
         actions.append(Sleep(m.model_id, 2, Cause.PRESSURE))
         short -= m.bytes_in(Tier.DEVICE)
     if short > 0:
-        return Refusal(pool.name, missing, short, {})
+        return Refusal(pool.name, missing, short, _blocked(view, model_id))
     if target.state is ModelState.UNLOADED:
         actions.append(Load(model_id, target.source, Tier.DEVICE, Cause.ACQUIRE))
     else:

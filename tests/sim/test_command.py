@@ -42,14 +42,30 @@ def test_generate_then_run_writes_the_table_and_the_plot(tmp_path: Path) -> None
         "no-oversub",
     ]
     assert rows[-1].split("|")[2].strip() == "100.0%"  # no oversubscription: every request hits
+    head = [cell.strip() for cell in rows[0].split("|")]
+    refused = head.index("refused ≥1")
+    assert rows[-1].split("|")[refused].strip() == "0 (0.0%)"
     assert rows[0] in ran.stdout
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_a_generated_run_takes_a_preset_and_chosen_policies(tmp_path: Path) -> None:
-    ran = sim("run", "--preset", "bursty", *SMALL, "--policies", "lru-sleep", cwd=tmp_path)
+    ran = sim(
+        "run",
+        "--preset",
+        "bursty",
+        *SMALL,
+        "--policies",
+        "lru-sleep",
+        "--acquire-patience",
+        "0",
+        "--retry-after",
+        "2.5",
+        cwd=tmp_path,
+    )
     assert ran.returncode == 0, ran.stderr
     assert "generated (bursty, seed 3)" in ran.stdout
+    assert "acquire patience 0 s, router retry after 2.5 s" in ran.stdout
     assert "| lru-sleep |" in ran.stdout and "| torpor |" not in ran.stdout
 
 
@@ -68,5 +84,7 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     assert ran.returncode == 2 and "--trace and --spec go together" in ran.stderr
     ran = sim("run", "--policies", "ollama", *SMALL, cwd=tmp_path)
     assert ran.returncode == 2 and "--policies" in ran.stderr
+    ran = sim("run", "--retry-after", "0", *SMALL, cwd=tmp_path)
+    assert ran.returncode == 2 and "router retry delay: expected > 0 seconds" in ran.stderr
     ran = sim("generate", "--amplitude", "1.5", "--out", tmp_path, cwd=tmp_path)
     assert ran.returncode == 2 and "amplitude" in ran.stderr

@@ -14,7 +14,7 @@ from torpord.policies.actions import Action, Load, Refusal, Sleep
 from torpord.policies.activity import Activity
 from torpord.policies.settings import ModelPolicy, PolicySettings
 from torpord.policies.view import Bandwidth, NodeView
-from torpord.sim.engine import Decisions, Outcome, simulate
+from torpord.sim.engine import DEFAULT_ROUTER, Decisions, Outcome, Router, simulate
 from torpord.sim.node import PolicyViolation, SimNode
 from torpord.sim.spec import GiB, ModelSpec, NodeSpec
 from torpord.sim.trace import Request
@@ -37,6 +37,7 @@ def run(
     settings: PolicySettings = NEVER,
     decisions: Decisions = standin,
     load_everything: bool = False,
+    router: Router = DEFAULT_ROUTER,
 ) -> Outcome:
     requests = [Request(*r) for r in trace]
     return simulate(
@@ -48,6 +49,7 @@ def run(
         activity=Activity,
         tick=10.0,
         load_everything=load_everything,
+        router=router,
     )
 
 
@@ -97,14 +99,35 @@ def test_room_is_made_before_the_load() -> None:
     assert (out.loads, out.wakes) == (2, 1)
 
 
-def test_a_refused_request_waits_until_memory_frees() -> None:
-    out = run(node({"a": 4, "b": 4}, 4), [(0, "a", 100), (1, "b", 1)])
+def test_a_request_that_gets_room_within_the_patience_is_not_refused() -> None:
+    out = run(node({"a": 4, "b": 4}, 4), [(0, "a", 3), (1, "b", 1)])
     load = 4 * GiB / BW.source_to_device
-    # b is refused while a loads, again when a is ready (in use now), and
-    # gets room when a ends (load + 100).
-    assert out.refusals == 2
-    assert out.ready == pytest.approx([load, (load + 100 - 1) + load])
-    assert out.unserved == 0
+    # b finds a loading, then in use; it waits (patience 5 s, until t=6) and
+    # gets room when a ends (load + 3 < 6).
+    assert out.ready == pytest.approx([load, (load + 3 - 1) + load])
+    assert (out.refusals, out.refused, out.unserved) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("router", "refusals", "served"),
+    [
+        # Patience 5 s from t=1, 7, 13, ...: refused at t=6, 12, ..., 102
+        # (17 times), just before a ends (load + 100); served on the retry
+        # at t=103.
+        (Router(), 17, 103),
+        # Patience 10 s, retry after 2 s: waits from t=1, 13, ..., 97 (the
+        # 8 refusals at t=11, 23, ..., 95), and a ends within the last wait.
+        (Router(patience=10, retry_after=2), 8, 100 + 4 * GiB / BW.source_to_device),
+    ],
+)
+def test_a_request_that_waits_past_the_patience_is_refused_and_retried(
+    router: Router, refusals: int, served: float
+) -> None:
+    out = run(node({"a": 4, "b": 4}, 4), [(0, "a", 100), (1, "b", 1)], router=router)
+    load = 4 * GiB / BW.source_to_device
+    # Its time to ready runs from its arrival (t=1), retries included.
+    assert out.ready == pytest.approx([load, served + load - 1])
+    assert (out.refusals, out.refused, out.unserved, out.hits) == (refusals, 1, 0, 0)
 
 
 class Recorder:
@@ -119,6 +142,16 @@ class Recorder:
 
     def housekeeping(self, view: NodeView) -> Sequence[Action]:
         return standin.housekeeping(view)
+
+
+def test_each_acquire_of_a_retried_request_is_a_use() -> None:
+    recorder = Recorder()
+    spec = node({"a": 4, "b": 4}, 4)
+    run(spec, [(0, "a", 100), (1, "b", 1)], decisions=recorder)
+    last = [view for model_id, view in recorder.views if model_id == "b"][-1]
+    b = last.model("b")
+    assert b is not None
+    assert b.activity.uses == 18  # the arrival and 17 retries
 
 
 def test_policies_see_requests_in_flight_and_transitions() -> None:
@@ -149,7 +182,9 @@ class Refuser:
 def test_requests_refused_for_ever_are_unserved_and_the_run_ends() -> None:
     out = run(node({"a": 4}, 4), [(0, "a", 1), (5, "a", 1)], decisions=Refuser())
     assert out.unserved == 2 and out.ready == []
-    assert out.refusals == 1  # the second joined the first's wait
+    # Nothing to wait for: refused at once, at t=0, 1, ..., 4 (the router
+    # retries while requests are to come), then both at t=5, for good.
+    assert (out.refusals, out.refused) == (7, 2)
 
 
 class Evictor:

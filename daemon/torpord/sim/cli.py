@@ -4,6 +4,7 @@ torpord-sim generate [--preset NAME] [generator options] --out DIR
     writes DIR/trace.csv and DIR/spec.json
 torpord-sim run (--trace CSV --spec JSON | [--preset NAME] [generator options])
                 [--policies torpor,keep-alive,...] [--idle-timeout S]
+                [--acquire-patience S] [--retry-after S]
                 [--table PATH] [--plot PATH]
     prints the markdown table (and writes it, and the PNG plot)
 """
@@ -21,7 +22,7 @@ from torpord.errors import TorporError
 from torpord.policies import decide
 from torpord.policies.activity import Activity
 from torpord.sim.contenders import TORPOR_IDLE_TIMEOUT, Contender, contenders
-from torpord.sim.engine import Decisions, Outcome, simulate
+from torpord.sim.engine import DEFAULT_ROUTER, Decisions, Outcome, Router, simulate
 from torpord.sim.generate import PRESETS, Generator, generate
 from torpord.sim.node import ActivityLike, PolicyViolation
 from torpord.sim.report import PlotUnavailable, figures, plot, table
@@ -84,6 +85,19 @@ def _parser() -> argparse.ArgumentParser:
         default=TORPOR_IDLE_TIMEOUT,
         help="Torpor's idle timeout, seconds (0 = never)",
     )
+    run.add_argument(
+        "--acquire-patience",
+        type=float,
+        default=DEFAULT_ROUTER.patience,
+        help="seconds an Acquire waits for room before RESOURCE_EXHAUSTED (the daemon's "
+        "[policy] acquire_patience; every policy gets the same)",
+    )
+    run.add_argument(
+        "--retry-after",
+        type=float,
+        default=DEFAULT_ROUTER.retry_after,
+        help="seconds the router waits after RESOURCE_EXHAUSTED before it asks again",
+    )
     run.add_argument("--tick", type=float, default=10.0, help="housekeeping period, seconds")
     run.add_argument("--table", type=Path, help="also write the markdown table here")
     run.add_argument("--plot", type=Path, help="write the PNG plot here (needs matplotlib)")
@@ -98,9 +112,11 @@ def compare(
     decisions: Decisions = decide,
     activity: Callable[[], ActivityLike] = Activity,
     tick: float = 10.0,
+    router: Router = DEFAULT_ROUTER,
 ) -> list[Outcome]:
     """Each contender's outcome on the trace; `no-oversub`'s device holds
-    every model, the others have the spec's."""
+    every model, the others have the spec's. All answer a request that
+    finds no room as `router` says."""
     out = []
     for c in chosen:
         node = spec.resized(max(spec.device, spec.total_bytes)) if c.load_everything else spec
@@ -114,6 +130,7 @@ def compare(
                 activity=activity,
                 tick=tick,
                 load_everything=c.load_everything,
+                router=router,
             )
         )
     return out
@@ -135,16 +152,18 @@ def _run(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in by_name]
     if unknown or not names:
         raise ValueError(f"--policies: expected names among {', '.join(by_name)}")
+    router = Router(args.acquire_patience, args.retry_after)
     spec, requests, what = _inputs(args)
     started = time.perf_counter()
-    outcomes = compare(spec, requests, [by_name[n] for n in names], tick=args.tick)
+    outcomes = compare(spec, requests, [by_name[n] for n in names], tick=args.tick, router=router)
     rows = [figures(o) for o in outcomes]
     text = table(rows)
     gib = 2**30
     header = (
         f"{what}: {len(requests)} requests, {len(spec.models)} models "
         f"({spec.total_bytes / gib:.0f} GiB), device {spec.device / gib:.0f} GiB, "
-        f"host {spec.host / gib:.0f} GiB, Torpor idle timeout {args.idle_timeout:g} s"
+        f"host {spec.host / gib:.0f} GiB, Torpor idle timeout {args.idle_timeout:g} s, "
+        f"acquire patience {router.patience:g} s, router retry after {router.retry_after:g} s"
     )
     print(header)
     print(text, end="")

@@ -9,9 +9,22 @@ order: each starts when the one before it is done and its link (the path's
 bottleneck: source reads, disk, host→device, device→host) is free, and
 takes bytes / bandwidth. When the model is ready its waiters start; each
 request then holds the model (in_use, reporter "sim") for its duration.
-A Refusal parks the request until memory frees (a transition ends or a
-request does), then it asks again. Every `tick` simulated seconds the
-engine runs `decisions.housekeeping(view)` and commits what it returns.
+Every `tick` simulated seconds the engine runs
+`decisions.housekeeping(view)` and commits what it returns.
+
+A Refusal is answered as the daemon answers it (core/pilot.py, with_room):
+when models in use or in a transition block (the Refusal's `blocked`), the
+Acquire waits for them, asking again whenever memory frees (a transition
+ends, or a model's last request does), for up to `Router.patience` seconds
+from its first refusal (the daemon's [policy] acquire_patience, 5 s);
+otherwise, or when its patience runs out, it is refused (RESOURCE_EXHAUSTED,
+counted in `refusals`; the request in `refused`). The router in front of the
+daemon then retries: `Router.retry_after` seconds (1 s) later the request
+calls Acquire again (one more use in the activity, a fresh patience), until
+it is served; finding the model ready then is not a hit. Its time-to-ready
+runs from its arrival to ready, retries included: what the user waits. A
+request refused when nothing is in use or in a transition and no request is
+still to come would be refused for ever: it is counted unserved, dropped.
 """
 
 from __future__ import annotations
@@ -21,7 +34,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from torpord.config.model import PolicyConfig
 from torpord.policies.actions import Action, Load, Offload, Refusal, Sleep, Unload, Wake
+from torpord.policies.room import IN_TRANSITION, IN_USE
 from torpord.policies.settings import PolicySettings
 from torpord.policies.view import NodeView
 from torpord.sim.node import ActivityLike, PolicyViolation, SimModel, SimNode, Transfer
@@ -29,11 +44,33 @@ from torpord.sim.spec import NodeSpec
 from torpord.sim.trace import Request
 from torpord.types import Cause, Tier
 
-__all__ = ["Decisions", "Outcome", "simulate"]
+__all__ = ["DEFAULT_ROUTER", "Decisions", "Outcome", "Router", "simulate"]
+# What a Refusal's `blocked` says of models an Acquire waits for.
+_WAITED_FOR = frozenset({IN_USE, IN_TRANSITION})
 
 # Event kinds, in the order they run at one instant: what frees memory
-# first, then what asks for it.
-_DONE, _END, _ARRIVAL, _TICK = 0, 1, 2, 3
+# first, then what asks for it, then patience running out.
+_DONE, _END, _ARRIVAL, _RETRY, _GIVE_UP, _TICK = 0, 1, 2, 3, 4, 5
+
+
+@dataclass(frozen=True)
+class Router:
+    """How the daemon and the router in front of it answer a request that
+    finds no room: the Acquire waits up to `patience` seconds (the daemon's
+    [policy] acquire_patience) for models in use or in a transition, and
+    after a refusal the router asks again `retry_after` seconds later."""
+
+    patience: float = PolicyConfig.acquire_patience
+    retry_after: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.patience >= 0:
+            raise ValueError(f"acquire patience: expected >= 0 seconds, got {self.patience}")
+        if not self.retry_after > 0:
+            raise ValueError(f"router retry delay: expected > 0 seconds, got {self.retry_after}")
+
+
+DEFAULT_ROUTER = Router()
 
 
 class Decisions(Protocol):
@@ -58,8 +95,9 @@ class Outcome:
     idle_sleeps: int = 0
     preloads: int = 0  # actions caused by PRELOAD or SCHEDULE
     demotions: int = 0  # sleepers pushed further down (host → level 2)
-    refusals: int = 0  # Refusals answered to an Acquire
-    unserved: int = 0  # requests still waiting when the trace ran out
+    refusals: int = 0  # Acquires answered RESOURCE_EXHAUSTED (each retry counts)
+    refused: int = 0  # requests refused at least once (served after a retry, or not)
+    unserved: int = 0  # requests that would be refused for ever
     device_byte_seconds: float = 0.0  # ∫ device memory used dt
     device_capacity: int = 0
     seconds: float = 0.0  # simulated time, first arrival to last event
@@ -76,6 +114,7 @@ class _Run:
         activity: Callable[[], ActivityLike],
         tick: float,
         load_everything: bool,
+        router: Router,
     ) -> None:
         self.node = SimNode(spec, settings, activity)
         if load_everything:
@@ -84,11 +123,15 @@ class _Run:
         self.requests = requests
         self.decisions = decisions
         self.tick = tick
+        self.router = router
         self.out = Outcome(name, requests=len(requests), device_capacity=spec.device)
         self.events: list[tuple[float, int, int, object]] = []
         self.seq = 0
         self.links: dict[str, float] = {}
-        self.refused: dict[str, list[int]] = {}
+        self.refused: dict[str, list[int]] = {}  # model id -> the requests waiting for room
+        self.deadline: dict[int, float] = {}  # request -> when its Acquire's patience ends
+        self.turned_away: set[int] = set()  # requests refused at least once
+        self.retrying = 0  # requests whose router is to ask again
         self.now = spec.start
         self.arrived = 0
 
@@ -113,28 +156,35 @@ class _Run:
             elif kind == _END:
                 self.on_end(payload)  # type: ignore[arg-type]
             elif kind == _ARRIVAL:
+                self.arrived += 1
                 self.on_arrival(payload)  # type: ignore[arg-type]
+            elif kind == _RETRY:
+                self.retrying -= 1
+                self.on_arrival(payload)  # type: ignore[arg-type]
+            elif kind == _GIVE_UP:
+                self.on_give_up(*payload)  # type: ignore[misc]
             else:
                 self.on_tick()
             device = self.node.used[Tier.DEVICE]
         self.out.seconds = last - first
-        self.out.unserved = sum(len(v) for v in self.refused.values())
+        self.out.refused = len(self.turned_away)
         return self.out
 
     # -- requests --------------------------------------------------------
 
     def on_arrival(self, i: int) -> None:
+        """Request `i` calls Acquire: on its arrival, or its router's retry."""
         r = self.requests[i]
         m = self.node.models[r.model_id]
         m.activity.record(self.now, "acquire", 1, 0.0, 0)
-        self.arrived += 1
         if m.ready:
-            self.out.hits += 1
+            if i not in self.turned_away:
+                self.out.hits += 1
             self.begin(m, i)
         elif m.pending:
             m.waiters.append(i)
-        elif r.model_id in self.refused:
-            self.refused[r.model_id].append(i)
+        elif r.model_id in self.refused:  # asking now would be refused as they were
+            self.park(r.model_id, [i])
         else:
             self.ask(m, [i])
 
@@ -142,8 +192,11 @@ class _Run:
         """Acquire `m` for the requests `waiting` (none of them started)."""
         answer = self.decisions.acquire(self.node.view(self.now), m.model_id)
         if isinstance(answer, Refusal):
-            self.out.refusals += 1
-            self.refused.setdefault(m.model_id, []).extend(waiting)
+            if _WAITED_FOR.intersection(answer.blocked.values()):
+                self.park(m.model_id, waiting)
+            else:  # nothing to wait for: refused at once
+                for i in waiting:
+                    self.refuse(i)
             return
         if not answer and not m.ready:
             raise PolicyViolation(f"acquire({m.model_id}) returned nothing; it is {m.state.value}")
@@ -156,8 +209,46 @@ class _Run:
         else:
             m.waiters.extend(waiting)
 
+    def park(self, model_id: str, waiting: list[int]) -> None:
+        """Let `waiting` wait for room, each until its patience runs out."""
+        parked = self.refused.setdefault(model_id, [])
+        for i in waiting:
+            deadline = self.deadline.get(i)
+            if deadline is None:  # its Acquire's first refusal
+                deadline = self.deadline[i] = self.now + self.router.patience
+                self.push(deadline, _GIVE_UP, (i, deadline))
+            if self.now >= deadline:
+                self.refuse(i)
+            else:
+                parked.append(i)
+        if not parked:
+            del self.refused[model_id]
+
+    def on_give_up(self, i: int, deadline: float) -> None:
+        parked = self.refused.get(self.requests[i].model_id)
+        if self.deadline.get(i) != deadline or parked is None or i not in parked:
+            return  # served, refused already, or waiting for a transition
+        parked.remove(i)
+        if not parked:
+            del self.refused[self.requests[i].model_id]
+        self.refuse(i)
+
+    def refuse(self, i: int) -> None:
+        """The daemon answers RESOURCE_EXHAUSTED; the router tries again
+        later, unless nothing could ever change the answer."""
+        self.out.refusals += 1
+        self.turned_away.add(i)
+        self.deadline.pop(i, None)
+        models = self.node.models.values()
+        if self.arrived == len(self.requests) and not any(m.in_flight or m.pending for m in models):
+            self.out.unserved += 1
+            return
+        self.retrying += 1
+        self.push(self.now + self.router.retry_after, _RETRY, i)
+
     def begin(self, m: SimModel, i: int) -> None:
         r = self.requests[i]
+        self.deadline.pop(i, None)
         self.out.ready.append(self.now - (self.start + r.arrival))
         m.in_flight += 1
         m.activity.record(self.now, "sim", 0, 0.0, m.in_flight)
@@ -172,7 +263,7 @@ class _Run:
             self.retry()
 
     def retry(self) -> None:
-        """Ask again for the models whose Acquire was refused."""
+        """Ask again for the models whose Acquires wait for room."""
         for model_id in list(self.refused):
             m = self.node.models[model_id]
             waiting = self.refused.pop(model_id)
@@ -233,11 +324,14 @@ class _Run:
 
     def on_tick(self) -> None:
         self.commit(self.decisions.housekeeping(self.node.view(self.now)))
-        # Tick on while requests are still to come, run, or wait for a
-        # transition; requests parked on a Refusal with nothing running and
-        # nothing to come would wait for ever: they are counted unserved.
+        # Tick on while requests are still to come (or come again), run, or
+        # wait for a transition or for room (which only those free).
         models = self.node.models.values()
-        if self.arrived < len(self.requests) or any(m.in_flight or m.pending for m in models):
+        if (
+            self.arrived < len(self.requests)
+            or self.retrying
+            or any(m.in_flight or m.pending for m in models)
+        ):
             self.push(self.now + self.tick, _TICK, None)
 
 
@@ -251,11 +345,13 @@ def simulate(
     activity: Callable[[], ActivityLike],
     tick: float = 10.0,
     load_everything: bool = False,
+    router: Router = DEFAULT_ROUTER,
 ) -> Outcome:
     """Replay `requests` on a node built from `spec` under `settings`.
     `load_everything` starts with every model on the device (the
-    no-oversubscription reference; the device must hold them all)."""
+    no-oversubscription reference; the device must hold them all).
+    `router`: how a request that finds no room is refused and retried."""
     if not tick > 0:
         raise ValueError("tick must be > 0 seconds")
-    run = _Run(name, spec, requests, settings, decisions, activity, tick, load_everything)
+    run = _Run(name, spec, requests, settings, decisions, activity, tick, load_everything, router)
     return run.run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ class Figures:
     name: str
     requests: int
     hit_rate: float
-    mean: float  # time-to-ready, seconds (hits count as 0)
+    mean: float  # time-to-ready, seconds (hits count as 0; retries included)
     p50: float
     p95: float
     p99: float
@@ -30,7 +31,9 @@ class Figures:
     preloads: int
     switches_per_hour: float  # loads and wakes per simulated hour
     gib_hours: float  # GPU memory·time
-    refusals: int
+    refusals: int  # RESOURCE_EXHAUSTED answers (each retry counts)
+    refused: int  # requests refused at least once
+    refused_share: float  # of all requests
     unserved: int
 
 
@@ -61,6 +64,8 @@ def figures(o: Outcome) -> Figures:
         switches_per_hour=(o.loads + o.wakes) / hours,
         gib_hours=o.device_byte_seconds / GiB / 3600,
         refusals=o.refusals,
+        refused=o.refused,
+        refused_share=o.refused / o.requests if o.requests else 0.0,
         unserved=o.unserved,
     )
 
@@ -69,7 +74,7 @@ def table(rows: Sequence[Figures]) -> str:
     """A markdown table, one row per policy."""
     head = (
         "| policy | hit rate | TTR mean s | P50 s | P95 s | P99 s | loads | wakes | evictions "
-        "| idle sleeps | preloads | switches/h | GPU GiB·h | refusals | unserved |"
+        "| idle sleeps | preloads | switches/h | GPU GiB·h | refusals | refused ≥1 | unserved |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for f in rows:
@@ -77,7 +82,7 @@ def table(rows: Sequence[Figures]) -> str:
             f"| {f.name} | {f.hit_rate:.1%} | {f.mean:.3f} | {f.p50:.3f} | {f.p95:.3f} "
             f"| {f.p99:.3f} | {f.loads} | {f.wakes} | {f.evictions} | {f.idle_sleeps} "
             f"| {f.preloads} | {f.switches_per_hour:.1f} | {f.gib_hours:.0f} | {f.refusals} "
-            f"| {f.unserved} |"
+            f"| {f.refused} ({f.refused_share:.1%}) | {f.unserved} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -87,8 +92,8 @@ class PlotUnavailable(RuntimeError):
 
 
 def plot(rows: Sequence[Figures], outcomes: Sequence[Outcome], path: Path, title: str) -> None:
-    """Time-to-ready percentiles, their distribution, hit rate and GPU
-    memory·time per policy, as one PNG."""
+    """Time-to-ready percentiles, their distribution, hit rate, requests
+    refused at least once and GPU memory·time per policy, as one PNG."""
     try:
         import matplotlib
 
@@ -100,7 +105,7 @@ def plot(rows: Sequence[Figures], outcomes: Sequence[Outcome], path: Path, title
         ) from None
     names = [f.name for f in rows]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    fig.suptitle(title)
+    fig.suptitle("\n".join(textwrap.wrap(title, 120)))
     ax = axes[0][0]
     width = 0.8 / max(len(rows), 1)
     for i, f in enumerate(rows):
@@ -121,8 +126,13 @@ def plot(rows: Sequence[Figures], outcomes: Sequence[Outcome], path: Path, title
     ax.set_xlabel("time to ready, s")
     ax.set_ylabel("share of requests")
     ax.legend()
-    axes[1][0].bar(names, [f.hit_rate * 100 for f in rows])
-    axes[1][0].set_ylabel("hit rate, %")
+    ax = axes[1][0]
+    at = range(len(rows))
+    ax.bar([k - 0.2 for k in at], [f.hit_rate * 100 for f in rows], 0.4, label="hit")
+    ax.bar([k + 0.2 for k in at], [f.refused_share * 100 for f in rows], 0.4, label="refused ≥1")
+    ax.set_xticks(list(at), names)
+    ax.set_ylabel("share of requests, %")
+    ax.legend()
     axes[1][1].bar(names, [f.gib_hours for f in rows])
     axes[1][1].set_ylabel("GPU memory·time, GiB·h")
     fig.tight_layout()
