@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -264,6 +265,17 @@ def test_preloading_never_wakes_a_sleeper() -> None:
     assert list(housekeeping(view)) == []
     offloaded = node(asleep("s", 2 * GB, act=used(10)), device=8 * GB)
     assert all(not isinstance(a, Wake) for a in housekeeping(offloaded))
+
+
+def test_a_catalogue_entry_of_unknown_size_gets_no_action() -> None:
+    unknown = dataclasses.replace(
+        entry("e", 0, act=used(10), policy=ModelPolicy(windows=(Window(0, 0, Tier.DEVICE),))),
+        layers=(),
+        sized=False,
+    )
+    assert list(housekeeping(node(unknown))) == []
+    host_window = ModelPolicy(windows=(Window(0, 0, Tier.HOST),))
+    assert list(housekeeping(node(dataclasses.replace(unknown, policy=host_window)))) == []
 
 
 def test_preloading_respects_the_sleeper_limits() -> None:

@@ -40,6 +40,9 @@ model gets at most one action per call (the next call sees the result).
    request, through Acquire) wants the model back, and the simulator showed
    predicted wakes queueing on the host-to-device link ahead of real
    requests and filling the device room that misses then had to evict.
+
+A catalogue entry whose size is unknown (`sized` False: its source can't
+be read now) gets no action: no room can be planned for it.
 """
 
 from __future__ import annotations
@@ -195,6 +198,8 @@ def _windows(plan: Plan) -> None:
         if window is None or not _free_to_act(plan, model):
             continue
         catalogued = model.state is ModelState.UNLOADED and bool(model.source)
+        if catalogued and not model.sized:
+            continue  # (no room can be planned for it: see the module's docstring)
         action: Action
         if window.tier is Tier.DEVICE and catalogued:
             pool, needed = model.device, model.total_bytes
@@ -232,7 +237,7 @@ def _preload(plan: Plan) -> None:
     view = plan.view
     wanted: list[tuple[float, str, ModelView]] = []
     for model in view.models:
-        if not _free_to_act(plan, model):
+        if not _free_to_act(plan, model) or not model.sized:
             continue
         if model.state is not ModelState.UNLOADED or not model.source:
             continue  # (only catalogue entries: see the module's docstring)

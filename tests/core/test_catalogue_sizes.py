@@ -1,0 +1,142 @@
+"""Catalogue entries' sizes (core/sizes.py) and what the pilot does with
+them: RegisterModel reads the source as a Load would, a config entry whose
+source is missing is kept with no size, a changed source is read again;
+windows and preloads of registered models plan room with the real size;
+a failing policy action is held back (core/backoff.py); a registered
+model's use is shown before it is loaded."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from torpor.testing import make_checkpoint
+from torpord.core.catalogue import Entry
+from torpord.core.policy import PolicyOverrides
+from torpord.errors import InvalidArgument, NotFound
+from torpord.policies.settings import ModelPolicy, PolicySettings, Window
+from torpord.types import Cause, ModelState, Tier
+
+from .test_pilot import Node, model_bytes
+
+ALWAYS_DEVICE = Window(start=0, end=604000, tier=Tier.DEVICE, lead=86400)  # the whole week
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    n = Node(tmp_path)
+    yield n
+    await n.h.close()
+
+
+async def test_register_reads_the_size_a_load_plans(node: Node, tmp_path: Path) -> None:
+    await node.m.register("c", str(node.paths["c"]))
+    entry = node.m.catalogue.get("c")
+    assert entry is not None and entry.size is not None
+    assert entry.size.total == node.size == model_bytes(tmp_path, node.paths["c"])
+    (view,) = [v for v in node.m.pilot.view().models if v.model_id == "c"]
+    assert view.sized and view.total_bytes == node.size
+    assert {layer.tier for layer in view.layers} == {Tier.SOURCE}
+    loaded = await node.m.load("c", "")
+    assert [(s.plan.name, s.plan.size) for s in loaded.layers] == list(entry.size.layers)
+
+
+async def test_register_refuses_a_source_a_load_would_refuse(node: Node, tmp_path: Path) -> None:
+    with pytest.raises(NotFound) as missing:
+        await node.m.register("x", str(tmp_path / "nothing-here"))
+    assert missing.value.reason == "SOURCE_NOT_FOUND"
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}  ")
+    with pytest.raises(InvalidArgument) as invalid:
+        await node.m.register("x", str(bad))
+    assert invalid.value.reason == "INVALID_CHECKPOINT"
+    assert node.m.catalogue.get("x") is None
+
+
+async def test_a_config_entry_without_its_source_is_kept_until_the_source_appears(
+    tmp_path: Path,
+) -> None:
+    later = tmp_path / "later"
+    entry = Entry("later", str(later), "", ModelPolicy(windows=(ALWAYS_DEVICE,)))
+    node = Node(tmp_path, PolicySettings(), catalogue=(entry,))
+    try:
+        await node.m.sizes.refresh()
+        got = node.m.catalogue.get("later")
+        assert got is not None and got.size is None  # kept, size unknown
+        (view,) = [v for v in node.m.pilot.view().models if v.model_id == "later"]
+        assert not view.sized and view.layers == ()
+        # Its DEVICE window is open, but no room can be planned: nothing runs.
+        assert node.m.pilot.housekeep_once() == []
+        make_checkpoint(later, layers=4, hidden=64)
+        await node.m.sizes.refresh()  # (it looks different now: read at once)
+        got = node.m.catalogue.get("later")
+        assert got is not None and got.size is not None and got.size.total == node.size
+        started = node.m.pilot.housekeep_once()
+        await asyncio.wait(started)
+        assert node.m.get("later").state is ModelState.ACTIVE
+    finally:
+        await node.h.close()
+
+
+async def test_a_changed_source_is_read_again(node: Node, tmp_path: Path) -> None:
+    source = tmp_path / "grows"
+    make_checkpoint(source, layers=2, hidden=64)
+    await node.m.register("grows", str(source))
+    entry = node.m.catalogue.get("grows")
+    assert entry is not None and entry.size is not None
+    small = entry.size.total
+    await node.m.sizes.refresh()  # unchanged: the same size
+    assert node.m.catalogue.get("grows") == entry
+    make_checkpoint(source, layers=6, hidden=64, seed=3)
+    await node.m.sizes.refresh()
+    entry = node.m.catalogue.get("grows")
+    assert entry is not None and entry.size is not None
+    assert entry.size.total > small
+    assert entry.size.total == model_bytes(tmp_path, source)
+
+
+async def test_a_device_window_of_a_registered_model_makes_room_for_it(node: Node) -> None:
+    await node.load("a", "b")  # the device has room for half a model more
+    await node.m.register(
+        "c", str(node.paths["c"]), policy=PolicyOverrides(windows=(ALWAYS_DEVICE,))
+    )
+    started = node.m.pilot.housekeep_once()
+    await asyncio.wait(started)
+    c = node.m.get("c")
+    assert c.state is ModelState.ACTIVE
+    assert c.last_transition is not None and c.last_transition.cause is Cause.SCHEDULE
+    states = {node.m.get(m).state for m in "ab"}
+    assert states == {ModelState.ACTIVE, ModelState.ASLEEP}  # one made room for it
+    node.h.check_bytes("c")
+
+
+async def test_a_failing_policy_action_is_held_back(tmp_path: Path) -> None:
+    # The window's Load fails (the source goes bad after its size was read):
+    # the next rounds leave the model alone rather than failing every round.
+    source = tmp_path / "flaky"
+    make_checkpoint(source, layers=4, hidden=64)
+    node = Node(tmp_path, PolicySettings())
+    try:
+        policy = PolicyOverrides(windows=(ALWAYS_DEVICE,))
+        await node.m.register("flaky", str(source), policy=policy)
+        (source / "model.safetensors").write_bytes(b"\x00" * 64)
+        started = node.m.pilot.housekeep_once()
+        assert len(started) == 1
+        await asyncio.wait(started)
+        assert node.m.get("flaky").state is ModelState.UNLOADED
+        assert "flaky" in node.m.pilot.backoff.held(asyncio.get_running_loop().time())
+        assert node.m.pilot.housekeep_once() == []
+    finally:
+        await node.h.close()
+
+
+async def test_a_registered_models_use_is_shown_before_it_is_loaded(node: Node) -> None:
+    await node.m.register("c", str(node.paths["c"]))
+    node.m.report_activity("c", "router", 100, 2.0, 0)
+    got = node.m.get("c")
+    assert got.state is ModelState.UNLOADED and got.activity.uses == 100
+    assert got.activity.last_use > 0
+    (listed,) = [m for m in node.m.list_models(registered=True) if m.model_id == "c"]
+    assert listed.activity.uses == 100
