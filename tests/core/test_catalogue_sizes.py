@@ -112,6 +112,38 @@ async def test_a_device_window_of_a_registered_model_makes_room_for_it(node: Nod
     node.h.check_bytes("c")
 
 
+async def test_a_predicted_preload_stays_within_the_host_and_the_sleeper_limit(
+    tmp_path: Path,
+) -> None:
+    node = Node(tmp_path, PolicySettings(max_sleeping_models=1), host=64 * 2**20)
+    try:
+        for name in "cd":
+            await node.m.register(name, str(node.paths[name]))
+            node.m.report_activity(name, "router", 50, 1.0, 0)  # wanted often
+        started = node.m.pilot.housekeep_once()
+        await asyncio.wait(started)
+        # One level-1 sleeper at most: the likelier (here a tie: by id) is preloaded.
+        states = {m: node.m.get(m).state for m in "cd"}
+        assert states == {"c": ModelState.ASLEEP, "d": ModelState.UNLOADED}
+        assert node.m.pilot.housekeep_once() == []  # the limit holds
+    finally:
+        await node.h.close()
+
+
+async def test_a_predicted_preload_warms_a_level_2_sleeper_to_the_host(node: Node) -> None:
+    await node.load("a")
+    await node.m.sleep("a", 2)
+    node.m.report_activity("a", "router", 50, 1.0, 0)
+    started = node.m.pilot.housekeep_once()
+    assert len(started) == 1
+    await asyncio.wait(started)
+    a = node.m.get("a")
+    assert (a.state, a.sleep_level) == (ModelState.ASLEEP, 1)  # warm, not woken
+    assert {layer.tier for layer in a.layers} == {Tier.HOST}
+    assert a.last_transition is not None and a.last_transition.cause is Cause.PRELOAD
+    node.h.check_bytes("a")
+
+
 async def test_a_failing_policy_action_is_held_back(tmp_path: Path) -> None:
     # The window's Load fails (the source goes bad after its size was read):
     # the next rounds leave the model alone rather than failing every round.
