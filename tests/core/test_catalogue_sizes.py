@@ -19,6 +19,7 @@ from torpord.errors import InvalidArgument, NotFound
 from torpord.policies.settings import ModelPolicy, PolicySettings, Window
 from torpord.types import Cause, ModelState, Tier
 
+from .pilotkit import Events
 from .test_pilot import Node, model_bytes
 
 ALWAYS_DEVICE = Window(start=0, end=604000, tier=Tier.DEVICE, lead=86400)  # the whole week
@@ -142,6 +143,29 @@ async def test_a_predicted_preload_warms_a_level_2_sleeper_to_the_host(node: Nod
     assert {layer.tier for layer in a.layers} == {Tier.HOST}
     assert a.last_transition is not None and a.last_transition.cause is Cause.PRELOAD
     node.h.check_bytes("a")
+
+
+async def test_an_acquire_stages_a_registered_model_through_the_host(node: Node) -> None:
+    await node.load("a", "b")  # the device is full: room must be made for c
+    await node.m.register("c", str(node.paths["c"]))
+    events = Events(node.m)
+    got = await node.m.acquire("c")
+    await events.close()
+    assert got.snapshot.state is ModelState.ACTIVE
+    node.h.check_bytes("c")
+    # c was read into host memory (a Load to HOST) while a and b held the
+    # device; only then was room made and c woken from there.
+    moves = [
+        (e.model.model_id, e.model.state, e.model.progress.cause)
+        for e in events.got
+        if e.model is not None
+        and e.model.progress is not None
+        and e.model.state in (ModelState.LOADING, ModelState.SLEEPING, ModelState.WAKING)
+    ]
+    firsts = list(dict.fromkeys(moves))
+    assert firsts[0] == ("c", ModelState.LOADING, Cause.ACQUIRE)
+    assert firsts[-1] == ("c", ModelState.WAKING, Cause.ACQUIRE)
+    assert [m for m, _, cause in firsts[1:-1] if cause is Cause.PRESSURE] in (["a"], ["b"])
 
 
 async def test_a_failing_policy_action_is_held_back(tmp_path: Path) -> None:
