@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from torpord.backends.host import HostBackend
+from torpord.core.catalogue import Entry
 from torpord.core.manager import ManagerSettings, ModelManager
 from torpord.core.model import ModelSnapshot
 from torpord.policies.settings import PolicySettings
@@ -43,11 +44,13 @@ class Harness:
         interval: float = 1.0,
         scrub_rate: int = 0,
         scrub_interval: float = 3600.0,
+        catalogue: tuple[Entry, ...] = (),
     ):
         """`backend`: the host backend, or a subclass that plays a failing driver;
         `policy`: the policy layer's settings (its defaults if None), and
         `interval` the seconds between two rounds of its housekeeping;
-        `scrub_rate` and `scrub_interval`: config [scrub] (0: no scrubber)."""
+        `scrub_rate` and `scrub_interval`: config [scrub] (0: no scrubber);
+        `catalogue`: config [[catalogue]]."""
         self.backend = backend(
             devices=devices, device_capacity=device_capacity, host_capacity=host_capacity
         )
@@ -56,6 +59,7 @@ class Harness:
             policy_interval=interval,
             scrub_rate=scrub_rate,
             scrub_interval=scrub_interval,
+            catalogue=catalogue,
         )
         if policy is not None:
             settings = dataclasses.replace(settings, policy=policy)

@@ -71,7 +71,7 @@ async def test_the_request_wins_over_the_entry_which_wins_over_the_defaults(
     assert model.policy == ModelPolicy(priority=-3, pinned=True)
     assert model.registered is True
     # Registered through the manager: the entry is its fields over the defaults.
-    manager.register("reg", str(ckpt(tmp_path, "reg")), policy=PolicyOverrides(idle_level=1))
+    await manager.register("reg", str(ckpt(tmp_path, "reg")), policy=PolicyOverrides(idle_level=1))
     model = await manager.load("reg", "", policy=PolicyOverrides(pinned=True))
     assert model.policy == ModelPolicy(idle_timeout=600.0, idle_level=1, priority=1, pinned=True)
     assert model.checkpoint.path == str((tmp_path / "reg").resolve())  # the entry's source
@@ -100,11 +100,11 @@ async def test_register_replaces_an_entry_and_gives_a_loaded_model_its_policy(
     source = str(ckpt(tmp_path, "m"))
     await manager.load("m", source, policy=PolicyOverrides(priority=9))
     events = manager.bus.subscribe("m")
-    snap = manager.register("m", source, policy=PolicyOverrides(pinned=True))
+    snap = await manager.register("m", source, policy=PolicyOverrides(pinned=True))
     assert snap.state is ModelState.ACTIVE and snap.registered
     assert snap.policy == ModelPolicy(idle_timeout=600.0, idle_level=2, priority=1, pinned=True)
     # Replaced: the new entry's unset fields are the defaults, not the old entry's.
-    snap = manager.register("m", source, device=manager.backend.devices()[1].uuid)
+    snap = await manager.register("m", source, device=manager.backend.devices()[1].uuid)
     assert snap.policy == DEFAULT
     entry = manager.catalogue.get("m")
     assert entry is not None and entry.device == manager.backend.devices()[1].uuid
@@ -167,13 +167,13 @@ async def test_a_refused_policy_changes_nothing(manager: ModelManager, tmp_path:
     )
     assert manager.list_models() == [] and not manager.known("m")
     with pytest.raises(FailedPrecondition) as nodisk:
-        manager.register("m", source, policy=PolicyOverrides(evict_to=Tier.DISK))
+        await manager.register("m", source, policy=PolicyOverrides(evict_to=Tier.DISK))
     assert nodisk.value.reason == "DISK_CACHE_DISABLED"
     with pytest.raises(TorporError) as outside:
-        manager.register("m", "/etc/passwd")
+        await manager.register("m", "/etc/passwd")
     assert outside.value.reason == "SOURCE_NOT_ALLOWED"
     with pytest.raises(InvalidArgument) as device:
-        manager.register("m", source, device="GPU-nope")
+        await manager.register("m", source, device="GPU-nope")
     assert device.value.reason == "UNKNOWN_DEVICE"
     assert manager.catalogue.get("m") is None
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from torpor.testing import make_checkpoint
+from torpord.core.catalogue import Entry
 from torpord.core.policy import PolicyOverrides
 from torpord.core.registry import prepare
 from torpord.errors import ResourceExhausted, Unavailable
@@ -30,7 +31,13 @@ def model_bytes(tmp: Path, path: Path) -> int:
 class Node:
     """A harness with one device fitting two of the checkpoints (and a half)."""
 
-    def __init__(self, tmp: Path, policy: PolicySettings | None = None, host: int = 64 * MiB):
+    def __init__(
+        self,
+        tmp: Path,
+        policy: PolicySettings | None = None,
+        host: int = 64 * MiB,
+        catalogue: tuple[Entry, ...] = (),
+    ):
         """(Housekeeping every 10 ms, when a test starts it.)"""
         self.paths = {
             name: make_checkpoint(tmp / name, layers=4, hidden=64, seed=i)
@@ -44,6 +51,7 @@ class Node:
             host_capacity=host,
             policy=policy,
             interval=0.01,
+            catalogue=catalogue,
         )
         self.m = self.h.manager
 

@@ -13,6 +13,7 @@ from torpor.testing import make_checkpoint
 
 from .conftest import Daemon
 from .failures import FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOUND, fail
+from .observe import settle
 
 M = "torpor.v1.ModelService/"
 CONFIG = """
@@ -102,7 +103,8 @@ def test_registrations_are_kept_in_memory_and_config_entries_come_back(tmp_path:
     d = Daemon(tmp_path, config=config)
     try:
         d.wait_ready()
-        d.call(M + "RegisterModel", {"model_id": "extra", "source": str(d.models / "x")})
+        source = make_checkpoint(d.models / "x", layers=2, hidden=32)
+        d.call(M + "RegisterModel", {"model_id": "extra", "source": str(source)})
         d.call(M + "DeregisterModel", {"model_id": "nightly"})
         listed = d.call(M + "ListModels", {"registered": True})["models"]
         assert [m["model_id"] for m in listed] == ["extra"]
@@ -178,6 +180,27 @@ def test_register_checks_source_and_device_as_load_does(daemon: Daemon) -> None:
     assert daemon.call(M + "ListModels", {"registered": True})["models"][0]["model_id"] == (
         "nightly"
     )
+
+
+def test_register_reads_the_source_as_a_load_does_and_shows_the_models_use(
+    daemon: Daemon,
+) -> None:
+    missing = fail(daemon, "RegisterModel", {"model_id": "x", "source": str(daemon.models / "x")})
+    assert (missing["code"], missing["reason"]) == (NOT_FOUND, "SOURCE_NOT_FOUND")
+    bad = daemon.models / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}  ")
+    invalid = fail(daemon, "RegisterModel", {"model_id": "x", "source": str(bad)})
+    assert (invalid["code"], invalid["reason"]) == (INVALID_ARGUMENT, "INVALID_CHECKPOINT")
+    assert fail(daemon, "GetModel", {"model_id": "x"})["reason"] == "MODEL_NOT_FOUND"
+    # The config's entry, whose source is missing, is kept (its size unknown).
+    assert settle(lambda: "can't be read" in daemon.log())
+    assert "nightly" in daemon.log() and "SOURCE_NOT_FOUND" in daemon.log()
+    source = make_checkpoint(daemon.models / "c10", layers=2, hidden=32)
+    daemon.call(M + "RegisterModel", {"model_id": "c10", "source": str(source)})
+    daemon.call(M + "ReportActivity", {"model_id": "c10", "reporter": "router", "uses": 100})
+    got = daemon.call(M + "GetModel", {"model_id": "c10"})["model"]
+    assert got["state"] == "MODEL_STATE_UNLOADED"
+    assert got["activity"]["uses"] == "100" and "last_use_time" in got["activity"]
 
 
 def test_a_catalogue_device_the_backend_does_not_have_stops_the_start(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -250,7 +251,7 @@ def test_preloading_never_loads_more_than_fits_likeliest_first() -> None:
         entry("a", 3 * GB, act=used(10)),
         entry("b", 3 * GB, act=used(20)),
         entry("c", GB, act=used(5)),
-        host=4 * GB,
+        host=8 * GB,  # (4 GB of it kept for the device's evictions)
     )
     assert list(housekeeping(view)) == [
         Load("b", "/models/b", Tier.HOST, PRELOAD),
@@ -264,6 +265,38 @@ def test_preloading_never_wakes_a_sleeper() -> None:
     assert list(housekeeping(view)) == []
     offloaded = node(asleep("s", 2 * GB, act=used(10)), device=8 * GB)
     assert all(not isinstance(a, Wake) for a in housekeeping(offloaded))
+
+
+def test_preloading_reads_a_level_2_sleeper_back_to_the_host() -> None:
+    view = node(asleep("s", 2 * GB, level=2, act=used(10)), asleep("cold", 2 * GB, level=2))
+    assert list(housekeeping(view)) == [Sleep("s", 1, PRELOAD)]
+
+
+def test_preloading_keeps_the_host_room_the_devices_evictions_take() -> None:
+    wanted = (asleep("s", 2 * GB, level=2, act=used(10)), entry("e", 2 * GB, act=used(5)))
+    # 7 GB free, 4 GB of device: room beyond it for one of the two.
+    assert list(housekeeping(node(*wanted, device=4 * GB, host=7 * GB))) == [Sleep("s", 1, PRELOAD)]
+    assert list(housekeeping(node(*wanted, device=7 * GB, host=8 * GB))) == []
+
+
+def test_a_catalogue_entry_of_unknown_size_gets_no_action() -> None:
+    unknown = dataclasses.replace(
+        entry("e", 0, act=used(10), policy=ModelPolicy(windows=(Window(0, 0, Tier.DEVICE),))),
+        layers=(),
+        sized=False,
+    )
+    assert list(housekeeping(node(unknown))) == []
+    host_window = ModelPolicy(windows=(Window(0, 0, Tier.HOST),))
+    assert list(housekeeping(node(dataclasses.replace(unknown, policy=host_window)))) == []
+
+
+def test_preloading_counts_the_sleepers_this_round_makes() -> None:
+    view = node(
+        model("idle", policy=idle_after(1)),
+        entry("e", act=used(10)),
+        settings=PolicySettings(max_sleeping_models=1),
+    )
+    assert list(housekeeping(view)) == [Sleep("idle", 1, IDLE)]
 
 
 def test_preloading_respects_the_sleeper_limits() -> None:

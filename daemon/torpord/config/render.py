@@ -181,8 +181,9 @@ granularity = "{p.granularity.value}"
 max_sleeping_models = {p.max_sleeping_models}
 # Host memory sleepers may hold; "0": all of host_pool.capacity.
 host_limit = {_toml_size(p.host_limit)}
-# Load the catalogue entries their access history predicts into free host
-# memory (never evicting, never waking a sleeper)
+# Load the catalogue entries, and read back the level-2 sleepers, that their
+# access history predicts into host memory left free beyond the devices'
+# capacity (never evicting, never waking a sleeper)
 preload = {"true" if p.preload else "false"}
 # when they are expected to be used at least this often in the next hour
 # (from recent use and the same hour in past weeks; one use an hour ago

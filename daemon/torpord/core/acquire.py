@@ -133,6 +133,8 @@ class Acquirer:
                     m.registry.model(model_id)  # NOT_FOUND: gone meanwhile
                     continue
                 source, device = entry
+                if await self._pilot.stage(model_id):
+                    continue  # (loaded to host memory: woken from there next round)
                 try:
                     await m.load(model_id, source, device=device, cause=Cause.ACQUIRE)
                 except Aborted as err:

@@ -4,7 +4,8 @@ An entry says what an Acquire loads an id from (source, device) and the
 policy the model gets. Entries come from the config's `[[catalogue]]` and
 from RegisterModel at run time; they live in memory only (the config's come
 back at the next start, RegisterModel's do not). The number of entries is
-bounded.
+bounded. An entry's size (its planned layers, read from its source's
+headers) is kept with it: core/sizes.py reads and refreshes it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,21 @@ from torpord.config.model import MAX_CATALOGUE
 from torpord.errors import NotFound, ResourceExhausted
 from torpord.policies.settings import ModelPolicy
 
-__all__ = ["Catalogue", "Entry"]
+__all__ = ["Catalogue", "Entry", "Size"]
+
+
+@dataclass(frozen=True)
+class Size:
+    """What a Load of an entry's source would allocate, and what it was read from."""
+
+    layers: tuple[tuple[str, int], ...]  # each planned layer's name and slab size
+    # What says the source is unchanged (core/sizes.py): each path looked
+    # at, with its (device, inode, size, mtime_ns); None for one missing.
+    identity: tuple[tuple[str, tuple[int, int, int, int] | None], ...]
+
+    @property
+    def total(self) -> int:
+        return sum(size for _, size in self.layers)
 
 
 @dataclass(frozen=True)
@@ -26,6 +41,9 @@ class Entry:
     device: str  # a device's UUID; "" for the freest at load time
     policy: ModelPolicy  # resolved: the entry's own fields over the config's defaults
     create_time: float = field(default_factory=time.time, compare=False)
+    # None until its source has been read (or while it can't be): policies
+    # then plan no room for it (core/sizes.py).
+    size: Size | None = field(default=None, compare=False)
 
 
 class Catalogue:

@@ -41,6 +41,7 @@ from torpord.core.registry import Registry, check_model_id
 from torpord.core.requests import RequestLog
 from torpord.core.runner import Runner
 from torpord.core.scrubber import make_scrubber
+from torpord.core.sizes import Sizes
 from torpord.core.verbs import ManagerSettings, Verbs
 from torpord.errors import Aborted
 from torpord.storage.diskcache import DiskCache
@@ -114,9 +115,8 @@ class ModelManager:
             self._executor,
             self.images,
         )
-        self._registrar = Registrar(
-            self.catalogue, self.registry, self.bus, backend, settings.allowed_roots
-        )
+        self.sizes = Sizes(self.catalogue, settings, self._executor)  # (core/sizes.py)
+        self._registrar = Registrar(self.catalogue, self.registry, self.bus, backend, self.sizes)
         # The policies' decisions run (core/pilot.py); Acquire (core/acquire.py).
         self.pilot = Pilot(self)
         self.acquirer = Acquirer(self, self.pilot)
@@ -167,15 +167,15 @@ class ModelManager:
 
     # -- the catalogue and policies (core/registrar.py) --------------------------
 
-    def register(
+    async def register(
         self,
         model_id: str,
         source: str,
         device: str = "",
         policy: PolicyOverrides = PolicyOverrides(),  # noqa: B008 - frozen
     ) -> ModelSnapshot:
-        """Add or replace a catalogue entry (a loaded model takes its policy)."""
-        return self._registrar.register(
+        """Add or replace a catalogue entry (its source read as a Load reads it)."""
+        return await self._registrar.register(
             model_id, source, device, policy, disk=self.disk is not None
         )
 

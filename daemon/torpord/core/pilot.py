@@ -12,7 +12,10 @@ through the manager's verbs, each an ordinary transition with its cause:
   naming the models that block (pinned, in use, in transition);
 - housekeeping: every `interval` seconds, what `housekeeping` decides (idle
   models to sleep, sleepers pushed down, preloads) runs, one action per
-  model at a time, each failure logged and retried by a later round.
+  model at a time, each failure logged and the model held back from the
+  next rounds for a while (core/backoff.py). Catalogue entries not loaded
+  are in the view with the size their source's headers say (core/sizes.py,
+  refreshed from this loop); one whose source can't be read has none.
 
 With the policy layer off (`[policy] enabled = false`) none of this runs:
 the daemon does what callers ask and nothing else.
@@ -27,6 +30,7 @@ from typing import TypeVar
 
 import structlog
 
+from torpord.core.backoff import Backoff
 from torpord.core.model import Model, ModelSnapshot
 from torpord.core.nodeview import Bandwidths, build_view, pool_of
 from torpord.core.preempt import CALLERS
@@ -35,8 +39,8 @@ from torpord.errors import ResourceExhausted, TorporError, some
 from torpord.policies.actions import Action, Load, Offload, Refusal, Sleep, Unload, Wake
 from torpord.policies.decide import acquire, housekeeping, make_room
 from torpord.policies.settings import ModelPolicy, PolicySettings
-from torpord.policies.view import ActivitySummary, ModelView, NodeView
-from torpord.types import Cause, ModelState
+from torpord.policies.view import ActivitySummary, LayerView, ModelView, NodeView
+from torpord.types import Cause, ModelState, Tier
 
 __all__ = ["ROOM_ROUNDS", "Pilot"]
 
@@ -64,6 +68,7 @@ class Pilot:
         self._loop: asyncio.Task[None] | None = None
         self._acting: dict[str, asyncio.Task[None]] = {}  # model id -> the policy's action
         self.rounds = 0  # housekeeping rounds done
+        self.backoff = Backoff(manager.settings.policy_interval)  # models whose action failed
 
     @property
     def settings(self) -> PolicySettings:
@@ -82,9 +87,9 @@ class Pilot:
         return self._m.activity.summary(model_id)
 
     def entries(self) -> Sequence[ModelView]:
-        """Catalogue entries not loaded, as models UNLOADED. Their sizes are
-        not known until they are (their layers are planned at Load): room
-        for them is made when their Load finds the device full."""
+        """Catalogue entries not loaded, as models UNLOADED, their layers on
+        their source as its headers plan them (not `sized` while it can't
+        be read: room for one is made when its Load finds the device full)."""
         loaded = self._m.registry.models
         return [
             ModelView(
@@ -92,7 +97,11 @@ class Pilot:
                 state=ModelState.UNLOADED,
                 sleep_level=0,
                 device=entry.device or self._m.backend.pick_device(),
-                layers=(),
+                layers=tuple(
+                    LayerView(name, size, Tier.SOURCE)
+                    for name, size in (entry.size.layers if entry.size is not None else ())
+                ),
+                sized=entry.size is not None,
                 policy=entry.policy,
                 activity=self.activity(entry.model_id),
                 since=entry.create_time,
@@ -263,6 +272,7 @@ class Pilot:
         """Start the housekeeping loop (the daemon does; the core's tests may)."""
         if self._loop is None:
             self._loop = asyncio.create_task(self._housekeep(), name="housekeeping")
+            self._m.sizes.tick()  # (the config's entries: read at once)
 
     async def stop(self) -> None:
         """Stop the loop and the actions' callers (the transitions they
@@ -273,6 +283,7 @@ class Pilot:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        await self._m.sizes.stop()
 
     @property
     def running(self) -> bool:
@@ -282,23 +293,28 @@ class Pilot:
     async def _housekeep(self) -> None:
         while True:
             await asyncio.sleep(self._m.settings.policy_interval)
+            self._m.sizes.tick()
             if self.enabled:
                 self.housekeep_once()
             self.rounds += 1
 
     def housekeep_once(self) -> list[asyncio.Task[None]]:
-        """One round: start what `housekeeping` decides now; the tasks started."""
+        """One round: start what `housekeeping` decides now; the tasks started.
+        A window's or a preload's action waits for the round's actions before
+        it (the evictions that make its room: they come first)."""
+        now = asyncio.get_running_loop().time()
         try:
-            actions = housekeeping(self.view())
+            actions = housekeeping(self.backoff.hold_back(self.view(), now))
         except Exception:  # (a bug in a decision must not stop the daemon)
             log.exception("housekeeping failed")
             return []
-        started = []
+        started: list[asyncio.Task[None]] = []
         for action in actions:
             if action.model_id in self._acting:
                 continue  # one action per model at a time
+            after = tuple(started) if action.cause in (Cause.SCHEDULE, Cause.PRELOAD) else ()
             task = asyncio.create_task(
-                self._act(action), name=f"{type(action).__name__} {action.model_id}"
+                self._act(action, after), name=f"{type(action).__name__} {action.model_id}"
             )
             self._acting[action.model_id] = task
             task.add_done_callback(functools.partial(self._acted, action.model_id))
@@ -309,16 +325,28 @@ class Pilot:
         if self._acting.get(model_id) is task:
             del self._acting[model_id]
 
-    async def _act(self, action: Action) -> None:
+    async def _act(self, action: Action, after: Sequence[asyncio.Task[None]] = ()) -> None:
+        if after:
+            await asyncio.wait(after)
         bound = log.bind(
             model_id=action.model_id, action=type(action).__name__, cause=action.cause.value
         )
+        clock = asyncio.get_running_loop().time
         try:
             await self.run(action)
         except TorporError as err:
-            bound.info("a policy's action did not run", reason=err.reason, error=err.message)
+            wait = self.backoff.failed(action.model_id, clock())
+            bound.info(
+                "a policy's action did not run",
+                reason=err.reason,
+                error=err.message,
+                retry_in=wait,
+            )
         except Exception:
+            self.backoff.failed(action.model_id, clock())
             bound.exception("a policy's action failed unexpectedly")
+        else:
+            self.backoff.succeeded(action.model_id)
 
 
 def refused(err: ResourceExhausted, refusal: Refusal) -> ResourceExhausted:

@@ -5,14 +5,15 @@ call these).
 None of them moves a byte or waits for a transition: a policy is data, so a
 model in the middle of a transition can have its policy changed, and the
 policies read the new one at their next decision. A loaded model whose
-policy or registration changes is announced (a CHANGED event).
+policy or registration changes is announced (a CHANGED event). Register
+reads the source's headers (core/sizes.py): the entry's size, and a
+source a Load would refuse is refused with the Load's reasons.
 """
 
 from __future__ import annotations
 
 import types
 from dataclasses import replace
-from pathlib import Path
 
 from torpord.backends.base import Backend
 from torpord.core.catalogue import Catalogue, Entry
@@ -20,7 +21,9 @@ from torpord.core.events import EventBus, EventType
 from torpord.core.model import Model, ModelSnapshot
 from torpord.core.policy import PolicyOverrides, check_policy
 from torpord.core.registry import Registry, check_model_id
+from torpord.core.sizes import Sizes
 from torpord.errors import NotFound
+from torpord.policies.view import ActivitySummary
 from torpord.storage.safetensors import Checkpoint
 from torpord.storage.sources import resolve_source
 from torpord.types import ModelState
@@ -28,9 +31,9 @@ from torpord.types import ModelState
 __all__ = ["Registrar", "unloaded"]
 
 
-def unloaded(entry: Entry) -> ModelSnapshot:
+def unloaded(entry: Entry, activity: ActivitySummary | None = None) -> ModelSnapshot:
     """What GetModel and ListModels say of a registered model that is not
-    loaded: UNLOADED, its source, device and policy, no layers."""
+    loaded: UNLOADED, its source, device, policy and use, no layers."""
     checkpoint = Checkpoint(entry.source, (), (), types.MappingProxyType({}))
     return ModelSnapshot(
         model_id=entry.model_id,
@@ -47,6 +50,7 @@ def unloaded(entry: Entry) -> ModelSnapshot:
         update_time=entry.create_time,
         policy=entry.policy,
         registered=True,
+        activity=activity if activity is not None else ActivitySummary(),
     )
 
 
@@ -57,13 +61,13 @@ class Registrar:
         registry: Registry,
         bus: EventBus,
         backend: Backend,
-        roots: tuple[Path, ...],
+        sizes: Sizes,
     ) -> None:
         self._catalogue = catalogue
         self._registry = registry
         self._bus = bus
         self._backend = backend
-        self._roots = roots
+        self._sizes = sizes  # reads a source's size (core/sizes.py)
 
     def get(self, model_id: str) -> ModelSnapshot:
         """A loaded model's snapshot, else its entry's (UNLOADED), else NOT_FOUND."""
@@ -72,7 +76,7 @@ class Registrar:
             return model.snapshot()
         entry = self._catalogue.get(model_id)
         if entry is not None:
-            return unloaded(entry)
+            return unloaded(entry, self._registry.activity.summary(model_id))
         return self._registry.get(model_id)  # (NOT_FOUND, or INVALID_MODEL_ID)
 
     def snapshots(self, *, registered: bool) -> list[ModelSnapshot]:
@@ -81,20 +85,26 @@ class Registrar:
         if not registered:
             return models
         loaded = {m.model_id for m in models}
-        models += [unloaded(e) for e in self._catalogue.entries() if e.model_id not in loaded]
+        summary = self._registry.activity.summary
+        models += [
+            unloaded(e, summary(e.model_id))
+            for e in self._catalogue.entries()
+            if e.model_id not in loaded
+        ]
         return sorted(models, key=lambda m: m.model_id)
 
-    def register(
+    async def register(
         self, model_id: str, source: str, device: str, policy: PolicyOverrides, *, disk: bool
     ) -> ModelSnapshot:
         """Add or replace `model_id`'s entry (its policy: `policy` over the
         defaults). A loaded model takes the entry's policy; nothing else of it
-        changes."""
+        changes. The source is read as a Load reads it (its errors)."""
         check_model_id(model_id)
         check_policy(policy, disk=disk)
-        resolve_source(source, self._roots)
+        resolve_source(source, self._sizes.roots)
         uuid = self._backend.resolve_device(device) if device else ""
-        entry = Entry(model_id, source, uuid, policy.over(self._catalogue.default))
+        size = await self._sizes.measure(source)
+        entry = Entry(model_id, source, uuid, policy.over(self._catalogue.default), size=size)
         self._catalogue.put(entry)
         model = self._registry.find(model_id)
         if model is not None:

@@ -12,6 +12,7 @@ from torpord.core.catalogue import Catalogue
 from torpord.core.model import ModelSnapshot
 from torpord.core.registry import Registry
 from torpord.core.settings import ManagerSettings
+from torpord.core.sizes import Sizes
 from torpord.storage.diskcache import DiskCache
 from torpord.types import Cause, Tier
 
@@ -24,6 +25,7 @@ class Steered(Protocol):
     catalogue: Catalogue
     backend: Backend
     settings: ManagerSettings
+    sizes: Sizes
 
     @property
     def disk(self) -> DiskCache | None: ...

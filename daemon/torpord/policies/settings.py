@@ -66,8 +66,9 @@ class PolicySettings:
     max_sleeping_models: int = 0  # level-1 sleepers kept in host memory; 0 = no limit
     host_limit: int = 0  # bytes of host memory sleepers may hold; 0 = the pool's capacity
     preload: bool = True  # warm models predicted to be wanted, into free memory
-    # Catalogue entries expected to be used at least this often in the next
-    # hour are preloaded (predict.py; one stray use an hour ago reads ~0.5).
+    # Catalogue entries and level-2 sleepers expected to be used at least this
+    # often in the next hour are preloaded to the host (predict.py; one stray
+    # use an hour ago reads ~0.5).
     preload_min_uses: float = 1.0
     # Acquire reads a model from its source or disk copy into host memory
     # before making room for it on the device (stage.py).

@@ -51,6 +51,9 @@ class ModelView:
     engines: int = 0
     image: bool = False  # an engine-published image: level 2 needs a disk copy
     source: str = ""  # a catalogue entry's source (to load it), else ""
+    # False: a catalogue entry whose size is unknown (its source can't be
+    # read now): its `layers` are (), so no room can be planned for it.
+    sized: bool = True
 
     def bytes_in(self, tier: Tier) -> int:
         return sum(layer.size for layer in self.layers if layer.tier is tier)

@@ -203,7 +203,7 @@ class ModelService(models_pb2_grpc.ModelServiceServicer):
     async def RegisterModel(
         self, request: models_pb2.RegisterModelRequest, context: Context
     ) -> models_pb2.RegisterModelResponse:
-        model = self._m.register(
+        model = await self._m.register(
             request.model_id, request.source, request.device, policy_from_proto(request.policy)
         )
         return models_pb2.RegisterModelResponse(model=model_to_proto(model))
