@@ -65,6 +65,7 @@ def model(
     since: float = 0.0,
     image: bool = False,
     source: str = "",
+    by_caller: bool = False,
 ) -> ModelView:
     """A model of `size` bytes in `layers` equal layers, each where its state
     puts it (ACTIVE: DEVICE; asleep at level 1: HOST; level 2 or a catalogue
@@ -90,6 +91,7 @@ def model(
         since=since,
         image=image,
         source=source,
+        by_caller=by_caller,
     )
 
 

@@ -338,3 +338,10 @@ def test_the_same_view_gives_the_same_actions() -> None:
     first = list(housekeeping(node(*models, settings=settings, host=3 * GB)))
     again = list(housekeeping(node(*reversed(models), settings=settings, host=3 * GB)))
     assert first == again and first
+
+
+def test_preloading_leaves_a_callers_level_2_sleep_alone() -> None:
+    # A caller slept it at level 2 to free host memory: the history says it
+    # will be wanted, but only the caller (or a request) brings it back.
+    view = node(asleep("s", 2 * GB, level=2, act=used(10), by_caller=True))
+    assert list(housekeeping(view)) == []

@@ -23,7 +23,7 @@ from torpord.policies.view import (
     PoolView,
 )
 from torpord.storage.diskcache import DiskCache
-from torpord.types import ModelState, Outcome, Stage, TransitionKind
+from torpord.types import Cause, ModelState, Outcome, Stage, TransitionKind
 
 __all__ = ["HOST_POOL", "Bandwidths", "build_view", "model_view", "pool_of"]
 
@@ -116,6 +116,7 @@ def model_view(
         since=model.update_time,
         engines=model.engines,
         image=bool(model.fingerprint),
+        by_caller=(model.last_transition is not None and model.last_transition.cause is Cause.USER),
     )
 
 

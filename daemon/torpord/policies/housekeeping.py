@@ -36,7 +36,8 @@ model gets at most one action per call (the next call sees the result).
    `settings.preload_min_uses` expected uses in the horizon, predict.py)
    are warmed to the host, likeliest first: a catalogue entry not loaded
    is loaded to HOST, a level-2 sleeper's weights are read back there
-   (Sleep at level 1, as a HOST window does; it stays asleep). Only within
+   (Sleep at level 1, as a HOST window does; it stays asleep) unless a
+   caller put it there, freeing that host memory on purpose. Only within
    the sleeper limits (max_sleeping_models, host_limit, counting this
    round's sleeps and pushes), and only into host room left free beyond
    the devices' capacity: that much is where models evicted from the
@@ -276,7 +277,12 @@ def _preload(plan: Plan) -> None:
         action: Action
         if model.state is ModelState.UNLOADED and model.source:
             action = Load(model.model_id, model.source, Tier.HOST, Cause.PRELOAD)
-        elif model.state is ModelState.ASLEEP and model.sleep_level == 2 and far_bytes(model) > 0:
+        elif (
+            model.state is ModelState.ASLEEP
+            and model.sleep_level == 2
+            and far_bytes(model) > 0
+            and not model.by_caller  # (a caller's level 2 freed host memory on purpose)
+        ):
             action = Sleep(model.model_id, 1, Cause.PRELOAD)
         else:
             continue  # (loaded and warm already, or its weights are in memory)

@@ -54,6 +54,10 @@ class ModelView:
     # False: a catalogue entry whose size is unknown (its source can't be
     # read now): its `layers` are (), so no room can be planned for it.
     sized: bool = True
+    # True: its state was reached by a caller's own call (cause USER): a
+    # caller's level-2 Sleep frees host memory on purpose, so no preload
+    # reads it back.
+    by_caller: bool = False
 
     def bytes_in(self, tier: Tier) -> int:
         return sum(layer.size for layer in self.layers if layer.tier is tier)
