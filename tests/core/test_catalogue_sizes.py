@@ -131,9 +131,17 @@ async def test_a_predicted_preload_stays_within_the_host_and_the_sleeper_limit(
         await node.h.close()
 
 
+async def test_a_predicted_preload_leaves_a_callers_level_2_sleep_alone(node: Node) -> None:
+    await node.load("a")
+    await node.m.sleep("a", 2)  # a caller freed the host memory on purpose
+    node.m.report_activity("a", "router", 50, 1.0, 0)
+    assert node.m.pilot.housekeep_once() == []
+    assert (node.m.get("a").state, node.m.get("a").sleep_level) == (ModelState.ASLEEP, 2)
+
+
 async def test_a_predicted_preload_warms_a_level_2_sleeper_to_the_host(node: Node) -> None:
     await node.load("a")
-    await node.m.sleep("a", 2)
+    await node.m.sleep("a", 2, cause=Cause.IDLE)  # a policy's, not a caller's
     node.m.report_activity("a", "router", 50, 1.0, 0)
     started = node.m.pilot.housekeep_once()
     assert len(started) == 1
