@@ -4,8 +4,8 @@ The pilot builds the node's view for the pure decisions of
 `torpord.policies` (core/nodeview.py) and runs the actions they return
 through the manager's verbs, each an ordinary transition with its cause:
 
-- memory pressure: a caller's Load, Wake or Offload (or an Acquire) that
-  finds its pool full evicts instead of refusing (`with_room`): the
+- memory pressure: a caller's Load, Wake, Offload or level-1 Sleep (or an
+  Acquire) that finds its pool full evicts instead of refusing (`with_room`): the
   evictions `make_room` chooses run (cause PRESSURE), each victim looked at
   again just before (one in use or busy by then is spared, the rest planned
   again), and the call is tried again, a bounded number of times (memory
