@@ -206,3 +206,11 @@ def test_a_model_acquired_ready_is_held_against_concurrent_acquires(
         assert model["state"] == "MODEL_STATE_ACTIVE"
         assert model["last_transition"]["cause"] == "CAUSE_ACQUIRE"
         assert model["activity"].get("in_use") == 1
+
+
+def test_a_load_of_a_loaded_model_sets_the_policy_it_gives(start: Callable[..., Node]) -> None:
+    n = start()
+    n.load("a")
+    n.d.ctl("load", "a", str(n.paths["a"]), "--idle-timeout", "2m", "--priority", "7")
+    policy = state(n.d, "a")["policy"]
+    assert (policy["idle_timeout"], policy["priority"]) == ("120s", 7)
