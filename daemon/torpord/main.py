@@ -196,6 +196,7 @@ class Daemon:
                 policy=cfg.policy.settings,
                 policy_interval=cfg.policy.interval,
                 acquire_patience=cfg.policy.acquire_patience,
+                acquire_hold=cfg.policy.acquire_hold,
                 catalogue=catalogue,
                 scrub_rate=cfg.scrub.rate,
                 scrub_interval=cfg.scrub.interval,

@@ -19,8 +19,7 @@ from torpord.errors import InvalidArgument, NotFound
 from torpord.policies.settings import ModelPolicy, PolicySettings, Window
 from torpord.types import Cause, ModelState, Tier
 
-from .pilotkit import Events
-from .test_pilot import Node, model_bytes
+from .pilotkit import Events, Node, model_bytes
 
 ALWAYS_DEVICE = Window(start=0, end=604000, tier=Tier.DEVICE, lead=86400)  # the whole week
 

@@ -176,3 +176,41 @@ def test_a_users_wake_preempts_a_policys_sleep(start: Callable[..., Node]) -> No
         "CAUSE_IDLE",
     )
     holder.ask("release")
+
+
+HOLD = '[policy]\nacquire_patience = "300ms"\nacquire_hold = "10m"\n'
+
+
+def test_a_model_acquired_ready_is_held_against_concurrent_acquires(
+    start: Callable[..., Node],
+) -> None:
+    n = start(HOLD)
+    n.load("a", "b")
+    sleep = "torpor.v1.ModelService/SleepModel"
+    for name in "ab":
+        n.d.call(sleep, {"model_id": name, "level": 1, "wait": True})
+    n.load("c")
+    n.d.call(sleep, {"model_id": "c", "level": 1, "wait": True})  # three sleepers
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        outs = dict(
+            zip("abc", pool.map(lambda m: n.d.ctl("acquire", m, check=False), "abc"), strict=True)
+        )
+    ready = sorted(m for m, out in outs.items() if out.returncode == 0)
+    refused = [out for out in outs.values() if out.returncode != 0]
+    assert len(ready) == 2 and len(refused) == 1, outs  # the device fits two
+    assert "RESOURCE_EXHAUSTED OUT_OF_MEMORY" in refused[0].stderr
+    in_use = next(line for line in refused[0].stderr.splitlines() if "in_use:" in line)
+    assert all(f"'{m}'" in in_use for m in ready)  # held, and named so
+    for name in ready:  # nothing handed out as ready was evicted
+        model = state(n.d, name)
+        assert model["state"] == "MODEL_STATE_ACTIVE"
+        assert model["last_transition"]["cause"] == "CAUSE_ACQUIRE"
+        assert model["activity"].get("in_use") == 1
+
+
+def test_a_load_of_a_loaded_model_sets_the_policy_it_gives(start: Callable[..., Node]) -> None:
+    n = start()
+    n.load("a")
+    n.d.ctl("load", "a", str(n.paths["a"]), "--idle-timeout", "2m", "--priority", "7")
+    policy = state(n.d, "a")["policy"]
+    assert (policy["idle_timeout"], policy["priority"]) == ("120s", 7)

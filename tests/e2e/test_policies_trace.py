@@ -29,6 +29,7 @@ torch = pytest.importorskip("torch")
 from torpor.examples.tinylm import TinyConfig, make_checkpoint  # noqa: E402
 
 ENGINE = Path(__file__).with_name("trace_engine.py")
+REPORT = "torpor.v1.ModelService/ReportActivity"
 SMALL = TinyConfig(layers=2, hidden=64, intermediate=176)
 MODELS = [f"m{i}" for i in range(6)]
 ENGINES = MODELS[:3]  # these have an engine attached
@@ -72,10 +73,11 @@ def test_six_models_on_a_device_that_fits_two(tmp_path: Path) -> None:
                 "torpor.v1.ModelService/LoadModel",
                 {"model_id": name, "source": str(paths[name]), "wait": True},
             )
-            for _ in range(5):  # (it may have gone idle meanwhile: acquire, try again)
+            for _ in range(5):  # (it may have gone idle meanwhile: wake, try again)
                 if name not in workers:
                     break
-                acquire(d, name)
+                # (a Wake, not an Acquire: the model is not held for a request)
+                d.call("torpor.v1.ModelService/WakeModel", {"model_id": name, "wait": True})
                 if workers[name].ask("attach") == {"attached": True}:
                     break
             else:
@@ -98,6 +100,8 @@ def test_six_models_on_a_device_that_fits_two(tmp_path: Path) -> None:
                     acquire(d, name)
                     ran = workers[name].ask("run")
                 assert ran["digest"] == expected[name]
+            else:  # the request served: the router says so (the Acquire's hold ends)
+                d.call(REPORT, {"model_id": name, "reporter": "router", "uses": 1})
             node = d.call("torpor.v1.NodeService/GetNode")["node"]
             assert sum(int(x.get("used_bytes", 0)) for x in node["devices"]) <= capacity
             time.sleep(pause)

@@ -43,6 +43,7 @@ def test_defaults() -> None:
     assert config.policy.settings == PolicySettings()
     assert config.policy.interval == 1.0
     assert config.policy.acquire_patience == 5.0
+    assert config.policy.acquire_hold == 10.0
     assert config.catalogue == ()
 
 
@@ -65,6 +66,7 @@ preload_min_uses = 2.5
 staging = false
 interval = "250ms"
 acquire_patience = "30s"
+acquire_hold = "2s"
 [policy.default]
 idle_timeout = "5m"
 idle_level = 2
@@ -99,6 +101,7 @@ source = "{models / "qwen.safetensors"}"
     )
     assert config.policy.interval == 0.25
     assert config.policy.acquire_patience == 30.0
+    assert config.policy.acquire_hold == 2.0
     llama, qwen = config.catalogue
     assert (llama.model_id, llama.device) == ("llama", "GPU-1234")
     weekdays = tuple(Window(d * 24 * H + 8 * H, d * 24 * H + 18 * H) for d in range(5))
@@ -127,6 +130,8 @@ BAD = [
     ('[policy]\ninterval = "0s"\n', 'policy.interval: expected a duration from "10ms"'),
     ('[policy]\nacquire_patience = "11m"\n', 'acquire_patience: expected a duration of at most'),
     ('[policy]\nacquire_patience = "soon"\n', "policy.acquire_patience: expected a duration"),
+    ('[policy]\nacquire_hold = "11m"\n', 'acquire_hold: expected a duration of at most "10m"'),
+    ('[policy]\nacquire_hold = "-1s"\n', "policy.acquire_hold: expected a duration"),
     ("[policy]\npreload_min_uses = 0\n", "policy.preload_min_uses: expected a number of uses"),
     ('[policy]\npreload_min_uses = "1"\n', 'above 0 and at most 1e+06, got "1"'),
     ("[policy]\nstaging = 1\n", "policy.staging: expected true or false, got 1"),

@@ -57,7 +57,9 @@ class ModelServiceStub:
     """Reads a checkpoint into slabs, layer by layer, in forward order.
 
     Loading a model_id that exists with the same source returns the existing
-    model unchanged; with a different source it is ALREADY_EXISTS. A source
+    model, unchanged but for the policy fields the request sets (a Load the
+    node's policy is running, a preload say, is joined, then the model goes
+    on to the tier asked); with a different source it is ALREADY_EXISTS. A source
     outside the daemon's allowed roots is PERMISSION_DENIED; a malformed
     checkpoint is INVALID_ARGUMENT naming the file, tensor or offset; not
     enough free memory is RESOURCE_EXHAUSTED with the bytes asked, free and
@@ -161,7 +163,9 @@ class ModelServiceAsyncStub(ModelServiceStub):
     """Reads a checkpoint into slabs, layer by layer, in forward order.
 
     Loading a model_id that exists with the same source returns the existing
-    model unchanged; with a different source it is ALREADY_EXISTS. A source
+    model, unchanged but for the policy fields the request sets (a Load the
+    node's policy is running, a preload say, is joined, then the model goes
+    on to the tier asked); with a different source it is ALREADY_EXISTS. A source
     outside the daemon's allowed roots is PERMISSION_DENIED; a malformed
     checkpoint is INVALID_ARGUMENT naming the file, tensor or offset; not
     enough free memory is RESOURCE_EXHAUSTED with the bytes asked, free and
@@ -268,7 +272,9 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         """Reads a checkpoint into slabs, layer by layer, in forward order.
 
         Loading a model_id that exists with the same source returns the existing
-        model unchanged; with a different source it is ALREADY_EXISTS. A source
+        model, unchanged but for the policy fields the request sets (a Load the
+        node's policy is running, a preload say, is joined, then the model goes
+        on to the tier asked); with a different source it is ALREADY_EXISTS. A source
         outside the daemon's allowed roots is PERMISSION_DENIED; a malformed
         checkpoint is INVALID_ARGUMENT naming the file, tensor or offset; not
         enough free memory is RESOURCE_EXHAUSTED with the bytes asked, free and

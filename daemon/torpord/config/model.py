@@ -23,6 +23,7 @@ MAX_CATALOGUE: Final = 1024  # catalogue entries, config and RegisterModel toget
 MAX_SLEEPING_MODELS: Final = 100_000
 MAX_POLICY_INTERVAL: Final = 3600.0  # seconds between two housekeeping rounds
 MAX_ACQUIRE_PATIENCE: Final = 600.0  # seconds an Acquire may wait for models in use
+MAX_ACQUIRE_HOLD: Final = 600.0  # seconds a model an Acquire made ready is held
 MAX_PRELOAD_MIN_USES: Final = 1e6  # expected uses in the next hour
 EVICTION_ORDERS: Final = ("cost", "lru", "lfu")
 GRANULARITIES: Final = ("model", "layers")
@@ -174,6 +175,9 @@ class PolicyConfig:
     # Seconds an Acquire waits for models in use or in a transition to be let
     # go of before it answers RESOURCE_EXHAUSTED (0: at once).
     acquire_patience: float = 5.0
+    # Seconds a model an Acquire made ready is held in use (not evicted, not
+    # put to sleep) unless its engine or router reports a use of it first.
+    acquire_hold: float = 10.0
 
 
 @dataclass(frozen=True)

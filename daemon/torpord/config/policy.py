@@ -16,6 +16,7 @@ from torpord.config.model import (
     EVICT_TIERS,
     EVICTION_ORDERS,
     GRANULARITIES,
+    MAX_ACQUIRE_HOLD,
     MAX_ACQUIRE_PATIENCE,
     MAX_CATALOGUE,
     MAX_IDLE_TIMEOUT,
@@ -56,6 +57,7 @@ __all__ = [
     "MODEL_POLICY_KEYS",
     "POLICY_KEYS",
     "evict_to_value",
+    "hold_value",
     "idle_level_value",
     "idle_timeout_value",
     "interval_value",
@@ -79,6 +81,7 @@ POLICY_KEYS: Final = (
     "staging",
     "interval",
     "acquire_patience",
+    "acquire_hold",
     "default",
 )
 MODEL_POLICY_KEYS: Final = ("idle_timeout", "idle_level", "priority", "pinned", "evict_to")
@@ -137,6 +140,13 @@ def patience_value(value: Any) -> float:
     seconds = duration_value(value)
     if seconds > MAX_ACQUIRE_PATIENCE:
         raise Invalid(f'a duration of at most "{MAX_ACQUIRE_PATIENCE / 60:g}m" ("0s": no wait)')
+    return seconds
+
+
+def hold_value(value: Any) -> float:
+    seconds = duration_value(value)
+    if seconds > MAX_ACQUIRE_HOLD:
+        raise Invalid(f'a duration of at most "{MAX_ACQUIRE_HOLD / 60:g}m" ("0s": no hold)')
     return seconds
 
 
@@ -219,6 +229,7 @@ def read_policy(r: Reader, host_capacity: int, *, disk: bool) -> PolicyConfig:
         settings,
         r.get("policy.interval", interval_value, 1.0),
         r.get("policy.acquire_patience", patience_value, 5.0),
+        r.get("policy.acquire_hold", hold_value, 10.0),
     )
 
 

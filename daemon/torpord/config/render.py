@@ -199,6 +199,10 @@ interval = {_toml_duration(c.policy.interval)}
 # go of when only they could make room, before RESOURCE_EXHAUSTED ("0s": it
 # answers at once, as a Load or Wake does).
 acquire_patience = {_toml_duration(c.policy.acquire_patience)}
+# How long a model an Acquire made ready is held in use (never evicted nor
+# put to sleep), so the request it was made ready for can reach it, unless
+# its engine or router reports a use of it first ("0s": no hold).
+acquire_hold = {_toml_duration(c.policy.acquire_hold)}
 
 [policy.default]
 # Every model's policy unless its Load, its catalogue entry or SetModelPolicy

@@ -11,6 +11,15 @@ that finds a caller's transition running (a Wake, say) waits for it and
 then makes the model ready from where it left it. Each Acquire counts as a
 use of the model, and its time to ready and whether it was a hit are kept
 (the last few) and logged.
+
+Ready is held: from its start until `acquire_hold` seconds after the model
+is ready, an Acquire holds it in use (core/activity.py), so the router's
+request finds it where the Acquire left it: another Acquire (or any
+caller's call) that needs room evicts other models, or waits its
+`acquire_patience` and is refused naming the held model `in_use`. The hold
+is taken in the same step that sees the model ready, so no eviction can
+come between. It ends early once the engine's use() or the router
+reports a use of the model (core/activity.py).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from torpord.core.activity import ACQUIRING
 from torpord.core.model import ModelSnapshot
 from torpord.core.pilot import Pilot
 from torpord.core.preempt import preempt
@@ -66,6 +76,7 @@ class Acquirer:
         self._m = manager
         self._pilot = pilot
         self._readying: dict[str, asyncio.Task[ModelSnapshot]] = {}
+        self._running: dict[str, int] = {}  # model id -> Acquires of it running
         self.figures: deque[Figure] = deque(maxlen=FIGURES_KEPT)
         self._listeners: list[AcquireListener] = []
 
@@ -90,8 +101,9 @@ class Acquirer:
         model = self._m.registry.find(model_id)
         if model is None and not self._m.known(model_id):
             self._m.registry.model(model_id)  # NOT_FOUND (or INVALID_MODEL_ID)
-        self._pilot.used(model_id)
+        self._start(model_id)
         hit = model is not None and model.state is ModelState.ACTIVE and not model.busy
+        ready = False
         try:
             if hit:
                 snapshot = model.snapshot() if model is not None else self._m.registry.get(model_id)
@@ -102,9 +114,12 @@ class Acquirer:
                     self._readying[model_id] = task
                     task.add_done_callback(lambda _: self._readying.pop(model_id, None))
                 snapshot = await asyncio.shield(task)
+            ready = True
         except Exception:  # (a caller that went away is not a failure of the Acquire)
             self._tell(Figure(model_id, False, time.monotonic() - clock), False)
             raise
+        finally:
+            self._end(model_id, held=ready)
         seconds = time.monotonic() - clock
         figure = Figure(model_id, hit, seconds)
         self.figures.append(figure)
@@ -117,6 +132,23 @@ class Acquirer:
             time_to_ready=round(seconds, 4),
         )
         return Acquired(snapshot, hit, seconds)
+
+    def _start(self, model_id: str) -> None:
+        """An Acquire of `model_id` begins: a use, held open while it runs."""
+        running = self._running.get(model_id, 0) + 1
+        self._m.activity.record(model_id, ACQUIRING, 1, 0.0, running)
+        self._running[model_id] = running
+
+    def _end(self, model_id: str, *, held: bool) -> None:
+        """It ended; `held`: with the model ready, which stays held in use for
+        `acquire_hold` seconds (in this same step: nothing runs between)."""
+        running = self._running.pop(model_id) - 1
+        if running:
+            self._running[model_id] = running
+        if held:
+            self._m.activity.hold(model_id, self._m.settings.acquire_hold)
+        if self._m.known(model_id):  # (else its record went with it)
+            self._m.activity.record(model_id, ACQUIRING, 0, 0.0, running)
 
     async def _ready(self, model_id: str) -> ModelSnapshot:
         """Bring the model to ACTIVE, from wherever it is (the shared work)."""

@@ -2,9 +2,15 @@
 
 Engines report their `use()` blocks through their attachment (one reporter
 per attachment), routers through ReportActivity (one reporter per name), and
-each Acquire counts as a use. A model's record outlives an unload while its
-id is still known (registered in the catalogue), so a model that comes back
-keeps its history; it goes when its id is neither loaded nor registered.
+each Acquire counts as a use. An Acquire also holds its model in use, under
+reporters of its own: while it runs (`ACQUIRING`), and once the model is
+ready for a while (`HOLDING`, config `[policy] acquire_hold`), so that the
+request it was made ready for finds it there: policies evict and sleep no
+model in use. The hold ends early once another reporter reports a use of
+the model, open or ended (the engine's use() or the router took over).
+A model's record outlives an unload while its id is still known
+(registered in the catalogue), so a model that comes back keeps its
+history; it goes when its id is neither loaded nor registered.
 The clock is the wall clock (`time.time`): activity is compared with windows
 of the week and shown as timestamps.
 """
@@ -20,6 +26,8 @@ from torpord.policies.activity import Activity
 from torpord.policies.view import ActivitySummary
 
 __all__ = [
+    "ACQUIRING",
+    "HOLDING",
     "MAX_BUSY_SECONDS",
     "MAX_IN_USE",
     "MAX_REPORTER",
@@ -40,6 +48,9 @@ MAX_REPORTER = 128  # characters of a reporter's name
 # half of it (proto/torpor/v1/models.proto says so). Engines' attachments
 # need none: their uses end when the attachment does.
 OPEN_USE_LEASE = 60.0
+# The reporters of Acquire's uses and holds (core/acquire.py).
+ACQUIRING = "acquire"
+HOLDING = "acquire hold"
 _SWEEP_AT = 1024  # records past which those of ids no longer known are swept
 
 
@@ -103,7 +114,20 @@ class ActivityLog:
             )
         now = self._clock()
         until = None if lease is None else now + lease
-        self.of(model_id).record(now, reporter, uses, busy_seconds, in_use, open_until=until)
+        record = self.of(model_id)
+        record.record(now, reporter, uses, busy_seconds, in_use, open_until=until)
+        if (uses or in_use) and reporter not in (ACQUIRING, HOLDING):
+            # The use it was held for has begun (or already ended: an
+            # engine's report coalesces a short use() into `uses`).
+            record.forget(now, HOLDING)
+
+    def hold(self, model_id: str, seconds: float) -> None:
+        """An Acquire made `model_id` ready: hold it in use for `seconds`
+        (from now: a later hold replaces an earlier one), or until another
+        reporter reports a use of it. Nothing for an id the daemon doesn't know."""
+        if seconds > 0 and self._known(model_id):
+            now = self._clock()
+            self.of(model_id).record(now, HOLDING, 0, 0.0, 1, open_until=now + seconds)
 
     def forget(self, model_id: str, reporter: str) -> None:
         """`reporter` is gone (an engine's attachment ended): its open uses end."""

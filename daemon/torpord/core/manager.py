@@ -32,6 +32,7 @@ from torpord.core.engines import Engines
 from torpord.core.events import EventBus
 from torpord.core.history import History
 from torpord.core.images import Images
+from torpord.core.loads import Loads
 from torpord.core.model import Model, ModelSnapshot
 from torpord.core.mover import Mover
 from torpord.core.pilot import Pilot
@@ -120,6 +121,7 @@ class ModelManager:
         # The policies' decisions run (core/pilot.py); Acquire (core/acquire.py).
         self.pilot = Pilot(self)
         self.acquirer = Acquirer(self, self.pilot)
+        self._loads = Loads(self, self._verbs, self.pilot)  # (core/loads.py)
 
     @property
     def engines(self) -> Engines:
@@ -241,19 +243,8 @@ class ModelManager:
         entry = self.catalogue.get(model_id)
         if not source and entry is not None:
             source, device = entry.source, device or entry.device
-        return await self.pilot.with_room(
-            model_id,
-            cause,
-            lambda: self._verbs.load(
-                model_id,
-                source,
-                device=device,
-                target=target,
-                wait=wait,
-                request_id=request_id,
-                cause=cause,
-                policy=policy,
-            ),
+        return await self._loads.load(  # (and a caller's joins a policy's: core/loads.py)
+            model_id, source, device, target, wait, request_id, cause, policy
         )
 
     async def sleep(
@@ -266,8 +257,12 @@ class ModelManager:
         disk_copy: bool = False,
         cause: Cause = Cause.USER,
     ) -> ModelSnapshot:
-        return await self._verbs.sleep(
-            model_id, level, wait=wait, request_id=request_id, disk_copy=disk_copy, cause=cause
+        return await self.pilot.with_room(  # (level 1: host room)
+            model_id,
+            cause,
+            lambda: self._verbs.sleep(
+                model_id, level, wait=wait, request_id=request_id, disk_copy=disk_copy, cause=cause
+            ),
         )
 
     async def wake(
@@ -340,6 +335,7 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace + rollback
         await self.pilot.stop()  # (no policy starts anything from here on)
+        await self._loads.stop()
 
         def left() -> float:
             return max(0.0, deadline - loop.time())

@@ -4,10 +4,12 @@ The pilot builds the node's view for the pure decisions of
 `torpord.policies` (core/nodeview.py) and runs the actions they return
 through the manager's verbs, each an ordinary transition with its cause:
 
-- memory pressure: a caller's Load, Wake or Offload (or an Acquire) that
-  finds its pool full evicts instead of refusing (`with_room`): the
-  evictions `make_room` chooses run (cause PRESSURE) and the call is tried
-  again, a bounded number of times (memory freed can be taken meanwhile).
+- memory pressure: a caller's Load, Wake, Offload or level-1 Sleep (or an
+  Acquire) that finds its pool full evicts instead of refusing (`with_room`): the
+  evictions `make_room` chooses run (cause PRESSURE), each victim looked at
+  again just before (one in use or busy by then is spared, the rest planned
+  again), and the call is tried again, a bounded number of times (memory
+  freed can be taken meanwhile).
   RESOURCE_EXHAUSTED remains when nothing evictable makes room, its metadata
   naming the models that block (pinned, in use, in transition);
 - housekeeping: every `interval` seconds, what `housekeeping` decides (idle
@@ -32,12 +34,13 @@ import structlog
 
 from torpord.core.backoff import Backoff
 from torpord.core.model import Model, ModelSnapshot
-from torpord.core.nodeview import Bandwidths, build_view, pool_of
+from torpord.core.nodeview import Bandwidths, build_view, model_view, pool_of
 from torpord.core.preempt import CALLERS
 from torpord.core.steering import Steered
 from torpord.errors import ResourceExhausted, TorporError, some
 from torpord.policies.actions import Action, Load, Offload, Refusal, Sleep, Unload, Wake
 from torpord.policies.decide import acquire, housekeeping, make_room
+from torpord.policies.room import blocker
 from torpord.policies.settings import ModelPolicy, PolicySettings
 from torpord.policies.view import ActivitySummary, LayerView, ModelView, NodeView
 from torpord.types import Cause, ModelState, Tier
@@ -118,10 +121,6 @@ class Pilot:
         entry = self._m.catalogue.get(model_id)
         return (entry.source, entry.device) if entry is not None else None
 
-    def used(self, model_id: str) -> None:
-        """An Acquire: one use of the model, by the reporter "acquire"."""
-        self._m.activity.record(model_id, "acquire", 1, 0.0, 0)
-
     def view(self) -> NodeView:
         models = list(self._m.registry.models.values())
         self.bandwidths.observe(models)
@@ -191,37 +190,72 @@ class Pilot:
                 rounds += 1
 
     async def _make_room(self, model_id: str, pool: str, err: ResourceExhausted) -> None:
+        """Run the evictions `make_room` chooses. Each victim is looked at
+        again just before its eviction runs (the ones before it took time):
+        one that has become in use (an Acquire's hold, say), pinned, busy or
+        different from what was planned is left alone, and the room still
+        missing is planned again from a new view."""
         async with self._room:
-            view = self.view()
-            room = view.host if pool == "host" else view.devices[pool]
-            needed = int(err.metadata.get("asked", "0")) - room.free
-            if needed <= 0:
-                return  # freed meanwhile: try again
+            for _ in range(ROOM_ROUNDS):
+                if await self._evict(model_id, pool, err):
+                    return
+
+    async def _evict(self, model_id: str, pool: str, err: ResourceExhausted) -> bool:
+        """One plan's evictions; False when a victim changed (plan again)."""
+        view = self.view()
+        room = view.host if pool == "host" else view.devices[pool]
+        needed = int(err.metadata.get("asked", "0")) - room.free
+        if needed <= 0:
+            return True  # freed meanwhile: try again
+        try:
+            decision = make_room(view, pool, needed, keep={model_id})
+        except Exception:  # (a bug in a decision: the caller gets the plain refusal)
+            log.exception("making room failed", model_id=model_id, pool=pool)
+            raise err from None
+        if isinstance(decision, Refusal):
+            raise refused(err, decision) from None
+        log.info(
+            "making room",
+            model_id=model_id,
+            pool=pool,
+            needed=needed,
+            actions=[f"{type(a).__name__} {a.model_id}" for a in decision],
+        )
+        for action in decision:
+            planned = view.model(action.model_id)
+            if planned is None or self._changed(planned, keep=model_id):
+                log.info("a victim changed; planning again", victim=action.model_id)
+                return False
             try:
-                decision = make_room(view, pool, needed, keep={model_id})
-            except Exception:  # (a bug in a decision: the caller gets the plain refusal)
-                log.exception("making room failed", model_id=model_id, pool=pool)
-                raise err from None
-            if isinstance(decision, Refusal):
-                raise refused(err, decision) from None
-            log.info(
-                "making room",
-                model_id=model_id,
-                pool=pool,
-                needed=needed,
-                actions=[f"{type(a).__name__} {a.model_id}" for a in decision],
-            )
-            for action in decision:
-                try:
-                    await self.run(action)
-                except TorporError as failed:  # (the next round sees what is left)
-                    log.warning(
-                        "an eviction failed",
-                        model_id=action.model_id,
-                        action=type(action).__name__,
-                        reason=failed.reason,
-                        error=failed.message,
-                    )
+                await self.run(action)
+            except TorporError as failed:  # (the next round sees what is left)
+                log.warning(
+                    "an eviction failed",
+                    model_id=action.model_id,
+                    action=type(action).__name__,
+                    reason=failed.reason,
+                    error=failed.message,
+                )
+        return True
+
+    def _changed(self, planned: ModelView, *, keep: str) -> bool:
+        """Whether a victim may no longer be evicted as planned: gone, in
+        use, pinned, busy, or moved since the plan's view."""
+        model = self._m.registry.find(planned.model_id)
+        if model is None:
+            return True
+        now = model_view(
+            model,
+            self.policy(model),
+            self.activity(model.model_id),
+            acting=model.model_id in self._acting,
+        )
+        moved = (now.state, now.sleep_level, now.layers) != (
+            planned.state,
+            planned.sleep_level,
+            planned.layers,
+        )
+        return moved or blocker(now, {keep}) is not None
 
     async def stage(self, model_id: str) -> bool:
         """Acquire's staging (policies/stage.py): when room must be made on

@@ -15,15 +15,23 @@ from torpord.core.activity import ActivityLog
 from torpord.core.catalogue import Catalogue
 from torpord.core.model import LayerState, Model, ModelSnapshot, Running
 from torpord.core.policy import PolicyOverrides
-from torpord.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from torpord.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from torpord.storage.checkpoint import open_checkpoint
 from torpord.storage.diskcache import cache_key
 from torpord.storage.gcpause import gc_paused
 from torpord.storage.layers import LayerPatterns, layout_hash, plan_layers
 from torpord.storage.safetensors import Checkpoint
-from torpord.types import ModelState
+from torpord.types import Cause, ModelState
 
-__all__ = ["MODEL_ID", "Registry", "busy", "check_model_id", "prepare", "wrong_state"]
+__all__ = [
+    "MODEL_ID",
+    "Registry",
+    "busy",
+    "check_model_id",
+    "exists",
+    "prepare",
+    "wrong_state",
+]
 
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -41,8 +49,10 @@ class Registry:
         self.catalogue = catalogue if catalogue is not None else Catalogue()
         # Ids whose Load is still validating the checkpoint: the task of that call.
         self.validating: dict[str, Running] = {}
-        # ... and what a retry without waiting waits for: the validation's end.
+        # ... and what a retry without waiting waits for: the validation's end;
+        # and the source (resolved) and cause of each (core/loads.py).
         self.validated: dict[str, asyncio.Future[None]] = {}
+        self.validating_from: dict[str, tuple[str, Cause]] = {}
 
     def get(self, model_id: str) -> ModelSnapshot:
         return self.model(model_id).snapshot()
@@ -134,6 +144,16 @@ def busy(model_id: str, state: str) -> Aborted:
         f"model {model_id!r} is {state.lower()}; wait for that to finish",
         reason="TRANSITION_IN_PROGRESS",
         metadata={"model_id": model_id, "state": state},
+    )
+
+
+def exists(model_id: str, what: str, path: str) -> AlreadyExists:
+    """A Load of `model_id` from another source than `path`, the one it
+    has (`what` says how): one id, one source."""
+    return AlreadyExists(
+        f"model {model_id!r} {what}",
+        reason="MODEL_EXISTS",
+        metadata={"model_id": model_id, "source": path},
     )
 
 

@@ -27,6 +27,9 @@ class ManagerSettings:
     # Seconds an Acquire waits for models in use or in a transition to be
     # let go of (config [policy] acquire_patience).
     acquire_patience: float = 5.0
+    # Seconds a model an Acquire made ready stays held in use (config
+    # [policy] acquire_hold), unless its engine or router reports a use first.
+    acquire_hold: float = 10.0
     # Config [[catalogue]]: entries the catalogue starts with.
     catalogue: tuple[Entry, ...] = ()
     # Config [scrub]: bytes a second the scrubber checks (0: no scrubber),

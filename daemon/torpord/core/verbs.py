@@ -17,12 +17,12 @@ from torpord.core.model import LayerState, Model, ModelSnapshot, Running
 from torpord.core.mover import Mover
 from torpord.core.policy import PolicyOverrides
 from torpord.core.preempt import idle_for
-from torpord.core.registry import Registry, busy, check_model_id, prepare, wrong_state
+from torpord.core.registry import Registry, busy, check_model_id, exists, prepare, wrong_state
 from torpord.core.requests import RequestLog
 from torpord.core.runner import Call, Plan, Runner, current_task, retrieve
 from torpord.core.settings import ManagerSettings
 from torpord.core.todevice import to_device, to_host
-from torpord.errors import AlreadyExists, FailedPrecondition, InvalidArgument, some
+from torpord.errors import FailedPrecondition, InvalidArgument, some
 from torpord.storage.safetensors import Checkpoint
 from torpord.storage.sources import resolve_source
 from torpord.types import Cause, ModelState, Tier, TransitionKind
@@ -82,17 +82,20 @@ class Verbs:
         existing = self._registry.models.get(model_id)
         if existing is not None:
             if existing.checkpoint.path != path:
-                raise AlreadyExists(
-                    f"model {model_id!r} already exists, {existing.source}",
-                    reason="MODEL_EXISTS",
-                    metadata={"model_id": model_id, "source": existing.checkpoint.path},
-                )
+                what = f"already exists, {existing.source}"
+                raise exists(model_id, what, existing.checkpoint.path)
             if existing.state is ModelState.LOADING and existing.task is not None:
+                self._take_policy(existing, policy)
                 return await self._runner.replay(existing.task, wait, model_id)
             if existing.busy or existing.state.transitional:
                 raise busy(model_id, existing.state.value)
+            self._take_policy(existing, policy)
             return existing.snapshot()
-        if model_id in self._registry.validating:
+        if (loading := self._registry.validating_from.get(model_id)) is not None:
+            other, by = loading
+            if other != path:  # (the same source: see core/loads.py)
+                what = f"is being loaded ({by.value}) with source {other}"
+                raise exists(model_id, f"{what}; wait for it, then unload it first", other)
             raise busy(model_id, "LOADING")
         uuid = self._backend.resolve_device(device) if device else ""
         # A retry that comes while the checkpoint is being validated waits for this.
@@ -102,6 +105,7 @@ class Verbs:
         # This call's task, so a forced Unload can stop the validation.
         validation = Running(current_task(), started=True)
         self._registry.validating[model_id] = validation
+        self._registry.validating_from[model_id] = (path, cause)
         validated = self._registry.validated[model_id] = asyncio.get_running_loop().create_future()
         try:
             # Not through mover.blocking: nothing is written into a slab here,
@@ -128,6 +132,7 @@ class Verbs:
             raise
         finally:
             del self._registry.validating[model_id], self._registry.validated[model_id]
+            del self._registry.validating_from[model_id]
             validated.set_result(None)
         self._registry.add(model)
         self._bus.publish(EventType.ADDED, model.snapshot())
@@ -362,6 +367,14 @@ class Verbs:
             removes=True,
         )
         return await self._runner.start(model, plan, call)
+
+    def _take_policy(self, model: Model, policy: PolicyOverrides) -> None:
+        """A Load of a loaded model: the policy fields it sets, set (as the
+        model's first Load would have; its catalogue entry keeps its own)."""
+        new = policy.over(model.policy)
+        if new != model.policy:
+            model.policy = new
+            self._bus.publish(EventType.CHANGED, model.snapshot())
 
     def _need_disk(self, why: str = "") -> None:
         if self._mover.disk is None:
