@@ -36,8 +36,9 @@ from torpord.core.backoff import Backoff
 from torpord.core.model import Model, ModelSnapshot
 from torpord.core.nodeview import Bandwidths, build_view, model_view, pool_of
 from torpord.core.preempt import CALLERS
+from torpord.core.refusals import refused
 from torpord.core.steering import Steered
-from torpord.errors import ResourceExhausted, TorporError, some
+from torpord.errors import ResourceExhausted, TorporError
 from torpord.policies.actions import Action, Load, Offload, Refusal, Sleep, Unload, Wake
 from torpord.policies.decide import acquire, housekeeping, make_room
 from torpord.policies.room import blocker
@@ -57,8 +58,6 @@ ROOM_ROUNDS = 4
 # a transition to be let go of (for up to ManagerSettings.acquire_patience:
 # engines report the end of their use at most once a second).
 PATIENCE_STEP = 0.05
-# The metadata key of each reason a model could not be evicted.
-BLOCKER_KEYS = {"pinned": "pinned", "in use": "in_use", "in transition": "in_transition"}
 
 
 class Pilot:
@@ -381,24 +380,3 @@ class Pilot:
             bound.exception("a policy's action failed unexpectedly")
         else:
             self.backoff.succeeded(action.model_id)
-
-
-def refused(err: ResourceExhausted, refusal: Refusal) -> ResourceExhausted:
-    """OUT_OF_MEMORY as the pool said, and why nothing evictable would make
-    room: the models that block, by why (bounded lists of ids)."""
-    by: dict[str, list[str]] = {}
-    for model_id, why in sorted(refusal.blocked.items()):
-        key = BLOCKER_KEYS.get(why)
-        if key is not None:
-            by.setdefault(key, []).append(model_id)
-    blockers = "; ".join(f"{key.replace('_', ' ')}: {some(ids)}" for key, ids in by.items())
-    return ResourceExhausted(
-        f"{err.message}; evicting what may be evicted would not make room"
-        + (f" (not evictable: {blockers})" if blockers else ""),
-        reason="OUT_OF_MEMORY",
-        metadata={
-            **err.metadata,
-            "short": refusal.short,
-            **{key: some(ids) for key, ids in by.items()},
-        },
-    )
