@@ -98,7 +98,7 @@ async def test_a_load_from_another_source_is_refused_naming_the_policys(
 
 async def test_a_load_of_a_loaded_model_sets_the_policy_it_gives(h: Harness, ckpt: Path) -> None:
     await h.manager.load("m", str(ckpt))
-    h.manager.register("m", str(ckpt))
+    await h.manager.register("m", str(ckpt))
     entry = h.manager.catalogue.get("m")
     assert entry is not None
     again = await h.manager.load(
