@@ -64,9 +64,11 @@ class Pilot:
     def __init__(self, manager: Steered) -> None:
         self._m = manager
         self.bandwidths = Bandwidths()
-        # Making room is one at a time: two callers must not pick the same
-        # models to evict, nor count the same free bytes.
-        self._room = asyncio.Lock()
+        # Making room in a pool is one at a time: two callers must not pick
+        # the same models to evict, nor count the same free bytes. One lock
+        # per pool ("host", or a device's uuid), so that an eviction waiting
+        # for an engine on one GPU holds up no other GPU.
+        self._rooms: dict[str, asyncio.Lock] = {}
         self._loop: asyncio.Task[None] | None = None
         self._acting: dict[str, asyncio.Task[None]] = {}  # model id -> the policy's action
         self.rounds = 0  # housekeeping rounds done
@@ -194,10 +196,16 @@ class Pilot:
         one that has become in use (an Acquire's hold, say), pinned, busy or
         different from what was planned is left alone, and the room still
         missing is planned again from a new view."""
-        async with self._room:
+        async with self._room(pool):
             for _ in range(ROOM_ROUNDS):
                 if await self._evict(model_id, pool, err):
                     return
+
+    def _room(self, pool: str) -> asyncio.Lock:
+        lock = self._rooms.get(pool)
+        if lock is None:  # (one per pool: the host and each device, so bounded)
+            lock = self._rooms[pool] = asyncio.Lock()
+        return lock
 
     async def _evict(self, model_id: str, pool: str, err: ResourceExhausted) -> bool:
         """One plan's evictions; False when a victim changed (plan again)."""
@@ -265,7 +273,7 @@ class Pilot:
         it would have (a failed staging step is logged, not raised)."""
         if not self.enabled:
             return False
-        async with self._room:
+        async with self._room("host"):
             try:
                 decision = acquire(self.view(), model_id)
             except TorporError:
