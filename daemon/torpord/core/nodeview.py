@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from torpord.backends.base import Backend, PoolInfo
+from torpord.core.catalogue import Entry
 from torpord.core.model import Model, TransitionRecord
 from torpord.policies.settings import ModelPolicy, PolicySettings
 from torpord.policies.view import (
@@ -23,7 +24,7 @@ from torpord.policies.view import (
     PoolView,
 )
 from torpord.storage.diskcache import DiskCache
-from torpord.types import Cause, ModelState, Outcome, Stage, TransitionKind
+from torpord.types import Cause, ModelState, Outcome, Stage, Tier, TransitionKind
 
 __all__ = ["HOST_POOL", "Bandwidths", "build_view", "model_view", "pool_of"]
 
@@ -161,3 +162,34 @@ def pool_of(metadata: Mapping[str, str], devices: Iterable[str]) -> str | None:
         return HOST_POOL
     uuid = name.removeprefix("device ")
     return uuid if uuid != name and uuid in set(devices) else None
+
+
+def entry_views(
+    entries: Iterable[Entry],
+    *,
+    device: Callable[[], str],
+    activity: Callable[[str], ActivitySummary],
+    busy: Callable[[str], bool],
+) -> list[ModelView]:
+    """Catalogue entries not loaded, as models UNLOADED, their layers on
+    their source as its headers plan them (not `sized` while it can't be
+    read: room for one is made when its Load finds the device full)."""
+    return [
+        ModelView(
+            model_id=entry.model_id,
+            state=ModelState.UNLOADED,
+            sleep_level=0,
+            device=entry.device or device(),
+            layers=tuple(
+                LayerView(name, size, Tier.SOURCE)
+                for name, size in (entry.size.layers if entry.size is not None else ())
+            ),
+            sized=entry.size is not None,
+            policy=entry.policy,
+            activity=activity(entry.model_id),
+            since=entry.create_time,
+            source=entry.source,
+            busy=busy(entry.model_id),
+        )
+        for entry in entries
+    ]

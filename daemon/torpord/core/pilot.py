@@ -34,7 +34,7 @@ import structlog
 
 from torpord.core.backoff import Backoff
 from torpord.core.model import Model, ModelSnapshot
-from torpord.core.nodeview import Bandwidths, build_view, model_view, pool_of
+from torpord.core.nodeview import Bandwidths, build_view, entry_views, model_view, pool_of
 from torpord.core.preempt import CALLERS
 from torpord.core.refusals import refused
 from torpord.core.steering import Steered
@@ -43,8 +43,8 @@ from torpord.policies.actions import Action, Load, Offload, Refusal, Sleep, Unlo
 from torpord.policies.decide import acquire, housekeeping, make_room
 from torpord.policies.room import blocker
 from torpord.policies.settings import ModelPolicy, PolicySettings
-from torpord.policies.view import ActivitySummary, LayerView, ModelView, NodeView
-from torpord.types import Cause, ModelState, Tier
+from torpord.policies.view import ActivitySummary, ModelView, NodeView
+from torpord.types import Cause, ModelState
 
 __all__ = ["ROOM_ROUNDS", "Pilot"]
 
@@ -91,31 +91,13 @@ class Pilot:
         return self._m.activity.summary(model_id)
 
     def entries(self) -> Sequence[ModelView]:
-        """Catalogue entries not loaded, as models UNLOADED, their layers on
-        their source as its headers plan them (not `sized` while it can't
-        be read: room for one is made when its Load finds the device full)."""
-        loaded = self._m.registry.models
-        return [
-            ModelView(
-                model_id=entry.model_id,
-                state=ModelState.UNLOADED,
-                sleep_level=0,
-                device=entry.device or self._m.backend.pick_device(),
-                layers=tuple(
-                    LayerView(name, size, Tier.SOURCE)
-                    for name, size in (entry.size.layers if entry.size is not None else ())
-                ),
-                sized=entry.size is not None,
-                policy=entry.policy,
-                activity=self.activity(entry.model_id),
-                since=entry.create_time,
-                source=entry.source,
-                busy=entry.model_id in self._acting
-                or entry.model_id in self._m.registry.validating,
-            )
-            for entry in self._m.catalogue.entries()
-            if entry.model_id not in loaded
-        ]
+        loaded, validating = self._m.registry.models, self._m.registry.validating
+        return entry_views(
+            (e for e in self._m.catalogue.entries() if e.model_id not in loaded),
+            device=self._m.backend.pick_device,
+            activity=self.activity,
+            busy=lambda model_id: model_id in self._acting or model_id in validating,
+        )
 
     def entry(self, model_id: str) -> tuple[str, str] | None:
         """The catalogue's source and device for `model_id`, if it has it."""
@@ -245,22 +227,26 @@ class Pilot:
                 )
         return True
 
-    def _changed(self, planned: ModelView, *, keep: str) -> bool:
-        """Whether a victim may no longer be evicted as planned: gone, in
-        use, pinned, busy, or moved since the plan's view."""
+    def _changed(self, planned: ModelView, *, keep: str, acting: bool = True) -> bool:
+        """Whether a model may no longer be acted on as planned: gone, in
+        use, pinned, busy, put where it is by a caller, or moved since the
+        plan's view (a catalogue entry planned for: loaded meanwhile).
+        `acting`: a policy's action on it counts as busy (False: for that
+        very action)."""
         model = self._m.registry.find(planned.model_id)
-        if model is None:
-            return True
+        if model is None or planned.state is ModelState.UNLOADED:
+            return (model is None) != (planned.state is ModelState.UNLOADED)
         now = model_view(
             model,
             self.policy(model),
             self.activity(model.model_id),
-            acting=model.model_id in self._acting,
+            acting=acting and model.model_id in self._acting,
         )
-        moved = (now.state, now.sleep_level, now.layers) != (
+        moved = (now.state, now.sleep_level, now.layers, now.by_caller) != (
             planned.state,
             planned.sleep_level,
             planned.layers,
+            planned.by_caller,
         )
         return moved or blocker(now, {keep}) is not None
 
@@ -345,7 +331,8 @@ class Pilot:
         it (the evictions that make its room: they come first)."""
         now = asyncio.get_running_loop().time()
         try:
-            actions = housekeeping(self.backoff.hold_back(self.view(), now))
+            view = self.backoff.hold_back(self.view(), now)
+            actions = housekeeping(view)
         except Exception:  # (a bug in a decision must not stop the daemon)
             log.exception("housekeeping failed")
             return []
@@ -355,7 +342,8 @@ class Pilot:
                 continue  # one action per model at a time
             after = tuple(started) if action.cause in (Cause.SCHEDULE, Cause.PRELOAD) else ()
             task = asyncio.create_task(
-                self._act(action, after), name=f"{type(action).__name__} {action.model_id}"
+                self._act(action, after, view.model(action.model_id)),
+                name=f"{type(action).__name__} {action.model_id}",
             )
             self._acting[action.model_id] = task
             task.add_done_callback(functools.partial(self._acted, action.model_id))
@@ -366,12 +354,24 @@ class Pilot:
         if self._acting.get(model_id) is task:
             del self._acting[model_id]
 
-    async def _act(self, action: Action, after: Sequence[asyncio.Task[None]] = ()) -> None:
-        if after:
-            await asyncio.wait(after)
+    async def _act(
+        self,
+        action: Action,
+        after: Sequence[asyncio.Task[None]] = (),
+        planned: ModelView | None = None,
+    ) -> None:
+        """Run `action`, decided on `planned` (the model as the round saw it),
+        once the tasks `after` are done. A model that changed while it waited
+        (an Acquire woke it and holds it, a caller slept it, it became busy
+        or pinned) is left alone: the next round decides on it afresh."""
         bound = log.bind(
             model_id=action.model_id, action=type(action).__name__, cause=action.cause.value
         )
+        if after:
+            await asyncio.wait(after)
+            if planned is not None and self._changed(planned, keep="", acting=False):
+                bound.info("a policy's action is moot: the model changed while it waited")
+                return
         clock = asyncio.get_running_loop().time
         try:
             await self.run(action)
