@@ -203,3 +203,22 @@ async def test_a_registered_models_use_is_shown_before_it_is_loaded(node: Node) 
     assert got.activity.last_use > 0
     (listed,) = [m for m in node.m.list_models(registered=True) if m.model_id == "c"]
     assert listed.activity.uses == 100
+
+
+async def test_a_re_pointed_symlink_is_read_again(node: Node, tmp_path: Path) -> None:
+    small = make_checkpoint(tmp_path / "v1", layers=2, hidden=64)
+    large = make_checkpoint(tmp_path / "v2", layers=6, hidden=64, seed=3)
+    current = tmp_path / "current"
+    current.symlink_to(small)
+    await node.m.register("cur", str(current))
+    await node.m.sizes.refresh()
+    entry = node.m.catalogue.get("cur")
+    assert entry is not None and entry.size is not None
+    assert entry.size.total == model_bytes(tmp_path, small)
+    tmp = tmp_path / "current.new"  # the deploy: a new link renamed over the old
+    tmp.symlink_to(large)
+    tmp.rename(current)
+    await node.m.sizes.refresh()
+    entry = node.m.catalogue.get("cur")
+    assert entry is not None and entry.size is not None
+    assert entry.size.total == model_bytes(tmp_path, large)

@@ -93,9 +93,12 @@ class _Failing:
 
 
 def _paths(source: str, settings: ManagerSettings) -> list[str]:
-    """What a source's look is taken of: the source, and its index if any."""
+    """What a source's look is taken of: the source as the caller named it
+    (followed: a symlink re-pointed to another checkpoint, the usual
+    "current" deploy, shows as a different inode), the file or directory
+    it resolved to, and its index if any."""
     path = resolve_source(source, settings.allowed_roots)
-    return [path, os.path.join(path, INDEX_FILE)]
+    return [source, path, os.path.join(path, INDEX_FILE)]
 
 
 def look(source: str, settings: ManagerSettings) -> Identity:
