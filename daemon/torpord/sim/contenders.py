@@ -10,8 +10,8 @@ memory):
   last model evicted for room offloads just enough of its layers to the
   host, so both the eviction and its later wake move fewer bytes. Not the
   default (whole models are, as the issue asks), shown because it measured
-  better: on the three presets, mean time-to-ready 9-13% lower than
-  `torpor`'s and P99 3-7% lower, for a lower hit rate (more models are
+  better: on the three presets, mean time-to-ready 8-13% lower than
+  `torpor`'s and P99 1-5% lower, for a lower hit rate (more models are
   left partly offloaded) and more GPU memory·time.
 The baselines' settings are torpord.policies.baselines':
 
