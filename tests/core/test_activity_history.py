@@ -213,6 +213,17 @@ def test_a_fifo_does_not_block_the_start(tmp_path: Path) -> None:
     assert logs[0]["why"] == "it is not a regular file"
 
 
+def test_what_a_crash_in_a_save_left_is_removed(tmp_path: Path) -> None:
+    path = tmp_path / "activity.json"
+    path.write_bytes(encode({}))
+    left = tmp_path / ".activity.json.123.0123abcd.tmp"
+    left.write_bytes(b"half a file")
+    other = tmp_path / ".other.json.123.0123abcd.tmp"
+    other.write_bytes(b"not ours")
+    assert HistoryFile(path).load() == {}
+    assert not left.exists() and other.exists() and path.exists()
+
+
 def test_a_missing_file_starts_empty_silently(tmp_path: Path) -> None:
     with structlog.testing.capture_logs() as logs:
         assert HistoryFile(tmp_path / "activity.json").load() == {}

@@ -8,7 +8,8 @@ uses, which belong to live engines and routers) and reads them back at start.
 
 The file is written as ssh writes known_hosts: a new file (0600) in the same
 directory, fsynced, renamed over the old one, so a crash leaves the old or
-the new history, never half of one. Its directory is held to the disk
+the new history, never half of one (a temporary file a crash left is
+removed at the next start). Its directory is held to the disk
 cache's rules (torpord.storage.cachefiles.CacheDir: ours, writable by no one
 else, under parents only root or we can change), checked at start.
 
@@ -29,6 +30,7 @@ import errno
 import json
 import math
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -177,7 +179,8 @@ class HistoryFile:
 
     def load(self) -> dict[str, SavedActivity]:
         """The saved records; {} when there is no file, or (logged) when it
-        is refused."""
+        is refused. Removes what a crash in the middle of a save left."""
+        self._remove_leftovers()
         try:
             raw = self._read()
         except FileNotFoundError:
@@ -188,6 +191,17 @@ class HistoryFile:
             return decode(raw)
         except ValueError as err:
             return self._refuse(str(err))
+
+    def _remove_leftovers(self) -> None:
+        name = re.compile(rf"\.{re.escape(self.path.name)}\.\d+\.[0-9a-f]{{8}}\.tmp")
+        try:
+            found = [entry for entry in os.scandir(self.path.parent) if name.fullmatch(entry.name)]
+        except OSError:
+            return
+        for entry in found:
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
 
     def _read(self) -> bytes:
         try:
@@ -289,6 +303,8 @@ class HistoryKeeper:
         saved = self._file.load()
         self._activity.restore(saved)
         self._saved = self._activity.changes
+        if saved:
+            log.info("activity history restored", models=len(saved), path=str(self._file.path))
         return len(saved)
 
     def start(self) -> None:
