@@ -315,7 +315,10 @@ class HistoryKeeper:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), SAVE_INTERVAL)
-            await self.save()
+            try:
+                await self.save()
+            except Exception:  # (a bug in a save must not stop the daemon's shutdown)
+                log.exception("cannot save the activity history")
             if self._stop.is_set():
                 return
 
