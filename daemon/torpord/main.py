@@ -23,6 +23,7 @@ from torpord import __version__, systemd
 from torpord.backends.base import Backend
 from torpord.backends.factory import BackendUnavailable, build_backend
 from torpord.config import Config, ConfigError, Overrides, default_config_toml, load_config
+from torpord.core.activityfile import HistoryFile, HistoryKeeper
 from torpord.core.attachments.registry import AgentRegistry
 from torpord.core.catalogue import Entry
 from torpord.core.manager import ManagerSettings, ModelManager
@@ -174,6 +175,11 @@ class Daemon:
         except UnsafeCacheDir as err:  # (checked before the backend pins anything)
             log.error("cannot start", error=f"{cfg.file or '<defaults>'}: disk_cache.path: {err}")
             return 2
+        try:
+            history = HistoryFile(cfg.policy.history) if cfg.policy.history else None
+        except UnsafeCacheDir as err:
+            log.error("cannot start", error=f"{cfg.file or '<defaults>'}: policy.history: {err}")
+            return 2
         systemd.status("starting the backend (a GPU host pins its host pool now)")
         try:
             backend, why = build_backend(cfg)
@@ -205,6 +211,9 @@ class Daemon:
         )
         # Before anything listens: no request may meet an image half restored.
         await manager.restore_images()
+        keeper = HistoryKeeper(history, manager.activity) if history else None
+        if keeper is not None:  # (after the images: their ids are known then)
+            keeper.restore()
         socket_path = cfg.server.socket
         fd_socket = socket_path.with_name(socket_path.name + ".fds")
         agents = AgentRegistry(
@@ -274,6 +283,8 @@ class Daemon:
         manager.pilot.start()  # (it does nothing while the policy layer is off)
         if manager.scrubber is not None:
             manager.scrubber.start()
+        if keeper is not None:
+            keeper.start()
         await self._stop.wait()
 
         # Everything below ends within the grace period, whatever it waits
@@ -297,6 +308,8 @@ class Daemon:
         await agents.shutdown(timeout=left(reserve))
         await server.stop(left(reserve))
         fds.close()
+        if keeper is not None:  # (no report comes in any more)
+            await keeper.close()
         clean = await manager.close(left(reserve), rollback=min(reserve, left()))
         if clean:
             backend.close()

@@ -178,6 +178,8 @@ class PolicyConfig:
     # Seconds a model an Acquire made ready is held in use (not evicted, not
     # put to sleep) unless its engine or router reports a use of it first.
     acquire_hold: float = 10.0
+    # The file models' activity history is kept in across restarts; None: not kept.
+    history: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from torpord.config.values import (
     choice,
     duration_value,
     format_size,
+    optional_path,
     show,
     size_value,
     string_value,
@@ -82,6 +83,7 @@ POLICY_KEYS: Final = (
     "interval",
     "acquire_patience",
     "acquire_hold",
+    "history",
     "default",
 )
 MODEL_POLICY_KEYS: Final = ("idle_timeout", "idle_level", "priority", "pinned", "evict_to")
@@ -230,6 +232,8 @@ def read_policy(r: Reader, host_capacity: int, *, disk: bool) -> PolicyConfig:
         r.get("policy.interval", interval_value, 1.0),
         r.get("policy.acquire_patience", patience_value, 5.0),
         r.get("policy.acquire_hold", hold_value, 10.0),
+        # (Its directory is checked at start: core/activityfile.py.)
+        r.get("policy.history", optional_path, None),
     )
 
 

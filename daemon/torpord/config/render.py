@@ -203,6 +203,10 @@ acquire_patience = {_toml_duration(c.policy.acquire_patience)}
 # put to sleep), so the request it was made ready for can reach it, unless
 # its engine or router reports a use of it first ("0s": no hold).
 acquire_hold = {_toml_duration(c.policy.acquire_hold)}
+# A file the daemon keeps each model's use in (last use, uses, the hours of
+# the week it is used: what predicted preloads read) across restarts, saved
+# every few minutes and at shutdown. "": the history starts empty each start.
+history = {_toml_str(str(c.policy.history) if c.policy.history else "")}
 
 [policy.default]
 # Every model's policy unless its Load, its catalogue entry or SetModelPolicy

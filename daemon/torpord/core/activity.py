@@ -11,6 +11,9 @@ the model, open or ended (the engine's use() or the router took over).
 A model's record outlives an unload while its id is still known
 (registered in the catalogue), so a model that comes back keeps its
 history; it goes when its id is neither loaded nor registered.
+With `[policy] history` set, the records are saved to a file and restored at
+the next start (core/activityfile.py): a restored record waits, bounded, for
+its id to be loaded or registered again.
 The clock is the wall clock (`time.time`): activity is compared with windows
 of the week and shown as timestamps.
 """
@@ -22,7 +25,7 @@ import time
 from collections.abc import Callable
 
 from torpord.errors import InvalidArgument, NotFound
-from torpord.policies.activity import Activity
+from torpord.policies.activity import Activity, SavedActivity
 from torpord.policies.view import ActivitySummary
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "MAX_BUSY_SECONDS",
     "MAX_IN_USE",
     "MAX_REPORTER",
+    "MAX_SAVED",
     "MAX_USES",
     "OPEN_USE_LEASE",
     "ActivityLog",
@@ -52,6 +56,9 @@ OPEN_USE_LEASE = 60.0
 ACQUIRING = "acquire"
 HOLDING = "acquire hold"
 _SWEEP_AT = 1024  # records past which those of ids no longer known are swept
+# Records saved across restarts at most (the most recently used first): a
+# few KiB each in the file.
+MAX_SAVED = 1024
 
 
 class ActivityLog:
@@ -69,15 +76,42 @@ class ActivityLog:
         self._clock = clock
         self._records: dict[str, Activity] = {}
         self._sweep_at = _SWEEP_AT
+        # Restored records of ids not known (yet): taken when they are.
+        self._restored: dict[str, Activity] = {}
+        # Counts what may have changed a record: a save only when it moved.
+        self.changes = 0
 
     def of(self, model_id: str) -> Activity:
-        """The record of `model_id`, created empty the first time."""
+        """The record of `model_id`: its restored one, or created empty the
+        first time."""
         record = self._records.get(model_id)
         if record is None:
             if len(self._records) >= self._sweep_at:
                 self._sweep()
-            record = self._records[model_id] = Activity()
+            record = self._restored.pop(model_id, None)
+            if record is None:
+                record = Activity()
+            self._records[model_id] = record
         return record
+
+    def restore(self, saved: dict[str, SavedActivity]) -> None:
+        """Take the records of a previous run (at start, before any report):
+        those of ids known now at once, the others when their id is."""
+        now = self._clock()
+        for model_id, state in list(saved.items())[:MAX_SAVED]:
+            if self._known(model_id):
+                record = self.of(model_id)  # (a loaded model's is shared with it)
+            else:
+                record = self._restored[model_id] = Activity()
+            record.restore(state, now)
+
+    def saved(self) -> dict[str, SavedActivity]:
+        """What to save: the MAX_SAVED most recently used records, restored
+        ones waiting for their id included (a copy: on the event loop)."""
+        records = [*self._records.items(), *self._restored.items()]
+        states = [(model_id, record.saved()) for model_id, record in records]
+        states.sort(key=lambda item: item[1].last_use, reverse=True)
+        return dict(states[:MAX_SAVED])
 
     def _sweep(self) -> None:
         # A safety net behind `release` (an id dropped without it): amortised,
@@ -88,6 +122,8 @@ class ActivityLog:
 
     def summary(self, model_id: str) -> ActivitySummary:
         record = self._records.get(model_id)
+        if record is None and model_id in self._restored and self._known(model_id):
+            record = self.of(model_id)  # (registered since the start)
         return record.summary(self._clock()) if record is not None else ActivitySummary()
 
     def record(
@@ -113,6 +149,7 @@ class ActivityLog:
                 metadata={"model_id": model_id},
             )
         now = self._clock()
+        self.changes += 1
         until = None if lease is None else now + lease
         record = self.of(model_id)
         record.record(now, reporter, uses, busy_seconds, in_use, open_until=until)
@@ -127,19 +164,21 @@ class ActivityLog:
         reporter reports a use of it. Nothing for an id the daemon doesn't know."""
         if seconds > 0 and self._known(model_id):
             now = self._clock()
+            self.changes += 1
             self.of(model_id).record(now, HOLDING, 0, 0.0, 1, open_until=now + seconds)
 
     def forget(self, model_id: str, reporter: str) -> None:
         """`reporter` is gone (an engine's attachment ended): its open uses end."""
         record = self._records.get(model_id)
         if record is not None:
+            self.changes += 1
             record.forget(self._clock(), reporter)
 
     def release(self, model_id: str) -> None:
         """`model_id` may have stopped being known (unloaded, deregistered):
         drop its record if so."""
-        if not self._known(model_id):
-            self._records.pop(model_id, None)
+        if not self._known(model_id) and self._records.pop(model_id, None) is not None:
+            self.changes += 1
 
     def __len__(self) -> int:
         return len(self._records)

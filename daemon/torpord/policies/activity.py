@@ -26,10 +26,19 @@ models', which the decay keeps current while a model's habits change.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torpord.policies.view import ActivitySummary
 
-__all__ = ["MAX_REPORTERS", "WEEKLY_HALF_LIFE", "WINDOWS", "Activity"]
+__all__ = [
+    "HOURS_PER_WEEK",
+    "MAX_REPORTERS",
+    "RING_SIZES",
+    "WEEKLY_HALF_LIFE",
+    "WINDOWS",
+    "Activity",
+    "SavedActivity",
+]
 
 WINDOWS = (60.0, 3600.0, 86400.0)  # the recent windows, seconds
 WEEKLY_HALF_LIFE = 7 * 86400.0  # seconds for a use's weekly weight to halve
@@ -38,9 +47,24 @@ WEEKLY_HALF_LIFE = 7 * 86400.0  # seconds for a use's weekly weight to halve
 # costs bounded memory. Reporters with nothing open hold no memory at all.
 MAX_REPORTERS = 64
 
-_HOURS_PER_WEEK = 168
+HOURS_PER_WEEK = 168
 _EPOCH_HOUR_OF_WEEK = 72  # 1970-01-01 00:00 UTC was a Thursday: Monday + 72 h
 _RINGS = ((1.0, 60), (60.0, 60), (900.0, 96))  # (bucket width, buckets) per window
+RING_SIZES = tuple(size for _, size in _RINGS)
+
+
+@dataclass(frozen=True)
+class SavedActivity:
+    """What of a model's `Activity` outlives the daemon (core/activityfile.py):
+    not the open uses, which belong to live engines and routers."""
+
+    last_use: float
+    uses: int
+    busy_seconds: float
+    weekly_hour: int | None  # the clock hour the weekly bins are decayed to
+    weekly: tuple[float, ...]  # HOURS_PER_WEEK bins
+    # Per recent window: its newest bucket (absolute number) and its counts.
+    rings: tuple[tuple[int | None, tuple[int, ...]], ...]
 
 
 class _Ring:
@@ -87,7 +111,7 @@ class _Weekly:
     __slots__ = ("bins", "cached", "hour")
 
     def __init__(self) -> None:
-        self.bins = [0.0] * _HOURS_PER_WEEK
+        self.bins = [0.0] * HOURS_PER_WEEK
         self.hour: int | None = None  # the clock hour the bins are decayed to
         self.cached: tuple[float, ...] = ()
 
@@ -104,7 +128,7 @@ class _Weekly:
         if self.hour is None:
             self.hour = math.floor(now / 3600.0)
         self.advance(now)
-        self.bins[(self.hour + _EPOCH_HOUR_OF_WEEK) % _HOURS_PER_WEEK] += count
+        self.bins[(self.hour + _EPOCH_HOUR_OF_WEEK) % HOURS_PER_WEEK] += count
         self.cached = tuple(self.bins)
 
     def counts(self, now: float) -> tuple[float, ...]:
@@ -231,6 +255,40 @@ class Activity:
             recent=recent,
             weekly=self._weekly.counts(now),
         )
+
+    def saved(self) -> SavedActivity:
+        """A copy of what is kept across restarts."""
+        return SavedActivity(
+            last_use=self._last_use,
+            uses=self._uses,
+            busy_seconds=self._busy,
+            weekly_hour=self._weekly.hour,
+            weekly=tuple(self._weekly.bins),
+            rings=tuple((ring.index, tuple(ring.counts)) for ring in self._rings),
+        )
+
+    def restore(self, saved: SavedActivity, now: float) -> None:
+        """Replace the record's history with `saved` (validated by the
+        caller: RING_SIZES counts per ring, HOURS_PER_WEEK bins); open uses
+        stay as they are. Times after `now` (a clock that went back since)
+        are held at now: a ring whose newest bucket is still to come starts
+        empty, the weekly bins are decayed from now on, and the last use is
+        now at the latest (so idle timeouts still run)."""
+        _check_clock(now)
+        self._last_use = min(saved.last_use, now)
+        self._uses = saved.uses
+        self._busy = saved.busy_seconds
+        hour = math.floor(now / 3600.0)
+        weekly = self._weekly = _Weekly()
+        weekly.bins = list(saved.weekly)
+        weekly.hour = None if saved.weekly_hour is None else min(saved.weekly_hour, hour)
+        weekly.cached = tuple(weekly.bins)
+        self._rings = tuple(_Ring(width, size) for width, size in _RINGS)
+        for ring, (index, counts) in zip(self._rings, saved.rings, strict=True):
+            if index is not None and index <= math.floor(now / ring.width):
+                ring.counts = list(counts)
+                ring.total = sum(counts)
+                ring.index = index
 
     @property
     def reporters(self) -> int:
