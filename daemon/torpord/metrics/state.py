@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from torpord import __version__
 from torpord.backends.base import PoolInfo
 from torpord.core.manager import ModelManager
+from torpord.metrics.series import label_value
 from torpord.types import ModelState, Tier
 
 __all__ = ["State"]
@@ -26,10 +27,6 @@ class Scrubber(Protocol):
 
     checked_bytes: dict[Tier, int]
     corrupt: dict[Tier, int]
-
-
-def _tier(tier: Tier) -> str:
-    return tier.value.lower()
 
 
 class State:
@@ -91,7 +88,7 @@ class State:
             labels=["state"],
         )
         for state, count in by_state.items():
-            states.add_metric([state.value.lower()], count)
+            states.add_metric([label_value(state)], count)
         yield states
         resident = GaugeMetricFamily(
             "torpor_model_resident_bytes",
@@ -105,7 +102,7 @@ class State:
             sizes = {"device": 0, "host": 0, "disk": 0}
             for layer in model.layers:
                 if layer.slab is not None and layer.slab.tier in (Tier.DEVICE, Tier.HOST):
-                    sizes[_tier(layer.slab.tier)] += layer.plan.size
+                    sizes[label_value(layer.slab.tier)] += layer.plan.size
                 if layer.disk is not None:  # (a copy on disk, whether in memory too or not)
                     sizes["disk"] += layer.plan.size
             for tier, size in sizes.items():
@@ -131,7 +128,7 @@ class State:
         )
         for tier in (Tier.SOURCE, Tier.DISK, Tier.HOST, Tier.DEVICE):
             failures.add_metric(
-                [_tier(tier)], c.checksum_failures.get(tier, 0) + corrupt.get(tier, 0)
+                [label_value(tier)], c.checksum_failures.get(tier, 0) + corrupt.get(tier, 0)
             )
         yield failures
         scrubbed = CounterMetricFamily(
@@ -141,8 +138,8 @@ class State:
             "torpor_scrub_corrupt", "Copies the scrubber found corrupt.", labels=["tier"]
         )
         for tier in (Tier.HOST, Tier.DISK):
-            scrubbed.add_metric([_tier(tier)], checked.get(tier, 0))
-            found.add_metric([_tier(tier)], corrupt.get(tier, 0))
+            scrubbed.add_metric([label_value(tier)], checked.get(tier, 0))
+            found.add_metric([label_value(tier)], corrupt.get(tier, 0))
         yield from (scrubbed, found)
         per_model = (
             ("torpor_quiesce_timeouts", "Engines that did not let go in time.", c.quiesce_timeouts),
