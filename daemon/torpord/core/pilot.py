@@ -215,16 +215,7 @@ class Pilot:
             if planned is None or self._changed(planned, keep=model_id):
                 log.info("a victim changed; planning again", victim=action.model_id)
                 return False
-            try:
-                await self.run(action)
-            except TorporError as failed:  # (the next round sees what is left)
-                log.warning(
-                    "an eviction failed",
-                    model_id=action.model_id,
-                    action=type(action).__name__,
-                    reason=failed.reason,
-                    error=failed.message,
-                )
+            await self._try(action, "an eviction failed")  # (the next round sees what is left)
         return True
 
     def _changed(self, planned: ModelView, *, keep: str, acting: bool = True) -> bool:
@@ -279,12 +270,13 @@ class Pilot:
                     return False
         return await self._try(step)
 
-    async def _try(self, action: Action) -> bool:
+    async def _try(self, action: Action, event: str = "a staging step did not run") -> bool:
+        """Run `action`; False (logged as `event`) when it failed."""
         try:
             await self.run(action)
         except TorporError as failed:
-            log.info(
-                "a staging step did not run",
+            log.warning(
+                event,
                 model_id=action.model_id,
                 action=type(action).__name__,
                 reason=failed.reason,
