@@ -94,6 +94,17 @@ class Events:
             and e.model.progress is not None
         ]
 
+    def moves(self, *states: ModelState) -> list[tuple[str, ModelState, Cause]]:
+        """(model, state, cause) of each transition that entered one of
+        `states`, in order, each once (a transition's progress repeats)."""
+        return list(
+            dict.fromkeys(
+                (e.model.model_id, e.model.state, e.model.progress.cause)
+                for e in self.got
+                if e.model is not None and e.model.progress is not None and e.model.state in states
+            )
+        )
+
     async def close(self) -> None:
         await asyncio.sleep(0)
         self._subscription.close()

@@ -162,14 +162,7 @@ async def test_an_acquire_stages_a_registered_model_through_the_host(node: Node)
     node.h.check_bytes("c")
     # c was read into host memory (a Load to HOST) while a and b held the
     # device; only then was room made and c woken from there.
-    moves = [
-        (e.model.model_id, e.model.state, e.model.progress.cause)
-        for e in events.got
-        if e.model is not None
-        and e.model.progress is not None
-        and e.model.state in (ModelState.LOADING, ModelState.SLEEPING, ModelState.WAKING)
-    ]
-    firsts = list(dict.fromkeys(moves))
+    firsts = events.moves(ModelState.LOADING, ModelState.SLEEPING, ModelState.WAKING)
     assert firsts[0] == ("c", ModelState.LOADING, Cause.ACQUIRE)
     assert firsts[-1] == ("c", ModelState.WAKING, Cause.ACQUIRE)
     assert [m for m, _, cause in firsts[1:-1] if cause is Cause.PRESSURE] in (["a"], ["b"])

@@ -226,14 +226,7 @@ async def test_an_acquire_stages_a_level_2_sleeper_in_host_memory_before_evictin
     node.h.check_bytes("c")
     # c's weights were read into host memory (a level-1 sleep of it) while a
     # and b still held the device, and only then was room made and c woken.
-    moves = [
-        (e.model.model_id, e.model.state, e.model.progress.cause)
-        for e in events.got
-        if e.model is not None
-        and e.model.progress is not None
-        and e.model.state in (ModelState.SLEEPING, ModelState.WAKING)
-    ]
-    firsts = list(dict.fromkeys(moves))
+    firsts = events.moves(ModelState.SLEEPING, ModelState.WAKING)
     assert firsts[0] == ("c", ModelState.SLEEPING, Cause.ACQUIRE)
     assert firsts[-1] == ("c", ModelState.WAKING, Cause.ACQUIRE)
     assert [m for m, state, cause in firsts[1:-1]] in (["a"], ["b"])

@@ -91,6 +91,15 @@ class Daemon:
                 raise AssertionError(f"torpord not ready in 30 s:\n{self.log()}")
             self.notifications += self.notify.recv(4096).decode().split("\n")
 
+    def ready(self) -> Daemon:
+        """`wait_ready`, killing the process if it never gets there; itself."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
     def read_notifications(self, timeout: float = 10) -> list[str]:
         self.notify.settimeout(timeout)
         got: list[str] = []

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,16 @@ def metrics_daemon(root: Path, config: str = "", **kw: Any) -> tuple[Daemon, int
             if "metrics.listen" not in d.log() or "in use" not in d.log():
                 raise
     raise AssertionError("no free port for the metrics in 5 tries")
+
+
+@contextlib.contextmanager
+def metrics_node(root: Path, config: str = "") -> Iterator[tuple[Daemon, int]]:
+    """`metrics_daemon`, killed at the end."""
+    d, port = metrics_daemon(root, config)
+    try:
+        yield d, port
+    finally:
+        d.kill()
 
 
 def get(

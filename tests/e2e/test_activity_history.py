@@ -18,11 +18,7 @@ M = "torpor.v1.ModelService/"
 def started(root: Path, history: Path, source: Path) -> Daemon:
     config = f'[policy]\nhistory = "{history}"\n[[catalogue]]\nid = "m"\nsource = "{source}"\n'
     d = Daemon(root, config=config)
-    try:
-        d.wait_ready()
-    except BaseException:
-        d.kill()
-        raise
+    d.ready()
     return d
 
 

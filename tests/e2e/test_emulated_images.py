@@ -64,11 +64,7 @@ def started(root: Path, cache: Path, env: dict[str, str]) -> Daemon:
         backend=BACKEND,
         env=env,
     )
-    try:
-        d.wait_ready()
-    except BaseException:
-        d.kill()
-        raise
+    d.ready()
     return d
 
 

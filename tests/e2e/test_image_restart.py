@@ -38,11 +38,7 @@ def cache_dir(tmp_path: Path) -> Path:
 
 def started(root: Path, cache: Path) -> Daemon:
     d = Daemon(root, config=f'[disk_cache]\npath = "{cache}"\ncapacity = "64MiB"\n')
-    try:
-        d.wait_ready()
-    except BaseException:
-        d.kill()
-        raise
+    d.ready()
     return d
 
 

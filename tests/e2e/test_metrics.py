@@ -15,7 +15,7 @@ from torpor.v1 import common_pb2
 from ..unit.test_deploy import TARGET_LABELS, series_labels
 from .conftest import Daemon
 from .engines import Worker
-from .scrape import check_metrics, get, metrics_daemon, scrape, series, value
+from .scrape import check_metrics, get, metrics_daemon, metrics_node, scrape, series, value
 
 HOLDER = Path(__file__).with_name("holder_engine.py")
 # Counters with a model label get their first series when the thing first
@@ -34,13 +34,9 @@ DISK_CACHE = '[disk_cache]\npath = "{cache}"\ncapacity = "64MiB"\n'
 def node(tmp_path: Path) -> Iterator[tuple[Daemon, int]]:
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
-    d, port = metrics_daemon(
-        tmp_path, DISK_CACHE.format(cache=cache) + '[agents]\nquiesce_timeout = "1s"\n'
-    )
-    try:
-        yield d, port
-    finally:
-        d.kill()
+    config = DISK_CACHE.format(cache=cache) + '[agents]\nquiesce_timeout = "1s"\n'
+    with metrics_node(tmp_path, config) as node:
+        yield node
 
 
 def test_promtool_accepts_a_scrape_after_every_kind_of_transition(

@@ -15,7 +15,7 @@ from torpor.testing import make_checkpoint
 from torpor.v1 import common_pb2
 
 from .conftest import Daemon
-from .scrape import Samples, metrics_daemon, scrape
+from .scrape import Samples, metrics_node, scrape
 
 Key = tuple[str, frozenset[tuple[str, str]]]
 KINDS = ("load", "sleep", "wake", "offload", "unload", "publish")
@@ -25,11 +25,8 @@ CAUSES = ("user", "acquire", "idle", "pressure", "preload", "schedule")
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[tuple[Daemon, int]]:
-    d, port = metrics_daemon(tmp_path)
-    try:
-        yield d, port
-    finally:
-        d.kill()
+    with metrics_node(tmp_path) as node:
+        yield node
 
 
 def node_counts(samples: Samples) -> dict[Key, float]:

@@ -14,16 +14,13 @@ from torpord import __version__
 from torpord.metrics.http import MAX_CONNECTIONS
 
 from .conftest import Daemon
-from .scrape import get, metrics_daemon, scrape, value
+from .scrape import get, metrics_daemon, metrics_node, scrape, value
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[tuple[Daemon, int]]:
-    d, port = metrics_daemon(tmp_path)
-    try:
-        yield d, port
-    finally:
-        d.kill()
+    with metrics_node(tmp_path) as node:
+        yield node
 
 
 def raw(port: int, data: bytes) -> bytes:

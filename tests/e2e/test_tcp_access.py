@@ -44,11 +44,7 @@ def start(tmp_path: Path, server: str) -> tuple[Daemon, str]:
     """A ready torpord with `server` lines in [server]; its TCP address."""
     address = f"127.0.0.1:{free_port()}"
     d = Daemon(tmp_path, server=f'tcp = "{address}"\n{server}')
-    try:
-        d.wait_ready()
-    except BaseException:
-        d.kill()
-        raise
+    d.ready()
     return d, address
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from torpor.testing import make_checkpoint
 from torpord.backends.host import HostBackend
@@ -18,9 +20,20 @@ from torpord.metrics import Metrics, serve_metrics
 from torpord.types import Outcome, TransitionKind
 
 
-async def test_a_scrape_is_rendered_off_the_event_loop_from_a_copy(tmp_path: Path) -> None:
+@pytest.fixture
+async def manager(tmp_path: Path) -> AsyncIterator[ModelManager]:
     backend = HostBackend(devices=1, device_capacity=2**26, host_capacity=2**26)
-    manager = ModelManager(backend, ManagerSettings(allowed_roots=(tmp_path.resolve(),)))
+    m = ModelManager(backend, ManagerSettings(allowed_roots=(tmp_path.resolve(),)))
+    try:
+        yield m
+    finally:
+        await m.close(1.0)
+        backend.close()
+
+
+async def test_a_scrape_is_rendered_off_the_event_loop_from_a_copy(
+    tmp_path: Path, manager: ModelManager
+) -> None:
     rendering, go = threading.Event(), threading.Event()
 
     def render(registry: CollectorRegistry) -> bytes:
@@ -46,15 +59,13 @@ async def test_a_scrape_is_rendered_off_the_event_loop_from_a_copy(tmp_path: Pat
     finally:
         go.set()
         metrics.close()
-        await manager.close(1.0)
-        backend.close()
 
 
-async def test_closing_the_server_stops_the_collector(tmp_path: Path) -> None:
+async def test_closing_the_server_stops_the_collector(
+    tmp_path: Path, manager: ModelManager
+) -> None:
     # (What the daemon closes at its end: the collector must stop listening
     # to the manager's history and Acquires then, not live on with it.)
-    backend = HostBackend(devices=1, device_capacity=2**26, host_capacity=2**26)
-    manager = ModelManager(backend, ManagerSettings(allowed_roots=(tmp_path.resolve(),)))
     metrics, server = await serve_metrics(manager, "127.0.0.1:0")
     try:
         await server.start()
@@ -66,13 +77,11 @@ async def test_closing_the_server_stops_the_collector(tmp_path: Path) -> None:
         assert 'kind="sleep",model="m"' not in text
     finally:
         await server.close()
-        await manager.close(1.0)
-        backend.close()
 
 
-async def test_scrapes_that_arrive_during_a_render_share_the_next_one(tmp_path: Path) -> None:
-    backend = HostBackend(devices=1, device_capacity=2**26, host_capacity=2**26)
-    manager = ModelManager(backend, ManagerSettings(allowed_roots=(tmp_path.resolve(),)))
+async def test_scrapes_that_arrive_during_a_render_share_the_next_one(
+    tmp_path: Path, manager: ModelManager
+) -> None:
     rendering, go = threading.Event(), threading.Event()
     renders = 0
 
@@ -107,13 +116,11 @@ async def test_scrapes_that_arrive_during_a_render_share_the_next_one(tmp_path: 
     finally:
         go.set()
         metrics.close()
-        await manager.close(1.0)
-        backend.close()
 
 
-async def test_a_gone_models_series_stay_for_keep_unloaded_then_go(tmp_path: Path) -> None:
-    backend = HostBackend(devices=1, device_capacity=2**26, host_capacity=2**26)
-    manager = ModelManager(backend, ManagerSettings(allowed_roots=(tmp_path.resolve(),)))
+async def test_a_gone_models_series_stay_for_keep_unloaded_then_go(
+    tmp_path: Path, manager: ModelManager
+) -> None:
     now = [1000.0]
     metrics = Metrics(manager, keep_unloaded=600.0, clock=lambda: now[0])
     ckpt = str(make_checkpoint(tmp_path / "m", layers=2, hidden=64))
@@ -150,15 +157,11 @@ async def test_a_gone_models_series_stay_for_keep_unloaded_then_go(tmp_path: Pat
         assert f"{node_load} 3.0" in text
     finally:
         metrics.close()
-        await manager.close(1.0)
-        backend.close()
 
 
 async def test_the_node_families_are_there_at_zero_before_anything_happens(
-    tmp_path: Path,
+    tmp_path: Path, manager: ModelManager
 ) -> None:
-    backend = HostBackend(devices=1, device_capacity=2**26, host_capacity=2**26)
-    manager = ModelManager(backend, ManagerSettings(allowed_roots=(tmp_path.resolve(),)))
     metrics = Metrics(manager)
     try:
         text = (await metrics.scrape())[0].decode()
@@ -172,17 +175,13 @@ async def test_the_node_families_are_there_at_zero_before_anything_happens(
         assert len(node) > 100 and not [line for line in node if "model=" in line]
     finally:
         metrics.close()
-        await manager.close(1.0)
-        backend.close()
 
 
 async def test_unscraped_gone_models_past_keep_models_go_first_gone_first(
-    tmp_path: Path,
+    tmp_path: Path, manager: ModelManager
 ) -> None:
     # (Ids that come and go while nobody scrapes: kept within their time,
     # their series would grow without end.)
-    backend = HostBackend(devices=1, device_capacity=2**26, host_capacity=2**26)
-    manager = ModelManager(backend, ManagerSettings(allowed_roots=(tmp_path.resolve(),)))
     now = [0.0]
     metrics = Metrics(manager, keep_unloaded=600.0, clock=lambda: now[0])
     unload = TransitionRecord(TransitionKind.UNLOAD, Outcome.SUCCEEDED, 0.0, 0.001, 0)
@@ -201,5 +200,3 @@ async def test_unscraped_gone_models_past_keep_models_go_first_gone_first(
         )
     finally:
         metrics.close()
-        await manager.close(1.0)
-        backend.close()
