@@ -93,25 +93,32 @@ class Loads:
         return got
 
     def _joinable(self, model_id: str, source: str, cause: Cause) -> bool:
-        """Whether a policy's Load of `model_id` from `source` runs now."""
+        """Whether a policy's Load of `model_id` from `source` runs now. The
+        source is resolved (file system calls) only when one does: a Load
+        that joins nothing resolves it once, in its own validation."""
         if cause not in CALLERS:
             return False
+        validating = self._m.registry.validating_from.get(model_id)
+        if validating is not None:
+            running, by = validating
+        else:
+            model = self._m.registry.find(model_id)
+            progress = model.progress if model is not None else None
+            if (
+                model is None
+                or model.task is None
+                or model.task.done()
+                or progress is None
+                or progress.kind is not TransitionKind.LOAD
+            ):
+                return False
+            running, by = model.checkpoint.path, progress.cause
+        if by not in POLICY_CAUSES:
+            return False
         try:
-            path = resolve_source(source, self._m.settings.allowed_roots)
+            return resolve_source(source, self._m.settings.allowed_roots) == running
         except TorporError:
             return False  # (the call's own Load says why)
-        if (validating := self._m.registry.validating_from.get(model_id)) is not None:
-            return validating[0] == path and validating[1] in POLICY_CAUSES
-        model = self._m.registry.find(model_id)
-        if model is None or model.checkpoint.path != path or model.task is None:
-            return False
-        progress = model.progress
-        return (
-            progress is not None
-            and progress.kind is TransitionKind.LOAD
-            and progress.cause in POLICY_CAUSES
-            and not model.task.done()
-        )
 
     async def _wake(self, model_id: str, cause: Cause) -> ModelSnapshot:
         """Wake the model a policy's Load left asleep, as the caller asked
