@@ -68,6 +68,11 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         self._seen: set[str] = set()  # model ids with series (since the last prune)
+        # Models with series past which an event prunes (nobody scrapes): at
+        # least KEEP_MODELS, and twice the known models the last prune kept
+        # (it can't drop those), so that a node that knows more models than
+        # KEEP_MODELS prunes now and then, not at each event.
+        self._prune_at = KEEP_MODELS
         self._stops = [
             manager.history.listen(self._finished),
             manager.acquirer.listen(self._acquired),
@@ -131,6 +136,7 @@ class Metrics:
                 counters.forget(model_id)
                 del self._gone[model_id]
         self._seen = self.transitions.models()
+        self._prune_at = max(KEEP_MODELS, 2 * (len(self._seen) - len(self._gone)))
 
     def close(self) -> None:
         for stop in self._stops:
@@ -148,7 +154,7 @@ class Metrics:
         # (It is back, or going now: its time gone starts at the next prune.)
         self._gone.pop(model_id, None)
         self._seen.add(model_id)
-        if len(self._seen) > KEEP_MODELS:  # (nobody scrapes)
+        if len(self._seen) > self._prune_at:  # (nobody scrapes)
             self.prune()
 
 
