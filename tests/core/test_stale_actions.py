@@ -45,3 +45,21 @@ async def test_a_waiting_preload_leaves_a_model_an_acquire_woke(tmp_path: Path) 
         node.h.check_bytes("b")
     finally:
         await node.h.close()
+
+
+async def test_a_waiting_preload_leaves_a_model_a_caller_put_at_level_2(tmp_path: Path) -> None:
+    """A caller's `sleep --level 2` of a model a policy had put there already
+    changes no tier, but it is the caller's now: the preload decided before
+    it does not warm it."""
+    node = Node(tmp_path)
+    try:
+        engines, tasks = await preload_behind_an_idle_sleep(node)
+        await node.m.sleep("b", 2)  # a caller's, of a model already at level 2
+        engines.gate.set()
+        await asyncio.wait(tasks, timeout=10)
+        b = node.m.get("b")
+        assert (b.state, b.sleep_level) == (ModelState.ASLEEP, 2)
+        assert b.last_transition is not None and b.last_transition.cause is Cause.IDLE
+        assert node.m.pilot.housekeep_once() == []  # nor does a later round
+    finally:
+        await node.h.close()

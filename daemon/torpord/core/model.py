@@ -260,6 +260,9 @@ class Model:
     progress: Progress | None = None
     last_transition: TransitionRecord | None = None
     running: Running | None = None  # the transition in progress (or the last one)
+    # Where a caller (not a policy) last put it: by its last transition, or
+    # by a caller's verb that found it there already (policies leave it be).
+    placed_by_caller: bool = False
     create_time: float = field(default_factory=time.time)
     update_time: float = field(default_factory=time.time)
     engines: int = 0  # engines attached (kept by the agent registry)

@@ -24,7 +24,7 @@ from torpord.policies.view import (
     PoolView,
 )
 from torpord.storage.diskcache import DiskCache
-from torpord.types import Cause, ModelState, Outcome, Stage, Tier, TransitionKind
+from torpord.types import ModelState, Outcome, Stage, Tier, TransitionKind
 
 __all__ = ["HOST_POOL", "Bandwidths", "build_view", "model_view", "pool_of"]
 
@@ -117,7 +117,7 @@ def model_view(
         since=model.update_time,
         engines=model.engines,
         image=bool(model.fingerprint),
-        by_caller=(model.last_transition is not None and model.last_transition.cause is Cause.USER),
+        by_caller=model.placed_by_caller,
     )
 
 

@@ -208,6 +208,7 @@ class Runner:
         if plan.removes:
             model.progress = None
             model.last_transition = record
+            model.placed_by_caller = record.cause is Cause.USER
             model.set_state(ModelState.UNLOADED)  # (what the REMOVED event and the caller see)
             snapshot = model.snapshot()
             self._bus.publish(EventType.REMOVED, snapshot)
@@ -277,6 +278,7 @@ class Runner:
     def _finish(self, model: Model, record: TransitionRecord) -> ModelSnapshot:
         model.progress = None
         model.last_transition = record
+        model.placed_by_caller = record.cause is Cause.USER
         model.update_time = time.time()
         snapshot = model.snapshot()
         self._bus.publish(EventType.CHANGED, snapshot)

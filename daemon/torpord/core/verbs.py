@@ -183,6 +183,8 @@ class Verbs:
         model = await idle_for(self._registry, model_id, cause)
         if model.state is ModelState.ASLEEP:
             if model.sleep_level == level:
+                # (A caller's ask for where a policy put it: it stays there.)
+                model.placed_by_caller |= cause is Cause.USER
                 return model.snapshot()
             if model.sleep_level > level:  # its weights back to host memory
                 return await self._runner.start(model, to_host(self._mover, model), call)
