@@ -384,11 +384,13 @@ async def test_shutdown_stops_a_transition_inside_a_big_layer(tmp_path: Path) ->
     await harness.manager.load("m", str(ckpt), wait=False)
     task = harness.manager.registry.models["m"].task
     await asyncio.sleep(0.05)
+    at_close = disk.reads
     await harness.manager.close(0.0)
     assert task is not None and task.done()
     assert isinstance(task.exception(), Aborted)
     chunks = len(plan_chunks(harness_checkpoint(ckpt), harness_plans(ckpt), 4096))
-    assert chunks > 50 and disk.reads < 4  # it stopped at the next chunk, not after the model
+    # It stopped at the next chunk (one read may have been starting), not after the model.
+    assert chunks > 50 and disk.reads <= at_close + 1
     assert harness.device_used() == 0 and harness.backend.host_pool().used == 0
     harness.backend.close()
 
@@ -484,7 +486,7 @@ async def test_phases_are_wall_time_when_workers_overlap(h: Harness, ckpt: Path)
         assert 0 < phase.seconds <= t.duration
         assert phase.busy_seconds >= phase.seconds - 1e-9
     read = t.phases[0]
-    assert read.busy_seconds > t.duration  # the readers did overlap
+    assert read.busy_seconds > 1.5 * read.seconds  # the readers did overlap
 
 
 async def test_freeing_transitions_move_nothing_and_say_what_they_freed(
@@ -585,9 +587,11 @@ async def test_a_forced_unload_cancels_a_slow_load_and_frees_everything(
     with pytest.raises(Aborted) as err:  # without force: refused, as ever
         await h.manager.unload("m")
     assert err.value.reason == "TRANSITION_IN_PROGRESS"
+    at_unload = disk.reads
     gone = await h.manager.unload("m", force=True)
     assert gone.model_id == "m" and "m" not in h.manager.registry.models
-    assert disk.reads < 5  # the readers stopped at their next chunk, not after the model
+    # The reader stopped at its next chunk (one read may have been starting), not after the model.
+    assert disk.reads <= at_unload + 1
     assert h.device_used() == 0 and h.backend.host_pool().used == 0
     # And the same id loads again.
     disk.pause = 0  # (the disk is fast again)

@@ -11,19 +11,20 @@ import pytest
 from torpor.testing import make_checkpoint
 
 from .conftest import Daemon
+from .observe import settle
 
 pytest.importorskip("torch")
 
 ENGINE = textwrap.dedent(
     """
-    import json, os, sys, time
+    import json, os, sys
     import torch
     from safetensors.torch import load_file
     from torpor import Client, TorporError
     from torpor.agent import attach
 
     socket, model_id, source = sys.argv[1:4]
-    hold = float(sys.argv[4]) if len(sys.argv) > 4 else 0
+    hold = sys.argv[4:] == ["hold"]  # attached until the test writes a line
 
     def raw(t):
         return t.contiguous().view(-1).view(torch.uint8)
@@ -43,14 +44,19 @@ ENGINE = textwrap.dedent(
                 "tensors": len(sd), "reference": len(ref), "same": same,
                 "mapped_from_daemon": maps.count("/memfd:torpor:" + model_id + ":"),
             }), flush=True)
-            time.sleep(hold)
+            if hold:
+                sys.stdin.readline()
     """
 )
 
 
-def engine(d: Daemon, model_id: str, source: str, hold: float = 0) -> subprocess.Popen[str]:
+def engine(d: Daemon, model_id: str, source: str, hold: bool = False) -> subprocess.Popen[str]:
+    """An engine process that attaches, reports, and (`hold`) stays attached
+    until a line comes on its stdin."""
     return subprocess.Popen(
-        [sys.executable, "-c", ENGINE, str(d.socket), model_id, source, str(hold)],
+        [sys.executable, "-c", ENGINE, str(d.socket), model_id, source]
+        + (["hold"] if hold else []),
+        stdin=subprocess.PIPE if hold else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -72,7 +78,7 @@ def test_engines_share_the_slabs_and_let_go_when_the_model_sleeps(daemon: Daemon
     daemon.ctl("load", "m", str(ckpt))
     node = json.loads(daemon.ctl("--json", "node").stdout)["node"]
     used = sum(int(dev.get("used_bytes", 0)) for dev in node["devices"])
-    engines = [engine(daemon, "m", str(ckpt), hold=3) for _ in range(2)]
+    engines = [engine(daemon, "m", str(ckpt), hold=True) for _ in range(2)]
     try:
         reports = [json.loads(e.stdout.readline()) for e in engines]  # type: ignore[union-attr]
         assert all(r["same"] for r in reports)
@@ -87,8 +93,10 @@ def test_engines_share_the_slabs_and_let_go_when_the_model_sleeps(daemon: Daemon
         assert sum(int(dev.get("used_bytes", 0)) for dev in node["devices"]) == 0
     finally:
         for e in engines:
-            e.communicate(timeout=60)
-    assert json.loads(daemon.ctl("--json", "get", "m").stdout)["model"].get("engines", 0) == 0
+            e.communicate("\n", timeout=60)
+    assert settle(
+        lambda: json.loads(daemon.ctl("--json", "get", "m").stdout)["model"].get("engines", 0) == 0
+    )
 
 
 def test_attaching_to_a_sleeping_model_is_refused(daemon: Daemon) -> None:

@@ -194,6 +194,7 @@ def test_an_engine_runs_on_the_same_addresses_and_bytes_across_sleeps_and_wakes(
     assert report["digests"] == {expected: report["forwards"]}  # every pass, bit for bit
 
 
+@pytest.mark.timeout(660)  # (the suite's own limit is 600 s)
 def test_the_gpu_suite_passes_on_the_emulated_driver(libraries: Path, tmp_path: Path) -> None:
     """tests/gpu, as tests/gpu/run.sh runs it on a GPU, in a process on an
     emulated 8 GiB GPU: everything but the kernels and CUDA tensors runs."""

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from torpor import Client
 from torpor.v1 import common_pb2
 
@@ -18,6 +19,10 @@ from ..e2e.observe import settle, used
 from .conftest import Engine, require_vllm
 
 require_vllm()
+
+# Each test starts one to three vLLM engines in turn (about 50 s here at
+# most): the suite's default of 120 s is too near on a slower machine.
+pytestmark = pytest.mark.timeout(400)
 
 MODELS = ("llama", "qwen2", "mixtral")
 
