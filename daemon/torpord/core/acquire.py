@@ -156,8 +156,8 @@ class Acquirer:
         for _ in range(ROUNDS):
             model = m.registry.find(model_id)
             if model is None:
-                if (validated := m.registry.validated.get(model_id)) is not None:
-                    await asyncio.shield(validated)  # a caller's Load: it decides
+                if (validation := m.registry.validating.get(model_id)) is not None:
+                    await asyncio.shield(validation.done)  # a caller's Load: it decides
                     await asyncio.sleep(0)  # (its task starts)
                     continue
                 entry = self._pilot.entry(model_id)

@@ -74,8 +74,8 @@ class Loads:
             return await self._pilot.with_room(model_id, cause, attempt)
         log.info("a caller's load joins a policy's", model_id=model_id, cause=cause.value)
         registry = self._m.registry
-        if (validated := registry.validated.get(model_id)) is not None:
-            await asyncio.shield(validated)
+        if (validation := registry.validating.get(model_id)) is not None:
+            await asyncio.shield(validation.done)
         model = registry.find(model_id)
         task = model.task if model is not None else None
         if wait and task is not None:
@@ -98,9 +98,9 @@ class Loads:
         that joins nothing resolves it once, in its own validation."""
         if cause not in CALLERS:
             return False
-        validating = self._m.registry.validating_from.get(model_id)
-        if validating is not None:
-            running, by = validating
+        validation = self._m.registry.validating.get(model_id)
+        if validation is not None:
+            running, by = validation.source, validation.cause
         else:
             model = self._m.registry.find(model_id)
             progress = model.progress if model is not None else None

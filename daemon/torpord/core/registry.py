@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torpord.core.activity import ActivityLog
@@ -26,6 +27,7 @@ from torpord.types import Cause, ModelState
 __all__ = [
     "MODEL_ID",
     "Registry",
+    "Validation",
     "busy",
     "check_model_id",
     "exists",
@@ -34,6 +36,21 @@ __all__ = [
 ]
 
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A Load still validating its checkpoint (it holds the id before its
+    model exists): its call's task (a forced Unload stops it), the end a
+    retry without waiting waits for, and its source (resolved) and cause
+    (core/loads.py)."""
+
+    running: Running
+    source: str
+    cause: Cause
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class Registry:
@@ -47,12 +64,14 @@ class Registry:
         self.activity = activity
         # What models get their policy from, and whether they are registered.
         self.catalogue = catalogue if catalogue is not None else Catalogue()
-        # Ids whose Load is still validating the checkpoint: the task of that call.
-        self.validating: dict[str, Running] = {}
-        # ... and what a retry without waiting waits for: the validation's end;
-        # and the source (resolved) and cause of each (core/loads.py).
-        self.validated: dict[str, asyncio.Future[None]] = {}
-        self.validating_from: dict[str, tuple[str, Cause]] = {}
+        # Ids whose Load is still validating the checkpoint.
+        self.validating: dict[str, Validation] = {}
+
+    def validate(self, model_id: str, running: Running, source: str, cause: Cause) -> Validation:
+        """Hold `model_id` for a Load validating its checkpoint (the Load
+        removes it from `validating` when done, then sets `done`)."""
+        validation = self.validating[model_id] = Validation(running, source, cause)
+        return validation
 
     def get(self, model_id: str) -> ModelSnapshot:
         return self.model(model_id).snapshot()

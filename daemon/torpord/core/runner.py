@@ -289,9 +289,9 @@ class Runner:
     ) -> ModelSnapshot:
         """The outcome of the first call with this request_id: at once without
         `wait` (once the model exists: a Load may still be validating)."""
-        validated = self._registry.validated
-        if not wait and not task.done() and model_id in validated:
-            await asyncio.shield(validated[model_id])
+        validation = self._registry.validating.get(model_id)
+        if not wait and not task.done() and validation is not None:
+            await asyncio.shield(validation.done)
         if wait or task.done() or model_id not in self._registry.models:
             try:
                 return await asyncio.shield(task)
@@ -322,8 +322,8 @@ class Runner:
         validation = self._registry.validating.get(model_id)
         if validation is not None:
             log.info("cancelling a load's validation to unload", model_id=model_id)
-            validation.cancel(cause)
-            await asyncio.wait([validation.task])
+            validation.running.cancel(cause)
+            await asyncio.wait([validation.running.task])
             raise NotFound(
                 f"model {model_id!r} not found: its Load, still validating the checkpoint,"
                 " was cancelled and kept nothing",

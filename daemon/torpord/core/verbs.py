@@ -91,11 +91,10 @@ class Verbs:
                 raise busy(model_id, existing.state.value)
             self._take_policy(existing, policy)
             return existing.snapshot()
-        if (loading := self._registry.validating_from.get(model_id)) is not None:
-            other, by = loading
-            if other != path:  # (the same source: see core/loads.py)
-                what = f"is being loaded ({by.value}) with source {other}"
-                raise exists(model_id, f"{what}; wait for it, then unload it first", other)
+        if (loading := self._registry.validating.get(model_id)) is not None:
+            if loading.source != path:  # (the same source: see core/loads.py)
+                what = f"is being loaded ({loading.cause.value}) with source {loading.source}"
+                raise exists(model_id, f"{what}; wait for it, then unload it first", loading.source)
             raise busy(model_id, "LOADING")
         uuid = self._backend.resolve_device(device) if device else ""
         # A retry that comes while the checkpoint is being validated waits for this.
@@ -104,9 +103,7 @@ class Verbs:
         self._requests.remember(request_id, call.fingerprint, pending)
         # This call's task, so a forced Unload can stop the validation.
         validation = Running(current_task(), started=True)
-        self._registry.validating[model_id] = validation
-        self._registry.validating_from[model_id] = (path, cause)
-        validated = self._registry.validated[model_id] = asyncio.get_running_loop().create_future()
+        validated = self._registry.validate(model_id, validation, path, cause).done
         try:
             # Not through mover.blocking: nothing is written into a slab here,
             # so a cancelled call need not wait for the worker to finish.
@@ -131,8 +128,7 @@ class Verbs:
                 pending.set_exception(exc)
             raise
         finally:
-            del self._registry.validating[model_id], self._registry.validated[model_id]
-            del self._registry.validating_from[model_id]
+            del self._registry.validating[model_id]
             validated.set_result(None)
         self._registry.add(model)
         self._bus.publish(EventType.ADDED, model.snapshot())
