@@ -308,8 +308,8 @@ class Daemon:
         await agents.shutdown(timeout=left(reserve))
         await server.stop(left(reserve))
         fds.close()
-        if keeper is not None:  # (no report comes in any more)
-            await keeper.close()
+        if keeper is not None and not await keeper.close(left(reserve)):
+            self.abandoned = True  # (its thread may be stuck in the write: don't join it)
         clean = await manager.close(left(reserve), rollback=min(reserve, left()))
         if clean:
             backend.close()

@@ -4,9 +4,11 @@ quoting the file), the directory's checks, and the keeper's saves."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +260,30 @@ async def test_the_keeper_saves_only_what_changed_and_at_close(tmp_path: Path) -
     again = ActivityLog(known.__contains__, clock)
     assert HistoryKeeper(HistoryFile(file.path), again).restore() == 1
     assert again.summary("a").uses == 3
+
+
+async def test_a_last_save_that_hangs_does_not_hold_up_the_stop(tmp_path: Path) -> None:
+    """A state disk that no longer answers: the close gives up after its
+    time (the daemon's grace period), says so, and leaves the write to its
+    thread; the next start removes what it left."""
+    stuck = threading.Event()
+
+    class Hung(HistoryFile):
+        def write(self, saved: dict[str, Any]) -> bool:
+            stuck.wait(30)
+            return super().write(saved)
+
+    clock, known = Clock(), {"a"}
+    log = ActivityLog(known.__contains__, clock)
+    keeper = HistoryKeeper(Hung(tmp_path / "activity.json"), log)
+    log.record("a", "router", uses=1, busy_seconds=0.0, in_use=0)
+    keeper.start()
+    with structlog.testing.capture_logs() as logs:
+        assert not await asyncio.wait_for(keeper.close(0.2), 10)
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+        "saving the activity history did not finish within the grace period; not waiting for it"
+    ]
+    stuck.set()
+    # Closed in time, it says so.
+    log.record("a", "router", uses=1, busy_seconds=0.0, in_use=0)
+    assert await HistoryKeeper(HistoryFile(tmp_path / "activity.json"), log).close(10)

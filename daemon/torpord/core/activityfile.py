@@ -333,10 +333,20 @@ class HistoryKeeper:
         self._saved = changes
         return True
 
-    async def close(self) -> None:
-        """The last save (a save in progress finishes first: never two at once)."""
+    async def close(self, timeout: float | None = None) -> bool:
+        """The last save (a save in progress finishes first: never two at
+        once), no report coming in any more. False when it did not finish
+        within `timeout` seconds (a disk that does not answer): it is left to
+        its thread, and what it leaves is removed at the next start."""
         self._stop.set()
-        if self._task is not None:
-            await self._task
-        else:
-            await self.save()
+        last = self._task if self._task is not None else asyncio.ensure_future(self.save())
+        try:
+            await asyncio.wait_for(last, timeout)
+        except TimeoutError:
+            log.error(
+                "saving the activity history did not finish within the grace period;"
+                " not waiting for it",
+                path=printable(self._file.path),
+            )
+            return False
+        return True
