@@ -8,10 +8,12 @@ model's use is shown before it is loaded."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import structlog
 from torpor.testing import make_checkpoint
 from torpord.core.catalogue import Entry
 from torpord.core.policy import PolicyOverrides
@@ -76,6 +78,28 @@ async def test_a_config_entry_without_its_source_is_kept_until_the_source_appear
         started = node.m.pilot.housekeep_once()
         await asyncio.wait(started)
         assert node.m.get("later").state is ModelState.ACTIVE
+    finally:
+        await node.h.close()
+
+
+async def test_a_source_registered_again_starts_its_failures_afresh(tmp_path: Path) -> None:
+    """A config entry whose source failed, then registered by a caller (read
+    fine): when its source later fails again, that is a new failure, said
+    at once, not the old one's back-off carried on in silence."""
+    later = tmp_path / "later"
+    entry = Entry("later", str(later), "", ModelPolicy())
+    node = Node(tmp_path, PolicySettings(), catalogue=(entry,))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await node.m.sizes.refresh()  # SOURCE_NOT_FOUND: said once
+            make_checkpoint(later, layers=4, hidden=64)
+            await node.m.register("later", str(later))
+            await node.m.sizes.refresh()  # (read fine, nothing to say)
+            shutil.rmtree(later)
+            await node.m.sizes.refresh()  # SOURCE_NOT_FOUND again: said again
+        said = [e.get("reason") for e in logs if e["log_level"] == "warning"]
+        assert said == ["SOURCE_NOT_FOUND", "SOURCE_NOT_FOUND"], logs
+        assert not [e for e in logs if "can be read again" in e["event"]]
     finally:
         await node.h.close()
 

@@ -163,8 +163,10 @@ class Sizes:
         for gone in self._failing.keys() - {e.model_id for e in entries}:
             del self._failing[gone]
         for entry in entries:
-            failing = self._failing.get(entry.model_id)
             size = entry.size
+            if size is not None:  # (read since it failed: by a RegisterModel)
+                self._failing.pop(entry.model_id, None)
+            failing = self._failing.get(entry.model_id)
             if size is not None and not await loop.run_in_executor(self._executor, changed, size):
                 continue
             seen = await loop.run_in_executor(self._executor, look, entry.source, settings)
