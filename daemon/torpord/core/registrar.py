@@ -25,7 +25,6 @@ from torpord.core.sizes import Sizes
 from torpord.errors import NotFound
 from torpord.policies.view import ActivitySummary
 from torpord.storage.safetensors import Checkpoint
-from torpord.storage.sources import resolve_source
 from torpord.types import ModelState
 
 __all__ = ["Registrar", "unloaded"]
@@ -101,7 +100,6 @@ class Registrar:
         changes. The source is read as a Load reads it (its errors)."""
         check_model_id(model_id)
         check_policy(policy, disk=disk)
-        resolve_source(source, self._sizes.roots)
         uuid = self._backend.resolve_device(device) if device else ""
         size = await self._sizes.measure(source)
         entry = Entry(model_id, source, uuid, policy.over(self._catalogue.default), size=size)

@@ -28,7 +28,6 @@ import concurrent.futures
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import structlog
 
@@ -124,11 +123,6 @@ class Sizes:
         self._failing: dict[str, _Failing] = {}  # model id -> its source's failures
         self._next = 0.0  # loop time of the next refresh
         self._task: asyncio.Task[None] | None = None
-
-    @property
-    def roots(self) -> tuple[Path, ...]:
-        """Where sources may be (config sources.allowed_roots)."""
-        return self._settings.allowed_roots
 
     async def measure(self, source: str) -> Size:
         """`source`'s size, read on a worker (a Load's errors)."""
