@@ -107,14 +107,9 @@ def copies(registry: Registry, disk: DiskCache | None) -> Iterator[Copy]:
 class Schedule:
     """When each copy is due, and which goes first (see the module's doc)."""
 
-    def __init__(
-        self,
-        interval: float,
-        clock: Callable[[], float] = time.monotonic,
-        settle: float = SETTLE,
-    ) -> None:
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
-        self.settle = min(settle, interval)
+        self.settle = min(SETTLE, interval)
         self._clock = clock
         self._seen: dict[Key, float] = {}  # never checked: when first seen
         self._checked: dict[Key, float] = {}  # when last found clean
