@@ -4,9 +4,10 @@ happened to engines, per model. Only ever incremented, on the event loop's
 thread; no Prometheus here.
 
 Per-model counts of models the daemon no longer knows are dropped when the
-count of models kept grows past `KEEP_MODELS` (the metrics drop them sooner,
-once a scrape has seen their last values), so ids that come and go can't
-grow them without end.
+count of models kept grows past `KEEP_MODELS`, so ids that come and go can't
+grow them without end: a backstop, since the metrics drop a gone model's
+series (and these counts) `[metrics] keep_unloaded` after a scrape first
+found it gone.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from torpord.config.model import MetricsConfig
 from torpord.core.acquire import Figure
 from torpord.core.counters import KEEP_MODELS
 from torpord.core.history import Finished
@@ -36,9 +37,9 @@ from torpord.metrics.transitions import Transitions
 
 __all__ = ["KEEP_UNLOADED", "Metrics", "serve_metrics"]
 
-# Seconds a model unloaded for good keeps its series (the default of
-# [metrics] keep_unloaded): a few scrapes of every Prometheus of a pair.
-KEEP_UNLOADED = 600.0
+# Seconds a model unloaded for good keeps its series ([metrics]
+# keep_unloaded's default): a few scrapes of every Prometheus of a pair.
+KEEP_UNLOADED = MetricsConfig.keep_unloaded
 
 log = structlog.get_logger("torpord.metrics")
 
