@@ -40,6 +40,7 @@ __all__ = [
     "disk_copy_corrupt",
     "host_copy_corrupt",
     "refuse_suspect",
+    "suspected",
 ]
 
 HOST_COPY_CORRUPT = "HOST_COPY_CORRUPT"
@@ -89,6 +90,16 @@ def host_copy_corrupt(model: Model, layer: LayerState) -> list[Slab]:
     )
     model.set_state(model.state, HOST_COPY_CORRUPT, message)
     return slabs
+
+
+def suspected(suspect: dict[int, str], slab_id: int, found: str) -> bool:
+    """Put the host copy `slab_id`, found corrupt (`found`: how), in
+    `suspect` unless it is there already; whether it is new there. Whoever
+    puts a copy there counts it, so one corrupt copy counts once."""
+    if slab_id in suspect:
+        return False
+    suspect[slab_id] = found
+    return True
 
 
 def refuse_suspect(model: Model, suspect: dict[int, str]) -> list[Slab]:

@@ -22,6 +22,7 @@ from typing import TypeVar
 import structlog
 
 from torpord.backends.base import Backend, Slab, SlabOwner
+from torpord.core.corrupt import suspected
 from torpord.core.counters import Counters
 from torpord.core.disktier import DiskTier
 from torpord.core.model import LayerState, Model, Progress
@@ -189,18 +190,16 @@ class Mover:
         with progress.phase(Stage.VERIFY, size):
             digest = await self.blocking(self._backend.checksum, slab)
         if digest != layer.checksum:
-            # (One corrupt copy counts once: a host copy in `suspect` was
-            # counted by whoever put it there, the scrubber say.)
-            if layer.slab.tier is not Tier.HOST or layer.slab.id not in self.suspect:
+            found = f"checksum {digest}, expected {layer.checksum}"
+            host = layer.slab.tier is Tier.HOST  # (kept: refused once this has rolled back)
+            if not host or suspected(self.suspect, layer.slab.id, found):
                 self.counters.checksum_failed(layer.tier)
-            refused = ""
-            if layer.slab.tier is Tier.HOST:  # (kept: refused once this has rolled back)
-                found = f"checksum {digest}, expected {layer.checksum}"
-                self.suspect.setdefault(layer.slab.id, found)
-                refused = " and is refused (the model's state says what a wake does now)"
+            refused = (
+                " and is refused (the model's state says what a wake does now)" if host else ""
+            )
             raise DataLoss(
                 f"layer {layer.plan.name} of model {model.model_id!r} arrived with"
-                f" checksum {digest}, expected {layer.checksum}: its {layer.tier.value}"
+                f" {found}: its {layer.tier.value}"
                 f" copy is corrupt{refused}; nothing corrupt was made active",
                 reason="CHECKSUM_MISMATCH",
                 metadata={

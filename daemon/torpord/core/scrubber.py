@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import structlog
 
 from torpord.backends.base import Backend, Slab
-from torpord.core.corrupt import disk_copy_corrupt, host_copy_corrupt
+from torpord.core.corrupt import disk_copy_corrupt, host_copy_corrupt, suspected
 from torpord.core.events import EventBus, EventType
 from torpord.core.model import Model
 from torpord.core.mover import Mover
@@ -250,10 +250,7 @@ class Scrubber:
         if not self._still(copy):  # (a transition began: the model is its now)
             if problem is not None:
                 if copy.slab is not None:  # (counted now: the rollback may refuse it first)
-                    # (Unless the transition's verified copy found it first:
-                    # whoever adds a copy to `suspect` counts it, once.)
-                    self.corrupt[Tier.HOST] += copy.slab.id not in self._suspect
-                    self._suspect.setdefault(copy.slab.id, problem)
+                    self.corrupt[Tier.HOST] += suspected(self._suspect, copy.slab.id, problem)
                 log.warning(
                     "scrub: a copy does not match its checksum, but its model's transition"
                     " began meanwhile: not acted on yet (any copy from it is verified; it is"
