@@ -20,7 +20,7 @@ from torpord.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidAr
 from torpord.storage.checkpoint import open_checkpoint
 from torpord.storage.diskcache import cache_key
 from torpord.storage.gcpause import gc_paused
-from torpord.storage.layers import LayerPatterns, layout_hash, plan_layers
+from torpord.storage.layers import LayerPatterns, LayerPlan, layout_hash, plan_layers
 from torpord.storage.safetensors import Checkpoint
 from torpord.types import Cause, ModelState
 
@@ -31,6 +31,7 @@ __all__ = [
     "busy",
     "check_model_id",
     "exists",
+    "plan_source",
     "prepare",
     "wrong_state",
 ]
@@ -128,6 +129,17 @@ class Registry:
         }
 
 
+def plan_source(
+    path: str, allowed_roots: tuple[Path, ...], patterns: LayerPatterns, alignment: int
+) -> tuple[Checkpoint, tuple[LayerPlan, ...]]:
+    """Open and validate a source and plan its layers, as every Load does
+    (blocking: on a worker thread)."""
+    roots = tuple(str(root) for root in allowed_roots)
+    with gc_paused():  # (else collections walking its objects stop the loop too)
+        checkpoint = open_checkpoint(path, allowed_roots=roots)
+        return checkpoint, plan_layers(checkpoint, patterns, alignment)
+
+
 def prepare(
     path: str,
     allowed_roots: tuple[Path, ...],
@@ -138,10 +150,8 @@ def prepare(
 ) -> tuple[Checkpoint, list[LayerState], str]:
     """Open, validate and plan a source, and hash the layout engines will
     map (blocking: on a worker thread)."""
-    roots = tuple(str(root) for root in allowed_roots)
-    with gc_paused():  # (else collections walking its objects stop the loop too)
-        checkpoint = open_checkpoint(path, allowed_roots=roots)
-        plans = plan_layers(checkpoint, patterns, alignment)
+    checkpoint, plans = plan_source(path, allowed_roots, patterns, alignment)
+    with gc_paused():
         if disk:  # (remembered: the transitions use them on the loop)
             for plan in plans:
                 cache_key(checkpoint, plan)

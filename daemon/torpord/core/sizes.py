@@ -32,11 +32,9 @@ from dataclasses import dataclass, replace
 import structlog
 
 from torpord.core.catalogue import Catalogue, Size
+from torpord.core.registry import plan_source
 from torpord.core.settings import ManagerSettings
 from torpord.errors import TorporError
-from torpord.storage.checkpoint import open_checkpoint
-from torpord.storage.gcpause import gc_paused
-from torpord.storage.layers import plan_layers
 from torpord.storage.safetensors import INDEX_FILE
 from torpord.storage.sources import resolve_source
 
@@ -68,12 +66,11 @@ def measure(source: str, settings: ManagerSettings) -> Size:
     """The size of `source` as a Load would plan it (blocking: a worker
     thread's); a Load's errors for a source it would refuse."""
     paths = _paths(source, settings)
-    roots = tuple(str(root) for root in settings.allowed_roots)
     # Looked at before reading: a change during the read shows at the next look.
     around = _look(paths)
-    with gc_paused():
-        checkpoint = open_checkpoint(paths[0], allowed_roots=roots)
-        plans = plan_layers(checkpoint, settings.patterns, settings.alignment)
+    checkpoint, plans = plan_source(
+        paths[0], settings.allowed_roots, settings.patterns, settings.alignment
+    )
     files = tuple((f.path, (f.device, f.inode, f.size, f.mtime_ns)) for f in checkpoint.files)
     return Size(tuple((p.name, p.size) for p in plans), around + files)
 
