@@ -138,18 +138,20 @@ def interval_value(value: Any) -> float:
     return seconds
 
 
-def patience_value(value: Any) -> float:
-    seconds = duration_value(value)
-    if seconds > MAX_ACQUIRE_PATIENCE:
-        raise Invalid(f'a duration of at most "{MAX_ACQUIRE_PATIENCE / 60:g}m" ("0s": no wait)')
-    return seconds
+def _at_most(limit: float, zero: str) -> Callable[[Any], float]:
+    """A duration from 0 (which means `zero`) to `limit` seconds."""
+
+    def value(value: Any) -> float:
+        seconds = duration_value(value)
+        if seconds > limit:
+            raise Invalid(f'a duration of at most "{limit / 60:g}m" ("0s": {zero})')
+        return seconds
+
+    return value
 
 
-def hold_value(value: Any) -> float:
-    seconds = duration_value(value)
-    if seconds > MAX_ACQUIRE_HOLD:
-        raise Invalid(f'a duration of at most "{MAX_ACQUIRE_HOLD / 60:g}m" ("0s": no hold)')
-    return seconds
+patience_value = _at_most(MAX_ACQUIRE_PATIENCE, "no wait")
+hold_value = _at_most(MAX_ACQUIRE_HOLD, "no hold")
 
 
 def preload_min_uses_value(value: Any) -> float:
