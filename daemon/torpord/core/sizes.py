@@ -153,13 +153,16 @@ class Sizes:
         settings, entries = self._settings, self._catalogue.entries()
         for gone in self._failing.keys() - {e.model_id for e in entries}:
             del self._failing[gone]
+        sized = {e.model_id: e.size for e in entries if e.size is not None}
+        moved = await loop.run_in_executor(  # (one trip to a worker for them all)
+            self._executor, lambda: {i for i, size in sized.items() if changed(size)}
+        )
         for entry in entries:
-            size = entry.size
-            if size is not None:  # (read since it failed: by a RegisterModel)
+            if entry.model_id in sized:  # (read since it failed: by a RegisterModel)
                 self._failing.pop(entry.model_id, None)
+                if entry.model_id not in moved:
+                    continue
             failing = self._failing.get(entry.model_id)
-            if size is not None and not await loop.run_in_executor(self._executor, changed, size):
-                continue
             seen = await loop.run_in_executor(self._executor, look, entry.source, settings)
             if failing is not None and failing.due > loop.time() and seen == failing.seen:
                 continue
