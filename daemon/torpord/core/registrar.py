@@ -30,7 +30,7 @@ from torpord.types import ModelState
 __all__ = ["Registrar", "unloaded"]
 
 
-def unloaded(entry: Entry, activity: ActivitySummary | None = None) -> ModelSnapshot:
+def unloaded(entry: Entry, activity: ActivitySummary) -> ModelSnapshot:
     """What GetModel and ListModels say of a registered model that is not
     loaded: UNLOADED, its source, device, policy and use, no layers."""
     checkpoint = Checkpoint(entry.source, (), (), types.MappingProxyType({}))
@@ -49,7 +49,7 @@ def unloaded(entry: Entry, activity: ActivitySummary | None = None) -> ModelSnap
         update_time=entry.create_time,
         policy=entry.policy,
         registered=True,
-        activity=activity if activity is not None else ActivitySummary(),
+        activity=activity,
     )
 
 
