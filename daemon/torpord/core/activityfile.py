@@ -42,6 +42,7 @@ from torpor.boundedjson import BoundedJSONError, loads
 from torpord.core.activity import MAX_SAVED, ActivityLog
 from torpord.core.registry import MODEL_ID
 from torpord.policies.activity import HOURS_PER_WEEK, RING_SIZES, SavedActivity
+from torpord.storage.atomicfile import write_atomic
 from torpord.storage.cachefiles import CacheDir, printable
 
 __all__ = [
@@ -68,7 +69,6 @@ _MAX_COUNT = 2**53  # uses, ring counts: exact in a float, more than any real co
 _MAX_BUSY = 1e15  # seconds of use() summed: far past any real node's
 _KEYS = {"last_use", "uses", "busy_seconds", "weekly_hour", "weekly", "rings"}
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def encode(saved: dict[str, SavedActivity]) -> bytes:
@@ -172,7 +172,7 @@ class HistoryFile:
     missing) here: UnsafeCacheDir if others could change it."""
 
     def __init__(self, path: Path) -> None:
-        CacheDir(path.parent)
+        self._dir = CacheDir(path.parent)
         self.path = path
         # False once a refused file could not be moved aside: it is left alone.
         self.writable = True
@@ -254,25 +254,11 @@ class HistoryFile:
         if not self.writable:
             return False
         data = encode(saved)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp = f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
-            fd = os.open(tmp, _CREATE, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.path)
-            folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(folder)  # (the rename itself survives a crash)
-            finally:
-                os.close(folder)
+            with self._dir.opened() as folder:
+                write_atomic(folder, self.path.name, tmp, data)
         except OSError as err:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             log.warning(
                 "cannot save the activity history",
                 path=printable(self.path),

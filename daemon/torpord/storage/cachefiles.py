@@ -197,6 +197,15 @@ class CacheDir:
         return fd
 
     @contextlib.contextmanager
+    def opened(self) -> Iterator[int]:
+        """An fd of the directory itself, still the one checked at start."""
+        fd = self._open_root()
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
     def subdir(self, name: str, *, create: bool = False) -> Iterator[int]:
         """An fd of `<root>/<name>`, a directory of ours (ELOOP if a symbolic
         link, ENOTDIR if not a directory, EPERM if others could write to it)."""

@@ -23,6 +23,7 @@ import re
 import secrets
 import stat
 
+from torpord.storage.atomicfile import write_atomic
 from torpord.storage.cachefiles import IMAGES, CacheDir, Skipped, printable
 from torpord.storage.imageformat import MAX_MANIFEST_BYTES, BadManifest
 
@@ -31,7 +32,6 @@ __all__ = ["ImageFiles"]
 _MANIFEST = re.compile(r"[0-9a-f]{32}\.json")
 _TMP = re.compile(r"[0-9a-f]{32}\.[0-9a-f]{1,24}\.[0-9a-f]{1,24}\.tmp")
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class ImageFiles:
@@ -51,23 +51,7 @@ class ImageFiles:
         assert _MANIFEST.fullmatch(name), name
         tmp = f"{name.removesuffix('.json')}.{os.getpid():x}.{secrets.token_hex(4)}.tmp"
         with self._files.subdir(IMAGES, create=True) as folder:
-            fd = os.open(tmp, _CREATE, 0o600, dir_fd=folder)  # (O_EXCL: never another's file)
-            try:
-                try:
-                    with memoryview(data) as view:
-                        done = 0
-                        while done < view.nbytes:
-                            with view[done:] as rest:
-                                done += os.write(fd, rest)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=folder)
-                raise
-            os.fsync(folder)
+            write_atomic(folder, name, tmp, data)
 
     def remove(self, name: str) -> bool:
         """Unlink `name` (a link itself, never what it points to; a directory
